@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.protocol.conftest import make_pair
+from wgmp.protocol.errors import DropReason, ProtocolError
+from wgmp.protocol.messages import parse_initiation, parse_response
+from wgmp.protocol.noise import Handshake, HandshakeState, consume_initiation
+
+T0 = 1_700_000_000 * 10**9
+
+
+def handshake(rng: random.Random, psk: bytes = bytes(32), *, now: float = 100.0, wall: int = T0):
+    hs_i, hs_r, ident_i, ident_r = make_pair(rng, psk)
+    init = hs_i.create_initiation(sender_index=11, unix_time_ns=wall, rng=rng)
+    wire = parse_initiation(init.pack())
+    peer = consume_initiation(
+        ident_r, wire, lambda pub: hs_r if pub == ident_i.public_key else None, now=now
+    )
+    assert peer is hs_r and hs_r.remote_index == 11
+    resp = hs_r.create_response(sender_index=22, rng=rng)
+    hs_i.consume_response(parse_response(resp.pack()))
+    return hs_i, hs_r, ident_i, ident_r
+
+
+def test_both_sides_derive_mirrored_transport_keys(rng: random.Random) -> None:
+    hs_i, hs_r, _, _ = handshake(rng)
+    keys_i, keys_r = hs_i.derive_session(), hs_r.derive_session()
+    assert keys_i.is_initiator and not keys_r.is_initiator
+    assert keys_i.send_key == keys_r.receive_key and keys_i.receive_key == keys_r.send_key
+    assert (keys_i.local_index, keys_i.remote_index) == (11, 22)
+    assert (keys_r.local_index, keys_r.remote_index) == (22, 11)
+    assert hs_i.state == hs_r.state == HandshakeState.ZEROED
+
+
+def test_preshared_key_is_mixed_in(rng: random.Random) -> None:
+    hs_i, hs_r, _, _ = handshake(rng, psk=b"\x07" * 32)
+    assert hs_i.derive_session().send_key == hs_r.derive_session().receive_key
+
+
+def test_mismatched_preshared_key_fails_on_response(rng: random.Random) -> None:
+    hs_i, hs_r, ident_i, ident_r = make_pair(rng, b"\x01" * 32)
+    hs_r.preshared_key = b"\x02" * 32
+    init = hs_i.create_initiation(sender_index=1, unix_time_ns=T0, rng=rng)
+    consume_initiation(ident_r, init, lambda _: hs_r, now=0.0)
+    resp = hs_r.create_response(sender_index=2, rng=rng)
+    with pytest.raises(ProtocolError) as err:
+        hs_i.consume_response(resp)
+    assert err.value.reason == DropReason.HANDSHAKE_INVALID
+    assert hs_i.state == HandshakeState.INITIATION_CREATED  # unchanged: a retry can still work
+
+
+def test_replayed_initiation_is_rejected(rng: random.Random) -> None:
+    hs_i, hs_r, ident_i, ident_r = make_pair(rng)
+    init = hs_i.create_initiation(sender_index=1, unix_time_ns=T0, rng=rng)
+    consume_initiation(ident_r, init, lambda _: hs_r, now=0.0)
+    with pytest.raises(ProtocolError) as err:
+        consume_initiation(ident_r, init, lambda _: hs_r, now=10.0)
+    assert err.value.reason == DropReason.STALE_TIMESTAMP
+
+
+def test_older_timestamp_is_rejected(rng: random.Random) -> None:
+    hs_i, hs_r, ident_i, ident_r = make_pair(rng)
+    newer = hs_i.create_initiation(sender_index=1, unix_time_ns=T0 + 10**9, rng=rng)
+    older = hs_i.create_initiation(sender_index=2, unix_time_ns=T0, rng=rng)
+    consume_initiation(ident_r, newer, lambda _: hs_r, now=0.0)
+    with pytest.raises(ProtocolError):
+        consume_initiation(ident_r, older, lambda _: hs_r, now=10.0)
+    assert hs_r.remote_index == 1
+
+
+def test_initiations_closer_than_20ms_are_rejected(rng: random.Random) -> None:
+    hs_i, hs_r, ident_i, ident_r = make_pair(rng)
+    first = hs_i.create_initiation(sender_index=1, unix_time_ns=T0, rng=rng)
+    second = hs_i.create_initiation(sender_index=2, unix_time_ns=T0 + 10**9, rng=rng)
+    third = hs_i.create_initiation(sender_index=3, unix_time_ns=T0 + 2 * 10**9, rng=rng)
+    consume_initiation(ident_r, first, lambda _: hs_r, now=5.000)
+    with pytest.raises(ProtocolError) as err:
+        consume_initiation(ident_r, second, lambda _: hs_r, now=5.019)
+    assert err.value.reason == DropReason.FLOOD
+    consume_initiation(ident_r, third, lambda _: hs_r, now=5.021)
+    assert hs_r.remote_index == 3
+
+
+def test_unknown_peer_and_wrong_responder_are_rejected(rng: random.Random) -> None:
+    hs_i, hs_r, ident_i, ident_r = make_pair(rng)
+    init = hs_i.create_initiation(sender_index=1, unix_time_ns=T0, rng=rng)
+    with pytest.raises(ProtocolError):
+        consume_initiation(ident_r, init, lambda _: None, now=0.0)
+    _, _, _, stranger = make_pair(rng)
+    with pytest.raises(ProtocolError):
+        consume_initiation(stranger, init, lambda _: hs_r, now=0.0)
+
+
+def test_tampered_initiation_fails_without_state_change(rng: random.Random) -> None:
+    hs_i, hs_r, ident_i, ident_r = make_pair(rng)
+    raw = bytearray(hs_i.create_initiation(sender_index=1, unix_time_ns=T0, rng=rng).pack())
+    raw[60] ^= 1  # inside encrypted_static
+    with pytest.raises(ProtocolError):
+        consume_initiation(ident_r, parse_initiation(bytes(raw)), lambda _: hs_r, now=0.0)
+    assert hs_r.state == HandshakeState.ZEROED and hs_r.last_initiation_consumption is None
+
+
+def test_response_for_another_index_is_rejected(rng: random.Random) -> None:
+    hs_i, hs_r, ident_i, ident_r = make_pair(rng)
+    init = hs_i.create_initiation(sender_index=1, unix_time_ns=T0, rng=rng)
+    consume_initiation(ident_r, init, lambda _: hs_r, now=0.0)
+    hs_r.remote_index = 99
+    with pytest.raises(ProtocolError):
+        hs_i.consume_response(hs_r.create_response(sender_index=2, rng=rng))
+
+
+# The eight low-order points of Curve25519 (and their non-canonical twins) from the kernel's
+# netns.sh / noise selftest: a peer with such a key must never produce traffic.
+LOW_ORDER_POINTS = [
+    bytes(32),
+    (1).to_bytes(32, "little"),
+    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    bytes.fromhex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    bytes.fromhex("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    bytes.fromhex("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+]
+
+
+@pytest.mark.parametrize("point", LOW_ORDER_POINTS)
+def test_low_order_peer_key_produces_no_initiation(rng: random.Random, point: bytes) -> None:
+    hs_i, _, ident_i, _ = make_pair(rng)
+    peer = Handshake(ident_i, point)
+    assert peer.precomputed_static_static is None
+    with pytest.raises(ProtocolError) as err:
+        peer.create_initiation(sender_index=1, unix_time_ns=T0, rng=rng)
+    assert err.value.reason == DropReason.NO_KEY
+
+
+def test_no_private_key_means_no_initiation(rng: random.Random) -> None:
+    _, _, _, ident_r = make_pair(rng)
+    with pytest.raises(ProtocolError):
+        Handshake(None, ident_r.public_key).create_initiation(
+            sender_index=1, unix_time_ns=T0, rng=rng
+        )

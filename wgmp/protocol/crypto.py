@@ -1,0 +1,158 @@
+"""The whitepaper's cryptographic functions, by their paper names.
+
+HASH = BLAKE2s-256, MAC = keyed BLAKE2s-128, HMAC = HMAC-BLAKE2s-256, KDF1/2/3 = HKDF on that
+HMAC, DH = X25519, AEAD = ChaCha20-Poly1305, XAEAD = XChaCha20-Poly1305, TAI64N timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac as _hmac
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from nacl.bindings import (
+    crypto_aead_xchacha20poly1305_ietf_decrypt,
+    crypto_aead_xchacha20poly1305_ietf_encrypt,
+)
+from nacl.exceptions import CryptoError
+
+from .constants import KEY_LEN, MAC_LEN
+from .errors import DropReason, ProtocolError
+
+__all__ = [
+    "AEAD_DECRYPT",
+    "AEAD_ENCRYPT",
+    "DH",
+    "DH_GENERATE",
+    "DH_PUBLIC",
+    "HASH",
+    "HMAC",
+    "KDF1",
+    "KDF2",
+    "KDF3",
+    "MAC",
+    "TAI64N",
+    "XAEAD_DECRYPT",
+    "XAEAD_ENCRYPT",
+    "ZERO_KEY",
+    "Randomness",
+    "aead_nonce",
+    "clamp_private_key",
+    "constant_time_equal",
+]
+
+ZERO_KEY = bytes(KEY_LEN)
+
+
+class Randomness(Protocol):
+    """What the core needs from a random source (random.Random or secrets.SystemRandom)."""
+
+    def getrandbits(self, k: int, /) -> int: ...
+
+
+def HASH(data: bytes) -> bytes:  # noqa: N802 - the whitepaper's name
+    return hashlib.blake2s(data).digest()
+
+
+def MAC(key: bytes, data: bytes) -> bytes:  # noqa: N802
+    return hashlib.blake2s(data, key=key, digest_size=MAC_LEN).digest()
+
+
+def HMAC(key: bytes, data: bytes) -> bytes:  # noqa: N802
+    return _hmac.new(key, data, hashlib.blake2s).digest()
+
+
+def KDF1(key: bytes, data: bytes) -> bytes:  # noqa: N802
+    t0 = HMAC(key, data)
+    return HMAC(t0, b"\x01")
+
+
+def KDF2(key: bytes, data: bytes) -> tuple[bytes, bytes]:  # noqa: N802
+    t0 = HMAC(key, data)
+    t1 = HMAC(t0, b"\x01")
+    return t1, HMAC(t0, t1 + b"\x02")
+
+
+def KDF3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:  # noqa: N802
+    t0 = HMAC(key, data)
+    t1 = HMAC(t0, b"\x01")
+    t2 = HMAC(t0, t1 + b"\x02")
+    return t1, t2, HMAC(t0, t2 + b"\x03")
+
+
+def clamp_private_key(key: bytes) -> bytes:
+    """Curve25519 clamping, as `wg genkey` and wireguard-go apply it to private keys."""
+    b = bytearray(key)
+    b[0] &= 248
+    b[31] = (b[31] & 127) | 64
+    return bytes(b)
+
+
+def DH_GENERATE(rng: Randomness) -> bytes:  # noqa: N802
+    """A fresh (clamped) private key from the caller's randomness."""
+    return clamp_private_key(rng.getrandbits(256).to_bytes(KEY_LEN, "little"))
+
+
+def DH_PUBLIC(private_key: bytes) -> bytes:  # noqa: N802
+    return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
+
+
+def DH(private_key: bytes, public_key: bytes) -> bytes:  # noqa: N802
+    """X25519; a low-order public key (all-zero result) is hostile input, never a key."""
+    try:
+        shared = X25519PrivateKey.from_private_bytes(private_key).exchange(
+            X25519PublicKey.from_public_bytes(public_key)
+        )
+    except ValueError as exc:  # cryptography refuses an all-zero shared secret
+        raise ProtocolError(DropReason.HANDSHAKE_INVALID, "low-order public key") from exc
+    if shared == ZERO_KEY:
+        raise ProtocolError(DropReason.HANDSHAKE_INVALID, "low-order public key")
+    return shared
+
+
+def aead_nonce(counter: int) -> bytes:
+    """4 zero bytes + the 64-bit little-endian counter."""
+    return b"\x00\x00\x00\x00" + counter.to_bytes(8, "little")
+
+
+def AEAD_ENCRYPT(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:  # noqa: N802
+    return ChaCha20Poly1305(key).encrypt(aead_nonce(counter), plaintext, aad)
+
+
+def AEAD_DECRYPT(key: bytes, counter: int, ciphertext: bytes, aad: bytes) -> bytes:  # noqa: N802
+    try:
+        return ChaCha20Poly1305(key).decrypt(aead_nonce(counter), ciphertext, aad)
+    except InvalidTag as exc:
+        raise ProtocolError(DropReason.DECRYPTION_FAILED) from exc
+
+
+def XAEAD_ENCRYPT(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:  # noqa: N802
+    return crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, nonce, key)
+
+
+def XAEAD_DECRYPT(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:  # noqa: N802
+    try:
+        return crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key)
+    except CryptoError as exc:
+        raise ProtocolError(DropReason.DECRYPTION_FAILED, "cookie reply") from exc
+
+
+# wireguard-go and the kernel both use 2^62 + 10 (TAI is ahead of UTC by 10 s in the TAI64
+# label), and whiten the nanoseconds (drop the low 24 bits) so that the timestamp does not
+# leak a precise clock reading.
+_TAI64_BASE = (1 << 62) + 10
+_WHITENER_MASK = 0x1000000 - 1
+
+
+def TAI64N(unix_time_ns: int) -> bytes:  # noqa: N802
+    """The 12-byte big-endian TAI64N label of a wall-clock time given in Unix nanoseconds."""
+    seconds, nanoseconds = divmod(unix_time_ns, 1_000_000_000)
+    nanoseconds &= ~_WHITENER_MASK
+    return (_TAI64_BASE + seconds).to_bytes(8, "big") + nanoseconds.to_bytes(4, "big")
+
+
+def constant_time_equal(a: bytes, b: bytes) -> bool:
+    return _hmac.compare_digest(a, b)

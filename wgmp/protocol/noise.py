@@ -1,0 +1,271 @@
+"""The Noise_IKpsk2 handshake of WireGuard (whitepaper §5.4), one `Handshake` per peer.
+
+Follows wireguard-go's noise-protocol.go step by step. The state only changes after every
+check of an incoming message passed, so a hostile message leaves no trace. Nothing here reads
+the clock: `now` (monotonic seconds) drives the 20 ms flood rule, `unix_time_ns` makes the
+TAI64N timestamp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .constants import CONSTRUCTION, HANDSHAKE_INITIATION_RATE, IDENTIFIER, TIMESTAMP_LEN
+from .crypto import (
+    AEAD_DECRYPT,
+    AEAD_ENCRYPT,
+    DH,
+    DH_GENERATE,
+    DH_PUBLIC,
+    HASH,
+    KDF1,
+    KDF2,
+    KDF3,
+    TAI64N,
+    ZERO_KEY,
+    Randomness,
+    clamp_private_key,
+)
+from .errors import DropReason, ProtocolError
+from .messages import Initiation, Response
+
+__all__ = [
+    "HandshakeState",
+    "Handshake",
+    "SessionKeys",
+    "StaticIdentity",
+    "consume_initiation",
+    "INITIAL_CHAINING_KEY",
+    "INITIAL_HASH",
+]
+
+INITIAL_CHAINING_KEY = HASH(CONSTRUCTION)
+INITIAL_HASH = HASH(INITIAL_CHAINING_KEY + IDENTIFIER)
+
+
+class HandshakeState(IntEnum):
+    ZEROED = 0
+    INITIATION_CREATED = 1
+    INITIATION_CONSUMED = 2
+    RESPONSE_CREATED = 3
+    RESPONSE_CONSUMED = 4
+
+
+@dataclass(frozen=True)
+class StaticIdentity:
+    """The device's own static key pair."""
+
+    private_key: bytes
+    public_key: bytes
+
+    @classmethod
+    def from_private_key(cls, private_key: bytes) -> StaticIdentity:
+        private_key = clamp_private_key(private_key)
+        return cls(private_key, DH_PUBLIC(private_key))
+
+
+@dataclass(frozen=True)
+class SessionKeys:
+    """What a completed handshake yields: the transport keys and the two indices."""
+
+    send_key: bytes
+    receive_key: bytes
+    local_index: int
+    remote_index: int
+    is_initiator: bool
+
+
+def _mix_hash(h: bytes, data: bytes) -> bytes:
+    return HASH(h + data)
+
+
+class Handshake:
+    """A peer's half of the handshake: the remote static key, the PSK and the Noise state."""
+
+    def __init__(
+        self,
+        local: StaticIdentity | None,
+        remote_static: bytes,
+        preshared_key: bytes = ZERO_KEY,
+    ) -> None:
+        self.remote_static = remote_static
+        self.preshared_key = preshared_key
+        self.state = HandshakeState.ZEROED
+        self.hash = b""
+        self.chaining_key = b""
+        self.local_ephemeral = b""
+        self.remote_ephemeral = b""
+        self.local_index = 0
+        self.remote_index = 0
+        self.last_timestamp = bytes(TIMESTAMP_LEN)
+        self.last_initiation_consumption: float | None = None
+        self.local: StaticIdentity | None = None
+        self.precomputed_static_static: bytes | None = None
+        self.set_local(local)
+
+    def set_local(self, local: StaticIdentity | None) -> None:
+        """Re-derive DH(S_local, S_remote); None when either key is missing or low-order."""
+        self.local = local
+        self.precomputed_static_static = None
+        if local is None:
+            return
+        try:
+            self.precomputed_static_static = DH(local.private_key, self.remote_static)
+        except ProtocolError:
+            # A low-order peer key: this peer can never complete a handshake (no traffic).
+            self.precomputed_static_static = None
+
+    def clear(self) -> None:
+        """Forget the ephemeral state (keeps the replay protection: last timestamp)."""
+        self.state = HandshakeState.ZEROED
+        self.hash = b""
+        self.chaining_key = b""
+        self.local_ephemeral = b""
+        self.remote_ephemeral = b""
+        self.local_index = 0
+        self.remote_index = 0
+
+    def _require_keys(self) -> tuple[StaticIdentity, bytes]:
+        if self.local is None or self.precomputed_static_static is None:
+            raise ProtocolError(DropReason.NO_KEY, "no usable static key pair for this peer")
+        return self.local, self.precomputed_static_static
+
+    # -- initiator ---------------------------------------------------------------------------
+
+    def create_initiation(
+        self, *, sender_index: int, unix_time_ns: int, rng: Randomness
+    ) -> Initiation:
+        """Message 1, without MACs (the cookie generator adds them)."""
+        local, static_static = self._require_keys()
+        h = _mix_hash(INITIAL_HASH, self.remote_static)
+        ck = INITIAL_CHAINING_KEY
+        ephemeral_private = DH_GENERATE(rng)
+        ephemeral_public = DH_PUBLIC(ephemeral_private)
+        ck = KDF1(ck, ephemeral_public)
+        h = _mix_hash(h, ephemeral_public)
+        ck, key = KDF2(ck, DH(ephemeral_private, self.remote_static))
+        encrypted_static = AEAD_ENCRYPT(key, 0, local.public_key, h)
+        h = _mix_hash(h, encrypted_static)
+        ck, key = KDF2(ck, static_static)
+        encrypted_timestamp = AEAD_ENCRYPT(key, 0, TAI64N(unix_time_ns), h)
+        h = _mix_hash(h, encrypted_timestamp)
+
+        self.hash, self.chaining_key = h, ck
+        self.local_ephemeral = ephemeral_private
+        self.local_index = sender_index
+        self.state = HandshakeState.INITIATION_CREATED
+        return Initiation(sender_index, ephemeral_public, encrypted_static, encrypted_timestamp)
+
+    def consume_response(self, msg: Response) -> None:
+        """Message 2 for the initiation we sent; raises ProtocolError and changes nothing if bad."""
+        if (
+            self.state != HandshakeState.INITIATION_CREATED
+            or msg.receiver_index != self.local_index
+        ):
+            raise ProtocolError(DropReason.HANDSHAKE_INVALID, "unexpected response")
+        local, _ = self._require_keys()
+        ck = KDF1(self.chaining_key, msg.ephemeral)
+        h = _mix_hash(self.hash, msg.ephemeral)
+        ck = KDF1(ck, DH(self.local_ephemeral, msg.ephemeral))
+        ck = KDF1(ck, DH(local.private_key, msg.ephemeral))
+        ck, tau, key = KDF3(ck, self.preshared_key)
+        h = _mix_hash(h, tau)
+        try:
+            AEAD_DECRYPT(key, 0, msg.encrypted_nothing, h)
+        except ProtocolError as exc:
+            raise ProtocolError(DropReason.HANDSHAKE_INVALID, "response does not decrypt") from exc
+        h = _mix_hash(h, msg.encrypted_nothing)
+
+        self.hash, self.chaining_key = h, ck
+        self.remote_index = msg.sender_index
+        self.state = HandshakeState.RESPONSE_CONSUMED
+
+    # -- responder ---------------------------------------------------------------------------
+
+    def create_response(self, *, sender_index: int, rng: Randomness) -> Response:
+        """Message 2, without MACs, after `consume_initiation` chose this peer."""
+        if self.state != HandshakeState.INITIATION_CONSUMED:
+            raise ProtocolError(DropReason.HANDSHAKE_INVALID, "no initiation to answer")
+        ephemeral_private = DH_GENERATE(rng)
+        ephemeral_public = DH_PUBLIC(ephemeral_private)
+        ck = KDF1(self.chaining_key, ephemeral_public)
+        h = _mix_hash(self.hash, ephemeral_public)
+        ck = KDF1(ck, DH(ephemeral_private, self.remote_ephemeral))
+        ck = KDF1(ck, DH(ephemeral_private, self.remote_static))
+        ck, tau, key = KDF3(ck, self.preshared_key)
+        h = _mix_hash(h, tau)
+        encrypted_nothing = AEAD_ENCRYPT(key, 0, b"", h)
+        h = _mix_hash(h, encrypted_nothing)
+
+        self.hash, self.chaining_key = h, ck
+        self.local_ephemeral = ephemeral_private
+        self.local_index = sender_index
+        self.state = HandshakeState.RESPONSE_CREATED
+        return Response(sender_index, self.remote_index, ephemeral_public, encrypted_nothing)
+
+    # -- both --------------------------------------------------------------------------------
+
+    def derive_session(self) -> SessionKeys:
+        """Split the chaining key into transport keys and forget the handshake state."""
+        if self.state == HandshakeState.RESPONSE_CONSUMED:
+            is_initiator = True
+        elif self.state == HandshakeState.RESPONSE_CREATED:
+            is_initiator = False
+        else:
+            raise ProtocolError(DropReason.HANDSHAKE_INVALID, "no completed handshake")
+        first, second = KDF2(self.chaining_key, b"")
+        send_key, receive_key = (first, second) if is_initiator else (second, first)
+        keys = SessionKeys(send_key, receive_key, self.local_index, self.remote_index, is_initiator)
+        self.clear()
+        return keys
+
+
+def consume_initiation(
+    local: StaticIdentity,
+    msg: Initiation,
+    find_peer: Callable[[bytes], Handshake | None],
+    *,
+    now: float,
+) -> Handshake:
+    """Message 1: decrypt the initiator's static key, find its peer, check freshness.
+
+    Raises ProtocolError (and changes nothing) for an unknown peer, a message that does not
+    decrypt, a timestamp not newer than the last one, or initiations closer than 20 ms.
+    """
+    h = _mix_hash(INITIAL_HASH, local.public_key)
+    ck = KDF1(INITIAL_CHAINING_KEY, msg.ephemeral)
+    h = _mix_hash(h, msg.ephemeral)
+    ck, key = KDF2(ck, DH(local.private_key, msg.ephemeral))
+    try:
+        remote_static = AEAD_DECRYPT(key, 0, msg.encrypted_static, h)
+    except ProtocolError as exc:
+        raise ProtocolError(DropReason.HANDSHAKE_INVALID, "static does not decrypt") from exc
+    h = _mix_hash(h, msg.encrypted_static)
+
+    peer = find_peer(remote_static)
+    if peer is None:
+        raise ProtocolError(DropReason.HANDSHAKE_INVALID, "unknown peer")
+    _, static_static = peer._require_keys()
+    ck, key = KDF2(ck, static_static)
+    try:
+        timestamp = AEAD_DECRYPT(key, 0, msg.encrypted_timestamp, h)
+    except ProtocolError as exc:
+        raise ProtocolError(DropReason.HANDSHAKE_INVALID, "timestamp does not decrypt") from exc
+    h = _mix_hash(h, msg.encrypted_timestamp)
+
+    # Both byte strings are big-endian TAI64N of equal length: bytes order is time order.
+    if timestamp <= peer.last_timestamp:
+        raise ProtocolError(DropReason.STALE_TIMESTAMP, "replayed or older timestamp")
+    last = peer.last_initiation_consumption
+    if last is not None and now < last + HANDSHAKE_INITIATION_RATE:
+        raise ProtocolError(DropReason.FLOOD, "initiations closer than 20 ms")
+
+    peer.hash, peer.chaining_key = h, ck
+    peer.remote_index = msg.sender_index
+    peer.remote_ephemeral = msg.ephemeral
+    peer.last_timestamp = timestamp
+    peer.last_initiation_consumption = now
+    peer.state = HandshakeState.INITIATION_CONSUMED
+    return peer
