@@ -62,3 +62,11 @@ DEFAULT_MTU: Final = 1420
 MAX_STAGED_PACKETS: Final = 128  # packets staged per peer while waiting for a handshake
 MESSAGE_OVERHEAD_IPV4: Final = 20 + 8 + MESSAGE_TRANSPORT_MIN_SIZE
 MESSAGE_OVERHEAD_IPV6: Final = 40 + 8 + MESSAGE_TRANSPORT_MIN_SIZE
+
+# Timer state machine (protocol/timers.py).
+# Retries allowed before giving up, as wireguard-go's MaxTimerHandshakes (90 / 5 = 18); with the
+# first initiation and the "> MAX" test this sends 20 initiations (about 100 s) before giving up.
+MAX_TIMER_HANDSHAKES: Final = int(REKEY_ATTEMPT_TIME // REKEY_TIMEOUT)
+# Receive path: the initiator rekeys when its current key is older than this (165 s), so that a
+# fresh key exists before REJECT_AFTER_TIME; wireguard-go's former RekeyAfterTimeReceiving.
+REKEY_AFTER_TIME_RECEIVING: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
