@@ -1,0 +1,1 @@
+"""The control plane: peers, handshakes, timers, configuration, supervision of workers."""

@@ -1,0 +1,550 @@
+"""The control process: owns the interface, the sockets, the UAPI socket and the workers.
+
+One single-threaded event loop (selectors) serves: handshake datagrams on control's UDP
+sockets, UAPI connections, messages from workers, link events (deletion, MTU), signals, and
+the peers' timers. `Interface` decides; this module does the I/O it asks for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..ipc.channel import Kind
+from ..ipc.keyslots import KeySlots
+from ..net import netlink, tun, udp
+from ..net.steering import attach_steering
+from ..protocol.constants import DEFAULT_MTU, MAX_QUEUED_INCOMING_HANDSHAKES
+from ..stats.block import StatsBlock
+from ..uapi import protocol as uapi
+from ..uapi.server import UAPIServer
+from .interface import Interface
+from .peer import Peer
+from .supervisor import RESTART_BACKOFF, Supervisor, WorkerHandle
+
+__all__ = ["Daemon", "SetupError"]
+
+log = logging.getLogger("wgmp")
+KEYSLOT_CAPACITY = 1 << 16
+STATS_FLUSH_TIMEOUT = 0.3
+SOCKET_CHECK_INTERVAL = 0.5
+
+
+class SetupError(Exception):
+    """Why the daemon could not start, in one line for the command line."""
+
+
+class _SystemRng(secrets.SystemRandom):
+    """The OS's randomness with both methods the core and the timers use."""
+
+
+class Daemon:
+    def __init__(
+        self,
+        name: str,
+        *,
+        workers: int,
+        tun_fd: int | None = None,
+        uapi_fd: int | None = None,
+        log_level: str = "error",
+    ) -> None:
+        self.name = name
+        self.worker_count = workers
+        self.log_level = log_level
+        self.running = False
+        self.selector = selectors.DefaultSelector()
+        self.keyslots = KeySlots.create(KEYSLOT_CAPACITY)
+        self.interface = Interface(self.keyslots, _SystemRng(), workers=workers)  # type: ignore[arg-type]
+        self.supervisor = Supervisor(self.keyslots.shm.fd, log_level)
+        self.pending_release: dict[int, set[int]] = {}
+        self.flush_token = 0
+        self.tun_fds: list[int] = []
+        self.control_sockets: dict[int, socket.socket] = {}
+        self._open_tun(tun_fd)
+        self.uapi = self._open_uapi(uapi_fd)
+        self._bind(0)
+        self.watcher = netlink.LinkWatcher(netlink.link_index(name), tun_fd=self.tun_fds[0])
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _open_tun(self, inherited: int | None) -> None:
+        try:
+            first = (
+                inherited if inherited is not None else tun.open_queue(self.name, exclusive=True)
+            )
+            self.tun_fds = [first]
+            for _ in range(1, self.worker_count):
+                self.tun_fds.append(tun.open_queue(self.name))
+            if inherited is None:
+                netlink.set_mtu(self.name, DEFAULT_MTU)
+        except OSError as err:
+            raise SetupError(str(err)) from err
+        self.interface.mtu = netlink.get_mtu(self.name)
+
+    def _open_uapi(self, inherited: int | None) -> UAPIServer:
+        try:
+            return UAPIServer(self.name, fd=inherited)
+        except OSError as err:
+            raise SetupError(f"UAPI listen error: {err}") from err
+
+    def _bind(self, port: int) -> None:
+        """Build the reuseport group: control's sockets first, then each worker's, in order
+        (the steering program relies on that order; see net/steering.py)."""
+        options: dict[str, Any] = {"fwmark": self.interface.fwmark}
+        sock4, sock6, port = udp.bind_pair(port, **options)
+        group: list[dict[int, socket.socket]] = [{}]
+        for family, sock in ((4, sock4), (6, sock6)):
+            if sock is not None:
+                group[0][family] = sock
+        for _ in range(self.worker_count):
+            sockets = {}
+            for family, af in ((4, socket.AF_INET), (6, socket.AF_INET6)):
+                if family in group[0]:
+                    sockets[family] = udp.open_udp(af, port, **options)
+            group.append(sockets)
+        for sock in group[0].values():
+            attach_steering(sock)
+        self.control_sockets = group[0]
+        self.interface.listen_port = port
+        if not self.supervisor.workers:
+            for worker_id in range(self.worker_count):
+                self.supervisor.workers.append(
+                    WorkerHandle(
+                        worker_id,
+                        self.tun_fds[worker_id],
+                        group[worker_id + 1],
+                        StatsBlock.create(),
+                    )
+                )
+        else:
+            for handle, sockets in zip(self.supervisor.workers, group[1:], strict=True):
+                handle.sockets = sockets
+
+    def _all_sockets(self) -> list[socket.socket]:
+        sockets = list(self.control_sockets.values())
+        for handle in self.supervisor.workers:
+            sockets.extend(handle.sockets.values())
+        return sockets
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, ready: Callable[[], None] | None = None) -> None:
+        self.running = True
+        self._install_signals()
+        for handle in self.supervisor.workers:
+            self._start_worker(handle)
+        self._register_sockets()
+        self.selector.register(self.uapi.listener, selectors.EVENT_READ, self._on_uapi_accept)
+        self.selector.register(self.watcher, selectors.EVENT_READ, self._on_link)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        log.info(
+            "interface %s is up: %d workers, port %d",
+            self.name,
+            self.worker_count,
+            self.interface.listen_port,
+        )
+        if ready is not None:
+            ready()
+        next_socket_check = 0.0
+        try:
+            while self.running:
+                now = time.monotonic()
+                deadline = self.interface.next_deadline()
+                timeout = 0.25 if deadline is None else min(max(deadline - now, 0.0), 0.25)
+                for key, _ in self.selector.select(timeout):
+                    key.data(key.fileobj)
+                    if not self.running:
+                        break
+                now = time.monotonic()
+                self.interface.expire(now, time.time_ns())
+                self._supervise(now)
+                if now >= next_socket_check:
+                    next_socket_check = now + SOCKET_CHECK_INTERVAL
+                    if not self.uapi.still_ours():
+                        log.info("UAPI socket removed: shutting down")
+                        self.running = False
+                self._drain_outputs()
+        finally:
+            self.shutdown()
+
+    def _install_signals(self) -> None:
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("received signal %d: shutting down", signum)
+        self.running = False
+
+    def _on_wake(self, sock: socket.socket) -> None:
+        try:
+            sock.recv(4096)
+        except BlockingIOError:
+            pass
+
+    def _register_sockets(self) -> None:
+        for sock in self.control_sockets.values():
+            self.selector.register(sock, selectors.EVENT_READ, self._on_handshake_socket)
+
+    def _on_link(self, watcher: netlink.LinkWatcher) -> None:
+        for event in watcher.read():
+            if event.change == netlink.LinkChange.DELETED:
+                log.info("interface %s deleted: shutting down", self.name)
+                self.running = False
+            elif event.change == netlink.LinkChange.MTU and event.mtu:
+                self.interface.set_mtu(event.mtu)
+
+    # -- handshakes --------------------------------------------------------------------------
+
+    def _on_handshake_socket(self, sock: socket.socket) -> None:
+        backlog: list[tuple[bytes, tuple[str, int]]] = []
+        while len(backlog) < MAX_QUEUED_INCOMING_HANDSHAKES:
+            try:
+                data, address = sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue
+            backlog.append((data, (address[0], address[1])))
+        now = time.monotonic()
+        self.interface.note_backlog(len(backlog), now)
+        wall = time.time_ns()
+        for data, source in backlog:
+            self.interface.receive_handshake(data, source, now, wall)
+            self._drain_outputs()
+
+    def _drain_outputs(self) -> None:
+        interface = self.interface
+        if interface.datagrams:
+            for message, (host, port) in interface.datagrams:
+                family = 6 if ":" in host else 4
+                sock = self.control_sockets.get(family)
+                if sock is None:
+                    continue
+                try:
+                    sock.sendto(message, (host, port, 0, 0) if family == 6 else (host, port))
+                except OSError as err:
+                    log.debug("send to %s:%d failed: %s", host, port, err)
+            interface.datagrams.clear()
+        if interface.commands:
+            live = [h for h in self.supervisor.workers if h.channel is not None]
+            for command in interface.commands:
+                if command[0] == Kind.KEYPAIR_REMOVE:
+                    waiting = {h.worker_id for h in live}
+                    if waiting:
+                        self.pending_release[command[1]] = waiting
+                    else:
+                        self.keyslots.release(command[1])
+                for handle in live:
+                    self._send(handle, command)
+            interface.commands.clear()
+
+    def _send(self, handle: WorkerHandle, command: list[Any]) -> None:
+        assert handle.channel is not None
+        try:
+            handle.channel.send(*command)
+        except OSError:
+            pass  # a dead worker: supervision restarts it with the full state
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def _start_worker(self, handle: WorkerHandle) -> None:
+        self.supervisor.start(handle)
+        assert handle.channel is not None
+        self.selector.register(
+            handle.channel.sock, selectors.EVENT_READ, lambda _s, h=handle: self._on_worker(h)
+        )
+        interface = self.interface
+        self._send(handle, [Kind.MTU, interface.mtu])
+        for peer in interface.peers.values():
+            self._send(handle, self._peer_state(peer))
+        for slot, role in interface.keypair_roles():
+            self._send(handle, [Kind.KEYPAIR_INSTALL, slot, role])
+
+    def _peer_state(self, peer: Peer) -> list[Any]:
+        endpoint = list(peer.endpoint) if peer.endpoint else None
+        prefixes = [
+            [p.network_address.packed, p.prefixlen]
+            for p in self.interface.allowed.entries_for_peer(peer.peer_id)
+        ]
+        return [Kind.PEER_SET, peer.peer_id, endpoint, prefixes]
+
+    def _supervise(self, now: float) -> None:
+        for handle in self.supervisor.dead():
+            if now - handle.started_at < RESTART_BACKOFF:
+                continue
+            code = handle.process.returncode if handle.process else None
+            log.error("worker %d exited (%s): restarting", handle.worker_id, code)
+            self._forget_worker(handle)
+            handle.restarts += 1
+            self._start_worker(handle)
+
+    def _forget_worker(self, handle: WorkerHandle) -> None:
+        if handle.channel is not None:
+            self.selector.unregister(handle.channel.sock)
+            handle.channel.close()
+            handle.channel = None
+        for slot, waiting in list(self.pending_release.items()):
+            waiting.discard(handle.worker_id)
+            if not waiting:
+                del self.pending_release[slot]
+                self.keyslots.release(slot)
+
+    def _on_worker(self, handle: WorkerHandle) -> None:
+        assert handle.channel is not None
+        messages = handle.channel.receive()
+        if messages is None:
+            self.selector.unregister(handle.channel.sock)
+            handle.channel.close()
+            handle.channel = None
+            return
+        for message in messages:
+            self._on_worker_message(handle, message)
+
+    def _on_worker_message(self, handle: WorkerHandle, message: list[Any]) -> None:
+        kind = message[0]
+        now = time.monotonic()
+        wall = time.time_ns()
+        interface = self.interface
+        if kind == Kind.ACTIVITY:
+            interface.activity(message[1], now, wall)
+        elif kind == Kind.NEED_HANDSHAKE:
+            interface.need_handshake(message[1], now, wall)
+        elif kind == Kind.REKEY_WANTED:
+            interface.rekey_wanted(message[1], now, wall)
+        elif kind == Kind.CONFIRMED:
+            interface.confirmed(message[1], now, wall)
+        elif kind == Kind.ROAMED:
+            interface.roamed(message[1], (message[2][0], message[2][1]))
+        elif kind == Kind.HANDSHAKE_PACKET:
+            interface.receive_handshake(message[1], (message[2][0], message[2][1]), now, wall)
+        elif kind == Kind.REMOVED:
+            waiting = self.pending_release.get(message[1])
+            if waiting is not None:
+                waiting.discard(handle.worker_id)
+                if not waiting:
+                    del self.pending_release[message[1]]
+                    self.keyslots.release(message[1])
+        elif kind == Kind.STATS_FLUSHED:
+            handle.pending_flush.discard(message[1])
+        elif kind == Kind.READY:
+            handle.ready = True
+        self._drain_outputs()
+
+    def flush_stats(self) -> None:
+        """Ask every worker to write its counters now and wait (briefly) until they have."""
+        self.flush_token += 1
+        token = self.flush_token
+        waiting = [h for h in self.supervisor.workers if h.channel is not None and h.ready]
+        for handle in waiting:
+            handle.pending_flush.add(token)
+            self._send(handle, [Kind.FLUSH_STATS, token])
+        deadline = time.monotonic() + STATS_FLUSH_TIMEOUT
+        while any(token in h.pending_flush for h in waiting):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            channels = {
+                h.channel.sock: h
+                for h in waiting
+                if h.channel is not None and token in h.pending_flush
+            }
+            ready = selectors.DefaultSelector()
+            for sock, handle in channels.items():
+                ready.register(sock, selectors.EVENT_READ, handle)
+            for key, _ in ready.select(remaining):
+                self._on_worker(key.data)
+            ready.close()
+
+    # -- UAPI --------------------------------------------------------------------------------
+
+    def _on_uapi_accept(self, _listener: socket.socket) -> None:
+        for fd in self.uapi.accept():
+            self.selector.register(fd, selectors.EVENT_READ, self._on_uapi_client)
+
+    def _on_uapi_client(self, fd: int) -> None:
+        if not self.uapi.serve(fd, self._handle_request):
+            try:
+                self.selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    def _handle_request(self, request: uapi.Request) -> bytes:
+        if isinstance(request, uapi.GetRequest):
+            return uapi.format_get(self.snapshot())
+        try:
+            self.apply(request)
+        except uapi.UAPIError as err:
+            log.error("set request failed: %s", err)
+            self._drain_outputs()
+            return uapi.format_errno(err.code)
+        self._drain_outputs()
+        return uapi.format_errno(0)
+
+    def snapshot(self) -> uapi.DeviceSnapshot:
+        self.flush_stats()
+        interface = self.interface
+        peers = []
+        for peer in interface.peers.values():
+            rx, tx = peer.control_rx_bytes, peer.control_tx_bytes
+            for handle in self.supervisor.workers:
+                rx_bytes, tx_bytes, _, _ = handle.stats.peer(peer.peer_id)
+                rx += rx_bytes
+                tx += tx_bytes
+            sec, nsec = divmod(peer.last_handshake_ns, 1_000_000_000)
+            peers.append(
+                uapi.PeerSnapshot(
+                    public_key=peer.public_key,
+                    preshared_key=peer.preshared_key,
+                    endpoint=peer.endpoint,
+                    last_handshake_time_sec=sec,
+                    last_handshake_time_nsec=nsec,
+                    tx_bytes=tx,
+                    rx_bytes=rx,
+                    persistent_keepalive_interval=peer.persistent_keepalive_interval,
+                    allowed_ips=[
+                        uapi.format_prefix(p.network_address, p.prefixlen)
+                        for p in interface.allowed.entries_for_peer(peer.peer_id)
+                    ],
+                )
+            )
+        identity = interface.identity
+        return uapi.DeviceSnapshot(
+            private_key=identity.private_key if identity else None,
+            listen_port=interface.listen_port,
+            fwmark=interface.fwmark,
+            peers=peers,
+        )
+
+    def apply(self, request: uapi.SetRequest) -> None:
+        """Apply a parsed set request in order, as wireguard-go does (every line was already
+        validated by the parser, so only a failed bind can stop it half-way)."""
+        interface = self.interface
+        now, wall = time.monotonic(), time.time_ns()
+        peer: Peer | None = None
+        skip_section = False
+        created = False
+        keepalive: int | None = None
+        touched: dict[int, Peer] = {}
+
+        def end_section() -> None:
+            nonlocal keepalive
+            if (
+                peer is not None
+                and keepalive is not None
+                and not skip_section
+                and peer.peer_id in interface.by_id
+            ):
+                interface.set_persistent_keepalive(peer, keepalive, now, wall)
+            keepalive = None
+
+        for op in request.operations:
+            if isinstance(op, uapi.BeginPeer):
+                end_section()
+                own = interface.identity.public_key if interface.identity else None
+                skip_section = op.public_key == own
+                peer = None
+                if not skip_section:
+                    created = op.public_key not in interface.peers
+                    peer = interface.peer(op.public_key, now)
+                continue
+            if peer is None and not skip_section:
+                self._apply_device(op, now)
+                continue
+            if skip_section or peer is None:
+                continue
+            if isinstance(op, uapi.UpdateOnly):
+                if created:
+                    interface.remove_peer(peer.public_key)
+                    skip_section = True
+            elif isinstance(op, uapi.RemovePeer):
+                interface.remove_peer(peer.public_key)
+                touched.pop(peer.peer_id, None)
+                skip_section = True
+            elif isinstance(op, uapi.SetPresharedKey):
+                interface.set_preshared_key(peer, op.preshared_key)
+            elif isinstance(op, uapi.SetEndpoint):
+                interface.set_endpoint(peer, (op.host, op.port))
+            elif isinstance(op, uapi.SetPersistentKeepalive):
+                keepalive = op.interval
+            elif isinstance(op, uapi.ReplaceAllowedIPs):
+                interface.replace_allowed_ips(peer)
+                touched[peer.peer_id] = peer
+            elif isinstance(op, uapi.AddAllowedIP):
+                # An identical prefix moves from its old owner: each worker's table does the
+                # same on insert, so only this peer's list needs re-sending.
+                interface.add_allowed_ip(peer, op.network)
+                touched[peer.peer_id] = peer
+            elif isinstance(op, uapi.RemoveAllowedIP):
+                interface.remove_allowed_ip(peer, op.network)
+                touched[peer.peer_id] = peer
+        end_section()
+        interface.publish_allowed_ips([p for p in touched.values() if p.peer_id in interface.by_id])
+
+    def _apply_device(self, op: uapi.Operation, now: float) -> None:
+        interface = self.interface
+        if isinstance(op, uapi.SetPrivateKey):
+            interface.set_private_key(op.private_key, now)
+        elif isinstance(op, uapi.SetListenPort):
+            if op.port != interface.listen_port:
+                self._rebind(op.port)
+        elif isinstance(op, uapi.SetFwmark):
+            interface.fwmark = op.fwmark
+            try:
+                for sock in self._all_sockets():
+                    udp.set_fwmark(sock, op.fwmark)
+            except OSError as err:
+                raise uapi.UAPIError(uapi.IPC_ERROR_PORT_IN_USE, f"fwmark: {err}") from err
+        elif isinstance(op, uapi.ReplacePeers):
+            for public_key in list(interface.peers):
+                interface.remove_peer(public_key)
+
+    def _rebind(self, port: int) -> None:
+        """A new listen port: a new socket group, and the workers restarted onto it (they keep
+        every key: nothing is renegotiated)."""
+        old = self._all_sockets()
+        for sock in self.control_sockets.values():
+            self.selector.unregister(sock)
+        try:
+            self._bind(port)
+        except OSError as err:
+            self._register_sockets()
+            raise uapi.UAPIError(uapi.IPC_ERROR_PORT_IN_USE, f"listen port {port}: {err}") from err
+        for sock in old:
+            sock.close()
+        self._register_sockets()
+        for handle in self.supervisor.workers:
+            if handle.process is not None:
+                handle.process.terminate()
+                handle.process.wait()
+            self._forget_worker(handle)
+            self._start_worker(handle)
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        self.running = False
+        self.supervisor.stop_all()
+        try:
+            self.uapi.close()
+        except OSError:
+            pass
+        self.watcher.close()
+        for sock in self._all_sockets():
+            sock.close()
+        for fd in self.tun_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.tun_fds = []
+        log.info("interface %s closed", self.name)

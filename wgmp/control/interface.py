@@ -1,0 +1,448 @@
+"""The WireGuard interface as control holds it: identity, peers, handshakes, timers, config.
+
+Sans-I/O, like the protocol core: events come in as method calls with `now` (monotonic
+seconds) and `wall_ns` (Unix nanoseconds, for TAI64N and `wg show`); what must happen comes
+out in two queues that the daemon drains: `datagrams` (to send from control's socket) and
+`commands` (pipe messages for every worker). Key material goes to the workers through
+`KeySlots`; a command only announces a slot.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from typing import Any
+
+from ..ipc.channel import Kind
+from ..ipc.keyslots import KeySlots
+from ..protocol.allowedips import AllowedIPs
+from ..protocol.constants import (
+    DEFAULT_MTU,
+    MAX_QUEUED_INCOMING_HANDSHAKES,
+    MESSAGE_COOKIE_REPLY,
+    MESSAGE_INITIATION,
+    MESSAGE_RESPONSE,
+    UNDER_LOAD_AFTER_TIME,
+    UNDER_LOAD_QUEUE_FRACTION,
+)
+from ..protocol.cookie import CookieChecker, source_bytes
+from ..protocol.crypto import Randomness
+from ..protocol.errors import DropReason, ProtocolError
+from ..protocol.indextable import IndexTable
+from ..protocol.keypair import Keypair
+from ..protocol.messages import message_type, parse_cookie_reply, parse_initiation, parse_response
+from ..protocol.noise import HandshakeState, StaticIdentity, consume_initiation
+from ..protocol.ratelimiter import RateLimiter
+from ..protocol.timers import ActionKind, RandomSource
+from ..protocol.transport import seal_transport
+from .peer import Endpoint, Peer, Prefix
+
+__all__ = ["HandshakeCounters", "Interface", "ROLE_CURRENT", "ROLE_NEXT", "ROLE_PREVIOUS"]
+
+ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS = 0, 1, 2
+UNDER_LOAD_BACKLOG = MAX_QUEUED_INCOMING_HANDSHAKES // UNDER_LOAD_QUEUE_FRACTION
+
+
+class Rng(RandomSource, Randomness):
+    """Both the timers' `.random()` and the core's `.getrandbits()` (random.Random fits)."""
+
+
+class HandshakeCounters:
+    """What control counts about handshakes, for `wgmp stats`."""
+
+    def __init__(self) -> None:
+        self.initiated = 0
+        self.received = 0
+        self.completed = 0
+        self.failed = 0
+        self.cookie_replies_sent = 0
+        self.drops = [0] * 32
+
+
+def _ip_bytes(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed
+
+
+class Interface:
+    def __init__(self, keyslots: KeySlots, rng: Rng, *, workers: int = 1) -> None:
+        self.keyslots = keyslots
+        self.rng = rng
+        self.workers = workers
+        self.identity: StaticIdentity | None = None
+        self.listen_port = 0
+        self.fwmark = 0
+        self.mtu = DEFAULT_MTU
+        self.peers: dict[bytes, Peer] = {}
+        self.by_id: dict[int, Peer] = {}
+        self._free_ids: deque[int] = deque(range(1, 1 << 16))
+        self.allowed = AllowedIPs()
+        self.indices = IndexTable(rng)
+        self.cookie_checker = CookieChecker(None)
+        self.rate_limiter = RateLimiter()
+        self.under_load_until = 0.0
+        self.counters = HandshakeCounters()
+        self.slot_of: dict[Keypair, int] = {}
+        self.keypair_at: dict[int, tuple[Peer, Keypair]] = {}
+        self._next_worker = 0
+        self.datagrams: list[tuple[bytes, Endpoint]] = []
+        self.commands: list[list[Any]] = []
+
+    # -- configuration (driven by UAPI) ----------------------------------------------------
+
+    def set_private_key(self, private_key: bytes | None, now: float) -> None:
+        """A new identity (None removes it): every session is dropped, as in wireguard-go,
+        and peers whose public key equals our own are removed."""
+        identity = StaticIdentity.from_private_key(private_key) if private_key else None
+        if identity == self.identity:
+            return
+        self.identity = identity
+        self.cookie_checker.set_local_public_key(identity.public_key if identity else None)
+        for peer in list(self.peers.values()):
+            if identity is not None and peer.public_key == identity.public_key:
+                self.remove_peer(peer.public_key)
+                continue
+            peer.handshake.set_local(identity)
+            self._drop_sessions(peer)
+
+    def peer(self, public_key: bytes, now: float) -> Peer:
+        """The peer with this key, created if new."""
+        peer = self.peers.get(public_key)
+        if peer is None:
+            peer_id = self._free_ids.popleft()
+            peer = Peer.create(peer_id, public_key, self.identity, self.rng)
+            self.peers[public_key] = peer
+            self.by_id[peer_id] = peer
+            self.commands.append([Kind.PEER_SET, peer_id, None, []])
+        return peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self.peers.pop(public_key, None)
+        if peer is None:
+            return
+        del self.by_id[peer.peer_id]
+        peer.timers.stop()
+        self._drop_sessions(peer)
+        self.allowed.remove_by_peer(peer.peer_id)
+        self.commands.append([Kind.PEER_REMOVE, peer.peer_id])
+        self._free_ids.append(peer.peer_id)
+
+    def set_preshared_key(self, peer: Peer, key: bytes) -> None:
+        peer.handshake.preshared_key = key
+
+    def set_endpoint(self, peer: Peer, endpoint: Endpoint) -> None:
+        peer.endpoint = endpoint
+        self.commands.append([Kind.ENDPOINT, peer.peer_id, list(endpoint)])
+
+    def set_persistent_keepalive(self, peer: Peer, interval: int, now: float, wall_ns: int) -> None:
+        peer.persistent_keepalive_interval = interval
+        self._act(peer, peer.timers.set_persistent_keepalive(interval, now), now, wall_ns)
+
+    def replace_allowed_ips(self, peer: Peer) -> None:
+        self.allowed.remove_by_peer(peer.peer_id)
+        peer.prefixes.clear()
+
+    def add_allowed_ip(self, peer: Peer, prefix: Prefix) -> None:
+        self.allowed.insert(prefix, peer.peer_id)
+
+    def remove_allowed_ip(self, peer: Peer, prefix: Prefix) -> None:
+        self.allowed.remove(prefix, peer.peer_id)
+
+    def publish_allowed_ips(self, peers: list[Peer]) -> None:
+        """Send each changed peer's prefixes to the workers once, after a whole set request.
+
+        An identical prefix may have moved to another peer, so every peer whose list changed
+        is re-sent, not only the one named in the request."""
+        for peer in peers:
+            prefixes = self.allowed.entries_for_peer(peer.peer_id)
+            peer.prefixes = list(prefixes)
+            self.commands.append(
+                [
+                    Kind.PEER_SET,
+                    peer.peer_id,
+                    None,
+                    [[p.network_address.packed, p.prefixlen] for p in prefixes],
+                ]
+            )
+
+    def set_mtu(self, mtu: int) -> None:
+        self.mtu = mtu
+        self.commands.append([Kind.MTU, mtu])
+
+    # -- events from workers --------------------------------------------------------------
+
+    def need_handshake(self, peer_id: int, now: float, wall_ns: int) -> None:
+        """A worker staged packets because there is no usable key."""
+        peer = self.by_id.get(peer_id)
+        if peer is not None and peer.timers.begin_initiation(now):
+            self._send_initiation(peer, now, wall_ns)
+
+    def rekey_wanted(self, peer_id: int, now: float, wall_ns: int) -> None:
+        """A worker saw the current key reach its age or message limit (it applies the
+        initiator-only rules of keepKeyFreshSending/Receiving and asks once per keypair)."""
+        peer = self.by_id.get(peer_id)
+        if peer is not None and peer.timers.begin_initiation(now):
+            self._send_initiation(peer, now, wall_ns)
+
+    def activity(self, reports: list[list[Any]], now: float, wall_ns: int) -> None:
+        """Batched traffic times from a worker: [peer_id, sent, data_sent, received, data_received]."""
+        for peer_id, sent, data_sent, received, data_received in reports:
+            peer = self.by_id.get(peer_id)
+            if peer is None:
+                continue
+            timers = peer.timers
+            events = []
+            if received:
+                events.append((received, 0))
+            if sent:
+                events.append((sent, 1))
+            for at, what in sorted(events):
+                timers.any_authenticated_packet_traversal(at)
+                if what == 0:
+                    timers.any_authenticated_packet_received(at)
+                    if data_received:
+                        timers.data_received(data_received)
+                else:
+                    timers.any_authenticated_packet_sent(at)
+                    if data_sent:
+                        timers.data_sent(data_sent)
+
+    def confirmed(self, slot: int, now: float, wall_ns: int) -> None:
+        """A worker received the first message under a `next` keypair."""
+        found = self.keypair_at.get(slot)
+        if found is None:
+            return
+        peer, keypair = found
+        if peer.keypairs.next is not keypair:
+            return
+        self._forget(peer.keypairs.received_with(keypair))
+        peer.timers.handshake_complete(now)
+        peer.last_handshake_ns = wall_ns
+        self.counters.completed += 1
+        self._announce_roles(peer)
+
+    def roamed(self, peer_id: int, endpoint: Endpoint) -> None:
+        peer = self.by_id.get(peer_id)
+        if peer is not None and peer.endpoint != endpoint:
+            self.set_endpoint(peer, endpoint)
+
+    # -- handshake datagrams --------------------------------------------------------------
+
+    def note_backlog(self, backlog: int, now: float) -> None:
+        """How many handshake datagrams were waiting; "under load" lasts 1 s after."""
+        if backlog >= UNDER_LOAD_BACKLOG:
+            self.under_load_until = now + UNDER_LOAD_AFTER_TIME
+
+    def under_load(self, now: float) -> bool:
+        return now < self.under_load_until
+
+    def receive_handshake(self, data: bytes, source: Endpoint, now: float, wall_ns: int) -> None:
+        """One datagram of type 1, 2 or 3 from `source`; bad ones are counted and dropped."""
+        try:
+            self._receive_handshake(data, source, now, wall_ns)
+        except ProtocolError as err:
+            self.counters.drops[err.reason] += 1
+            if err.reason not in (DropReason.MAC_INVALID, DropReason.RATE_LIMITED):
+                self.counters.failed += 1
+
+    def _receive_handshake(self, data: bytes, source: Endpoint, now: float, wall_ns: int) -> None:
+        kind = message_type(data)
+        if self.identity is None:
+            raise ProtocolError(DropReason.NO_KEY, "no private key")
+        if kind == MESSAGE_COOKIE_REPLY:
+            reply = parse_cookie_reply(data)
+            peer = self._peer_by_index(reply.receiver_index)
+            peer.cookie_generator.consume_reply(reply, now=now)
+            peer.control_rx_bytes += len(data)
+            return  # a cookie reply never moves an endpoint
+        if kind not in (MESSAGE_INITIATION, MESSAGE_RESPONSE):
+            raise ProtocolError(DropReason.MALFORMED, "not a handshake message")
+        msg = parse_initiation(data) if kind == MESSAGE_INITIATION else parse_response(data)
+        if not self.cookie_checker.check_mac1(data):
+            raise ProtocolError(DropReason.MAC_INVALID, "mac1")
+        if self.under_load(now):
+            src = source_bytes(_ip_bytes(source[0]), source[1])
+            if not self.cookie_checker.check_mac2(data, src, now=now):
+                reply = self.cookie_checker.create_reply(
+                    data, msg.sender_index, src, now=now, rng=self.rng
+                )
+                self.datagrams.append((reply.pack(), source))
+                self.counters.cookie_replies_sent += 1
+                return
+            if not self.rate_limiter.allow(_ip_bytes(source[0]), now):
+                raise ProtocolError(DropReason.RATE_LIMITED, "handshake rate limit")
+        if kind == MESSAGE_INITIATION:
+            self.counters.received += 1
+            peer = consume_initiation(
+                self.identity,
+                msg,
+                lambda key: self.peers.get(key).handshake if key in self.peers else None,
+                now=now,
+            )
+            self._initiation_consumed(self.peers[peer.remote_static], data, source, now, wall_ns)
+        else:
+            peer = self._peer_by_index(msg.receiver_index)
+            peer.handshake.consume_response(msg)
+            self._response_consumed(peer, data, source, now, wall_ns)
+
+    def _peer_by_index(self, index: int) -> Peer:
+        found = self.indices.lookup(index)
+        if found is None:
+            raise ProtocolError(DropReason.UNKNOWN_RECEIVER_INDEX, "handshake index")
+        return found
+
+    def _initiation_consumed(
+        self, peer: Peer, data: bytes, source: Endpoint, now: float, wall_ns: int
+    ) -> None:
+        peer.control_rx_bytes += len(data)
+        self._authenticated_from(peer, source)
+        peer.timers.any_authenticated_packet_traversal(now)
+        peer.timers.any_authenticated_packet_received(now)
+        response = peer.handshake.create_response(sender_index=self._new_index(peer), rng=self.rng)
+        packed = peer.cookie_generator.add_macs(response.pack(), now=now)
+        self._install(peer, Keypair.from_session(peer.handshake.derive_session(), now=now))
+        peer.timers.handshake_response_sent(now)
+        peer.timers.session_derived(now)
+        self._send_control(peer, packed, now)
+
+    def _response_consumed(
+        self, peer: Peer, data: bytes, source: Endpoint, now: float, wall_ns: int
+    ) -> None:
+        peer.control_rx_bytes += len(data)
+        self._authenticated_from(peer, source)
+        peer.timers.any_authenticated_packet_traversal(now)
+        peer.timers.any_authenticated_packet_received(now)
+        self._install(peer, Keypair.from_session(peer.handshake.derive_session(), now=now))
+        peer.timers.session_derived(now)
+        peer.timers.handshake_complete(now)
+        peer.last_handshake_ns = wall_ns
+        self.counters.completed += 1
+        self.send_keepalive(peer, now, wall_ns)  # confirms the new keypair to the responder
+
+    def _authenticated_from(self, peer: Peer, source: Endpoint) -> None:
+        if peer.endpoint != source:
+            self.set_endpoint(peer, source)
+
+    # -- what control sends ----------------------------------------------------------------
+
+    def _send_initiation(self, peer: Peer, now: float, wall_ns: int) -> None:
+        if peer.endpoint is None or peer.handshake.precomputed_static_static is None:
+            return  # nowhere to send, or a key that can never make a session (low order)
+        self._release_handshake_index(peer)
+        try:
+            initiation = peer.handshake.create_initiation(
+                sender_index=self._new_index(peer), unix_time_ns=wall_ns, rng=self.rng
+            )
+        except ProtocolError:
+            return
+        packed = peer.cookie_generator.add_macs(initiation.pack(), now=now)
+        self.counters.initiated += 1
+        self._send_control(peer, packed, now)
+        peer.timers.handshake_initiated(now)
+
+    def send_keepalive(self, peer: Peer, now: float, wall_ns: int) -> None:
+        keypair = peer.keypairs.for_sending(now)
+        if keypair is None or peer.endpoint is None:
+            if peer.timers.begin_initiation(now):
+                self._send_initiation(peer, now, wall_ns)
+            return
+        counter = self.keyslots.reserve(self.slot_of[keypair], 1)
+        message = seal_transport(keypair.send_key, keypair.remote_index, counter, b"", self.mtu)
+        self._send_control(peer, message, now)
+
+    def _send_control(self, peer: Peer, message: bytes, now: float) -> None:
+        assert peer.endpoint is not None
+        self.datagrams.append((message, peer.endpoint))
+        peer.control_tx_bytes += len(message)
+        peer.timers.any_authenticated_packet_traversal(now)
+        peer.timers.any_authenticated_packet_sent(now)
+
+    # -- keypairs and indices --------------------------------------------------------------
+
+    def _new_index(self, peer: Peer) -> int:
+        """A fresh receiver index whose low byte names the worker that will own the keypair;
+        consecutive handshakes go to consecutive workers."""
+        worker = self._next_worker % self.workers
+        self._next_worker += 1
+        index = self.indices.allocate(peer, worker)
+        return index
+
+    def _release_handshake_index(self, peer: Peer) -> None:
+        hs = peer.handshake
+        if hs.state != HandshakeState.ZEROED and hs.local_index:
+            if all(k.local_index != hs.local_index for k in peer.keypairs):
+                self.indices.remove(hs.local_index)
+
+    def _install(self, peer: Peer, keypair: Keypair) -> None:
+        slot = self.keyslots.publish(
+            local_index=keypair.local_index,
+            remote_index=keypair.remote_index,
+            peer_id=peer.peer_id,
+            is_initiator=keypair.is_initiator,
+            created=keypair.created,
+            send_key=keypair.send_key,
+            receive_key=keypair.receive_key,
+        )
+        self.slot_of[keypair] = slot
+        self.keypair_at[slot] = (peer, keypair)
+        self._forget(peer.keypairs.install(keypair))
+        self._announce_roles(peer)
+
+    def _announce_roles(self, peer: Peer) -> None:
+        keypairs = peer.keypairs
+        # Previous first, current last: a worker switches its sending keypair on `current`.
+        for keypair, role in (
+            (keypairs.previous, ROLE_PREVIOUS),
+            (keypairs.next, ROLE_NEXT),
+            (keypairs.current, ROLE_CURRENT),
+        ):
+            if keypair is not None:
+                self.commands.append([Kind.KEYPAIR_INSTALL, self.slot_of[keypair], role])
+
+    def _forget(self, keypairs: list[Keypair]) -> None:
+        for keypair in keypairs:
+            slot = self.slot_of.pop(keypair)
+            del self.keypair_at[slot]
+            self.indices.remove(keypair.local_index)
+            self.commands.append([Kind.KEYPAIR_REMOVE, slot])
+
+    def _drop_sessions(self, peer: Peer) -> None:
+        self._release_handshake_index(peer)
+        peer.handshake.clear()
+        self._forget(peer.keypairs.clear())
+
+    def keypair_roles(self) -> list[tuple[int, int]]:
+        """(slot, role) of every live keypair, for a worker that starts afresh."""
+        roles = []
+        for peer in self.peers.values():
+            for keypair, role in (
+                (peer.keypairs.previous, ROLE_PREVIOUS),
+                (peer.keypairs.next, ROLE_NEXT),
+                (peer.keypairs.current, ROLE_CURRENT),
+            ):
+                if keypair is not None:
+                    roles.append((self.slot_of[keypair], role))
+        return roles
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for p in self.peers.values() if (d := p.timers.next_deadline()) is not None]
+        return min(deadlines, default=None)
+
+    def expire(self, now: float, wall_ns: int) -> None:
+        for peer in list(self.peers.values()):
+            deadline = peer.timers.next_deadline()
+            if deadline is not None and deadline <= now:
+                self._act(peer, peer.timers.expire(now), now, wall_ns)
+
+    def _act(self, peer: Peer, actions: list[Any], now: float, wall_ns: int) -> None:
+        for action in actions:
+            if action.kind == ActionKind.SEND_INITIATION:
+                self._send_initiation(peer, now, wall_ns)
+            elif action.kind == ActionKind.SEND_KEEPALIVE:
+                self.send_keepalive(peer, now, wall_ns)
+            elif action.kind == ActionKind.DROP_STAGED:
+                self.commands.append([Kind.DROP_STAGED, peer.peer_id])
+            elif action.kind == ActionKind.ZERO_KEYS:
+                self._drop_sessions(peer)
+                self.commands.append([Kind.DROP_STAGED, peer.peer_id])

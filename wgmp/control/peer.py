@@ -1,0 +1,51 @@
+"""A peer as control sees it: keys, handshake, cookie state, keypairs, timers, endpoint."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from ..protocol.cookie import CookieGenerator
+from ..protocol.crypto import ZERO_KEY
+from ..protocol.keypair import Keypairs
+from ..protocol.noise import Handshake, StaticIdentity
+from ..protocol.timers import PeerTimers, RandomSource
+
+__all__ = ["Endpoint", "Peer", "Prefix"]
+
+Endpoint = tuple[str, int]  # (address literal, port)
+Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(eq=False)
+class Peer:
+    peer_id: int
+    public_key: bytes
+    handshake: Handshake
+    cookie_generator: CookieGenerator
+    timers: PeerTimers
+    keypairs: Keypairs = field(default_factory=Keypairs)
+    endpoint: Endpoint | None = None
+    persistent_keepalive_interval: int = 0
+    prefixes: list[Prefix] = field(default_factory=list)
+    last_handshake_ns: int = 0  # Unix time of the last completed handshake, for UAPI
+    # Bytes of messages control itself sent/received for this peer (handshakes, cookie
+    # replies, keepalives); workers count transport data in their stats blocks.
+    control_rx_bytes: int = 0
+    control_tx_bytes: int = 0
+
+    @classmethod
+    def create(
+        cls, peer_id: int, public_key: bytes, local: StaticIdentity | None, rng: RandomSource
+    ) -> Peer:
+        return cls(
+            peer_id,
+            public_key,
+            Handshake(local, public_key, ZERO_KEY),
+            CookieGenerator(public_key),
+            PeerTimers(rng),
+        )
+
+    @property
+    def preshared_key(self) -> bytes:
+        return self.handshake.preshared_key

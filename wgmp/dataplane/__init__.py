@@ -1,0 +1,1 @@
+"""The data plane: worker processes that encrypt and decrypt their shard of the traffic."""

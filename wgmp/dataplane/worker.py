@@ -1,0 +1,458 @@
+"""A worker process: one TUN queue and one UDP socket per family, and the per-packet work.
+
+Outbound (see `_outbound`): TUN read -> allowed-IPs lookup by destination -> peer's current
+keypair -> counter from the reserved block -> pad + encrypt -> UDP send.
+Inbound (see `_inbound`): UDP read -> keypair by receiver index -> decrypt -> replay window ->
+inner source in the peer's allowed IPs -> TUN write.
+
+A worker decides no protocol state: it tells control when a peer needs a handshake, when a
+`next` keypair was confirmed, where a peer roamed, and (batched every FLUSH_INTERVAL) when
+traffic flowed, which drives control's timers. The per-packet path uses plain ints, tuples and
+lists (STYLE.md habit 5); everything rare goes through `_handle_control`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from ..ipc.channel import Channel, Kind
+from ..ipc.keyslots import KeySlots
+from ..protocol.allowedips import AllowedIPs
+from ..protocol.constants import (
+    MAX_STAGED_PACKETS,
+    MESSAGE_TRANSPORT_MIN_SIZE,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_AFTER_TIME_RECEIVING,
+)
+from ..protocol.errors import DropReason
+from ..protocol.replay import ReplayWindow
+from ..stats.block import DROP_SLOTS, StatsBlock
+
+__all__ = ["Worker", "main"]
+
+FLUSH_INTERVAL = 0.1  # how stale control's view of traffic (timers) and counters may be
+COUNTER_BLOCK = 256  # counters reserved per lock: one fcntl pair per 256 packets
+# A block whose start the shared counter has passed by this much is abandoned, so what we
+# send stays far inside the receiver's 8128-counter replay window.
+COUNTER_BLOCK_STALE = 1024
+BATCH = 64  # packets taken from one ready descriptor before looking at the others
+ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS = 0, 1, 2
+
+_HEADER = struct.Struct("<IIQ")
+_TYPE_TRANSPORT_WORD = 4  # type 4 + three zero reserved bytes, as a little-endian u32
+_ZEROS = bytes(16)
+
+# Indices into a peer record (a list, for speed on the packet path).
+P_ENDPOINT, P_SEND, P_STAGED, P_RX_BYTES, P_TX_BYTES, P_RX_PACKETS, P_TX_PACKETS = range(7)
+P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY = 7, 8, 9
+# Indices into a send state: [cipher, remote_index, slot, next_counter, block_end, created,
+#                             is_initiator, rekey_asked]
+S_CIPHER, S_REMOTE, S_SLOT, S_NEXT, S_END, S_CREATED, S_INITIATOR, S_REKEY_ASKED = range(8)
+# A receive entry: [cipher, peer_id, replay window, slot, role, created, is_initiator, send]
+R_CIPHER, R_PEER, R_REPLAY, R_SLOT, R_ROLE, R_CREATED, R_INITIATOR, R_SEND = range(8)
+
+
+def _nonce(counter: int) -> bytes:
+    return b"\x00\x00\x00\x00" + counter.to_bytes(8, "little")
+
+
+def _sockaddr(endpoint: list[Any] | None) -> tuple[Any, ...] | None:
+    if endpoint is None:
+        return None
+    host, port = endpoint
+    return (host, port, 0, 0) if ":" in host else (host, port)
+
+
+class Worker:
+    def __init__(
+        self,
+        worker_id: int,
+        tun_fd: int,
+        sockets: dict[int, socket.socket],
+        channel: Channel,
+        keyslots: KeySlots,
+        stats: StatsBlock,
+    ) -> None:
+        self.worker_id = worker_id
+        self.tun_fd = tun_fd
+        self.sockets = sockets
+        self.channel = channel
+        self.keyslots = keyslots
+        self.stats = stats
+        self.mtu = 1420
+        self.allowed = AllowedIPs()
+        self.peers: dict[int, list[Any]] = {}
+        self.by_index: dict[int, list[Any]] = {}
+        self.by_slot: dict[int, list[Any]] = {}
+        self.totals = [0, 0, 0, 0]  # rx_packets, rx_bytes, tx_packets, tx_bytes
+        self.drops = [0] * DROP_SLOTS
+        self.running = True
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        poller = select.epoll()
+        os.set_blocking(self.tun_fd, False)
+        poller.register(self.tun_fd, select.EPOLLIN)
+        by_fd: dict[int, socket.socket] = {}
+        for sock in self.sockets.values():
+            sock.setblocking(False)
+            poller.register(sock.fileno(), select.EPOLLIN)
+            by_fd[sock.fileno()] = sock
+        channel_fd = self.channel.fileno()
+        poller.register(channel_fd, select.EPOLLIN)
+        self.channel.send(Kind.READY, self.worker_id, os.getpid())
+        next_flush = time.monotonic() + FLUSH_INTERVAL
+        while self.running:
+            events = poller.poll(FLUSH_INTERVAL)
+            now = time.monotonic()
+            for fd, _ in events:
+                if fd == self.tun_fd:
+                    self._outbound(now)
+                elif fd == channel_fd:
+                    messages = self.channel.receive()
+                    if messages is None:
+                        return  # control has gone: so do we
+                    for message in messages:
+                        self._handle_control(message, now)
+                else:
+                    self._inbound(by_fd[fd], now)
+            if now >= next_flush:
+                self._flush(now)
+                next_flush = now + FLUSH_INTERVAL
+
+    # -- outbound: TUN -> UDP ----------------------------------------------------------------
+
+    def _outbound(self, now: float) -> None:
+        read, fd, lookup, peers = os.read, self.tun_fd, self.allowed.lookup, self.peers
+        for _ in range(BATCH):
+            try:
+                packet = read(fd, 65535)
+            except BlockingIOError:
+                return
+            version = packet[0] >> 4 if packet else 0
+            if version == 4 and len(packet) >= 20:
+                peer_id = lookup(packet[16:20])
+            elif version == 6 and len(packet) >= 40:
+                peer_id = lookup(packet[24:40])
+            else:
+                self.drops[DropReason.MALFORMED] += 1
+                continue
+            if peer_id is None:
+                self.drops[DropReason.NO_ROUTE] += 1
+                continue
+            self._send(peers[peer_id], peer_id, packet, now)
+
+    def _send(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
+        send = peer[P_SEND]
+        if (
+            send is None
+            or now - send[S_CREATED] >= REJECT_AFTER_TIME
+            or send[S_NEXT] >= REJECT_AFTER_MESSAGES
+            or peer[P_ENDPOINT] is None
+        ):
+            self._stage(peer, peer_id, packet, now)
+            return
+        counter = send[S_NEXT]
+        if (
+            counter >= send[S_END]
+            or self.keyslots.counter(send[S_SLOT]) - counter > COUNTER_BLOCK_STALE
+        ):
+            counter = self.keyslots.reserve(send[S_SLOT], COUNTER_BLOCK)
+            send[S_END] = counter + COUNTER_BLOCK
+        send[S_NEXT] = counter + 1
+        length = len(packet)
+        mtu = self.mtu
+        pad = (-length) & 15
+        if length + pad > mtu:
+            pad = max(mtu - length, 0)
+        message = _HEADER.pack(_TYPE_TRANSPORT_WORD, send[S_REMOTE], counter) + send[
+            S_CIPHER
+        ].encrypt(_nonce(counter), packet + _ZEROS[:pad] if pad else packet, None)
+        self._transmit(peer, message)
+        activity = peer[P_ACTIVITY]
+        activity[0] = activity[1] = now
+        if not send[S_REKEY_ASKED] and (
+            counter > REKEY_AFTER_MESSAGES
+            or (send[S_INITIATOR] and now - send[S_CREATED] > REKEY_AFTER_TIME)
+        ):
+            send[S_REKEY_ASKED] = True
+            self.channel.send(Kind.REKEY_WANTED, peer_id)
+
+    def _transmit(self, peer: list[Any], message: bytes) -> None:
+        endpoint = peer[P_ENDPOINT]
+        try:
+            self.sockets[6 if len(endpoint) == 4 else 4].sendto(message, endpoint)
+        except OSError:
+            self.drops[DropReason.NO_ROUTE] += 1
+            return
+        peer[P_TX_BYTES] += len(message)
+        peer[P_TX_PACKETS] += 1
+        peer[P_DIRTY] = True
+        self.totals[2] += 1
+        self.totals[3] += len(message)
+
+    def _stage(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
+        staged: deque[bytes] = peer[P_STAGED]
+        if len(staged) >= MAX_STAGED_PACKETS:
+            staged.popleft()
+            self.drops[DropReason.STAGED_QUEUE_FULL] += 1
+        staged.append(packet)
+        # Control dedups handshakes itself; this only keeps the pipe quiet under a burst.
+        if now - peer[P_HANDSHAKE_ASKED] > 0.05:
+            peer[P_HANDSHAKE_ASKED] = now
+            self.channel.send(Kind.NEED_HANDSHAKE, peer_id)
+
+    def _flush_staged(self, peer: list[Any], peer_id: int, now: float) -> None:
+        staged: deque[bytes] = peer[P_STAGED]
+        while staged and peer[P_SEND] is not None and peer[P_ENDPOINT] is not None:
+            self._send(peer, peer_id, staged.popleft(), now)
+
+    # -- inbound: UDP -> TUN -----------------------------------------------------------------
+
+    def _inbound(self, sock: socket.socket, now: float) -> None:
+        by_index, drops, peers = self.by_index, self.drops, self.peers
+        for _ in range(BATCH):
+            try:
+                data, address = sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            if len(data) < MESSAGE_TRANSPORT_MIN_SIZE or data[0] != 4 or data[1:4] != b"\0\0\0":
+                if data[:1] in (b"\x01", b"\x02", b"\x03"):
+                    # The steering program sends handshakes to control; this is a fallback.
+                    self.channel.send(Kind.HANDSHAKE_PACKET, data, list(address[:2]), None)
+                else:
+                    drops[DropReason.MALFORMED] += 1
+                continue
+            _, index, counter = _HEADER.unpack_from(data)
+            entry = by_index.get(index)
+            if entry is None:
+                drops[DropReason.UNKNOWN_RECEIVER_INDEX] += 1
+                continue
+            if now - entry[R_CREATED] >= REJECT_AFTER_TIME:
+                drops[DropReason.KEY_EXPIRED] += 1
+                continue
+            try:
+                plaintext = entry[R_CIPHER].decrypt(_nonce(counter), data[16:], None)
+            except InvalidTag:
+                drops[DropReason.DECRYPTION_FAILED] += 1
+                continue
+            if not entry[R_REPLAY].accept(counter):
+                drops[DropReason.REPLAY] += 1
+                continue
+            peer_id = entry[R_PEER]
+            peer = peers[peer_id]
+            if entry[R_ROLE] == ROLE_NEXT:
+                self._confirm(entry, peer, peer_id, now)
+            endpoint = peer[P_ENDPOINT]
+            if endpoint is None or endpoint[0] != address[0] or endpoint[1] != address[1]:
+                peer[P_ENDPOINT] = address if len(address) == 2 else address[:4]
+                self.channel.send(Kind.ROAMED, peer_id, list(address[:2]))
+            peer[P_RX_BYTES] += len(data)
+            peer[P_RX_PACKETS] += 1
+            peer[P_DIRTY] = True
+            activity = peer[P_ACTIVITY]
+            activity[2] = now
+            if entry[R_INITIATOR] and entry[R_ROLE] == ROLE_CURRENT:
+                send = entry[R_SEND]
+                if not send[S_REKEY_ASKED] and now - entry[R_CREATED] > REKEY_AFTER_TIME_RECEIVING:
+                    send[S_REKEY_ASKED] = True
+                    self.channel.send(Kind.REKEY_WANTED, peer_id)
+            if not plaintext:
+                continue  # keepalive
+            self._deliver(plaintext, peer_id, activity, now)
+
+    def _deliver(self, plaintext: bytes, peer_id: int, activity: list[float], now: float) -> None:
+        version = plaintext[0] >> 4
+        if version == 4 and len(plaintext) >= 20:
+            length = int.from_bytes(plaintext[2:4], "big")
+            source = plaintext[12:16]
+        elif version == 6 and len(plaintext) >= 40:
+            length = 40 + int.from_bytes(plaintext[4:6], "big")
+            source = plaintext[8:24]
+        else:
+            self.drops[DropReason.MALFORMED] += 1
+            return
+        if length > len(plaintext):
+            self.drops[DropReason.MALFORMED] += 1
+            return
+        if self.allowed.lookup(source) != peer_id:
+            self.drops[DropReason.SOURCE_NOT_ALLOWED] += 1
+            return
+        try:
+            os.write(self.tun_fd, plaintext[:length])
+        except OSError:
+            self.drops[DropReason.NO_ROUTE] += 1
+            return
+        activity[3] = now
+        self.totals[0] += 1
+        self.totals[1] += length
+
+    def _confirm(self, entry: list[Any], peer: list[Any], peer_id: int, now: float) -> None:
+        """First packet under a `next` keypair: the initiator has it, so we may send with it."""
+        entry[R_ROLE] = ROLE_CURRENT
+        peer[P_SEND] = entry[R_SEND]
+        self.channel.send(Kind.CONFIRMED, entry[R_SLOT])
+        self._flush_staged(peer, peer_id, now)
+
+    # -- control messages --------------------------------------------------------------------
+
+    def _handle_control(self, message: list[Any], now: float) -> None:
+        kind = message[0]
+        if kind == Kind.KEYPAIR_INSTALL:
+            self._install(message[1], message[2], now)
+        elif kind == Kind.KEYPAIR_REMOVE:
+            self._remove_keypair(message[1])
+            self.channel.send(Kind.REMOVED, message[1])
+        elif kind == Kind.PEER_SET:
+            self._set_peer(*message[1:])
+        elif kind == Kind.PEER_REMOVE:
+            self._remove_peer(message[1])
+        elif kind == Kind.ENDPOINT:
+            peer = self.peers.get(message[1])
+            if peer is not None:
+                peer[P_ENDPOINT] = _sockaddr(message[2])
+                self._flush_staged(peer, message[1], now)
+        elif kind == Kind.DROP_STAGED:
+            peer = self.peers.get(message[1])
+            if peer is not None:
+                self.drops[DropReason.STAGED_EXPIRED] += len(peer[P_STAGED])
+                peer[P_STAGED].clear()
+        elif kind == Kind.MTU:
+            self.mtu = message[1]
+        elif kind == Kind.FLUSH_STATS:
+            self._flush(now)
+            self.channel.send(Kind.STATS_FLUSHED, message[1])
+        elif kind == Kind.SHUTDOWN:
+            self.running = False
+
+    def _set_peer(
+        self, peer_id: int, endpoint: list[Any] | None, prefixes: list[list[Any]] | None
+    ) -> None:
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            peer = [None, None, deque(), 0, 0, 0, 0, [0.0, 0.0, 0.0, 0.0], -1.0, False]
+            self.peers[peer_id] = peer
+        if endpoint is not None:
+            peer[P_ENDPOINT] = _sockaddr(endpoint)
+        if prefixes is not None:
+            self.allowed.remove_by_peer(peer_id)
+            for address, cidr in prefixes:
+                self.allowed.insert((address, cidr), peer_id)
+
+    def _remove_peer(self, peer_id: int) -> None:
+        if self.peers.pop(peer_id, None) is None:
+            return
+        self.allowed.remove_by_peer(peer_id)
+        self.stats.write_peer(peer_id, (0, 0, 0, 0))
+
+    def _install(self, slot: int, role: int, now: float) -> None:
+        info = self.keyslots.read(slot)
+        peer = self.peers.get(info.peer_id)
+        if peer is None:
+            return
+        send = [
+            ChaCha20Poly1305(info.send_key),
+            info.remote_index,
+            slot,
+            0,
+            0,  # an empty block: the first packet reserves one
+            info.created,
+            info.is_initiator,
+            False,
+        ]
+        entry = [
+            ChaCha20Poly1305(info.receive_key),
+            info.peer_id,
+            ReplayWindow(),
+            slot,
+            role,
+            info.created,
+            info.is_initiator,
+            send,
+        ]
+        old = self.by_slot.get(slot)
+        if old is not None:  # a role change of a keypair we already have: keep its window
+            old[R_ROLE] = role
+            entry = old
+            send = old[R_SEND]
+        self.by_slot[slot] = entry
+        # Only the owning worker keeps a replay window for an index; see the steering program.
+        self.by_index[info.local_index] = entry
+        if role == ROLE_CURRENT:
+            peer[P_SEND] = send
+            self._flush_staged(peer, info.peer_id, now)
+
+    def _remove_keypair(self, slot: int) -> None:
+        entry = self.by_slot.pop(slot, None)
+        if entry is None:
+            return
+        for index, candidate in list(self.by_index.items()):
+            if candidate is entry:
+                del self.by_index[index]
+        peer = self.peers.get(entry[R_PEER])
+        if peer is not None and peer[P_SEND] is entry[R_SEND]:
+            peer[P_SEND] = None
+
+    def _flush(self, now: float) -> None:
+        reports = []
+        for peer_id, peer in self.peers.items():
+            if peer[P_DIRTY]:
+                peer[P_DIRTY] = False
+                self.stats.write_peer(
+                    peer_id,
+                    (peer[P_RX_BYTES], peer[P_TX_BYTES], peer[P_RX_PACKETS], peer[P_TX_PACKETS]),
+                )
+            activity = peer[P_ACTIVITY]
+            if activity[0] or activity[2]:
+                reports.append([peer_id, *activity])
+                peer[P_ACTIVITY] = [0.0, 0.0, 0.0, 0.0]
+        self.stats.write_totals(tuple(self.totals), self.drops)  # type: ignore[arg-type]
+        if reports:
+            self.channel.send(Kind.ACTIVITY, reports)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of a worker process, started by control with the descriptors it holds."""
+    parser = argparse.ArgumentParser(prog="wgmp-worker")
+    parser.add_argument("--id", type=int, required=True)
+    parser.add_argument("--tun", type=int, required=True)
+    parser.add_argument("--udp4", type=int, required=True)
+    parser.add_argument("--udp6", type=int, default=-1)
+    parser.add_argument("--channel", type=int, required=True)
+    parser.add_argument("--keyslots", type=int, required=True)
+    parser.add_argument("--stats", type=int, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # control decides when workers stop
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    sockets = {4: socket.socket(fileno=args.udp4)}
+    if args.udp6 >= 0:
+        sockets[6] = socket.socket(fileno=args.udp6)
+    worker = Worker(
+        args.id,
+        args.tun,
+        sockets,
+        Channel(socket.socket(fileno=args.channel)),
+        KeySlots.attach(args.keyslots),
+        StatsBlock.attach(args.stats),
+    )
+    worker.run()
+
+
+if __name__ == "__main__":
+    main()

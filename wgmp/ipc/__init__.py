@@ -1,0 +1,1 @@
+"""The contract between control and workers: shared-memory layouts and pipe messages."""

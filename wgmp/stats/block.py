@@ -1,0 +1,62 @@
+"""One worker's counters in shared memory, with that worker as the only writer.
+
+Layout: a header of worker totals and drop counters by `DropReason`, then one record per peer
+id (rx_bytes, tx_bytes, rx_packets, tx_packets). Workers count in Python ints and copy them
+here in bulk (on a short period and when control asks), so the packet path never touches
+shared memory; control only reads.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..ipc.sharedmem import SharedMemory
+from ..protocol.errors import DropReason
+
+__all__ = ["DROP_SLOTS", "MAX_PEER_IDS", "PeerCounters", "StatsBlock", "WorkerTotals"]
+
+MAX_PEER_IDS = 1 << 16
+DROP_SLOTS = 32
+_TOTALS = struct.Struct("<4Q")  # rx_packets, rx_bytes, tx_packets, tx_bytes
+_DROPS = struct.Struct(f"<{DROP_SLOTS}Q")
+_HEADER_SIZE = 512
+_PEER = struct.Struct("<4Q")  # rx_bytes, tx_bytes, rx_packets, tx_packets
+BLOCK_SIZE = _HEADER_SIZE + MAX_PEER_IDS * _PEER.size
+assert len(DropReason) <= DROP_SLOTS
+
+PeerCounters = tuple[int, int, int, int]
+WorkerTotals = tuple[int, int, int, int]
+
+
+class StatsBlock:
+    def __init__(self, shm: SharedMemory) -> None:
+        self.shm = shm
+
+    @classmethod
+    def create(cls) -> StatsBlock:
+        return cls(SharedMemory.create("wgmp-stats", BLOCK_SIZE))
+
+    @classmethod
+    def attach(cls, fd: int) -> StatsBlock:
+        return cls(SharedMemory.attach(fd))
+
+    # -- the worker (single writer) ----------------------------------------------------------
+
+    def write_totals(self, totals: WorkerTotals, drops: list[int]) -> None:
+        _TOTALS.pack_into(self.shm.view, 0, *totals)
+        _DROPS.pack_into(self.shm.view, _TOTALS.size, *drops)
+
+    def write_peer(self, peer_id: int, counters: PeerCounters) -> None:
+        """Also used with zeros when a peer is removed, so a reused id starts from zero."""
+        _PEER.pack_into(self.shm.view, _HEADER_SIZE + peer_id * _PEER.size, *counters)
+
+    # -- control (reader) --------------------------------------------------------------------
+
+    def totals(self) -> WorkerTotals:
+        return _TOTALS.unpack_from(self.shm.view, 0)  # type: ignore[return-value]
+
+    def drops(self) -> list[int]:
+        return list(_DROPS.unpack_from(self.shm.view, _TOTALS.size))
+
+    def peer(self, peer_id: int) -> PeerCounters:
+        return _PEER.unpack_from(self.shm.view, _HEADER_SIZE + peer_id * _PEER.size)  # type: ignore[return-value]
