@@ -121,6 +121,10 @@ class Worker:
         while self.running:
             events = poller.poll(FLUSH_INTERVAL)
             now = time.monotonic()
+            if len(events) > 1:
+                # Control's messages first: a keypair announced there may be the one the
+                # datagrams that woke us up were sealed with.
+                events.sort(key=lambda event: event[0] != channel_fd)
             for fd, _ in events:
                 if fd == self.tun_fd:
                     self._outbound(now)
