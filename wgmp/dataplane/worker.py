@@ -14,6 +14,8 @@ lists (STYLE.md habit 5); everything rare goes through `_handle_control`.
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import select
 import signal
@@ -42,8 +44,11 @@ from ..protocol.constants import (
 from ..protocol.errors import DropReason
 from ..protocol.replay import ReplayWindow
 from ..stats.block import DROP_SLOTS, StatsBlock
+from .coalesce import VNET_HDR_LEN, coalesce
 
 __all__ = ["Worker", "main"]
+
+log = logging.getLogger("wgmp")
 
 FLUSH_INTERVAL = 0.1  # how stale control's view of traffic (timers) and counters may be
 COUNTER_BLOCK = 256  # counters reserved per lock: one fcntl pair per 256 packets
@@ -54,6 +59,14 @@ BATCH = 64  # packets taken from one ready descriptor before looking at the othe
 ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS = 0, 1, 2
 
 _HEADER = struct.Struct("<IIQ")
+_WORD = struct.Struct("<I")
+_U16 = struct.Struct("=H")
+_INT = struct.Struct("=i")
+SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
+GSO_MAX_SEGMENTS = 64  # the kernel takes up to 64 (older) or 128 segments per call
+GSO_MAX_BYTES = 65000  # one UDP datagram's payload limit, with room for headers
+GSO_RETRY_AFTER = 10.0  # after a GSO failure (e.g. MTU raised past the path's), try again later
+_ANCILLARY_SPACE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)  # IPV6_PKTINFO + UDP_GRO
 _TYPE_TRANSPORT_WORD = 4  # type 4 + three zero reserved bytes, as a little-endian u32
 _ZEROS = bytes(16)
 
@@ -87,6 +100,8 @@ class Worker:
         channel: Channel,
         keyslots: KeySlots,
         stats: StatsBlock,
+        *,
+        vnet_hdr: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self.tun_fd = tun_fd
@@ -100,6 +115,12 @@ class Worker:
         self.by_index: dict[int, list[Any]] = {}
         self.by_slot: dict[int, list[Any]] = {}
         self.totals = [0, 0, 0, 0]  # rx_packets, rx_bytes, tx_packets, tx_bytes
+        self.gso = True
+        self._gso_retry_at = 0.0
+        self.vnet_hdr = vnet_hdr
+        self._to_tun: list[bytes] = []
+        self._rx_buffer = bytearray(1 << 16)
+        self._rx_view = memoryview(self._rx_buffer)
         self.drops = [0] * DROP_SLOTS
         self.running = True
 
@@ -143,12 +164,18 @@ class Worker:
     # -- outbound: TUN -> UDP ----------------------------------------------------------------
 
     def _outbound(self, now: float) -> None:
+        """Drain the TUN queue, seal each packet, then send each peer's messages in as few
+        system calls as UDP GSO allows."""
         read, fd, lookup, peers = os.read, self.tun_fd, self.allowed.lookup, self.peers
+        batches: dict[int, list[bytes]] = {}
+        skip = VNET_HDR_LEN if self.vnet_hdr else 0
         for _ in range(BATCH):
             try:
-                packet = read(fd, 65535)
+                packet = read(fd, 65535 + skip)
             except BlockingIOError:
-                return
+                break
+            if skip:
+                packet = packet[skip:]  # no offloads were negotiated: the header is empty
             version = packet[0] >> 4 if packet else 0
             if version == 4 and len(packet) >= 20:
                 peer_id = lookup(packet[16:20])
@@ -160,9 +187,20 @@ class Worker:
             if peer_id is None:
                 self.drops[DropReason.NO_ROUTE] += 1
                 continue
-            self._send(peers[peer_id], peer_id, packet, now)
+            message = self._seal(peers[peer_id], peer_id, packet, now)
+            if message is not None:
+                batch = batches.get(peer_id)
+                if batch is None:
+                    batches[peer_id] = [message]
+                else:
+                    batch.append(message)
+        if not self.gso and now >= self._gso_retry_at:
+            self.gso = True
+        for peer_id, messages in batches.items():
+            self._transmit(peers[peer_id], messages)
 
-    def _send(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
+    def _seal(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> bytes | None:
+        """The transport message for `packet`, or None when it had to be staged."""
         send = peer[P_SEND]
         if (
             send is None
@@ -171,24 +209,20 @@ class Worker:
             or peer[P_ENDPOINT] is None
         ):
             self._stage(peer, peer_id, packet, now)
-            return
+            return None
         counter = send[S_NEXT]
-        if (
-            counter >= send[S_END]
-            or self.keyslots.counter(send[S_SLOT]) - counter > COUNTER_BLOCK_STALE
+        if counter >= send[S_END] or (
+            self.keyslots.counter(send[S_SLOT]) - counter > COUNTER_BLOCK_STALE
         ):
             counter = self.keyslots.reserve(send[S_SLOT], COUNTER_BLOCK)
             send[S_END] = counter + COUNTER_BLOCK
         send[S_NEXT] = counter + 1
         length = len(packet)
-        mtu = self.mtu
         pad = (-length) & 15
-        if length + pad > mtu:
-            pad = max(mtu - length, 0)
-        message = _HEADER.pack(_TYPE_TRANSPORT_WORD, send[S_REMOTE], counter) + send[
-            S_CIPHER
-        ].encrypt(_nonce(counter), packet + _ZEROS[:pad] if pad else packet, None)
-        self._transmit(peer, message)
+        if length + pad > self.mtu:
+            pad = max(self.mtu - length, 0)
+        if pad:
+            packet += _ZEROS[:pad]
         activity = peer[P_ACTIVITY]
         activity[0] = activity[1] = now
         if not send[S_REKEY_ASKED] and (
@@ -197,19 +231,67 @@ class Worker:
         ):
             send[S_REKEY_ASKED] = True
             self.channel.send(Kind.REKEY_WANTED, peer_id)
+        return _HEADER.pack(_TYPE_TRANSPORT_WORD, send[S_REMOTE], counter) + send[S_CIPHER].encrypt(
+            _nonce(counter), packet, None
+        )
 
-    def _transmit(self, peer: list[Any], message: bytes) -> None:
+    def _transmit(self, peer: list[Any], messages: list[bytes]) -> None:
+        """Send one peer's messages in order: each run of equal-size messages (plus one
+        shorter message that may end it) goes out in one sendmsg with UDP_SEGMENT.
+
+        DESIGN.md measured ~0.13 us per datagram this way against 1.7 us per sendto.
+        """
         endpoint = peer[P_ENDPOINT]
-        try:
-            self.sockets[6 if len(endpoint) == 4 else 4].sendto(message, endpoint)
-        except OSError:
-            self.drops[DropReason.NO_ROUTE] += 1
-            return
-        peer[P_TX_BYTES] += len(message)
-        peer[P_TX_PACKETS] += 1
+        sock = self.sockets[6 if len(endpoint) == 4 else 4]
+        total = sent = 0
+        count = len(messages)
+        i = 0
+        while i < count:
+            size = len(messages[i])
+            limit = min(count, i + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
+            j = i + 1
+            while j < limit and len(messages[j]) == size:
+                j += 1
+            if j < limit and len(messages[j]) < size:
+                j += 1
+            try:
+                if j - i == 1 or not self.gso:
+                    for message in messages[i:j]:
+                        sock.sendto(message, endpoint)
+                else:
+                    sock.sendmsg(
+                        [b"".join(messages[i:j])],
+                        [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))],
+                        0,
+                        endpoint,
+                    )
+            except OSError as err:
+                if (
+                    j - i > 1
+                    and self.gso
+                    and err.errno in (errno.EINVAL, errno.EIO, errno.EMSGSIZE)
+                ):
+                    # Segments larger than the path's MTU, or no GSO here: one by one.
+                    log.info(
+                        "UDP GSO failed (%s, %d x %d bytes): one by one for a while",
+                        err,
+                        j - i,
+                        size,
+                    )
+                    self.gso = False
+                    self._gso_retry_at = time.monotonic() + GSO_RETRY_AFTER
+                    continue
+                self.drops[DropReason.NO_ROUTE] += j - i
+                i = j
+                continue
+            total += sum(len(m) for m in messages[i:j])
+            sent += j - i
+            i = j
+        peer[P_TX_BYTES] += total
+        peer[P_TX_PACKETS] += sent
         peer[P_DIRTY] = True
-        self.totals[2] += 1
-        self.totals[3] += len(message)
+        self.totals[2] += sent
+        self.totals[3] += total
 
     def _stage(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
         staged: deque[bytes] = peer[P_STAGED]
@@ -224,61 +306,99 @@ class Worker:
 
     def _flush_staged(self, peer: list[Any], peer_id: int, now: float) -> None:
         staged: deque[bytes] = peer[P_STAGED]
+        messages = []
         while staged and peer[P_SEND] is not None and peer[P_ENDPOINT] is not None:
-            self._send(peer, peer_id, staged.popleft(), now)
+            message = self._seal(peer, peer_id, staged.popleft(), now)
+            if message is not None:
+                messages.append(message)
+        if messages:
+            self._transmit(peer, messages)
 
     # -- inbound: UDP -> TUN -----------------------------------------------------------------
 
     def _inbound(self, sock: socket.socket, now: float) -> None:
-        by_index, drops, peers = self.by_index, self.drops, self.peers
+        """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
+        from one source, which are handled one by one from the same buffer."""
+        buffer, view = self._rx_buffer, self._rx_view
         for _ in range(BATCH):
             try:
-                data, address = sock.recvfrom(65535)
-            except BlockingIOError:
-                return
-            if len(data) < MESSAGE_TRANSPORT_MIN_SIZE or data[0] != 4 or data[1:4] != b"\0\0\0":
-                if data[:1] in (b"\x01", b"\x02", b"\x03"):
-                    # The steering program sends handshakes to control; this is a fallback.
-                    self.channel.send(Kind.HANDSHAKE_PACKET, data, list(address[:2]), None)
-                else:
-                    drops[DropReason.MALFORMED] += 1
+                nbytes, ancillary, _, address = sock.recvmsg_into([buffer], _ANCILLARY_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
                 continue
-            _, index, counter = _HEADER.unpack_from(data)
-            entry = by_index.get(index)
-            if entry is None:
-                drops[DropReason.UNKNOWN_RECEIVER_INDEX] += 1
-                continue
-            if now - entry[R_CREATED] >= REJECT_AFTER_TIME:
-                drops[DropReason.KEY_EXPIRED] += 1
-                continue
+            segment = nbytes
+            for level, kind, data in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    segment = _INT.unpack_from(data)[0] or nbytes
+            if segment >= nbytes:
+                self._receive(view[:nbytes], address, now)
+            else:
+                for offset in range(0, nbytes, segment):
+                    self._receive(view[offset : min(offset + segment, nbytes)], address, now)
+
+        if self._to_tun:
+            self._write_tun()
+
+    def _write_tun(self) -> None:
+        """Write what the batch decrypted: merged into GSO super-packets when the TUN takes
+        virtio headers (see coalesce.py for the measurement), else one write each."""
+        packets, self._to_tun = self._to_tun, []
+        buffers = coalesce(packets) if self.vnet_hdr else packets
+        write, fd = os.write, self.tun_fd
+        for buffer in buffers:
             try:
-                plaintext = entry[R_CIPHER].decrypt(_nonce(counter), data[16:], None)
-            except InvalidTag:
-                drops[DropReason.DECRYPTION_FAILED] += 1
-                continue
-            if not entry[R_REPLAY].accept(counter):
-                drops[DropReason.REPLAY] += 1
-                continue
-            peer_id = entry[R_PEER]
-            peer = peers[peer_id]
-            if entry[R_ROLE] == ROLE_NEXT:
-                self._confirm(entry, peer, peer_id, now)
-            endpoint = peer[P_ENDPOINT]
-            if endpoint is None or endpoint[0] != address[0] or endpoint[1] != address[1]:
-                peer[P_ENDPOINT] = address if len(address) == 2 else address[:4]
-                self.channel.send(Kind.ROAMED, peer_id, list(address[:2]))
-            peer[P_RX_BYTES] += len(data)
-            peer[P_RX_PACKETS] += 1
-            peer[P_DIRTY] = True
-            activity = peer[P_ACTIVITY]
-            activity[2] = now
-            if entry[R_INITIATOR] and entry[R_ROLE] == ROLE_CURRENT:
-                send = entry[R_SEND]
-                if not send[S_REKEY_ASKED] and now - entry[R_CREATED] > REKEY_AFTER_TIME_RECEIVING:
-                    send[S_REKEY_ASKED] = True
-                    self.channel.send(Kind.REKEY_WANTED, peer_id)
-            if not plaintext:
-                continue  # keepalive
+                write(fd, buffer)
+            except OSError:
+                self.drops[DropReason.NO_ROUTE] += 1
+
+    def _receive(self, data: memoryview, address: tuple[Any, ...], now: float) -> None:
+        drops = self.drops
+        if (
+            len(data) < MESSAGE_TRANSPORT_MIN_SIZE
+            or _WORD.unpack_from(data)[0] != _TYPE_TRANSPORT_WORD
+        ):
+            if len(data) and data[0] in (1, 2, 3):
+                # The steering program sends handshakes to control; this is a fallback.
+                self.channel.send(Kind.HANDSHAKE_PACKET, bytes(data), list(address[:2]), None)
+            else:
+                drops[DropReason.MALFORMED] += 1
+            return
+        _, index, counter = _HEADER.unpack_from(data)
+        entry = self.by_index.get(index)
+        if entry is None:
+            drops[DropReason.UNKNOWN_RECEIVER_INDEX] += 1
+            return
+        if now - entry[R_CREATED] >= REJECT_AFTER_TIME:
+            drops[DropReason.KEY_EXPIRED] += 1
+            return
+        try:
+            plaintext = entry[R_CIPHER].decrypt(_nonce(counter), data[16:], None)
+        except InvalidTag:
+            drops[DropReason.DECRYPTION_FAILED] += 1
+            return
+        if not entry[R_REPLAY].accept(counter):
+            drops[DropReason.REPLAY] += 1
+            return
+        peer_id = entry[R_PEER]
+        peer = self.peers[peer_id]
+        if entry[R_ROLE] == ROLE_NEXT:
+            self._confirm(entry, peer, peer_id, now)
+        endpoint = peer[P_ENDPOINT]
+        if endpoint is None or endpoint[0] != address[0] or endpoint[1] != address[1]:
+            peer[P_ENDPOINT] = address
+            self.channel.send(Kind.ROAMED, peer_id, list(address[:2]))
+        peer[P_RX_BYTES] += len(data)
+        peer[P_RX_PACKETS] += 1
+        peer[P_DIRTY] = True
+        activity = peer[P_ACTIVITY]
+        activity[2] = now
+        if entry[R_INITIATOR] and entry[R_ROLE] == ROLE_CURRENT:
+            send = entry[R_SEND]
+            if not send[S_REKEY_ASKED] and now - entry[R_CREATED] > REKEY_AFTER_TIME_RECEIVING:
+                send[S_REKEY_ASKED] = True
+                self.channel.send(Kind.REKEY_WANTED, peer_id)
+        if plaintext:
             self._deliver(plaintext, peer_id, activity, now)
 
     def _deliver(self, plaintext: bytes, peer_id: int, activity: list[float], now: float) -> None:
@@ -298,11 +418,7 @@ class Worker:
         if self.allowed.lookup(source) != peer_id:
             self.drops[DropReason.SOURCE_NOT_ALLOWED] += 1
             return
-        try:
-            os.write(self.tun_fd, plaintext[:length])
-        except OSError:
-            self.drops[DropReason.NO_ROUTE] += 1
-            return
+        self._to_tun.append(plaintext if length == len(plaintext) else plaintext[:length])
         activity[3] = now
         self.totals[0] += 1
         self.totals[1] += length
@@ -441,12 +557,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--keyslots", type=int, required=True)
     parser.add_argument("--stats", type=int, required=True)
+    parser.add_argument("--vnet-hdr", action="store_true", help="the TUN carries virtio headers")
     args = parser.parse_args(argv)
+    logging.basicConfig(format=f"%(levelname)s: (worker {args.id}) %(asctime)s %(message)s")
+    verbose = os.environ.get("LOG_LEVEL") in ("verbose", "debug")
+    log.setLevel(logging.DEBUG if verbose else logging.ERROR)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # control decides when workers stop
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds, so a profile is written
     sockets = {4: socket.socket(fileno=args.udp4)}
     if args.udp6 >= 0:
         sockets[6] = socket.socket(fileno=args.udp6)
+    for sock in sockets.values():
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            pass  # no UDP GRO in this kernel: one datagram per recvmsg
     worker = Worker(
         args.id,
         args.tun,
@@ -454,7 +579,18 @@ def main(argv: list[str] | None = None) -> None:
         Channel(socket.socket(fileno=args.channel)),
         KeySlots.attach(args.keyslots),
         StatsBlock.attach(args.stats),
+        vnet_hdr=args.vnet_hdr,
     )
+    profile_dir = os.environ.get("WGMP_PROFILE_DIR")
+    if profile_dir:  # a developer's tool for perf/: where the per-packet time goes
+        import cProfile
+
+        profiler = cProfile.Profile()
+        try:
+            profiler.runcall(worker.run)
+        finally:
+            profiler.dump_stats(os.path.join(profile_dir, f"worker-{args.id}-{os.getpid()}.prof"))
+        return
     worker.run()
 
 
