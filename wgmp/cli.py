@@ -55,12 +55,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _setup_logging(interface: str) -> str:
+    """LOG_LEVEL as wireguard-go reads it; it governs wgmp's own messages only (pyroute2 and
+    asyncio would log every netlink message at DEBUG)."""
     level_name = os.environ.get("LOG_LEVEL", "error").lower()
     logging.basicConfig(
-        level=LOG_LEVELS.get(level_name, logging.ERROR),
+        level=logging.WARNING,
         format=f"%(levelname)s: ({interface}) %(asctime)s %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("wgmp").setLevel(LOG_LEVELS.get(level_name, logging.ERROR))
     return level_name
 
 
@@ -137,11 +140,12 @@ def _run_foreground(interface: str, workers: int, level: str, metrics: str | Non
 
 
 def _daemonise(interface: str, workers: int, argv: list[str]) -> int:
+    from .control.daemon import TUN_VNET_HDR
     from .net import tun
     from .uapi.server import UAPIServer
 
     try:
-        tun_fd = tun.open_queue(interface, exclusive=True)
+        tun_fd = tun.open_queue(interface, TUN_VNET_HDR, exclusive=True)
     except OSError as err:
         print(f"wgmp: failed to create TUN device: {err}", file=sys.stderr)
         return 1

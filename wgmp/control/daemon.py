@@ -33,6 +33,8 @@ __all__ = ["Daemon", "SetupError"]
 
 log = logging.getLogger("wgmp")
 KEYSLOT_CAPACITY = 1 << 16
+# The TUN takes virtio-net headers so workers can write GSO super-packets (dataplane/coalesce.py).
+TUN_VNET_HDR = True
 STATS_FLUSH_TIMEOUT = 0.3
 SOCKET_CHECK_INTERVAL = 0.5
 
@@ -62,7 +64,7 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.keyslots = KeySlots.create(KEYSLOT_CAPACITY)
         self.interface = Interface(self.keyslots, _SystemRng(), workers=workers)  # type: ignore[arg-type]
-        self.supervisor = Supervisor(self.keyslots.shm.fd, log_level)
+        self.supervisor = Supervisor(self.keyslots.shm.fd, log_level, vnet_hdr=TUN_VNET_HDR)
         self.pending_release: dict[int, set[int]] = {}
         self.flush_token = 0
         self.tun_fds: list[int] = []
@@ -77,14 +79,13 @@ class Daemon:
 
     def _open_tun(self, inherited: int | None) -> None:
         try:
-            first = (
-                inherited if inherited is not None else tun.open_queue(self.name, exclusive=True)
-            )
+            first = inherited
+            if first is None:
+                first = tun.open_queue(self.name, TUN_VNET_HDR, exclusive=True)
+                netlink.set_mtu(self.name, DEFAULT_MTU)
             self.tun_fds = [first]
             for _ in range(1, self.worker_count):
-                self.tun_fds.append(tun.open_queue(self.name))
-            if inherited is None:
-                netlink.set_mtu(self.name, DEFAULT_MTU)
+                self.tun_fds.append(tun.open_queue(self.name, TUN_VNET_HDR))
         except OSError as err:
             raise SetupError(str(err)) from err
         self.interface.mtu = netlink.get_mtu(self.name)
@@ -223,30 +224,39 @@ class Daemon:
             self._drain_outputs()
 
     def _drain_outputs(self) -> None:
+        # Commands first: a worker must hold a new keypair before the peer can answer the
+        # response or keepalive that control is about to send.
+        self._drain_commands()
+        self._drain_datagrams()
+
+    def _drain_datagrams(self) -> None:
         interface = self.interface
-        if interface.datagrams:
-            for message, (host, port) in interface.datagrams:
-                family = 6 if ":" in host else 4
-                sock = self.control_sockets.get(family)
-                if sock is None:
-                    continue
-                try:
-                    sock.sendto(message, (host, port, 0, 0) if family == 6 else (host, port))
-                except OSError as err:
-                    log.debug("send to %s:%d failed: %s", host, port, err)
-            interface.datagrams.clear()
-        if interface.commands:
-            live = [h for h in self.supervisor.workers if h.channel is not None]
-            for command in interface.commands:
-                if command[0] == Kind.KEYPAIR_REMOVE:
-                    waiting = {h.worker_id for h in live}
-                    if waiting:
-                        self.pending_release[command[1]] = waiting
-                    else:
-                        self.keyslots.release(command[1])
-                for handle in live:
-                    self._send(handle, command)
-            interface.commands.clear()
+        for message, (host, port) in interface.datagrams:
+            family = 6 if ":" in host else 4
+            sock = self.control_sockets.get(family)
+            if sock is None:
+                continue
+            try:
+                sock.sendto(message, (host, port, 0, 0) if family == 6 else (host, port))
+            except OSError as err:
+                log.debug("send to %s:%d failed: %s", host, port, err)
+        interface.datagrams.clear()
+
+    def _drain_commands(self) -> None:
+        interface = self.interface
+        if not interface.commands:
+            return
+        live = [h for h in self.supervisor.workers if h.channel is not None]
+        for command in interface.commands:
+            if command[0] == Kind.KEYPAIR_REMOVE:
+                waiting = {h.worker_id for h in live}
+                if waiting:
+                    self.pending_release[command[1]] = waiting
+                else:
+                    self.keyslots.release(command[1])
+            for handle in live:
+                self._send(handle, command)
+        interface.commands.clear()
 
     def _send(self, handle: WorkerHandle, command: list[Any]) -> None:
         assert handle.channel is not None
@@ -381,6 +391,10 @@ class Daemon:
     def _handle_request(self, request: uapi.Request) -> bytes:
         if isinstance(request, uapi.GetRequest):
             return uapi.format_get(self.snapshot())
+        if isinstance(request, uapi.StatsRequest):  # `wgmp stats`; the connection then closes
+            from ..stats.collector import render, snapshot_from_daemon
+
+            return render(snapshot_from_daemon(self))
         try:
             self.apply(request)
         except uapi.UAPIError as err:

@@ -41,8 +41,9 @@ class WorkerHandle:
 
 
 class Supervisor:
-    def __init__(self, keyslots_fd: int, log_level: str) -> None:
+    def __init__(self, keyslots_fd: int, log_level: str, *, vnet_hdr: bool) -> None:
         self.keyslots_fd = keyslots_fd
+        self.vnet_hdr = vnet_hdr
         self.log_level = log_level
         self.workers: list[WorkerHandle] = []
 
@@ -66,6 +67,8 @@ class Supervisor:
             "--stats",
             str(handle.stats.shm.fd),
         ]
+        if self.vnet_hdr:
+            args.append("--vnet-hdr")
         for family, sock in ((4, sock4), (6, sock6)):
             if sock is not None:
                 args += [f"--udp{family}", str(sock.fileno())]

@@ -31,6 +31,11 @@ Error codes. A reply carries a negated errno, as wireguard-go's ipc package defi
 An operation line other than exactly "get=1\\n" or "set=1\\n" gets no reply at all: wireguard-go
 logs it and closes the connection (`UAPIError.hangup`).
 
+One extension, wgmp's own: "wgmp-stats=1\\n\\n" is a `StatsRequest`, answered with the
+Prometheus text of `wgmp stats` and then the end of the connection (no errno line: the reader
+closes after it). wireguard-go hangs up on that line like on any other unknown operation, which
+is how `wgmp stats` tells the two apart. Every other byte sequence is read exactly as before.
+
 Applying a set request. wireguard-go applies each line as it reads it, so a failure half-way
 leaves the earlier lines applied (a bad line after "listen_port=1111" still changes the port;
 checked against the real daemon). wgmp does better: `RequestReader` yields a `SetRequest` only
@@ -85,6 +90,7 @@ __all__ = [
     "SetPresharedKey",
     "SetPrivateKey",
     "SetRequest",
+    "StatsRequest",
     "UAPIError",
     "UpdateOnly",
     "format_endpoint",
@@ -110,6 +116,9 @@ MAX_LINE_LENGTH: Final = 65535
 MAX_SET_LINES: Final = 1 << 20
 
 _OP_LINE_MAX: Final = 6  # len(b"get=1\n")
+# wgmp's extension (see the module docstring); only bytes that are a prefix of it are held
+# beyond _OP_LINE_MAX.
+_STATS_OPERATION: Final = b"wgmp-stats=1\n"
 
 
 class UAPIError(ConfigError):
@@ -283,7 +292,12 @@ class SetRequest:
     operations: tuple[Operation, ...]
 
 
-Request = GetRequest | SetRequest
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """`wgmp-stats=1` (wgmp only): reply with the Prometheus text, then close the connection."""
+
+
+Request = GetRequest | SetRequest | StatsRequest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,17 +478,17 @@ class _SetParser:
 # ---------------------------------------------------------------------------------------------
 # The stream of one connection.
 
-_OPERATION, _GET_NEWLINE, _SET, _SKIP, _CLOSED = range(5)
+_OPERATION, _GET_NEWLINE, _SET, _SKIP, _CLOSED, _STATS_NEWLINE = range(6)
 
 
 class RequestReader:
     """Splits the bytes of one UAPI connection into requests, in the order they arrive.
 
     `feed` takes whatever `recv` returned and gives back the requests it completed: a
-    `GetRequest`, a `SetRequest` (all of its lines parsed), or a `UAPIError` for a request that
-    gets an error reply (or, with `hangup`, none: close the connection). After a hangup the
-    reader ignores all further input. Memory is bounded by one line (`MAX_LINE_LENGTH`) plus
-    the parsed lines of one set request (`max_set_lines`).
+    `GetRequest`, a `SetRequest` (all of its lines parsed), a `StatsRequest`, or a `UAPIError`
+    for a request that gets an error reply (or, with `hangup`, none: close the connection).
+    After a hangup or a `StatsRequest` the reader ignores all further input. Memory is bounded
+    by one line (`MAX_LINE_LENGTH`) plus the parsed lines of one set request (`max_set_lines`).
     """
 
     def __init__(self, *, max_set_lines: int = MAX_SET_LINES) -> None:
@@ -544,6 +558,11 @@ class RequestReader:
             state = self._state
             if state == _OPERATION:
                 newline = buffer.find(b"\n", position, position + _OP_LINE_MAX)
+                stats_end = position + len(_STATS_OPERATION)
+                if newline < 0 and _STATS_OPERATION.startswith(buffer[position:stats_end]):
+                    if end < stats_end:
+                        return position  # perhaps the extension: wait for the rest
+                    newline = stats_end - 1
                 if newline < 0:
                     if end - position >= _OP_LINE_MAX:
                         self._hangup(buffer[position : position + _OP_LINE_MAX], out)
@@ -557,6 +576,8 @@ class RequestReader:
                     self._lines = 0
                 elif operation == b"get=1":
                     self._state = _GET_NEWLINE
+                elif operation == _STATS_OPERATION[:-1]:
+                    self._state = _STATS_NEWLINE
                 else:
                     self._hangup(operation, out)
                     return end
@@ -568,6 +589,13 @@ class RequestReader:
                     out.append(GetRequest())
                 else:
                     out.append(_invalid(f"trailing character in UAPI get: {bytes([byte])!r}"))
+            elif state == _STATS_NEWLINE:
+                if buffer[position] != 0x0A:
+                    self._hangup(_STATS_OPERATION + buffer[position : position + 1], out)
+                    return end
+                out.append(StatsRequest())
+                self._state = _CLOSED  # the reply ends the connection
+                return end
             else:  # _SET or _SKIP: one line at a time
                 newline = buffer.find(b"\n", position)
                 if newline < 0:

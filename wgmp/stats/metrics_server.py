@@ -1,0 +1,252 @@
+"""`--metrics-address HOST:PORT`: the metrics of `wgmp stats` at http://HOST:PORT/metrics.
+
+The control process is one thread with one event loop, and the state behind the metrics is
+changed by that loop; so the HTTP server is served by the loop too, never from another thread.
+Its listening socket and its connections are non-blocking and registered in the daemon's
+selector; a scrape builds the text there and then (the same flush of the workers' counters as
+`wg show`, at most STATS_FLUSH_TIMEOUT), and the reply is written as the socket takes it.
+
+It is a minimal HTTP/1.0 responder: one request per connection, `GET` or `HEAD` of `/metrics`
+(the query string is ignored), `Connection: close`. It holds at most MAX_CLIENTS connections
+and drops one that has not finished within CLIENT_TIMEOUT seconds, so a slow or silent client
+costs a bounded amount of memory and never blocks the loop.
+
+HOST is an IPv4 or IPv6 literal (IPv6 in brackets: `[::1]:9586`); names are not resolved. An
+empty HOST (`:9586`) means every address, IPv6 and IPv4. PORT 0 picks a free port, which is
+logged and available as `MetricsServer.address`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .collector import CONTENT_TYPE, render, snapshot_from_daemon
+
+if TYPE_CHECKING:
+    from ..control.daemon import Daemon
+
+__all__ = ["MetricsServer", "parse_address", "serve_metrics"]
+
+log = logging.getLogger("wgmp")
+
+MAX_CLIENTS = 16
+CLIENT_TIMEOUT = 10.0
+MAX_REQUEST = 8192  # request line and headers
+METRICS_PATH = "/metrics"
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """`HOST:PORT` → (host, port); ValueError unless HOST is an IP literal (or empty)."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"expected HOST:PORT, not {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ipaddress.ip_address(host).version != 6:
+            raise ValueError(f"brackets are for IPv6 addresses: {text!r}")
+    elif host:
+        if ":" in host:
+            raise ValueError(f"write an IPv6 address in brackets: [{host}]:{port_text}")
+        ipaddress.IPv4Address(host)  # ValueError for a name: names are not resolved
+    return host, int(port_text)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    if host:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        bind_to: tuple[str, int] = (host, port)
+    else:  # every address: one dual-stack socket where IPv6 exists
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            bind_to = ("::", port)
+        except OSError:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            bind_to = ("0.0.0.0", port)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(bind_to)
+        sock.listen(MAX_CLIENTS)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Client:
+    __slots__ = ("sock", "request", "reply", "since")
+
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.request = bytearray()
+        self.reply: memoryview | None = None
+        self.since = now
+
+
+class MetricsServer:
+    """Serves `render()` at /metrics from `selector`'s loop (the loop calls `key.data(sock)`)."""
+
+    def __init__(
+        self,
+        selector: selectors.BaseSelector,
+        render_text: Callable[[], bytes],
+        host: str,
+        port: int,
+    ) -> None:
+        self.selector = selector
+        self.render_text = render_text
+        self.listener = _listen(host, port)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.clients: dict[socket.socket, _Client] = {}
+        selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            self._close(client)
+        self.selector.unregister(self.listener)
+        self.listener.close()
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _on_accept(self, _listener: socket.socket) -> None:
+        now = time.monotonic()
+        for client in list(self.clients.values()):
+            if now - client.since > CLIENT_TIMEOUT:
+                self._close(client)
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # e.g. EMFILE: try again on the next event
+                log.debug("metrics: accept failed: %s", err)
+                return
+            if len(self.clients) >= MAX_CLIENTS:
+                oldest = min(self.clients.values(), key=lambda c: c.since)
+                self._close(oldest)
+            sock.setblocking(False)
+            client = _Client(sock, now)
+            self.clients[sock] = client
+            self.selector.register(sock, selectors.EVENT_READ, self._on_event)
+
+    def _on_event(self, sock: socket.socket) -> None:
+        client = self.clients.get(sock)
+        if client is None:
+            return
+        if client.reply is None:
+            self._read(client)
+        else:
+            self._write(client)
+
+    def _read(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(client)
+            return
+        client.request += data
+        end = client.request.find(b"\r\n\r\n")
+        if end < 0:
+            end = client.request.find(b"\n\n")
+        if end < 0:
+            if len(client.request) > MAX_REQUEST:
+                self._respond(client, 431, b"")
+            return
+        self._respond(client, *self._answer(bytes(client.request[:end])))
+
+    def _answer(self, head: bytes) -> tuple[int, bytes, bool]:
+        """(status, body, whether to send the body) for a request line and headers."""
+        request_line = head.split(b"\n", 1)[0].rstrip(b"\r").split()
+        if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/"):
+            return 400, b"bad request\n", True
+        method, target = request_line[0], request_line[1]
+        if method not in (b"GET", b"HEAD"):
+            return 405, b"only GET and HEAD\n", True
+        path = target.split(b"?", 1)[0]
+        if path != METRICS_PATH.encode():
+            return 404, b"the metrics are at /metrics\n", method == b"GET"
+        try:
+            body = self.render_text()
+        except Exception:  # never let a scrape stop the daemon's loop
+            log.exception("metrics: building the metrics failed")
+            return 500, b"internal error\n", True
+        return 200, body, method == b"GET"
+
+    def _respond(self, client: _Client, status: int, body: bytes, with_body: bool = True) -> None:
+        content_type = CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"
+        head = (
+            f"HTTP/1.0 {status} {_REASONS[status]}\r\n"
+            f"Content-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
+        client.reply = memoryview(head + body if with_body else head)
+        self.selector.modify(client.sock, selectors.EVENT_WRITE, self._on_event)
+        self._write(client)
+
+    def _write(self, client: _Client) -> None:
+        assert client.reply is not None
+        try:
+            sent = client.sock.send(client.reply)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(client)
+            return
+        client.reply = client.reply[sent:]
+        if not client.reply:
+            self._close(client)
+
+    def _close(self, client: _Client) -> None:
+        self.clients.pop(client.sock, None)
+        try:
+            self.selector.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            client.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        client.sock.close()
+
+
+def serve_metrics(daemon: Daemon, address: str) -> MetricsServer:
+    """Start serving `daemon`'s metrics at `address` (HOST:PORT) from its event loop.
+
+    Called by the command line once the daemon is ready (before it reports so to the process
+    that daemonised it); a bad address or a failed bind shuts the daemon down (its socket file
+    removed, its workers stopped) and exits with a message, so the start fails as a whole.
+    """
+    try:
+        host, port = parse_address(address)
+        server = MetricsServer(
+            daemon.selector, lambda: render(snapshot_from_daemon(daemon)), host, port
+        )
+    except (ValueError, OSError) as err:
+        log.error("--metrics-address %s: %s", address, err)
+        daemon.shutdown()
+        raise SystemExit(f"wgmp: --metrics-address {address}: {err}") from err
+    host, port = server.address
+    shown = f"[{host}]" if ":" in host else host
+    log.info("serving metrics at http://%s:%d%s", shown, port, METRICS_PATH)
+    return server
