@@ -59,6 +59,7 @@ BATCH = 64  # packets taken from one ready descriptor before looking at the othe
 ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS = 0, 1, 2
 
 _HEADER = struct.Struct("<IIQ")
+_NONCE = struct.Struct("<4xQ")  # 4 zero bytes + the 64-bit little-endian counter
 _WORD = struct.Struct("<I")
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
@@ -78,10 +79,6 @@ P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY = 7, 8, 9
 S_CIPHER, S_REMOTE, S_SLOT, S_NEXT, S_END, S_CREATED, S_INITIATOR, S_REKEY_ASKED = range(8)
 # A receive entry: [cipher, peer_id, replay window, slot, role, created, is_initiator, send]
 R_CIPHER, R_PEER, R_REPLAY, R_SLOT, R_ROLE, R_CREATED, R_INITIATOR, R_SEND = range(8)
-
-
-def _nonce(counter: int) -> bytes:
-    return b"\x00\x00\x00\x00" + counter.to_bytes(8, "little")
 
 
 def _sockaddr(endpoint: list[Any] | None) -> tuple[Any, ...] | None:
@@ -164,11 +161,13 @@ class Worker:
     # -- outbound: TUN -> UDP ----------------------------------------------------------------
 
     def _outbound(self, now: float) -> None:
-        """Drain the TUN queue, seal each packet, then send each peer's messages in as few
-        system calls as UDP GSO allows."""
-        read, fd, lookup, peers = os.read, self.tun_fd, self.allowed.lookup, self.peers
+        """Drain the TUN queue into per-peer lists, seal each list, then send each peer's
+        messages in as few system calls as UDP GSO allows."""
+        read, fd, lookup = os.read, self.tun_fd, self.allowed.lookup
         batches: dict[int, list[bytes]] = {}
         skip = VNET_HDR_LEN if self.vnet_hdr else 0
+        last_destination: bytes | None = None
+        batch: list[bytes] = []
         for _ in range(BATCH):
             try:
                 packet = read(fd, 65535 + skip)
@@ -178,51 +177,71 @@ class Worker:
                 packet = packet[skip:]  # no offloads were negotiated: the header is empty
             version = packet[0] >> 4 if packet else 0
             if version == 4 and len(packet) >= 20:
-                peer_id = lookup(packet[16:20])
+                destination = packet[16:20]
             elif version == 6 and len(packet) >= 40:
-                peer_id = lookup(packet[24:40])
+                destination = packet[24:40]
             else:
                 self.drops[DropReason.MALFORMED] += 1
                 continue
-            if peer_id is None:
-                self.drops[DropReason.NO_ROUTE] += 1
-                continue
-            message = self._seal(peers[peer_id], peer_id, packet, now)
-            if message is not None:
-                batch = batches.get(peer_id)
+            # A batch is mostly one flow: skip the lookup while the destination repeats.
+            if destination != last_destination:
+                peer_id = lookup(destination)
+                if peer_id is None:
+                    self.drops[DropReason.NO_ROUTE] += 1
+                    last_destination = None
+                    continue
+                last_destination = destination
+                batch = batches.get(peer_id)  # type: ignore[assignment]
                 if batch is None:
-                    batches[peer_id] = [message]
-                else:
-                    batch.append(message)
+                    batch = batches[peer_id] = []
+            batch.append(packet)
         if not self.gso and now >= self._gso_retry_at:
             self.gso = True
-        for peer_id, messages in batches.items():
-            self._transmit(peers[peer_id], messages)
+        peers = self.peers
+        for peer_id, packets in batches.items():
+            peer = peers[peer_id]
+            messages = self._seal(peer, peer_id, packets, now)
+            if messages:
+                self._transmit(peer, messages)
 
-    def _seal(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> bytes | None:
-        """The transport message for `packet`, or None when it had to be staged."""
+    def _seal(self, peer: list[Any], peer_id: int, packets: list[bytes], now: float) -> list[bytes]:
+        """Transport messages for `packets` (one peer's, in order); staged if there is no
+        usable keypair yet. One counter reservation and one set of checks per batch."""
         send = peer[P_SEND]
+        count = len(packets)
+        counter = send[S_NEXT] if send is not None else 0
         if (
             send is None
             or now - send[S_CREATED] >= REJECT_AFTER_TIME
-            or send[S_NEXT] >= REJECT_AFTER_MESSAGES
+            or counter + count >= REJECT_AFTER_MESSAGES
             or peer[P_ENDPOINT] is None
         ):
-            self._stage(peer, peer_id, packet, now)
-            return None
-        counter = send[S_NEXT]
-        if counter >= send[S_END] or (
-            self.keyslots.counter(send[S_SLOT]) - counter > COUNTER_BLOCK_STALE
+            for packet in packets:
+                self._stage(peer, peer_id, packet, now)
+            return []
+        slot = send[S_SLOT]
+        if (
+            counter + count > send[S_END]
+            or self.keyslots.counter(slot) - counter > COUNTER_BLOCK_STALE
         ):
-            counter = self.keyslots.reserve(send[S_SLOT], COUNTER_BLOCK)
-            send[S_END] = counter + COUNTER_BLOCK
-        send[S_NEXT] = counter + 1
-        length = len(packet)
-        pad = (-length) & 15
-        if length + pad > self.mtu:
-            pad = max(self.mtu - length, 0)
-        if pad:
-            packet += _ZEROS[:pad]
+            size = max(COUNTER_BLOCK, count)
+            counter = self.keyslots.reserve(slot, size)
+            send[S_END] = counter + size
+        send[S_NEXT] = counter + count
+        encrypt, remote, mtu = send[S_CIPHER].encrypt, send[S_REMOTE], self.mtu
+        header, nonce, zeros = _HEADER.pack, _NONCE.pack, _ZEROS
+        messages = []
+        for packet in packets:
+            pad = -len(packet) & 15
+            if pad:
+                if len(packet) + pad > mtu:
+                    pad = max(mtu - len(packet), 0)
+                packet += zeros[:pad]
+            messages.append(
+                header(_TYPE_TRANSPORT_WORD, remote, counter)
+                + encrypt(nonce(counter), packet, None)
+            )
+            counter += 1
         activity = peer[P_ACTIVITY]
         activity[0] = activity[1] = now
         if not send[S_REKEY_ASKED] and (
@@ -231,9 +250,7 @@ class Worker:
         ):
             send[S_REKEY_ASKED] = True
             self.channel.send(Kind.REKEY_WANTED, peer_id)
-        return _HEADER.pack(_TYPE_TRANSPORT_WORD, send[S_REMOTE], counter) + send[S_CIPHER].encrypt(
-            _nonce(counter), packet, None
-        )
+        return messages
 
     def _transmit(self, peer: list[Any], messages: list[bytes]) -> None:
         """Send one peer's messages in order: each run of equal-size messages (plus one
@@ -306,11 +323,11 @@ class Worker:
 
     def _flush_staged(self, peer: list[Any], peer_id: int, now: float) -> None:
         staged: deque[bytes] = peer[P_STAGED]
-        messages = []
-        while staged and peer[P_SEND] is not None and peer[P_ENDPOINT] is not None:
-            message = self._seal(peer, peer_id, staged.popleft(), now)
-            if message is not None:
-                messages.append(message)
+        if not staged or peer[P_SEND] is None or peer[P_ENDPOINT] is None:
+            return
+        packets = list(staged)
+        staged.clear()
+        messages = self._seal(peer, peer_id, packets, now)
         if messages:
             self._transmit(peer, messages)
 
@@ -318,7 +335,7 @@ class Worker:
 
     def _inbound(self, sock: socket.socket, now: float) -> None:
         """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
-        from one source, which are handled one by one from the same buffer."""
+        from one source, handled in place in the receive buffer."""
         buffer, view = self._rx_buffer, self._rx_view
         for _ in range(BATCH):
             try:
@@ -331,12 +348,7 @@ class Worker:
             for level, kind, data in ancillary:
                 if level == SOL_UDP and kind == UDP_GRO:
                     segment = _INT.unpack_from(data)[0] or nbytes
-            if segment >= nbytes:
-                self._receive(view[:nbytes], address, now)
-            else:
-                for offset in range(0, nbytes, segment):
-                    self._receive(view[offset : min(offset + segment, nbytes)], address, now)
-
+            self._receive_train(view, nbytes, segment, address, now)
         if self._to_tun:
             self._write_tun()
 
@@ -352,76 +364,126 @@ class Worker:
             except OSError:
                 self.drops[DropReason.NO_ROUTE] += 1
 
-    def _receive(self, data: memoryview, address: tuple[Any, ...], now: float) -> None:
-        drops = self.drops
-        if (
-            len(data) < MESSAGE_TRANSPORT_MIN_SIZE
-            or _WORD.unpack_from(data)[0] != _TYPE_TRANSPORT_WORD
-        ):
-            if len(data) and data[0] in (1, 2, 3):
-                # The steering program sends handshakes to control; this is a fallback.
-                self.channel.send(Kind.HANDSHAKE_PACKET, bytes(data), list(address[:2]), None)
+    def _receive_train(
+        self, view: memoryview, nbytes: int, segment: int, address: tuple[Any, ...], now: float
+    ) -> None:
+        """Datagrams from one source, nearly always under one keypair: the per-keypair work
+        (lookup, expiry, confirmation, roaming, counters, timers) is done once per run of equal
+        receiver indices, and the source check is cached while the inner source repeats."""
+        unpack, drops, by_index = _HEADER.unpack_from, self.drops, self.by_index
+        to_tun, lookup, nonce = self._to_tun, self.allowed.lookup, _NONCE.pack
+        entry: list[Any] | None = None
+        index = -1
+        run_bytes = run_packets = 0
+        decrypt = accept = None
+        peer_id = 0
+        last_source = b""
+        source_ok = False
+        received_data = False
+        for offset in range(0, nbytes, segment):
+            end = offset + segment if offset + segment < nbytes else nbytes
+            if end - offset < MESSAGE_TRANSPORT_MIN_SIZE:
+                self._not_transport(view[offset:end], address)
+                continue
+            word, this_index, counter = unpack(view, offset)
+            if word != _TYPE_TRANSPORT_WORD:
+                self._not_transport(view[offset:end], address)
+                continue
+            if this_index != index:
+                if run_packets:
+                    self._received(entry, run_bytes, run_packets, received_data, address, now)  # type: ignore[arg-type]
+                    run_bytes = run_packets = 0
+                    received_data = False
+                index = this_index
+                entry = by_index.get(index)
+                if entry is not None and now - entry[R_CREATED] >= REJECT_AFTER_TIME:
+                    drops[DropReason.KEY_EXPIRED] += 1
+                    entry = None
+                if entry is not None:
+                    decrypt, accept, peer_id = (
+                        entry[R_CIPHER].decrypt,
+                        entry[R_REPLAY].accept,
+                        entry[R_PEER],
+                    )
+            if entry is None:
+                drops[DropReason.UNKNOWN_RECEIVER_INDEX] += 1
+                continue
+            try:
+                plaintext = decrypt(nonce(counter), view[offset + 16 : end], None)  # type: ignore[misc]
+            except InvalidTag:
+                drops[DropReason.DECRYPTION_FAILED] += 1
+                continue
+            if not accept(counter):  # type: ignore[misc]
+                drops[DropReason.REPLAY] += 1
+                continue
+            if entry[R_ROLE] == ROLE_NEXT:
+                self._confirm(entry, self.peers[peer_id], peer_id, now)
+            run_bytes += end - offset
+            run_packets += 1
+            if not plaintext:
+                continue  # keepalive
+            version = plaintext[0] >> 4
+            if version == 4 and len(plaintext) >= 20:
+                length = (plaintext[2] << 8) | plaintext[3]
+                source = plaintext[12:16]
+            elif version == 6 and len(plaintext) >= 40:
+                length = 40 + ((plaintext[4] << 8) | plaintext[5])
+                source = plaintext[8:24]
             else:
                 drops[DropReason.MALFORMED] += 1
-            return
-        _, index, counter = _HEADER.unpack_from(data)
-        entry = self.by_index.get(index)
-        if entry is None:
-            drops[DropReason.UNKNOWN_RECEIVER_INDEX] += 1
-            return
-        if now - entry[R_CREATED] >= REJECT_AFTER_TIME:
-            drops[DropReason.KEY_EXPIRED] += 1
-            return
-        try:
-            plaintext = entry[R_CIPHER].decrypt(_nonce(counter), data[16:], None)
-        except InvalidTag:
-            drops[DropReason.DECRYPTION_FAILED] += 1
-            return
-        if not entry[R_REPLAY].accept(counter):
-            drops[DropReason.REPLAY] += 1
-            return
+                continue
+            if length > len(plaintext):
+                drops[DropReason.MALFORMED] += 1
+                continue
+            if source != last_source:
+                last_source = source
+                source_ok = lookup(source) == peer_id
+            if not source_ok:
+                drops[DropReason.SOURCE_NOT_ALLOWED] += 1
+                continue
+            to_tun.append(plaintext if length == len(plaintext) else plaintext[:length])
+            received_data = True
+        if run_packets:
+            self._received(entry, run_bytes, run_packets, received_data, address, now)  # type: ignore[arg-type]
+
+    def _not_transport(self, data: memoryview, address: tuple[Any, ...]) -> None:
+        if len(data) and data[0] in (1, 2, 3):
+            # The steering program sends handshakes to control; this is a fallback.
+            self.channel.send(Kind.HANDSHAKE_PACKET, bytes(data), list(address[:2]), None)
+        else:
+            self.drops[DropReason.MALFORMED] += 1
+
+    def _received(
+        self,
+        entry: list[Any],
+        nbytes: int,
+        packets: int,
+        data: bool,
+        address: tuple[Any, ...],
+        now: float,
+    ) -> None:
+        """Bookkeeping for a run of authenticated messages under one keypair."""
         peer_id = entry[R_PEER]
         peer = self.peers[peer_id]
-        if entry[R_ROLE] == ROLE_NEXT:
-            self._confirm(entry, peer, peer_id, now)
         endpoint = peer[P_ENDPOINT]
         if endpoint is None or endpoint[0] != address[0] or endpoint[1] != address[1]:
             peer[P_ENDPOINT] = address
             self.channel.send(Kind.ROAMED, peer_id, list(address[:2]))
-        peer[P_RX_BYTES] += len(data)
-        peer[P_RX_PACKETS] += 1
+        peer[P_RX_BYTES] += nbytes
+        peer[P_RX_PACKETS] += packets
         peer[P_DIRTY] = True
         activity = peer[P_ACTIVITY]
         activity[2] = now
+        if data:
+            activity[3] = now
+        totals = self.totals
+        totals[0] += packets
+        totals[1] += nbytes
         if entry[R_INITIATOR] and entry[R_ROLE] == ROLE_CURRENT:
             send = entry[R_SEND]
             if not send[S_REKEY_ASKED] and now - entry[R_CREATED] > REKEY_AFTER_TIME_RECEIVING:
                 send[S_REKEY_ASKED] = True
                 self.channel.send(Kind.REKEY_WANTED, peer_id)
-        if plaintext:
-            self._deliver(plaintext, peer_id, activity, now)
-
-    def _deliver(self, plaintext: bytes, peer_id: int, activity: list[float], now: float) -> None:
-        version = plaintext[0] >> 4
-        if version == 4 and len(plaintext) >= 20:
-            length = int.from_bytes(plaintext[2:4], "big")
-            source = plaintext[12:16]
-        elif version == 6 and len(plaintext) >= 40:
-            length = 40 + int.from_bytes(plaintext[4:6], "big")
-            source = plaintext[8:24]
-        else:
-            self.drops[DropReason.MALFORMED] += 1
-            return
-        if length > len(plaintext):
-            self.drops[DropReason.MALFORMED] += 1
-            return
-        if self.allowed.lookup(source) != peer_id:
-            self.drops[DropReason.SOURCE_NOT_ALLOWED] += 1
-            return
-        self._to_tun.append(plaintext if length == len(plaintext) else plaintext[:length])
-        activity[3] = now
-        self.totals[0] += 1
-        self.totals[1] += length
 
     def _confirm(self, entry: list[Any], peer: list[Any], peer_id: int, now: float) -> None:
         """First packet under a `next` keypair: the initiator has it, so we may send with it."""
