@@ -29,8 +29,30 @@ _MAX_IP_PACKET = 65535
 _WORDS10 = struct.Struct("!10H")
 
 # An item being built: [first packet, ip header length, header length, segment size, next seq,
-#                       payload parts, total length, closed, is_v6, last segment had PSH]
+#                       payload parts, total length, closed, is_v6, last segment had PSH,
+#                       first header as an int, mask of the header bits that must match,
+#                       and where in that int the sequence number and the PSH bit are]
 I_FIRST, I_IPH, I_HDR, I_MSS, I_NEXT, I_PARTS, I_TOTAL, I_CLOSED, I_V6, I_PSH = range(10)
+I_BITS, I_MASK, I_SEQ_SHIFT, I_PSH_SHIFT = range(10, 14)
+
+_masks: dict[tuple[bool, int], int] = {}
+
+
+def _header_mask(v6: bool, hdr: int) -> int:
+    """Bits of a header that must equal the train's first header: all but the lengths, the
+    IPv4 id and checksum, the TCP sequence number and checksum, and PSH. Comparing headers as
+    one int (xor, and) costs a few hundred ns where field-by-field slices cost ~1.5 us."""
+    mask = _masks.get((v6, hdr))
+    if mask is None:
+        keep = bytearray(b"\xff" * hdr)
+        iph = 40 if v6 else 20
+        variable = [(4, 6)] if v6 else [(2, 4), (4, 6), (10, 12)]
+        variable += [(iph + 4, iph + 8), (iph + 16, iph + 18)]
+        for start, end in variable:
+            keep[start:end] = bytes(end - start)
+        keep[iph + 13] &= ~_PSH & 0xFF
+        mask = _masks[(v6, hdr)] = int.from_bytes(keep, "big")
+    return mask
 
 
 def vnet_header(gso_type: int, hdr_len: int, gso_size: int, csum_start: int) -> bytes:
@@ -72,19 +94,28 @@ def _tcp_segment(packet: bytes) -> tuple[int, int, bool] | None:
     return iph, tcph, v6
 
 
-def _same_headers(a: bytes, b: bytes, iph: int, hdr: int, v6: bool) -> bool:
-    """Everything but lengths, IP id, checksums, sequence numbers and PSH is equal."""
-    if v6:
-        if a[0:4] != b[0:4] or a[7] != b[7]:  # traffic class, flow label, hop limit
-            return False
-    elif a[1] != b[1] or a[8] != b[8] or (a[6] ^ b[6]) & 0x40:  # TOS, TTL, DF
+def _append(item: list, packet: bytes) -> bool:
+    """Add `packet` to the train if it continues it exactly; False if it does not.
+
+    The sequence number is read from the same int as the header comparison (one
+    int.from_bytes per segment); coalesce() inlines this for the train it joined last."""
+    hdr = item[I_HDR]
+    size = len(packet) - hdr
+    if size <= 0 or size > item[I_MSS] or item[I_CLOSED] or item[I_TOTAL] + size > _MAX_IP_PACKET:
         return False
-    # ack number, data offset, window, urgent pointer, options
-    return (
-        a[iph + 8 : iph + 13] == b[iph + 8 : iph + 13]
-        and a[iph + 14 : iph + 16] == b[iph + 14 : iph + 16]
-        and a[iph + 18 : hdr] == b[iph + 18 : hdr]
-    )
+    bits = int.from_bytes(packet[:hdr], "big")
+    if (bits ^ item[I_BITS]) & item[I_MASK]:
+        return False
+    seq = (bits >> item[I_SEQ_SHIFT]) & 0xFFFFFFFF
+    if seq != item[I_NEXT]:
+        return False
+    item[I_PARTS].append(packet[hdr:])
+    item[I_TOTAL] += size
+    item[I_NEXT] = (seq + size) & 0xFFFFFFFF
+    psh = item[I_PSH] = (bits >> item[I_PSH_SHIFT]) & 1 == 1
+    # A shorter segment or PSH ends the train: GSO needs equal sizes but the last.
+    item[I_CLOSED] = size < item[I_MSS] or psh
+    return True
 
 
 def coalesce(packets: list[bytes]) -> list[bytes]:
@@ -92,47 +123,42 @@ def coalesce(packets: list[bytes]) -> list[bytes]:
     order), with each flow's consecutive segments merged."""
     out: list[list | bytes] = []
     open_items: dict[bytes, list] = {}
+    last: list | None = None  # the train the previous packet joined: the usual next home
     for packet in packets:
+        if last is not None and _append(last, packet):
+            continue
         shape = _tcp_segment(packet)
         if shape is None:
             out.append(packet)
+            last = None
             continue
         iph, tcph, v6 = shape
-        hdr = iph + tcph
-        key = packet[8:40] + packet[40:44] if v6 else packet[12:20] + packet[20:24]
-        seq = int.from_bytes(packet[iph + 4 : iph + 8], "big")
-        size = len(packet) - hdr
+        key = packet[8:40] + packet[40:44] if v6 else packet[12:24]
         item = open_items.get(key)
-        if (
-            item is not None
-            and not item[I_CLOSED]
-            and seq == item[I_NEXT]
-            and size <= item[I_MSS]
-            and item[I_HDR] == hdr
-            and item[I_TOTAL] + size <= _MAX_IP_PACKET
-            and _same_headers(item[I_FIRST], packet, iph, hdr, v6)
-        ):
-            item[I_PARTS].append(packet[hdr:])
-            item[I_TOTAL] += size
-            item[I_NEXT] = (seq + size) & 0xFFFFFFFF
-            item[I_PSH] = bool(packet[iph + 13] & _PSH)
-            # A shorter segment or PSH ends the train: GSO needs equal sizes but the last.
-            item[I_CLOSED] = size < item[I_MSS] or item[I_PSH]
+        if item is not None and item is not last and _append(item, packet):
+            last = item
             continue
-        item = [
+        hdr = iph + tcph
+        size = len(packet) - hdr
+        psh = bool(packet[iph + 13] & _PSH)
+        last = [
             packet,
             iph,
             hdr,
             size,
-            (seq + size) & 0xFFFFFFFF,
+            (int.from_bytes(packet[iph + 4 : iph + 8], "big") + size) & 0xFFFFFFFF,
             [packet[hdr:]],
             len(packet),
-            bool(packet[iph + 13] & _PSH),
+            psh,
             v6,
-            bool(packet[iph + 13] & _PSH),
+            psh,
+            int.from_bytes(packet[:hdr], "big"),
+            _header_mask(v6, hdr),
+            (hdr - iph - 8) * 8,  # seq occupies header bytes iph+4 .. iph+8
+            (hdr - iph - 14) * 8 + 3,  # PSH is bit 3 of header byte iph+13
         ]
-        open_items[key] = item
-        out.append(item)
+        open_items[key] = last
+        out.append(last)
     return [VNET_HDR_NONE + entry if isinstance(entry, bytes) else _merged(entry) for entry in out]
 
 
