@@ -119,7 +119,7 @@ def bench_receive(rounds: int) -> float:
             segment = len(buffer) // BATCH
             view = memoryview(buffer)
             start = cpu()
-            worker._receive_train(view, len(buffer), segment, address, time.monotonic())
+            worker._receive_train(view, len(buffer), segment, address, None, time.monotonic())
             worker._write_tun()
             spent += cpu() - start
             view.release()

@@ -67,13 +67,17 @@ SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
 GSO_MAX_SEGMENTS = 64  # the kernel takes up to 64 (older) or 128 segments per call
 GSO_MAX_BYTES = 65000  # one UDP datagram's payload limit, with room for headers
 GSO_RETRY_AFTER = 10.0  # after a GSO failure (e.g. MTU raised past the path's), try again later
+IP_PKTINFO = 8  # linux/in.h; the socket module of Python 3.11 lacks it
+_PKTINFO = {(socket.IPPROTO_IP, IP_PKTINFO), (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)}
+# Sending from an address that is no longer ours: EINVAL (IPv6), ENETUNREACH/EADDRNOTAVAIL (IPv4)
+_STALE_SOURCE_ERRNOS = {errno.EINVAL, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
 _ANCILLARY_SPACE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)  # IPV6_PKTINFO + UDP_GRO
 _TYPE_TRANSPORT_WORD = 4  # type 4 + three zero reserved bytes, as a little-endian u32
 _ZEROS = bytes(16)
 
 # Indices into a peer record (a list, for speed on the packet path).
 P_ENDPOINT, P_SEND, P_STAGED, P_RX_BYTES, P_TX_BYTES, P_RX_PACKETS, P_TX_PACKETS = range(7)
-P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY = 7, 8, 9
+P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY, P_SOURCE = 7, 8, 9, 10
 # Indices into a send state: [cipher, remote_index, slot, next_counter, block_end, created,
 #                             is_initiator, rekey_asked]
 S_CIPHER, S_REMOTE, S_SLOT, S_NEXT, S_END, S_CREATED, S_INITIATOR, S_REKEY_ASKED = range(8)
@@ -263,6 +267,10 @@ class Worker:
         if sock is None:  # an IPv6 endpoint on a host without IPv6 (or the reverse)
             self.drops[DropReason.NO_ROUTE] += len(messages)
             return
+        # Replies leave from the address the peer contacted (wireguard-go's sticky sockets):
+        # the IP_PKTINFO / IPV6_PKTINFO of its last packet, sent back as it came.
+        source = peer[P_SOURCE]
+        sticky = [source] if source is not None else []
         total = sent = 0
         count = len(messages)
         i = 0
@@ -277,15 +285,20 @@ class Worker:
             try:
                 if j - i == 1 or not self.gso:
                     for message in messages[i:j]:
-                        sock.sendto(message, endpoint)
+                        sock.sendmsg([message], sticky, 0, endpoint)
                 else:
                     sock.sendmsg(
                         [b"".join(messages[i:j])],
-                        [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))],
+                        [(SOL_UDP, UDP_SEGMENT, _U16.pack(size)), *sticky],
                         0,
                         endpoint,
                     )
             except OSError as err:
+                if sticky and err.errno in _STALE_SOURCE_ERRNOS:
+                    # The address we answered from is gone: let routing choose (as wireguard-go).
+                    peer[P_SOURCE] = source = None
+                    sticky = []
+                    continue
                 if (
                     j - i > 1
                     and self.gso
@@ -348,10 +361,13 @@ class Worker:
             except OSError:
                 continue
             segment = nbytes
-            for level, kind, data in ancillary:
-                if level == SOL_UDP and kind == UDP_GRO:
-                    segment = _INT.unpack_from(data)[0] or nbytes
-            self._receive_train(view, nbytes, segment, address, now)
+            source = None
+            for cmsg in ancillary:
+                if cmsg[0] == SOL_UDP and cmsg[1] == UDP_GRO:
+                    segment = _INT.unpack_from(cmsg[2])[0] or nbytes
+                elif (cmsg[0], cmsg[1]) in _PKTINFO:
+                    source = cmsg
+            self._receive_train(view, nbytes, segment, address, source, now)
         if self._to_tun:
             self._write_tun()
 
@@ -368,7 +384,13 @@ class Worker:
                 self.drops[DropReason.NO_ROUTE] += 1
 
     def _receive_train(
-        self, view: memoryview, nbytes: int, segment: int, address: tuple[Any, ...], now: float
+        self,
+        view: memoryview,
+        nbytes: int,
+        segment: int,
+        address: tuple[Any, ...],
+        source: tuple[int, int, bytes] | None,
+        now: float,
     ) -> None:
         """Datagrams from one source, nearly always under one keypair: the per-keypair work
         (lookup, expiry, confirmation, roaming, counters, timers) is done once per run of equal
@@ -394,7 +416,9 @@ class Worker:
                 continue
             if this_index != index:
                 if run_packets:
-                    self._received(entry, run_bytes, run_packets, received_data, address, now)  # type: ignore[arg-type]
+                    self._received(
+                        entry, run_bytes, run_packets, received_data, address, source, now
+                    )  # type: ignore[arg-type]
                     run_bytes = run_packets = 0
                     received_data = False
                 index = this_index
@@ -428,26 +452,26 @@ class Worker:
             version = plaintext[0] >> 4
             if version == 4 and len(plaintext) >= 20:
                 length = (plaintext[2] << 8) | plaintext[3]
-                source = plaintext[12:16]
+                inner_source = plaintext[12:16]
             elif version == 6 and len(plaintext) >= 40:
                 length = 40 + ((plaintext[4] << 8) | plaintext[5])
-                source = plaintext[8:24]
+                inner_source = plaintext[8:24]
             else:
                 drops[DropReason.MALFORMED] += 1
                 continue
             if length > len(plaintext):
                 drops[DropReason.MALFORMED] += 1
                 continue
-            if source != last_source:
-                last_source = source
-                source_ok = lookup(source) == peer_id
+            if inner_source != last_source:
+                last_source = inner_source
+                source_ok = lookup(inner_source) == peer_id
             if not source_ok:
                 drops[DropReason.SOURCE_NOT_ALLOWED] += 1
                 continue
             to_tun.append(plaintext if length == len(plaintext) else plaintext[:length])
             received_data = True
         if run_packets:
-            self._received(entry, run_bytes, run_packets, received_data, address, now)  # type: ignore[arg-type]
+            self._received(entry, run_bytes, run_packets, received_data, address, source, now)  # type: ignore[arg-type]
 
     def _not_transport(self, data: memoryview, address: tuple[Any, ...]) -> None:
         if len(data) and data[0] in (1, 2, 3):
@@ -463,15 +487,26 @@ class Worker:
         packets: int,
         data: bool,
         address: tuple[Any, ...],
+        source: tuple[int, int, bytes] | None,
         now: float,
     ) -> None:
         """Bookkeeping for a run of authenticated messages under one keypair."""
         peer_id = entry[R_PEER]
         peer = self.peers[peer_id]
         endpoint = peer[P_ENDPOINT]
-        if endpoint is None or endpoint[0] != address[0] or endpoint[1] != address[1]:
+        if (
+            endpoint is None
+            or endpoint[0] != address[0]
+            or endpoint[1] != address[1]
+            or peer[P_SOURCE] != source
+        ):
+            # Roaming: follow the source of every authenticated packet (and our address it
+            # was sent to), and tell control so its handshakes and keepalives follow too.
             peer[P_ENDPOINT] = address
-            self.channel.send(Kind.ROAMED, peer_id, list(address[:2]))
+            peer[P_SOURCE] = source
+            self.channel.send(
+                Kind.ROAMED, peer_id, list(address[:2]), list(source) if source else None
+            )
         peer[P_RX_BYTES] += nbytes
         peer[P_RX_PACKETS] += packets
         peer[P_DIRTY] = True
@@ -512,6 +547,8 @@ class Worker:
             peer = self.peers.get(message[1])
             if peer is not None:
                 peer[P_ENDPOINT] = _sockaddr(message[2])
+                source = message[3] if len(message) > 3 else None
+                peer[P_SOURCE] = tuple(source) if source else None
                 self._flush_staged(peer, message[1], now)
         elif kind == Kind.DROP_STAGED:
             peer = self.peers.get(message[1])
@@ -531,7 +568,7 @@ class Worker:
     ) -> None:
         peer = self.peers.get(peer_id)
         if peer is None:
-            peer = [None, None, deque(), 0, 0, 0, 0, [0.0, 0.0, 0.0, 0.0], -1.0, False]
+            peer = [None, None, deque(), 0, 0, 0, 0, [0.0, 0.0, 0.0, 0.0], -1.0, False, None]
             self.peers[peer_id] = peer
         if endpoint is not None:
             peer[P_ENDPOINT] = _sockaddr(endpoint)

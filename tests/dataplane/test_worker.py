@@ -1,0 +1,178 @@
+"""The worker's packet paths in memory: a seqpacket pair stands in for the TUN queue, a fake
+socket records what would be sent, the pipe to control is a socketpair."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import msgpack
+import pytest
+
+from tests.dataplane.test_coalesce import tcp4
+from wgmp.dataplane.coalesce import VNET_HDR_LEN, VNET_HDR_NONE
+from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker
+from wgmp.ipc.channel import Channel, Kind
+from wgmp.ipc.keyslots import KeySlots
+from wgmp.protocol.errors import DropReason
+from wgmp.protocol.transport import open_transport, seal_transport
+from wgmp.stats.block import StatsBlock
+
+OURS, THEIRS = bytes([198, 51, 100, 1]), bytes([198, 51, 100, 2])
+SEND_KEY, RECEIVE_KEY = bytes(range(32)), bytes(range(32, 64))
+ENDPOINT = ("192.0.2.2", 51820)
+PKTINFO = (socket.IPPROTO_IP, 8, bytes(12))
+
+
+class FakeSocket:
+    def __init__(self) -> None:
+        self.sent: list[tuple[list[bytes], list[Any], Any]] = []
+
+    def sendmsg(self, buffers: list[bytes], ancillary: list[Any], flags: int, address: Any) -> int:
+        self.sent.append((buffers, list(ancillary), address))
+        return sum(len(b) for b in buffers)
+
+
+@pytest.fixture
+def rig() -> Any:
+    tun_ours, tun_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    os.set_blocking(tun_ours.fileno(), False)
+    control, worker_end = socket.socketpair()
+    fake = FakeSocket()
+    worker = Worker(
+        0,
+        tun_ours.fileno(),
+        {4: fake},
+        Channel(worker_end),
+        KeySlots.create(8),
+        StatsBlock.create(),
+        vnet_hdr=True,  # type: ignore[dict-item]
+    )
+    worker._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
+
+    class Rig:
+        pass
+
+    r = Rig()
+    r.worker, r.tun, r.fake, r.control = worker, tun_theirs, fake, control  # type: ignore[attr-defined]
+    yield r
+    for s in (tun_ours, tun_theirs, control, worker_end):
+        s.close()
+
+
+def install(worker: Worker, role: int, *, local_index: int = 7) -> int:
+    slot = worker.keyslots.publish(
+        local_index=local_index,
+        remote_index=9,
+        peer_id=1,
+        is_initiator=True,
+        created=time.monotonic(),
+        send_key=SEND_KEY,
+        receive_key=RECEIVE_KEY,
+    )
+    worker._install(slot, role, time.monotonic())
+    return slot
+
+
+def control_messages(control: socket.socket) -> list[list[Any]]:
+    control.setblocking(False)
+    unpacker = msgpack.Unpacker(raw=False)
+    try:
+        unpacker.feed(control.recv(1 << 16))
+    except BlockingIOError:
+        return []
+    return list(unpacker)
+
+
+def train(
+    counters: list[int], *, source: bytes = THEIRS, index: int = 7
+) -> tuple[memoryview, int, int]:
+    messages = [seal_transport(RECEIVE_KEY, index, c, _inner(c, source), 1420) for c in counters]
+    size = len(messages[0])
+    assert all(len(m) == size for m in messages)
+    return memoryview(b"".join(messages)), len(messages) * size, size
+
+
+def _inner(counter: int, source: bytes) -> bytes:
+    packet = bytearray(tcp4(counter * 100, b"p" * 100))
+    packet[12:16], packet[16:20] = source, OURS
+    return bytes(packet)
+
+
+def test_sends_sealed_packets_in_one_gso_call_with_increasing_counters(rig: Any) -> None:
+    install(rig.worker, ROLE_CURRENT)
+    for n in range(5):
+        rig.tun.send(VNET_HDR_NONE + _outbound(n))
+    rig.worker._outbound(time.monotonic())
+    assert len(rig.fake.sent) == 1
+    buffers, ancillary, address = rig.fake.sent[0]
+    assert address == ENDPOINT and ancillary[0][:2] == (17, 103)  # SOL_UDP, UDP_SEGMENT
+    data = buffers[0]
+    size = len(data) // 5
+    counters = [open_transport(SEND_KEY, data[i * size : (i + 1) * size])[1] for i in range(5)]
+    assert counters == sorted(counters) and len(set(counters)) == 5
+
+
+def _outbound(n: int) -> bytes:
+    packet = bytearray(tcp4(n * 100, b"o" * 100))
+    packet[12:16], packet[16:20] = OURS, THEIRS
+    return bytes(packet)
+
+
+def test_without_a_keypair_packets_are_staged_and_a_handshake_is_asked(rig: Any) -> None:
+    rig.tun.send(VNET_HDR_NONE + _outbound(0))
+    rig.worker._outbound(time.monotonic())
+    assert rig.fake.sent == []
+    assert [Kind.NEED_HANDSHAKE, 1] in control_messages(rig.control)
+    install(rig.worker, ROLE_CURRENT)  # the handshake completed: staged packets go out
+    assert len(rig.fake.sent) == 1
+
+
+def test_receive_delivers_checks_replay_and_roams_with_the_source_address(rig: Any) -> None:
+    install(rig.worker, ROLE_CURRENT)
+    view, nbytes, size = train([0, 1, 2])
+    rig.worker._receive_train(view, nbytes, size, ("192.0.2.9", 4000), PKTINFO, time.monotonic())
+    rig.worker._write_tun()
+    written = rig.tun.recv(70000)
+    assert len(written) > VNET_HDR_LEN  # three segments coalesced into one write
+    assert rig.worker.peers[1][0] == ("192.0.2.9", 4000)
+    assert any(m[0] == Kind.ROAMED and m[3] == list(PKTINFO) for m in control_messages(rig.control))
+    view, nbytes, size = train([1])  # a replay
+    rig.worker._receive_train(view, nbytes, size, ("192.0.2.9", 4000), PKTINFO, time.monotonic())
+    assert rig.worker.drops[DropReason.REPLAY] == 1
+    rig.fake.sent.clear()
+    rig.tun.send(VNET_HDR_NONE + _outbound(9))
+    rig.worker._outbound(time.monotonic())
+    assert rig.fake.sent[0][1] == [PKTINFO]  # the reply leaves from the address contacted
+
+
+def test_inner_source_outside_allowed_ips_is_dropped(rig: Any) -> None:
+    install(rig.worker, ROLE_CURRENT)
+    view, nbytes, size = train([0], source=bytes([203, 0, 113, 5]))
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
+    assert rig.worker.drops[DropReason.SOURCE_NOT_ALLOWED] == 1 and rig.worker._to_tun == []
+
+
+def test_unknown_index_and_bad_tag_are_counted(rig: Any) -> None:
+    install(rig.worker, ROLE_CURRENT)
+    view, nbytes, size = train([0], index=99)
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
+    assert rig.worker.drops[DropReason.UNKNOWN_RECEIVER_INDEX] == 1
+    view, nbytes, size = train([0])
+    tampered = bytearray(view)
+    tampered[-1] ^= 1
+    rig.worker._receive_train(
+        memoryview(bytes(tampered)), nbytes, size, ENDPOINT, None, time.monotonic()
+    )
+    assert rig.worker.drops[DropReason.DECRYPTION_FAILED] == 1
+
+
+def test_first_packet_under_next_keypair_confirms_it(rig: Any) -> None:
+    slot = install(rig.worker, ROLE_NEXT)
+    assert rig.worker.peers[1][1] is None  # a responder may not send yet
+    view, nbytes, size = train([0])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
+    assert rig.worker.peers[1][1] is not None
+    assert [Kind.CONFIRMED, slot] in control_messages(rig.control)
