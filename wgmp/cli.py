@@ -123,7 +123,12 @@ def _run_foreground(interface: str, workers: int, level: str, metrics: str | Non
             log_level=level,
         )
     except SetupError as err:
-        print(f"wgmp: {err}", file=sys.stderr)
+        message = f"wgmp: {err}"
+        if ready_fd is not None:
+            # Our daemonising parent prints it: our own stderr is usually /dev/null.
+            os.write(ready_fd, message.encode())
+        else:
+            print(message, file=sys.stderr)
         return 1
 
     def ready() -> None:
@@ -140,24 +145,27 @@ def _run_foreground(interface: str, workers: int, level: str, metrics: str | Non
 
 
 def _daemonise(interface: str, workers: int, argv: list[str]) -> int:
-    from .control.daemon import TUN_VNET_HDR
-    from .net import tun
+    from .control.daemon import TUN_VNET_HDR, check_tun_fd
+    from .net import netlink, tun
+    from .protocol.constants import DEFAULT_MTU
     from .uapi.server import UAPIServer
 
+    # Descriptors given in WG_TUN_FD / WG_UAPI_FD are used and handed on, as by wireguard-go.
+    tun_fd = _inherited_fd(ENV_TUN_FD)
     try:
-        tun_fd = tun.open_queue(interface, TUN_VNET_HDR, exclusive=True)
+        if tun_fd is None:
+            tun_fd = tun.open_queue(interface, TUN_VNET_HDR, exclusive=True)
+            netlink.set_mtu(interface, DEFAULT_MTU)
+        else:
+            check_tun_fd(tun_fd, interface)
     except OSError as err:
         print(f"wgmp: failed to create TUN device: {err}", file=sys.stderr)
         return 1
     try:
-        server = UAPIServer(interface)
+        server = UAPIServer(interface, fd=_inherited_fd(ENV_UAPI_FD))
     except OSError as err:
         print(f"wgmp: UAPI listen error: {err}", file=sys.stderr)
         return 1
-    from .net import netlink
-    from .protocol.constants import DEFAULT_MTU
-
-    netlink.set_mtu(interface, DEFAULT_MTU)
     ready_r, ready_w = os.pipe()
     uapi_fd = server.listener.fileno()
     env = dict(
@@ -180,12 +188,19 @@ def _daemonise(interface: str, workers: int, argv: list[str]) -> int:
             start_new_session=True,
         )
     os.close(ready_w)
-    ready = os.read(ready_r, 1)
-    if ready != b"1":
-        code = child.poll()
-        print(f"wgmp: the daemon failed to start (exit status {code})", file=sys.stderr)
-        return 1
-    return 0
+    # b"1" once it runs; otherwise its one-line setup error, or nothing if it died first.
+    reply = os.read(ready_r, 4096)
+    os.close(ready_r)
+    if reply == b"1":
+        return 0
+    try:
+        code = child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        code = None
+    server.close()  # the socket file is still ours: the daemon did not get to own it
+    message = reply.decode(errors="replace").strip()
+    print(message or f"wgmp: the daemon failed to start (exit status {code})", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -51,7 +52,9 @@ __all__ = [
     "keypair",
     "missing_requirements",
     "remove_stale",
+    "socket_owner",
     "veth_pair",
+    "wait_for",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -99,6 +102,55 @@ def keypair() -> tuple[str, str]:
     public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     raw = private.private_bytes_raw()
     return base64.b64encode(raw).decode(), base64.b64encode(public).decode()
+
+
+def wait_for(what: str, probe: Callable[[], object], timeout: float = 5.0) -> object:
+    """Poll `probe` until it returns something true (returned); AssertionError naming `what`
+    after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def socket_owner(ns: Netns, path: str | Path) -> psutil.Process | None:
+    """The process in `ns` that listens on the UNIX socket `path` (e.g. a daemon that forked
+    into the background, found by its UAPI socket), or None.
+
+    Only processes of `ns` are looked at. The socket is found in that namespace's
+    /proc/PID/net/unix (psutil reads the caller's) and then among each process's descriptors;
+    a child that inherited it does not count: the owner is the topmost process holding it.
+    """
+    pids = ns.pids()
+    targets: set[str] = set()
+    for pid in pids[:1]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
+                fields = line.split()  # Num RefCount Protocol Flags Type St Inode Path
+                if len(fields) >= 8 and fields[7] == str(path):
+                    targets.add(f"socket:[{fields[6]}]")
+    holders: dict[int, psutil.Process] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, psutil.Error):
+            fds = Path(f"/proc/{pid}/fd").iterdir()
+            if any(_readlink(fd) in targets for fd in fds):
+                holders[pid] = psutil.Process(pid)
+    for proc in holders.values():
+        with contextlib.suppress(psutil.Error):
+            if proc.ppid() not in holders:
+                return proc
+    return None
+
+
+def _readlink(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # the descriptor closed meanwhile
+        return ""
 
 
 class CommandError(subprocess.CalledProcessError):

@@ -7,6 +7,7 @@ the peers' timers. `Interface` decides; this module does the I/O it asks for.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -22,14 +23,16 @@ from ..ipc.keyslots import KeySlots
 from ..net import netlink, tun, udp
 from ..net.steering import attach_steering
 from ..protocol.constants import DEFAULT_MTU, MAX_QUEUED_INCOMING_HANDSHAKES
+from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
 from ..uapi import protocol as uapi
 from ..uapi.server import UAPIServer
 from .interface import Interface
 from .peer import Peer
+from .route_mtu import RouteMTUWatcher
 from .supervisor import RESTART_BACKOFF, Supervisor, WorkerHandle
 
-__all__ = ["Daemon", "SetupError"]
+__all__ = ["Daemon", "SetupError", "check_tun_fd"]
 
 log = logging.getLogger("wgmp")
 KEYSLOT_CAPACITY = 1 << 16
@@ -45,6 +48,27 @@ class SetupError(Exception):
 
 class _SystemRng(secrets.SystemRandom):
     """The OS's randomness with both methods the core and the timers use."""
+
+
+def check_tun_fd(fd: int, name: str) -> None:
+    """WG_TUN_FD must be a TUN queue of the interface we were asked to run (wireguard-go fails
+    to start on anything else too); raises `TunError` with a one-line message if it is not."""
+    try:
+        actual = tun.interface_name(fd)
+    except OSError as err:
+        raise tun.TunError(
+            err.errno or errno.EINVAL, f"WG_TUN_FD={fd} is not a TUN device: {err}"
+        ) from None
+    if actual != name:
+        raise tun.TunError(
+            errno.EINVAL, f"WG_TUN_FD={fd} is the TUN device {actual!r}, not {name!r}"
+        )
+    if bool(tun.interface_flags(fd) & tun.IFF_VNET_HDR) != TUN_VNET_HDR:
+        # The workers read and write packets with or without a virtio header, not either.
+        with_or_without = "with" if TUN_VNET_HDR else "without"
+        raise tun.TunError(
+            errno.EINVAL, f"WG_TUN_FD={fd} must be opened {with_or_without} IFF_VNET_HDR"
+        )
 
 
 class Daemon:
@@ -71,8 +95,14 @@ class Daemon:
         self.control_sockets: dict[int, socket.socket] = {}
         self._open_tun(tun_fd)
         self.uapi = self._open_uapi(uapi_fd)
-        self._bind(0)
-        self.watcher = netlink.LinkWatcher(netlink.link_index(name), tun_fd=self.tun_fds[0])
+        try:
+            self._bind(0)
+            self.watcher = netlink.LinkWatcher(netlink.link_index(name), tun_fd=self.tun_fds[0])
+            self.route_mtus = RouteMTUWatcher(self.watcher.index)
+            self.interface.route_mtu = self.route_mtus.mtu
+        except OSError as err:
+            self.uapi.close()  # no socket file left behind that nobody answers on
+            raise SetupError(str(err)) from err
         self._wake_r, self._wake_w = socket.socketpair()
 
     # -- setup -------------------------------------------------------------------------------
@@ -83,12 +113,14 @@ class Daemon:
             if first is None:
                 first = tun.open_queue(self.name, TUN_VNET_HDR, exclusive=True)
                 netlink.set_mtu(self.name, DEFAULT_MTU)
+            else:
+                check_tun_fd(first, self.name)
             self.tun_fds = [first]
             for _ in range(1, self.worker_count):
                 self.tun_fds.append(tun.open_queue(self.name, TUN_VNET_HDR))
+            self.interface.mtu = netlink.get_mtu(self.name)
         except OSError as err:
             raise SetupError(str(err)) from err
-        self.interface.mtu = netlink.get_mtu(self.name)
 
     def _open_uapi(self, inherited: int | None) -> UAPIServer:
         try:
@@ -145,6 +177,7 @@ class Daemon:
         self._register_sockets()
         self.selector.register(self.uapi.listener, selectors.EVENT_READ, self._on_uapi_accept)
         self.selector.register(self.watcher, selectors.EVENT_READ, self._on_link)
+        self.selector.register(self.route_mtus, selectors.EVENT_READ, self._on_routes)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         log.info(
             "interface %s is up: %d workers, port %d",
@@ -157,10 +190,11 @@ class Daemon:
         next_socket_check = 0.0
         try:
             while self.running:
+                pending = self._receive_pending()
                 now = time.monotonic()
                 deadline = self.interface.next_deadline()
                 timeout = 0.25 if deadline is None else min(max(deadline - now, 0.0), 0.25)
-                for key, _ in self.selector.select(timeout):
+                for key, _ in self.selector.select(0.0 if pending else timeout):
                     key.data(key.fileobj)
                     if not self.running:
                         break
@@ -181,6 +215,9 @@ class Daemon:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+        # A worker's death wakes the loop (through the wakeup fd) so that it is restarted at
+        # once, not at the next timeout; the handler itself has nothing to do.
+        signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("received signal %d: shutting down", signum)
@@ -203,6 +240,10 @@ class Daemon:
                 self.running = False
             elif event.change == netlink.LinkChange.MTU and event.mtu:
                 self.interface.set_mtu(event.mtu)
+
+    def _on_routes(self, watcher: RouteMTUWatcher) -> None:
+        if watcher.read():  # a route through the interface changed its MTU: padding follows
+            self.interface.set_route_mtu(watcher.mtu)
 
     # -- handshakes --------------------------------------------------------------------------
 
@@ -254,9 +295,27 @@ class Daemon:
                     self.pending_release[command[1]] = waiting
                 else:
                     self.keyslots.release(command[1])
-            for handle in live:
+            targets = live
+            if command[0] == Kind.KEYPAIR_INSTALL:
+                targets = self._owner_first(live, command[1])
+            for handle in targets:
                 self._send(handle, command)
         interface.commands.clear()
+
+    def _owner_first(self, live: list[WorkerHandle], slot: int) -> list[WorkerHandle]:
+        """`live` with the worker that receives on the keypair in `slot` first.
+
+        Every worker sends with a new keypair as soon as it reads the announcement (a packet
+        staged for the handshake goes out at once), and the peer's answer is steered to the
+        owner: announced to another worker first, the owner could see that answer before its
+        own announcement was even written, and drop it as unknown_receiver_index. Written
+        first, the announcement is in the owner's pipe before anything can be sent with the
+        keypair, and the worker reads its pipe before its sockets."""
+        found = self.interface.keypair_at.get(slot)
+        if found is None:
+            return live
+        owner = worker_of(found[1].local_index)
+        return sorted(live, key=lambda handle: handle.worker_id != owner)
 
     def _send(self, handle: WorkerHandle, command: list[Any]) -> None:
         assert handle.channel is not None
@@ -274,7 +333,7 @@ class Daemon:
             handle.channel.sock, selectors.EVENT_READ, lambda _s, h=handle: self._on_worker(h)
         )
         interface = self.interface
-        self._send(handle, [Kind.MTU, interface.mtu])
+        self._send(handle, [Kind.MTU, interface.padding_mtu])
         for peer in interface.peers.values():
             self._send(handle, self._peer_state(peer))
         for slot, role in interface.keypair_roles():
@@ -289,14 +348,35 @@ class Daemon:
         return [Kind.PEER_SET, peer.peer_id, endpoint, prefixes]
 
     def _supervise(self, now: float) -> None:
+        if not self.running:
+            return  # shutting down: stop_all() collects every worker
         for handle in self.supervisor.dead():
+            if not tun.is_alive(handle.tun_fd):
+                # Workers die on EBADFD when the interface is deleted, which can be before its
+                # RTM_DELLINK reaches us: a replacement would only die the same way.
+                log.info("interface %s deleted: shutting down", self.name)
+                self.running = False
+                return
             if now - handle.started_at < RESTART_BACKOFF:
                 continue
             code = handle.process.returncode if handle.process else None
             log.error("worker %d exited (%s): restarting", handle.worker_id, code)
+            self._retire_counters(handle)
             self._forget_worker(handle)
             handle.restarts += 1
             self._start_worker(handle)
+
+    def _retire_counters(self, handle: WorkerHandle) -> None:
+        """Move a stopped worker's per-peer byte counts into control's keeping and zero them in
+        its stats block, which its replacement fills from zero. (What it counted after its
+        last flush, at most FLUSH_INTERVAL's worth, is lost with it.)"""
+        for peer in self.interface.peers.values():
+            rx_bytes, tx_bytes, _, _ = handle.stats.peer(peer.peer_id)
+            if rx_bytes or tx_bytes:
+                peer.retired_rx_bytes += rx_bytes
+                peer.retired_tx_bytes += tx_bytes
+                # The block's only writer has exited: writing it here races with nobody.
+                handle.stats.write_peer(peer.peer_id, (0, 0, 0, 0))
 
     def _forget_worker(self, handle: WorkerHandle) -> None:
         if handle.channel is not None:
@@ -308,6 +388,14 @@ class Daemon:
             if not waiting:
                 del self.pending_release[slot]
                 self.keyslots.release(slot)
+
+    def _receive_pending(self) -> bool:
+        """Handle what workers sent while control waited for room in their pipes (the socket
+        no longer shows it as readable: see ipc/channel.py); True if more came meanwhile."""
+        for handle in self.supervisor.workers:
+            if handle.channel is not None and handle.channel.pending:
+                self._on_worker(handle)
+        return any(h.channel is not None and h.channel.pending for h in self.supervisor.workers)
 
     def _on_worker(self, handle: WorkerHandle) -> None:
         assert handle.channel is not None
@@ -360,6 +448,9 @@ class Daemon:
             self._send(handle, [Kind.FLUSH_STATS, token])
         deadline = time.monotonic() + STATS_FLUSH_TIMEOUT
         while any(token in h.pending_flush for h in waiting):
+            self._receive_pending()  # a reply may have been read while control was sending
+            if not any(token in h.pending_flush for h in waiting):
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -409,7 +500,8 @@ class Daemon:
         interface = self.interface
         peers = []
         for peer in interface.peers.values():
-            rx, tx = peer.control_rx_bytes, peer.control_tx_bytes
+            rx = peer.control_rx_bytes + peer.retired_rx_bytes
+            tx = peer.control_tx_bytes + peer.retired_tx_bytes
             for handle in self.supervisor.workers:
                 rx_bytes, tx_bytes, _, _ = handle.stats.peer(peer.peer_id)
                 rx += rx_bytes
@@ -536,10 +628,12 @@ class Daemon:
         for sock in old:
             sock.close()
         self._register_sockets()
+        self.flush_stats()  # what the workers counted so far, before they go
         for handle in self.supervisor.workers:
             if handle.process is not None:
                 handle.process.terminate()
                 handle.process.wait()
+            self._retire_counters(handle)
             self._forget_worker(handle)
             self._start_worker(handle)
 
@@ -553,6 +647,7 @@ class Daemon:
         except OSError:
             pass
         self.watcher.close()
+        self.route_mtus.close()
         for sock in self._all_sockets():
             sock.close()
         for fd in self.tun_fds:

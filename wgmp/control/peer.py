@@ -33,6 +33,10 @@ class Peer:
     # replies, keepalives); workers count transport data in their stats blocks.
     control_rx_bytes: int = 0
     control_tx_bytes: int = 0
+    # Bytes counted by worker processes since replaced (a restart, a new listen port): the
+    # replacement counts from zero in the same stats block, and `wg show` must not go back.
+    retired_rx_bytes: int = 0
+    retired_tx_bytes: int = 0
 
     @classmethod
     def create(

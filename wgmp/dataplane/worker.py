@@ -68,6 +68,7 @@ GSO_MAX_SEGMENTS = 64  # the kernel takes up to 64 (older) or 128 segments per c
 GSO_MAX_BYTES = 65000  # one UDP datagram's payload limit, with room for headers
 GSO_RETRY_AFTER = 10.0  # after a GSO failure (e.g. MTU raised past the path's), try again later
 IP_PKTINFO = 8  # linux/in.h; the socket module of Python 3.11 lacks it
+_TUN_GONE_ERRNOS = {errno.EBADFD, errno.EBADF}
 _PKTINFO = {(socket.IPPROTO_IP, IP_PKTINFO), (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)}
 # Sending from an address that is no longer ours: EINVAL (IPv6), ENETUNREACH/EADDRNOTAVAIL (IPv4)
 _STALE_SOURCE_ERRNOS = {errno.EINVAL, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
@@ -177,6 +178,13 @@ class Worker:
                 packet = read(fd, 65535 + skip)
             except BlockingIOError:
                 break
+            except OSError as err:
+                if err.errno in _TUN_GONE_ERRNOS:
+                    # The interface was deleted: control hears it from netlink and stops;
+                    # this worker has nothing left to do (and must not crash loudly).
+                    self.running = False
+                    return
+                raise
             if skip:
                 packet = packet[skip:]  # no offloads were negotiated: the header is empty
             version = packet[0] >> 4 if packet else 0
@@ -380,7 +388,10 @@ class Worker:
         for buffer in buffers:
             try:
                 write(fd, buffer)
-            except OSError:
+            except OSError as err:
+                if err.errno in _TUN_GONE_ERRNOS:
+                    self.running = False
+                    return
                 self.drops[DropReason.NO_ROUTE] += 1
 
     def _receive_train(
