@@ -159,6 +159,14 @@ def test_initiations_are_rate_limited_to_one_per_rekey_timeout() -> None:
     assert not timers.begin_initiation(21.0)
 
 
+def test_a_new_private_key_allows_an_initiation_at_once() -> None:
+    timers = make()
+    assert timers.begin_initiation(0.0)
+    timers.current_keypairs_expired()  # the sessions went with the old private key
+    assert timers.begin_initiation(1.0)
+    assert not timers.begin_initiation(2.0)  # and the limit holds again from there
+
+
 # -- passive keepalive ---------------------------------------------------------------------------
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "aead_nonce",
     "clamp_private_key",
     "constant_time_equal",
+    "dh_private_key",
+    "dh_with",
 ]
 
 ZERO_KEY = bytes(KEY_LEN)
@@ -100,17 +102,30 @@ def DH_PUBLIC(private_key: bytes) -> bytes:  # noqa: N802
     return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
 
 
-def DH(private_key: bytes, public_key: bytes) -> bytes:  # noqa: N802
-    """X25519; a low-order public key (all-zero result) is hostile input, never a key."""
+def dh_private_key(private_key: bytes) -> X25519PrivateKey:
+    """The private key as an object for `dh_with`, so that it is imported only once.
+
+    Importing costs as much as an exchange (~31 us here: OpenSSL derives the public key on
+    import, perf/RESULTS.md), so a key used for several exchanges (the static key, an
+    ephemeral used twice) is imported once and kept as an object; `public_key()` of the
+    object is then cheap (~1 us)."""
+    return X25519PrivateKey.from_private_bytes(private_key)
+
+
+def dh_with(private_key: X25519PrivateKey, public_key: bytes) -> bytes:
+    """DH with a private key object from `dh_private_key`; same checks as `DH`."""
     try:
-        shared = X25519PrivateKey.from_private_bytes(private_key).exchange(
-            X25519PublicKey.from_public_bytes(public_key)
-        )
+        shared = private_key.exchange(X25519PublicKey.from_public_bytes(public_key))
     except ValueError as exc:  # cryptography refuses an all-zero shared secret
         raise ProtocolError(DropReason.HANDSHAKE_INVALID, "low-order public key") from exc
     if shared == ZERO_KEY:
         raise ProtocolError(DropReason.HANDSHAKE_INVALID, "low-order public key")
     return shared
+
+
+def DH(private_key: bytes, public_key: bytes) -> bytes:  # noqa: N802
+    """X25519; a low-order public key (all-zero result) is hostile input, never a key."""
+    return dh_with(X25519PrivateKey.from_private_bytes(private_key), public_key)
 
 
 def aead_nonce(counter: int) -> bytes:

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 from .constants import CONSTRUCTION, HANDSHAKE_INITIATION_RATE, IDENTIFIER, TIMESTAMP_LEN
 from .crypto import (
     AEAD_DECRYPT,
     AEAD_ENCRYPT,
-    DH,
     DH_GENERATE,
     DH_PUBLIC,
     HASH,
@@ -27,9 +28,14 @@ from .crypto import (
     ZERO_KEY,
     Randomness,
     clamp_private_key,
+    dh_private_key,
+    dh_with,
 )
 from .errors import DropReason, ProtocolError
 from .messages import Initiation, Response
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 __all__ = [
     "HandshakeState",
@@ -65,6 +71,11 @@ class StaticIdentity:
         private_key = clamp_private_key(private_key)
         return cls(private_key, DH_PUBLIC(private_key))
 
+    @cached_property
+    def key(self) -> X25519PrivateKey:
+        """The private key imported once, for every DH with it (see crypto.dh_private_key)."""
+        return dh_private_key(self.private_key)
+
 
 @dataclass(frozen=True)
 class SessionKeys:
@@ -96,6 +107,8 @@ class Handshake:
         self.hash = b""
         self.chaining_key = b""
         self.local_ephemeral = b""
+        # The imported object of `local_ephemeral` (used only while it is that very key).
+        self._local_ephemeral_key: tuple[bytes, X25519PrivateKey] | None = None
         self.remote_ephemeral = b""
         self.local_index = 0
         self.remote_index = 0
@@ -112,7 +125,7 @@ class Handshake:
         if local is None:
             return
         try:
-            self.precomputed_static_static = DH(local.private_key, self.remote_static)
+            self.precomputed_static_static = dh_with(local.key, self.remote_static)
         except ProtocolError:
             # A low-order peer key: this peer can never complete a handshake (no traffic).
             self.precomputed_static_static = None
@@ -123,9 +136,16 @@ class Handshake:
         self.hash = b""
         self.chaining_key = b""
         self.local_ephemeral = b""
+        self._local_ephemeral_key = None
         self.remote_ephemeral = b""
         self.local_index = 0
         self.remote_index = 0
+
+    def _ephemeral_key(self) -> X25519PrivateKey:
+        cached = self._local_ephemeral_key
+        if cached is not None and cached[0] is self.local_ephemeral:
+            return cached[1]
+        return dh_private_key(self.local_ephemeral)
 
     def _require_keys(self) -> tuple[StaticIdentity, bytes]:
         if self.local is None or self.precomputed_static_static is None:
@@ -142,10 +162,11 @@ class Handshake:
         h = _mix_hash(INITIAL_HASH, self.remote_static)
         ck = INITIAL_CHAINING_KEY
         ephemeral_private = DH_GENERATE(rng)
-        ephemeral_public = DH_PUBLIC(ephemeral_private)
+        ephemeral_key = dh_private_key(ephemeral_private)  # imported once, used twice
+        ephemeral_public = ephemeral_key.public_key().public_bytes_raw()
         ck = KDF1(ck, ephemeral_public)
         h = _mix_hash(h, ephemeral_public)
-        ck, key = KDF2(ck, DH(ephemeral_private, self.remote_static))
+        ck, key = KDF2(ck, dh_with(ephemeral_key, self.remote_static))
         encrypted_static = AEAD_ENCRYPT(key, 0, local.public_key, h)
         h = _mix_hash(h, encrypted_static)
         ck, key = KDF2(ck, static_static)
@@ -154,6 +175,7 @@ class Handshake:
 
         self.hash, self.chaining_key = h, ck
         self.local_ephemeral = ephemeral_private
+        self._local_ephemeral_key = (ephemeral_private, ephemeral_key)
         self.local_index = sender_index
         self.state = HandshakeState.INITIATION_CREATED
         return Initiation(sender_index, ephemeral_public, encrypted_static, encrypted_timestamp)
@@ -168,8 +190,9 @@ class Handshake:
         local, _ = self._require_keys()
         ck = KDF1(self.chaining_key, msg.ephemeral)
         h = _mix_hash(self.hash, msg.ephemeral)
-        ck = KDF1(ck, DH(self.local_ephemeral, msg.ephemeral))
-        ck = KDF1(ck, DH(local.private_key, msg.ephemeral))
+        ephemeral_key = self._ephemeral_key()
+        ck = KDF1(ck, dh_with(ephemeral_key, msg.ephemeral))
+        ck = KDF1(ck, dh_with(local.key, msg.ephemeral))
         ck, tau, key = KDF3(ck, self.preshared_key)
         h = _mix_hash(h, tau)
         try:
@@ -189,11 +212,12 @@ class Handshake:
         if self.state != HandshakeState.INITIATION_CONSUMED:
             raise ProtocolError(DropReason.HANDSHAKE_INVALID, "no initiation to answer")
         ephemeral_private = DH_GENERATE(rng)
-        ephemeral_public = DH_PUBLIC(ephemeral_private)
+        ephemeral_key = dh_private_key(ephemeral_private)  # imported once, used three times
+        ephemeral_public = ephemeral_key.public_key().public_bytes_raw()
         ck = KDF1(self.chaining_key, ephemeral_public)
         h = _mix_hash(self.hash, ephemeral_public)
-        ck = KDF1(ck, DH(ephemeral_private, self.remote_ephemeral))
-        ck = KDF1(ck, DH(ephemeral_private, self.remote_static))
+        ck = KDF1(ck, dh_with(ephemeral_key, self.remote_ephemeral))
+        ck = KDF1(ck, dh_with(ephemeral_key, self.remote_static))
         ck, tau, key = KDF3(ck, self.preshared_key)
         h = _mix_hash(h, tau)
         encrypted_nothing = AEAD_ENCRYPT(key, 0, b"", h)
@@ -201,6 +225,7 @@ class Handshake:
 
         self.hash, self.chaining_key = h, ck
         self.local_ephemeral = ephemeral_private
+        self._local_ephemeral_key = (ephemeral_private, ephemeral_key)
         self.local_index = sender_index
         self.state = HandshakeState.RESPONSE_CREATED
         return Response(sender_index, self.remote_index, ephemeral_public, encrypted_nothing)
@@ -237,7 +262,7 @@ def consume_initiation(
     h = _mix_hash(INITIAL_HASH, local.public_key)
     ck = KDF1(INITIAL_CHAINING_KEY, msg.ephemeral)
     h = _mix_hash(h, msg.ephemeral)
-    ck, key = KDF2(ck, DH(local.private_key, msg.ephemeral))
+    ck, key = KDF2(ck, dh_with(local.key, msg.ephemeral))
     try:
         remote_static = AEAD_DECRYPT(key, 0, msg.encrypted_static, h)
     except ProtocolError as exc:

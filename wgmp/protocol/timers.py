@@ -244,6 +244,13 @@ class PeerTimers:
         sets lastSentHandshake)."""
         self._last_sent_handshake = now
 
+    def current_keypairs_expired(self) -> None:
+        """The peer's sessions were dropped because the private key changed: the next
+        initiation may go at once, not REKEY_TIMEOUT after the last handshake message
+        (wireguard-go's ExpireCurrentKeypairs and the kernel's
+        wg_noise_expire_current_peer_keypairs move lastSentHandshake back past it)."""
+        self._last_sent_handshake = None
+
     def set_persistent_keepalive(self, interval: int, now: float) -> list[TimerAction]:
         """Set the interval (seconds, 0 = off); turning it on asks for a keepalive at once.
 
