@@ -33,6 +33,7 @@ from wgmp.stats.block import StatsBlock  # noqa: E402
 
 SRC, DST = bytes([198, 51, 100, 1]), bytes([198, 51, 100, 2])
 KEY_A, KEY_B = bytes(range(32)), bytes(range(32, 64))
+OWNED_INDEX = 0x0700  # its low byte names worker 0, the owner (indextable.py)
 BATCH = 42  # what one GRO read / one TUN batch carried in the profiles here
 
 
@@ -58,7 +59,7 @@ def make_worker(tun_fd: int) -> tuple[Worker, socket.socket]:
     )
     worker._set_peer(1, list(sink.getsockname()), [[DST, 32], [SRC, 32]])
     slot = keyslots.publish(
-        local_index=7,
+        local_index=OWNED_INDEX,
         remote_index=9,
         peer_id=1,
         is_initiator=True,
@@ -110,7 +111,7 @@ def bench_receive(rounds: int) -> float:
             for _i in range(BATCH):
                 buffer += seal_transport(
                     KEY_B,
-                    7,
+                    OWNED_INDEX,
                     counter,
                     tcp_segment(counter * 1368, b"y" * 1368, source=DST, destination=SRC),
                     1420,

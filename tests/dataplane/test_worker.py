@@ -24,6 +24,7 @@ OURS, THEIRS = bytes([198, 51, 100, 1]), bytes([198, 51, 100, 2])
 SEND_KEY, RECEIVE_KEY = bytes(range(32)), bytes(range(32, 64))
 ENDPOINT = ("192.0.2.2", 51820)
 PKTINFO = (socket.IPPROTO_IP, 8, bytes(12))
+OWNED_INDEX = 0x0700  # its low byte names worker 0, the owner (indextable.py)
 
 
 class FakeSocket:
@@ -62,7 +63,7 @@ def rig() -> Any:
         s.close()
 
 
-def install(worker: Worker, role: int, *, local_index: int = 7) -> int:
+def install(worker: Worker, role: int, *, local_index: int = OWNED_INDEX) -> int:
     slot = worker.keyslots.publish(
         local_index=local_index,
         remote_index=9,
@@ -87,7 +88,7 @@ def control_messages(control: socket.socket) -> list[list[Any]]:
 
 
 def train(
-    counters: list[int], *, source: bytes = THEIRS, index: int = 7
+    counters: list[int], *, source: bytes = THEIRS, index: int = OWNED_INDEX
 ) -> tuple[memoryview, int, int]:
     messages = [seal_transport(RECEIVE_KEY, index, c, _inner(c, source), 1420) for c in counters]
     size = len(messages[0])
@@ -176,3 +177,34 @@ def test_first_packet_under_next_keypair_confirms_it(rig: Any) -> None:
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
     assert rig.worker.peers[1][1] is not None
     assert [Kind.CONFIRMED, slot] in control_messages(rig.control)
+
+
+def test_a_restarted_worker_refuses_replays_of_what_its_predecessor_received(rig: Any) -> None:
+    slot = install(rig.worker, ROLE_CURRENT)
+    view, nbytes, size = train([0, 1, 2, 3])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
+    rig.worker._flush(time.monotonic())  # notes the high-water mark in the key slot
+    assert rig.worker.keyslots.received(slot) == 3
+    successor = Worker(
+        0,
+        rig.worker.tun_fd,
+        rig.worker.sockets,
+        rig.worker.channel,
+        rig.worker.keyslots,
+        rig.worker.stats,
+        vnet_hdr=True,
+    )
+    successor._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
+    successor._install(slot, ROLE_CURRENT, time.monotonic())
+    view, nbytes, size = train([2, 3, 4])
+    successor._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
+    assert successor.drops[DropReason.REPLAY] == 2
+    assert len(successor._to_tun) == 1  # only counter 4
+
+
+def test_only_the_owner_holds_a_receive_window_for_an_index(rig: Any) -> None:
+    install(rig.worker, ROLE_CURRENT, local_index=0x0701)  # owned by worker 1
+    assert 0x0701 not in rig.worker.by_index
+    view, nbytes, size = train([0], index=0x0701)
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
+    assert rig.worker.drops[DropReason.UNKNOWN_RECEIVER_INDEX] == 1

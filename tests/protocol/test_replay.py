@@ -197,3 +197,14 @@ def test_in_order_long_run_matches_model() -> None:
     window, model = ReplayWindow(), Model()
     for counter in list(range(0, 20 * W)) + list(range(19 * W - 100, 19 * W + 100)):
         assert window.accept(counter) is model.accept(counter, REJECT_AFTER_MESSAGES)
+
+
+def test_resume_treats_everything_up_to_the_mark_as_seen() -> None:
+    window = ReplayWindow()
+    window.resume(1000)
+    assert window.last == 1000
+    assert not window.accept(1000) and not window.accept(999) and not window.accept(0)
+    assert window.accept(1002)  # newer counters pass, out of order too
+    assert window.accept(1001)
+    assert not window.accept(1001)
+    assert window.accept(1000 + 64 * 3)

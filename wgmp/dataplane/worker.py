@@ -69,6 +69,7 @@ GSO_MAX_BYTES = 65000  # one UDP datagram's payload limit, with room for headers
 GSO_RETRY_AFTER = 10.0  # after a GSO failure (e.g. MTU raised past the path's), try again later
 IP_PKTINFO = 8  # linux/in.h; the socket module of Python 3.11 lacks it
 _TUN_GONE_ERRNOS = {errno.EBADFD, errno.EBADF}
+_WORKER_MASK = 0xFF  # the low byte of a receiver index names its owner (indextable.py)
 _PKTINFO = {(socket.IPPROTO_IP, IP_PKTINFO), (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)}
 # Sending from an address that is no longer ours: EINVAL (IPv6), ENETUNREACH/EADDRNOTAVAIL (IPv4)
 _STALE_SOURCE_ERRNOS = {errno.EINVAL, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
@@ -116,14 +117,16 @@ class Worker:
         self.peers: dict[int, list[Any]] = {}
         self.by_index: dict[int, list[Any]] = {}
         self.by_slot: dict[int, list[Any]] = {}
-        self.totals = [0, 0, 0, 0]  # rx_packets, rx_bytes, tx_packets, tx_bytes
+        # A restarted worker goes on from its predecessor's counts (its block outlives it).
+        self.totals = list(stats.totals())  # rx_packets, rx_bytes, tx_packets, tx_bytes
         self.gso = True
         self._gso_retry_at = 0.0
         self.vnet_hdr = vnet_hdr
         self._to_tun: list[bytes] = []
+        self._received_under: dict[int, list[Any]] = {}  # slots to note the replay mark of
         self._rx_buffer = bytearray(1 << 16)
         self._rx_view = memoryview(self._rx_buffer)
-        self.drops = [0] * DROP_SLOTS
+        self.drops = stats.drops()[:DROP_SLOTS]
         self.running = True
 
     # -- the loop ----------------------------------------------------------------------------
@@ -152,16 +155,23 @@ class Worker:
                 if fd == self.tun_fd:
                     self._outbound(now)
                 elif fd == channel_fd:
-                    messages = self.channel.receive()
-                    if messages is None:
+                    if not self._read_channel(now):
                         return  # control has gone: so do we
-                    for message in messages:
-                        self._handle_control(message, now)
                 else:
                     self._inbound(by_fd[fd], now)
             if now >= next_flush:
                 self._flush(now)
                 next_flush = now + FLUSH_INTERVAL
+
+    def _read_channel(self, now: float) -> bool:
+        """Handle what control sent; False once control has gone."""
+        messages = self.channel.receive()
+        if messages is None:
+            self.running = False
+            return False
+        for message in messages:
+            self._handle_control(message, now)
+        return True
 
     # -- outbound: TUN -> UDP ----------------------------------------------------------------
 
@@ -434,8 +444,12 @@ class Worker:
                     received_data = False
                 index = this_index
                 entry = by_index.get(index)
-                if entry is not None and now - entry[R_CREATED] >= REJECT_AFTER_TIME:
-                    drops[DropReason.KEY_EXPIRED] += 1
+                if entry is None and index & _WORKER_MASK == self.worker_id:
+                    # Ours, but perhaps announced in a message not read yet: read the pipe.
+                    self._read_channel(now)
+                    entry = by_index.get(index)
+                expired = entry is not None and now - entry[R_CREATED] >= REJECT_AFTER_TIME
+                if expired:
                     entry = None
                 if entry is not None:
                     decrypt, accept, peer_id = (
@@ -444,7 +458,7 @@ class Worker:
                         entry[R_PEER],
                     )
             if entry is None:
-                drops[DropReason.UNKNOWN_RECEIVER_INDEX] += 1
+                drops[DropReason.KEY_EXPIRED if expired else DropReason.UNKNOWN_RECEIVER_INDEX] += 1
                 continue
             try:
                 plaintext = decrypt(nonce(counter), view[offset + 16 : end], None)  # type: ignore[misc]
@@ -528,6 +542,7 @@ class Worker:
         totals = self.totals
         totals[0] += packets
         totals[1] += nbytes
+        self._received_under[entry[R_SLOT]] = entry
         if entry[R_INITIATOR] and entry[R_ROLE] == ROLE_CURRENT:
             send = entry[R_SEND]
             if not send[S_REKEY_ASKED] and now - entry[R_CREATED] > REKEY_AFTER_TIME_RECEIVING:
@@ -626,12 +641,20 @@ class Worker:
             send = old[R_SEND]
         self.by_slot[slot] = entry
         # Only the owning worker keeps a replay window for an index; see the steering program.
-        self.by_index[info.local_index] = entry
+        if info.local_index & _WORKER_MASK == self.worker_id:
+            # Only the owner (the steering program's choice) holds a replay window for an
+            # index: a misrouted datagram is then an unknown index, never a second window.
+            if old is None:
+                high = self.keyslots.received(slot)
+                if high is not None:  # a predecessor received under it: no replays of that
+                    entry[R_REPLAY].resume(high)
+            self.by_index[info.local_index] = entry
         if role == ROLE_CURRENT:
             peer[P_SEND] = send
             self._flush_staged(peer, info.peer_id, now)
 
     def _remove_keypair(self, slot: int) -> None:
+        self._received_under.pop(slot, None)  # the slot may be reused: note nothing more
         entry = self.by_slot.pop(slot, None)
         if entry is None:
             return
@@ -643,6 +666,9 @@ class Worker:
             peer[P_SEND] = None
 
     def _flush(self, now: float) -> None:
+        for slot, entry in self._received_under.items():
+            self.keyslots.write_received(slot, entry[R_REPLAY].last)
+        self._received_under.clear()
         reports = []
         for peer_id, peer in self.peers.items():
             if peer[P_DIRTY]:

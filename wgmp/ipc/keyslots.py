@@ -23,10 +23,11 @@ from .sharedmem import SharedMemory
 __all__ = ["KEYSLOT_SIZE", "KeySlot", "KeySlots"]
 
 # counter u64 | local_index u32 | remote_index u32 | peer_id u32 | is_initiator u8 | pad 3
-# | created f64 | pad to 64 | send_key 32 | receive_key 32
+# | created f64 | received u64 (+1; 0 = none) | pad to 64 | send_key 32 | receive_key 32
 _LAYOUT = struct.Struct("<Q I I I B 3x d 32x 32s 32s")
 KEYSLOT_SIZE = 128
 _COUNTER = struct.Struct("<Q")
+_RECEIVED_OFFSET = 32  # in the padding after `created`: zeroed by publish()
 assert _LAYOUT.size == KEYSLOT_SIZE
 
 
@@ -120,6 +121,16 @@ class KeySlots:
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN, 8, offset, os.SEEK_SET)
         return first
+
+    def write_received(self, slot: int, high: int) -> None:
+        """The owning worker's note of the largest counter it accepted (single writer), so a
+        restarted worker can refuse replays of what came before (ReplayWindow.resume)."""
+        _COUNTER.pack_into(self.shm.view, slot * KEYSLOT_SIZE + _RECEIVED_OFFSET, high + 1)
+
+    def received(self, slot: int) -> int | None:
+        """The largest counter the owner noted, or None if it noted nothing yet."""
+        value = _COUNTER.unpack_from(self.shm.view, slot * KEYSLOT_SIZE + _RECEIVED_OFFSET)[0]
+        return value - 1 if value else None
 
     def counter(self, slot: int) -> int:
         """The next unreserved counter (a hint without the lock: for rekey checks and for

@@ -54,6 +54,21 @@ class ReplayWindow:
         self._ring = [0] * REPLAY_WINDOW_WORDS
         self._slot = 0
 
+    def resume(self, high: int) -> None:
+        """A window in which every counter up to `high` counts as seen: for a worker that
+        restarts and lost the window it had, so that packets captured before cannot be
+        replayed (counters above `high` are accepted as usual, out of order too)."""
+        self._last = high
+        self._ring = [(1 << _WORD_BITS) - 1] * REPLAY_WINDOW_WORDS
+        self._slot = (high >> _WORD_BITS_LOG) & _RING_MASK
+        # Keep the invariant of `accept`: no bit above `_last` in its own word is set.
+        self._ring[self._slot] = (1 << ((high & _BIT_MASK) + 1)) - 1
+
+    @property
+    def last(self) -> int:
+        """The largest counter accepted so far (0 when fresh)."""
+        return self._last
+
     def accept(self, counter: int, limit: int = REJECT_AFTER_MESSAGES) -> bool:
         """Check `counter` and mark it seen; False if too old, a duplicate, or `>= limit`."""
         last = self._last

@@ -1,0 +1,84 @@
+"""Control's sans-I/O `Interface`: the rules the live tests in tests/integration/*_live.py
+found broken, checked here without root or a network."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from wgmp.control.interface import Interface, Rng
+from wgmp.ipc.channel import Kind
+from wgmp.ipc.keyslots import KeySlots
+from wgmp.protocol.constants import MESSAGE_INITIATION
+from wgmp.protocol.cookie import CookieChecker
+from wgmp.protocol.crypto import DH_GENERATE
+from wgmp.protocol.noise import StaticIdentity
+
+ENDPOINT = ("192.0.2.2", 51821)
+
+
+class _Random(random.Random, Rng):
+    """Seeded randomness with both methods control uses (`random`, `getrandbits`)."""
+
+
+@pytest.fixture
+def interface() -> Interface:
+    rng = _Random(7)
+    iface = Interface(KeySlots.create(64), rng)
+    iface.set_private_key(DH_GENERATE(rng), now=0.0)
+    return iface
+
+
+def _peer_key(seed: int) -> bytes:
+    return StaticIdentity.from_private_key(DH_GENERATE(random.Random(seed))).public_key
+
+
+def _initiations(iface: Interface) -> list[bytes]:
+    sent = [data for data, _ in iface.datagrams if data[0] == MESSAGE_INITIATION]
+    iface.datagrams.clear()
+    return sent
+
+
+def test_padding_mtu_is_the_smallest_of_interface_and_route_mtus(interface: Interface) -> None:
+    interface.set_mtu(1300)
+    assert interface.padding_mtu == 1300
+    interface.set_route_mtu(1299)
+    assert interface.padding_mtu == 1299
+    interface.set_mtu(1280)
+    assert interface.padding_mtu == 1280
+    interface.set_route_mtu(None)
+    interface.set_mtu(1420)
+    mtus = [command[1] for command in interface.commands if command[0] == Kind.MTU]
+    assert mtus == [1300, 1299, 1280, 1280, 1420]  # what the workers were told each time
+
+
+def test_a_new_private_key_lets_the_next_packet_handshake_at_once(interface: Interface) -> None:
+    peer = interface.peer(_peer_key(1), now=0.0)
+    interface.set_endpoint(peer, ENDPOINT)
+    interface.need_handshake(peer.peer_id, now=1.0, wall_ns=1)
+    assert len(_initiations(interface)) == 1
+    interface.set_private_key(DH_GENERATE(random.Random(2)), now=2.0)
+    # Within REKEY_TIMEOUT of the last initiation, yet the sessions went with the old key.
+    interface.need_handshake(peer.peer_id, now=2.5, wall_ns=2)
+    assert len(_initiations(interface)) == 1
+    interface.need_handshake(peer.peer_id, now=3.0, wall_ns=3)  # the usual limit is back
+    assert _initiations(interface) == []
+
+
+def test_cookie_reply_neither_moves_the_endpoint_nor_counts_as_received(
+    interface: Interface,
+) -> None:
+    public_key = _peer_key(1)
+    peer = interface.peer(public_key, now=0.0)
+    interface.set_endpoint(peer, ENDPOINT)
+    interface.need_handshake(peer.peer_id, now=1.0, wall_ns=1)
+    (initiation,) = _initiations(interface)
+    sender_index = int.from_bytes(initiation[4:8], "little")
+    reply = CookieChecker(public_key).create_reply(
+        initiation, sender_index, b"", now=0.0, rng=random.Random(3)
+    )
+    interface.receive_handshake(reply.pack(), ("203.0.113.9", 40000), now=1.5, wall_ns=2)
+    assert peer.cookie_generator.has_cookie  # it opened: a real reply to our initiation
+    assert peer.endpoint == ENDPOINT
+    assert peer.control_rx_bytes == 0

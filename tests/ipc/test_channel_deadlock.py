@@ -1,0 +1,90 @@
+"""Control and a worker that both write more than a pipe holds do not wait for each other
+forever (wgmp/ipc/channel.py): control's end reads while it waits to write.
+
+The shape of what a handshake flood from many configured peers did to the daemon: control
+sent keypair installs and removals faster than its worker read them, while the worker sent an
+acknowledgement for each removal that control, busy with the flood, did not read; both pipes
+filled and both processes slept in the kernel for good.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+
+from wgmp.ipc.channel import Channel, Kind
+
+COUNT = 20000  # ~ 1 MB each way: far past a socketpair's buffer
+
+
+def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
+    control, theirs = Channel.pair()
+    worker = Channel(theirs)  # a worker's end: blocking writes, as in the worker process
+    got_by_worker: list[list[object]] = []
+
+    def worker_side() -> None:
+        # Write everything first without reading (as a worker busy acknowledging removals),
+        # then read what control sent.
+        for n in range(COUNT):
+            worker.send(Kind.REMOVED, n)
+        while len(got_by_worker) < COUNT:
+            if select.select([worker], [], [], 10)[0]:
+                messages = worker.receive()
+                assert messages is not None
+                got_by_worker.extend(messages)
+            else:
+                break
+
+    thread = threading.Thread(target=worker_side, daemon=True)
+    thread.start()
+    try:
+        # Control writes everything without reading in between (as during a batch of
+        # handshakes); before the fix this blocked forever once both pipes were full.
+        writer = threading.Thread(
+            target=lambda: [control.send(Kind.KEYPAIR_INSTALL, n, 1) for n in range(COUNT)],
+            daemon=True,
+        )
+        writer.start()
+        writer.join(30)
+        assert not writer.is_alive(), "control's writes never finished: deadlock"
+        assert control.pending  # it read the worker's messages while it waited
+        got_by_control: list[list[object]] = []
+        while len(got_by_control) < COUNT:
+            messages = control.receive()
+            assert messages is not None
+            got_by_control.extend(messages)
+            if len(got_by_control) < COUNT:
+                assert select.select([control], [], [], 10)[0], len(got_by_control)
+        assert not control.pending
+        thread.join(30)
+        assert got_by_control == [[Kind.REMOVED, n] for n in range(COUNT)]
+        assert got_by_worker == [[Kind.KEYPAIR_INSTALL, n, 1] for n in range(COUNT)]
+    finally:
+        # Wake anything still blocked (on a regression) before closing.
+        for sock in (control.sock, worker.sock):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        control.close()
+        worker.close()
+
+
+def test_the_other_end_gone_while_waiting_to_write_is_an_oserror_after_its_messages() -> None:
+    control, theirs = Channel.pair()
+    worker = Channel(theirs)
+    worker.send(Kind.READY, 0, 1)
+    worker.close()
+    try:
+        raised = False
+        try:
+            for n in range(COUNT):  # fills the pipe: nobody reads the other end any more
+                control.send(Kind.KEYPAIR_INSTALL, n, 1)
+        except OSError:
+            raised = True
+        assert raised
+        assert control.receive() == [[Kind.READY, 0, 1]]
+        assert control.receive() is None
+    finally:
+        control.close()

@@ -1,0 +1,263 @@
+"""KeySlots (wgmp/ipc/keyslots.py): what control publishes is what workers read, slots are
+recycled clean, and send counters reserved in blocks from several processes at once are
+never handed out twice, even when a process dies holding the counter's lock.
+
+No root needed. The processes are forked with multiprocessing and attach the table by its
+descriptor, as workers do (`KeySlots.attach`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pytest
+
+from wgmp.ipc import keyslots as keyslots_module
+from wgmp.ipc.keyslots import KEYSLOT_SIZE, KeySlot, KeySlots
+
+CTX = multiprocessing.get_context("fork")
+PROCESSES = 4
+RESERVATIONS = 2000
+MAX_BLOCK = 300  # random block sizes 1..MAX_BLOCK (workers take 256, keepalives 1)
+
+
+@pytest.fixture
+def table() -> Any:
+    slots = KeySlots.create(8)
+    yield slots
+    slots.shm.close()
+
+
+def _publish(table: KeySlots, n: int = 1) -> int:
+    return table.publish(
+        local_index=0x1234_5600 + n,
+        remote_index=0xABCD_0000 + n,
+        peer_id=n,
+        is_initiator=bool(n % 2),
+        created=1000.25 + n,
+        send_key=bytes([n]) * 32,
+        receive_key=bytes([n + 100]) * 32,
+    )
+
+
+def _run(target: Any, *args: Any) -> Any:
+    process = CTX.Process(target=target, args=args, daemon=True)
+    process.start()
+    return process
+
+
+def _stop(processes: list[Any]) -> None:
+    """Kill (by PID) whatever a failed test left running."""
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGKILL)
+        process.join(5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing, reading, recycling
+
+
+def test_publish_read_round_trip(table: KeySlots) -> None:
+    first, second = _publish(table, 1), _publish(table, 2)
+    assert first != second
+    assert table.read(first) == KeySlot(
+        first, 0x1234_5601, 0xABCD_0001, 1, True, 1001.25, b"\x01" * 32, bytes([101]) * 32
+    )
+    assert table.read(second) == KeySlot(
+        second, 0x1234_5602, 0xABCD_0002, 2, False, 1002.25, b"\x02" * 32, bytes([102]) * 32
+    )
+    assert table.counter(first) == table.counter(second) == 0
+    assert table.capacity == 8 and table.shm.size == 8 * KEYSLOT_SIZE
+
+
+def _read_attached(fd: int, slot: int, conn: Connection) -> None:
+    worker_view = KeySlots.attach(fd)
+    conn.send((worker_view.read(slot), worker_view.reserve(slot, 5), worker_view._free))
+
+
+def test_a_process_attached_by_descriptor_reads_what_control_published(table: KeySlots) -> None:
+    slot = _publish(table, 7)
+    table.reserve(slot, 3)
+    ours, theirs = CTX.Pipe()
+    process = _run(_read_attached, table.shm.fd, slot, theirs)
+    try:
+        assert ours.poll(10)
+        read, first, free = ours.recv()
+    finally:
+        _stop([process])
+    assert read == table.read(slot)
+    assert first == 3 and table.counter(slot) == 8  # the counter lives in shared memory
+    assert free == []  # workers never allocate
+
+
+def test_release_zeroes_and_recycles_the_slot(table: KeySlots) -> None:
+    slots = [_publish(table, n) for n in range(table.capacity)]
+    assert sorted(slots) == list(range(table.capacity))
+    with pytest.raises(MemoryError):
+        _publish(table, 99)
+    victim = slots[3]
+    table.reserve(victim, 1000)
+    table.release(victim)
+    offset = victim * KEYSLOT_SIZE
+    assert bytes(table.shm.view[offset : offset + KEYSLOT_SIZE]) == bytes(KEYSLOT_SIZE)
+    assert table.read(slots[4]).peer_id == 4  # the neighbours are untouched
+    again = _publish(table, 42)
+    assert again == victim  # the only free slot
+    assert table.counter(again) == 0  # a recycled slot starts counting afresh
+    assert table.read(again).local_index == 0x1234_5600 + 42
+
+
+# ---------------------------------------------------------------------------------------------
+# Counters reserved from several processes at once
+
+
+def _storm(fd: int, slot: int, seed: int, start: Any, conn: Connection) -> None:
+    table = KeySlots.attach(fd)
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, MAX_BLOCK) for _ in range(RESERVATIONS)]
+    blocks = []
+    start.wait()
+    for size in sizes:
+        blocks.append((table.reserve(slot, size), size))
+        os.sched_yield()  # 2000 reservations fit in one time slice: let the others in
+    conn.send(blocks)
+
+
+def _check_disjoint(blocks: list[tuple[int, int]]) -> int:
+    """The blocks tile [0, total) exactly: no counter twice, none skipped; returns total."""
+    expected = 0
+    for first, size in sorted(blocks):
+        assert first == expected, f"block at {first} overlaps or leaves a gap (expected {expected})"
+        expected = first + size
+    return expected
+
+
+def test_concurrent_reservations_never_hand_out_a_counter_twice(table: KeySlots) -> None:
+    slots = [_publish(table, 1), _publish(table, 2)]  # two keypairs reserved at the same time
+    start = CTX.Barrier(PROCESSES * len(slots))
+    pipes, processes = [], []
+    try:
+        for n in range(PROCESSES):
+            for slot in slots:
+                ours, theirs = CTX.Pipe(duplex=False)
+                pipes.append((slot, ours))
+                processes.append(_run(_storm, table.shm.fd, slot, n * 10 + slot, start, theirs))
+        results: dict[int, list[tuple[int, int, int]]] = {slot: [] for slot in slots}
+        for n, (slot, conn) in enumerate(pipes):
+            assert conn.poll(60), "a reserving process hung"
+            blocks = conn.recv()
+            assert len(blocks) == RESERVATIONS
+            results[slot].extend((first, size, n) for first, size in blocks)
+    finally:
+        _stop(processes)
+    for slot in slots:
+        blocks = [(first, size) for first, size, _ in results[slot]]
+        total = _check_disjoint(blocks)
+        assert total == sum(size for _, size in blocks)
+        assert table.counter(slot) == total  # exactly the sum: no update lost
+        # The processes really ran at the same time: in counter order, who reserved changes
+        # hands far more often than once per process.
+        owners = [n for _, _, n in sorted(results[slot])]
+        switches = sum(a != b for a, b in zip(owners, owners[1:], strict=False))
+        assert switches > 10 * PROCESSES, switches
+
+
+class _StallingCounter:
+    """Stands in for keyslots._COUNTER in a child: reserve() reads the counter under its lock,
+    then this says so and sleeps there until the process is killed."""
+
+    def __init__(self, real: Any, inside: Any) -> None:
+        self.real = real
+        self.inside = inside
+
+    def unpack_from(self, *args: Any) -> Any:
+        self.inside.set()
+        time.sleep(3600)
+        return self.real.unpack_from(*args)
+
+    def pack_into(self, *args: Any) -> Any:
+        return self.real.pack_into(*args)
+
+
+def _hold_the_lock(fd: int, slot: int, inside: Any) -> None:
+    table = KeySlots.attach(fd)
+    keyslots_module._COUNTER = _StallingCounter(keyslots_module._COUNTER, inside)  # type: ignore[assignment]
+    table.reserve(slot, 256)
+
+
+def _reserve_once(fd: int, slot: int, count: int, conn: Connection) -> None:
+    conn.send(KeySlots.attach(fd).reserve(slot, count))
+
+
+def test_a_process_killed_while_holding_the_lock_does_not_wedge_the_others(
+    table: KeySlots,
+) -> None:
+    slot = _publish(table, 1)
+    table.reserve(slot, 100)
+    inside = CTX.Event()
+    holder = _run(_hold_the_lock, table.shm.fd, slot, inside)
+    ours, theirs = CTX.Pipe(duplex=False)
+    waiter = None
+    try:
+        assert inside.wait(10), "the holder never got into reserve()"
+        waiter = _run(_reserve_once, table.shm.fd, slot, 10, theirs)
+        # The lock is really held: the other process waits for it.
+        assert not ours.poll(0.5), "reserve() did not wait for the lock another process held"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(5)
+        assert holder.exitcode == -signal.SIGKILL
+        # The kernel dropped the dead process's lock: the waiter goes on at once.
+        assert ours.poll(5), "the lock died with its holder but the waiter is still stuck"
+        assert ours.recv() == 100  # the killed process never got its block
+        assert table.reserve(slot, 1) == 110
+        assert table.counter(slot) == 111
+    finally:
+        _stop([p for p in (holder, waiter) if p is not None])
+
+
+def _reserve_forever(fd: int, slot: int) -> None:
+    table = KeySlots.attach(fd)
+    while True:
+        table.reserve(slot, 1)
+
+
+def test_killing_a_reserving_process_at_a_random_moment_leaves_the_others_going(
+    table: KeySlots,
+) -> None:
+    slot = _publish(table, 1)
+    start = CTX.Barrier(3)
+    pipes, processes = [], []
+    try:
+        for n in range(2):
+            ours, theirs = CTX.Pipe(duplex=False)
+            pipes.append(ours)
+            processes.append(_run(_storm, table.shm.fd, slot, 100 + n, start, theirs))
+        victims = []
+        for _ in range(5):  # killed repeatedly, wherever they are (often inside the lock)
+            victim = _run(_reserve_forever, table.shm.fd, slot)
+            victims.append(victim)
+            processes.append(victim)
+            if len(victims) == 1:
+                start.wait()
+            time.sleep(0.05)
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(5)
+        blocks = []
+        for conn in pipes:
+            assert conn.poll(60), "a reserving process was wedged by a killed one"
+            blocks.extend(conn.recv())
+    finally:
+        _stop(processes)
+    # The survivors' blocks never overlap (the victims' single counters fill the gaps).
+    ends = sorted(blocks)
+    for (first, size), (following, _) in zip(ends, ends[1:], strict=False):
+        assert first + size <= following
+    assert table.counter(slot) >= sum(size for _, size in blocks)
+    assert table.reserve(slot, 1) == table.counter(slot) - 1
