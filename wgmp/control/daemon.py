@@ -257,11 +257,14 @@ class Daemon:
             except OSError:
                 continue
             backlog.append((data, (address[0], address[1])))
-        now = time.monotonic()
-        self.interface.note_backlog(len(backlog), now)
-        wall = time.time_ns()
+        self.interface.note_backlog(len(backlog), time.monotonic())
+        monotonic, time_ns = time.monotonic, time.time_ns
         for data, source in backlog:
-            self.interface.receive_handshake(data, source, now, wall)
+            # Each message at the time it is handled, as wireguard-go does: a backlog can take
+            # a second to get through, and the 20 ms rule, the rate limiter and the timers are
+            # about when a message is handled (with one time for the whole batch, a peer's
+            # second initiation in it was refused as a flood after a DH was spent on it).
+            self.interface.receive_handshake(data, source, monotonic(), time_ns())
             self._drain_outputs()
 
     def _drain_outputs(self) -> None:

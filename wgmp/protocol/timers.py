@@ -15,6 +15,7 @@ share the attempt counter and the "last-minute handshake" flag with the timers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -112,6 +113,10 @@ class PeerTimers:
         self._persistent_keepalive_interval = 0
         self._last_sent_handshake: float | None = None
         self._last_handshake: float | None = None
+        # Called with every deadline armed. Arming is the only way a peer's next deadline can
+        # move earlier, so this lets the control plane keep one queue of deadlines for all its
+        # peers instead of asking each of them on every turn of its loop (control/interface.py).
+        self.on_arm: Callable[[float], None] | None = None
 
     # -- state the control plane reads ---------------------------------------------------------
 
@@ -158,6 +163,8 @@ class PeerTimers:
 
     def _arm(self, timer: _Timer, deadline: float) -> None:
         self._deadlines[timer] = deadline
+        if self.on_arm is not None:
+            self.on_arm(deadline)
 
     def _cancel(self, timer: _Timer) -> None:
         self._deadlines[timer] = None
