@@ -18,6 +18,10 @@ cleanup() {
     set +e
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
+    # Anything still inside our namespaces was started by this script: stop it, by PID.
+    for ns in "$ns_a" "$ns_b"; do
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill "$pid" 2>/dev/null; done
+    done
     ip netns del "$ns_a" 2>/dev/null
     ip netns del "$ns_b" 2>/dev/null
     rm -rf "$work"
@@ -39,8 +43,10 @@ wg genkey > "$work/a.key"; wg genkey > "$work/b.key"
 pub_a=$(wg pubkey < "$work/a.key"); pub_b=$(wg pubkey < "$work/b.key")
 
 echo "== wgmp --workers $WORKERS in $ns_a, wireguard-go in $ns_b"
-in_a wgmp -f --workers "$WORKERS" "$if_a" & pids+=($!)
-in_b wireguard-go -f "$if_b" >/dev/null 2>&1 & pids+=($!)
+# Started directly (not through the in_a/in_b functions): $! must be the daemon itself, not a
+# subshell around it, so that cleanup stops the daemon by its PID.
+ip netns exec "$ns_a" wgmp -f --workers "$WORKERS" "$if_a" & pids+=($!)
+ip netns exec "$ns_b" wireguard-go -f "$if_b" >/dev/null 2>&1 & pids+=($!)
 for _ in $(seq 100); do
     [ -S "/var/run/wireguard/$if_a.sock" ] && [ -S "/var/run/wireguard/$if_b.sock" ] && break
     sleep 0.1
@@ -59,7 +65,7 @@ in_a ping -c 5 -i 0.2 -W 3 198.51.100.2
 in_a ping -c 3 -i 0.2 -W 3 fd00:5::2
 
 echo "== iperf3, 5 s, wgmp -> wireguard-go"
-in_b iperf3 -s -1 -B 198.51.100.2 >/dev/null 2>&1 & pids+=($!)
+ip netns exec "$ns_b" iperf3 -s -1 -B 198.51.100.2 >/dev/null 2>&1 & pids+=($!)
 sleep 0.5
 in_a iperf3 -c 198.51.100.2 -t 5 -f m | tail -4
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,3 +155,16 @@ def _stop_daemons(daemons: list[UserspaceWireGuard], failed: bool) -> None:
                 print(f"--- {' '.join(daemon.command)} {daemon.ifname} in {daemon.ns.name} ---")
                 print(daemon.log())
             daemon.close()
+
+
+@pytest.fixture
+def pair(
+    netns_factory: Callable[..., Netns],
+    userspace_wireguard: Callable[..., UserspaceWireGuard],
+    wireguard_go: Callable[..., WireGuardGo],
+) -> Callable[..., Any]:
+    """`pair(workers=1, mtu=None)`: a fresh wgmp / wireguard-go pair on its own veth link
+    (tests/integration/livepair.py), for the tests of the protocol's behaviour over time."""
+    from tests.integration.livepair import pair_factory
+
+    return pair_factory(netns_factory, userspace_wireguard, wireguard_go)

@@ -26,8 +26,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from tests.integration.livepair import (
     TUNNEL_PEER,
     TUNNEL_WGMP,
@@ -36,7 +34,6 @@ from tests.integration.livepair import (
     Pair,
     answered,
     dropped,
-    pair_factory,
     ping,
     start_pair,
     total,
@@ -44,7 +41,6 @@ from tests.integration.livepair import (
     wgmp_stats,
 )
 from tests.integration.netns import (
-    Netns,
     UserspaceWireGuard,
     VethLink,
     WireGuardGo,
@@ -53,16 +49,6 @@ from tests.integration.netns import (
 from tests.protocol.test_noise import LOW_ORDER_POINTS
 
 PairFactory = Callable[..., Pair]
-
-
-@pytest.fixture
-def pair(
-    netns_factory: Callable[..., Netns],
-    userspace_wireguard: Callable[..., UserspaceWireGuard],
-    wireguard_go: Callable[..., WireGuardGo],
-) -> PairFactory:
-    """`pair(workers=1)`: a fresh wgmp / wireguard-go pair on its own veth link."""
-    return pair_factory(netns_factory, userspace_wireguard, wireguard_go)
 
 
 def _secret(tmp_path: Path, value: str) -> Path:

@@ -36,7 +36,7 @@ from tests.integration.corepeer import (
     parse_echo,
     sockaddr_source,
 )
-from tests.integration.netns import Netns, VethLink, WireGuardGo, keypair, veth_pair
+from tests.integration.netns import Netns, VethLink, WireGuardGo, keypair, veth_pair, wait_for
 from wgmp.protocol.constants import (
     MAC_LEN,
     MESSAGE_COOKIE_REPLY_SIZE,
@@ -142,17 +142,6 @@ def _parse_endpoint(text: str) -> tuple[str, int]:
 def _wg_peer(bed: Bed) -> dict[str, str]:
     our_public = base64.b64encode(bed.peer.identity.public_key).decode()
     return bed.wg.show()[our_public]
-
-
-def _wait_for(what: str, probe: Callable[[], object], timeout: float = 3.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _find_peer(peer: CorePeer) -> Callable[[bytes], Handshake | None]:
@@ -265,7 +254,7 @@ def _initiator_session(bed: Bed) -> list[int]:
     keepalive = peer.seal(b"")
     assert len(keepalive) == MESSAGE_TRANSPORT_MIN_SIZE
     peer.sendto(keepalive, bed.wg_addr)
-    _wait_for(
+    wait_for(
         "wireguard-go to confirm the session", lambda: _wg_peer(bed)["latest_handshake"] != "0"
     )
 
@@ -327,7 +316,7 @@ def test_wg_show_reports_handshake_and_transfer(testbed: Callable[..., Bed]) -> 
         )
 
     try:
-        info = _wait_for("wg show's transfer to match", settled, timeout=2)
+        info = wait_for("wg show's transfer to match", settled, timeout=2)
     except AssertionError:
         info = _wg_peer(bed)
         raise AssertionError(

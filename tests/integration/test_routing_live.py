@@ -25,8 +25,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from tests.integration.livepair import (
     PEER_PORT,
     TUNNEL_PEER,
@@ -38,15 +36,12 @@ from tests.integration.livepair import (
     answered,
     dropped,
     nft_input,
-    pair_factory,
     ping,
     send_udp,
     wgmp_stats,
 )
 from tests.integration.netns import (
     Netns,
-    UserspaceWireGuard,
-    WireGuardGo,
     keypair,
     wait_for,
 )
@@ -54,16 +49,6 @@ from wgmp.protocol.cookie import CookieChecker
 
 SINK_PORT = 7777
 PairFactory = Callable[..., Pair]
-
-
-@pytest.fixture
-def pair(
-    netns_factory: Callable[..., Netns],
-    userspace_wireguard: Callable[..., UserspaceWireGuard],
-    wireguard_go: Callable[..., WireGuardGo],
-) -> PairFactory:
-    """`pair(workers=1, mtu=None)`: a fresh wgmp / wireguard-go pair on its own veth link."""
-    return pair_factory(netns_factory, userspace_wireguard, wireguard_go)
 
 
 def _send_from(ns: Netns, source: tuple[str, int], payload: bytes, to: tuple[str, int]) -> None:

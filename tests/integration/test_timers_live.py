@@ -41,14 +41,12 @@ from tests.integration.livepair import (
     dropped,
     nft_flush,
     nft_input,
-    pair_factory,
     ping,
     send_udp,
     total,
 )
 from tests.integration.netns import (
     Netns,
-    UserspaceWireGuard,
     WireGuardGo,
     connect_peers,
     veth_pair,
@@ -66,16 +64,6 @@ LATE = 1.0  # how late a timer may fire on a loaded, shared two-core machine
 SINK_PORT = 7777
 
 PairFactory = Callable[..., Pair]
-
-
-@pytest.fixture
-def pair(
-    netns_factory: Callable[..., Netns],
-    userspace_wireguard: Callable[..., UserspaceWireGuard],
-    wireguard_go: Callable[..., WireGuardGo],
-) -> PairFactory:
-    """`pair(workers=1)`: a fresh wgmp / wireguard-go pair on its own veth link."""
-    return pair_factory(netns_factory, userspace_wireguard, wireguard_go)
 
 
 # ---------------------------------------------------------------------------------------------

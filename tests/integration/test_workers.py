@@ -53,6 +53,7 @@ from tests.integration.netns import (
     Netns,
     UserspaceWireGuard,
     veth_pair,
+    wait_for,
 )
 from wgmp.dataplane.worker import FLUSH_INTERVAL
 
@@ -206,24 +207,13 @@ def kill_and_wait_for_restart(daemon: UserspaceWireGuard, worker: int) -> int:
     start its replacement and for that to run and write its stats block once; the new PID."""
     old = worker_pids(daemon)[worker]
     os.kill(old, signal.SIGKILL)
-    new = wait_until(
+    new = wait_for(
         f"worker {worker} to be restarted",
         lambda: (pid := worker_pids(daemon).get(worker)) not in (None, old) and pid,
     )
-    wait_until(f"worker {worker} to run", lambda: _in_its_loop(new))  # type: ignore[arg-type]
+    wait_for(f"worker {worker} to run", lambda: _in_its_loop(new))  # type: ignore[arg-type]
     time.sleep(3 * FLUSH_INTERVAL)  # its first flush overwrites what the dead one left
     return new  # type: ignore[return-value]
-
-
-def wait_until(what: str, probe: Callable[[], object], timeout: float = 5.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def latest_handshakes(daemon: UserspaceWireGuard) -> dict[str, str]:
@@ -259,7 +249,7 @@ def iperf3(
                 )
             )
         for server_ns, _ in servers:
-            wait_until("iperf3 to listen", lambda ns=server_ns: _listening(ns, port))
+            wait_for("iperf3 to listen", lambda ns=server_ns: _listening(ns, port))
         for client_ns, _, address in pairs:
             argv = ["iperf3", "-c", address, "-p", str(port), "-J", *args]
             clients.append(
@@ -490,7 +480,7 @@ def test_killed_worker_is_restarted_without_a_handshake(
         time.sleep(KILL_AFTER)
         killed_at = time.time()
         os.kill(pids[victim], signal.SIGKILL)
-        restarted = wait_until(
+        restarted = wait_for(
             "control to restart the worker",
             lambda: (p := worker_pids(hub).get(victim)) not in (None, pids[victim]) and p,
             timeout=5,
@@ -572,7 +562,7 @@ def test_workers_auto_is_one_per_usable_cpu(
     daemon = userspace_wireguard(netns_factory("auto"), command)
     assert daemon.proc is not None
     assert len(psutil.Process(daemon.proc.pid).cpu_affinity()) == (1 if pinned else expected)
-    wait_until(f"{expected} workers", lambda: len(worker_pids(daemon)) == expected)
+    wait_for(f"{expected} workers", lambda: len(worker_pids(daemon)) == expected)
     time.sleep(0.3)  # and no more come
     assert sorted(worker_pids(daemon)) == list(range(expected))
     assert sorted(metrics(daemon).up) == list(range(expected))
@@ -615,7 +605,7 @@ for _ in range(count):
             }
             return grown if sum(grown.values()) >= PROBES else None
 
-        result[worker] = wait_until("the probes to be counted", counted)  # type: ignore[assignment]
+        result[worker] = wait_for("the probes to be counted", counted)  # type: ignore[assignment]
     return result
 
 
