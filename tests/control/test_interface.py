@@ -4,6 +4,7 @@ found broken, checked here without root or a network."""
 from __future__ import annotations
 
 import random
+import socket
 
 import pytest
 
@@ -11,9 +12,9 @@ from wgmp.control.interface import Interface, Rng
 from wgmp.ipc.channel import Kind
 from wgmp.ipc.keyslots import KeySlots
 from wgmp.protocol.constants import MESSAGE_INITIATION
-from wgmp.protocol.cookie import CookieChecker
+from wgmp.protocol.cookie import CookieChecker, CookieGenerator
 from wgmp.protocol.crypto import DH_GENERATE
-from wgmp.protocol.noise import StaticIdentity
+from wgmp.protocol.noise import Handshake, StaticIdentity
 
 ENDPOINT = ("192.0.2.2", 51821)
 
@@ -35,7 +36,7 @@ def _peer_key(seed: int) -> bytes:
 
 
 def _initiations(iface: Interface) -> list[bytes]:
-    sent = [data for data, _ in iface.datagrams if data[0] == MESSAGE_INITIATION]
+    sent = [data for data, *_ in iface.datagrams if data[0] == MESSAGE_INITIATION]
     iface.datagrams.clear()
     return sent
 
@@ -82,3 +83,24 @@ def test_cookie_reply_neither_moves_the_endpoint_nor_counts_as_received(
     assert peer.cookie_generator.has_cookie  # it opened: a real reply to our initiation
     assert peer.endpoint == ENDPOINT
     assert peer.control_rx_bytes == 0
+
+
+def test_answers_leave_from_the_address_the_peer_contacted(interface: Interface) -> None:
+    """The response goes out with the pktinfo the initiation came with (sticky source), and
+    the workers are told to use it too; a new local address after roaming replaces it."""
+    rng = _Random(11)
+    theirs = StaticIdentity.from_private_key(DH_GENERATE(rng))
+    assert interface.identity is not None
+    ours = interface.identity.public_key
+    peer = interface.peer(theirs.public_key, now=0.0)
+    initiation = Handshake(theirs, ours).create_initiation(
+        sender_index=5, unix_time_ns=10**18, rng=rng
+    )
+    packed = CookieGenerator(ours).add_macs(initiation.pack(), now=0.0)
+    local = (socket.IPPROTO_IP, 8, bytes(4) + bytes([192, 0, 2, 10]) + bytes(4))
+    interface.receive_handshake(packed, ENDPOINT, 1.0, 10**18, local)
+    assert interface.datagrams[-1][1:] == (ENDPOINT, local)
+    assert [Kind.ENDPOINT, peer.peer_id, list(ENDPOINT), list(local)] in interface.commands
+    elsewhere = (socket.IPPROTO_IP, 8, bytes(4) + bytes([192, 0, 2, 11]) + bytes(4))
+    interface.roamed(peer.peer_id, ENDPOINT, elsewhere)
+    assert peer.local == elsewhere

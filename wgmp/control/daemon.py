@@ -28,7 +28,7 @@ from ..stats.block import StatsBlock
 from ..uapi import protocol as uapi
 from ..uapi.server import UAPIServer
 from .interface import Interface
-from .peer import Peer
+from .peer import Local, Peer
 from .route_mtu import RouteMTUWatcher
 from .supervisor import RESTART_BACKOFF, Supervisor, WorkerHandle
 
@@ -39,6 +39,11 @@ KEYSLOT_CAPACITY = 1 << 16
 # The TUN takes virtio-net headers so workers can write GSO super-packets (dataplane/coalesce.py).
 TUN_VNET_HDR = True
 STATS_FLUSH_TIMEOUT = 0.3
+IP_PKTINFO = 8  # linux/in.h; the socket module of Python 3.11 lacks it
+_PKTINFO = {(socket.IPPROTO_IP, IP_PKTINFO), (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)}
+_PKTINFO_SPACE = socket.CMSG_SPACE(20)  # in6_pktinfo, the larger of the two
+# Sending from an address that is no longer ours: EINVAL (IPv6), ENETUNREACH/EADDRNOTAVAIL (IPv4)
+_STALE_SOURCE_ERRNOS = {errno.EINVAL, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
 SOCKET_CHECK_INTERVAL = 0.5
 
 
@@ -248,23 +253,24 @@ class Daemon:
     # -- handshakes --------------------------------------------------------------------------
 
     def _on_handshake_socket(self, sock: socket.socket) -> None:
-        backlog: list[tuple[bytes, tuple[str, int]]] = []
+        backlog: list[tuple[bytes, tuple[str, int], Local | None]] = []
         while len(backlog) < MAX_QUEUED_INCOMING_HANDSHAKES:
             try:
-                data, address = sock.recvfrom(2048)
+                data, ancillary, _, address = sock.recvmsg(2048, _PKTINFO_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 continue
-            backlog.append((data, (address[0], address[1])))
+            local = next((c for c in ancillary if (c[0], c[1]) in _PKTINFO), None)
+            backlog.append((data, (address[0], address[1]), local))
         self.interface.note_backlog(len(backlog), time.monotonic())
         monotonic, time_ns = time.monotonic, time.time_ns
-        for data, source in backlog:
+        for data, source, local in backlog:
             # Each message at the time it is handled, as wireguard-go does: a backlog can take
             # a second to get through, and the 20 ms rule, the rate limiter and the timers are
             # about when a message is handled (with one time for the whole batch, a peer's
             # second initiation in it was refused as a flood after a DH was spent on it).
-            self.interface.receive_handshake(data, source, monotonic(), time_ns())
+            self.interface.receive_handshake(data, source, monotonic(), time_ns(), local)
             self._drain_outputs()
 
     def _drain_outputs(self) -> None:
@@ -275,15 +281,23 @@ class Daemon:
 
     def _drain_datagrams(self) -> None:
         interface = self.interface
-        for message, (host, port) in interface.datagrams:
+        for message, (host, port), local in interface.datagrams:
             family = 6 if ":" in host else 4
             sock = self.control_sockets.get(family)
             if sock is None:
                 continue
+            address = (host, port, 0, 0) if family == 6 else (host, port)
             try:
-                sock.sendto(message, (host, port, 0, 0) if family == 6 else (host, port))
+                # From the address the peer contacted (wireguard-go's sticky sockets).
+                sock.sendmsg([message], [local] if local else [], 0, address)
             except OSError as err:
-                log.debug("send to %s:%d failed: %s", host, port, err)
+                if local and err.errno in _STALE_SOURCE_ERRNOS:
+                    try:  # that address is no longer ours: let routing choose
+                        sock.sendmsg([message], [], 0, address)
+                    except OSError as again:
+                        log.debug("send to %s:%d failed: %s", host, port, again)
+                else:
+                    log.debug("send to %s:%d failed: %s", host, port, err)
         interface.datagrams.clear()
 
     def _drain_commands(self) -> None:
@@ -425,7 +439,10 @@ class Daemon:
         elif kind == Kind.CONFIRMED:
             interface.confirmed(message[1], now, wall)
         elif kind == Kind.ROAMED:
-            interface.roamed(message[1], (message[2][0], message[2][1]))
+            local = message[3] if len(message) > 3 and message[3] else None
+            interface.roamed(
+                message[1], (message[2][0], message[2][1]), tuple(local) if local else None
+            )
         elif kind == Kind.HANDSHAKE_PACKET:
             interface.receive_handshake(message[1], (message[2][0], message[2][1]), now, wall)
         elif kind == Kind.REMOVED:

@@ -37,7 +37,7 @@ from ..protocol.noise import HandshakeState, StaticIdentity, consume_initiation
 from ..protocol.ratelimiter import RateLimiter
 from ..protocol.timers import ActionKind, RandomSource
 from ..protocol.transport import seal_transport
-from .peer import Endpoint, Peer, Prefix
+from .peer import Endpoint, Local, Peer, Prefix
 
 __all__ = ["HandshakeCounters", "Interface", "ROLE_CURRENT", "ROLE_NEXT", "ROLE_PREVIOUS"]
 
@@ -100,7 +100,7 @@ class Interface:
         self.slot_of: dict[Keypair, int] = {}
         self.keypair_at: dict[int, tuple[Peer, Keypair]] = {}
         self._next_worker = 0
-        self.datagrams: list[tuple[bytes, Endpoint]] = []
+        self.datagrams: list[tuple[bytes, Endpoint, Local | None]] = []
         self.commands: list[list[Any]] = []
 
     # -- configuration (driven by UAPI) ----------------------------------------------------
@@ -149,9 +149,13 @@ class Interface:
     def set_preshared_key(self, peer: Peer, key: bytes) -> None:
         peer.handshake.preshared_key = key
 
-    def set_endpoint(self, peer: Peer, endpoint: Endpoint) -> None:
+    def set_endpoint(self, peer: Peer, endpoint: Endpoint, local: Local | None = None) -> None:
+        """Where to send (and, with `local`, the address of ours to send from)."""
         peer.endpoint = endpoint
-        self.commands.append([Kind.ENDPOINT, peer.peer_id, list(endpoint)])
+        peer.local = local
+        self.commands.append(
+            [Kind.ENDPOINT, peer.peer_id, list(endpoint), list(local) if local else None]
+        )
 
     def set_persistent_keepalive(self, peer: Peer, interval: int, now: float, wall_ns: int) -> None:
         peer.persistent_keepalive_interval = interval
@@ -253,10 +257,10 @@ class Interface:
         self.counters.completed += 1
         self._announce_roles(peer)
 
-    def roamed(self, peer_id: int, endpoint: Endpoint) -> None:
+    def roamed(self, peer_id: int, endpoint: Endpoint, local: Local | None = None) -> None:
         peer = self.by_id.get(peer_id)
-        if peer is not None and peer.endpoint != endpoint:
-            self.set_endpoint(peer, endpoint)
+        if peer is not None and (peer.endpoint != endpoint or peer.local != local):
+            self.set_endpoint(peer, endpoint, local)
 
     # -- handshake datagrams --------------------------------------------------------------
 
@@ -268,16 +272,21 @@ class Interface:
     def under_load(self, now: float) -> bool:
         return now < self.under_load_until
 
-    def receive_handshake(self, data: bytes, source: Endpoint, now: float, wall_ns: int) -> None:
-        """One datagram of type 1, 2 or 3 from `source`; bad ones are counted and dropped."""
+    def receive_handshake(
+        self, data: bytes, source: Endpoint, now: float, wall_ns: int, local: Local | None = None
+    ) -> None:
+        """One datagram of type 1, 2 or 3 from `source`, sent to our address `local` (its
+        pktinfo, if known); bad ones are counted and dropped."""
         try:
-            self._receive_handshake(data, source, now, wall_ns)
+            self._receive_handshake(data, source, now, wall_ns, local)
         except ProtocolError as err:
             self.counters.drops[err.reason] += 1
             if err.reason not in (DropReason.MAC_INVALID, DropReason.RATE_LIMITED):
                 self.counters.failed += 1
 
-    def _receive_handshake(self, data: bytes, source: Endpoint, now: float, wall_ns: int) -> None:
+    def _receive_handshake(
+        self, data: bytes, source: Endpoint, now: float, wall_ns: int, local: Local | None
+    ) -> None:
         kind = message_type(data)
         if self.identity is None:
             raise ProtocolError(DropReason.NO_KEY, "no private key")
@@ -300,7 +309,7 @@ class Interface:
                 reply = self.cookie_checker.create_reply(
                     data, msg.sender_index, src, now=now, rng=self.rng
                 )
-                self.datagrams.append((reply.pack(), source))
+                self.datagrams.append((reply.pack(), source, local))
                 self.counters.cookie_replies_sent += 1
                 return
             if not self.rate_limiter.allow(ip, now):
@@ -313,11 +322,11 @@ class Interface:
                 lambda key: self.peers.get(key).handshake if key in self.peers else None,
                 now=now,
             )
-            self._initiation_consumed(self.peers[peer.remote_static], data, source, now, wall_ns)
+            self._initiation_consumed(self.peers[peer.remote_static], data, source, local, now)
         else:
             peer = self._peer_by_index(msg.receiver_index)
             peer.handshake.consume_response(msg)
-            self._response_consumed(peer, data, source, now, wall_ns)
+            self._response_consumed(peer, data, source, local, now, wall_ns)
 
     def _peer_by_index(self, index: int) -> Peer:
         found = self.indices.lookup(index)
@@ -326,10 +335,10 @@ class Interface:
         return found
 
     def _initiation_consumed(
-        self, peer: Peer, data: bytes, source: Endpoint, now: float, wall_ns: int
+        self, peer: Peer, data: bytes, source: Endpoint, local: Local | None, now: float
     ) -> None:
         peer.control_rx_bytes += len(data)
-        self._authenticated_from(peer, source)
+        self._authenticated_from(peer, source, local)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_received(now)
         response = peer.handshake.create_response(sender_index=self._new_index(peer), rng=self.rng)
@@ -340,10 +349,16 @@ class Interface:
         self._send_control(peer, packed, now)
 
     def _response_consumed(
-        self, peer: Peer, data: bytes, source: Endpoint, now: float, wall_ns: int
+        self,
+        peer: Peer,
+        data: bytes,
+        source: Endpoint,
+        local: Local | None,
+        now: float,
+        wall_ns: int,
     ) -> None:
         peer.control_rx_bytes += len(data)
-        self._authenticated_from(peer, source)
+        self._authenticated_from(peer, source, local)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_received(now)
         self._install(peer, Keypair.from_session(peer.handshake.derive_session(), now=now))
@@ -353,9 +368,9 @@ class Interface:
         self.counters.completed += 1
         self.send_keepalive(peer, now, wall_ns)  # confirms the new keypair to the responder
 
-    def _authenticated_from(self, peer: Peer, source: Endpoint) -> None:
-        if peer.endpoint != source:
-            self.set_endpoint(peer, source)
+    def _authenticated_from(self, peer: Peer, source: Endpoint, local: Local | None) -> None:
+        if peer.endpoint != source or peer.local != local:
+            self.set_endpoint(peer, source, local)
 
     # -- what control sends ----------------------------------------------------------------
 
@@ -386,7 +401,7 @@ class Interface:
 
     def _send_control(self, peer: Peer, message: bytes, now: float) -> None:
         assert peer.endpoint is not None
-        self.datagrams.append((message, peer.endpoint))
+        self.datagrams.append((message, peer.endpoint, peer.local))
         peer.control_tx_bytes += len(message)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_sent(now)
@@ -499,5 +514,5 @@ class Interface:
                 self.commands.append([Kind.DROP_STAGED, peer.peer_id])
             elif action.kind == ActionKind.CLEAR_SOURCE and peer.endpoint is not None:
                 # No answer for a while: maybe our address changed. Forget the sticky source
-                # the workers answer from and let routing choose (wireguard-go's ClearSrc).
-                self.commands.append([Kind.ENDPOINT, peer.peer_id, list(peer.endpoint), None])
+                # we answer from and let routing choose (wireguard-go's ClearSrc).
+                self.set_endpoint(peer, peer.endpoint, None)

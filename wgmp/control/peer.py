@@ -11,9 +11,10 @@ from ..protocol.keypair import Keypairs
 from ..protocol.noise import Handshake, StaticIdentity
 from ..protocol.timers import PeerTimers, RandomSource
 
-__all__ = ["Endpoint", "Peer", "Prefix"]
+__all__ = ["Endpoint", "Local", "Peer", "Prefix"]
 
 Endpoint = tuple[str, int]  # (address literal, port)
+Local = tuple[int, int, bytes]  # a pktinfo control message as recvmsg gives it
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -26,6 +27,9 @@ class Peer:
     timers: PeerTimers
     keypairs: Keypairs = field(default_factory=Keypairs)
     endpoint: Endpoint | None = None
+    # The IP_PKTINFO/IPV6_PKTINFO of the peer's last authenticated packet: what we answer
+    # from (wireguard-go's sticky source); None lets routing choose.
+    local: Local | None = None
     persistent_keepalive_interval: int = 0
     prefixes: list[Prefix] = field(default_factory=list)
     last_handshake_ns: int = 0  # Unix time of the last completed handshake, for UAPI
