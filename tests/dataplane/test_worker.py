@@ -208,3 +208,11 @@ def test_only_the_owner_holds_a_receive_window_for_an_index(rig: Any) -> None:
     view, nbytes, size = train([0], index=0x0701)
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
     assert rig.worker.drops[DropReason.UNKNOWN_RECEIVER_INDEX] == 1
+
+
+def test_staged_packets_are_counted_and_written_to_the_stats_block(rig: Any) -> None:
+    for n in range(3):
+        rig.tun.send(VNET_HDR_NONE + _outbound(n))
+    rig.worker._outbound(time.monotonic())
+    rig.worker._flush(time.monotonic())
+    assert rig.worker.stats.staged() == 3

@@ -73,6 +73,7 @@ def sample_device(name: str = "wg0") -> DeviceStats:
                 tx_bytes=1600,
                 drops=drops(replay=3, staged_queue_full=4, staged_expired=5),
                 restarts=2,
+                staged=20,
             ),
             WorkerStats(1, rx_packets=1, rx_bytes=32, up=False),
         ],  # fmt: skip
@@ -180,6 +181,7 @@ def test_drops_by_reason_and_by_worker_or_control():
     control = {"device": "wg0", "worker": "control"}
     assert value(s, "wgmp_dropped_packets_total", **control, reason="mac_invalid") == 9
     assert sum(dropped.values()) == 3 + 4 + 5 + 9
+    assert value(s, "wgmp_staged_packets_total", device="wg0", worker="0") == 20
     assert value(s, "wgmp_staged_packets_dropped_total", device="wg0", worker="0") == 9
     assert value(s, "wgmp_staged_packets_dropped_total", device="wg0", worker="1") == 0
 

@@ -127,6 +127,7 @@ class Worker:
         self._rx_buffer = bytearray(1 << 16)
         self._rx_view = memoryview(self._rx_buffer)
         self.drops = stats.drops()[:DROP_SLOTS]
+        self.staged = stats.staged()  # packets ever staged waiting for a handshake
         self.running = True
 
     # -- the loop ----------------------------------------------------------------------------
@@ -346,6 +347,7 @@ class Worker:
 
     def _stage(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
         staged: deque[bytes] = peer[P_STAGED]
+        self.staged += 1
         if len(staged) >= MAX_STAGED_PACKETS:
             staged.popleft()
             self.drops[DropReason.STAGED_QUEUE_FULL] += 1
@@ -681,7 +683,7 @@ class Worker:
             if activity[0] or activity[2]:
                 reports.append([peer_id, *activity])
                 peer[P_ACTIVITY] = [0.0, 0.0, 0.0, 0.0]
-        self.stats.write_totals(tuple(self.totals), self.drops)  # type: ignore[arg-type]
+        self.stats.write_totals(tuple(self.totals), self.drops, self.staged)  # type: ignore[arg-type]
         if reports:
             self.channel.send(Kind.ACTIVITY, reports)
 

@@ -19,6 +19,8 @@ MAX_PEER_IDS = 1 << 16
 DROP_SLOTS = 32
 _TOTALS = struct.Struct("<4Q")  # rx_packets, rx_bytes, tx_packets, tx_bytes
 _DROPS = struct.Struct(f"<{DROP_SLOTS}Q")
+_STAGED = struct.Struct("<Q")  # packets ever staged waiting for a handshake
+_STAGED_OFFSET = 32 + 8 * DROP_SLOTS
 _HEADER_SIZE = 512
 _PEER = struct.Struct("<4Q")  # rx_bytes, tx_bytes, rx_packets, tx_packets
 BLOCK_SIZE = _HEADER_SIZE + MAX_PEER_IDS * _PEER.size
@@ -42,9 +44,10 @@ class StatsBlock:
 
     # -- the worker (single writer) ----------------------------------------------------------
 
-    def write_totals(self, totals: WorkerTotals, drops: list[int]) -> None:
+    def write_totals(self, totals: WorkerTotals, drops: list[int], staged: int = 0) -> None:
         _TOTALS.pack_into(self.shm.view, 0, *totals)
         _DROPS.pack_into(self.shm.view, _TOTALS.size, *drops)
+        _STAGED.pack_into(self.shm.view, _STAGED_OFFSET, staged)
 
     def write_peer(self, peer_id: int, counters: PeerCounters) -> None:
         """Also used with zeros when a peer is removed, so a reused id starts from zero."""
@@ -57,6 +60,9 @@ class StatsBlock:
 
     def drops(self) -> list[int]:
         return list(_DROPS.unpack_from(self.shm.view, _TOTALS.size))
+
+    def staged(self) -> int:
+        return int(_STAGED.unpack_from(self.shm.view, _STAGED_OFFSET)[0])
 
     def peer(self, peer_id: int) -> PeerCounters:
         return _PEER.unpack_from(self.shm.view, _HEADER_SIZE + peer_id * _PEER.size)  # type: ignore[return-value]

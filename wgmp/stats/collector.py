@@ -37,6 +37,8 @@ wgmp's own:
         `worker` is a worker id, or "control" for what the control process dropped (handshake
         messages). Kept apart rather than summed, so a misbehaving worker shows; sum them with
         `sum by (device, reason) (...)`.
+    wgmp_staged_packets_total{device,worker}                       counter
+        packets a worker staged (held back) while waiting for a handshake.
     wgmp_staged_packets_dropped_total{device,worker}               counter
         packets a worker staged while waiting for a handshake and then dropped (queue full or
         expired): the staged_queue_full + staged_expired series above, summed per worker.
@@ -106,6 +108,7 @@ class WorkerStats:
     drops: Sequence[int] = ()  # indexed by DropReason; missing entries count as 0
     restarts: int = 0
     up: bool = True
+    staged: int = 0  # packets ever staged waiting for a handshake
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +219,11 @@ class WgmpCollector:
             'Packets dropped, by reason and by who dropped them (a worker id, or "control").',
             labels=[*worker_labels, "reason"],
         )
+        staged_in = CounterMetricFamily(
+            "wgmp_staged_packets",
+            "Packets a worker staged (held back) while waiting for a handshake.",
+            labels=worker_labels,
+        )
         staged = CounterMetricFamily(
             "wgmp_staged_packets_dropped",
             "Packets staged while waiting for a handshake, then dropped (queue full or expired).",
@@ -255,6 +263,7 @@ class WgmpCollector:
                 octets.add_metric([name, wid, "tx"], worker.tx_bytes)
                 restarts.add_metric([name, wid], worker.restarts)
                 up.add_metric([name, wid], 1 if worker.up else 0)
+                staged_in.add_metric([name, wid], worker.staged)
                 staged.add_metric([name, wid], sum(_count(worker.drops, r) for r in _STAGED))
             sources = [(str(w.worker_id), w.drops) for w in dev.workers]
             sources.append((CONTROL, dev.handshakes.drops))
@@ -267,7 +276,7 @@ class WgmpCollector:
             cookies.add_metric([name], counts.cookie_replies_sent)
 
         yield from (device_info, peer_info, receive, transmit, handshake)
-        yield from (packets, octets, restarts, up, dropped, staged)
+        yield from (packets, octets, restarts, up, dropped, staged_in, staged)
         yield from handshakes.values()
         yield cookies
 
@@ -313,6 +322,7 @@ def snapshot_from_daemon(daemon: Daemon) -> DeviceStats:
                 tx_packets=tx_packets,
                 tx_bytes=tx_bytes,
                 drops=tuple(handle.stats.drops()),
+                staged=handle.stats.staged(),
                 restarts=handle.restarts,
                 up=running,
             )
