@@ -5,12 +5,14 @@ peer (what it replaced) through random sequences of events."""
 from __future__ import annotations
 
 import random
-import time
+
+import pytest
 
 from wgmp.control.interface import Interface, Rng
 from wgmp.ipc.keyslots import KeySlots
 from wgmp.protocol.crypto import DH_GENERATE
 from wgmp.protocol.noise import StaticIdentity
+from wgmp.protocol.timers import PeerTimers
 
 ENDPOINT = ("192.0.2.2", 51821)
 
@@ -79,22 +81,27 @@ def test_the_queue_is_never_late_and_expire_runs_every_due_timer() -> None:
         assert len(iface._deadlines) <= 8 * len(iface.peers) + 16
 
 
-def test_a_thousand_peers_cost_the_loop_no_more_than_ten() -> None:
+def test_a_loop_turn_asks_no_peer_when_nothing_is_due(monkeypatch: pytest.MonkeyPatch) -> None:
     """The point of the queue: a turn of the loop (next_deadline + expire with nothing due)
-    does not grow with the number of peers (it cost ~1.2 ms a turn with 1000 peers)."""
+    does not visit the peers (asking each cost ~1.2 ms a turn with 1000 peers; the cost is in
+    perf/RESULTS.md, this test counts the visits instead of timing them)."""
+    rng = random.Random(1000)
+    iface = _interface(1000)
+    for _ in range(1000):
+        peer = iface.peer(_key(rng), 0.0)
+        iface.set_endpoint(peer, ENDPOINT)
+        iface.set_persistent_keepalive(peer, 25, 0.0, 0)
+    iface.expire(0.5, 500_000_000)  # what was due at once (the first keepalives) is done
+    visits = 0
+    original = PeerTimers.next_deadline
 
-    def turn_cost(count: int) -> float:
-        rng = random.Random(count)
-        iface = _interface(count)
-        for _ in range(count):
-            peer = iface.peer(_key(rng), 0.0)
-            iface.set_endpoint(peer, ENDPOINT)
-            iface.set_persistent_keepalive(peer, 25, 0.0, 0)
-        start = time.perf_counter()
-        for _ in range(200):
-            iface.next_deadline()
-            iface.expire(1.0, 1_000_000_000)
-        return (time.perf_counter() - start) / 200
+    def counted(self: PeerTimers) -> float | None:
+        nonlocal visits
+        visits += 1
+        return original(self)
 
-    few, many = turn_cost(10), turn_cost(1000)
-    assert many < max(20 * few, 50e-6), (few, many)
+    monkeypatch.setattr(PeerTimers, "next_deadline", counted)
+    for _ in range(200):
+        iface.next_deadline()
+        iface.expire(1.0, 1_000_000_000)
+    assert visits == 0

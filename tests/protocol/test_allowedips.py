@@ -326,16 +326,17 @@ def test_100k_prefixes() -> None:
     rng = random.Random(7)
     table: AllowedIPs[int] = AllowedIPs()
     expected: dict[tuple[int, int, int], int] = {}
-    start = time.perf_counter()
+    start = time.process_time()
     for i in range(100_000):
         bits = 32 if i % 2 else 128
         cidr = rng.randint(bits // 2, bits)
         value = rng.getrandbits(bits) & (((1 << cidr) - 1) << (bits - cidr))
         table.insert((value.to_bytes(bits // 8, "big"), cidr), i % 5000)
         expected[(bits, cidr, value)] = i % 5000
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert len(table) == len(expected)
-    assert elapsed < 3.0, f"100k inserts took {elapsed:.2f} s"
+    # CPU time with wide slack: this guards against quadratic work, not for speed (perf/).
+    assert elapsed < 10.0, f"100k inserts took {elapsed:.2f} s of CPU"
     # A prefix's first and last address resolve to the longest prefix holding them, found
     # here by walking down from the full length in `expected`.
     for (bits, cidr, value), _ in list(expected.items())[:5_000]:

@@ -623,12 +623,13 @@ def test_a_long_line_a_byte_at_a_time_is_not_quadratic():
     line = b"fwmark=" + b"0" * (MAX_LINE_LENGTH - 8) + b"6\n\n"
     reader = RequestReader()
     reader.feed(b"set=1\n")
-    started = time.perf_counter()
+    started = time.process_time()
     items = []
     for i in range(len(line)):
         items += reader.feed(line[i : i + 1])
     assert items == [SetRequest((SetFwmark(6),))]
-    assert time.perf_counter() - started < 2.0
+    # CPU time with wide slack: a quadratic reader would take minutes here.
+    assert time.process_time() - started < 10.0
 
 
 @pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
@@ -669,15 +670,15 @@ def test_100k_allowed_ips_parse_quickly():
     lines += [b"allowed_ip=2001:db8:%x::/48" % i for i in range(50_000)]
     data = b"\n".join(lines) + b"\n\n"
     reader = RequestReader()
-    started = time.perf_counter()
+    started = time.process_time()
     items = []
     for offset in range(0, len(data), 65536):  # as a server would recv it
         items += reader.feed(data[offset : offset + 65536])
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     (request,) = items
     assert len(request.operations) == 100_002
     assert request.operations[-1] == AddAllowedIP(IPv6Address("2001:db8:c34f::"), 48)
-    assert elapsed < 3.0, elapsed
+    assert elapsed < 10.0, elapsed  # CPU time; guards against quadratic work only
 
 
 # --- replies ----------------------------------------------------------------------------------
