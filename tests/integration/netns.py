@@ -24,6 +24,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,8 @@ __all__ = [
     "connect_peers",
     "interface_name",
     "keypair",
+    "link_exists",
+    "udp_port_free",
     "missing_requirements",
     "remove_stale",
     "socket_owner",
@@ -115,6 +118,24 @@ def wait_for(what: str, probe: Callable[[], object], timeout: float = 5.0) -> ob
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)
+
+
+def udp_port_free(ns: Netns, port: int) -> bool:
+    """Nothing in `ns` holds UDP `port` (a plain bind succeeds for IPv4 and IPv6)."""
+    with ns.enter():
+        for family in (socket.AF_INET, socket.AF_INET6):
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    probe.bind(("", port))
+                except OSError:
+                    return False
+    return True
+
+
+def link_exists(ns: Netns, ifname: str) -> bool:
+    return ns.run(["ip", "link", "show", "dev", ifname], check=False).returncode == 0
 
 
 def socket_owner(ns: Netns, path: str | Path) -> psutil.Process | None:

@@ -55,7 +55,9 @@ from tests.integration.netns import (
     connect_peers,
     interface_name,
     keypair,
+    link_exists,
     socket_owner,
+    udp_port_free,
     veth_pair,
     wait_for,
 )
@@ -245,30 +247,12 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
-def _link_exists(ns: Netns, ifname: str) -> bool:
-    return ns.run(["ip", "link", "show", "dev", ifname], check=False).returncode == 0
-
-
-def _udp_port_free(ns: Netns, port: int) -> bool:
-    """Nothing in `ns` holds UDP `port` (a plain bind succeeds for IPv4 and IPv6)."""
-    with ns.enter():
-        for family in (socket.AF_INET, socket.AF_INET6):
-            with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    probe.bind(("", port))
-                except OSError:
-                    return False
-    return True
-
-
 def _assert_gone(ns: Netns, ifname: str, procs: Sequence[psutil.Process], port: int) -> None:
     """No process of `procs` runs, and `ifname`, its socket file and UDP `port` are gone."""
     wait_for("the daemon's processes to exit", lambda: not any(map(_running, procs)))
-    wait_for(f"{ifname} to disappear", lambda: not _link_exists(ns, ifname))
+    wait_for(f"{ifname} to disappear", lambda: not link_exists(ns, ifname))
     assert not Path(f"/var/run/wireguard/{ifname}.sock").exists()
-    assert _udp_port_free(ns, port), f"UDP port {port} is still held in {ns.name}"
+    assert udp_port_free(ns, port), f"UDP port {port} is still held in {ns.name}"
 
 
 def _iperf3(client: Netns, server: Netns, address: str, *, reverse: bool = False) -> int:
@@ -527,8 +511,8 @@ def test_sigkill_leaves_only_a_stale_socket_file_that_the_next_daemon_replaces(
     os.kill(daemon.proc.pid, signal.SIGKILL)
     assert daemon.proc.wait(timeout=10) == -signal.SIGKILL
     wait_for("the workers to exit", lambda: not any(map(_running, workers)))
-    wait_for(f"{daemon.ifname} to disappear", lambda: not _link_exists(netns, daemon.ifname))
-    assert _udp_port_free(netns, PORT_A)
+    wait_for(f"{daemon.ifname} to disappear", lambda: not link_exists(netns, daemon.ifname))
+    assert udp_port_free(netns, PORT_A)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         with pytest.raises(ConnectionRefusedError):
             probe.connect(str(daemon.socket_path))  # stale: the file is there, nobody answers
@@ -554,7 +538,7 @@ def test_daemon_mode_returns_once_ready_and_keeps_running(netns: Netns) -> None:
     proc = netns.run(["wgmp", "--workers", "1", ifname], timeout=30, env={"LOG_LEVEL": "error"})
     # Ready when it returns: the interface and the socket exist, with wireguard-go's modes.
     assert proc.stdout == proc.stderr == ""
-    assert _link_exists(netns, ifname)
+    assert link_exists(netns, ifname)
     assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755
     owner = socket_owner(netns, path)
@@ -647,13 +631,13 @@ def test_setup_errors_exit_1_with_one_line(
             message = _one_line_error(proc, "wgmp")
             assert "Traceback" not in message, f"{case}: {proc.stderr}"
             if fresh:
-                assert not _link_exists(ns, ifname), case
+                assert not link_exists(ns, ifname), case
                 assert not Path(f"/var/run/wireguard/{ifname}.sock").exists(), case
         reference = ns.run([*prefix, "wireguard-go", "-f", ifname], check=False, input="")
         assert reference.returncode == 1, f"{case}: wireguard-go {reference.returncode}"
     # None of it touched the running daemon, its interface or its socket.
     assert running.socket_path.stat().st_ino == inode
-    assert not _link_exists(other, running.ifname)
+    assert not link_exists(other, running.ifname)
     assert running.proc is not None and running.proc.poll() is None
     running.wg("show", running.ifname)
 
@@ -735,7 +719,7 @@ def test_interface_moved_to_another_namespace_keeps_working(
     _ping(t.a.ns, TUNNEL_B[4], count=1, wait=5)
     inside = netns_factory("inside")
     t.a.ns.ip("link", "set", "dev", t.a.ifname, "netns", inside.name)
-    assert not _link_exists(t.a.ns, t.a.ifname) and _link_exists(inside, t.a.ifname)
+    assert not link_exists(t.a.ns, t.a.ifname) and link_exists(inside, t.a.ifname)
     # Moving takes the addresses off and the link down; set them up on the other side.
     inside.ip("addr", "add", f"{TUNNEL_A[4]}/24", "dev", t.a.ifname)
     inside.ip("addr", "add", f"{TUNNEL_A[6]}/64", "dev", t.a.ifname, "nodad")
@@ -752,7 +736,7 @@ def test_interface_moved_to_another_namespace_keeps_working(
     inside.ip("link", "delete", "dev", t.a.ifname)
     assert t.a.proc.wait(timeout=10) == 0, t.a.log()
     _assert_gone(inside, t.a.ifname, workers, PORT_A)
-    assert _udp_port_free(t.a.ns, PORT_A)
+    assert udp_port_free(t.a.ns, PORT_A)
 
 
 def _delete_while_control_is_stopped(netns: Netns, daemon: UserspaceWireGuard) -> None:

@@ -10,7 +10,6 @@ so the tunnel wg-quick built is checked by pinging through it.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tests.integration.netns import (
     interface_name,
     keypair,
     socket_owner,
+    udp_port_free,
     veth_pair,
     wait_for,
 )
@@ -42,19 +42,6 @@ def _running(proc: psutil.Process) -> bool:
 def _ping(ns: Netns, address: str) -> None:
     version = 6 if ":" in address else 4
     ns.run(["ping", f"-{version}", "-n", "-c", "2", "-i", "0.2", "-W", "3", address])
-
-
-def _udp_port_free(ns: Netns, port: int) -> bool:
-    with ns.enter():
-        for family in (socket.AF_INET, socket.AF_INET6):
-            with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    probe.bind(("", port))
-                except OSError:
-                    return False
-    return True
 
 
 def test_wg_quick_up_and_down_with_wgmp(
@@ -113,7 +100,7 @@ PersistentKeepalive = 25
         wait_for("the daemon to exit", lambda: not any(map(_running, processes)))
         assert ns.run(["ip", "link", "show", "dev", ifname], check=False).returncode != 0
         assert not sock_path.exists()
-        assert _udp_port_free(ns, PORT)
+        assert udp_port_free(ns, PORT)
     finally:
         for proc in processes:
             if _running(proc):
