@@ -39,11 +39,6 @@ KEYSLOT_CAPACITY = 1 << 16
 # The TUN takes virtio-net headers so workers can write GSO super-packets (dataplane/coalesce.py).
 TUN_VNET_HDR = True
 STATS_FLUSH_TIMEOUT = 0.3
-IP_PKTINFO = 8  # linux/in.h; the socket module of Python 3.11 lacks it
-_PKTINFO = {(socket.IPPROTO_IP, IP_PKTINFO), (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)}
-_PKTINFO_SPACE = socket.CMSG_SPACE(20)  # in6_pktinfo, the larger of the two
-# Sending from an address that is no longer ours: EINVAL (IPv6), ENETUNREACH/EADDRNOTAVAIL (IPv4)
-_STALE_SOURCE_ERRNOS = {errno.EINVAL, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
 SOCKET_CHECK_INTERVAL = 0.5
 
 
@@ -256,12 +251,12 @@ class Daemon:
         backlog: list[tuple[bytes, tuple[str, int], Local | None]] = []
         while len(backlog) < MAX_QUEUED_INCOMING_HANDSHAKES:
             try:
-                data, ancillary, _, address = sock.recvmsg(2048, _PKTINFO_SPACE)
+                data, ancillary, _, address = sock.recvmsg(2048, udp.PKTINFO_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 continue
-            local = next((c for c in ancillary if (c[0], c[1]) in _PKTINFO), None)
+            local = next((c for c in ancillary if (c[0], c[1]) in udp.PKTINFO_KINDS), None)
             backlog.append((data, (address[0], address[1]), local))
         self.interface.note_backlog(len(backlog), time.monotonic())
         monotonic, time_ns = time.monotonic, time.time_ns
@@ -291,7 +286,7 @@ class Daemon:
                 # From the address the peer contacted (wireguard-go's sticky sockets).
                 sock.sendmsg([message], [local] if local else [], 0, address)
             except OSError as err:
-                if local and err.errno in _STALE_SOURCE_ERRNOS:
+                if local and err.errno in udp.STALE_SOURCE_ERRNOS:
                     try:  # that address is no longer ours: let routing choose
                         sock.sendmsg([message], [], 0, address)
                     except OSError as again:

@@ -15,7 +15,7 @@ from collections import deque
 from functools import partial
 from typing import Any
 
-from ..ipc.channel import Kind
+from ..ipc.channel import ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS, Kind
 from ..ipc.keyslots import KeySlots
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
@@ -41,7 +41,6 @@ from .peer import Endpoint, Local, Peer, Prefix
 
 __all__ = ["HandshakeCounters", "Interface", "ROLE_CURRENT", "ROLE_NEXT", "ROLE_PREVIOUS"]
 
-ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS = 0, 1, 2
 UNDER_LOAD_BACKLOG = MAX_QUEUED_INCOMING_HANDSHAKES // UNDER_LOAD_QUEUE_FRACTION
 
 

@@ -29,8 +29,16 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from ..ipc.channel import Channel, Kind
+from ..ipc.channel import ROLE_CURRENT, ROLE_NEXT, Channel, Kind
 from ..ipc.keyslots import KeySlots
+from ..net.udp import (
+    BATCH_SPACE,
+    PKTINFO_KINDS,
+    SOL_UDP,
+    STALE_SOURCE_ERRNOS,
+    UDP_GRO,
+    UDP_SEGMENT,
+)
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
     MAX_STAGED_PACKETS,
@@ -56,24 +64,17 @@ COUNTER_BLOCK = 256  # counters reserved per lock: one fcntl pair per 256 packet
 # send stays far inside the receiver's 8128-counter replay window.
 COUNTER_BLOCK_STALE = 1024
 BATCH = 64  # packets taken from one ready descriptor before looking at the others
-ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS = 0, 1, 2
 
 _HEADER = struct.Struct("<IIQ")
 _NONCE = struct.Struct("<4xQ")  # 4 zero bytes + the 64-bit little-endian counter
 _WORD = struct.Struct("<I")
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
-SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
 GSO_MAX_SEGMENTS = 64  # the kernel takes up to 64 (older) or 128 segments per call
 GSO_MAX_BYTES = 65000  # one UDP datagram's payload limit, with room for headers
 GSO_RETRY_AFTER = 10.0  # after a GSO failure (e.g. MTU raised past the path's), try again later
-IP_PKTINFO = 8  # linux/in.h; the socket module of Python 3.11 lacks it
 _TUN_GONE_ERRNOS = {errno.EBADFD, errno.EBADF}
 _WORKER_MASK = 0xFF  # the low byte of a receiver index names its owner (indextable.py)
-_PKTINFO = {(socket.IPPROTO_IP, IP_PKTINFO), (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)}
-# Sending from an address that is no longer ours: EINVAL (IPv6), ENETUNREACH/EADDRNOTAVAIL (IPv4)
-_STALE_SOURCE_ERRNOS = {errno.EINVAL, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
-_ANCILLARY_SPACE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)  # IPV6_PKTINFO + UDP_GRO
 _TYPE_TRANSPORT_WORD = 4  # type 4 + three zero reserved bytes, as a little-endian u32
 _ZEROS = bytes(16)
 
@@ -313,7 +314,7 @@ class Worker:
                         endpoint,
                     )
             except OSError as err:
-                if sticky and err.errno in _STALE_SOURCE_ERRNOS:
+                if sticky and err.errno in STALE_SOURCE_ERRNOS:
                     # The address we answered from is gone: let routing choose (as wireguard-go).
                     peer[P_SOURCE] = source = None
                     sticky = []
@@ -375,7 +376,7 @@ class Worker:
         buffer, view = self._rx_buffer, self._rx_view
         for _ in range(BATCH):
             try:
-                nbytes, ancillary, _, address = sock.recvmsg_into([buffer], _ANCILLARY_SPACE)
+                nbytes, ancillary, _, address = sock.recvmsg_into([buffer], BATCH_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -385,7 +386,7 @@ class Worker:
             for cmsg in ancillary:
                 if cmsg[0] == SOL_UDP and cmsg[1] == UDP_GRO:
                     segment = _INT.unpack_from(cmsg[2])[0] or nbytes
-                elif (cmsg[0], cmsg[1]) in _PKTINFO:
+                elif (cmsg[0], cmsg[1]) in PKTINFO_KINDS:
                     source = cmsg
             self._receive_train(view, nbytes, segment, address, source, now)
         if self._to_tun:

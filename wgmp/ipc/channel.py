@@ -13,7 +13,10 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["Channel", "Kind"]
+__all__ = ["ROLE_CURRENT", "ROLE_NEXT", "ROLE_PREVIOUS", "Channel", "Kind"]
+
+# The role a KEYPAIR_INSTALL gives a keypair (whitepaper's previous/current/next).
+ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS = 0, 1, 2
 
 
 class Kind(IntEnum):

@@ -43,6 +43,8 @@ __all__ = [
     "IP_PKTINFO",
     "IPV6_PKTINFO",
     "IPV6_RECVPKTINFO",
+    "BATCH_SPACE",
+    "PKTINFO_KINDS",
     "PKTINFO_SPACE",
     "SO_MARK",
     "STALE_SOURCE_ERRNOS",
@@ -77,8 +79,11 @@ SO_RCVBUFFORCE = 33
 UDP_SEGMENT = 103
 UDP_GRO = 104
 
-# What sending from a local address that no longer exists fails with (IPv4, IPv6).
-STALE_SOURCE_ERRNOS = (errno.ENETUNREACH, errno.EINVAL)
+# What sending from a local address that no longer exists fails with: ENETUNREACH or
+# EADDRNOTAVAIL (IPv4), EINVAL (IPv6).
+STALE_SOURCE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EADDRNOTAVAIL, errno.EINVAL})
+# The (level, type) of the control messages recvmsg returns our local address in.
+PKTINFO_KINDS = frozenset({(SOL_IP, IP_PKTINFO), (SOL_IPV6, IPV6_PKTINFO)})
 
 _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst (local address), addr (header dst)
 _IN6_PKTINFO = struct.Struct("=16si")  # addr, ifindex
@@ -88,7 +93,7 @@ _MAX_PORT_TRIES = 100
 
 # Room for one pktinfo message (IPv6's is the larger) plus one UDP_GRO int.
 PKTINFO_SPACE = socket.CMSG_SPACE(_IN6_PKTINFO.size)
-_BATCH_SPACE = PKTINFO_SPACE + socket.CMSG_SPACE(_INT.size)
+BATCH_SPACE = PKTINFO_SPACE + socket.CMSG_SPACE(_INT.size)
 
 
 def open_udp(
@@ -243,7 +248,7 @@ def recv_batch(
     last one may be shorter); without coalescing `segment_size == nbytes`. Give a buffer of
     at least 65535 bytes, or coalesced datagrams are cut.
     """
-    nbytes, anc, _flags, addr = sock.recvmsg_into((buffer,), _BATCH_SPACE)
+    nbytes, anc, _flags, addr = sock.recvmsg_into((buffer,), BATCH_SPACE)
     segment = nbytes
     pktinfo = None
     for item in anc:
