@@ -50,6 +50,7 @@ from ..protocol.constants import (
     REKEY_AFTER_TIME_RECEIVING,
 )
 from ..protocol.errors import DropReason
+from ..protocol.indextable import worker_of
 from ..protocol.replay import ReplayWindow
 from ..stats.block import DROP_SLOTS, StatsBlock
 from .coalesce import VNET_HDR_LEN, coalesce
@@ -74,7 +75,6 @@ GSO_MAX_SEGMENTS = 64  # the kernel takes up to 64 (older) or 128 segments per c
 GSO_MAX_BYTES = 65000  # one UDP datagram's payload limit, with room for headers
 GSO_RETRY_AFTER = 10.0  # after a GSO failure (e.g. MTU raised past the path's), try again later
 _TUN_GONE_ERRNOS = {errno.EBADFD, errno.EBADF}
-_WORKER_MASK = 0xFF  # the low byte of a receiver index names its owner (indextable.py)
 _TYPE_TRANSPORT_WORD = 4  # type 4 + three zero reserved bytes, as a little-endian u32
 _ZEROS = bytes(16)
 
@@ -447,7 +447,7 @@ class Worker:
                     received_data = False
                 index = this_index
                 entry = by_index.get(index)
-                if entry is None and index & _WORKER_MASK == self.worker_id:
+                if entry is None and worker_of(index) == self.worker_id:
                     # Ours, but perhaps announced in a message not read yet: read the pipe.
                     self._read_channel(now)
                     entry = by_index.get(index)
@@ -643,8 +643,7 @@ class Worker:
             entry = old
             send = old[R_SEND]
         self.by_slot[slot] = entry
-        # Only the owning worker keeps a replay window for an index; see the steering program.
-        if info.local_index & _WORKER_MASK == self.worker_id:
+        if worker_of(info.local_index) == self.worker_id:
             # Only the owner (the steering program's choice) holds a replay window for an
             # index: a misrouted datagram is then an unknown index, never a second window.
             if old is None:
