@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
 
 WORKERS="${WORKERS:-auto}"
 tag=$$

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs everything wgmp, its tests and its demo need on a fresh Debian machine (as root):
-# the Debian peers and tools, then wgmp itself with its test extras.
+# Installs everything wgmp, its tests and its demo need on a fresh Debian 12 machine, as root:
+# the Debian peers and tools, then wgmp with its test extras in a virtual environment inside
+# this clone (.venv). Debian's python3 refuses `pip install` into the system (PEP 668), and a
+# venv per clone also keeps two checkouts on one machine from running each other's code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,7 +11,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(wireguard-go wireguard-tools iperf3 iproute2 iputils-ping nftables tcpdump procps)
+packages=(wireguard-go wireguard-tools iperf3 iproute2 iputils-ping nftables tcpdump procps
+          python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,4 +24,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# Debian's own interpreter, whatever else comes first on PATH: that is what a server runs.
+python=/usr/bin/python3
+[ -x "$python" ] || python=python3
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $("$python" --version)"
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+# The clone's venv first on PATH: tests start `wgmp` (e.g. through wg-quick) by name.
+export PATH="$PWD/.venv/bin:$PATH"
 echo "== style: ruff"
-python3 -m ruff check wgmp tests perf tools
-python3 -m ruff format --check wgmp tests perf tools
+python -m ruff check wgmp tests perf tools
+python -m ruff format --check wgmp tests perf tools
 echo "== tests: pytest"
-python3 -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider "$@"
