@@ -104,3 +104,16 @@ def test_answers_leave_from_the_address_the_peer_contacted(interface: Interface)
     elsewhere = (socket.IPPROTO_IP, 8, bytes(4) + bytes([192, 0, 2, 11]) + bytes(4))
     interface.roamed(peer.peer_id, ENDPOINT, elsewhere)
     assert peer.local == elsewhere
+
+
+def test_a_handshake_message_that_raises_is_counted_not_fatal(
+    interface: Interface, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wgmp.protocol.errors import DropReason
+
+    def broken(data: bytes) -> bool:
+        raise IndexError("a bug")
+
+    monkeypatch.setattr(interface.cookie_checker, "check_mac1", broken)
+    interface.receive_handshake(bytes([1, 0, 0, 0]) + bytes(144), ENDPOINT, 1.0, 1)
+    assert interface.counters.drops[DropReason.INTERNAL_ERROR] == 1

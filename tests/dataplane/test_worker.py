@@ -216,3 +216,100 @@ def test_staged_packets_are_counted_and_written_to_the_stats_block(rig: Any) -> 
     rig.worker._outbound(time.monotonic())
     rig.worker._flush(time.monotonic())
     assert rig.worker.stats.staged() == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input: no packet ends a worker (docs/hardening.md)
+
+
+def _sealed(plaintexts: list[bytes]) -> list[tuple[memoryview, int, int]]:
+    """One single-datagram train per plaintext, counters 0, 1, ..."""
+    trains = []
+    for counter, plaintext in enumerate(plaintexts):
+        message = seal_transport(RECEIVE_KEY, OWNED_INDEX, counter, plaintext, 1420)
+        trains.append((memoryview(message), len(message), len(message)))
+    return trains
+
+
+def _ipv4_header(total_length: int) -> bytes:
+    packet = bytearray(tcp4(0, b""))[:20]
+    packet[2:4] = total_length.to_bytes(2, "big")
+    packet[12:16], packet[16:20] = THEIRS, OURS
+    return bytes(packet)
+
+
+def test_inner_packets_that_are_not_whole_ip_packets_are_dropped(rig: Any) -> None:
+    install(rig.worker, ROLE_CURRENT)
+    ipv6 = bytes([0x60]) + bytes(39)
+    bad = [_ipv4_header(n) + bytes(20) for n in range(20)]  # total length below the header
+    bad += [
+        # Plaintexts are padded to 16 bytes: 16 and 32 are the sizes short of a header.
+        _ipv4_header(20)[:16],  # not a whole IPv4 header
+        _ipv4_header(200) + bytes(20),  # longer than the plaintext
+        ipv6[:32],  # not a whole IPv6 header
+        ipv6[:4] + (100).to_bytes(2, "big") + ipv6[6:] + bytes(20),  # payload past the end
+        bytes([0x50]) + bytes(39),  # IP version 5
+    ]
+    good = _ipv4_header(40) + bytes(20)
+    for view, nbytes, size in _sealed([*bad, good]):
+        rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
+    assert rig.worker.drops[DropReason.INNER_HEADER_INVALID] == len(bad)
+    assert rig.worker._to_tun == [good]
+    rig.worker._write_tun()  # the one good packet: no IndexError in coalesce
+    assert rig.tun.recv(70000) == VNET_HDR_NONE + good
+
+
+def test_a_datagram_that_raises_is_counted_and_the_next_is_handled(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install(rig.worker, ROLE_CURRENT)
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    try:
+        real = rig.worker._received
+        calls = []
+
+        def raise_once(*args: Any) -> None:
+            calls.append(args)
+            if len(calls) == 1:
+                raise IndexError("a bug")
+            real(*args)
+
+        monkeypatch.setattr(rig.worker, "_received", raise_once)
+        for counter in (0, 1):
+            view, _, _ = train([counter])
+            sender.sendto(bytes(view), receiver.getsockname())
+            time.sleep(0.05)
+            rig.worker._inbound(receiver, time.monotonic())
+        assert rig.worker.drops[DropReason.INTERNAL_ERROR] == 1
+        assert len(calls) == 2  # the second datagram went all the way
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_when_merging_raises_the_packets_are_written_as_they_came(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(packets: list[bytes]) -> list[bytes]:
+        raise IndexError("a bug")
+
+    monkeypatch.setattr("wgmp.dataplane.worker.coalesce", broken)
+    install(rig.worker, ROLE_CURRENT)
+    view, nbytes, size = train([0, 1])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
+    expected = [VNET_HDR_NONE + p for p in rig.worker._to_tun]
+    rig.worker._write_tun()
+    assert [rig.tun.recv(70000), rig.tun.recv(70000)] == expected
+    assert rig.worker.drops[DropReason.INTERNAL_ERROR] == 1
+
+
+def test_a_control_message_that_raises_is_counted_and_the_next_is_handled(rig: Any) -> None:
+    packer = msgpack.Packer(use_bin_type=True)
+    rig.control.sendall(packer.pack([Kind.KEYPAIR_INSTALL]) + packer.pack([Kind.MTU, 1280]))
+    time.sleep(0.05)
+    assert rig.worker._read_channel(time.monotonic())
+    assert rig.worker.drops[DropReason.INTERNAL_ERROR] == 1
+    assert rig.worker.mtu == 1280

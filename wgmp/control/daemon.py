@@ -23,6 +23,7 @@ from ..ipc.keyslots import KeySlots
 from ..net import netlink, tun, udp
 from ..net.steering import attach_steering
 from ..protocol.constants import DEFAULT_MTU, MAX_QUEUED_INCOMING_HANDSHAKES
+from ..protocol.errors import DropReason
 from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
 from ..uapi import protocol as uapi
@@ -418,7 +419,12 @@ class Daemon:
             handle.channel = None
             return
         for message in messages:
-            self._on_worker_message(handle, message)
+            try:
+                self._on_worker_message(handle, message)
+            except Exception:
+                # A worker handles hostile datagrams: what it passes on must not end control.
+                self.interface.counters.drops[DropReason.INTERNAL_ERROR] += 1
+                self.interface.errors.report(f"a message from worker {handle.worker_id}")
 
     def _on_worker_message(self, handle: WorkerHandle, message: list[Any]) -> None:
         kind = message[0]

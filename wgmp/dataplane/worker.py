@@ -29,6 +29,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from ..internal_errors import ErrorLog
 from ..ipc.channel import ROLE_CURRENT, ROLE_NEXT, Channel, Kind
 from ..ipc.keyslots import KeySlots
 from ..net.udp import (
@@ -53,7 +54,7 @@ from ..protocol.errors import DropReason
 from ..protocol.indextable import worker_of
 from ..protocol.replay import ReplayWindow
 from ..stats.block import DROP_SLOTS, StatsBlock
-from .coalesce import VNET_HDR_LEN, coalesce
+from .coalesce import VNET_HDR_LEN, VNET_HDR_NONE, coalesce
 
 __all__ = ["Worker", "main"]
 
@@ -130,6 +131,7 @@ class Worker:
         self.drops = stats.drops()[:DROP_SLOTS]
         self.staged = stats.staged()  # packets ever staged waiting for a handshake
         self.running = True
+        self._errors = ErrorLog()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -154,16 +156,31 @@ class Worker:
                 # datagrams that woke us up were sealed with.
                 events.sort(key=lambda event: event[0] != channel_fd)
             for fd, _ in events:
-                if fd == self.tun_fd:
-                    self._outbound(now)
-                elif fd == channel_fd:
-                    if not self._read_channel(now):
-                        return  # control has gone: so do we
-                else:
-                    self._inbound(by_fd[fd], now)
+                # One try per ready descriptor (a batch of up to BATCH reads), not per packet;
+                # since Python 3.11 a try that does not raise costs nothing anyway. What raised
+                # is lost with the rest of its batch, counted as internal_error, and the loop
+                # goes on: no packet may end a worker (docs/hardening.md).
+                try:
+                    if fd == self.tun_fd:
+                        self._outbound(now)
+                    elif fd == channel_fd:
+                        if not self._read_channel(now):
+                            return  # control has gone: so do we
+                    else:
+                        self._inbound(by_fd[fd], now)
+                except Exception:
+                    self._internal_error("a batch")
             if now >= next_flush:
-                self._flush(now)
+                try:
+                    self._flush(now)
+                except Exception:
+                    self._internal_error("the periodic flush")
                 next_flush = now + FLUSH_INTERVAL
+
+    def _internal_error(self, what: str) -> None:
+        """Count an exception that handling `what` raised (call from an except block)."""
+        self.drops[DropReason.INTERNAL_ERROR] += 1
+        self._errors.report(what)
 
     def _read_channel(self, now: float) -> bool:
         """Handle what control sent; False once control has gone."""
@@ -172,7 +189,10 @@ class Worker:
             self.running = False
             return False
         for message in messages:
-            self._handle_control(message, now)
+            try:
+                self._handle_control(message, now)
+            except Exception:
+                self._internal_error("a message from control")
         return True
 
     # -- outbound: TUN -> UDP ----------------------------------------------------------------
@@ -388,7 +408,10 @@ class Worker:
                     segment = _INT.unpack_from(cmsg[2])[0] or nbytes
                 elif (cmsg[0], cmsg[1]) in PKTINFO_KINDS:
                     source = cmsg
-            self._receive_train(view, nbytes, segment, address, source, now)
+            try:
+                self._receive_train(view, nbytes, segment, address, source, now)
+            except Exception:  # the rest of this train is lost; the next ones are not
+                self._internal_error("a received datagram")
         if self._to_tun:
             self._write_tun()
 
@@ -396,7 +419,15 @@ class Worker:
         """Write what the batch decrypted: merged into GSO super-packets when the TUN takes
         virtio headers (see coalesce.py for the measurement), else one write each."""
         packets, self._to_tun = self._to_tun, []
-        buffers = coalesce(packets) if self.vnet_hdr else packets
+        buffers = packets
+        if self.vnet_hdr:
+            try:
+                buffers = coalesce(packets)
+            except Exception:
+                # Merging is an optimisation: on a packet it cannot handle, write them all
+                # as they came (each with an empty virtio header) rather than lose the batch.
+                self._internal_error("merging received packets")
+                buffers = [VNET_HDR_NONE + packet for packet in packets]
         write, fd = os.write, self.tun_fd
         for buffer in buffers:
             try:
@@ -477,6 +508,10 @@ class Worker:
             run_packets += 1
             if not plaintext:
                 continue  # keepalive
+            # wireguard-go's rules (device/receive.go): a whole IPv4 (20) or IPv6 (40) header,
+            # and a length field no shorter than the IPv4 header (IPv6's is 40 + payload
+            # length) and no longer than the plaintext. A shorter IPv4 length once reached
+            # coalesce() and raised there (an IndexError that ended the worker).
             version = plaintext[0] >> 4
             if version == 4 and len(plaintext) >= 20:
                 length = (plaintext[2] << 8) | plaintext[3]
@@ -485,10 +520,10 @@ class Worker:
                 length = 40 + ((plaintext[4] << 8) | plaintext[5])
                 inner_source = plaintext[8:24]
             else:
-                drops[DropReason.MALFORMED] += 1
+                drops[DropReason.INNER_HEADER_INVALID] += 1
                 continue
-            if length > len(plaintext):
-                drops[DropReason.MALFORMED] += 1
+            if not 20 <= length <= len(plaintext):
+                drops[DropReason.INNER_HEADER_INVALID] += 1
                 continue
             if inner_source != last_source:
                 last_source = inner_source

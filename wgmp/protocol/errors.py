@@ -29,6 +29,13 @@ class DropReason(IntEnum):
     FLOOD = 12
     KEY_EXPIRED = 13
     STAGED_EXPIRED = 14
+    # An authenticated packet whose inner IP header is not whole, or whose length field is
+    # shorter than that header or longer than the plaintext (wireguard-go's receive.go rules).
+    INNER_HEADER_INVALID = 15
+    # Handling it raised: a bug, caught so that one packet never ends a process.
+    INTERNAL_ERROR = 16
+    # A handshake message a worker could not hand to control: the pipe was full.
+    HANDSHAKE_QUEUE_FULL = 17
 
     @property
     def label(self) -> str:
