@@ -156,6 +156,7 @@ def test_the_peers_counters_count_the_dropped_packets_as_received(
     pair, core = scripted
     wgmp = (pair.link.addr4_a, WGMP_PORT)
     public = base64.b64encode(core.identity.public_key).decode()
+    time.sleep(0.3)  # the fixture's keepalive is counted first
     rx_before = int(pair.wgmp.show()[public]["rx"])
     sent = [core.seal(short_ipv4(0)) for _ in range(5)]
     for message in sent:

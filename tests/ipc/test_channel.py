@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import select
 import socket
-import threading
 import time
 
 from wgmp.ipc.channel import Channel, Kind
@@ -32,7 +31,7 @@ def test_messages_round_trip_in_order_with_bytes_and_nesting() -> None:
             [Kind.MTU, 1420],
             [Kind.PEER_SET, 7, ["192.0.2.1", 51820], [[b"\xc6\x33\x64\x02", 32]]],
             [Kind.KEYPAIR_INSTALL, 65535, 2],
-            [Kind.HANDSHAKE_PACKET, bytes(range(256)) * 4, ["fd00::1", 1], None],
+            [Kind.HANDSHAKE_PACKETS, [[bytes(range(256)) * 4, ["fd00::1", 1], None]]],
         ]
         assert worker.receive() == []  # nothing yet: non-blocking
         for message in sent:
@@ -61,22 +60,52 @@ def test_a_message_split_anywhere_arrives_once_whole() -> None:
         receiver.close()
 
 
-def test_a_burst_larger_than_the_socket_buffer_is_not_lost() -> None:
-    """Control's writes block (sendall) rather than drop while a worker is slow to read."""
+def test_a_burst_larger_than_the_socket_buffer_is_queued_not_lost() -> None:
+    """Control's writes never wait (a hung worker must not stop control): what the pipe
+    cannot take is queued in order and written by flush() as the worker reads."""
     control, theirs = Channel.pair()
     worker = Channel(theirs)
     count = 20000  # ~ 1 MB of keypair installs, far past a socketpair's buffer
-    writer = threading.Thread(
-        target=lambda: [control.send(Kind.KEYPAIR_INSTALL, n, n % 3) for n in range(count)]
-    )
-    writer.start()
+    started = time.monotonic()
+    for n in range(count):
+        control.send(Kind.KEYPAIR_INSTALL, n, n % 3)
+    assert time.monotonic() - started < 5  # nobody read: it did not wait
+    assert control.backlog > 0
+    assert control.unread() >= control.backlog
+    got: list[list[object]] = []
     try:
-        got = _drain(worker, count, timeout=30)
+        deadline = time.monotonic() + 30
+        while len(got) < count and time.monotonic() < deadline:
+            control.flush()
+            if select.select([worker], [], [], 1)[0]:
+                messages = worker.receive()
+                assert messages is not None
+                got.extend(messages)
+        assert control.flush() and control.backlog == 0
     finally:
-        writer.join(30)
         control.close()
         worker.close()
     assert got == [[Kind.KEYPAIR_INSTALL, n, n % 3] for n in range(count)]
+
+
+def test_try_send_writes_whole_messages_or_nothing() -> None:
+    control, theirs = Channel.pair()
+    worker = Channel(theirs)
+    try:
+        sent = 0
+        while worker.try_send(Kind.HANDSHAKE_PACKETS, [[bytes(148), ["192.0.2.1", 1], None]]):
+            sent += 1
+            assert sent < 100000, "the pipe never filled"
+        got: list[list[object]] = []
+        while len(got) < sent:
+            assert select.select([control], [], [], 5)[0]
+            messages = control.receive()
+            assert messages is not None
+            got.extend(messages)
+        assert len(got) == sent  # every message whole, none cut by the full pipe
+    finally:
+        control.close()
+        worker.close()
 
 
 def test_the_other_end_closing_is_none_after_what_it_sent() -> None:

@@ -31,7 +31,7 @@ from ..uapi.server import UAPIServer
 from .interface import Interface
 from .peer import Local, Peer
 from .route_mtu import RouteMTUWatcher
-from .supervisor import RESTART_BACKOFF, Supervisor, WorkerHandle
+from .supervisor import HEARTBEAT_INTERVAL, Supervisor, WorkerHandle
 
 __all__ = ["Daemon", "SetupError", "check_tun_fd"]
 
@@ -41,6 +41,10 @@ KEYSLOT_CAPACITY = 1 << 16
 TUN_VNET_HDR = True
 STATS_FLUSH_TIMEOUT = 0.3
 SOCKET_CHECK_INTERVAL = 0.5
+# What control keeps for one worker that its pipe cannot take yet (ipc/channel.py). Far more
+# than a restart's replay of 65,535 peers and their keypairs (~5 MB); a worker that leaves
+# this much unread is treated as hung and replaced (docs/hardening.md, item 4).
+OUTBOUND_LIMIT = 32 << 20
 
 
 class SetupError(Exception):
@@ -191,11 +195,10 @@ class Daemon:
         next_socket_check = 0.0
         try:
             while self.running:
-                pending = self._receive_pending()
                 now = time.monotonic()
                 deadline = self.interface.next_deadline()
                 timeout = 0.25 if deadline is None else min(max(deadline - now, 0.0), 0.25)
-                for key, _ in self.selector.select(0.0 if pending else timeout):
+                for key, _ in self.selector.select(timeout):
                     key.data(key.fileobj)
                     if not self.running:
                         break
@@ -331,11 +334,27 @@ class Daemon:
         return sorted(live, key=lambda handle: handle.worker_id != owner)
 
     def _send(self, handle: WorkerHandle, command: list[Any]) -> None:
-        assert handle.channel is not None
+        """Write (or queue: control never waits for one worker) a message to a worker."""
+        channel = handle.channel
+        if channel is None:
+            return  # down: it gets the whole state when it is started again
         try:
-            handle.channel.send(*command)
+            channel.send(*command)
         except OSError:
-            pass  # a dead worker: supervision restarts it with the full state
+            return  # a dead worker: supervision restarts it with the full state
+        if channel.backlog:
+            if channel.backlog > OUTBOUND_LIMIT:
+                self._hung(handle, f"{channel.backlog} bytes wait for room in its pipe")
+            elif not handle.writing:
+                self._want_write(handle, True)
+
+    def _want_write(self, handle: WorkerHandle, on: bool) -> None:
+        """Whether the loop should also wake when the worker's pipe has room again."""
+        assert handle.channel is not None
+        sock = handle.channel.sock
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        self.selector.modify(sock, events, self.selector.get_key(sock).data)
+        handle.writing = on
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -361,23 +380,75 @@ class Daemon:
         return [Kind.PEER_SET, peer.peer_id, endpoint, prefixes]
 
     def _supervise(self, now: float) -> None:
+        """Restart dead workers when their backoff allows, and find hung ones."""
         if not self.running:
             return  # shutting down: stop_all() collects every worker
-        for handle in self.supervisor.dead():
-            if not tun.is_alive(handle.tun_fd):
-                # Workers die on EBADFD when the interface is deleted, which can be before its
-                # RTM_DELLINK reaches us: a replacement would only die the same way.
-                log.info("interface %s deleted: shutting down", self.name)
-                self.running = False
-                return
-            if now - handle.started_at < RESTART_BACKOFF:
+        for handle in self.supervisor.workers:
+            process = handle.process
+            if process is None:
                 continue
-            code = handle.process.returncode if handle.process else None
-            log.error("worker %d exited (%s): restarting", handle.worker_id, code)
-            self._retire_counters(handle)
-            self._forget_worker(handle)
-            handle.restarts += 1
-            self._start_worker(handle)
+            if process.poll() is None:
+                if handle.channel is not None:
+                    self._check_liveness(handle, now)
+                continue
+            if handle.restart_at is None:
+                if not tun.is_alive(handle.tun_fd):
+                    # Workers die on EBADFD when the interface is deleted, which can be before
+                    # its RTM_DELLINK reaches us: a replacement would only die the same way.
+                    log.info("interface %s deleted: shutting down", self.name)
+                    self.running = False
+                    return
+                self._worker_died(handle, now)
+            if now >= handle.restart_at:  # type: ignore[operator]
+                handle.restarts += 1
+                self._start_worker(handle)
+
+    def _worker_died(self, handle: WorkerHandle, now: float) -> None:
+        """A worker's process has exited: what it held is given up now (its acknowledgements
+        of keypair removals are implied: it reads no slot any more), and its restart is
+        scheduled after the backoff."""
+        code = handle.process.returncode if handle.process else None
+        delay = self.supervisor.restart_delay(handle, now)
+        log.error(
+            "worker %d exited (%s): restarting in %.1f s (%d deaths in a row)",
+            handle.worker_id,
+            code,
+            delay,
+            handle.failures,
+        )
+        self._retire_counters(handle)
+        self._forget_worker(handle)
+        self.interface.workers_down.add(handle.worker_id)
+        handle.restart_at = now + delay
+
+    def _check_liveness(self, handle: WorkerHandle, now: float) -> None:
+        """A worker is alive while it sends messages, answers PING or reads its pipe; one
+        silent for its liveness timeout is hung (stopped, deadlocked) and is replaced."""
+        channel = handle.channel
+        assert channel is not None
+        unread = channel.unread()
+        if unread < handle.last_unread:
+            handle.last_heard = now  # busy (e.g. with a long replay), but reading
+        handle.last_unread = unread
+        silent = handle.silent_for(now)
+        if silent >= HEARTBEAT_INTERVAL and now - handle.pinged_at >= HEARTBEAT_INTERVAL:
+            handle.ping_token += 1
+            handle.pinged_at = now
+            self._send(handle, [Kind.PING, handle.ping_token])
+        timeout = handle.liveness_timeout()
+        if silent > timeout:
+            self._on_worker(handle)  # its answer may wait unread, if control itself was busy
+            if handle.channel is not None and handle.silent_for(time.monotonic()) > timeout:
+                self._hung(handle, f"no sign of life for {silent:.1f} s")
+
+    def _hung(self, handle: WorkerHandle, why: str) -> None:
+        """Kill a worker that stopped reading its pipe; `_supervise` restarts it once it is
+        reaped. Nothing more is queued for it from now on."""
+        pid = handle.process.pid if handle.process else 0
+        log.error("worker %d (pid %d) is hung (%s): killing it", handle.worker_id, pid, why)
+        self.supervisor.kill(handle)
+        self._close_channel(handle)
+        self.interface.workers_down.add(handle.worker_id)
 
     def _retire_counters(self, handle: WorkerHandle) -> None:
         """Move a stopped worker's per-peer byte counts into control's keeping and zero them in
@@ -391,33 +462,46 @@ class Daemon:
                 # The block's only writer has exited: writing it here races with nobody.
                 handle.stats.write_peer(peer.peer_id, (0, 0, 0, 0))
 
-    def _forget_worker(self, handle: WorkerHandle) -> None:
+    def _close_channel(self, handle: WorkerHandle) -> None:
         if handle.channel is not None:
             self.selector.unregister(handle.channel.sock)
             handle.channel.close()
             handle.channel = None
+        handle.writing = False
+
+    def _forget_worker(self, handle: WorkerHandle) -> None:
+        """Only for a worker whose process has exited."""
+        self._close_channel(handle)
         for slot, waiting in list(self.pending_release.items()):
             waiting.discard(handle.worker_id)
             if not waiting:
                 del self.pending_release[slot]
                 self.keyslots.release(slot)
 
-    def _receive_pending(self) -> bool:
-        """Handle what workers sent while control waited for room in their pipes (the socket
-        no longer shows it as readable: see ipc/channel.py); True if more came meanwhile."""
-        for handle in self.supervisor.workers:
-            if handle.channel is not None and handle.channel.pending:
-                self._on_worker(handle)
-        return any(h.channel is not None and h.channel.pending for h in self.supervisor.workers)
-
     def _on_worker(self, handle: WorkerHandle) -> None:
-        assert handle.channel is not None
-        messages = handle.channel.receive()
+        """The worker's pipe is readable (or, while control has a backlog for it, writable)."""
+        channel = handle.channel
+        if channel is None:
+            return  # closed by an earlier event of the same turn
+        if handle.writing:
+            try:
+                flushed = channel.flush()
+            except OSError:
+                flushed = True  # it has gone: receive() sees the end
+            if flushed:
+                self._want_write(handle, False)
+        messages = channel.receive()
         if messages is None:
-            self.selector.unregister(handle.channel.sock)
-            handle.channel.close()
-            handle.channel = None
+            self._close_channel(handle)
             return
+        if not messages:
+            return
+        handle.last_heard = time.monotonic()
+        # Handshake messages that came through a worker's socket count toward "under load"
+        # as those read from control's own socket do (docs/hardening.md, item 2).
+        forwarded = sum(len(m[1]) for m in messages if m[0] == Kind.HANDSHAKE_PACKETS)
+        if forwarded:
+            self.interface.note_backlog(forwarded, handle.last_heard)
         for message in messages:
             try:
                 self._on_worker_message(handle, message)
@@ -444,8 +528,18 @@ class Daemon:
             interface.roamed(
                 message[1], (message[2][0], message[2][1]), tuple(local) if local else None
             )
-        elif kind == Kind.HANDSHAKE_PACKET:
-            interface.receive_handshake(message[1], (message[2][0], message[2][1]), now, wall)
+        elif kind == Kind.HANDSHAKE_PACKETS:
+            monotonic, time_ns = time.monotonic, time.time_ns
+            for data, endpoint, local in message[1]:
+                # As _on_handshake_socket: each message at the time it is handled.
+                interface.receive_handshake(
+                    data,
+                    (endpoint[0], endpoint[1]),
+                    monotonic(),
+                    time_ns(),
+                    tuple(local) if local else None,
+                )
+                self._drain_outputs()
         elif kind == Kind.REMOVED:
             waiting = self.pending_release.get(message[1])
             if waiting is not None:
@@ -457,6 +551,7 @@ class Daemon:
             handle.pending_flush.discard(message[1])
         elif kind == Kind.READY:
             handle.ready = True
+            interface.workers_down.discard(handle.worker_id)
         self._drain_outputs()
 
     def flush_stats(self) -> None:
@@ -468,21 +563,16 @@ class Daemon:
             handle.pending_flush.add(token)
             self._send(handle, [Kind.FLUSH_STATS, token])
         deadline = time.monotonic() + STATS_FLUSH_TIMEOUT
-        while any(token in h.pending_flush for h in waiting):
-            self._receive_pending()  # a reply may have been read while control was sending
-            if not any(token in h.pending_flush for h in waiting):
-                break
+        while True:
+            outstanding = [h for h in waiting if h.channel is not None and token in h.pending_flush]
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            channels = {
-                h.channel.sock: h
-                for h in waiting
-                if h.channel is not None and token in h.pending_flush
-            }
+            if not outstanding or remaining <= 0:
+                break  # a hung worker costs this wait once per request, no more
             ready = selectors.DefaultSelector()
-            for sock, handle in channels.items():
-                ready.register(sock, selectors.EVENT_READ, handle)
+            for handle in outstanding:
+                assert handle.channel is not None
+                write = selectors.EVENT_WRITE if handle.writing else 0
+                ready.register(handle.channel.sock, selectors.EVENT_READ | write, handle)
             for key, _ in ready.select(remaining):
                 self._on_worker(key.data)
             ready.close()
@@ -651,9 +741,7 @@ class Daemon:
         self._register_sockets()
         self.flush_stats()  # what the workers counted so far, before they go
         for handle in self.supervisor.workers:
-            if handle.process is not None:
-                handle.process.terminate()
-                handle.process.wait()
+            self.supervisor.stop(handle)
             self._retire_counters(handle)
             self._forget_worker(handle)
             self._start_worker(handle)

@@ -101,6 +101,8 @@ class Interface:
         self.slot_of: dict[Keypair, int] = {}
         self.keypair_at: dict[int, tuple[Peer, Keypair]] = {}
         self._next_worker = 0
+        # Workers that are dead, hung or not yet READY: new keypairs go to the others.
+        self.workers_down: set[int] = set()
         self.datagrams: list[tuple[bytes, Endpoint, Local | None]] = []
         self.commands: list[list[Any]] = []
 
@@ -416,9 +418,13 @@ class Interface:
 
     def _new_index(self, peer: Peer) -> int:
         """A fresh receiver index whose low byte names the worker that will own the keypair;
-        consecutive handshakes go to consecutive workers."""
+        consecutive handshakes go to consecutive workers that are up (any, if none is)."""
         worker = self._next_worker % self.workers
-        self._next_worker += 1
+        for _ in range(self.workers):  # while one is down, its traffic would be lost
+            worker = self._next_worker % self.workers
+            self._next_worker += 1
+            if worker not in self.workers_down:
+                break
         index = self.indices.allocate(peer, worker)
         return index
 

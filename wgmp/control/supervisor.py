@@ -5,6 +5,11 @@ control holds for it: its TUN queue, its UDP sockets, its end of the pipe and th
 memory. Control keeps its own copies open, so a worker's death loses neither the TUN queue nor
 the socket's place in the reuseport group (nor the datagrams queued on it); the replacement
 takes over the same descriptors and gets the configuration and keys replayed to it.
+
+When (docs/hardening.md, item 4): a worker that exited is restarted at once the first time,
+then after RESTART_BACKOFF, doubled for each further death (up to RESTART_BACKOFF_MAX) until
+one has run STABLE_AFTER seconds. A worker that stops answering (`silent_for` past
+LIVENESS_TIMEOUT, or STARTUP_TIMEOUT before it said READY) is killed and so restarted.
 """
 
 from __future__ import annotations
@@ -23,7 +28,13 @@ from ..stats.block import StatsBlock
 __all__ = ["WorkerHandle", "Supervisor"]
 
 log = logging.getLogger("wgmp")
-RESTART_BACKOFF = 0.2  # a worker that keeps dying is restarted at most this often
+RESTART_BACKOFF = 0.2  # the delay before the second restart in a row, doubled each time after
+RESTART_BACKOFF_MAX = 10.0
+STABLE_AFTER = 30.0  # a worker that ran this long before it died is restarted at once again
+HEARTBEAT_INTERVAL = 1.0  # a worker silent this long is sent a PING
+# Silent this long (no message, no PONG, not even reading its pipe): hung, killed, replaced.
+LIVENESS_TIMEOUT = 5.0
+STARTUP_TIMEOUT = 30.0  # the same before its first READY (a new interpreter on a busy machine)
 
 
 @dataclass(eq=False)
@@ -38,6 +49,19 @@ class WorkerHandle:
     restarts: int = 0
     started_at: float = 0.0
     pending_flush: set[int] = field(default_factory=set)
+    failures: int = 0  # deaths in a row, each less than STABLE_AFTER after its start
+    restart_at: float | None = None  # when a dead worker is due to be started again
+    last_heard: float = 0.0  # when it last sent a message or read from its pipe
+    last_unread: int = 0  # bytes it had not read from its pipe at the last look
+    pinged_at: float = 0.0
+    ping_token: int = 0
+    writing: bool = False  # control waits for room in its pipe (Channel.backlog)
+
+    def silent_for(self, now: float) -> float:
+        return now - self.last_heard
+
+    def liveness_timeout(self) -> float:
+        return LIVENESS_TIMEOUT if self.ready else STARTUP_TIMEOUT
 
 
 class Supervisor:
@@ -78,12 +102,39 @@ class Supervisor:
         theirs.close()
         handle.channel = channel
         handle.ready = False
-        handle.started_at = time.monotonic()
+        handle.started_at = handle.last_heard = time.monotonic()
+        handle.last_unread = 0
+        handle.restart_at = None
+        handle.writing = False
         log.info("worker %d started (pid %d)", handle.worker_id, handle.process.pid)
 
-    def dead(self) -> list[WorkerHandle]:
-        """Workers whose process has exited (reaped here)."""
-        return [h for h in self.workers if h.process is not None and h.process.poll() is not None]
+    def restart_delay(self, handle: WorkerHandle, now: float) -> float:
+        """How long to wait before restarting `handle`, whose process has just been found
+        dead: nothing after a stable run, else RESTART_BACKOFF doubling with each death."""
+        if now - handle.started_at >= STABLE_AFTER:
+            handle.failures = 0
+        delay = 0.0
+        if handle.failures:
+            delay = min(RESTART_BACKOFF * 2 ** (handle.failures - 1), RESTART_BACKOFF_MAX)
+        handle.failures += 1
+        return delay
+
+    def kill(self, handle: WorkerHandle) -> None:
+        """SIGKILL (which ends a stopped process too); `dead()` reaps it."""
+        if handle.process is not None and handle.process.poll() is None:
+            handle.process.kill()
+
+    def stop(self, handle: WorkerHandle, timeout: float = 2.0) -> None:
+        """Terminate one worker and wait for it; killed if it does not go in `timeout` (a
+        stopped process never handles SIGTERM)."""
+        if handle.process is None:
+            return
+        handle.process.terminate()
+        try:
+            handle.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            handle.process.kill()
+            handle.process.wait()
 
     def stop_all(self, timeout: float = 2.0) -> None:
         for handle in self.workers:

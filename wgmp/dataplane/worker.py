@@ -66,6 +66,7 @@ COUNTER_BLOCK = 256  # counters reserved per lock: one fcntl pair per 256 packet
 # send stays far inside the receiver's 8128-counter replay window.
 COUNTER_BLOCK_STALE = 1024
 BATCH = 64  # packets taken from one ready descriptor before looking at the others
+HANDSHAKE_BATCH = 64  # handshake messages per pipe message (~11 KB: see Channel.try_send)
 
 _HEADER = struct.Struct("<IIQ")
 _NONCE = struct.Struct("<4xQ")  # 4 zero bytes + the 64-bit little-endian counter
@@ -132,6 +133,7 @@ class Worker:
         self.staged = stats.staged()  # packets ever staged waiting for a handshake
         self.running = True
         self._errors = ErrorLog()
+        self._handshakes: list[list[Any]] = []  # [data, endpoint, local|None] for control
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -414,6 +416,8 @@ class Worker:
                 self._internal_error("a received datagram")
         if self._to_tun:
             self._write_tun()
+        if self._handshakes:
+            self._forward_handshakes()
 
     def _write_tun(self) -> None:
         """Write what the batch decrypted: merged into GSO super-packets when the TUN takes
@@ -463,11 +467,11 @@ class Worker:
         for offset in range(0, nbytes, segment):
             end = offset + segment if offset + segment < nbytes else nbytes
             if end - offset < MESSAGE_TRANSPORT_MIN_SIZE:
-                self._not_transport(view[offset:end], address)
+                self._not_transport(view[offset:end], address, source)
                 continue
             word, this_index, counter = unpack(view, offset)
             if word != _TYPE_TRANSPORT_WORD:
-                self._not_transport(view[offset:end], address)
+                self._not_transport(view[offset:end], address, source)
                 continue
             if this_index != index:
                 if run_packets:
@@ -536,12 +540,32 @@ class Worker:
         if run_packets:
             self._received(entry, run_bytes, run_packets, received_data, address, source, now)  # type: ignore[arg-type]
 
-    def _not_transport(self, data: memoryview, address: tuple[Any, ...]) -> None:
+    def _not_transport(
+        self,
+        data: memoryview,
+        address: tuple[Any, ...],
+        source: tuple[int, int, bytes] | None,
+    ) -> None:
         if len(data) and data[0] in (1, 2, 3):
-            # The steering program sends handshakes to control; this is a fallback.
-            self.channel.send(Kind.HANDSHAKE_PACKET, bytes(data), list(address[:2]), None)
+            # The steering program sends handshakes to control's socket, but it sees only the
+            # first datagram of a GRO train: the others come here, and go to control in
+            # batches (_forward_handshakes), which counts them toward "under load".
+            self._handshakes.append([bytes(data), list(address[:2]), source])
         else:
             self.drops[DropReason.MALFORMED] += 1
+
+    def _forward_handshakes(self) -> None:
+        """Hand the handshake messages of this batch to control, HANDSHAKE_BATCH a message,
+        without ever waiting: when the pipe is full (control is behind, under a flood) the
+        rest are dropped, as wireguard-go drops what its full handshake queue cannot take.
+        Waiting would stop this worker's data path behind a flood."""
+        handshakes, self._handshakes = self._handshakes, []
+        for start in range(0, len(handshakes), HANDSHAKE_BATCH):
+            if not self.channel.try_send(
+                Kind.HANDSHAKE_PACKETS, handshakes[start : start + HANDSHAKE_BATCH]
+            ):
+                self.drops[DropReason.HANDSHAKE_QUEUE_FULL] += len(handshakes) - start
+                return
 
     def _received(
         self,
@@ -624,6 +648,8 @@ class Worker:
         elif kind == Kind.FLUSH_STATS:
             self._flush(now)
             self.channel.send(Kind.STATS_FLUSHED, message[1])
+        elif kind == Kind.PING:
+            self.channel.send(Kind.PONG, message[1])
         elif kind == Kind.SHUTDOWN:
             self.running = False
 

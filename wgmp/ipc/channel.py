@@ -6,8 +6,10 @@ A message is a list whose first element is its kind (`Kind`); the rest are plain
 
 from __future__ import annotations
 
-import select
+import array
+import fcntl
 import socket
+import termios
 from enum import IntEnum
 from typing import Any
 
@@ -32,79 +34,110 @@ class Kind(IntEnum):
     SEND_KEEPALIVE = 9  # [kind, peer_id]
     MTU = 10  # [kind, mtu]
     SHUTDOWN = 11  # [kind]
+    PING = 12  # [kind, token]  liveness: answered with PONG from the worker's loop
     # worker -> control
     READY = 32  # [kind, worker_id, pid]
     NEED_HANDSHAKE = 33  # [kind, peer_id]
     ACTIVITY = 34  # [kind, [[peer_id, sent_at, data_sent_at, received_at, data_received_at]]]
     CONFIRMED = 35  # [kind, slot]  first packet received under a `next` keypair
     ROAMED = 36  # [kind, peer_id, endpoint]
-    HANDSHAKE_PACKET = 37  # [kind, data, endpoint, local_address|None]
+    # Handshake messages that reached a worker's socket (a GRO train led by a transport
+    # message: the steering program sees only the first): [kind, [[data, endpoint,
+    # local_address|None], ...]]. Control counts them toward "under load" like its own.
+    HANDSHAKE_PACKETS = 37
     REMOVED = 38  # [kind, slot]  acknowledges KEYPAIR_REMOVE
     STATS_FLUSHED = 39  # [kind, token]
     REKEY_WANTED = 40  # [kind, peer_id]  a key's age or count says rekey (worker's view)
+    PONG = 41  # [kind, token]  answers PING
 
 
 class Channel:
-    """One end of the pipe: non-blocking reads of whole messages, writes that never drop.
+    """One end of the pipe: non-blocking reads of whole messages, writes that never lose one.
 
-    A write waits for room in the pipe rather than drop a message (a burst of keypair installs
-    must all arrive). On a blocking socket (a worker's end) it simply blocks. On a non-blocking
-    one (control's end, as `pair` makes it) it also reads, while it waits, what the other side
-    sends, and keeps those messages for `receive()` (`pending` says there are some): two ends
-    that both wait to write into full pipes would otherwise wait for each other forever. That
-    happened: a flood of handshakes from 1000 configured peers (perf/bench_handshake_flood.py)
-    left control and its worker both asleep in sock_alloc_send_pskb, control sending keypair
-    installs and the worker the acknowledgements of their removal.
+    A worker's end is blocking: its writes wait for room (control always reads), except
+    `try_send`, which writes now or not at all (for what may be dropped under a flood).
+
+    Control's end (as `pair` makes it) never waits: what the pipe cannot take now is kept, in
+    order, in `_out` and written by `flush()` when the pipe has room again (control's loop
+    asks for writability while `backlog` is non-zero). Control must never block on one
+    worker: a worker that stopped reading (hung, SIGSTOPped) would stop the whole daemon, and
+    two ends both waiting to write into full pipes would wait for each other forever (a flood
+    of handshakes from 1000 configured peers once did that: perf/bench_handshake_flood.py).
+    How much may wait is control's decision (daemon.py: a worker whose backlog passes its
+    bound is treated as hung and replaced).
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20)
         self._packer = msgpack.Packer(use_bin_type=True)
-        self._poll: select.poll | None = None
-        self._eof = False  # the other end closed (seen while waiting to write)
-        self.pending = False  # messages were read while writing: call receive() for them
+        self._out = bytearray()  # control's end: bytes the pipe had no room for yet
+        self._eof = False  # the other end closed
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def send(self, *message: Any) -> None:
-        """Write one message, waiting for room; OSError when the other end has gone."""
+        """Write one message (or queue it, on control's end); OSError when the other end
+        has gone."""
         data = self._packer.pack(list(message))
         if self.sock.getblocking():
             self.sock.sendall(data)
             return
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[self.sock.send(view) :]
-            except BlockingIOError:
-                self._wait_for_room()
+        if self._out:  # keep the order: behind what waits already
+            self._out += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self._out += memoryview(data)[sent:]
 
-    def _wait_for_room(self) -> None:
-        """Sleep until the pipe has room, reading what the other end sends meanwhile."""
-        if self._eof:
-            raise BrokenPipeError("the other end of the channel has gone")
-        if self._poll is None:
-            self._poll = select.poll()
-            self._poll.register(self.sock, select.POLLIN | select.POLLOUT)
-        for _, events in self._poll.poll():
-            if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                try:
-                    data = self.sock.recv(1 << 20)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    self._eof = True
-                    raise BrokenPipeError("the other end of the channel has gone")
-                self._unpacker.feed(data)
-                self.pending = True
+    def try_send(self, *message: Any) -> bool:
+        """Write one message now if the pipe has room, else nothing: False if it was full.
+
+        A stream socket takes a message smaller than half its send buffer whole or not at all
+        with MSG_DONTWAIT (one skb); a larger one could go in part, and then the rest is
+        written waiting, because a message cut short would break the stream."""
+        data = self._packer.pack(list(message))
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        if sent < len(data):
+            self.sock.sendall(memoryview(data)[sent:])
+        return True
+
+    @property
+    def backlog(self) -> int:
+        """Bytes queued on control's end that the pipe had no room for yet."""
+        return len(self._out)
+
+    def unread(self) -> int:
+        """Bytes the other end has not read yet: in the pipe (SIOCOUTQ) and in `backlog`.
+        Falling means the other end is reading."""
+        buffer = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, buffer, True)
+        except OSError:
+            return len(self._out)
+        return buffer[0] + len(self._out)
+
+    def flush(self) -> bool:
+        """Write what waits in `backlog` as far as the pipe takes it; True once empty.
+        OSError when the other end has gone."""
+        while self._out:
+            try:
+                sent = self.sock.send(self._out)
+            except BlockingIOError:
+                return False
+            del self._out[:sent]
+        return True
 
     def receive(self) -> list[list[Any]] | None:
-        """Every complete message readable now (and any read while writing); None when the
-        other end has gone and nothing of what it sent is left."""
+        """Every complete message readable now; None when the other end has gone and
+        nothing of what it sent is left."""
         if not self._eof:
             try:
                 data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
@@ -117,7 +150,6 @@ class Channel:
                     self._unpacker.feed(data)
                 else:
                     self._eof = True
-        self.pending = False
         messages = list(self._unpacker)
         if self._eof and not messages:
             return None
@@ -130,5 +162,5 @@ class Channel:
     def pair(cls) -> tuple[Channel, socket.socket]:
         """Control's end and the raw socket to hand to a worker process."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ours.setblocking(False)  # see the class: control reads while it waits to write
+        ours.setblocking(False)  # see the class: control never waits for a worker
         return cls(ours), theirs
