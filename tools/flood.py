@@ -39,6 +39,14 @@ listens `--linger` seconds for late replies. The tool refuses a non-loopback tar
 runs inside a named network namespace (one of /run/netns, as `ip netns exec NS` gives), and
 `--setup-sources` only works there: floods belong inside namespaces made for them.
 
+Trains (`--train N`): each sendmsg carries N equal-size datagrams with UDP_SEGMENT (GSO): a
+148-byte message that looks like transport data first (type 4, a receiver index whose low
+byte is `--train-worker`), then N-1 initiations, all from one source. A receiver with UDP GRO
+gets them as one train, and a reuseport steering program that reads only the first datagram
+sends the whole train where transport data goes: how handshake-flood protection that only
+counts one socket was bypassed (wgmp issue 8, item 2). Counts (`--count`, `--rate`, `sent`)
+are of initiations; the leading messages are counted apart (`trains`).
+
 Output: one summary line (what was sent, at what rate, and the replies: cookie replies, how
 many of them decrypted, handshake responses), or with `--json` one JSON object.
 """
@@ -92,6 +100,8 @@ from wgmp.protocol.noise import INITIAL_CHAINING_KEY, INITIAL_HASH  # noqa: E402
 IP_PKTINFO = 8
 IPV6_PKTINFO = 50
 IPV6_FREEBIND = 78
+SOL_UDP = 17
+UDP_SEGMENT = 103
 BATCH = 64  # messages sent between two clock reads / receive drains
 MAX_SECONDS = 600.0
 PENDING_SLOTS = 1 << 16  # mac1 of the last 65536 messages, to decrypt the cookie replies
@@ -131,6 +141,7 @@ class Report:
     responses: int = 0
     other_replies: int = 0
     last_reply_s: float = 0.0  # when the last reply came, in seconds from the start
+    trains: int = 0  # GSO trains sent (--train), each led by a transport-looking message
     errors: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -317,6 +328,8 @@ class Flooder:
         self.cmsgs = [[pktinfo(a)] for a in self.sources]
         self.slots = len(self.sources) * len(self.sockets)  # (address, port) pairs
         self.follow = args.follow_cookies
+        self.train = args.train
+        self.train_worker = args.train_worker
         self.cookies: dict[int, bytes] = {}  # slot -> cookie
         self.pending: list[tuple[int, bytes, int] | None] = [None] * PENDING_SLOTS
         self.rng = secrets.SystemRandom()
@@ -355,18 +368,19 @@ class Flooder:
 
     # -- one message --------------------------------------------------------------------------
 
-    def message(self, k: int) -> tuple[bytes, int]:
-        """The k-th message and the slot (address, port) it leaves from."""
+    def message(self, k: int, slot: int | None = None) -> tuple[bytes, int]:
+        """The k-th message and the slot (address, port) it leaves from (`slot`, if given:
+        every message of a train leaves from the train's)."""
         if self.pool:
-            return self.pool[k % len(self.pool)], k % self.slots
+            return self.pool[k % len(self.pool)], k % self.slots if slot is None else slot
         if self.mode == "peer":
             peer = k % len(self.templates)
             template = self.templates[peer]
-            slot = peer % self.slots
+            slot = peer % self.slots if slot is None else slot
             stamp = seal_timestamp(template, time.time_ns())
         else:
             template = self.templates[k % len(self.templates)]
-            slot = k % self.slots
+            slot = k % self.slots if slot is None else slot
             stamp = seal_timestamp(template, 0)
         index = self.next_index
         self.next_index = (index + 1) & 0xFFFFFFFF
@@ -383,11 +397,28 @@ class Flooder:
             self.pending[index % PENDING_SLOTS] = (index, mac1, slot)
         return body + mac1 + mac2, slot
 
-    def send(self, k: int) -> bool:
+    def send(self, k: int) -> int:
+        """Send the k-th message, or the train that starts with it; how many initiations."""
+        if self.train > 1:
+            return self._send_train(k)
         data, slot = self.message(k)
+        return 1 if self._sendmsg(data, slot, []) else 0
+
+    def _send_train(self, k: int) -> int:
+        first, slot = self.message(k)
+        initiations = [first] + [self.message(k + i, slot)[0] for i in range(1, self.train - 1)]
+        index = self.rng.getrandbits(24) << 8 | self.train_worker
+        lead = struct.pack("<II", 4, index) + secrets.token_bytes(len(first) - 8)
+        segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(first)))]
+        if not self._sendmsg(b"".join([lead, *initiations]), slot, segment):
+            return 0
+        self.report.trains += 1
+        return len(initiations)
+
+    def _sendmsg(self, data: bytes, slot: int, cmsgs: list[tuple[int, int, bytes]]) -> bool:
         port, source = divmod(slot, len(self.sources))
         try:
-            self.sockets[port].sendmsg([data], self.cmsgs[source], 0, self.target)
+            self.sockets[port].sendmsg([data], cmsgs + self.cmsgs[source], 0, self.target)
         except OSError as err:
             self.report.send_errors += 1
             name = errno.errorcode.get(err.errno or 0, str(err.errno))
@@ -458,10 +489,10 @@ class Flooder:
                         continue
                     n = min(n, due - k)
                 n = min(n, count - k)
-                for _ in range(n):
-                    if self.send(k):
-                        report.sent += 1
-                    k += 1
+                end = k + n
+                while k < end:
+                    report.sent += self.send(k)
+                    k += max(self.train - 1, 1)
                 self.drain()
         finally:
             report.seconds = time.monotonic() - start
@@ -542,10 +573,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="make the --sources ranges local here (ip route add local NET dev lo) for the run",
     )
+    parser.add_argument(
+        "--train",
+        type=int,
+        default=1,
+        help="send GSO trains of this many datagrams (2-64): a transport-looking message, "
+        "then initiations (see the module's docstring)",
+    )
+    parser.add_argument(
+        "--train-worker",
+        type=int,
+        default=0,
+        help="the low byte of the leading message's receiver index (wgmp: the worker)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = parser.parse_args(argv)
     if not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"--seconds must be in (0, {MAX_SECONDS:g}]")
+    if not 1 <= args.train <= 64 or not 0 <= args.train_worker <= 255:
+        parser.error("--train must be in [1, 64], --train-worker in [0, 255]")
     if args.count <= 0 or args.ports <= 0 or args.burst <= 0 or args.rate < 0:
         parser.error("--count, --ports and --burst must be positive, --rate not negative")
     return args

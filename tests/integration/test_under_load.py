@@ -17,7 +17,11 @@ What a handshake flood must find (PROTOCOL.md, "under load"):
   gets a cookie reply, it retries with mac2 (after REKEY_TIMEOUT) and gets a response;
 - the control process's memory stays bounded by a flood of 100k initiations from 1022 sources;
 - a flood of initiations from configured peers' keys (a whole responder handshake each) is
-  answered as fast as wgmp can, and leaves it working.
+  answered as fast as wgmp can, and leaves it working;
+- the same holds for initiations sent in UDP GSO trains led by a transport message (issue 8,
+  item 2): the steering program sees only a train's first datagram and hands the whole train
+  to a worker, which passes the initiations to control; they must count toward "under load"
+  and meet the rate limiter as if they had come to control's own socket.
 
 The floods come in bursts (`--burst`): a burst builds a backlog whatever the machine's speed,
 so the under-load state is reached without a rate so high that the kernel drops the real
@@ -286,3 +290,86 @@ def test_a_flood_of_handshakes_from_configured_peers_is_answered_and_wedges_noth
     samples = flooded.stats()
     assert flooded.counter(samples, "wgmp_handshakes_received_total") >= report["responses"]
     link.ns_b.run(["ping", "-n", "-c", "2", "-i", "0.2", "-w", "15", WGMP_TUNNEL])
+
+
+# ---------------------------------------------------------------------------------------------
+# Trains: handshake messages that reach a worker's socket (issue 8, item 2)
+
+TRAIN = 32  # datagrams per GSO train: a transport-looking message, then 31 initiations
+
+
+def _control_cpu(flooded: Flooded) -> float:
+    times = flooded.control_process().cpu_times()
+    return times.user + times.system
+
+
+@pytest.mark.parametrize("train", [1, TRAIN], ids=["plain", "trains"])
+def test_initiations_in_gso_trains_get_cookies_like_plain_ones(
+    flooded: Flooded, train: int
+) -> None:
+    """The same flood sent plainly and in trains: both put wgmp under load (cookie replies,
+    few Diffie-Hellmans), and the real peer's pings get through meanwhile. Before the fix the
+    trains got no cookie reply at all and a DH each."""
+    link = flooded.link
+    link.ns_b.run(["ping", "-n", "-c", "2", "-i", "0.2", "-w", "10", WGMP_TUNNEL])
+    before = flooded.stats()
+    cpu_before = _control_cpu(flooded)
+    flood = flooded.start_flood(
+        "--sources", FLOOD_RANGE, "--rate", "8000", "--burst", "4000", "--seconds", "8",
+        "--train", str(train),
+    )  # fmt: skip
+    try:
+        pings = link.ns_b.run(
+            ["ping", "-n", "-q", "-c", "30", "-i", "0.2", "-W", "1", WGMP_TUNNEL],
+            check=False, timeout=60,
+        )  # fmt: skip
+        out, err = flood.communicate(timeout=60)
+    finally:
+        if flood.poll() is None:
+            link.ns_b.stop(flood)
+    report = json.loads(out)
+    cpu = _control_cpu(flooded) - cpu_before
+    after = flooded.stats()
+
+    def grown(name: str, **labels: str) -> float:
+        return flooded.counter(after, name, **labels) - flooded.counter(before, name, **labels)
+
+    cookies = grown("wgmp_cookie_replies_sent_total")
+    # A DH for each initiation that got past the cookie check: those of unknown keys end as
+    # handshake_invalid, a configured peer's are counted as received.
+    dh = grown("wgmp_dropped_packets_total", worker="control", reason="handshake_invalid")
+    dh += grown("wgmp_handshakes_received_total")
+    queue_full = grown("wgmp_dropped_packets_total", worker="0", reason="handshake_queue_full")
+    answered = int(re.search(r"(\d+) received", pings.stdout).group(1))  # type: ignore[union-attr]
+    print(
+        f"{'trains of ' + str(train) if train > 1 else 'plain'}: sent {report['sent']} "
+        f"initiations ({report['trains']} trains) at {report['rate']:.0f}/s; cookie replies "
+        f"sent {cookies:.0f} (flooder got {report['cookie_replies']}); DH {dh:.0f}; dropped "
+        f"by the worker as handshake_queue_full {queue_full:.0f}; control CPU {cpu:.1f} s; "
+        f"the peer's pings {answered}/30"
+    )
+    assert report["sent"] > 10000, err
+    if train > 1:
+        assert report["trains"] > 0
+    assert cookies > 0.3 * report["sent"]
+    assert dh < 0.2 * report["sent"]
+    assert answered >= 20
+
+
+def test_a_single_source_in_trains_is_rate_limited(flooded: Flooded) -> None:
+    """Trains from one address and port that follow their cookies (valid mac2) meet the
+    per-source rate limiter as plain initiations do."""
+    single = flooded.flood(
+        "--sources", SINGLE_SOURCE, "--ports", "1", "--follow-cookies",
+        "--rate", "6000", "--burst", "3000", "--seconds", "4", "--train", str(TRAIN),
+    )  # fmt: skip
+    samples = flooded.stats()
+    limited = flooded.control_drops(samples, "rate_limited")
+    print(
+        f"single source in trains: sent {single['sent']} ({single['sent_with_mac2']} with "
+        f"mac2) in {single['trains']} trains, rate_limited {limited:.0f}"
+    )
+    assert single["trains"] > 0
+    assert single["cookie_replies_valid"] > 0
+    assert single["sent_with_mac2"] > 1000
+    assert limited >= 0.5 * single["sent_with_mac2"]

@@ -17,6 +17,9 @@ import msgpack
 
 __all__ = ["ROLE_CURRENT", "ROLE_NEXT", "ROLE_PREVIOUS", "Channel", "Kind"]
 
+SO_SNDBUFFORCE = 32
+WORKER_SEND_BUFFER = 1 << 20
+
 # The role a KEYPAIR_INSTALL gives a keypair (whitepaper's previous/current/next).
 ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS = 0, 1, 2
 
@@ -163,4 +166,14 @@ class Channel:
         """Control's end and the raw socket to hand to a worker process."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)  # see the class: control never waits for a worker
+        # What a worker may have in flight to control before it must drop handshake messages
+        # (Worker._forward_handshakes): room for about MAX_QUEUED_INCOMING_HANDSHAKES of
+        # them, as wireguard-go's handshake queue holds. The default (wmem_default, ~208 KiB)
+        # held ~1,100, and a burst of GSO trains lost more than half (perf/RESULTS.md).
+        for option in (SO_SNDBUFFORCE, socket.SO_SNDBUF):  # FORCE: past wmem_max, as root
+            try:
+                theirs.setsockopt(socket.SOL_SOCKET, option, WORKER_SEND_BUFFER)
+                break
+            except OSError:
+                continue
         return cls(ours), theirs
