@@ -47,6 +47,17 @@ SOCKET_CHECK_INTERVAL = 0.5
 OUTBOUND_LIMIT = 32 << 20
 
 
+def _forwarded_handshakes(messages: list[Any]) -> int:
+    """How many handshake messages a worker's messages carry (0 for any malformed one:
+    handling it counts it as an internal error)."""
+    count = 0
+    for message in messages:
+        if isinstance(message, list) and len(message) > 1 and message[0] == Kind.HANDSHAKE_PACKETS:
+            if isinstance(message[1], list):
+                count += len(message[1])
+    return count
+
+
 class SetupError(Exception):
     """Why the daemon could not start, in one line for the command line."""
 
@@ -499,7 +510,7 @@ class Daemon:
         handle.last_heard = time.monotonic()
         # Handshake messages that came through a worker's socket count toward "under load"
         # as those read from control's own socket do (docs/hardening.md, item 2).
-        forwarded = sum(len(m[1]) for m in messages if m[0] == Kind.HANDSHAKE_PACKETS)
+        forwarded = _forwarded_handshakes(messages)
         if forwarded:
             self.interface.note_backlog(forwarded, handle.last_heard)
         for message in messages:
