@@ -43,19 +43,3 @@ def test_a_worker_has_longer_to_say_ready_than_to_answer_later() -> None:
     assert handle.liveness_timeout() == STARTUP_TIMEOUT
     handle.ready = True
     assert handle.liveness_timeout() == LIVENESS_TIMEOUT < STARTUP_TIMEOUT
-
-
-def test_forwarded_handshakes_are_counted_and_malformed_messages_do_not_raise() -> None:
-    from wgmp.control.daemon import _forwarded_handshakes
-    from wgmp.ipc.channel import Kind
-
-    entry = [bytes(148), ["192.0.2.1", 1], None]
-    messages = [
-        [Kind.HANDSHAKE_PACKETS, [entry, entry]],
-        [Kind.ACTIVITY, []],
-        [Kind.HANDSHAKE_PACKETS, [entry]],
-        7,  # not a message at all
-        [Kind.HANDSHAKE_PACKETS, "garbage"],
-        [],
-    ]
-    assert _forwarded_handshakes(messages) == 3

@@ -1,0 +1,20 @@
+"""Control's reading of worker messages (wgmp/control/daemon.py) never raises on what a worker
+sends: a worker handles hostile datagrams, and control must outlive anything it passes on."""
+
+from __future__ import annotations
+
+from wgmp.control.daemon import _forwarded_handshakes
+from wgmp.ipc.channel import Kind
+
+
+def test_forwarded_handshakes_are_counted_and_malformed_messages_do_not_raise() -> None:
+    entry = [bytes(148), ["192.0.2.1", 1], None]
+    messages = [
+        [Kind.HANDSHAKE_PACKETS, [entry, entry]],
+        [Kind.ACTIVITY, []],
+        [Kind.HANDSHAKE_PACKETS, [entry]],
+        7,  # not a message at all
+        [Kind.HANDSHAKE_PACKETS, "garbage"],
+        [],
+    ]
+    assert _forwarded_handshakes(messages) == 3
