@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from wgmp.control.supervisor import (
     LIVENESS_TIMEOUT,
+    PING_TIMEOUT,
     RESTART_BACKOFF,
     RESTART_BACKOFF_MAX,
     STABLE_AFTER,
@@ -40,6 +41,9 @@ def test_restart_delays_double_up_to_the_cap_and_reset_after_a_stable_run() -> N
 
 def test_a_worker_has_longer_to_say_ready_than_to_answer_later() -> None:
     handle = _handle()
-    assert handle.liveness_timeout() == STARTUP_TIMEOUT
+    assert handle.answer_timeout() == STARTUP_TIMEOUT
     handle.ready = True
-    assert handle.liveness_timeout() == LIVENESS_TIMEOUT < STARTUP_TIMEOUT
+    assert handle.answer_timeout() == PING_TIMEOUT < LIVENESS_TIMEOUT < STARTUP_TIMEOUT
+    handle.unanswered_since = 3.0
+    handle.heard(4.0)
+    assert handle.unanswered_since is None and handle.last_heard == 4.0

@@ -439,17 +439,20 @@ class Daemon:
         assert channel is not None
         unread = channel.unread()
         if unread < handle.last_unread:
-            handle.last_heard = now  # busy (e.g. with a long replay), but reading
+            handle.heard(now)  # busy (e.g. with a long replay), but reading
         handle.last_unread = unread
-        silent = handle.silent_for(now)
-        if silent >= HEARTBEAT_INTERVAL and now - handle.pinged_at >= HEARTBEAT_INTERVAL:
-            handle.ping_token += 1
-            handle.pinged_at = now
-            self._send(handle, [Kind.PING, handle.ping_token])
-        timeout = handle.liveness_timeout()
-        if silent > timeout:
+        if now - handle.last_heard >= HEARTBEAT_INTERVAL:
+            if now - handle.pinged_at >= HEARTBEAT_INTERVAL:
+                handle.ping_token += 1
+                handle.pinged_at = now
+                self._send(handle, [Kind.PING, handle.ping_token])
+            if handle.unanswered_since is None:
+                handle.unanswered_since = now
+        since = handle.unanswered_since
+        if since is not None and now - since > handle.answer_timeout():
             self._on_worker(handle)  # its answer may wait unread, if control itself was busy
-            if handle.channel is not None and handle.silent_for(time.monotonic()) > timeout:
+            if handle.channel is not None and handle.unanswered_since is not None:
+                silent = now - handle.last_heard
                 self._hung(handle, f"no sign of life for {silent:.1f} s")
 
     def _hung(self, handle: WorkerHandle, why: str) -> None:
@@ -507,7 +510,7 @@ class Daemon:
             return
         if not messages:
             return
-        handle.last_heard = time.monotonic()
+        handle.heard(time.monotonic())
         # Handshake messages that came through a worker's socket count toward "under load"
         # as those read from control's own socket do (docs/hardening.md, item 2).
         forwarded = _forwarded_handshakes(messages)

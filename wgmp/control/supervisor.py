@@ -8,8 +8,9 @@ takes over the same descriptors and gets the configuration and keys replayed to 
 
 When (docs/hardening.md, item 4): a worker that exited is restarted at once the first time,
 then after RESTART_BACKOFF, doubled for each further death (up to RESTART_BACKOFF_MAX) until
-one has run STABLE_AFTER seconds. A worker that stops answering (`silent_for` past
-LIVENESS_TIMEOUT, or STARTUP_TIMEOUT before it said READY) is killed and so restarted.
+one has run STABLE_AFTER seconds. A worker silent for HEARTBEAT_INTERVAL is sent a PING; one
+that neither answers, sends anything nor reads its pipe within PING_TIMEOUT of the first such
+PING (STARTUP_TIMEOUT before it said READY) is hung: killed, and so restarted.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ RESTART_BACKOFF = 0.2  # the delay before the second restart in a row, doubled e
 RESTART_BACKOFF_MAX = 10.0
 STABLE_AFTER = 30.0  # a worker that ran this long before it died is restarted at once again
 HEARTBEAT_INTERVAL = 1.0  # a worker silent this long is sent a PING
-# Silent this long (no message, no PONG, not even reading its pipe): hung, killed, replaced.
-LIVENESS_TIMEOUT = 5.0
-STARTUP_TIMEOUT = 30.0  # the same before its first READY (a new interpreter on a busy machine)
+# No answer, no message, not even reading its pipe this long after a PING: hung, replaced.
+# Counted from a PING that control sent, not from the last sign of life: if control itself
+# was busy for seconds, a quiet worker gets its PING first, and its time to answer.
+PING_TIMEOUT = 4.0
+LIVENESS_TIMEOUT = HEARTBEAT_INTERVAL + PING_TIMEOUT  # a stopped worker is found within this
+STARTUP_TIMEOUT = 30.0  # PING_TIMEOUT before its first READY (a new interpreter, a busy machine)
 
 
 @dataclass(eq=False)
@@ -55,13 +59,16 @@ class WorkerHandle:
     last_unread: int = 0  # bytes it had not read from its pipe at the last look
     pinged_at: float = 0.0
     ping_token: int = 0
+    unanswered_since: float | None = None  # the first PING since it was last heard from
     writing: bool = False  # control waits for room in its pipe (Channel.backlog)
 
-    def silent_for(self, now: float) -> float:
-        return now - self.last_heard
+    def heard(self, now: float) -> None:
+        """A sign of life: a message, or bytes read from its pipe."""
+        self.last_heard = now
+        self.unanswered_since = None
 
-    def liveness_timeout(self) -> float:
-        return LIVENESS_TIMEOUT if self.ready else STARTUP_TIMEOUT
+    def answer_timeout(self) -> float:
+        return PING_TIMEOUT if self.ready else STARTUP_TIMEOUT
 
 
 class Supervisor:
@@ -102,7 +109,8 @@ class Supervisor:
         theirs.close()
         handle.channel = channel
         handle.ready = False
-        handle.started_at = handle.last_heard = time.monotonic()
+        handle.started_at = time.monotonic()
+        handle.heard(handle.started_at)
         handle.last_unread = 0
         handle.restart_at = None
         handle.writing = False
