@@ -313,3 +313,34 @@ def test_a_control_message_that_raises_is_counted_and_the_next_is_handled(rig: A
     assert rig.worker._read_channel(time.monotonic())
     assert rig.worker.drops[DropReason.INTERNAL_ERROR] == 1
     assert rig.worker.mtu == 1280
+
+
+def test_handshake_messages_in_a_train_go_to_control_in_one_batch(rig: Any) -> None:
+    """A GRO train led by a transport message reaches a worker whole: its handshake messages
+    go on to control with their source and local address, junk is dropped here."""
+    install(rig.worker, ROLE_CURRENT)
+    lead = (4).to_bytes(4, "little") + OWNED_INDEX.to_bytes(4, "little") + bytes(140)
+    initiation = bytes([1, 0, 0, 0]) + bytes(144)
+    assert len(lead) == len(initiation)  # a GRO train: equal sizes
+    junk = bytes([2, 0, 0, 0]) + bytes(144)  # a response must be 92 bytes
+    data = memoryview(lead + initiation + junk + initiation)
+    rig.worker._receive_train(data, len(data), len(lead), ENDPOINT, PKTINFO, time.monotonic())
+    rig.worker._forward_handshakes()
+    forwarded = [m for m in control_messages(rig.control) if m[0] == Kind.HANDSHAKE_PACKETS]
+    entry = [initiation, list(ENDPOINT), list(PKTINFO)]
+    assert forwarded == [[Kind.HANDSHAKE_PACKETS, [entry, entry]]]
+    assert rig.worker.drops[DropReason.MALFORMED] == 1
+    assert rig.worker.drops[DropReason.DECRYPTION_FAILED] == 1  # the lead
+
+
+def test_handshake_messages_are_dropped_not_waited_for_when_the_pipe_is_full(rig: Any) -> None:
+    initiation = bytes([1, 0, 0, 0]) + bytes(144)
+    sent = 0
+    while rig.worker.channel.try_send(Kind.ACTIVITY, [[0, 0.0, 0.0, 0.0, 0.0]] * 100):
+        sent += 1  # fill the pipe: control reads nothing
+        assert sent < 100000
+    rig.worker._handshakes = [[initiation, list(ENDPOINT), None]] * 10
+    started = time.monotonic()
+    rig.worker._forward_handshakes()
+    assert time.monotonic() - started < 1
+    assert rig.worker.drops[DropReason.HANDSHAKE_QUEUE_FULL] == 10

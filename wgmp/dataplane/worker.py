@@ -43,6 +43,12 @@ from ..net.udp import (
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
     MAX_STAGED_PACKETS,
+    MESSAGE_COOKIE_REPLY,
+    MESSAGE_COOKIE_REPLY_SIZE,
+    MESSAGE_INITIATION,
+    MESSAGE_INITIATION_SIZE,
+    MESSAGE_RESPONSE,
+    MESSAGE_RESPONSE_SIZE,
     MESSAGE_TRANSPORT_MIN_SIZE,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
@@ -79,6 +85,12 @@ GSO_RETRY_AFTER = 10.0  # after a GSO failure (e.g. MTU raised past the path's),
 _TUN_GONE_ERRNOS = {errno.EBADFD, errno.EBADF}
 _TYPE_TRANSPORT_WORD = 4  # type 4 + three zero reserved bytes, as a little-endian u32
 _ZEROS = bytes(16)
+# A handshake message's first word (type + three zero bytes) -> its one valid size.
+_HANDSHAKE_SIZES = {
+    bytes([MESSAGE_INITIATION, 0, 0, 0]): MESSAGE_INITIATION_SIZE,
+    bytes([MESSAGE_RESPONSE, 0, 0, 0]): MESSAGE_RESPONSE_SIZE,
+    bytes([MESSAGE_COOKIE_REPLY, 0, 0, 0]): MESSAGE_COOKIE_REPLY_SIZE,
+}
 
 # Indices into a peer record (a list, for speed on the packet path).
 P_ENDPOINT, P_SEND, P_STAGED, P_RX_BYTES, P_TX_BYTES, P_RX_PACKETS, P_TX_PACKETS = range(7)
@@ -546,10 +558,11 @@ class Worker:
         address: tuple[Any, ...],
         source: tuple[int, int, bytes] | None,
     ) -> None:
-        if len(data) and data[0] in (1, 2, 3):
+        if _HANDSHAKE_SIZES.get(bytes(data[:4])) == len(data):
             # The steering program sends handshakes to control's socket, but it sees only the
             # first datagram of a GRO train: the others come here, and go to control in
-            # batches (_forward_handshakes), which counts them toward "under load".
+            # batches (_forward_handshakes), which counts them toward "under load". Only
+            # what has a handshake message's type and size (wireguard-go's receive checks).
             self._handshakes.append([bytes(data), list(address[:2]), source])
         else:
             self.drops[DropReason.MALFORMED] += 1
