@@ -71,7 +71,7 @@ def test_a_burst_larger_than_the_socket_buffer_is_queued_not_lost() -> None:
         control.send(Kind.KEYPAIR_INSTALL, n, n % 3)
     assert time.monotonic() - started < 5  # nobody read: it did not wait
     assert control.backlog > 0
-    assert control.unread() >= control.backlog
+    assert not control.read_since_last_look()  # nobody read anything yet
     got: list[list[object]] = []
     try:
         deadline = time.monotonic() + 30
@@ -82,6 +82,11 @@ def test_a_burst_larger_than_the_socket_buffer_is_queued_not_lost() -> None:
                 assert messages is not None
                 got.extend(messages)
         assert control.flush() and control.backlog == 0
+        control.send(Kind.MTU, 1420)
+        assert not control.read_since_last_look()
+        assert _drain(worker, 1) == [[Kind.MTU, 1420]]
+        assert control.read_since_last_look()  # the other end is reading
+        assert not control.read_since_last_look()  # and nothing since
     finally:
         control.close()
         worker.close()

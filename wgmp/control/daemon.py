@@ -437,10 +437,8 @@ class Daemon:
         silent for its liveness timeout is hung (stopped, deadlocked) and is replaced."""
         channel = handle.channel
         assert channel is not None
-        unread = channel.unread()
-        if unread < handle.last_unread:
+        if channel.read_since_last_look():
             handle.heard(now)  # busy (e.g. with a long replay), but reading
-        handle.last_unread = unread
         if now - handle.last_heard >= HEARTBEAT_INTERVAL:
             if now - handle.pinged_at >= HEARTBEAT_INTERVAL:
                 handle.ping_token += 1

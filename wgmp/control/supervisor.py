@@ -56,7 +56,6 @@ class WorkerHandle:
     failures: int = 0  # deaths in a row, each less than STABLE_AFTER after its start
     restart_at: float | None = None  # when a dead worker is due to be started again
     last_heard: float = 0.0  # when it last sent a message or read from its pipe
-    last_unread: int = 0  # bytes it had not read from its pipe at the last look
     pinged_at: float = 0.0
     ping_token: int = 0
     unanswered_since: float | None = None  # the first PING since it was last heard from
@@ -111,7 +110,6 @@ class Supervisor:
         handle.ready = False
         handle.started_at = time.monotonic()
         handle.heard(handle.started_at)
-        handle.last_unread = 0
         handle.restart_at = None
         handle.writing = False
         log.info("worker %d started (pid %d)", handle.worker_id, handle.process.pid)

@@ -75,6 +75,7 @@ class Channel:
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20)
         self._packer = msgpack.Packer(use_bin_type=True)
         self._out = bytearray()  # control's end: bytes the pipe had no room for yet
+        self._outq_mark = 0  # control's end: its pipe's fill (SIOCOUTQ) after the last write
         self._eof = False  # the other end closed
 
     def fileno(self) -> int:
@@ -94,6 +95,8 @@ class Channel:
             sent = self.sock.send(data)
         except BlockingIOError:
             sent = 0
+        if sent:
+            self._outq_mark = self._outq()
         if sent < len(data):
             self._out += memoryview(data)[sent:]
 
@@ -117,26 +120,36 @@ class Channel:
         """Bytes queued on control's end that the pipe had no room for yet."""
         return len(self._out)
 
-    def unread(self) -> int:
-        """Bytes the other end has not read yet: in the pipe (SIOCOUTQ) and in `backlog`.
-        Falling means the other end is reading."""
+    def read_since_last_look(self) -> bool:
+        """Whether the other end read from the pipe since control last wrote to it or last
+        asked. The pipe's fill (SIOCOUTQ: for a unix socket, the memory of the unread
+        buffers, not a byte count) only goes down when the other end reads."""
+        now = self._outq()
+        read = now < self._outq_mark
+        self._outq_mark = now
+        return read
+
+    def _outq(self) -> int:
         buffer = array.array("i", [0])
         try:
             fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, buffer, True)
         except OSError:
-            return len(self._out)
-        return buffer[0] + len(self._out)
+            return 0
+        return buffer[0]
 
     def flush(self) -> bool:
         """Write what waits in `backlog` as far as the pipe takes it; True once empty.
         OSError when the other end has gone."""
-        while self._out:
-            try:
-                sent = self.sock.send(self._out)
-            except BlockingIOError:
-                return False
-            del self._out[:sent]
-        return True
+        try:
+            while self._out:
+                try:
+                    sent = self.sock.send(self._out)
+                except BlockingIOError:
+                    return False
+                del self._out[:sent]
+            return True
+        finally:
+            self._outq_mark = self._outq()
 
     def receive(self) -> list[list[Any]] | None:
         """Every complete message readable now; None when the other end has gone and
