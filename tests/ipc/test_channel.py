@@ -82,6 +82,7 @@ def test_a_burst_larger_than_the_socket_buffer_is_queued_not_lost() -> None:
                 assert messages is not None
                 got.extend(messages)
         assert control.flush() and control.backlog == 0
+        assert control.read_since_last_look()  # it read all that
         control.send(Kind.MTU, 1420)
         assert not control.read_since_last_look()
         assert _drain(worker, 1) == [[Kind.MTU, 1420]]
@@ -122,4 +123,23 @@ def test_the_other_end_closing_is_none_after_what_it_sent() -> None:
         assert _drain(worker, 1) == [[Kind.SHUTDOWN]]
         assert worker.receive() is None
     finally:
+        worker.close()
+
+
+def test_reading_is_seen_even_when_control_writes_more_in_between() -> None:
+    """A worker busy reading a long backlog is not hung: its reads are noticed although
+    control keeps refilling the pipe (flush) before it looks."""
+    control, theirs = Channel.pair()
+    worker = Channel(theirs)
+    try:
+        for n in range(20000):
+            control.send(Kind.KEYPAIR_INSTALL, n, 1)
+        assert not control.read_since_last_look()
+        assert select.select([worker], [], [], 5)[0]
+        assert worker.receive()  # the worker reads some
+        control.flush()  # control fills the room again before its next look
+        assert control.read_since_last_look()
+        assert not control.read_since_last_look()
+    finally:
+        control.close()
         worker.close()

@@ -76,6 +76,7 @@ class Channel:
         self._packer = msgpack.Packer(use_bin_type=True)
         self._out = bytearray()  # control's end: bytes the pipe had no room for yet
         self._outq_mark = 0  # control's end: its pipe's fill (SIOCOUTQ) after the last write
+        self._read_seen = False  # ... and it went down since: the other end read
         self._eof = False  # the other end closed
 
     def fileno(self) -> int:
@@ -91,6 +92,7 @@ class Channel:
         if self._out:  # keep the order: behind what waits already
             self._out += data
             return
+        self._note_reads()
         try:
             sent = self.sock.send(data)
         except BlockingIOError:
@@ -124,10 +126,15 @@ class Channel:
         """Whether the other end read from the pipe since control last wrote to it or last
         asked. The pipe's fill (SIOCOUTQ: for a unix socket, the memory of the unread
         buffers, not a byte count) only goes down when the other end reads."""
-        now = self._outq()
-        read = now < self._outq_mark
-        self._outq_mark = now
+        self._note_reads()
+        read, self._read_seen = self._read_seen, False
+        self._outq_mark = self._outq()
         return read
+
+    def _note_reads(self) -> None:
+        """Remember a fall of the pipe's fill before a write raises it again."""
+        if self._outq() < self._outq_mark:
+            self._read_seen = True
 
     def _outq(self) -> int:
         buffer = array.array("i", [0])
@@ -140,6 +147,7 @@ class Channel:
     def flush(self) -> bool:
         """Write what waits in `backlog` as far as the pipe takes it; True once empty.
         OSError when the other end has gone."""
+        self._note_reads()
         try:
             while self._out:
                 try:
