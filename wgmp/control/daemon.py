@@ -88,7 +88,9 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.keyslots = KeySlots.create(KEYSLOT_CAPACITY)
         self.interface = Interface(self.keyslots, _SystemRng(), workers=workers)  # type: ignore[arg-type]
-        self.supervisor = Supervisor(self.keyslots.shm.fd, log_level, vnet_hdr=TUN_VNET_HDR)
+        self.supervisor = Supervisor(
+            self.keyslots.shm.fd, log_level, vnet_hdr=TUN_VNET_HDR, interface=name
+        )
         self.pending_release: dict[int, set[int]] = {}
         self.flush_token = 0
         self.tun_fds: list[int] = []
