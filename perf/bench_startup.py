@@ -6,7 +6,10 @@ it to return, then configures it with `wg setconf` and `ip`) and `wg-quick down`
 then also measures, with the daemon up, each worker's RSS and its USS/PSS (psutil, from
 /proc/PID/smaps: USS is what only that process holds, PSS shares what it shares).
 
-    python perf/bench_startup.py [--rounds 5] [--workers 2]
+    python perf/bench_startup.py [--rounds 5] [--workers 2] [--also LABEL=COMMAND ...]
+
+`--also` adds another userspace implementation to the same rounds (e.g. an older wgmp
+through a wrapper script), so that before/after comparisons share the machine's load.
 
 Needs root. Traffic: none (the peer's endpoint is never contacted within the run).
 """
@@ -71,7 +74,7 @@ def one_round(implementation: str, workers: int) -> tuple[float, float, list]:
         ns.run(["wg-quick", "up", str(config)], env=env)
         up = time.monotonic() - start
         time.sleep(1.0)  # workers settled (they come up in the background)
-        memory = _memory(_daemon_processes(ns)) if implementation == "wgmp" else []
+        memory = _memory(_daemon_processes(ns)) if "wireguard-go" not in implementation else []
         start = time.monotonic()
         ns.run(["wg-quick", "down", str(config)], env=env)
         down = time.monotonic() - start
@@ -82,26 +85,33 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=COMMAND")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_startup: needs root", file=sys.stderr)
         return 1
-    times: dict[str, list[float]] = {"wireguard-go": [], "wgmp": []}
-    memory: list = []
+    commands = {"wireguard-go": "wireguard-go", "wgmp": "wgmp"}
+    for extra in args.also:
+        label, _, command = extra.partition("=")
+        commands[label] = command
+    times: dict[str, list[float]] = {label: [] for label in commands}
+    memory: dict[str, list] = {}
     for _ in range(args.rounds):
-        for implementation in times:
-            up, _down, mem = one_round(implementation, args.workers)
-            times[implementation].append(up)
+        for label, command in commands.items():
+            up, _down, mem = one_round(command, args.workers)
+            times[label].append(up)
             if mem:
-                memory = mem
-    for implementation, ups in times.items():
+                memory[label] = mem
+    print(f"load average before: {os.getloadavg()[0]:.2f}; workers: {args.workers}")
+    for label, ups in times.items():
         print(
-            f"{implementation:13s} wg-quick up: median {statistics.median(ups):.3f} s "
+            f"{label:13s} wg-quick up: median {statistics.median(ups):.3f} s "
             f"(min {min(ups):.3f}, max {max(ups):.3f}, {len(ups)} rounds)"
         )
-    print("wgmp processes (last round), MiB:   rss    uss    pss")
-    for name, rss, uss, pss in memory:
-        print(f"  {name:30s} {rss:6.1f} {uss:6.1f} {pss:6.1f}")
+    for label, rows in memory.items():
+        print(f"{label} processes (last round), MiB:   rss    uss    pss")
+        for name, rss, uss, pss in rows:
+            print(f"  {name:30s} {rss:6.1f} {uss:6.1f} {pss:6.1f}")
     return 0
 
 

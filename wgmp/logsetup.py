@@ -61,8 +61,8 @@ class _JournalFormatter(logging.Formatter):
 
 
 def configure(who: str) -> str:
-    """Send wgmp's messages (only wgmp's: pyroute2 and asyncio would log every netlink message
-    at DEBUG) to stderr, tagged with `who` (e.g. "wg0" or "wg0 worker 1/4"); returns the
+    """Send wgmp's messages (only wgmp's: libraries such as asyncio log chatter at DEBUG)
+    to stderr, tagged with `who` (e.g. "wg0" or "wg0 worker 1/4"); returns the
     LOG_LEVEL name in force."""
     name = level_name()
     root = logging.getLogger()
