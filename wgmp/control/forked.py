@@ -21,15 +21,18 @@ wait, terminate, kill).
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 
 __all__ = ["ForkedProcess"]
 
+log = logging.getLogger("wgmp")
 WAIT_STEP = 0.005
 
 
@@ -43,6 +46,10 @@ class ForkedProcess:
     def start(cls, target: Callable[[], None], keep_fds: Iterable[int]) -> ForkedProcess:
         """Fork; the child keeps only stdio and `keep_fds`, runs `target` and exits."""
         keep = sorted({fd for fd in keep_fds if fd > 2})
+        if threading.active_count() > 1:
+            # Whoever added a thread to control: a lock it holds at this moment stays locked
+            # forever in the worker. Say so, rather than let a worker hang one day.
+            log.warning("forking a worker while control runs %d threads", threading.active_count())
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
