@@ -74,10 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument(
-        "--workers", default=None, help="worker processes: a number or 'auto' (the default)"
+        "--workers",
+        default=None,
+        metavar="N|auto",
+        help="worker processes: a number or 'auto' (the default)",
     )
     parser.add_argument(
-        "--metrics-address", default=None, help="serve Prometheus metrics at ADDRESS (see below)"
+        "--metrics-address",
+        default=None,
+        metavar="ADDRESS",
+        help="serve Prometheus metrics at ADDRESS (see below)",
     )
     parser.add_argument("--version", action="store_true", help="print the version")
     parser.add_argument("interface", nargs="?", help="the interface name")
