@@ -40,7 +40,8 @@ in_a ip link set lo up; in_b ip link set lo up
 in_a ip addr add 192.0.2.1/24 dev veth-a; in_b ip addr add 192.0.2.2/24 dev veth-b
 in_a ip link set veth-a up; in_b ip link set veth-b up
 
-wg genkey > "$work/a.key"; wg genkey > "$work/b.key"
+# Private keys readable by root only (wg warns about world-readable key files otherwise).
+(umask 077; wg genkey > "$work/a.key"; wg genkey > "$work/b.key")
 pub_a=$(wg pubkey < "$work/a.key"); pub_b=$(wg pubkey < "$work/b.key")
 
 echo "== wgmp --workers $WORKERS in $ns_a, wireguard-go in $ns_b"
@@ -68,7 +69,12 @@ in_a ping -c 3 -i 0.2 -W 3 fd00:5::2
 echo "== iperf3, 5 s, wgmp -> wireguard-go"
 ip netns exec "$ns_b" iperf3 -s -1 -B 198.51.100.2 >/dev/null 2>&1 & pids+=($!)
 sleep 0.5
+in_b nstat -n >/dev/null  # reset the receiver's counters history
 in_a iperf3 -c 198.51.100.2 -t 5 -f m | tail -4
+lost=$(in_b nstat -az UdpRcvbufErrors Udp6RcvbufErrors | awk '/RcvbufErrors/ {n += $2} END {print n + 0}')
+echo "   (Retr: TCP segments sent again. wgmp sends faster than wireguard-go on the other side"
+echo "   decrypts, so $lost datagrams overflowed wireguard-go's UDP receive buffer and TCP"
+echo "   resent them; the same as between any fast sender and a slower receiver.)"
 
 echo "== wg show on the wgmp side"
 in_a wg show "$if_a"

@@ -11,8 +11,10 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
+# systemd: systemd-analyze, which checks the units in tools/systemd; tmux: a real terminal
+# for the test of `wgmp top`.
 packages=(wireguard-go wireguard-tools iperf3 iproute2 iputils-ping nftables tcpdump procps
-          python3 python3-venv)
+          python3 python3-venv systemd tmux)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -29,7 +29,8 @@ from tests.integration.netns import (
 PORT, PEER_PORT = 51820, 51821
 TUNNEL = {4: "198.51.100.1", 6: "fd00:ee::1"}
 PEER_TUNNEL = {4: "198.51.100.2", 6: "fd00:ee::2"}
-ENV = {"WG_QUICK_USERSPACE_IMPLEMENTATION": "wgmp", "LOG_LEVEL": "error"}
+# wg-quick cannot pass flags: the worker count comes from the environment.
+ENV = {"WG_QUICK_USERSPACE_IMPLEMENTATION": "wgmp", "LOG_LEVEL": "error", "WGMP_WORKERS": "1"}
 
 
 def _running(proc: psutil.Process) -> bool:
@@ -84,7 +85,7 @@ PersistentKeepalive = 25
     owner = socket_owner(ns, sock_path)
     assert owner is not None, f"nobody in {ns.name} listens on {sock_path}"
     processes = [owner, *owner.children(recursive=True)]
-    assert len(processes) == 2, processes  # the daemon and its one worker (--workers 1)
+    assert len(processes) == 2, processes  # the daemon and its one worker (WGMP_WORKERS=1)
     try:
         dump = ns.run(["wg", "show", ifname, "dump"]).stdout.splitlines()
         assert dump[0].split("\t")[2] == str(PORT)

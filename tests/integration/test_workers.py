@@ -173,16 +173,18 @@ def delta(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
 
 
 def worker_pids(daemon: UserspaceWireGuard) -> dict[int, int]:
-    """Worker id -> PID, from the control process's children (`--id N` on their command line)."""
+    """Worker id -> PID, from the control process's children (named `wgmp: IFNAME worker N/M`,
+    N counted from 1)."""
     assert daemon.proc is not None
     pids = {}
     for child in psutil.Process(daemon.proc.pid).children():
         try:
-            argv = child.cmdline()
+            title = " ".join(child.cmdline())
+            found = re.search(r"^wgmp: \S+ worker (\d+)/\d+", title)
+            if found and child.status() != psutil.STATUS_ZOMBIE:
+                pids[int(found.group(1)) - 1] = child.pid
         except psutil.NoSuchProcess:
             continue
-        if "wgmp.dataplane.worker" in argv and child.status() != psutil.STATUS_ZOMBIE:
-            pids[int(argv[argv.index("--id") + 1])] = child.pid
     return pids
 
 

@@ -409,7 +409,11 @@ def test_stats_is_routed_by_the_command_line():
     [
         ("127.0.0.1:9586", ("127.0.0.1", 9586)),
         ("[::1]:0", ("::1", 0)),
-        (":9586", ("", 9586)),
+        (":9586", ("127.0.0.1", 9586)),
+        ("9586", ("127.0.0.1", 9586)),
+        ("localhost:9586", ("127.0.0.1", 9586)),
+        ("0.0.0.0:9586", ("0.0.0.0", 9586)),
+        ("[::]:9586", ("::", 9586)),
     ],
 )
 def test_parse_address(text, expected):
@@ -418,7 +422,7 @@ def test_parse_address(text, expected):
 
 @pytest.mark.parametrize(
     "text",
-    ["localhost:9586", "::1:9586", "[127.0.0.1]:1", "127.0.0.1", "1.2.3.4:65536", "1.2.3.4:x"],
+    ["example.com:9586", "::1:9586", "[127.0.0.1]:1", "127.0.0.1:", "1.2.3.4:65536", "1.2.3.4:x"],
 )
 def test_parse_address_refuses(text):
     with pytest.raises(ValueError):

@@ -104,7 +104,9 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.keyslots = KeySlots.create(KEYSLOT_CAPACITY)
         self.interface = Interface(self.keyslots, _SystemRng(), workers=workers)  # type: ignore[arg-type]
-        self.supervisor = Supervisor(self.keyslots.shm.fd, log_level, vnet_hdr=TUN_VNET_HDR)
+        self.supervisor = Supervisor(
+            self.keyslots.shm.fd, log_level, vnet_hdr=TUN_VNET_HDR, interface=name
+        )
         self.pending_release: dict[int, set[int]] = {}
         self.flush_token = 0
         self.tun_fds: list[int] = []
@@ -702,6 +704,7 @@ class Daemon:
             elif isinstance(op, uapi.SetPresharedKey):
                 interface.set_preshared_key(peer, op.preshared_key)
             elif isinstance(op, uapi.SetEndpoint):
+                log.debug("%s - UAPI: Updating endpoint", peer)
                 interface.set_endpoint(peer, (op.host, op.port))
             elif isinstance(op, uapi.SetPersistentKeepalive):
                 keepalive = op.interval
@@ -724,9 +727,11 @@ class Daemon:
         if isinstance(op, uapi.SetPrivateKey):
             interface.set_private_key(op.private_key, now)
         elif isinstance(op, uapi.SetListenPort):
+            log.debug("UAPI: Updating listen port")
             if op.port != interface.listen_port:
                 self._rebind(op.port)
         elif isinstance(op, uapi.SetFwmark):
+            log.debug("UAPI: Updating fwmark")
             interface.fwmark = op.fwmark
             try:
                 for sock in self._all_sockets():
@@ -734,6 +739,7 @@ class Daemon:
             except OSError as err:
                 raise uapi.UAPIError(uapi.IPC_ERROR_PORT_IN_USE, f"fwmark: {err}") from err
         elif isinstance(op, uapi.ReplacePeers):
+            log.debug("UAPI: Removing all peers")
             for public_key in list(interface.peers):
                 interface.remove_peer(public_key)
 

@@ -10,6 +10,7 @@ out in two queues that the daemon drains: `datagrams` (to send from control's so
 from __future__ import annotations
 
 import heapq
+import logging
 import socket
 from collections import deque
 from functools import partial
@@ -21,17 +22,21 @@ from ..ipc.keyslots import KeySlots
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
     DEFAULT_MTU,
+    KEEPALIVE_TIMEOUT,
     MAX_QUEUED_INCOMING_HANDSHAKES,
+    MAX_TIMER_HANDSHAKES,
     MESSAGE_COOKIE_REPLY,
     MESSAGE_INITIATION,
     MESSAGE_RESPONSE,
+    REKEY_TIMEOUT,
     UNDER_LOAD_AFTER_TIME,
     UNDER_LOAD_QUEUE_FRACTION,
+    ZERO_KEY_MATERIAL_AFTER,
 )
 from ..protocol.cookie import CookieChecker, source_bytes
 from ..protocol.crypto import Randomness
 from ..protocol.errors import DropReason, ProtocolError
-from ..protocol.indextable import IndexTable
+from ..protocol.indextable import IndexTable, worker_of
 from ..protocol.keypair import Keypair
 from ..protocol.messages import message_type, parse_cookie_reply, parse_initiation, parse_response
 from ..protocol.noise import HandshakeState, StaticIdentity, consume_initiation
@@ -39,6 +44,16 @@ from ..protocol.ratelimiter import RateLimiter
 from ..protocol.timers import ActionKind, RandomSource
 from ..protocol.transport import seal_transport
 from .peer import Endpoint, Local, Peer, Prefix
+
+# LOG_LEVEL=verbose logs what wireguard-go logs at that level, in its words and with its
+# peer(AbCd…WxYz) names (see docs/operations.md); only per-handshake and per-configuration
+# events, never per packet. Events a flood can repeat per datagram are guarded by _verbose().
+log = logging.getLogger("wgmp")
+
+
+def _verbose() -> bool:
+    return log.isEnabledFor(logging.DEBUG)
+
 
 __all__ = ["HandshakeCounters", "Interface", "ROLE_CURRENT", "ROLE_NEXT", "ROLE_PREVIOUS"]
 
@@ -114,6 +129,7 @@ class Interface:
         identity = StaticIdentity.from_private_key(private_key) if private_key else None
         if identity == self.identity:
             return
+        log.debug("UAPI: Updating private key")
         self.identity = identity
         self.cookie_checker.set_local_public_key(identity.public_key if identity else None)
         for peer in list(self.peers.values()):
@@ -134,12 +150,14 @@ class Interface:
             self.peers[public_key] = peer
             self.by_id[peer_id] = peer
             self.commands.append([Kind.PEER_SET, peer_id, None, []])
+            log.debug("%s - UAPI: Created", peer)
         return peer
 
     def remove_peer(self, public_key: bytes) -> None:
         peer = self.peers.pop(public_key, None)
         if peer is None:
             return
+        log.debug("%s - UAPI: Removing", peer)
         del self.by_id[peer.peer_id]
         peer.timers.stop()
         peer.timers.on_arm = None
@@ -150,6 +168,7 @@ class Interface:
         self._free_ids.append(peer.peer_id)
 
     def set_preshared_key(self, peer: Peer, key: bytes) -> None:
+        log.debug("%s - UAPI: Updating preshared key", peer)
         peer.handshake.preshared_key = key
 
     def set_endpoint(self, peer: Peer, endpoint: Endpoint, local: Local | None = None) -> None:
@@ -161,17 +180,21 @@ class Interface:
         )
 
     def set_persistent_keepalive(self, peer: Peer, interval: int, now: float, wall_ns: int) -> None:
+        log.debug("%s - UAPI: Updating persistent keepalive interval", peer)
         peer.persistent_keepalive_interval = interval
         self._act(peer, peer.timers.set_persistent_keepalive(interval, now), now, wall_ns)
 
     def replace_allowed_ips(self, peer: Peer) -> None:
+        log.debug("%s - UAPI: Removing all allowedips", peer)
         self.allowed.remove_by_peer(peer.peer_id)
         peer.prefixes.clear()
 
     def add_allowed_ip(self, peer: Peer, prefix: Prefix) -> None:
+        log.debug("%s - UAPI: Adding allowedip %s", peer, prefix)
         self.allowed.insert(prefix, peer.peer_id)
 
     def remove_allowed_ip(self, peer: Peer, prefix: Prefix) -> None:
+        log.debug("%s - UAPI: Removing allowedip %s", peer, prefix)
         self.allowed.remove(prefix, peer.peer_id)
 
     def publish_allowed_ips(self, peers: list[Peer]) -> None:
@@ -255,6 +278,7 @@ class Interface:
         if peer.keypairs.next is not keypair:
             return
         self._forget(peer.keypairs.received_with(keypair))
+        log.debug("%s - Handshake completed (confirmed by the first data message)", peer)
         peer.timers.handshake_complete(now)
         peer.last_handshake_ns = wall_ns
         self.counters.completed += 1
@@ -263,6 +287,8 @@ class Interface:
     def roamed(self, peer_id: int, endpoint: Endpoint, local: Local | None = None) -> None:
         peer = self.by_id.get(peer_id)
         if peer is not None and (peer.endpoint != endpoint or peer.local != local):
+            if peer.endpoint != endpoint:
+                log.debug("%s - Roamed to %s", peer, _show(endpoint))
             self.set_endpoint(peer, endpoint, local)
 
     # -- handshake datagrams --------------------------------------------------------------
@@ -301,6 +327,8 @@ class Interface:
         if kind == MESSAGE_COOKIE_REPLY:
             reply = parse_cookie_reply(data)
             peer = self._peer_by_index(reply.receiver_index)
+            if _verbose():
+                log.debug("Receiving cookie response from %s", _show(source))
             peer.cookie_generator.consume_reply(reply, now=now)
             # Neither moves the endpoint nor counts in rx_bytes (as wireguard-go and the
             # kernel): anyone who saw our handshake can make one that opens.
@@ -319,6 +347,9 @@ class Interface:
                 )
                 self.datagrams.append((reply.pack(), source, local))
                 self.counters.cookie_replies_sent += 1
+                if _verbose():
+                    log.debug("Sending cookie response for denied handshake message for %s",
+                              _show(source))  # fmt: skip
                 return
             if not self.rate_limiter.allow(ip, now):
                 raise ProtocolError(DropReason.RATE_LIMITED, "handshake rate limit")
@@ -345,10 +376,12 @@ class Interface:
     def _initiation_consumed(
         self, peer: Peer, data: bytes, source: Endpoint, local: Local | None, now: float
     ) -> None:
+        log.debug("%s - Received handshake initiation", peer)
         peer.control_rx_bytes += len(data)
         self._authenticated_from(peer, source, local)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_received(now)
+        log.debug("%s - Sending handshake response", peer)
         response = peer.handshake.create_response(sender_index=self._new_index(peer), rng=self.rng)
         packed = peer.cookie_generator.add_macs(response.pack(), now=now)
         self._install(peer, Keypair.from_session(peer.handshake.derive_session(), now=now))
@@ -365,6 +398,7 @@ class Interface:
         now: float,
         wall_ns: int,
     ) -> None:
+        log.debug("%s - Received handshake response", peer)
         peer.control_rx_bytes += len(data)
         self._authenticated_from(peer, source, local)
         peer.timers.any_authenticated_packet_traversal(now)
@@ -374,10 +408,13 @@ class Interface:
         peer.timers.handshake_complete(now)
         peer.last_handshake_ns = wall_ns
         self.counters.completed += 1
+        log.debug("%s - Handshake completed", peer)
         self.send_keepalive(peer, now, wall_ns)  # confirms the new keypair to the responder
 
     def _authenticated_from(self, peer: Peer, source: Endpoint, local: Local | None) -> None:
         if peer.endpoint != source or peer.local != local:
+            if peer.endpoint is not None and peer.endpoint != source:
+                log.debug("%s - Roamed to %s", peer, _show(source))
             self.set_endpoint(peer, source, local)
 
     # -- what control sends ----------------------------------------------------------------
@@ -390,8 +427,10 @@ class Interface:
             initiation = peer.handshake.create_initiation(
                 sender_index=self._new_index(peer), unix_time_ns=wall_ns, rng=self.rng
             )
-        except ProtocolError:
+        except ProtocolError as err:
+            log.error("%s - Failed to create initiation message: %s", peer, err)
             return
+        log.debug("%s - Sending handshake initiation", peer)
         packed = peer.cookie_generator.add_macs(initiation.pack(), now=now)
         self.counters.initiated += 1
         self._send_control(peer, packed, now)
@@ -403,6 +442,7 @@ class Interface:
             if peer.timers.begin_initiation(now):
                 self._send_initiation(peer, now, wall_ns)
             return
+        log.debug("%s - Sending keepalive packet", peer)
         counter = self.keyslots.reserve(self.slot_of[keypair], 1)
         message = seal_transport(keypair.send_key, keypair.remote_index, counter, b"", self.mtu)
         self._send_control(peer, message, now)
@@ -446,6 +486,13 @@ class Interface:
         )
         self.slot_of[keypair] = slot
         self.keypair_at[slot] = (peer, keypair)
+        log.debug(
+            "%s - Keypair %d created (%s, worker %d)",
+            peer,
+            keypair.local_index,
+            "initiator" if keypair.is_initiator else "responder",
+            worker_of(keypair.local_index),
+        )
         self._forget(peer.keypairs.install(keypair))
         self._announce_roles(peer)
 
@@ -515,6 +562,7 @@ class Interface:
 
     def _act(self, peer: Peer, actions: list[Any], now: float, wall_ns: int) -> None:
         for action in actions:
+            self._log_action(peer, action)
             if action.kind == ActionKind.SEND_INITIATION:
                 self._send_initiation(peer, now, wall_ns)
             elif action.kind == ActionKind.SEND_KEEPALIVE:
@@ -528,3 +576,39 @@ class Interface:
                 # No answer for a while: maybe our address changed. Forget the sticky source
                 # we answer from and let routing choose (wireguard-go's ClearSrc).
                 self.set_endpoint(peer, peer.endpoint, None)
+
+    def _log_action(self, peer: Peer, action: Any) -> None:
+        """The timers' decisions, in wireguard-go's words (timers.go's expired* functions)."""
+        if not _verbose():
+            return
+        kind = action.kind
+        if kind == ActionKind.SEND_INITIATION and action.is_retry:
+            log.debug(
+                "%s - Handshake did not complete after %d seconds, retrying (try %d)",
+                peer,
+                int(REKEY_TIMEOUT),
+                peer.timers.handshake_attempts + 1,
+            )
+        elif kind == ActionKind.SEND_INITIATION:
+            log.debug(
+                "%s - Retrying handshake because we stopped hearing back after %d seconds",
+                peer,
+                int(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT),
+            )
+        elif kind == ActionKind.DROP_STAGED:
+            log.debug(
+                "%s - Handshake did not complete after %d attempts, giving up",
+                peer,
+                MAX_TIMER_HANDSHAKES + 2,
+            )
+        elif kind == ActionKind.ZERO_KEYS:
+            log.debug(
+                "%s - Removing all keys, since we haven't received a new one in %d seconds",
+                peer,
+                int(ZERO_KEY_MATERIAL_AFTER),
+            )
+
+
+def _show(endpoint: Endpoint) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ from ..protocol.keypair import Keypairs
 from ..protocol.noise import Handshake, StaticIdentity
 from ..protocol.timers import PeerTimers, RandomSource
 
-__all__ = ["Endpoint", "Local", "Peer", "Prefix"]
+__all__ = ["Endpoint", "Local", "Peer", "Prefix", "short_name"]
 
 Endpoint = tuple[str, int]  # (address literal, port)
 Local = tuple[int, int, bytes]  # a pktinfo control message as recvmsg gives it
@@ -54,6 +55,16 @@ class Peer:
             PeerTimers(rng),
         )
 
+    def __str__(self) -> str:
+        return short_name(self.public_key)
+
     @property
     def preshared_key(self) -> bytes:
         return self.handshake.preshared_key
+
+
+def short_name(public_key: bytes) -> str:
+    """`peer(AbCd…WxYz)`: how wireguard-go names a peer in its log (the first 4 and, before
+    the padding, the last 4 characters of the base64 public key)."""
+    text = base64.b64encode(public_key).decode()
+    return f"peer({text[0:4]}…{text[39:43]})"

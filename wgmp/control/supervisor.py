@@ -1,7 +1,7 @@
 """Starting, watching and restarting worker processes.
 
-Each worker is a fresh interpreter (`python -m wgmp.dataplane.worker`) handed the descriptors
-control holds for it: its TUN queue, its UDP sockets, its end of the pipe and the shared
+Each worker is forked from control (control/forked.py) and keeps, of the descriptors control
+holds, only its own: its TUN queue, its UDP sockets, its end of the pipe and the shared
 memory. Control keeps its own copies open, so a worker's death loses neither the TUN queue nor
 the socket's place in the reuseport group (nor the datagrams queued on it); the replacement
 takes over the same descriptors and gets the configuration and keys replayed to it.
@@ -16,15 +16,15 @@ PING (STARTUP_TIMEOUT before it said READY) is hung: killed, and so restarted.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
+from ..dataplane.worker import WorkerSpec, run_forked
 from ..ipc.channel import Channel
 from ..stats.block import StatsBlock
+from .forked import ForkedProcess
 
 __all__ = ["WorkerHandle", "Supervisor"]
 
@@ -47,7 +47,7 @@ class WorkerHandle:
     tun_fd: int
     sockets: dict[int, socket.socket]
     stats: StatsBlock
-    process: subprocess.Popen[bytes] | None = None
+    process: ForkedProcess | None = None
     channel: Channel | None = None
     ready: bool = False
     restarts: int = 0
@@ -71,40 +71,34 @@ class WorkerHandle:
 
 
 class Supervisor:
-    def __init__(self, keyslots_fd: int, log_level: str, *, vnet_hdr: bool) -> None:
+    def __init__(
+        self, keyslots_fd: int, log_level: str, *, vnet_hdr: bool, interface: str = ""
+    ) -> None:
+        self.interface = interface  # for the workers' names and log lines
         self.keyslots_fd = keyslots_fd
         self.vnet_hdr = vnet_hdr
         self.log_level = log_level
         self.workers: list[WorkerHandle] = []
 
     def start(self, handle: WorkerHandle) -> None:
+        """Fork the worker from this (already imported) process: see control/forked.py."""
         channel, theirs = Channel.pair()
         sock4 = handle.sockets.get(4)
         sock6 = handle.sockets.get(6)
-        fds = [handle.tun_fd, theirs.fileno(), self.keyslots_fd, handle.stats.shm.fd]
-        args = [
-            sys.executable,
-            "-m",
-            "wgmp.dataplane.worker",
-            "--id",
-            str(handle.worker_id),
-            "--tun",
-            str(handle.tun_fd),
-            "--channel",
-            str(theirs.fileno()),
-            "--keyslots",
-            str(self.keyslots_fd),
-            "--stats",
-            str(handle.stats.shm.fd),
-        ]
-        if self.vnet_hdr:
-            args.append("--vnet-hdr")
-        for family, sock in ((4, sock4), (6, sock6)):
-            if sock is not None:
-                args += [f"--udp{family}", str(sock.fileno())]
-                fds.append(sock.fileno())
-        env = dict(os.environ, LOG_LEVEL=self.log_level)
-        handle.process = subprocess.Popen(args, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
+        spec = WorkerSpec(
+            worker_id=handle.worker_id,
+            tun=handle.tun_fd,
+            udp4=sock4.fileno() if sock4 is not None else -1,
+            udp6=sock6.fileno() if sock6 is not None else -1,
+            channel=theirs.fileno(),
+            keyslots=self.keyslots_fd,
+            stats=handle.stats.shm.fd,
+            vnet_hdr=self.vnet_hdr,
+        )
+        count = max(len(self.workers), handle.worker_id + 1)
+        handle.process = ForkedProcess.start(
+            lambda: run_forked(spec, self.interface, count), spec.fds()
+        )
         theirs.close()
         handle.channel = channel
         handle.ready = False

@@ -24,6 +24,7 @@ import struct
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -62,7 +63,7 @@ from ..protocol.replay import ReplayWindow
 from ..stats.block import DROP_SLOTS, StatsBlock
 from .coalesce import VNET_HDR_LEN, VNET_HDR_NONE, coalesce
 
-__all__ = ["Worker", "main"]
+__all__ = ["Worker", "WorkerSpec", "main", "run_forked"]
 
 log = logging.getLogger("wgmp")
 
@@ -762,8 +763,39 @@ class Worker:
             self.channel.send(Kind.ACTIVITY, reports)
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker is given: its number, its descriptors (inherited) and the TUN's kind."""
+
+    worker_id: int
+    tun: int
+    udp4: int
+    udp6: int
+    channel: int
+    keyslots: int
+    stats: int
+    vnet_hdr: bool
+
+    def fds(self) -> list[int]:
+        fds = [self.tun, self.udp4, self.channel, self.keyslots, self.stats]
+        return fds + ([self.udp6] if self.udp6 >= 0 else [])
+
+
+def run_forked(spec: WorkerSpec, interface: str, workers: int) -> None:
+    """Entry point of a worker forked from control (control/forked.py): name it, point its
+    log lines at it, and run it (the signals were set by the fork)."""
+    from .. import logsetup, proctitle
+
+    title = proctitle.worker_title(interface, spec.worker_id, workers)
+    proctitle.set_title(title)
+    logsetup.configure(title.removeprefix("wgmp: "))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds, so a profile is written
+    _serve(spec)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of a worker process, started by control with the descriptors it holds."""
+    """Entry point of a worker run as its own interpreter (`python -I -m
+    wgmp.dataplane.worker`, a developer's tool: control forks its workers)."""
     parser = argparse.ArgumentParser(prog="wgmp-worker")
     parser.add_argument("--id", type=int, required=True)
     parser.add_argument("--tun", type=int, required=True)
@@ -776,25 +808,40 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(format=f"%(levelname)s: (worker {args.id}) %(asctime)s %(message)s")
     verbose = os.environ.get("LOG_LEVEL") in ("verbose", "debug")
-    log.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # control decides when workers stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds, so a profile is written
-    sockets = {4: socket.socket(fileno=args.udp4)}
-    if args.udp6 >= 0:
-        sockets[6] = socket.socket(fileno=args.udp6)
+    _serve(
+        WorkerSpec(
+            args.id,
+            args.tun,
+            args.udp4,
+            args.udp6,
+            args.channel,
+            args.keyslots,
+            args.stats,
+            args.vnet_hdr,
+        )
+    )
+
+
+def _serve(spec: WorkerSpec) -> None:
+    sockets = {4: socket.socket(fileno=spec.udp4)}
+    if spec.udp6 >= 0:
+        sockets[6] = socket.socket(fileno=spec.udp6)
     for sock in sockets.values():
         try:
             sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         except OSError:
             pass  # no UDP GRO in this kernel: one datagram per recvmsg
     worker = Worker(
-        args.id,
-        args.tun,
+        spec.worker_id,
+        spec.tun,
         sockets,
-        Channel(socket.socket(fileno=args.channel)),
-        KeySlots.attach(args.keyslots),
-        StatsBlock.attach(args.stats),
-        vnet_hdr=args.vnet_hdr,
+        Channel(socket.socket(fileno=spec.channel)),
+        KeySlots.attach(spec.keyslots),
+        StatsBlock.attach(spec.stats),
+        vnet_hdr=spec.vnet_hdr,
     )
     profile_dir = os.environ.get("WGMP_PROFILE_DIR")
     if profile_dir:  # a developer's tool for perf/: where the per-packet time goes
@@ -804,7 +851,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             profiler.runcall(worker.run)
         finally:
-            profiler.dump_stats(os.path.join(profile_dir, f"worker-{args.id}-{os.getpid()}.prof"))
+            name = f"worker-{spec.worker_id}-{os.getpid()}.prof"
+            profiler.dump_stats(os.path.join(profile_dir, name))
         return
     worker.run()
 

@@ -5,8 +5,7 @@
 - `netlink`: MTU, up, index, and a watcher that tells deletion from a move to another namespace.
 - `steering`: the classic-BPF program that steers datagrams inside the reuseport group.
 
-Submodules are imported on demand (`from wgmp.net import tun`), so a worker that needs no
-netlink does not load pyroute2.
+Submodules are imported on demand (`from wgmp.net import tun`).
 """
 
 __all__ = ["netlink", "steering", "tun", "udp"]

@@ -1,6 +1,8 @@
 """Links through rtnetlink: MTU, up, index, and a watcher for deletion, moves and MTU changes.
 
-The one-shot calls use pyroute2's `IPRoute` in the calling thread's network namespace.
+The one-shot calls (index, MTU, up) are ioctls on a socket made in the calling thread's network
+namespace: the same answers as an RTM_GETLINK/RTM_NEWLINK round trip, without loading pyroute2,
+whose import was half of wgmp's start-up time (perf/RESULTS.md, "Start-up").
 `LinkWatcher` is a plain non-blocking netlink socket bound to RTMGRP_LINK, so it fits in a
 select/poll loop next to the TUN and UDP descriptors.
 
@@ -28,14 +30,12 @@ changes and its deletion there, which wireguard-go does not.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import struct
 from dataclasses import dataclass
 from enum import Enum
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from wgmp.net import tun
 
@@ -63,6 +63,11 @@ IFLA_MTU = 4
 IFLA_NEW_NETNSID = 45
 IFLA_NEW_IFINDEX = 49
 IFF_UP = 0x1
+SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
+SIOCGIFMTU, SIOCSIFMTU = 0x8921, 0x8922
+_IFREQ_SIZE = 40  # struct ifreq: a 16-byte name and a 24-byte union
+_IFREQ_INT = struct.Struct("=16si")  # ifr_mtu
+_IFREQ_FLAGS = struct.Struct("=16sh")  # ifr_flags
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
@@ -80,50 +85,59 @@ class LinkError(OSError):
 
 def link_index(ifname: str) -> int:
     """The interface index of `ifname` in this namespace; `LinkError(ENODEV)` if absent."""
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise LinkError(errno.ENODEV, f"interface {ifname!r} does not exist")
-    return int(found[0])
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        raise LinkError(errno.ENODEV, f"interface {ifname!r} does not exist") from None
 
 
 def get_mtu(link: str | int) -> int:
     """The MTU of an interface given by name or index."""
-    return int(_get_link(link).get("mtu"))
+    name = _name_of(link)
+    reply = _ioctl(name, SIOCGIFMTU, _IFREQ_INT.pack(name.encode(), 0), "read the MTU of")
+    return _IFREQ_INT.unpack(reply)[1]
 
 
 def set_mtu(link: str | int, mtu: int) -> None:
     """Set the MTU of an interface given by name or index."""
-    _set_link(link, f"set MTU {mtu} on", mtu=mtu)
+    name = _name_of(link)
+    _ioctl(name, SIOCSIFMTU, _IFREQ_INT.pack(name.encode(), mtu), f"set MTU {mtu} on")
 
 
 def set_up(link: str | int) -> None:
     """Bring an interface up (IFF_UP)."""
-    _set_link(link, "bring up", state="up")
+    name = _name_of(link)
+    flags = _flags(name)
+    if not flags & IFF_UP:
+        _ioctl(name, SIOCSIFFLAGS, _IFREQ_FLAGS.pack(name.encode(), flags | IFF_UP), "bring up")
 
 
-def _index(link: str | int) -> int:
-    return link if isinstance(link, int) else link_index(link)
+def _flags(name: str) -> int:
+    reply = _ioctl(name, SIOCGIFFLAGS, _IFREQ_FLAGS.pack(name.encode(), 0), "read the flags of")
+    return _IFREQ_FLAGS.unpack(reply)[1] & 0xFFFF
 
 
-def _get_link(link: str | int):  # -> pyroute2 ifinfmsg
-    index = _index(link)
+def _name_of(link: str | int) -> str:
+    if isinstance(link, str):
+        link_index(link)  # the same ENODEV message for a missing name as for a missing index
+        return link
     try:
-        with IPRoute() as ipr:
-            return ipr.get_links(index)[0]
-    except NetlinkError as e:
-        raise LinkError(e.code, f"cannot read interface {link!r}: {os.strerror(e.code)}") from None
+        return socket.if_indextoname(link)
+    except OSError:
+        raise LinkError(errno.ENODEV, f"interface {link} does not exist") from None
 
 
-def _set_link(link: str | int, what: str, **attrs: object) -> None:
-    index = _index(link)
-    try:
-        with IPRoute() as ipr:
-            ipr.link("set", index=index, **attrs)
-    except NetlinkError as e:
-        raise LinkError(
-            e.code, f"cannot {what} interface {link!r}: {os.strerror(e.code)}"
-        ) from None
+def _ioctl(name: str, request: int, ifreq: bytes, what: str) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            return fcntl.ioctl(sock.fileno(), request, ifreq.ljust(_IFREQ_SIZE, b"\0"))[
+                : len(ifreq)
+            ]
+        except OSError as err:
+            code = err.errno or errno.EIO
+            raise LinkError(
+                code, f"cannot {what} interface {name!r}: {os.strerror(code)}"
+            ) from None
 
 
 class LinkChange(Enum):
@@ -193,13 +207,15 @@ class LinkWatcher:
                     pass
             self._sock.bind((0, RTMGRP_LINK))
             # Read the state after subscribing, so no change falls in between.
-            link = _get_link(index)
+            name = _name_of(index)
+            mtu = get_mtu(name)
+            flags = _flags(name)
         except BaseException:
             self._sock.close()
             raise
-        self.name: str | None = link.get("ifname")
-        self.mtu: int | None = link.get("mtu")
-        self.flags: int = link["flags"]
+        self.name: str | None = name
+        self.mtu: int | None = mtu
+        self.flags: int = flags
 
     def fileno(self) -> int:
         return self._sock.fileno()

@@ -11,8 +11,11 @@ It is a minimal HTTP/1.0 responder: one request per connection, `GET` or `HEAD` 
 and drops one that has not finished within CLIENT_TIMEOUT seconds, so a slow or silent client
 costs a bounded amount of memory and never blocks the loop.
 
-HOST is an IPv4 or IPv6 literal (IPv6 in brackets: `[::1]:9586`); names are not resolved. An
-empty HOST (`:9586`) means every address, IPv6 and IPv4. PORT 0 picks a free port, which is
+What it serves is not secret-free: every peer's public key, endpoint and allowed IPs, with no
+authentication. So it listens on loopback unless told otherwise: HOST is an IPv4 or IPv6
+literal (IPv6 in brackets: `[::1]:9586`) or `localhost` (127.0.0.1); a bare `PORT` or `:PORT`
+means 127.0.0.1 too. Listening beyond loopback takes a named address, e.g. `0.0.0.0:9586` or
+`[::]:9586` (every address). Other names are not resolved. PORT 0 picks a free port, which is
 logged and available as `MetricsServer.address`.
 """
 
@@ -31,7 +34,7 @@ from .collector import CONTENT_TYPE, render, snapshot_from_daemon
 if TYPE_CHECKING:
     from ..control.daemon import Daemon
 
-__all__ = ["MetricsServer", "parse_address", "serve_metrics"]
+__all__ = ["MetricsServer", "listen", "parse_address", "serve_metrics"]
 
 log = logging.getLogger("wgmp")
 
@@ -49,38 +52,38 @@ _REASONS = {
 }
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def parse_address(text: str) -> tuple[str, int]:
-    """`HOST:PORT` → (host, port); ValueError unless HOST is an IP literal (or empty)."""
+    """`HOST:PORT`, `PORT` or `:PORT` → (host, port); ValueError unless HOST is an IP literal,
+    `localhost` or empty (both loopback: a wildcard must be named)."""
     host, colon, port_text = text.rpartition(":")
-    if not colon or not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(f"expected HOST:PORT, not {text!r}")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"expected HOST:PORT, PORT or :PORT, not {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         if ipaddress.ip_address(host).version != 6:
             raise ValueError(f"brackets are for IPv6 addresses: {text!r}")
-    elif host:
+    elif not host or host == "localhost":
+        host = LOOPBACK
+    else:
         if ":" in host:
             raise ValueError(f"write an IPv6 address in brackets: [{host}]:{port_text}")
-        ipaddress.IPv4Address(host)  # ValueError for a name: names are not resolved
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:  # names are not resolved: a name could change what we expose
+            raise ValueError(f"{host!r} is not an IP address (or localhost)") from None
     return host, int(port_text)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    if host:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        bind_to: tuple[str, int] = (host, port)
-    else:  # every address: one dual-stack socket where IPv6 exists
-        try:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            bind_to = ("::", port)
-        except OSError:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            bind_to = ("0.0.0.0", port)
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound (so a busy port fails here, before the daemon starts)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(bind_to)
+        sock.bind((host, port))
         sock.listen(MAX_CLIENTS)
         sock.setblocking(False)
     except OSError:
@@ -108,10 +111,11 @@ class MetricsServer:
         render_text: Callable[[], bytes],
         host: str,
         port: int,
+        listener: socket.socket | None = None,
     ) -> None:
         self.selector = selector
         self.render_text = render_text
-        self.listener = _listen(host, port)
+        self.listener = listener if listener is not None else listen(host, port)
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         self.clients: dict[socket.socket, _Client] = {}
         selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
@@ -230,22 +234,12 @@ class MetricsServer:
         client.sock.close()
 
 
-def serve_metrics(daemon: Daemon, address: str) -> MetricsServer:
-    """Start serving `daemon`'s metrics at `address` (HOST:PORT) from its event loop.
-
-    Called by the command line once the daemon is ready (before it reports so to the process
-    that daemonised it); a bad address or a failed bind shuts the daemon down (its socket file
-    removed, its workers stopped) and exits with a message, so the start fails as a whole.
-    """
-    try:
-        host, port = parse_address(address)
-        server = MetricsServer(
-            daemon.selector, lambda: render(snapshot_from_daemon(daemon)), host, port
-        )
-    except (ValueError, OSError) as err:
-        log.error("--metrics-address %s: %s", address, err)
-        daemon.shutdown()
-        raise SystemExit(f"wgmp: --metrics-address {address}: {err}") from err
+def serve_metrics(daemon: Daemon, listener: socket.socket) -> MetricsServer:
+    """Serve `daemon`'s metrics from its event loop on `listener`, which the command line bound
+    before it created anything (so a bad address or a busy port fails the start at once)."""
+    server = MetricsServer(
+        daemon.selector, lambda: render(snapshot_from_daemon(daemon)), "", 0, listener
+    )
     host, port = server.address
     shown = f"[{host}]" if ":" in host else host
     log.info("serving metrics at http://%s:%d%s", shown, port, METRICS_PATH)
