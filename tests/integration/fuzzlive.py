@@ -672,10 +672,23 @@ POISON = b"wgmp_fuzz_poison=1\n"  # no such key: every set request ending with i
 
 
 def _connect(path: Path, timeout: float = 10) -> socket.socket:
+    """A connection to the UAPI socket. A UNIX socket's connect answers EAGAIN while the
+    listener's backlog is full (the daemon has not accepted yet): retry until `timeout`."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
-    sock.connect(str(path))
-    return sock
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(str(path))
+            return sock
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                sock.close()
+                raise TimeoutError(f"{path}: the backlog stayed full for {timeout} s") from None
+            time.sleep(0.002)
+        except BaseException:
+            sock.close()
+            raise
 
 
 def exchange(path: Path, request: bytes, *, timeout: float = 10, shutdown: bool = True) -> bytes:
