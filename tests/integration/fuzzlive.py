@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
-import os
 import random
 import resource
 import select
@@ -61,12 +60,21 @@ from wgmp.protocol.transport import seal_transport
 
 __all__ = [
     "CORE_TUNNEL",
+    "PHASES",
+    "SOFT_NOFILE",
     "FuzzBed",
     "Health",
-    "PHASES",
     "Recorder",
     "Snapshot",
+    "close_bed",
+    "cookie_replies_for",
+    "exchange",
+    "many_connections",
+    "stalled_clients",
     "start_bed",
+    "timed_get",
+    "wgmp_argv",
+    "write_findings",
 ]
 
 WGMP_PORT, PEER_PORT, CORE_PORT, FUZZ_PORT = 51820, 51821, 51822, 51823
@@ -122,6 +130,7 @@ class Snapshot:
     restarts: int
     showconf: str
     rss: dict[int, int]
+    handled: int  # datagrams wgmp counted as dropped or answered with a cookie reply
 
 
 @dataclass
@@ -136,12 +145,13 @@ class Health:
     showconf_same: bool
     restarts: int
     alive: bool
+    handled: int = 0  # datagrams wgmp counted during the phase (see Snapshot.handled)
 
     def line(self) -> str:
         status = "ok" if not self.problems else "PROBLEMS: " + "; ".join(self.problems)
         return (
             f"[{self.phase}] alive={self.alive} restarts={self.restarts} ping={self.ping_ok} "
-            f"showconf_unchanged={self.showconf_same} rss={self.rss_before >> 20}->"
+            f"showconf_unchanged={self.showconf_same} handled={self.handled} rss={self.rss_before >> 20}->"
             f"{self.rss_after >> 20} MiB: {status}"
         )
 
@@ -179,16 +189,24 @@ class FuzzBed:
         control = self.control()
         assert control is not None, "wgmp is not running:\n" + self.wgmp.log()[-3000:]
         workers = sorted(child.pid for child in control.children())
+        restarts, handled = self.counters()
         return Snapshot(
             control.pid,
             workers,
-            self.restarts(),
+            restarts,
             self.showconf(),
             {p: _rss(p) for p in [control.pid, *workers]},
+            handled,
         )
 
-    def restarts(self) -> int:
-        return total(wgmp_stats(self.wgmp), "wgmp_worker_restarts_total")
+    def counters(self) -> tuple[int, int]:
+        """(worker restarts, datagrams wgmp counted as dropped or answered with a cookie)."""
+        stats = wgmp_stats(self.wgmp)
+        handled = sum(
+            total(stats, name)
+            for name in ("wgmp_dropped_packets_total", "wgmp_cookie_replies_sent_total")
+        )  # fmt: skip
+        return total(stats, "wgmp_worker_restarts_total"), handled
 
     def showconf(self) -> str:
         return self.wgmp.wg("showconf", self.wgmp.ifname).stdout
@@ -212,7 +230,7 @@ class FuzzBed:
         workers = sorted(child.pid for child in control.children())  # type: ignore[union-attr]
         if workers != before.worker_pids:
             problems.append(f"worker PIDs changed: {before.worker_pids} -> {workers}")
-        restarts = self.restarts()
+        restarts, handled = self.counters()
         if restarts != before.restarts:
             problems.append(f"workers restarted {restarts - before.restarts} times")
         ping_ok = self.ping_ok()
@@ -229,7 +247,7 @@ class FuzzBed:
                 problems.append(f"RSS of {pid} grew by {grown >> 20} MiB")
         return Health(
             phase, problems, sum(before.rss.values()), sum(rss_after.values()), ping_ok, same,
-            restarts - before.restarts, True,
+            restarts - before.restarts, True, handled - before.handled,
         )  # fmt: skip
 
     # -- the authenticated core peer ---------------------------------------------------------
@@ -736,6 +754,8 @@ def random_request(rng: random.Random, wgmp_public: bytes) -> bytes:
         return b"get=1\n" + rng.choice((b"\n", b"x", b"\r\n", b"\n\n\n"))
     if kind == 3:  # mutated lines of every key
         lines = _set_body_lines(rng, wgmp_public)
+    elif kind == 4 and rng.random() < 0.8:  # huge ones are rarer: each costs a lot to send
+        lines = _set_body_lines(rng, wgmp_public)
     elif kind == 4:  # huge: an over-long line, or many lines
         if rng.random() < 0.5:
             lines = [b"allowed_ip=" + b"1" * rng.choice((65524, 65525, 70000, 200000))]
@@ -753,11 +773,10 @@ def random_request(rng: random.Random, wgmp_public: bytes) -> bytes:
     return b"set=1\n" + body + POISON + b"\n"
 
 
-def phase_uapi(bed: FuzzBed, count: int, recorder: Recorder, *, stalled: int = 4,
-               concurrent: int = SOFT_NOFILE + 100) -> int:  # fmt: skip
-    """`count` random requests (one connection each, some pipelined several to a
-    connection), then stalled clients that never read while a fresh client is timed, then more
-    concurrent connections than wgmp's soft RLIMIT_NOFILE. Returns the requests sent."""
+def phase_uapi(bed: FuzzBed, count: int, recorder: Recorder) -> int:
+    """`count` random requests, one connection each or several pipelined on one connection
+    (replies read); returns the requests sent. Stalled and concurrent clients are
+    `stalled_clients` and `many_connections`."""
     rng, path = bed.rng, bed.wgmp.socket_path
     sent = 0
     while sent < count:
@@ -832,9 +851,3 @@ def write_findings(bed: FuzzBed, phase: str, recorder: Recorder) -> Path:
     return recorder.dump(bed.workdir / f"fuzz-{phase}-last-inputs.txt")
 
 
-def pids_alive(pids: Sequence[int]) -> bool:
-    return all(psutil.pid_exists(p) for p in pids)
-
-
-__all__ += ["close_bed", "exchange", "many_connections", "stalled_clients", "timed_get"]
-_ = os  # (kept for tools/fuzz.py's imports through this module)
