@@ -14,6 +14,7 @@ import os
 import random
 import secrets
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -315,3 +316,39 @@ def test_the_65537th_peer_gets_wireguard_go_s_einval(
     if not _answers(wgmp):
         ours += f" (then wgmp exited with {_gone(wgmp)})"
     assert ours == theirs, f"wgmp {ours!r}, wireguard-go {theirs!r}"
+
+
+
+def test_a_200000_line_set_does_not_hold_up_handshakes(bed: FuzzBed) -> None:
+    """Issue 8, item 8: a 200,000-line set ran 3-7 s inside the control loop (wireguard-go:
+    0.1-0.4 s, and its handshakes go on meanwhile), so handshakes waited for it. The set adds a
+    peer whose lines repeat one prefix; it is removed afterwards, so `wg showconf` is as before.
+    """
+    before = bed.snapshot()
+    key = bytes(range(7, 39)).hex().encode()
+    request = b"set=1\npublic_key=" + key + b"\n" + b"allowed_ip=10.0.0.1/32\n" * 200_000 + b"\n"
+    done = threading.Event()
+    took = [0.0]
+
+    def send() -> None:
+        start = time.monotonic()
+        try:
+            exchange(bed.wgmp.socket_path, request, timeout=120)
+        finally:
+            took[0] = time.monotonic() - start
+            done.set()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        time.sleep(0.3)  # the set is on its way
+        start = time.monotonic()
+        bed.handshake_core()
+        handshake = time.monotonic() - start
+    finally:
+        sender.join()
+    print(f"200,000-line set took {took[0]:.2f} s; a handshake meanwhile {handshake:.2f} s")
+    reply = exchange(bed.wgmp.socket_path, b"set=1\npublic_key=" + key + b"\nremove=true\n\n")
+    assert reply == b"errno=0\n\n", reply
+    _assert_whole(bed, "long set", before, None)
+    assert handshake < 1.5, f"a handshake waited {handshake:.1f} s behind a 200,000-line set"
