@@ -224,7 +224,7 @@ EDGE_REQUESTS: list[str] = [
     f"set=1\npublic_key={'0' * 64}\n\n",
     f"set=1\npublic_key={KEY[:-1]}\n\n",
     "set=1\nallowed_ip=10.0.0.0/8\n\n",  # a peer key before any public_key
-    "set=1\n" + "x" * 65535 + "\n\n",
+    "set=1\nfwmark=" + "0" * 65528 + "\n\n",  # a line of 65535 bytes: the longest allowed
     "set=1\nlisten_port=" + "1" * 65524 + "\n\n",
 ]
 
