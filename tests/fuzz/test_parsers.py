@@ -39,9 +39,11 @@ def run_target(target: str, workdir: Path, seconds: int) -> subprocess.Completed
 
 
 def _report(proc: subprocess.CompletedProcess[str], workdir: Path) -> str:
-    lines = [line for line in proc.stderr.splitlines() if not line.startswith("INFO: Instrumenting")]
+    # atheris prints the Python traceback on stdout, libFuzzer its summary on stderr.
+    output = (proc.stdout + proc.stderr).splitlines()
+    lines = [line for line in output if not line.startswith("INFO: Instrumenting")]
     crashes = sorted(p.name for p in workdir.glob("crash-*"))
-    return "\n".join(lines[-60:]) + f"\nfindings in {workdir}: {crashes}"
+    return "\n".join(lines[-80:]) + f"\nfindings in {workdir}: {crashes}"
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))

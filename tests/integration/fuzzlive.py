@@ -611,11 +611,15 @@ def gso_train(bed: FuzzBed, rng: random.Random, initiations: list[bytes]) -> tup
         choice = rng.randrange(6) if n else 0
         if choice == 0:
             index = (rng.getrandbits(24) << 8) | rng.randrange(2)
-            parts.append(struct.pack("<IIQ", 4, index, rng.getrandbits(64)) + rng.randbytes(size - 16))
+            parts.append(
+                struct.pack("<IIQ", 4, index, rng.getrandbits(64)) + rng.randbytes(size - 16)
+            )
         elif choice <= 3:
             parts.append(rng.choice(initiations))
         elif choice == 4:
-            parts.append(mutate(rng, rng.choice(initiations), initiations)[:size].ljust(size, b"\0"))
+            parts.append(
+                mutate(rng, rng.choice(initiations), initiations)[:size].ljust(size, b"\0")
+            )
         else:
             parts.append(bytes([rng.randrange(1, 4), 0, 0, 0]) + rng.randbytes(size - 4))
     last = parts[-1][: rng.choice((size, size, 16, 32, 100))]
@@ -849,5 +853,3 @@ PHASES: dict[str, Callable[[FuzzBed, int, Recorder], int]] = {
 
 def write_findings(bed: FuzzBed, phase: str, recorder: Recorder) -> Path:
     return recorder.dump(bed.workdir / f"fuzz-{phase}-last-inputs.txt")
-
-

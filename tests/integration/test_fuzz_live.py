@@ -318,7 +318,6 @@ def test_the_65537th_peer_gets_wireguard_go_s_einval(
     assert ours == theirs, f"wgmp {ours!r}, wireguard-go {theirs!r}"
 
 
-
 def test_a_200000_line_set_does_not_hold_up_handshakes(bed: FuzzBed) -> None:
     """Issue 8, item 8: a 200,000-line set ran 3-7 s inside the control loop (wireguard-go:
     0.1-0.4 s, and its handshakes go on meanwhile), so handshakes waited for it. The set adds a
