@@ -61,6 +61,7 @@ class Row:
     sent: int
     handled: int  # what wgmp counted as dropped or answered with a cookie reply
     seconds: float
+    settled: float  # seconds wgmp stayed busy after the phase
     crashes: int  # tracebacks in the daemon's log during the phase, plus a dead control
     restarts: int
     rss_before_mib: float
@@ -86,8 +87,8 @@ def run_phase(bed: FuzzBed, phase: str, count: int) -> Row:
         print(f"  last inputs of {phase}: {write_findings(bed, phase, recorder)}", flush=True)
     crashes = _tracebacks(bed.wgmp) - crashes_before + (0 if health.alive else 1)
     return Row(
-        phase, sent, health.handled, round(seconds, 1), crashes, health.restarts,
-        round(health.rss_before / 2**20, 1), round(health.rss_after / 2**20, 1),
+        phase, sent, health.handled, round(seconds, 1), round(health.settled, 1), crashes,
+        health.restarts, round(health.rss_before / 2**20, 1), round(health.rss_after / 2**20, 1),
         health.ping_ok, health.showconf_same, health.problems,
     )  # fmt: skip
 
@@ -113,13 +114,13 @@ def run_parsers(seconds: int) -> list[tuple[str, int]]:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = ("phase", "sent", "counted by wgmp", "s", "crashes", "restarts", "RSS MiB before->after", "ping",
+    head = ("phase", "sent", "counted by wgmp", "s", "busy after, s", "crashes", "restarts", "RSS MiB before->after", "ping",
             "showconf same")  # fmt: skip
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        cells = (r.phase, f"{r.sent:,}", f"{r.handled:,}", f"{r.seconds:.0f}", str(r.crashes), str(r.restarts),
-                 f"{r.rss_before_mib:.0f} -> {r.rss_after_mib:.0f}", "yes" if r.ping_ok else "NO",
+        cells = (r.phase, f"{r.sent:,}", f"{r.handled:,}", f"{r.seconds:.0f}", f"{r.settled:.0f}",
+                 str(r.crashes), str(r.restarts), f"{r.rss_before_mib:.0f} -> {r.rss_after_mib:.0f}", "yes" if r.ping_ok else "NO",
                  "yes" if r.showconf_unchanged else "NO")  # fmt: skip
         print("| " + " | ".join(cells) + " |")
 
@@ -175,7 +176,7 @@ def main() -> int:
             row = run_phase(bed, phase, count)
             rows.append(row)
             print(f"[{phase}] sent {row.sent:,} in {row.seconds:.0f} s ({row.handled:,} counted "
-                  f"by wgmp): crashes {row.crashes}, "
+                  f"by wgmp, busy {row.settled:.0f} s after): crashes {row.crashes}, "
                   f"restarts {row.restarts}, RSS {row.rss_before_mib:.0f} -> "
                   f"{row.rss_after_mib:.0f} MiB, ping {row.ping_ok}, showconf unchanged "
                   f"{row.showconf_unchanged}" + "".join(f"\n  {p}" for p in row.problems),

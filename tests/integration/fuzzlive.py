@@ -146,12 +146,14 @@ class Health:
     restarts: int
     alive: bool
     handled: int = 0  # datagrams wgmp counted during the phase (see Snapshot.handled)
+    settled: float = 0.0  # seconds wgmp stayed busy after the phase (FuzzBed.settle)
 
     def line(self) -> str:
         status = "ok" if not self.problems else "PROBLEMS: " + "; ".join(self.problems)
         return (
             f"[{self.phase}] alive={self.alive} restarts={self.restarts} ping={self.ping_ok} "
-            f"showconf_unchanged={self.showconf_same} handled={self.handled} rss={self.rss_before >> 20}->"
+            f"showconf_unchanged={self.showconf_same} handled={self.handled} "
+            f"settled={self.settled:.1f}s rss={self.rss_before >> 20}->"
             f"{self.rss_after >> 20} MiB: {status}"
         )
 
@@ -219,8 +221,28 @@ class FuzzBed:
                 return True
         return False
 
+    def settle(self, limit: float = 60.0) -> float:
+        """Wait until wgmp has worked through what the phase queued (its processes together
+        use under a fifth of a CPU over half a second), at most `limit` seconds; returns the
+        seconds waited. The checks that follow are about the daemon being whole, not about how
+        fast it drains a flood (the targeted tests measure that)."""
+        start = time.monotonic()
+        control = self.control()
+        while control is not None and time.monotonic() - start < limit:
+            procs = [control, *control.children()]
+            try:
+                times = [sum(p.cpu_times()[:2]) for p in procs]
+                time.sleep(0.5)
+                busy = sum(sum(p.cpu_times()[:2]) for p in procs) - sum(times)
+            except psutil.Error:
+                break
+            if busy < 0.1:
+                break
+        return time.monotonic() - start
+
     def health(self, phase: str, before: Snapshot) -> Health:
         problems: list[str] = []
+        settled = self.settle()
         control = self.control()
         alive = control is not None and control.pid == before.control_pid
         if not alive:
@@ -247,7 +269,7 @@ class FuzzBed:
                 problems.append(f"RSS of {pid} grew by {grown >> 20} MiB")
         return Health(
             phase, problems, sum(before.rss.values()), sum(rss_after.values()), ping_ok, same,
-            restarts - before.restarts, True, handled - before.handled,
+            restarts - before.restarts, True, handled - before.handled, settled,
         )  # fmt: skip
 
     # -- the authenticated core peer ---------------------------------------------------------
