@@ -39,6 +39,7 @@ from ..net.udp import (
     UDP_GRO,
     UDP_SEGMENT,
 )
+from ..process import forbid_core_dumps
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
     MAX_STAGED_PACKETS,
@@ -700,6 +701,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stats", type=int, required=True)
     parser.add_argument("--vnet-hdr", action="store_true", help="the TUN carries virtio headers")
     args = parser.parse_args(argv)
+    forbid_core_dumps()  # before the first key is copied out of the key slots
     logging.basicConfig(format=f"%(levelname)s: (worker {args.id}) %(asctime)s %(message)s")
     verbose = os.environ.get("LOG_LEVEL") in ("verbose", "debug")
     log.setLevel(logging.DEBUG if verbose else logging.ERROR)

@@ -29,6 +29,7 @@ class DropReason(IntEnum):
     FLOOD = 12
     KEY_EXPIRED = 13
     STAGED_EXPIRED = 14
+    NO_KEY_SLOT = 15  # a handshake refused: every key slot holds a live or unreleased keypair
 
     @property
     def label(self) -> str:
