@@ -8,12 +8,15 @@ the peers' timers. `Interface` decides; this module does the I/O it asks for.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import secrets
 import selectors
 import signal
 import socket
+import sys
+import termios
 import time
 from collections import deque
 from collections.abc import Callable
@@ -55,6 +58,10 @@ SOCKET_CHECK_INTERVAL = 0.5
 # A set request is applied at most this long per turn of the loop (set_request.py); then
 # datagrams, workers, timers and other clients get their turn.
 SET_SLICE = 0.01
+# ...and not while a worker has more than this many bytes of commands still unread: control
+# would block writing to its full pipe (handshakes waiting behind it) rather than the set wait.
+SET_PIPE_BACKLOG = 256 << 10
+SET_BACKOFF = 0.005  # how long the loop may sleep while a set waits for the workers
 
 
 class SetupError(Exception):
@@ -222,9 +229,11 @@ class Daemon:
         next_socket_check = 0.0
         try:
             while self.running:
-                pending = self._receive_pending() or self.uapi.busy() or bool(self._set_queue)
+                pending = self._receive_pending() or self.uapi.busy()
                 now = time.monotonic()
                 timeout = 0.0 if pending else self._timeout(now)
+                if self._set_queue:
+                    timeout = SET_BACKOFF if self._workers_backlogged() else 0.0
                 for key, _ in self.selector.select(timeout):
                     key.data(key.fileobj)
                     if not self.running:
@@ -577,7 +586,7 @@ class Daemon:
     def _configuration_turn(self, now: float) -> None:
         """One turn's share of configuration work: a slice of the set request being applied,
         then a round of counters that is complete."""
-        if self._set_queue:
+        if self._set_queue and not self._workers_backlogged():
             application, respond = self._set_queue[0]
             try:
                 finished = application.run(SET_SLICE)
@@ -604,6 +613,18 @@ class Daemon:
             self._round_texts = {}
             if self._flush_waiters:
                 self._start_round()
+
+    def _workers_backlogged(self) -> bool:
+        """True while some worker has not yet read SET_PIPE_BACKLOG bytes of commands."""
+        for handle in self.supervisor.workers:
+            if handle.channel is not None:
+                try:
+                    unread = fcntl.ioctl(handle.channel.sock, termios.TIOCOUTQ, b"\0\0\0\0")
+                except OSError:
+                    continue
+                if int.from_bytes(unread, sys.byteorder) > SET_PIPE_BACKLOG:
+                    return True
+        return False
 
     def _set_in_progress(self) -> bool:
         return bool(self._set_queue) and self._set_queue[0][0].begun

@@ -69,6 +69,7 @@ class SetApplication:
         self._created = False
         self._keepalive: int | None = None
         self._touched: dict[int, Peer] = {}
+        self._publishing: list[Peer] | None = None  # once applied: peers left to publish
 
     @property
     def begun(self) -> bool:
@@ -81,17 +82,20 @@ class SetApplication:
         if self.finished:
             return True
         deadline = time.monotonic() + budget
-        try:
-            if not self._check_zones(deadline):
-                return False
-            if not self._apply(deadline):
-                return False
-        except uapi.UAPIError as err:
-            self.error = err
-        except ConfigError as err:  # the peer limit, from Interface.peer
-            self.error = uapi.UAPIError(uapi.IPC_ERROR_INVALID, str(err))
-        self._finish()
-        return True
+        if self._publishing is None:
+            try:
+                if not self._check_zones(deadline):
+                    return False
+                if not self._apply(deadline):
+                    return False
+            except uapi.UAPIError as err:
+                self.error = err
+            except ConfigError as err:  # the peer limit, from Interface.peer
+                self.error = uapi.UAPIError(uapi.IPC_ERROR_INVALID, str(err))
+            if self.error is None:
+                self._end_section(time.monotonic(), time.time_ns())
+            self._publishing = list(self._touched.values())
+        return self._publish(deadline)
 
     def run_to_end(self) -> None:
         while not self.run(3600.0):
@@ -179,11 +183,15 @@ class SetApplication:
             interface.remove_allowed_ip(peer, op.network)
             self._touched[peer.peer_id] = peer
 
-    def _finish(self) -> None:
-        if self.error is None:
-            self._end_section(time.monotonic(), time.time_ns())
-        interface = self.interface
-        interface.publish_allowed_ips(
-            [p for p in self._touched.values() if p.peer_id in interface.by_id]
-        )
+    def _publish(self, deadline: float) -> bool:
+        """Send the workers the allowed IPs of the peers the request changed, a few peers at
+        a time (each is a command to every worker: 50,000 at once would fill their pipes)."""
+        interface, publishing = self.interface, self._publishing
+        assert publishing is not None
+        while publishing:
+            chunk, publishing[-CHECK_EVERY:] = publishing[-CHECK_EVERY:], []
+            interface.publish_allowed_ips([p for p in chunk if p.peer_id in interface.by_id])
+            if publishing and time.monotonic() >= deadline:
+                return False
         self.finished = True
+        return True
