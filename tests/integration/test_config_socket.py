@@ -194,7 +194,7 @@ def test_running_out_of_descriptors_closes_the_idlest_connection(
     finally:
         for sock in held:
             sock.close()
-    assert "accept failed" in daemon.log() or closed
+    assert "accept failed" in daemon.log()
 
 
 def _stall(path: Path, count: int) -> list[socket.socket]:
@@ -219,6 +219,9 @@ def _stall(path: Path, count: int) -> list[socket.socket]:
 def _fresh_handshake_time(p: Pair, tmp_path: Path) -> float:
     """wireguard-go forgets wgmp and learns it again; the time its first ping through the
     tunnel takes, a handshake with wgmp's control included (seconds)."""
+    # Initiations from one peer less than 20 ms apart are dropped as a flood (as by
+    # wireguard-go), and the peer would retry only after REKEY_TIMEOUT: keep them apart.
+    time.sleep(0.05)
     p.peer.wg("set", p.peer.ifname, "peer", p.wgmp.public_key, "remove")
     p.peer.wg(
         "set",
@@ -284,10 +287,6 @@ def test_a_200000_line_set_does_not_hold_handshakes_up(pair: PairFactory, tmp_pa
     print(f"set of 200,000 lines: {total:.1f} s; handshakes meanwhile: {handshakes}")
     assert reply == [b"errno=0\n\n"]
     assert handshakes, "the set finished before a handshake could be timed during it"
-    # Handshakes are answered between slices of the request. One may still miss its first
-    # round (wireguard-go retries after REKEY_TIMEOUT, 5 s) while a worker digests a burst of
-    # commands: seen once in ~40 on a loaded machine, in the worker, not in control.
-    slow = [t for t in handshakes if t >= 2.0]
-    assert len(slow) <= 1 and sorted(handshakes)[len(handshakes) // 2] < 0.2, handshakes
+    assert max(handshakes) < 2.0, handshakes
     assert len(p.wgmp.wg("show", p.wgmp.ifname, "peers").stdout.split()) == 50_001
     wait_for("the tunnel", lambda: answered(ping(p.link.ns_a, "198.51.100.2"), 1), 10)

@@ -352,6 +352,9 @@ class Interface:
         self._authenticated_from(peer, source, local)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_received(now)
+        # Our own initiation may have crossed theirs: its index would otherwise stay in the
+        # table for good, holding the peer (found by tests/control/test_interface.py).
+        self._release_handshake_index(peer)
         response = peer.handshake.create_response(sender_index=self._new_index(peer), rng=self.rng)
         packed = peer.cookie_generator.add_macs(response.pack(), now=now)
         self._install(peer, Keypair.from_session(peer.handshake.derive_session(), now=now))
