@@ -290,3 +290,53 @@ def test_a_200000_line_set_does_not_hold_handshakes_up(pair: PairFactory, tmp_pa
     assert max(handshakes) < 2.0, handshakes
     assert len(p.wgmp.wg("show", p.wgmp.ifname, "peers").stdout.split()) == 50_001
     wait_for("the tunnel", lambda: answered(ping(p.link.ns_a, "198.51.100.2"), 1), 10)
+
+
+SCRAPE = """
+import sys, time, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+deadline = time.monotonic() + float(sys.argv[2])
+count = 0
+while time.monotonic() < deadline:
+    with opener.open(sys.argv[1], timeout=30) as reply:
+        assert reply.status == 200 and reply.read()
+    count += 1
+print(count)
+"""
+
+
+def test_metrics_scrapers_do_not_stall_wg_show(
+    netns: Netns, userspace_wireguard: Callable[..., UserspaceWireGuard]
+) -> None:
+    """Eight scrapers fetching /metrics of a 1000-peer device back to back: `wg show` (the
+    same counters) is still answered about as fast as without them."""
+    port = 19586
+    daemon = userspace_wireguard(netns, (*WGMP, "--metrics-address", f"127.0.0.1:{port}"))
+    daemon.configure()
+    peers = b"".join(
+        b"public_key=%064x\nendpoint=192.0.2.%d:51820\nallowed_ip=10.9.%d.%d/32\n"
+        % (0x2000000 + i, i % 250 + 1, i >> 8, i & 255)
+        for i in range(1000)
+    )
+    assert _exchange(daemon.socket_path, b"set=1\n" + peers + b"\n") == b"errno=0\n\n"
+
+    def show_times(count: int) -> list[float]:
+        times = []
+        for _ in range(count):
+            started = time.monotonic()
+            assert len(daemon.wg("show", daemon.ifname, "dump").stdout.splitlines()) == 1001
+            times.append(time.monotonic() - started)
+        return times
+
+    quiet = show_times(5)
+    url = f"http://127.0.0.1:{port}/metrics"
+    scrapers = [netns.popen_python(SCRAPE, url, "8", stdout=-1, text=True) for _ in range(8)]
+    try:
+        time.sleep(1.0)
+        busy = show_times(10)
+    finally:
+        scraped = [int(proc.communicate(timeout=60)[0] or 0) for proc in scrapers]
+    print(f"wg show alone {max(quiet):.3f} s, beside 8 scrapers {max(busy):.3f} s; {scraped}")
+    assert all(scraped), scraped  # every scraper was answered
+    assert max(busy) < max(0.45, 4 * max(quiet)), (quiet, busy)  # before: 0.6-1.7 s
+    assert _alive(daemon)
