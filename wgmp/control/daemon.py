@@ -240,8 +240,8 @@ class Daemon:
                 pending = self._receive_pending() or self.uapi.busy()
                 now = time.monotonic()
                 timeout = 0.0 if pending else self._timeout(now)
-                if self._set_queue:
-                    timeout = SET_BACKOFF if self._workers_backlogged() else 0.0
+                if self._set_queue:  # more of it next turn, unless the workers lag behind
+                    timeout = min(timeout, SET_BACKOFF if self._workers_backlogged() else 0.0)
                 for key, _ in self.selector.select(timeout):
                     key.data(key.fileobj)
                     if not self.running:

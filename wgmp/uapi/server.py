@@ -56,7 +56,7 @@ MAX_CLIENTS: Final = 256
 CLIENT_IDLE_TIMEOUT: Final = 60.0  # seconds without a byte either way
 OUTPUT_HIGH_WATER: Final = 1 << 20  # unsent reply bytes beyond which a client is not read
 # One read's worth: at most this many bytes are parsed for one client in one turn of the loop
-# (measured: ~3 ms of set lines on a loaded 2-core machine).
+# (~220 set lines: ~2 ms on average on this loaded 2-core machine, 200,000 lines in 1.6 s).
 RECEIVE_SIZE: Final = 16 << 10
 REQUESTS_PER_TURN: Final = 32
 ACCEPT_PAUSE: Final = 0.1  # seconds without accepting after EMFILE with nobody to close
