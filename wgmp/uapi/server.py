@@ -13,7 +13,8 @@ loop or other clients up (docs/config-socket.md has the numbers):
   counters), and the connection's next request waits for that answer;
 - at most REQUESTS_PER_TURN requests of one connection are handled per turn of the loop;
   the rest wait in `runnable` for the next turn, after everything else that is ready;
-- at most MAX_CLIENTS connections: the one idle longest makes room for a new one; a
+- at most MAX_CLIENTS connections: the one idle longest makes room for a new one (if all
+  wait for an answer, the new one is closed at once); a
   connection that moved no byte for CLIENT_IDLE_TIMEOUT seconds (and is not waiting for an
   answer) is closed; EMFILE/ENFILE on accept closes the connection idle longest, or pauses
   accepting for ACCEPT_PAUSE seconds when there is none.
@@ -227,8 +228,9 @@ class UAPIServer:
                     self._pause_accepting(now, err)
                     return
                 continue
-            if len(self.connections) >= self.max_clients:
-                self._close_idlest()
+            if len(self.connections) >= self.max_clients and not self._close_idlest():
+                sock.close()  # every client is waiting for an answer: this one must wait
+                continue
             sock.setblocking(False)
             connection = _Connection(sock, now)
             self.connections[connection.fd] = connection
