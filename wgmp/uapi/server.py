@@ -134,6 +134,7 @@ class UAPIServer:
         self._accept_paused_until = 0.0
         self._listening = False
         self._next_idle_check = 0.0
+        self._next_emfile_log = 0.0
 
     @staticmethod
     def _listen(path: str, directory: str) -> socket.socket:
@@ -227,6 +228,9 @@ class UAPIServer:
                 if not self._close_idlest():
                     self._pause_accepting(now, err)
                     return
+                if now >= self._next_emfile_log:  # at most once a second: it may repeat
+                    self._next_emfile_log = now + 1.0
+                    log.error("UAPI: accept failed (%s): closed the connection idle longest", err)
                 continue
             if len(self.connections) >= self.max_clients and not self._close_idlest():
                 sock.close()  # every client is waiting for an answer: this one must wait
