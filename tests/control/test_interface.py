@@ -117,3 +117,45 @@ def test_a_handshake_message_that_raises_is_counted_not_fatal(
     monkeypatch.setattr(interface.cookie_checker, "check_mac1", broken)
     interface.receive_handshake(bytes([1, 0, 0, 0]) + bytes(144), ENDPOINT, 1.0, 1)
     assert interface.counters.drops[DropReason.INTERNAL_ERROR] == 1
+
+
+def test_removed_peers_hold_no_reference_cycles(interface: Interface) -> None:
+    """Peers, with timers armed, a handshake sent and a session made, are freed by reference
+    counting alone when removed: what lets control keep big configurations out of the cyclic
+    collector's reach (daemon.py, FREEZE_AFTER_OPERATIONS)."""
+    import gc
+    import weakref
+
+    rng = _Random(13)
+    assert interface.identity is not None
+    ours = interface.identity.public_key
+    gc.collect()
+    refs = []
+    keys = []
+    gc.disable()
+    try:
+        for n in range(20):
+            theirs = StaticIdentity.from_private_key(DH_GENERATE(rng))
+            peer = interface.peer(theirs.public_key, now=0.0)
+            interface.set_endpoint(peer, ENDPOINT)
+            interface.set_persistent_keepalive(peer, 25, 0.0, 0)
+            interface.need_handshake(peer.peer_id, 0.0, 0)
+            initiation = Handshake(theirs, ours).create_initiation(
+                sender_index=100 + n, unix_time_ns=10**18 + n, rng=rng
+            )
+            packed = CookieGenerator(ours).add_macs(initiation.pack(), now=0.0)
+            interface.receive_handshake(packed, ENDPOINT, 1.0, 10**18)
+            assert peer.keypairs.next is not None  # a session, as responder
+            refs.append(weakref.ref(peer))
+            keys.append(theirs.public_key)
+        del peer
+        interface.commands.clear()
+        interface.datagrams.clear()
+        for key in keys:
+            interface.remove_peer(key)
+        interface.commands.clear()
+        assert len(interface.indices) == 0  # no receiver index left behind either
+        assert [ref() for ref in refs if ref() is not None] == []
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

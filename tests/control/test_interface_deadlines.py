@@ -105,3 +105,31 @@ def test_a_loop_turn_asks_no_peer_when_nothing_is_due(monkeypatch: pytest.Monkey
         iface.next_deadline()
         iface.expire(1.0, 1_000_000_000)
     assert visits == 0
+
+
+def test_removed_peers_leave_no_deadlines_behind() -> None:
+    """A controller adding and removing peers with long keepalives (each arms a deadline up
+    to 65535 s away): the heap stays within twice the live deadlines plus DEADLINE_SLACK,
+    instead of keeping every removed peer's entry until it would have come up."""
+    from wgmp.control.interface import DEADLINE_SLACK
+
+    rng = random.Random(7)
+    iface = _interface(7)
+    live: list[bytes] = []
+    now = 1.0
+    for round_ in range(3000):
+        key = _key(rng)
+        peer = iface.peer(key, now)
+        iface.set_endpoint(peer, ENDPOINT)
+        iface.set_persistent_keepalive(peer, 65535, now, 0)
+        live.append(key)
+        if len(live) > 20:
+            iface.remove_peer(live.pop(rng.randrange(len(live))))
+        iface.commands.clear()
+        iface.datagrams.clear()
+        now += 0.01
+        iface.expire(now, int(now * 1e9))
+        assert len(iface._deadlines) <= 2 * len(iface._queued) + DEADLINE_SLACK, round_
+    assert len(iface.peers) == 20
+    earliest = _earliest(iface)
+    assert earliest is not None and iface.next_deadline() <= earliest  # never late

@@ -8,39 +8,69 @@ the peers' timers. `Interface` decides; this module does the I/O it asks for.
 from __future__ import annotations
 
 import errno
+import fcntl
+import gc
 import logging
 import os
 import secrets
 import selectors
 import signal
 import socket
+import sys
+import termios
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from .. import process
 from ..ipc.channel import Kind
 from ..ipc.keyslots import KeySlots
 from ..net import netlink, tun, udp
 from ..net.steering import attach_steering
-from ..protocol.constants import DEFAULT_MTU, MAX_QUEUED_INCOMING_HANDSHAKES
+from ..protocol.constants import (
+    DEFAULT_MTU,
+    MAX_KEYPAIRS_PER_PEER,
+    MAX_PEERS,
+    MAX_QUEUED_INCOMING_HANDSHAKES,
+)
 from ..protocol.errors import DropReason
 from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
 from ..uapi import protocol as uapi
-from ..uapi.server import UAPIServer
+from ..uapi.server import Respond, UAPIServer
 from .interface import Interface
 from .peer import Local, Peer
 from .route_mtu import RouteMTUWatcher
+from .set_request import SetApplication
 from .supervisor import HEARTBEAT_INTERVAL, Supervisor, WorkerHandle
 
 __all__ = ["Daemon", "SetupError", "check_tun_fd"]
 
 log = logging.getLogger("wgmp")
-KEYSLOT_CAPACITY = 1 << 16
+# Every peer's three keypairs, and as many again waiting for the workers to acknowledge their
+# removal; beyond that a handshake is dropped (NO_KEY_SLOT). 32 MiB of sparse shared memory,
+# of which only the pages of slots ever used are touched.
+KEYSLOT_CAPACITY = (MAX_KEYPAIRS_PER_PEER + 1) * MAX_PEERS
 # The TUN takes virtio-net headers so workers can write GSO super-packets (dataplane/coalesce.py).
 TUN_VNET_HDR = True
 STATS_FLUSH_TIMEOUT = 0.3
 SOCKET_CHECK_INTERVAL = 0.5
+# A set request is applied at most this long per turn of the loop (set_request.py); then
+# datagrams, workers, timers and other clients get their turn.
+SET_SLICE = 0.01
+# ...and not while a worker's pipe is more than this fraction full (of its SO_SNDBUF, as the
+# kernel counts it: TIOCOUTQ): control would block writing to a full pipe, handshakes waiting
+# behind it, rather than the set wait.
+SET_PIPE_BACKLOG_FRACTION = 4
+SET_BACKOFF = 0.005  # how long the loop may sleep while a set waits for the workers
+# After each slice of a set request this long, what exists is moved out of the cyclic garbage
+# collector's reach (gc.freeze). Otherwise its full collections, each over every object
+# (~1.5 million with 50,000 peers), stalled the loop 1-2 s at a time while such a request
+# added peers (measured here, CPython 3.11). Peers hold no reference cycles
+# (tests/control/test_interface.py), so they are still freed when removed.
+FREEZE_AFTER_OPERATIONS = 4096
 # What control keeps for one worker that its pipe cannot take yet (ipc/channel.py). Far more
 # than a restart's replay of 65,535 peers and their keypairs (~5 MB); a worker that leaves
 # this much unread is treated as hung and replaced (docs/hardening.md, item 4).
@@ -87,6 +117,16 @@ def check_tun_fd(fd: int, name: str) -> None:
         )
 
 
+@dataclass(eq=False)
+class _FlushRound:
+    """Workers asked to write their counters, for the requests waiting in `callbacks`."""
+
+    token: int
+    workers: list[WorkerHandle]
+    deadline: float
+    callbacks: list[Callable[[], None]] = field(default_factory=list)
+
+
 class Daemon:
     def __init__(
         self,
@@ -97,6 +137,9 @@ class Daemon:
         uapi_fd: int | None = None,
         log_level: str = "error",
     ) -> None:
+        # Before any key exists in this process, and before descriptors are counted on.
+        process.forbid_core_dumps()
+        process.raise_open_file_limit()
         self.name = name
         self.worker_count = workers
         self.log_level = log_level
@@ -109,6 +152,10 @@ class Daemon:
         )
         self.pending_release: dict[int, set[int]] = {}
         self.flush_token = 0
+        self._set_queue: deque[tuple[SetApplication, Respond]] = deque()
+        self._round: _FlushRound | None = None
+        self._flush_waiters: list[Callable[[], None]] = []
+        self._round_texts: dict[str, bytes] = {}
         self.tun_fds: list[int] = []
         self.control_sockets: dict[int, socket.socket] = {}
         self._open_tun(tun_fd)
@@ -193,7 +240,7 @@ class Daemon:
         for handle in self.supervisor.workers:
             self._start_worker(handle)
         self._register_sockets()
-        self.selector.register(self.uapi.listener, selectors.EVENT_READ, self._on_uapi_accept)
+        self.uapi.start(self.selector, self._handle_request)
         self.selector.register(self.watcher, selectors.EVENT_READ, self._on_link)
         self.selector.register(self.route_mtus, selectors.EVENT_READ, self._on_routes)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
@@ -208,9 +255,11 @@ class Daemon:
         next_socket_check = 0.0
         try:
             while self.running:
+                pending = self.uapi.busy()
                 now = time.monotonic()
-                deadline = self.interface.next_deadline()
-                timeout = 0.25 if deadline is None else min(max(deadline - now, 0.0), 0.25)
+                timeout = 0.0 if pending else self._timeout(now)
+                if self._set_queue:  # more of it next turn, unless the workers lag behind
+                    timeout = min(timeout, SET_BACKOFF if self._workers_backlogged() else 0.0)
                 for key, _ in self.selector.select(timeout):
                     key.data(key.fileobj)
                     if not self.running:
@@ -218,6 +267,8 @@ class Daemon:
                 now = time.monotonic()
                 self.interface.expire(now, time.time_ns())
                 self._supervise(now)
+                self.uapi.turn(now)
+                self._configuration_turn(now)
                 if now >= next_socket_check:
                     next_socket_check = now + SOCKET_CHECK_INTERVAL
                     if not self.uapi.still_ours():
@@ -226,6 +277,18 @@ class Daemon:
                 self._drain_outputs()
         finally:
             self.shutdown()
+
+    def _timeout(self, now: float) -> float:
+        """How long the loop may wait for a descriptor: until the next timer, the end of a
+        round of counters or of a pause in accepting UAPI clients; at most 0.25 s."""
+        wakeups = [self.interface.next_deadline(), self.uapi.next_wakeup()]
+        if self._round is not None:
+            wakeups.append(self._round.deadline)
+        timeout = 0.25
+        for at in wakeups:
+            if at is not None:
+                timeout = min(timeout, max(at - now, 0.0))
+        return timeout
 
     def _install_signals(self) -> None:
         self._wake_w.setblocking(False)
@@ -593,35 +656,119 @@ class Daemon:
 
     # -- UAPI --------------------------------------------------------------------------------
 
-    def _on_uapi_accept(self, _listener: socket.socket) -> None:
-        for fd in self.uapi.accept():
-            self.selector.register(fd, selectors.EVENT_READ, self._on_uapi_client)
+    def _handle_request(self, request: uapi.Request, respond: Respond) -> None:
+        """Answer a request now or later (uapi/server.py): a set is applied in slices between
+        the loop's other work; a get and `wgmp stats` wait for a round of the workers'
+        counters, shared by every request that came in before it started."""
+        if isinstance(request, uapi.SetRequest):
+            if len(request.operations) >= FREEZE_AFTER_OPERATIONS:
+                gc.freeze()  # what parsing it made, as after each slice below
+            self._set_queue.append(
+                (SetApplication(self.interface, request, self._apply_device), respond)
+            )
+        elif isinstance(request, uapi.GetRequest):
+            self.when_flushed(lambda: respond(self.round_text("get")))
+        else:  # StatsRequest: `wgmp stats`; the connection then closes
+            self.when_flushed(lambda: respond(self.round_text("stats")))
 
-    def _on_uapi_client(self, fd: int) -> None:
-        if not self.uapi.serve(fd, self._handle_request):
+    def when_flushed(self, callback: Callable[[], None]) -> None:
+        """Call `callback` from the loop once the workers have written every counter they
+        held when this was asked (or STATS_FLUSH_TIMEOUT passed), and no set request is half
+        applied."""
+        self._flush_waiters.append(callback)
+        if self._round is None:
+            self._start_round()
+
+    def _start_round(self) -> None:
+        self.flush_token += 1
+        token = self.flush_token
+        waiting = [h for h in self.supervisor.workers if h.channel is not None and h.ready]
+        for handle in waiting:
+            handle.pending_flush.add(token)
+            self._send(handle, [Kind.FLUSH_STATS, token])
+        self._round = _FlushRound(
+            token, waiting, time.monotonic() + STATS_FLUSH_TIMEOUT, self._flush_waiters
+        )
+        self._flush_waiters = []
+
+    def round_text(self, kind: str) -> bytes:
+        """The reply every waiter of this round gets: rendered once per round."""
+        text = self._round_texts.get(kind)
+        if text is None:
+            if kind == "get":
+                text = uapi.format_get(self._device_snapshot())
+            else:
+                from ..stats.collector import render, snapshot_from_daemon
+
+                text = render(snapshot_from_daemon(self, self._device_snapshot()))
+            self._round_texts[kind] = text
+        return text
+
+    def _configuration_turn(self, now: float) -> None:
+        """One turn's share of configuration work: a slice of the set request being applied,
+        then a round of counters that is complete."""
+        if self._set_queue and not self._workers_backlogged():
+            application, respond = self._set_queue[0]
             try:
-                self.selector.unregister(fd)
-            except (KeyError, ValueError):
-                pass
-
-    def _handle_request(self, request: uapi.Request) -> bytes:
-        if isinstance(request, uapi.GetRequest):
-            return uapi.format_get(self.snapshot())
-        if isinstance(request, uapi.StatsRequest):  # `wgmp stats`; the connection then closes
-            from ..stats.collector import render, snapshot_from_daemon
-
-            return render(snapshot_from_daemon(self))
-        try:
-            self.apply(request)
-        except uapi.UAPIError as err:
-            log.error("set request failed: %s", err)
+                finished = application.run(SET_SLICE)
+            except Exception:  # a bug must cost the request, not the daemon
+                log.exception("applying a set request failed")
+                application.error = uapi.UAPIError(uapi.IPC_ERROR_UNKNOWN, "internal error")
+                finished = True
             self._drain_outputs()
-            return uapi.format_errno(err.code)
-        self._drain_outputs()
-        return uapi.format_errno(0)
+            if len(application.operations) >= FREEZE_AFTER_OPERATIONS:
+                gc.freeze()
+            if finished:
+                self._set_queue.popleft()
+                error = application.error
+                if error is not None:
+                    log.error("set request failed: %s", error)
+                respond(uapi.format_errno(error.code if error is not None else 0))
+        if self._round is not None and self._round_complete(now) and not self._set_in_progress():
+            callbacks = self._round.callbacks
+            self._round = None
+            self._round_texts = {}
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:  # one reply that fails must not end the daemon
+                    log.exception("answering a request failed")
+            self._round_texts = {}
+            if self._flush_waiters:
+                self._start_round()
+
+    def _workers_backlogged(self) -> bool:
+        """True while some worker's pipe is more than 1/SET_PIPE_BACKLOG_FRACTION full."""
+        for handle in self.supervisor.workers:
+            if handle.channel is not None:
+                sock = handle.channel.sock
+                try:
+                    unread = fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0")
+                    room = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                except OSError:
+                    continue
+                if int.from_bytes(unread, sys.byteorder) * SET_PIPE_BACKLOG_FRACTION > room:
+                    return True
+                if handle.channel.backlog:  # control's own queue for it (ipc/channel.py)
+                    return True
+        return False
+
+    def _set_in_progress(self) -> bool:
+        return bool(self._set_queue) and self._set_queue[0][0].begun
+
+    def _round_complete(self, now: float) -> bool:
+        assert self._round is not None
+        token = self._round.token
+        return now >= self._round.deadline or not any(
+            token in h.pending_flush for h in self._round.workers if h.channel is not None
+        )
 
     def snapshot(self) -> uapi.DeviceSnapshot:
+        """The device as `get` shows it, after a flush of the workers' counters (waits)."""
         self.flush_stats()
+        return self._device_snapshot()
+
+    def _device_snapshot(self) -> uapi.DeviceSnapshot:
         interface = self.interface
         peers = []
         for peer in interface.peers.values():
@@ -657,70 +804,12 @@ class Daemon:
         )
 
     def apply(self, request: uapi.SetRequest) -> None:
-        """Apply a parsed set request in order, as wireguard-go does (every line was already
-        validated by the parser, so only a failed bind can stop it half-way)."""
-        interface = self.interface
-        now, wall = time.monotonic(), time.time_ns()
-        peer: Peer | None = None
-        skip_section = False
-        created = False
-        keepalive: int | None = None
-        touched: dict[int, Peer] = {}
-
-        def end_section() -> None:
-            nonlocal keepalive
-            if (
-                peer is not None
-                and keepalive is not None
-                and not skip_section
-                and peer.peer_id in interface.by_id
-            ):
-                interface.set_persistent_keepalive(peer, keepalive, now, wall)
-            keepalive = None
-
-        for op in request.operations:
-            if isinstance(op, uapi.BeginPeer):
-                end_section()
-                own = interface.identity.public_key if interface.identity else None
-                skip_section = op.public_key == own
-                peer = None
-                if not skip_section:
-                    created = op.public_key not in interface.peers
-                    peer = interface.peer(op.public_key, now)
-                continue
-            if peer is None and not skip_section:
-                self._apply_device(op, now)
-                continue
-            if skip_section or peer is None:
-                continue
-            if isinstance(op, uapi.UpdateOnly):
-                if created:
-                    interface.remove_peer(peer.public_key)
-                    skip_section = True
-            elif isinstance(op, uapi.RemovePeer):
-                interface.remove_peer(peer.public_key)
-                touched.pop(peer.peer_id, None)
-                skip_section = True
-            elif isinstance(op, uapi.SetPresharedKey):
-                interface.set_preshared_key(peer, op.preshared_key)
-            elif isinstance(op, uapi.SetEndpoint):
-                log.debug("%s - UAPI: Updating endpoint", peer)
-                interface.set_endpoint(peer, (op.host, op.port))
-            elif isinstance(op, uapi.SetPersistentKeepalive):
-                keepalive = op.interval
-            elif isinstance(op, uapi.ReplaceAllowedIPs):
-                interface.replace_allowed_ips(peer)
-                touched[peer.peer_id] = peer
-            elif isinstance(op, uapi.AddAllowedIP):
-                # An identical prefix moves from its old owner: each worker's table does the
-                # same on insert, so only this peer's list needs re-sending.
-                interface.add_allowed_ip(peer, op.network)
-                touched[peer.peer_id] = peer
-            elif isinstance(op, uapi.RemoveAllowedIP):
-                interface.remove_allowed_ip(peer, op.network)
-                touched[peer.peer_id] = peer
-        end_section()
-        interface.publish_allowed_ips([p for p in touched.values() if p.peer_id in interface.by_id])
+        """Apply a parsed set request at once (the loop applies them in slices instead);
+        raises its UAPIError if it fails."""
+        application = SetApplication(self.interface, request, self._apply_device)
+        application.run_to_end()
+        if application.error is not None:
+            raise application.error
 
     def _apply_device(self, op: uapi.Operation, now: float) -> None:
         interface = self.interface

@@ -23,6 +23,7 @@ from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
     DEFAULT_MTU,
     KEEPALIVE_TIMEOUT,
+    MAX_PEERS,
     MAX_QUEUED_INCOMING_HANDSHAKES,
     MAX_TIMER_HANDSHAKES,
     MESSAGE_COOKIE_REPLY,
@@ -35,7 +36,7 @@ from ..protocol.constants import (
 )
 from ..protocol.cookie import CookieChecker, source_bytes
 from ..protocol.crypto import Randomness
-from ..protocol.errors import DropReason, ProtocolError
+from ..protocol.errors import ConfigError, DropReason, ProtocolError
 from ..protocol.indextable import IndexTable, worker_of
 from ..protocol.keypair import Keypair
 from ..protocol.messages import message_type, parse_cookie_reply, parse_initiation, parse_response
@@ -58,6 +59,7 @@ def _verbose() -> bool:
 __all__ = ["HandshakeCounters", "Interface", "ROLE_CURRENT", "ROLE_NEXT", "ROLE_PREVIOUS"]
 
 UNDER_LOAD_BACKLOG = MAX_QUEUED_INCOMING_HANDSHAKES // UNDER_LOAD_QUEUE_FRACTION
+DEADLINE_SLACK = 64  # stale timer entries tolerated beyond as many as there are live ones
 
 
 class Rng(RandomSource, Randomness):
@@ -103,9 +105,12 @@ class Interface:
         # (`_queued`); an entry that has since moved is skipped when it comes up. Asking every
         # peer instead cost ~1.2 us a peer on each turn of the daemon's loop: 1.2 ms a turn with
         # 1000 peers, more than a handshake (perf/RESULTS.md, handshake flood).
+        # Entries that moved or whose peer is gone stay until they come up, unless they
+        # outnumber the live ones (`_compact_deadlines`): a controller adding and removing
+        # peers with long keepalives would otherwise grow the heap for up to ~18 hours.
         self._deadlines: list[tuple[float, int]] = []
         self._queued: dict[int, float] = {}
-        self._free_ids: deque[int] = deque(range(1, 1 << 16))
+        self._free_ids: deque[int] = deque(range(1, MAX_PEERS + 1))
         self.allowed = AllowedIPs()
         self.indices = IndexTable(rng)
         self.cookie_checker = CookieChecker(None)
@@ -141,9 +146,12 @@ class Interface:
             peer.timers.current_keypairs_expired()  # the next packet may handshake at once
 
     def peer(self, public_key: bytes, now: float) -> Peer:
-        """The peer with this key, created if new."""
+        """The peer with this key, created if new; ConfigError beyond MAX_PEERS peers (as
+        wireguard-go, which answers that with EINVAL)."""
         peer = self.peers.get(public_key)
         if peer is None:
+            if not self._free_ids:
+                raise ConfigError(f"too many peers: at most {MAX_PEERS}")
             peer_id = self._free_ids.popleft()
             peer = Peer.create(peer_id, public_key, self.identity, self.rng)
             peer.timers.on_arm = partial(self._timer_armed, peer_id)
@@ -162,6 +170,7 @@ class Interface:
         peer.timers.stop()
         peer.timers.on_arm = None
         self._queued.pop(peer.peer_id, None)  # its entries are skipped when they come up
+        self._compact_deadlines()
         self._drop_sessions(peer)
         self.allowed.remove_by_peer(peer.peer_id)
         self.commands.append([Kind.PEER_REMOVE, peer.peer_id])
@@ -353,6 +362,9 @@ class Interface:
                 return
             if not self.rate_limiter.allow(ip, now):
                 raise ProtocolError(DropReason.RATE_LIMITED, "handshake rate limit")
+        if not self.keyslots.free:
+            # Checked before the handshake state changes: the peer simply retries later.
+            raise ProtocolError(DropReason.NO_KEY_SLOT, "every key slot is in use")
         if kind == MESSAGE_INITIATION:
             self.counters.received += 1
             peer = consume_initiation(
@@ -381,6 +393,9 @@ class Interface:
         self._authenticated_from(peer, source, local)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_received(now)
+        # Our own initiation may have crossed theirs: its index would otherwise stay in the
+        # table for good, holding the peer (found by tests/control/test_interface.py).
+        self._release_handshake_index(peer)
         log.debug("%s - Sending handshake response", peer)
         response = peer.handshake.create_response(sender_index=self._new_index(peer), rng=self.rng)
         packed = peer.cookie_generator.add_macs(response.pack(), now=now)
@@ -559,6 +574,16 @@ class Interface:
         if queued is None or deadline < queued:
             self._queued[peer_id] = deadline
             heapq.heappush(self._deadlines, (deadline, peer_id))
+            self._compact_deadlines()
+
+    def _compact_deadlines(self) -> None:
+        """Rebuild the heap from the live entries once stale ones are the majority (plus a
+        little, so that a small heap is not rebuilt on every change): O(live) each time,
+        after at least as many changes, so constant amortised time per change."""
+        if len(self._deadlines) > 2 * len(self._queued) + DEADLINE_SLACK:
+            # In place: `expire` may be popping from this very list.
+            self._deadlines[:] = [(deadline, peer_id) for peer_id, deadline in self._queued.items()]
+            heapq.heapify(self._deadlines)
 
     def _act(self, peer: Peer, actions: list[Any], now: float, wall_ns: int) -> None:
         for action in actions:

@@ -41,6 +41,7 @@ from ..net.udp import (
     UDP_GRO,
     UDP_SEGMENT,
 )
+from ..process import forbid_core_dumps
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
     MAX_STAGED_PACKETS,
@@ -826,6 +827,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _serve(spec: WorkerSpec) -> None:
+    # Before the first key is copied out of the key slots; a forked worker inherits the flag
+    # from control, but one started by other means (main) does not.
+    forbid_core_dumps()
     sockets = {4: socket.socket(fileno=spec.udp4)}
     if spec.udp6 >= 0:
         sockets[6] = socket.socket(fileno=spec.udp6)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .sharedmem import SharedMemory
 
@@ -33,7 +33,8 @@ assert _LAYOUT.size == KEYSLOT_SIZE
 
 @dataclass(frozen=True)
 class KeySlot:
-    """What a slot holds once published (the counter lives on in shared memory)."""
+    """What a slot holds once published (the counter lives on in shared memory); the keys
+    are kept out of its repr."""
 
     slot: int
     local_index: int
@@ -41,8 +42,8 @@ class KeySlot:
     peer_id: int
     is_initiator: bool
     created: float
-    send_key: bytes
-    receive_key: bytes
+    send_key: bytes = field(repr=False)
+    receive_key: bytes = field(repr=False)
 
 
 class KeySlots:
@@ -64,6 +65,11 @@ class KeySlots:
         return table
 
     # -- control -----------------------------------------------------------------------------
+
+    @property
+    def free(self) -> int:
+        """Slots `publish` can still fill (control only)."""
+        return len(self._free)
 
     def publish(
         self,

@@ -7,10 +7,14 @@ unlink the segment when one of them exits.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
+from typing import Final
 
-__all__ = ["SharedMemory"]
+__all__ = ["SEALS", "SharedMemory"]
+
+SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class SharedMemory:
@@ -24,9 +28,20 @@ class SharedMemory:
 
     @classmethod
     def create(cls, name: str, size: int) -> SharedMemory:
-        fd = os.memfd_create(name, 0)  # not MFD_CLOEXEC is irrelevant: pass_fds decides
-        os.ftruncate(fd, size)  # sparse: untouched pages cost nothing
-        return cls(fd, size)
+        """A new segment of `size` bytes, sealed at that size.
+
+        MFD_CLOEXEC: it holds keys, so no program we start gets it unless handed it by name
+        (the supervisor's pass_fds). The seals fix the size for good, so no holder of the
+        descriptor can shrink it under another's mapping (SIGBUS) or grow it; writing stays
+        allowed, as control writes slots and workers their counters after mapping it."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)  # sparse: untouched pages cost nothing
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+            return cls(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
 
     @classmethod
     def attach(cls, fd: int) -> SharedMemory:

@@ -74,6 +74,7 @@ IP_PKTINFO = 8
 IPV6_RECVPKTINFO = 49
 IPV6_PKTINFO = 50
 SO_MARK = 36
+_U32 = struct.Struct("=I")  # SO_MARK's value, native order
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 UDP_SEGMENT = 103
@@ -214,8 +215,11 @@ def set_buffers(
 
 
 def set_fwmark(sock: socket.socket, mark: int) -> None:
-    """Mark outgoing packets (SO_MARK, needs CAP_NET_ADMIN); 0 removes the mark."""
-    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    """Mark outgoing packets (SO_MARK, needs CAP_NET_ADMIN); 0 removes the mark.
+
+    The mark is a u32 (wireguard-go parses it as one): passed as its 4 bytes, because
+    `setsockopt(..., int)` takes a C int and refuses marks from 2^31 up."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, _U32.pack(mark))
 
 
 def enable_pktinfo(sock: socket.socket) -> None:

@@ -59,6 +59,10 @@ UNDER_LOAD_QUEUE_FRACTION: Final = 8  # under load when the backlog is >= capaci
 
 # Devices.
 DEFAULT_MTU: Final = 1420
+MAX_PEERS: Final = 1 << 16  # wireguard-go's MaxPeers: one more is refused with EINVAL
+# A peer holds at most three keypairs (previous, current, next); control keeps a key slot of
+# each until every worker acknowledged dropping it.
+MAX_KEYPAIRS_PER_PEER: Final = 3
 MAX_STAGED_PACKETS: Final = 128  # packets staged per peer while waiting for a handshake
 MESSAGE_OVERHEAD_IPV4: Final = 20 + 8 + MESSAGE_TRANSPORT_MIN_SIZE
 MESSAGE_OVERHEAD_IPV6: Final = 40 + 8 + MESSAGE_TRANSPORT_MIN_SIZE

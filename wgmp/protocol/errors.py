@@ -36,6 +36,7 @@ class DropReason(IntEnum):
     INTERNAL_ERROR = 16
     # A handshake message a worker could not hand to control: the pipe was full.
     HANDSHAKE_QUEUE_FULL = 17
+    NO_KEY_SLOT = 18  # a handshake refused: every key slot holds a live or unreleased keypair
 
     @property
     def label(self) -> str:

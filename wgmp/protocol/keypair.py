@@ -10,7 +10,7 @@ workers.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .constants import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 from .noise import SessionKeys
@@ -20,10 +20,11 @@ __all__ = ["Keypair", "Keypairs"]
 
 @dataclass(eq=False)
 class Keypair:
-    """One session: its keys, the two indices, who initiated it and when it was made."""
+    """One session: its keys (kept out of its repr), the two indices, who initiated it and
+    when it was made."""
 
-    send_key: bytes
-    receive_key: bytes
+    send_key: bytes = field(repr=False)
+    receive_key: bytes = field(repr=False)
     local_index: int
     remote_index: int
     is_initiator: bool

@@ -9,7 +9,7 @@ TAI64N timestamp.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -61,9 +61,9 @@ class HandshakeState(IntEnum):
 
 @dataclass(frozen=True)
 class StaticIdentity:
-    """The device's own static key pair."""
+    """The device's own static key pair (the private key is left out of its repr)."""
 
-    private_key: bytes
+    private_key: bytes = field(repr=False)
     public_key: bytes
 
     @classmethod
@@ -81,8 +81,8 @@ class StaticIdentity:
 class SessionKeys:
     """What a completed handshake yields: the transport keys and the two indices."""
 
-    send_key: bytes
-    receive_key: bytes
+    send_key: bytes = field(repr=False)
+    receive_key: bytes = field(repr=False)
     local_index: int
     remote_index: int
     is_initiator: bool

@@ -11,11 +11,12 @@ from __future__ import annotations
 import struct
 
 from ..ipc.sharedmem import SharedMemory
+from ..protocol.constants import MAX_PEERS
 from ..protocol.errors import DropReason
 
 __all__ = ["DROP_SLOTS", "MAX_PEER_IDS", "PeerCounters", "StatsBlock", "WorkerTotals"]
 
-MAX_PEER_IDS = 1 << 16
+MAX_PEER_IDS = MAX_PEERS + 1  # peer ids run from 1 to MAX_PEERS
 DROP_SLOTS = 32
 _TOTALS = struct.Struct("<4Q")  # rx_packets, rx_bytes, tx_packets, tx_bytes
 _DROPS = struct.Struct(f"<{DROP_SLOTS}Q")

@@ -62,7 +62,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from ..protocol.errors import DropReason
-from ..uapi.protocol import format_endpoint
+from ..uapi.protocol import DeviceSnapshot, format_endpoint
 
 if TYPE_CHECKING:
     from ..control.daemon import Daemon
@@ -294,10 +294,13 @@ def render(devices: DeviceStats | Iterable[DeviceStats]) -> bytes:
 # Building the snapshot in the control process.
 
 
-def snapshot_from_daemon(daemon: Daemon) -> DeviceStats:
-    """Read the daemon's state into a `DeviceStats`. Call it from the daemon's event loop only
-    (it flushes the workers' counters through `Daemon.snapshot`, as `wg show` does)."""
-    device = daemon.snapshot()  # flushes the workers' stats blocks, then sums per peer
+def snapshot_from_daemon(daemon: Daemon, device: DeviceSnapshot | None = None) -> DeviceStats:
+    """Read the daemon's state into a `DeviceStats`. Call it from the daemon's event loop only.
+
+    `device` is what `get` would show, taken right after a flush of the workers' counters (as
+    `Daemon.when_flushed` arranges); without it, `Daemon.snapshot` flushes and waits."""
+    if device is None:
+        device = daemon.snapshot()  # flushes the workers' stats blocks, then sums per peer
     identity = daemon.interface.identity
     peers = [
         PeerStats(
