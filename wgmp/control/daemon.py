@@ -98,7 +98,7 @@ class Daemon:
         try:
             self._bind(0)
             self.watcher = netlink.LinkWatcher(netlink.link_index(name), tun_fd=self.tun_fds[0])
-            self.route_mtus = RouteMTUWatcher(self.watcher.index)
+            self.route_mtus = RouteMTUWatcher(self.watcher.index, tun_fd=self.tun_fds[0])
             self.interface.route_mtu = self.route_mtus.mtu
         except OSError as err:
             self.uapi.close()  # no socket file left behind that nobody answers on
@@ -240,6 +240,10 @@ class Daemon:
                 self.running = False
             elif event.change == netlink.LinkChange.MTU and event.mtu:
                 self.interface.set_mtu(event.mtu)
+            elif event.change == netlink.LinkChange.MOVED:
+                # Its routes are now made in the other namespace: padding follows them there.
+                if self.route_mtus.follow(watcher.netnsid, watcher.index):
+                    self.interface.set_route_mtu(self.route_mtus.mtu)
 
     def _on_routes(self, watcher: RouteMTUWatcher) -> None:
         if watcher.read():  # a route through the interface changed its MTU: padding follows

@@ -10,9 +10,14 @@ wireguard-go pads to the interface MTU alone.
 
 `RouteMTUWatcher` is a non-blocking rtnetlink socket subscribed to IPv4 and IPv6 route
 changes, for control's select loop; when a route through the interface changes it reads the
-routes again through pyroute2 (changes to other routes are only skimmed, so a busy routing
-table costs little). Routes of every table count (wg-quick puts its default route in a table of
-its own).
+routes again (changes to other routes are only skimmed, so a busy routing table costs little).
+Routes of every table count (wg-quick puts its default route in a table of its own).
+
+The interface may be moved to another namespace (`ip link set wg0 netns x`, wireguard.com/netns)
+and its routes are then made there. The socket listens to every namespace that has an id in
+ours (NETLINK_LISTEN_ALL_NSID) and keeps only what comes from the interface's; `follow()`,
+called when the link watcher saw the interface move, takes the new place (net/routes.py gives
+the namespace an id if it has none) and reads the routes there. See docs/routing.md.
 """
 
 from __future__ import annotations
@@ -21,58 +26,56 @@ import errno
 import socket
 import struct
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from ..net.routes import RouteSocket, in_device_namespace, route_messages
 
 __all__ = ["RouteMTUWatcher", "smallest_route_mtu"]
 
 NETLINK_ROUTE = 0
+SOL_NETLINK = 270
+NETLINK_LISTEN_ALL_NSID = 8
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_ROUTE = 0x400
-RTM_NEWROUTE, RTM_DELROUTE = 24, 25
-RTA_OIF = 4
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_RTMSG_SIZE = 12  # family, dst_len, src_len, tos, table, protocol, scope, type, flags (u32)
-_RTATTR = struct.Struct("=HH")  # len, type
-_U32 = struct.Struct("=I")
+_I32 = struct.Struct("=i")
 
 
-def smallest_route_mtu(index: int) -> int | None:
+def smallest_route_mtu(index: int, tun_fd: int | None = None) -> int | None:
     """The smallest RTAX_MTU of the routes whose output interface is `index`, in any table of
-    this namespace; None when none sets one."""
-    smallest = None
+    the namespace the interface is in (ours without `tun_fd`); None when none sets one."""
+
+    def read() -> list[int]:
+        with RouteSocket() as requests:
+            return [r.mtu for r in requests.route_mtus() if r.oif == index]
+
     try:
-        with IPRoute() as ipr:
-            routes = ipr.route("dump")
-    except (OSError, NetlinkError):
+        mtus = in_device_namespace(tun_fd, read)
+    except OSError:
         return None
-    for route in routes:
-        if route.get_attr("RTA_OIF") != index:
-            continue
-        metrics = route.get_attr("RTA_METRICS")
-        mtu = metrics.get_attr("RTAX_MTU") if metrics is not None else None
-        if mtu and (smallest is None or mtu < smallest):
-            smallest = mtu
-    return smallest
+    return min(mtus) if mtus else None
 
 
 class RouteMTUWatcher:
-    """`mtu` is `smallest_route_mtu(index)`, kept current by `read()` when `fileno()` is
-    readable."""
+    """`mtu` is `smallest_route_mtu(index)` in the interface's namespace, kept current by
+    `read()` when `fileno()` is readable and by `follow()` when the interface moved."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, *, tun_fd: int | None = None) -> None:
         self.index = index
+        self.netnsid: int | None = None  # where the interface is, as the link watcher says
+        self.tun_fd = tun_fd
         self._sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
         )
         try:
             self._sock.setblocking(False)
+            try:
+                self._sock.setsockopt(SOL_NETLINK, NETLINK_LISTEN_ALL_NSID, 1)
+            except OSError:
+                pass  # an old kernel: only this namespace's routes are heard
             self._sock.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
         except BaseException:
             self._sock.close()
             raise
         # Read after subscribing, so that no change falls in between.
-        self.mtu = smallest_route_mtu(index)
+        self.mtu = smallest_route_mtu(index, tun_fd)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -80,9 +83,10 @@ class RouteMTUWatcher:
     def read(self) -> bool:
         """Drain the pending notifications (never blocks); True if `mtu` changed."""
         ours = False
+        ancsize = socket.CMSG_SPACE(4)
         while True:
             try:
-                data = self._sock.recv(1 << 16)
+                data, ancillary, _flags, _addr = self._sock.recvmsg(1 << 16, ancsize)
             except BlockingIOError:
                 break
             except OSError as err:
@@ -90,35 +94,26 @@ class RouteMTUWatcher:
                     raise
                 ours = True  # notifications were lost: read the routes again to be sure
                 continue
-            ours = ours or self._about_us(data)
-        if not ours:
-            return False
-        mtu = smallest_route_mtu(self.index)
+            nsid = None  # no ancillary id: from our own namespace
+            for level, kind, value in ancillary:
+                if level == SOL_NETLINK and kind == NETLINK_LISTEN_ALL_NSID and len(value) >= 4:
+                    nsid = _I32.unpack_from(value)[0]
+            if nsid == self.netnsid and not ours:
+                ours = any(route.oif == self.index for _, route in route_messages(data))
+        return self._reread() if ours else False
+
+    def follow(self, netnsid: int | None, index: int) -> bool:
+        """The interface is now `index` in the namespace `netnsid` (see LinkWatcher): read
+        its routes there; True if `mtu` changed."""
+        self.netnsid, self.index = netnsid, index
+        return self._reread()
+
+    def _reread(self) -> bool:
+        mtu = smallest_route_mtu(self.index, self.tun_fd)
         if mtu == self.mtu:
             return False
         self.mtu = mtu
         return True
-
-    def _about_us(self, data: bytes) -> bool:
-        """Whether a batch of notifications has a route through our interface (so that a
-        host with a busy routing table does not make us dump it on every change)."""
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(data):
-            length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size or offset + length > len(data):
-                return True  # unreadable: assume it matters
-            end, at = offset + length, offset + _NLMSGHDR.size + _RTMSG_SIZE
-            offset += (length + 3) & ~3
-            if kind not in (RTM_NEWROUTE, RTM_DELROUTE):
-                continue
-            while at + _RTATTR.size <= end:
-                size, attr = _RTATTR.unpack_from(data, at)
-                if size < _RTATTR.size:
-                    break
-                if attr == RTA_OIF and _U32.unpack_from(data, at + _RTATTR.size)[0] == self.index:
-                    return True
-                at += (size + 3) & ~3
-        return False
 
     def close(self) -> None:
         self._sock.close()
