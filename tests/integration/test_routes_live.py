@@ -19,7 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.integration.livepair import (
+    PEER_PORT,
     TUNNEL_PEER,
     TUNNEL_WGMP,
     WGMP_PORT,
@@ -29,8 +32,15 @@ from tests.integration.livepair import (
     nft_flush,
     nft_input,
     ping,
+    wgmp_command,
 )
-from tests.integration.netns import Netns, wait_for
+from tests.integration.netns import (
+    WIREGUARD_GO,
+    Netns,
+    UserspaceWireGuard,
+    interface_name,
+    wait_for,
+)
 
 PairFactory = Callable[..., Pair]
 
@@ -97,3 +107,77 @@ def test_route_mtu_is_read_where_the_interface_was_moved(
     _move(p, second, third)
     sizes = _padded_to(p, third, 1298, tmp_path)
     assert max(sizes) == OUTER + 1298 == 1358, sizes
+
+
+# ---------------------------------------------------------------------------------------------
+# A new route takes precedence over a sticky source
+
+WGMP_ADDR, OTHER_ADDR, PEER_ADDR = "10.0.0.1", "10.0.0.3", "10.0.0.2"
+MARK = 0x77
+
+
+@pytest.mark.parametrize("how", ["metric", "fwmark"])
+def test_new_route_takes_precedence_over_the_sticky_source(
+    how: str,
+    netns_factory: Callable[..., Netns],
+    userspace_wireguard: Callable[..., UserspaceWireGuard],
+    tmp_path: Path,
+) -> None:
+    """wgmp's namespace reaches wireguard-go (10.0.0.2) through one veth (10.0.0.1, a route of
+    metric 10) and could through a second (10.0.0.3, no route yet). wireguard-go contacts wgmp
+    at 10.0.0.1, so wgmp answers from there, out of the first veth. Then a route through the
+    second veth wins: `ip route add 10.0.0.0/24 dev SECOND src 10.0.0.3 metric 1`, or, with
+    `how="fwmark"`, a route in a table that only wgmp's marked datagrams use (so only a route
+    query with the mark sees it). The next echo requests leave from 10.0.0.3 out of the second
+    veth, and wireguard-go's endpoint for wgmp follows."""
+    here, there = netns_factory("wgmp"), netns_factory("wggo")
+    first, second = _veth(here, there), _veth(here, there)
+    here.ip("addr", "add", f"{WGMP_ADDR}/24", "dev", first[0], "noprefixroute")
+    here.ip("route", "add", "10.0.0.0/24", "dev", first[0], "src", WGMP_ADDR, "metric", 10)
+    here.ip("addr", "add", f"{OTHER_ADDR}/24", "dev", second[0], "noprefixroute")
+    there.ip("addr", "add", f"{PEER_ADDR}/24", "dev", first[1])
+    there.ip("route", "add", f"{OTHER_ADDR}/32", "dev", second[1])  # replies to .3 go back there
+
+    wgmp = userspace_wireguard(here, wgmp_command())
+    peer = userspace_wireguard(there, WIREGUARD_GO)
+    wgmp.configure(listen_port=WGMP_PORT, fwmark=MARK if how == "fwmark" else None)
+    peer.configure(listen_port=PEER_PORT)
+    wgmp.add_peer(peer.public_key, allowed_ips=[f"{TUNNEL_PEER[4]}/32"])
+    peer.add_peer(
+        wgmp.public_key, allowed_ips=[f"{TUNNEL_WGMP[4]}/32"], endpoint=f"{WGMP_ADDR}:{WGMP_PORT}"
+    )
+    for daemon, address in ((wgmp, TUNNEL_WGMP[4]), (peer, TUNNEL_PEER[4])):
+        daemon.add_address(f"{address}/24")
+        daemon.up()
+    capture = Capture(here, second[0], tmp_path)
+    assert answered(ping(there, TUNNEL_WGMP[4]), 1)  # wireguard-go initiates, to 10.0.0.1
+    assert answered(ping(here, TUNNEL_PEER[4], 2), 2)
+    endpoint = peer.wg("show", peer.ifname, "endpoints").stdout.split()[-1]
+    assert endpoint == f"{WGMP_ADDR}:{WGMP_PORT}"
+    assert not capture.sent_by(OTHER_ADDR, WGMP_PORT)
+
+    if how == "metric":
+        here.ip("route", "add", "10.0.0.0/24", "dev", second[0], "src", OTHER_ADDR, "metric", 1)
+    else:
+        here.ip("route", "add", "10.0.0.0/24", "dev", second[0], "src", OTHER_ADDR, "table", 77)
+        here.ip("rule", "add", "fwmark", MARK, "table", 77)
+    # The daemon hears of the route a moment later; each echo's request may be the one.
+    wait_for(
+        "an echo request from 10.0.0.3 out of the second veth",
+        lambda: ping(here, TUNNEL_PEER[4], 1, wait=1) and capture.sent_by(OTHER_ADDR, WGMP_PORT),
+        timeout=10,
+    )
+    assert answered(ping(here, TUNNEL_PEER[4], 3), 3)
+    endpoint = peer.wg("show", peer.ifname, "endpoints").stdout.split()[-1]
+    assert endpoint == f"{OTHER_ADDR}:{WGMP_PORT}"
+    after = [d for d in capture.datagrams() if d.sport == WGMP_PORT and d.kind == 4]
+    assert after and all(d.src == OTHER_ADDR and d.dst == PEER_ADDR for d in after), after
+
+
+def _veth(a: Netns, b: Netns) -> tuple[str, str]:
+    """A veth pair between `a` and `b`, both ends up, no addresses: (name in a, name in b)."""
+    name_a, name_b = interface_name("va"), interface_name("vb")
+    a.ip("link", "add", name_a, "type", "veth", "peer", "name", name_b, "netns", b.name)
+    a.ip("link", "set", name_a, "up")
+    b.ip("link", "set", name_b, "up")
+    return name_a, name_b

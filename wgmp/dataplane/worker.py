@@ -77,10 +77,11 @@ GSO_RETRY_AFTER = 10.0  # after a GSO failure (e.g. MTU raised past the path's),
 _TUN_GONE_ERRNOS = {errno.EBADFD, errno.EBADF}
 _TYPE_TRANSPORT_WORD = 4  # type 4 + three zero reserved bytes, as a little-endian u32
 _ZEROS = bytes(16)
+_PORTS = struct.Struct("!HH")  # a UDP header's source and destination ports
 
 # Indices into a peer record (a list, for speed on the packet path).
 P_ENDPOINT, P_SEND, P_STAGED, P_RX_BYTES, P_TX_BYTES, P_RX_PACKETS, P_TX_PACKETS = range(7)
-P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY, P_SOURCE = 7, 8, 9, 10
+P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY, P_SOURCE, P_LOOPING = 7, 8, 9, 10, 11
 # Indices into a send state: [cipher, remote_index, slot, next_counter, block_end, created,
 #                             is_initiator, rekey_asked]
 S_CIPHER, S_REMOTE, S_SLOT, S_NEXT, S_END, S_CREATED, S_INITIATOR, S_REKEY_ASKED = range(8)
@@ -129,6 +130,7 @@ class Worker:
         self._rx_view = memoryview(self._rx_buffer)
         self.drops = stats.drops()[:DROP_SLOTS]
         self.staged = stats.staged()  # packets ever staged waiting for a handshake
+        self.listen_port = _listen_port(sockets)  # what our own datagrams come from
         self.running = True
 
     # -- the loop ----------------------------------------------------------------------------
@@ -202,8 +204,12 @@ class Worker:
             version = packet[0] >> 4 if packet else 0
             if version == 4 and len(packet) >= 20:
                 destination = packet[16:20]
+                if packet[9] == 17 and self._own_datagram(packet, (packet[0] & 15) * 4):
+                    continue
             elif version == 6 and len(packet) >= 40:
                 destination = packet[24:40]
+                if packet[6] == 17 and self._own_datagram(packet, 40):
+                    continue
             else:
                 self.drops[DropReason.MALFORMED] += 1
                 continue
@@ -224,9 +230,42 @@ class Worker:
         peers = self.peers
         for peer_id, packets in batches.items():
             peer = peers[peer_id]
+            if peer[P_LOOPING]:  # its endpoint is routed back into our interface (control)
+                self.drops[DropReason.ROUTING_LOOP] += len(packets)
+                continue
             messages = self._seal(peer, peer_id, packets, now)
             if messages:
                 self._transmit(peer, messages)
+
+    def _own_datagram(self, packet: bytes, header: int) -> bool:
+        """Whether a UDP packet read from the TUN is one of our own datagrams come back: from
+        our listen port, a WireGuard message, to a peer's endpoint (and, for transport data,
+        under one of our keypairs with that peer). The route to the endpoint leads into our
+        own interface, perhaps through namespaces control cannot see: sealing it again would
+        loop forever, growing. Dropped and counted as routing_loop (docs/routing.md).
+
+        Only UDP packets get here, and all but our own leave at the port comparison."""
+        if len(packet) < header + 8 + _HEADER.size:
+            return False
+        source_port, port = _PORTS.unpack_from(packet, header)
+        if source_port != self.listen_port:
+            return False
+        word, receiver = _HEADER.unpack_from(packet, header + 8)[:2]
+        if not 1 <= word <= 4:
+            return False
+        destination = packet[16:20] if packet[0] >> 4 == 4 else packet[24:40]
+        for peer_id, peer in self.peers.items():
+            endpoint = peer[P_ENDPOINT]
+            if endpoint is None or endpoint[1] != port or _packed(endpoint[0]) != destination:
+                continue
+            if word == _TYPE_TRANSPORT_WORD and not any(
+                entry[R_PEER] == peer_id and entry[R_SEND][S_REMOTE] == receiver
+                for entry in self.by_slot.values()
+            ):
+                continue
+            self.drops[DropReason.ROUTING_LOOP] += 1
+            return True
+        return False
 
     def _seal(self, peer: list[Any], peer_id: int, packets: list[bytes], now: float) -> list[bytes]:
         """Transport messages for `packets` (one peer's, in order); staged if there is no
@@ -586,6 +625,13 @@ class Worker:
                 peer[P_STAGED].clear()
         elif kind == Kind.MTU:
             self.mtu = message[1]
+        elif kind == Kind.ROUTE_LOOP:
+            peer = self.peers.get(message[1])
+            if peer is not None:
+                peer[P_LOOPING] = bool(message[2])
+                if peer[P_LOOPING]:  # what waits for a handshake would loop too
+                    self.drops[DropReason.ROUTING_LOOP] += len(peer[P_STAGED])
+                    peer[P_STAGED].clear()
         elif kind == Kind.FLUSH_STATS:
             self._flush(now)
             self.channel.send(Kind.STATS_FLUSHED, message[1])
@@ -597,7 +643,7 @@ class Worker:
     ) -> None:
         peer = self.peers.get(peer_id)
         if peer is None:
-            peer = [None, None, deque(), 0, 0, 0, 0, [0.0, 0.0, 0.0, 0.0], -1.0, False, None]
+            peer = [None, None, deque(), 0, 0, 0, 0, [0.0, 0.0, 0.0, 0.0], -1.0, False, None, False]
             self.peers[peer_id] = peer
         if endpoint is not None:
             peer[P_ENDPOINT] = _sockaddr(endpoint)
@@ -686,6 +732,25 @@ class Worker:
         self.stats.write_totals(tuple(self.totals), self.drops, self.staged)  # type: ignore[arg-type]
         if reports:
             self.channel.send(Kind.ACTIVITY, reports)
+
+
+def _listen_port(sockets: dict[int, socket.socket]) -> int:
+    for sock in sockets.values():
+        try:
+            return int(sock.getsockname()[1])
+        except (OSError, IndexError, TypeError, AttributeError):  # not a bound UDP socket
+            continue
+    return -1  # no port: nothing read from the TUN is taken for our own
+
+
+def _packed(host: str) -> bytes:
+    """An endpoint's address as the bytes of an IP header (b"" if it is not an address)."""
+    try:
+        if ":" in host:
+            return socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+        return socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        return b""
 
 
 def main(argv: list[str] | None = None) -> None:

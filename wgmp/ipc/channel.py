@@ -32,6 +32,8 @@ class Kind(IntEnum):
     SEND_KEEPALIVE = 9  # [kind, peer_id]
     MTU = 10  # [kind, mtu]
     SHUTDOWN = 11  # [kind]
+    # The peer's endpoint is (not) routed through our own interface: drop what goes to it.
+    ROUTE_LOOP = 12  # [kind, peer_id, looping: bool]
     # worker -> control
     READY = 32  # [kind, worker_id, pid]
     NEED_HANDSHAKE = 33  # [kind, peer_id]

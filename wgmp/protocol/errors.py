@@ -29,6 +29,9 @@ class DropReason(IntEnum):
     FLOOD = 12
     KEY_EXPIRED = 13
     STAGED_EXPIRED = 14
+    # The peer's endpoint is routed back into our own interface, or one of our own datagrams
+    # came back in through the TUN (docs/routing.md): sending would loop.
+    ROUTING_LOOP = 15
 
     @property
     def label(self) -> str:
