@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,16 +31,19 @@ from tests.integration.livepair import (
     Capture,
     Pair,
     answered,
+    dropped,
     nft_flush,
     nft_input,
     ping,
     wgmp_command,
+    wgmp_stats,
 )
 from tests.integration.netns import (
     WIREGUARD_GO,
     Netns,
     UserspaceWireGuard,
     interface_name,
+    veth_pair,
     wait_for,
 )
 
@@ -181,3 +186,100 @@ def _veth(a: Netns, b: Netns) -> tuple[str, str]:
     a.ip("link", "set", name_a, "up")
     b.ip("link", "set", name_b, "up")
     return name_a, name_b
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing loops
+
+# What the kernel's WireGuard lets loop after one ping in the same setups (issue 13): it drops
+# a datagram whose route leaves through its own device and bounds the recursion of its
+# transmit path. wgmp and wireguard-go (without loop checks) let one ping become 126-179 MB.
+KERNEL_LOOP_BYTES = 70_000
+LOOP_WINDOW = 1.0  # seconds of traffic counted after the ping
+
+
+def _interface_bytes(ns: Netns, ifname: str) -> int:
+    """rx + tx bytes of an interface, from the kernel's counters."""
+    info = json.loads(ns.run(["ip", "-s", "-j", "link", "show", "dev", ifname]).stdout)[0]
+    stats = info["stats64"]
+    return int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
+
+
+def _looping_bytes(interfaces: list[tuple[Netns, str]], send: Callable[[], object]) -> int:
+    """The bytes counted on `interfaces` while `send()` runs and LOOP_WINDOW seconds after."""
+    before = sum(_interface_bytes(ns, name) for ns, name in interfaces)
+    send()
+    time.sleep(LOOP_WINDOW)
+    return sum(_interface_bytes(ns, name) for ns, name in interfaces) - before
+
+
+def _loop_through_itself(
+    p: Pair, wg_ns: Netns, daemon: UserspaceWireGuard, peer_public_key: str
+) -> None:
+    """Route the peer's endpoint into the daemon's interface (in `wg_ns`, where the interface
+    is), let the peer's allowed IPs take it (as a careless 0.0.0.0/0 without a fwmark rule
+    would), and set the endpoint again (`wg set`, as `wg setconf` or wg-quick would): that
+    also forgets the sticky source, which would otherwise pin datagrams to the veth they
+    came in on, past the route."""
+    address = p.link.addr4_b
+    daemon.wg("set", daemon.ifname, "peer", peer_public_key, "allowed-ips",
+              f"{TUNNEL_PEER[4]}/32,{address}/32")  # fmt: skip
+    wg_ns.ip("route", "add", f"{address}/32", "dev", daemon.ifname)
+    daemon.wg("set", daemon.ifname, "peer", peer_public_key, "endpoint", f"{address}:{PEER_PORT}")
+
+
+def test_endpoint_routed_through_the_interface_itself_does_not_loop(
+    pair: PairFactory,
+) -> None:
+    """After a handshake, the peer's endpoint is routed through wgmp's own interface. One ping
+    through the tunnel then makes less looping traffic than the kernel allows (in fact only
+    the ping itself: control saw the route, and workers drop what goes to that peer), counted
+    as routing_loop; with the route removed, the tunnel works again."""
+    p = pair()
+    link = p.link
+    assert answered(ping(link.ns_a, TUNNEL_PEER[4]), 1)
+    _loop_through_itself(p, link.ns_a, p.wgmp, p.peer.public_key)
+    time.sleep(0.3)  # the daemon hears of the route
+    before = wgmp_stats(p.wgmp)
+    looped = _looping_bytes(
+        [(link.ns_a, p.wgmp.ifname), (link.ns_a, link.if_a)],
+        lambda: ping(link.ns_a, TUNNEL_PEER[4], 1, wait=1),
+    )
+    print(f"looping traffic after one ping, wgmp: {looped} bytes")
+    assert looped < KERNEL_LOOP_BYTES, looped
+    assert dropped(wgmp_stats(p.wgmp), "routing_loop") > dropped(before, "routing_loop")
+
+    link.ns_a.ip("route", "del", f"{link.addr4_b}/32", "dev", p.wgmp.ifname)
+    wait_for("the tunnel back", lambda: answered(ping(link.ns_a, TUNNEL_PEER[4], 1, wait=1), 1))
+
+
+def test_own_datagrams_coming_back_through_another_namespace_do_not_loop(
+    pair: PairFactory, netns_factory: Callable[..., Netns]
+) -> None:
+    """The interface is moved to another namespace (wireguard.com/netns), which forwards the
+    peer's endpoint back into the tunnel, and the daemon's namespace routes the endpoint to
+    it: control's route query sees only a veth, but the workers read their own datagrams
+    back from the TUN and drop them. One ping: less looping traffic than the kernel allows."""
+    p = pair()
+    link = p.link
+    assert answered(ping(link.ns_a, TUNNEL_PEER[4]), 1)
+    inside = netns_factory("inside")
+    link.ns_a.ip("link", "set", "dev", p.wgmp.ifname, "netns", inside.name)
+    inside.ip("addr", "add", f"{TUNNEL_WGMP[4]}/24", "dev", p.wgmp.ifname)
+    inside.ip("link", "set", "dev", p.wgmp.ifname, "up")
+    assert answered(ping(inside, TUNNEL_PEER[4]), 1)  # the tunnel works from there
+
+    side = veth_pair(link.ns_a, inside)
+    inside.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    _loop_through_itself(p, inside, p.wgmp, p.peer.public_key)
+    link.ns_a.ip("route", "add", f"{link.addr4_b}/32", "via", side.addr4_b)
+    p.wgmp.wg("set", p.wgmp.ifname, "peer", p.peer.public_key, "endpoint", p.peer_endpoint)
+    before = wgmp_stats(p.wgmp)
+    looped = _looping_bytes(
+        [(inside, p.wgmp.ifname), (link.ns_a, side.if_a), (inside, side.if_b),
+         (link.ns_a, link.if_a)],
+        lambda: ping(inside, TUNNEL_PEER[4], 1, wait=1),
+    )  # fmt: skip
+    print(f"looping traffic after one ping, wgmp: {looped} bytes")
+    assert looped < KERNEL_LOOP_BYTES, looped
+    assert dropped(wgmp_stats(p.wgmp), "routing_loop") > dropped(before, "routing_loop")
