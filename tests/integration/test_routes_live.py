@@ -42,6 +42,8 @@ from tests.integration.netns import (
     WIREGUARD_GO,
     Netns,
     UserspaceWireGuard,
+    VethLink,
+    connect_peers,
     interface_name,
     veth_pair,
     wait_for,
@@ -214,14 +216,14 @@ def _looping_bytes(interfaces: list[tuple[Netns, str]], send: Callable[[], objec
 
 
 def _loop_through_itself(
-    p: Pair, wg_ns: Netns, daemon: UserspaceWireGuard, peer_public_key: str
+    link: VethLink, wg_ns: Netns, daemon: UserspaceWireGuard, peer_public_key: str
 ) -> None:
     """Route the peer's endpoint into the daemon's interface (in `wg_ns`, where the interface
     is), let the peer's allowed IPs take it (as a careless 0.0.0.0/0 without a fwmark rule
     would), and set the endpoint again (`wg set`, as `wg setconf` or wg-quick would): that
     also forgets the sticky source, which would otherwise pin datagrams to the veth they
     came in on, past the route."""
-    address = p.link.addr4_b
+    address = link.addr4_b
     daemon.wg("set", daemon.ifname, "peer", peer_public_key, "allowed-ips",
               f"{TUNNEL_PEER[4]}/32,{address}/32")  # fmt: skip
     wg_ns.ip("route", "add", f"{address}/32", "dev", daemon.ifname)
@@ -238,7 +240,7 @@ def test_endpoint_routed_through_the_interface_itself_does_not_loop(
     p = pair()
     link = p.link
     assert answered(ping(link.ns_a, TUNNEL_PEER[4]), 1)
-    _loop_through_itself(p, link.ns_a, p.wgmp, p.peer.public_key)
+    _loop_through_itself(link, link.ns_a, p.wgmp, p.peer.public_key)
     time.sleep(0.3)  # the daemon hears of the route
     before = wgmp_stats(p.wgmp)
     looped = _looping_bytes(
@@ -271,7 +273,7 @@ def test_own_datagrams_coming_back_through_another_namespace_do_not_loop(
 
     side = veth_pair(link.ns_a, inside)
     inside.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-    _loop_through_itself(p, inside, p.wgmp, p.peer.public_key)
+    _loop_through_itself(link, inside, p.wgmp, p.peer.public_key)
     link.ns_a.ip("route", "add", f"{link.addr4_b}/32", "via", side.addr4_b)
     p.wgmp.wg("set", p.wgmp.ifname, "peer", p.peer.public_key, "endpoint", p.peer_endpoint)
     before = wgmp_stats(p.wgmp)
@@ -283,3 +285,82 @@ def test_own_datagrams_coming_back_through_another_namespace_do_not_loop(
     print(f"looping traffic after one ping, wgmp: {looped} bytes")
     assert looped < KERNEL_LOOP_BYTES, looped
     assert dropped(wgmp_stats(p.wgmp), "routing_loop") > dropped(before, "routing_loop")
+
+
+def test_wireguard_go_amplifies_the_same_loop(
+    netns_factory: Callable[..., Netns],
+    userspace_wireguard: Callable[..., UserspaceWireGuard],
+) -> None:
+    """The reference for the test above: Debian's wireguard-go in wgmp's place, same setup.
+    Its route listener clears the sticky source when the route changes, and nothing stops
+    the loop: one ping becomes megabytes within the second (issue 13 measured 126-179 MB).
+    The route is removed right after counting, which ends the loop."""
+    link = veth_pair(netns_factory("wggo-a"), netns_factory("wggo-b"))
+    link.ns_a.run(["ping", "-4", "-n", "-c", "1", "-w", "5", link.addr4_b])
+    daemon = userspace_wireguard(link.ns_a, WIREGUARD_GO)
+    peer = userspace_wireguard(link.ns_b, WIREGUARD_GO)
+    connect_peers(daemon, peer, link, port_a=WGMP_PORT, port_b=PEER_PORT)
+    assert answered(ping(link.ns_a, TUNNEL_PEER[4]), 1)
+    try:
+        _loop_through_itself(link, link.ns_a, daemon, peer.public_key)
+        time.sleep(0.3)
+        looped = _looping_bytes(
+            [(link.ns_a, daemon.ifname), (link.ns_a, link.if_a)],
+            lambda: ping(link.ns_a, TUNNEL_PEER[4], 1, wait=1),
+        )
+    finally:
+        link.ns_a.run(["ip", "route", "del", f"{link.addr4_b}/32"], check=False)
+    print(f"looping traffic after one ping, wireguard-go: {looped} bytes")
+    assert looped > 10 * KERNEL_LOOP_BYTES, looped
+
+
+def test_loop_through_a_second_daemon_whose_interface_sits_in_our_namespace(
+    netns_factory: Callable[..., Netns],
+    userspace_wireguard: Callable[..., UserspaceWireGuard],
+) -> None:
+    """wgmp and wireguard-go are peers over a veth; then each one's interface is moved into
+    the other's namespace (wireguard-go's sits in wgmp's), and each namespace routes the
+    other daemon's endpoint into the interface it holds. wgmp's datagram to wireguard-go
+    enters wireguard-go's tunnel, whose datagram to wgmp enters wgmp's: each would seal the
+    other's datagram again, one layer larger each round. Control's route query sees the
+    endpoint leave through another interface than its own, and what wgmp reads back from
+    its TUN is wireguard-go's datagram, not its own: the worker knows it as the peer's
+    datagram to wgmp's own port, from the peer's endpoint, and drops it (routing_loop).
+    One ping: less looping traffic than the kernel allows."""
+    link = veth_pair(netns_factory("wgmp"), netns_factory("wggo"))
+    link.ns_a.run(["ping", "-4", "-n", "-c", "1", "-w", "5", link.addr4_b])
+    wgmp = userspace_wireguard(link.ns_a, wgmp_command())
+    peer = userspace_wireguard(link.ns_b, WIREGUARD_GO)
+    connect_peers(wgmp, peer, link, port_a=WGMP_PORT, port_b=PEER_PORT)
+    assert answered(ping(link.ns_a, TUNNEL_PEER[4]), 1)
+    # Swap the interfaces' namespaces; the tunnel still works, from the other sides.
+    for daemon, there, address in (
+        (wgmp, link.ns_b, TUNNEL_WGMP[4]),
+        (peer, link.ns_a, TUNNEL_PEER[4]),
+    ):
+        daemon.ns.ip("link", "set", "dev", daemon.ifname, "netns", there.name)
+        there.ip("addr", "add", f"{address}/24", "dev", daemon.ifname)
+        there.ip("link", "set", "dev", daemon.ifname, "up")
+    assert answered(ping(link.ns_b, TUNNEL_PEER[4]), 1)
+    # A careless full tunnel: each side's allowed IPs take its own outer address (what the
+    # other daemon's datagrams to it are addressed to), and each namespace routes the other
+    # daemon's endpoint into the tunnel interface it holds.
+    wgmp.wg("set", wgmp.ifname, "peer", peer.public_key, "allowed-ips",
+            f"{TUNNEL_PEER[4]}/32,{link.addr4_a}/32")  # fmt: skip
+    peer.wg("set", peer.ifname, "peer", wgmp.public_key, "allowed-ips",
+            f"{TUNNEL_WGMP[4]}/32,{link.addr4_b}/32")  # fmt: skip
+    link.ns_a.ip("route", "add", f"{link.addr4_b}/32", "dev", peer.ifname)
+    link.ns_b.ip("route", "add", f"{link.addr4_a}/32", "dev", wgmp.ifname)
+    time.sleep(0.3)  # both daemons hear of the routes (and let them choose the source)
+    before = wgmp_stats(wgmp)
+    try:
+        looped = _looping_bytes(
+            [(link.ns_a, peer.ifname), (link.ns_b, wgmp.ifname), (link.ns_a, link.if_a)],
+            lambda: ping(link.ns_b, TUNNEL_PEER[4], 1, wait=1),
+        )
+    finally:  # ends the loop, if any
+        link.ns_a.run(["ip", "route", "del", f"{link.addr4_b}/32"], check=False)
+        link.ns_b.run(["ip", "route", "del", f"{link.addr4_a}/32"], check=False)
+    print(f"looping traffic after one ping, wgmp and wireguard-go: {looped} bytes")
+    assert looped < KERNEL_LOOP_BYTES, looped
+    assert dropped(wgmp_stats(wgmp), "routing_loop") > dropped(before, "routing_loop")

@@ -18,7 +18,7 @@ the sticky source if there is one, with our fwmark: what our UDP socket's datagr
   kernel drops such a datagram ("avoiding routing loop", -ELOOP); control tells the workers to
   drop the peer's packets (counted as routing_loop) and sends it no handshakes, until routing
   changes. This sees the interface only while it is in the daemon's namespace; loops through
-  other namespaces are caught by the workers (dataplane/worker.py, `_own_datagram`).
+  other namespaces are caught by the workers (dataplane/worker.py, `_looping_datagram`).
 
 `EndpointRoutes` is a non-blocking rtnetlink socket subscribed to route changes in the
 daemon's own namespace (where the UDP sockets are), for control's select loop. See

@@ -119,6 +119,7 @@ class Worker:
         self.peers: dict[int, list[Any]] = {}
         self.by_index: dict[int, list[Any]] = {}
         self.by_slot: dict[int, list[Any]] = {}
+        self.local_index: dict[int, int] = {}  # slot -> our index of it (owned or not)
         # A restarted worker goes on from its predecessor's counts (its block outlives it).
         self.totals = list(stats.totals())  # rx_packets, rx_bytes, tx_packets, tx_bytes
         self.gso = True
@@ -204,11 +205,11 @@ class Worker:
             version = packet[0] >> 4 if packet else 0
             if version == 4 and len(packet) >= 20:
                 destination = packet[16:20]
-                if packet[9] == 17 and self._own_datagram(packet, (packet[0] & 15) * 4):
+                if packet[9] == 17 and self._looping_datagram(packet, (packet[0] & 15) * 4, True):
                     continue
             elif version == 6 and len(packet) >= 40:
                 destination = packet[24:40]
-                if packet[6] == 17 and self._own_datagram(packet, 40):
+                if packet[6] == 17 and self._looping_datagram(packet, 40, True):
                     continue
             else:
                 self.drops[DropReason.MALFORMED] += 1
@@ -237,21 +238,35 @@ class Worker:
             if messages:
                 self._transmit(peer, messages)
 
-    def _own_datagram(self, packet: bytes, header: int) -> bool:
-        """Whether a UDP packet read from the TUN is one of our own datagrams come back: from
-        our listen port, a WireGuard message, to a peer's endpoint (and, for transport data,
-        under one of our keypairs with that peer). The route to the endpoint leads into our
-        own interface, perhaps through namespaces control cannot see: sealing it again would
-        loop forever, growing. Dropped and counted as routing_loop (docs/routing.md).
+    def _looping_datagram(self, packet: bytes, header: int, from_tun: bool) -> bool:
+        """Whether a UDP packet is a WireGuard datagram between us and a peer that went round
+        through a tunnel instead of the network: a routing loop (docs/routing.md). Dropped
+        and counted as routing_loop. Two shapes:
 
-        Only UDP packets get here, and all but our own leave at the port comparison."""
+        - Ours: from our listen port to a peer's endpoint (for transport data, under one of
+          our keypairs with that peer). Read from the TUN, the route to the endpoint leads
+          into our own interface, perhaps through namespaces control cannot see: sealed again
+          it would loop forever, growing. Decrypted from the peer, the endpoint is routed into
+          a tunnel that ends at us: written to the TUN it would go round again.
+        - A peer's to us, read from the TUN: transport data to our listen port under one of
+          our own receiver indices. Where the peer sends from, our address is routed into our
+          own interface (e.g. a second daemon's interface in our namespace, ours in its):
+          sealed and sent to the peer, it comes back the same way, one layer larger each time.
+          (Its source address is whatever that route chose, so only the index tells.)
+
+        Only UDP packets get here, and nearly all leave at the port comparisons."""
         if len(packet) < header + 8 + _HEADER.size:
             return False
         source_port, port = _PORTS.unpack_from(packet, header)
-        if source_port != self.listen_port:
+        ours = source_port == self.listen_port
+        theirs = from_tun and port == self.listen_port
+        if not (ours or theirs):
             return False
         word, receiver = _HEADER.unpack_from(packet, header + 8)[:2]
-        if not 1 <= word <= 4:
+        if theirs and word == _TYPE_TRANSPORT_WORD and receiver in self.local_index.values():
+            self.drops[DropReason.ROUTING_LOOP] += 1
+            return True
+        if not ours or not 1 <= word <= 4:
             return False
         destination = packet[16:20] if packet[0] >> 4 == 4 else packet[24:40]
         for peer_id, peer in self.peers.items():
@@ -689,6 +704,7 @@ class Worker:
             entry = old
             send = old[R_SEND]
         self.by_slot[slot] = entry
+        self.local_index[slot] = info.local_index
         if worker_of(info.local_index) == self.worker_id:
             # Only the owner (the steering program's choice) holds a replay window for an
             # index: a misrouted datagram is then an unknown index, never a second window.
@@ -703,6 +719,7 @@ class Worker:
 
     def _remove_keypair(self, slot: int) -> None:
         self._received_under.pop(slot, None)  # the slot may be reused: note nothing more
+        self.local_index.pop(slot, None)
         entry = self.by_slot.pop(slot, None)
         if entry is None:
             return
