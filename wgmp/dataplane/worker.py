@@ -550,6 +550,10 @@ class Worker:
             if not source_ok:
                 drops[DropReason.SOURCE_NOT_ALLOWED] += 1
                 continue
+            if plaintext[9 if version == 4 else 6] == 17 and self._looping_datagram(
+                plaintext, (plaintext[0] & 15) * 4 if version == 4 else 40, False
+            ):
+                continue  # the peer sent us our own datagram: written out, it would loop
             to_tun.append(plaintext if length == len(plaintext) else plaintext[:length])
             received_data = True
         if run_packets:
