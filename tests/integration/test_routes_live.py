@@ -134,8 +134,9 @@ def test_new_route_takes_precedence_over_the_sticky_source(
     metric 10) and could through a second (10.0.0.3, no route yet). wireguard-go contacts wgmp
     at 10.0.0.1, so wgmp answers from there, out of the first veth. Then a route through the
     second veth wins: `ip route add 10.0.0.0/24 dev SECOND src 10.0.0.3 metric 1`, or, with
-    `how="fwmark"`, a route in a table that only wgmp's marked datagrams use (so only a route
-    query with the mark sees it). The next echo requests leave from 10.0.0.3 out of the second
+    `how="fwmark"`, a route in a table that only wgmp's marked datagrams use, through a policy
+    rule added afterwards (so only a route query with the mark sees it, and only the rule's
+    notification tells that something changed). The next echo requests leave from 10.0.0.3 out of the second
     veth, and wireguard-go's endpoint for wgmp follows."""
     here, there = netns_factory("wgmp"), netns_factory("wggo")
     first, second = _veth(here, there), _veth(here, there)
@@ -167,6 +168,9 @@ def test_new_route_takes_precedence_over_the_sticky_source(
         here.ip("route", "add", "10.0.0.0/24", "dev", second[0], "src", OTHER_ADDR, "metric", 1)
     else:
         here.ip("route", "add", "10.0.0.0/24", "dev", second[0], "src", OTHER_ADDR, "table", 77)
+        # Only the rule makes wgmp's datagrams use that table, and no route changes with it:
+        # let the daemon see the route first, so that only the rule can move the source.
+        time.sleep(0.5)
         here.ip("rule", "add", "fwmark", MARK, "table", 77)
     # The daemon hears of the route a moment later; each echo's request may be the one.
     wait_for(

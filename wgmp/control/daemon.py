@@ -271,7 +271,11 @@ class Daemon:
             if peer is None or peer.endpoint is None:
                 continue
             verdict = self.endpoint_routes.check(
-                peer.endpoint, peer.local, interface.fwmark, own_index
+                peer.endpoint,
+                peer.local,
+                fwmark=interface.fwmark,
+                port=interface.listen_port,
+                own_index=own_index,
             )
             if verdict.clear_source:
                 log.debug("route to %s changed: sending from where routing says", peer.endpoint)

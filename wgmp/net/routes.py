@@ -46,6 +46,7 @@ __all__ = [
     "in_namespace",
     "link_state",
     "locate",
+    "message_types",
     "parse_route",
     "route_messages",
 ]
@@ -56,6 +57,7 @@ NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNSID, RTM_GETNSID = 88, 90
 RTA_DST, RTA_SRC, RTA_OIF, RTA_PREFSRC, RTA_METRICS, RTA_MARK = 1, 2, 4, 7, 8, 16
+RTA_IP_PROTO, RTA_SPORT, RTA_DPORT = 27, 28, 29  # Linux 4.17: rules on protocol and ports
 RTAX_MTU = 2
 NETNSA_NSID, NETNSA_FD = 1, 3
 # _IO('T', 227) from <linux/if_tun.h>: a descriptor of the device's network namespace.
@@ -124,6 +126,19 @@ def parse_route(data: bytes, body: int, end: int) -> Route | None:
     return Route(oif, found.get(RTA_PREFSRC), mtu)
 
 
+def message_types(data: bytes) -> set[int]:
+    """The netlink message types in a batch of notifications."""
+    kinds = set()
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size or offset + length > len(data):
+            break
+        kinds.add(kind)
+        offset += (length + 3) & ~3
+    return kinds
+
+
 def route_messages(data: bytes) -> list[tuple[int, Route]]:
     """The (message type, route) pairs of a batch of route notifications; unreadable ones are
     left out (a caller that must not miss a change re-reads the routes instead)."""
@@ -161,10 +176,18 @@ class RouteSocket:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def get(self, destination: bytes, *, source: bytes | None = None, mark: int = 0) -> Route:
+    def get(
+        self,
+        destination: bytes,
+        *,
+        source: bytes | None = None,
+        mark: int = 0,
+        udp_ports: tuple[int, int] | None = None,
+    ) -> Route:
         """The route to `destination` (4 or 16 packed bytes) for a datagram sent from `source`
-        with fwmark `mark`; OSError with the kernel's errno when there is none (ENETUNREACH,
-        EINVAL for a source that is no longer ours, ...)."""
+        with fwmark `mark` (and, given `udp_ports` (source, destination), as a UDP datagram
+        between them, for rules on `ipproto`/`sport`/`dport`); OSError with the kernel's
+        errno when there is none (ENETUNREACH, EINVAL for a source that is no longer ours)."""
         family = socket.AF_INET if len(destination) == 4 else socket.AF_INET6
         bits = 8 * len(destination)
         attrs = _attr(RTA_DST, destination)
@@ -172,6 +195,10 @@ class RouteSocket:
             attrs += _attr(RTA_SRC, source)
         if mark:
             attrs += _attr(RTA_MARK, _U32.pack(mark))
+        if udp_ports is not None:
+            attrs += _attr(RTA_IP_PROTO, bytes([socket.IPPROTO_UDP]))
+            attrs += _attr(RTA_SPORT, udp_ports[0].to_bytes(2, "big"))
+            attrs += _attr(RTA_DPORT, udp_ports[1].to_bytes(2, "big"))
         src_len = bits if source is not None and len(source) == len(destination) else 0
         body = _RTMSG.pack(family, bits, src_len, 0, 0, 0, 0, 0, 0) + attrs
         for kind, data, start, end in self._request(RTM_GETROUTE, NLM_F_REQUEST, body):
