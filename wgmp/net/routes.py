@@ -5,9 +5,9 @@ Three things control needs from the routing tables, each a plain request on a ne
 
 - `RouteSocket.get`: the route the kernel would give a datagram to a peer's endpoint, with the
   source address we would send from and our fwmark (RTM_GETROUTE with RTA_DST, RTA_SRC and
-  RTA_MARK, as wireguard-go's route listener asks it): the output interface says whether a
-  sticky source still fits (docs/routing.md) and whether the endpoint is routed through our own
-  interface (a routing loop).
+  RTA_MARK, as wireguard-go's route listener asks it, plus the UDP ports): the output
+  interface says whether a sticky source still fits (docs/routing.md) and whether the
+  endpoint is routed through our own interface (a routing loop).
 - `RouteSocket.route_mtus`: every route's output interface and MTU (a dump of all tables), for
   padding (control/route_mtu.py).
 - The namespace the interface is in: `locate()` asks the TUN itself (TUNGETDEVNETNS, Linux
@@ -25,6 +25,7 @@ the thread ends; a namespace id held in ours holds no reference.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -355,19 +356,12 @@ def link_state(name: str) -> LinkState:
     return LinkState(socket.if_nametoindex(name), mtu, flags)
 
 
-_libc = None
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _libc_setns(fd: int) -> int:
-    global _libc
-    if _libc is None:
-        import ctypes
-
-        _libc = ctypes.CDLL(None, use_errno=True)
     return int(_libc.setns(fd, CLONE_NEWNET))
 
 
 def _errno() -> int:
-    import ctypes
-
     return ctypes.get_errno()
