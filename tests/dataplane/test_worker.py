@@ -344,3 +344,86 @@ def test_handshake_messages_are_dropped_not_waited_for_when_the_pipe_is_full(rig
     rig.worker._forward_handshakes()
     assert time.monotonic() - started < 1
     assert rig.worker.drops[DropReason.HANDSHAKE_QUEUE_FULL] == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing loops (docs/routing.md)
+
+LISTEN_PORT = 51821
+WG_HOST = bytes([192, 0, 2, 1])  # our outer address
+PEER_HOST = bytes([192, 0, 2, 2])  # ENDPOINT's
+
+
+def _udp4(source: bytes, sport: int, destination: bytes, dport: int, payload: bytes) -> bytes:
+    length = 28 + len(payload)
+    header = bytes([0x45, 0, length >> 8, length & 255, 0, 0, 0x40, 0, 64, 17, 0, 0])
+    udp = (
+        sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + (8 + len(payload)).to_bytes(2, "big")
+    )
+    return header + source + destination + udp + bytes(2) + payload
+
+
+def _transport(receiver: int) -> bytes:
+    """A transport message's header and a little ciphertext (only its framing is looked at)."""
+    return (4).to_bytes(4, "little") + receiver.to_bytes(4, "little") + bytes(8) + bytes(32)
+
+
+def _loop_rig(rig: Any) -> Worker:
+    worker = rig.worker
+    worker.listen_port = LISTEN_PORT
+    worker._set_peer(1, None, [[bytes(4), 0]])  # a careless 0.0.0.0/0: anything goes to it
+    install(worker, ROLE_CURRENT)  # we send under remote index 9, receive under OWNED_INDEX
+    return worker
+
+
+def test_our_own_datagram_read_back_from_the_tun_is_dropped(rig: Any) -> None:
+    """From our port to the peer's endpoint under our keypair with it: the endpoint is routed
+    into our own interface. Dropped as routing_loop; the same datagram from another port (a
+    nested WireGuard of someone else's) is sealed and sent as usual."""
+    worker = _loop_rig(rig)
+    ours = _udp4(WG_HOST, LISTEN_PORT, PEER_HOST, ENDPOINT[1], _transport(9))
+    rig.tun.send(VNET_HDR_NONE + ours)
+    worker._outbound(time.monotonic())
+    assert rig.fake.sent == [] and worker.drops[DropReason.ROUTING_LOOP] == 1
+    other = _udp4(WG_HOST, LISTEN_PORT + 1, PEER_HOST, ENDPOINT[1], _transport(9))
+    rig.tun.send(VNET_HDR_NONE + other)
+    worker._outbound(time.monotonic())
+    assert len(rig.fake.sent) == 1 and worker.drops[DropReason.ROUTING_LOOP] == 1
+
+
+def test_the_peers_datagram_to_us_read_from_the_tun_is_dropped(rig: Any) -> None:
+    """Transport data to our port under our own receiver index, whatever its source address
+    (the route that sent it into our interface chose it): sealing it back to the peer would
+    go round. Under an index that is not ours it is someone else's and goes out."""
+    worker = _loop_rig(rig)
+    theirs = _udp4(bytes([198, 51, 100, 2]), 40000, WG_HOST, LISTEN_PORT, _transport(OWNED_INDEX))
+    rig.tun.send(VNET_HDR_NONE + theirs)
+    worker._outbound(time.monotonic())
+    assert rig.fake.sent == [] and worker.drops[DropReason.ROUTING_LOOP] == 1
+    other = _udp4(bytes([198, 51, 100, 2]), 40000, WG_HOST, LISTEN_PORT, _transport(12345))
+    rig.tun.send(VNET_HDR_NONE + other)
+    worker._outbound(time.monotonic())
+    assert len(rig.fake.sent) == 1
+
+
+def test_our_own_datagram_sent_back_by_the_peer_is_not_written_to_the_tun(rig: Any) -> None:
+    """The peer's tunnel carried our datagram to its endpoint back to us: written to the TUN it
+    would be routed into that tunnel again. Dropped as routing_loop after decryption."""
+    worker = _loop_rig(rig)
+    inner = _udp4(WG_HOST, LISTEN_PORT, PEER_HOST, ENDPOINT[1], _transport(9))
+    message = seal_transport(RECEIVE_KEY, OWNED_INDEX, 0, inner, 1420)
+    view = memoryview(message)
+    worker._receive_train(view, len(message), len(message), ENDPOINT, None, time.monotonic())
+    assert worker._to_tun == [] and worker.drops[DropReason.ROUTING_LOOP] == 1
+
+
+def test_route_loop_from_control_drops_the_peers_packets_until_lifted(rig: Any) -> None:
+    worker = _loop_rig(rig)
+    worker._handle_control([Kind.ROUTE_LOOP, 1, True], time.monotonic())
+    rig.tun.send(VNET_HDR_NONE + _outbound(0))
+    worker._outbound(time.monotonic())
+    assert rig.fake.sent == [] and worker.drops[DropReason.ROUTING_LOOP] == 1
+    worker._handle_control([Kind.ROUTE_LOOP, 1, False], time.monotonic())
+    rig.tun.send(VNET_HDR_NONE + _outbound(1))
+    worker._outbound(time.monotonic())
+    assert len(rig.fake.sent) == 1

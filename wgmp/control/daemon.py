@@ -40,6 +40,7 @@ from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
 from ..uapi import protocol as uapi
 from ..uapi.server import Respond, UAPIServer
+from .endpoint_routes import EndpointRoutes
 from .interface import Interface
 from .peer import Local, Peer
 from .route_mtu import RouteMTUWatcher
@@ -163,8 +164,9 @@ class Daemon:
         try:
             self._bind(0)
             self.watcher = netlink.LinkWatcher(netlink.link_index(name), tun_fd=self.tun_fds[0])
-            self.route_mtus = RouteMTUWatcher(self.watcher.index)
+            self.route_mtus = RouteMTUWatcher(self.watcher.index, tun_fd=self.tun_fds[0])
             self.interface.route_mtu = self.route_mtus.mtu
+            self.endpoint_routes = EndpointRoutes()
         except OSError as err:
             self.uapi.close()  # no socket file left behind that nobody answers on
             raise SetupError(str(err)) from err
@@ -243,6 +245,7 @@ class Daemon:
         self.uapi.start(self.selector, self._handle_request)
         self.selector.register(self.watcher, selectors.EVENT_READ, self._on_link)
         self.selector.register(self.route_mtus, selectors.EVENT_READ, self._on_routes)
+        self.selector.register(self.endpoint_routes, selectors.EVENT_READ, self._on_route_change)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         log.info(
             "interface %s is up: %d workers, port %d",
@@ -320,10 +323,53 @@ class Daemon:
                 self.running = False
             elif event.change == netlink.LinkChange.MTU and event.mtu:
                 self.interface.set_mtu(event.mtu)
+            elif event.change == netlink.LinkChange.MOVED:
+                # Its routes are now made in the other namespace: padding follows them there.
+                if self.route_mtus.follow(watcher.netnsid, watcher.index):
+                    self.interface.set_route_mtu(self.route_mtus.mtu)
+                # Routes through it in our namespace (loops) are gone, or back.
+                self.interface.routes_to_check.update(self.interface.by_id)
 
     def _on_routes(self, watcher: RouteMTUWatcher) -> None:
         if watcher.read():  # a route through the interface changed its MTU: padding follows
             self.interface.set_route_mtu(watcher.mtu)
+
+    def _on_route_change(self, routes: EndpointRoutes) -> None:
+        if routes.read():  # any peer's endpoint may now be reached another way
+            self.interface.routes_to_check.update(self.interface.by_id)
+
+    def _check_routes(self) -> None:
+        """Ask the routing table about each peer whose endpoint, source or routes changed:
+        clear a sticky source that no longer fits its route, and stop sending to an endpoint
+        routed through our own interface (control/endpoint_routes.py)."""
+        interface = self.interface
+        pending, interface.routes_to_check = interface.routes_to_check, set()
+        watcher = self.watcher
+        own_index = watcher.index if watcher.netnsid is None else None
+        for peer_id in pending:
+            peer = interface.by_id.get(peer_id)
+            if peer is None or peer.endpoint is None:
+                continue
+            verdict = self.endpoint_routes.check(
+                peer.endpoint,
+                peer.local,
+                fwmark=interface.fwmark,
+                port=interface.listen_port,
+                own_index=own_index,
+            )
+            if verdict.clear_source:
+                log.debug("route to %s changed: sending from where routing says", peer.endpoint)
+                interface.set_endpoint(peer, peer.endpoint, None)
+            if verdict.looping != peer.looping:
+                log.info(
+                    "endpoint %s:%d is %srouted through %s itself",
+                    *peer.endpoint,
+                    "" if verdict.looping else "no longer ",
+                    self.name,
+                )
+            interface.set_looping(peer, verdict.looping)
+        # Clearing a source marked the peer again; its second look can change nothing.
+        interface.routes_to_check.clear()
 
     # -- handshakes --------------------------------------------------------------------------
 
@@ -349,6 +395,8 @@ class Daemon:
             self._drain_outputs()
 
     def _drain_outputs(self) -> None:
+        if self.interface.routes_to_check:
+            self._check_routes()
         # Commands first: a worker must hold a new keypair before the peer can answer the
         # response or keepalive that control is about to send.
         self._drain_commands()
@@ -444,6 +492,8 @@ class Daemon:
         self._send(handle, [Kind.MTU, interface.padding_mtu])
         for peer in interface.peers.values():
             self._send(handle, self._peer_state(peer))
+            if peer.looping:
+                self._send(handle, [Kind.ROUTE_LOOP, peer.peer_id, True])
         for slot, role in interface.keypair_roles():
             self._send(handle, [Kind.KEYPAIR_INSTALL, slot, role])
 
@@ -822,6 +872,7 @@ class Daemon:
         elif isinstance(op, uapi.SetFwmark):
             log.debug("UAPI: Updating fwmark")
             interface.fwmark = op.fwmark
+            interface.routes_to_check.update(interface.by_id)  # routes may depend on the mark
             try:
                 for sock in self._all_sockets():
                     udp.set_fwmark(sock, op.fwmark)
@@ -864,6 +915,7 @@ class Daemon:
             pass
         self.watcher.close()
         self.route_mtus.close()
+        self.endpoint_routes.close()
         for sock in self._all_sockets():
             sock.close()
         for fd in self.tun_fds:

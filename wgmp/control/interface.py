@@ -125,6 +125,9 @@ class Interface:
         self.workers_down: set[int] = set()
         self.datagrams: list[tuple[bytes, Endpoint, Local | None]] = []
         self.commands: list[list[Any]] = []
+        # Peers whose endpoint or sticky source changed: the daemon asks the routing table
+        # about them (control/endpoint_routes.py) before it sends anything.
+        self.routes_to_check: set[int] = set()
 
     # -- configuration (driven by UAPI) ----------------------------------------------------
 
@@ -184,9 +187,18 @@ class Interface:
         """Where to send (and, with `local`, the address of ours to send from)."""
         peer.endpoint = endpoint
         peer.local = local
+        self.routes_to_check.add(peer.peer_id)
         self.commands.append(
             [Kind.ENDPOINT, peer.peer_id, list(endpoint), list(local) if local else None]
         )
+
+    def set_looping(self, peer: Peer, looping: bool) -> None:
+        """Whether the route to the peer's endpoint leaves through our own interface
+        (control/endpoint_routes.py): workers then drop its packets, and control sends it
+        nothing, as the kernel does ("avoiding routing loop")."""
+        if peer.looping != looping:
+            peer.looping = looping
+            self.commands.append([Kind.ROUTE_LOOP, peer.peer_id, looping])
 
     def set_persistent_keepalive(self, peer: Peer, interval: int, now: float, wall_ns: int) -> None:
         log.debug("%s - UAPI: Updating persistent keepalive interval", peer)
@@ -464,7 +476,10 @@ class Interface:
 
     def _send_control(self, peer: Peer, message: bytes, now: float) -> None:
         assert peer.endpoint is not None
-        self.datagrams.append((message, peer.endpoint, peer.local))
+        if peer.looping:  # it would come back in through our own interface
+            self.counters.drops[DropReason.ROUTING_LOOP] += 1
+        else:
+            self.datagrams.append((message, peer.endpoint, peer.local))
         peer.control_tx_bytes += len(message)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_sent(now)

@@ -10,117 +10,72 @@ wireguard-go pads to the interface MTU alone.
 
 `RouteMTUWatcher` is a non-blocking rtnetlink socket subscribed to IPv4 and IPv6 route
 changes, for control's select loop; when a route through the interface changes it reads the
-routes again with a dump of its own (changes to other routes are only skimmed, so a busy routing
-table costs little). Routes of every table count (wg-quick puts its default route in a table of
-its own).
+routes again (changes to other routes are only skimmed, so a busy routing table costs little).
+Routes of every table count (wg-quick puts its default route in a table of its own).
+
+The interface may be moved to another namespace (`ip link set wg0 netns x`, wireguard.com/netns)
+and its routes are then made there. The socket listens to every namespace that has an id in
+ours (NETLINK_LISTEN_ALL_NSID) and keeps only what comes from the interface's; `follow()`,
+called when the link watcher saw the interface move, takes the new place (net/routes.py gives
+the namespace an id if it has none) and reads the routes there. See docs/routing.md.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
+
+from ..net.routes import RouteSocket, in_device_namespace, route_messages
 
 __all__ = ["RouteMTUWatcher", "smallest_route_mtu"]
 
 NETLINK_ROUTE = 0
+SOL_NETLINK = 270
+NETLINK_LISTEN_ALL_NSID = 8
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_ROUTE = 0x400
-RTM_NEWROUTE, RTM_DELROUTE = 24, 25
-RTM_GETROUTE = 26
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-RTA_OIF = 4
-RTA_METRICS = 8
-RTAX_MTU = 2
-DUMP_TIMEOUT = 2.0  # the kernel answers a dump at once; this only bounds a broken socket
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_RTMSG_SIZE = 12  # family, dst_len, src_len, tos, table, protocol, scope, type, flags (u32)
-_RTATTR = struct.Struct("=HH")  # len, type
-_U32 = struct.Struct("=I")
+_I32 = struct.Struct("=i")
 
 
-def smallest_route_mtu(index: int) -> int | None:
+def smallest_route_mtu(index: int, tun_fd: int | None = None) -> int | None:
     """The smallest RTAX_MTU of the routes whose output interface is `index`, in any table of
-    this namespace; None when none sets one (or the routes cannot be read)."""
-    smallest = None
+    the namespace the interface is in (ours without `tun_fd`); None when none sets one."""
+
+    def read() -> list[int]:
+        with RouteSocket() as requests:
+            return [r.mtu for r in requests.route_mtus() if r.oif == index]
+
     try:
-        routes = _dump_routes()
+        mtus = in_device_namespace(tun_fd, read)
     except OSError:
         return None
-    for attrs in routes:
-        oif = attrs.get(RTA_OIF)
-        if oif is None or len(oif) < 4 or _U32.unpack_from(oif)[0] != index:
-            continue
-        metrics = _attributes(attrs.get(RTA_METRICS, b""), 0)
-        mtu_bytes = metrics.get(RTAX_MTU)
-        mtu = _U32.unpack_from(mtu_bytes)[0] if mtu_bytes and len(mtu_bytes) >= 4 else 0
-        if mtu and (smallest is None or mtu < smallest):
-            smallest = mtu
-    return smallest
-
-
-def _dump_routes() -> list[dict[int, bytes]]:
-    """Every route of every family and table, as its attributes (RTM_GETROUTE, NLM_F_DUMP).
-    A raw request rather than pyroute2's: importing pyroute2 took half of the start-up time."""
-    with socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
-    ) as sock:
-        sock.settimeout(DUMP_TIMEOUT)
-        sock.bind((0, 0))
-        request = _NLMSGHDR.pack(
-            _NLMSGHDR.size + _RTMSG_SIZE, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
-        ) + bytes(_RTMSG_SIZE)
-        sock.send(request)
-        routes: list[dict[int, bytes]] = []
-        while True:
-            data = sock.recv(1 << 16)
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-                if length < _NLMSGHDR.size or offset + length > len(data):
-                    raise OSError(errno.EPROTO, "malformed route dump")
-                if kind == NLMSG_DONE:
-                    return routes
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
-                    raise OSError(code, os.strerror(code))
-                if kind == RTM_NEWROUTE:
-                    body = data[offset + _NLMSGHDR.size + _RTMSG_SIZE : offset + length]
-                    routes.append(_attributes(body, 0))
-                offset += (length + 3) & ~3
-
-
-def _attributes(data: bytes, offset: int) -> dict[int, bytes]:
-    """rtattrs from `offset` to the end of `data`: type (nesting bit cleared) -> payload."""
-    attrs: dict[int, bytes] = {}
-    while offset + _RTATTR.size <= len(data):
-        size, kind = _RTATTR.unpack_from(data, offset)
-        if size < _RTATTR.size or offset + size > len(data):
-            break
-        attrs[kind & 0x3FFF] = data[offset + _RTATTR.size : offset + size]
-        offset += (size + 3) & ~3
-    return attrs
+    return min(mtus) if mtus else None
 
 
 class RouteMTUWatcher:
-    """`mtu` is `smallest_route_mtu(index)`, kept current by `read()` when `fileno()` is
-    readable."""
+    """`mtu` is `smallest_route_mtu(index)` in the interface's namespace, kept current by
+    `read()` when `fileno()` is readable and by `follow()` when the interface moved."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, *, tun_fd: int | None = None) -> None:
         self.index = index
+        self.netnsid: int | None = None  # where the interface is, as the link watcher says
+        self.tun_fd = tun_fd
         self._sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
         )
         try:
             self._sock.setblocking(False)
+            try:
+                self._sock.setsockopt(SOL_NETLINK, NETLINK_LISTEN_ALL_NSID, 1)
+            except OSError:
+                pass  # an old kernel: only this namespace's routes are heard
             self._sock.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
         except BaseException:
             self._sock.close()
             raise
         # Read after subscribing, so that no change falls in between.
-        self.mtu = smallest_route_mtu(index)
+        self.mtu = smallest_route_mtu(index, tun_fd)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -128,9 +83,10 @@ class RouteMTUWatcher:
     def read(self) -> bool:
         """Drain the pending notifications (never blocks); True if `mtu` changed."""
         ours = False
+        ancsize = socket.CMSG_SPACE(4)
         while True:
             try:
-                data = self._sock.recv(1 << 16)
+                data, ancillary, _flags, _addr = self._sock.recvmsg(1 << 16, ancsize)
             except BlockingIOError:
                 break
             except OSError as err:
@@ -138,35 +94,26 @@ class RouteMTUWatcher:
                     raise
                 ours = True  # notifications were lost: read the routes again to be sure
                 continue
-            ours = ours or self._about_us(data)
-        if not ours:
-            return False
-        mtu = smallest_route_mtu(self.index)
+            nsid = None  # no ancillary id: from our own namespace
+            for level, kind, value in ancillary:
+                if level == SOL_NETLINK and kind == NETLINK_LISTEN_ALL_NSID and len(value) >= 4:
+                    nsid = _I32.unpack_from(value)[0]
+            if nsid == self.netnsid and not ours:
+                ours = any(route.oif == self.index for _, route in route_messages(data))
+        return self._reread() if ours else False
+
+    def follow(self, netnsid: int | None, index: int) -> bool:
+        """The interface is now `index` in the namespace `netnsid` (see LinkWatcher): read
+        its routes there; True if `mtu` changed."""
+        self.netnsid, self.index = netnsid, index
+        return self._reread()
+
+    def _reread(self) -> bool:
+        mtu = smallest_route_mtu(self.index, self.tun_fd)
         if mtu == self.mtu:
             return False
         self.mtu = mtu
         return True
-
-    def _about_us(self, data: bytes) -> bool:
-        """Whether a batch of notifications has a route through our interface (so that a
-        host with a busy routing table does not make us dump it on every change)."""
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(data):
-            length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size or offset + length > len(data):
-                return True  # unreadable: assume it matters
-            end, at = offset + length, offset + _NLMSGHDR.size + _RTMSG_SIZE
-            offset += (length + 3) & ~3
-            if kind not in (RTM_NEWROUTE, RTM_DELROUTE):
-                continue
-            while at + _RTATTR.size <= end:
-                size, attr = _RTATTR.unpack_from(data, at)
-                if size < _RTATTR.size:
-                    break
-                if attr == RTA_OIF and _U32.unpack_from(data, at + _RTATTR.size)[0] == self.index:
-                    return True
-                at += (size + 3) & ~3
-        return False
 
     def close(self) -> None:
         self._sock.close()

@@ -93,10 +93,11 @@ _HANDSHAKE_SIZES = {
     bytes([MESSAGE_RESPONSE, 0, 0, 0]): MESSAGE_RESPONSE_SIZE,
     bytes([MESSAGE_COOKIE_REPLY, 0, 0, 0]): MESSAGE_COOKIE_REPLY_SIZE,
 }
+_PORTS = struct.Struct("!HH")  # a UDP header's source and destination ports
 
 # Indices into a peer record (a list, for speed on the packet path).
 P_ENDPOINT, P_SEND, P_STAGED, P_RX_BYTES, P_TX_BYTES, P_RX_PACKETS, P_TX_PACKETS = range(7)
-P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY, P_SOURCE = 7, 8, 9, 10
+P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY, P_SOURCE, P_LOOPING = 7, 8, 9, 10, 11
 # Indices into a send state: [cipher, remote_index, slot, next_counter, block_end, created,
 #                             is_initiator, rekey_asked]
 S_CIPHER, S_REMOTE, S_SLOT, S_NEXT, S_END, S_CREATED, S_INITIATOR, S_REKEY_ASKED = range(8)
@@ -134,6 +135,7 @@ class Worker:
         self.peers: dict[int, list[Any]] = {}
         self.by_index: dict[int, list[Any]] = {}
         self.by_slot: dict[int, list[Any]] = {}
+        self.local_index: dict[int, int] = {}  # slot -> our index of it (owned or not)
         # A restarted worker goes on from its predecessor's counts (its block outlives it).
         self.totals = list(stats.totals())  # rx_packets, rx_bytes, tx_packets, tx_bytes
         self.gso = True
@@ -145,6 +147,7 @@ class Worker:
         self._rx_view = memoryview(self._rx_buffer)
         self.drops = stats.drops()[:DROP_SLOTS]
         self.staged = stats.staged()  # packets ever staged waiting for a handshake
+        self.listen_port = _listen_port(sockets)  # what our own datagrams come from
         self.running = True
         self._errors = ErrorLog()
         self._handshakes: list[list[Any]] = []  # [data, endpoint, local|None] for control
@@ -238,8 +241,12 @@ class Worker:
             version = packet[0] >> 4 if packet else 0
             if version == 4 and len(packet) >= 20:
                 destination = packet[16:20]
+                if packet[9] == 17 and self._looping_datagram(packet, (packet[0] & 15) * 4, True):
+                    continue
             elif version == 6 and len(packet) >= 40:
                 destination = packet[24:40]
+                if packet[6] == 17 and self._looping_datagram(packet, 40, True):
+                    continue
             else:
                 self.drops[DropReason.MALFORMED] += 1
                 continue
@@ -260,9 +267,56 @@ class Worker:
         peers = self.peers
         for peer_id, packets in batches.items():
             peer = peers[peer_id]
+            if peer[P_LOOPING]:  # its endpoint is routed back into our interface (control)
+                self.drops[DropReason.ROUTING_LOOP] += len(packets)
+                continue
             messages = self._seal(peer, peer_id, packets, now)
             if messages:
                 self._transmit(peer, messages)
+
+    def _looping_datagram(self, packet: bytes, header: int, from_tun: bool) -> bool:
+        """Whether a UDP packet is a WireGuard datagram between us and a peer that went round
+        through a tunnel instead of the network: a routing loop (docs/routing.md). Dropped
+        and counted as routing_loop. Two shapes:
+
+        - Ours: from our listen port to a peer's endpoint (for transport data, under one of
+          our keypairs with that peer). Read from the TUN, the route to the endpoint leads
+          into our own interface, perhaps through namespaces control cannot see: sealed again
+          it would loop forever, growing. Decrypted from the peer, the endpoint is routed into
+          a tunnel that ends at us: written to the TUN it would go round again.
+        - A peer's to us, read from the TUN: transport data to our listen port under one of
+          our own receiver indices. Where the peer sends from, our address is routed into our
+          own interface (e.g. a second daemon's interface in our namespace, ours in its):
+          sealed and sent to the peer, it comes back the same way, one layer larger each time.
+          (Its source address is whatever that route chose, so only the index tells.)
+
+        Only UDP packets get here, and nearly all leave at the port comparisons."""
+        if len(packet) < header + 8 + _HEADER.size:
+            return False
+        source_port, port = _PORTS.unpack_from(packet, header)
+        ours = source_port == self.listen_port
+        theirs = from_tun and port == self.listen_port
+        if not (ours or theirs):
+            return False
+        word, receiver = _HEADER.unpack_from(packet, header + 8)[:2]
+        if theirs and word == _TYPE_TRANSPORT_WORD and receiver in self.local_index.values():
+            self.drops[DropReason.ROUTING_LOOP] += 1
+            return True
+        if not ours or not 1 <= word <= 4:
+            return False
+        destination = packet[16:20] if packet[0] >> 4 == 4 else packet[24:40]
+        for peer_id, peer in self.peers.items():
+            endpoint = peer[P_ENDPOINT]
+            if endpoint is None or endpoint[1] != port or _packed(endpoint[0]) != destination:
+                continue
+            if word == _TYPE_TRANSPORT_WORD and not any(
+                entry[R_PEER] == peer_id and entry[R_SEND][S_REMOTE] == receiver
+                for entry in self.by_slot.values()
+            ):
+                continue
+            self.drops[DropReason.ROUTING_LOOP] += 1
+            return True
+        return False
 
     def _seal(self, peer: list[Any], peer_id: int, packets: list[bytes], now: float) -> list[bytes]:
         """Transport messages for `packets` (one peer's, in order); staged if there is no
@@ -549,6 +603,10 @@ class Worker:
             if not source_ok:
                 drops[DropReason.SOURCE_NOT_ALLOWED] += 1
                 continue
+            if plaintext[9 if version == 4 else 6] == 17 and self._looping_datagram(
+                plaintext, (plaintext[0] & 15) * 4 if version == 4 else 40, False
+            ):
+                continue  # the peer sent us our own datagram: written out, it would loop
             to_tun.append(plaintext if length == len(plaintext) else plaintext[:length])
             received_data = True
         if run_packets:
@@ -660,6 +718,13 @@ class Worker:
                 peer[P_STAGED].clear()
         elif kind == Kind.MTU:
             self.mtu = message[1]
+        elif kind == Kind.ROUTE_LOOP:
+            peer = self.peers.get(message[1])
+            if peer is not None:
+                peer[P_LOOPING] = bool(message[2])
+                if peer[P_LOOPING]:  # what waits for a handshake would loop too
+                    self.drops[DropReason.ROUTING_LOOP] += len(peer[P_STAGED])
+                    peer[P_STAGED].clear()
         elif kind == Kind.FLUSH_STATS:
             self._flush(now)
             self.channel.send(Kind.STATS_FLUSHED, message[1])
@@ -673,7 +738,7 @@ class Worker:
     ) -> None:
         peer = self.peers.get(peer_id)
         if peer is None:
-            peer = [None, None, deque(), 0, 0, 0, 0, [0.0, 0.0, 0.0, 0.0], -1.0, False, None]
+            peer = [None, None, deque(), 0, 0, 0, 0, [0.0, 0.0, 0.0, 0.0], -1.0, False, None, False]
             self.peers[peer_id] = peer
         if endpoint is not None:
             peer[P_ENDPOINT] = _sockaddr(endpoint)
@@ -719,6 +784,7 @@ class Worker:
             entry = old
             send = old[R_SEND]
         self.by_slot[slot] = entry
+        self.local_index[slot] = info.local_index
         if worker_of(info.local_index) == self.worker_id:
             # Only the owner (the steering program's choice) holds a replay window for an
             # index: a misrouted datagram is then an unknown index, never a second window.
@@ -733,6 +799,7 @@ class Worker:
 
     def _remove_keypair(self, slot: int) -> None:
         self._received_under.pop(slot, None)  # the slot may be reused: note nothing more
+        self.local_index.pop(slot, None)
         entry = self.by_slot.pop(slot, None)
         if entry is None:
             return
@@ -792,6 +859,25 @@ def run_forked(spec: WorkerSpec, interface: str, workers: int) -> None:
     logsetup.configure(title.removeprefix("wgmp: "))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds, so a profile is written
     _serve(spec)
+
+
+def _listen_port(sockets: dict[int, socket.socket]) -> int:
+    for sock in sockets.values():
+        try:
+            return int(sock.getsockname()[1])
+        except (OSError, IndexError, TypeError, AttributeError):  # not a bound UDP socket
+            continue
+    return -1  # no port: nothing read from the TUN is taken for our own
+
+
+def _packed(host: str) -> bytes:
+    """An endpoint's address as the bytes of an IP header (b"" if it is not an address)."""
+    try:
+        if ":" in host:
+            return socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+        return socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        return b""
 
 
 def main(argv: list[str] | None = None) -> None:

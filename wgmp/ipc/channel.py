@@ -38,6 +38,8 @@ class Kind(IntEnum):
     MTU = 10  # [kind, mtu]
     SHUTDOWN = 11  # [kind]
     PING = 12  # [kind, token]  liveness: answered with PONG from the worker's loop
+    # The peer's endpoint is (not) routed through our own interface: drop what goes to it.
+    ROUTE_LOOP = 13  # [kind, peer_id, looping: bool]
     # worker -> control
     READY = 32  # [kind, worker_id, pid]
     NEED_HANDSHAKE = 33  # [kind, peer_id]

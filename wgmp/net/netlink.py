@@ -24,7 +24,11 @@ EBADFD, which only happens on deletion. Measured here (Linux 6.18):
 `LinkWatcher` uses both: the move attributes first, then, if a TUN descriptor was given,
 `tun.is_alive`. With `all_namespaces=True` (NETLINK_LISTEN_ALL_NSID) it also hears namespaces
 that have an id here, so it follows the interface after a move and still reports its MTU
-changes and its deletion there, which wireguard-go does not.
+changes and its deletion there, which wireguard-go does not. A namespace gets an id here when
+the interface moves there from ours, but not when it moves on from there to a third one (the
+move attributes are then relative to the second); given the TUN descriptor, the watcher asks
+the TUN where its interface is (net/routes.py `locate`: TUNGETDEVNETNS, and an id given to that
+namespace here if it has none), so it follows any number of moves (docs/routing.md).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import struct
 from dataclasses import dataclass
 from enum import Enum
 
-from wgmp.net import tun
+from wgmp.net import routes, tun
 
 __all__ = [
     "LinkChange",
@@ -300,6 +304,8 @@ class LinkWatcher:
             return
         new_index = _U32.unpack(attrs[IFLA_NEW_IFINDEX])[0] if IFLA_NEW_IFINDEX in attrs else -1
         new_nsid = _I32.unpack(attrs[IFLA_NEW_NETNSID])[0] if IFLA_NEW_NETNSID in attrs else -1
+        if self.tun_fd is not None and self.all_namespaces and self._relocate(flags, events):
+            return
         if nsid is None and new_nsid >= 0:
             # The ids are relative to the namespace that sent the message: here, our own. Later
             # events about the interface come from there (if `all_namespaces`).
@@ -309,6 +315,26 @@ class LinkWatcher:
             # watcher loses track (a deletion still shows as EBADFD on the TUN).
             self.netnsid, self.index = -1, new_index
         events.append(self._event(LinkChange.MOVED, flags))
+
+    def _relocate(self, flags: int, events: list[LinkEvent]) -> bool:
+        """Ask the TUN where its interface is now (it may have moved on since this message
+        was sent) and take up its state there; False if it cannot be found out."""
+        try:
+            with routes.RouteSocket() as requests:
+                location, state = routes.locate(self.tun_fd, requests)  # type: ignore[arg-type]
+        except OSError:
+            return False
+        self.netnsid, self.index = location.netnsid, location.index
+        events.append(self._event(LinkChange.MOVED, flags))
+        # What changed there between the move and now was not heard: compare.
+        if (state.flags ^ self.flags) & IFF_UP:
+            self.flags = state.flags
+            up = state.flags & IFF_UP
+            events.append(self._event(LinkChange.UP if up else LinkChange.DOWN, state.flags))
+        if state.mtu != self.mtu:
+            self.mtu = state.mtu
+            events.append(self._event(LinkChange.MTU, state.flags))
+        return True
 
     def _overrun(self) -> LinkEvent:
         if self.tun_fd is not None and not tun.is_alive(self.tun_fd):

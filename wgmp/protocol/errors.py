@@ -37,6 +37,9 @@ class DropReason(IntEnum):
     # A handshake message a worker could not hand to control: the pipe was full.
     HANDSHAKE_QUEUE_FULL = 17
     NO_KEY_SLOT = 18  # a handshake refused: every key slot holds a live or unreleased keypair
+    # The peer's endpoint is routed back into our own interface, or one of our own datagrams
+    # came back in through the TUN (docs/routing.md): sending would loop.
+    ROUTING_LOOP = 19
 
     @property
     def label(self) -> str:
