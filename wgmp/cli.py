@@ -135,7 +135,7 @@ def _run_foreground(interface: str, workers: int, level: str, metrics: str | Non
         if metrics:
             from .stats.metrics_server import serve_metrics
 
-            serve_metrics(daemon, metrics)
+            serve_metrics(daemon.selector, daemon.render_stats, metrics, daemon.shutdown)
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)

@@ -14,10 +14,13 @@ import pytest
 from tests.dataplane.test_coalesce import tcp4
 from wgmp.dataplane.coalesce import VNET_HDR_LEN, VNET_HDR_NONE
 from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker
-from wgmp.ipc.channel import Channel, Kind
+from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
+from wgmp.ipc.messages import Confirmed, Message, NeedHandshake, RekeyWanted, Roamed, decode
+from wgmp.protocol.constants import REKEY_AFTER_TIME, REKEY_AFTER_TIME_RECEIVING
 from wgmp.protocol.errors import DropReason
-from wgmp.protocol.transport import open_transport, seal_transport
+from wgmp.protocol.timers import keypair_wants_rekey_on_receive, should_rekey_on_send
+from wgmp.protocol.transport import open_transport, padding_length, seal_transport
 from wgmp.stats.block import StatsBlock
 
 OURS, THEIRS = bytes([198, 51, 100, 1]), bytes([198, 51, 100, 2])
@@ -63,13 +66,15 @@ def rig() -> Any:
         s.close()
 
 
-def install(worker: Worker, role: int, *, local_index: int = OWNED_INDEX) -> int:
+def install(
+    worker: Worker, role: int, *, local_index: int = OWNED_INDEX, created: float | None = None
+) -> int:
     slot = worker.keyslots.publish(
         local_index=local_index,
         remote_index=9,
         peer_id=1,
         is_initiator=True,
-        created=time.monotonic(),
+        created=time.monotonic() if created is None else created,
         send_key=SEND_KEY,
         receive_key=RECEIVE_KEY,
     )
@@ -77,14 +82,14 @@ def install(worker: Worker, role: int, *, local_index: int = OWNED_INDEX) -> int
     return slot
 
 
-def control_messages(control: socket.socket) -> list[list[Any]]:
+def control_messages(control: socket.socket) -> list[Message]:
     control.setblocking(False)
     unpacker = msgpack.Unpacker(raw=False)
     try:
         unpacker.feed(control.recv(1 << 16))
     except BlockingIOError:
         return []
-    return list(unpacker)
+    return [decode(raw) for raw in unpacker]
 
 
 def train(
@@ -126,7 +131,7 @@ def test_without_a_keypair_packets_are_staged_and_a_handshake_is_asked(rig: Any)
     rig.tun.send(VNET_HDR_NONE + _outbound(0))
     rig.worker._outbound(time.monotonic())
     assert rig.fake.sent == []
-    assert [Kind.NEED_HANDSHAKE, 1] in control_messages(rig.control)
+    assert NeedHandshake(1) in control_messages(rig.control)
     install(rig.worker, ROLE_CURRENT)  # the handshake completed: staged packets go out
     assert len(rig.fake.sent) == 1
 
@@ -139,7 +144,9 @@ def test_receive_delivers_checks_replay_and_roams_with_the_source_address(rig: A
     written = rig.tun.recv(70000)
     assert len(written) > VNET_HDR_LEN  # three segments coalesced into one write
     assert rig.worker.peers[1][0] == ("192.0.2.9", 4000)
-    assert any(m[0] == Kind.ROAMED and m[3] == list(PKTINFO) for m in control_messages(rig.control))
+    assert any(
+        isinstance(m, Roamed) and m.sticky == list(PKTINFO) for m in control_messages(rig.control)
+    )
     view, nbytes, size = train([1])  # a replay
     rig.worker._receive_train(view, nbytes, size, ("192.0.2.9", 4000), PKTINFO, time.monotonic())
     assert rig.worker.drops[DropReason.REPLAY] == 1
@@ -176,7 +183,7 @@ def test_first_packet_under_next_keypair_confirms_it(rig: Any) -> None:
     view, nbytes, size = train([0])
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
     assert rig.worker.peers[1][1] is not None
-    assert [Kind.CONFIRMED, slot] in control_messages(rig.control)
+    assert Confirmed(slot) in control_messages(rig.control)
 
 
 def test_a_restarted_worker_refuses_replays_of_what_its_predecessor_received(rig: Any) -> None:
@@ -216,3 +223,42 @@ def test_staged_packets_are_counted_and_written_to_the_stats_block(rig: Any) -> 
     rig.worker._outbound(time.monotonic())
     rig.worker._flush(time.monotonic())
     assert rig.worker.stats.staged() == 3
+
+
+def test_padding_agrees_with_transport_padding_length_for_every_length_and_mtu(
+    rig: Any,
+) -> None:
+    """The worker inlines transport.padding_length for speed: both give the same padding,
+    including for packets longer than the padding MTU (a route MTU below the link's)."""
+    install(rig.worker, ROLE_CURRENT)
+    peer = rig.worker.peers[1]
+    lengths = [*range(0, 80), *range(1250, 1450), 2000, 2999, 3000, 9000, 65535]
+    for mtu in (0, 1, 15, 16, 17, 576, 1280, 1299, 1300, 1420, 1500, 9000):
+        rig.worker.mtu = mtu
+        packets = [bytes(length) for length in lengths]
+        messages = rig.worker._seal(peer, 1, packets, time.monotonic())
+        for length, message in zip(lengths, messages, strict=True):
+            padded = len(message) - 32  # 16-byte header, 16-byte tag
+            assert padded - length == padding_length(length, mtu), (length, mtu)
+
+
+def test_rekey_is_asked_when_the_protocol_rules_say_so(rig: Any) -> None:
+    """The worker asks for a rekey exactly when protocol/timers.py's rules say to."""
+    now = time.monotonic()
+    old = now - REKEY_AFTER_TIME - 1.0
+    assert should_rekey_on_send(old, 1, True, now)
+    install(rig.worker, ROLE_CURRENT, created=old)
+    rig.worker._seal(rig.worker.peers[1], 1, [bytes(20)], now)
+    assert RekeyWanted(1) in control_messages(rig.control)
+    rig.worker._seal(rig.worker.peers[1], 1, [bytes(20)], now)
+    assert control_messages(rig.control) == []  # asked once per keypair
+
+
+def test_rekey_on_receive_follows_the_protocol_rule(rig: Any) -> None:
+    now = time.monotonic()
+    old = now - REKEY_AFTER_TIME_RECEIVING - 1.0
+    assert keypair_wants_rekey_on_receive(old, True, now)
+    install(rig.worker, ROLE_CURRENT, created=old)
+    view, nbytes, size = train([0])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    assert RekeyWanted(1) in control_messages(rig.control)

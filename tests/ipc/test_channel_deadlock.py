@@ -13,7 +13,8 @@ import select
 import socket
 import threading
 
-from wgmp.ipc.channel import Channel, Kind
+from wgmp.ipc.channel import Channel
+from wgmp.ipc.messages import KeypairInstall, Ready, Removed
 
 COUNT = 20000  # ~ 1 MB each way: far past a socketpair's buffer
 
@@ -27,7 +28,7 @@ def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
         # Write everything first without reading (as a worker busy acknowledging removals),
         # then read what control sent.
         for n in range(COUNT):
-            worker.send(Kind.REMOVED, n)
+            worker.send(Removed(n))
         while len(got_by_worker) < COUNT:
             if select.select([worker], [], [], 10)[0]:
                 messages = worker.receive()
@@ -42,7 +43,7 @@ def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
         # Control writes everything without reading in between (as during a batch of
         # handshakes); before the fix this blocked forever once both pipes were full.
         writer = threading.Thread(
-            target=lambda: [control.send(Kind.KEYPAIR_INSTALL, n, 1) for n in range(COUNT)],
+            target=lambda: [control.send(KeypairInstall(n, 1)) for n in range(COUNT)],
             daemon=True,
         )
         writer.start()
@@ -58,8 +59,8 @@ def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
                 assert select.select([control], [], [], 10)[0], len(got_by_control)
         assert not control.pending
         thread.join(30)
-        assert got_by_control == [[Kind.REMOVED, n] for n in range(COUNT)]
-        assert got_by_worker == [[Kind.KEYPAIR_INSTALL, n, 1] for n in range(COUNT)]
+        assert got_by_control == [Removed(n) for n in range(COUNT)]
+        assert got_by_worker == [KeypairInstall(n, 1) for n in range(COUNT)]
     finally:
         # Wake anything still blocked (on a regression) before closing.
         for sock in (control.sock, worker.sock):
@@ -74,17 +75,17 @@ def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
 def test_the_other_end_gone_while_waiting_to_write_is_an_oserror_after_its_messages() -> None:
     control, theirs = Channel.pair()
     worker = Channel(theirs)
-    worker.send(Kind.READY, 0, 1)
+    worker.send(Ready(0, 1))
     worker.close()
     try:
         raised = False
         try:
             for n in range(COUNT):  # fills the pipe: nobody reads the other end any more
-                control.send(Kind.KEYPAIR_INSTALL, n, 1)
+                control.send(KeypairInstall(n, 1))
         except OSError:
             raised = True
         assert raised
-        assert control.receive() == [[Kind.READY, 0, 1]]
+        assert control.receive() == [Ready(0, 1)]
         assert control.receive() is None
     finally:
         control.close()

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from wgmp.control.daemon import Daemon
 from wgmp.protocol.errors import DropReason
 from wgmp.stats import command
 from wgmp.stats.block import DROP_SLOTS, StatsBlock
@@ -28,7 +29,6 @@ from wgmp.stats.collector import (
     WgmpCollector,
     WorkerStats,
     render,
-    snapshot_from_daemon,
 )
 from wgmp.stats.metrics_server import MetricsServer, parse_address
 from wgmp.uapi import protocol as uapi
@@ -253,7 +253,7 @@ def test_snapshot_from_daemon():
         ),
         supervisor=SimpleNamespace(workers=handles),
     )
-    stats = snapshot_from_daemon(daemon)  # type: ignore[arg-type]
+    stats = Daemon.stats_snapshot(daemon)  # type: ignore[arg-type]
     assert stats.device == "wgx" and stats.public_key == DEVICE_KEY
     (p,) = stats.peers
     assert (p.public_key, p.endpoint, p.rx_bytes, p.tx_bytes) == (KEY_A, ("192.0.2.9", 9), 8, 7)

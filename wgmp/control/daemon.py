@@ -18,17 +18,34 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..ipc.channel import Kind
 from ..ipc.keyslots import KeySlots
+from ..ipc.messages import (
+    Activity,
+    Confirmed,
+    FlushStats,
+    HandshakePacket,
+    KeypairInstall,
+    KeypairRemove,
+    Message,
+    Mtu,
+    NeedHandshake,
+    PeerSet,
+    Ready,
+    RekeyWanted,
+    Removed,
+    Roamed,
+    StatsFlushed,
+)
 from ..net import netlink, tun, udp
 from ..net.steering import attach_steering
 from ..protocol.constants import DEFAULT_MTU, MAX_QUEUED_INCOMING_HANDSHAKES
 from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
+from ..stats.collector import DeviceStats, HandshakeStats, PeerStats, WorkerStats, render
 from ..uapi import protocol as uapi
 from ..uapi.server import UAPIServer
 from .interface import Interface
-from .peer import Local, Peer
+from .peer import Peer
 from .route_mtu import RouteMTUWatcher
 from .supervisor import RESTART_BACKOFF, Supervisor, WorkerHandle
 
@@ -248,7 +265,7 @@ class Daemon:
     # -- handshakes --------------------------------------------------------------------------
 
     def _on_handshake_socket(self, sock: socket.socket) -> None:
-        backlog: list[tuple[bytes, tuple[str, int], Local | None]] = []
+        backlog: list[tuple[bytes, tuple[str, int], udp.Sticky | None]] = []
         while len(backlog) < MAX_QUEUED_INCOMING_HANDSHAKES:
             try:
                 data, ancillary, _, address = sock.recvmsg(2048, udp.PKTINFO_SPACE)
@@ -256,16 +273,16 @@ class Daemon:
                 break
             except OSError:
                 continue
-            local = next((c for c in ancillary if (c[0], c[1]) in udp.PKTINFO_KINDS), None)
-            backlog.append((data, (address[0], address[1]), local))
+            sticky = next((c for c in ancillary if (c[0], c[1]) in udp.PKTINFO_KINDS), None)
+            backlog.append((data, (address[0], address[1]), sticky))
         self.interface.note_backlog(len(backlog), time.monotonic())
         monotonic, time_ns = time.monotonic, time.time_ns
-        for data, source, local in backlog:
+        for data, source, sticky in backlog:
             # Each message at the time it is handled, as wireguard-go does: a backlog can take
             # a second to get through, and the 20 ms rule, the rate limiter and the timers are
             # about when a message is handled (with one time for the whole batch, a peer's
             # second initiation in it was refused as a flood after a DH was spent on it).
-            self.interface.receive_handshake(data, source, monotonic(), time_ns(), local)
+            self.interface.receive_handshake(data, source, monotonic(), time_ns(), sticky)
             self._drain_outputs()
 
     def _drain_outputs(self) -> None:
@@ -276,23 +293,16 @@ class Daemon:
 
     def _drain_datagrams(self) -> None:
         interface = self.interface
-        for message, (host, port), local in interface.datagrams:
+        for message, (host, port), sticky in interface.datagrams:
             family = 6 if ":" in host else 4
             sock = self.control_sockets.get(family)
             if sock is None:
                 continue
             address = (host, port, 0, 0) if family == 6 else (host, port)
-            try:
-                # From the address the peer contacted (wireguard-go's sticky sockets).
-                sock.sendmsg([message], [local] if local else [], 0, address)
-            except OSError as err:
-                if local and err.errno in udp.STALE_SOURCE_ERRNOS:
-                    try:  # that address is no longer ours: let routing choose
-                        sock.sendmsg([message], [], 0, address)
-                    except OSError as again:
-                        log.debug("send to %s:%d failed: %s", host, port, again)
-                else:
-                    log.debug("send to %s:%d failed: %s", host, port, err)
+            # From the address the peer contacted (wireguard-go's sticky sockets).
+            _, error = udp.send_sticky(sock, [message], [], address, sticky)
+            if error is not None:
+                log.debug("send to %s:%d failed: %s", host, port, error)
         interface.datagrams.clear()
 
     def _drain_commands(self) -> None:
@@ -301,15 +311,15 @@ class Daemon:
             return
         live = [h for h in self.supervisor.workers if h.channel is not None]
         for command in interface.commands:
-            if command[0] == Kind.KEYPAIR_REMOVE:
+            if isinstance(command, KeypairRemove):
                 waiting = {h.worker_id for h in live}
                 if waiting:
-                    self.pending_release[command[1]] = waiting
+                    self.pending_release[command.slot] = waiting
                 else:
-                    self.keyslots.release(command[1])
+                    self.keyslots.release(command.slot)
             targets = live
-            if command[0] == Kind.KEYPAIR_INSTALL:
-                targets = self._owner_first(live, command[1])
+            if isinstance(command, KeypairInstall):
+                targets = self._owner_first(live, command.slot)
             for handle in targets:
                 self._send(handle, command)
         interface.commands.clear()
@@ -329,10 +339,10 @@ class Daemon:
         owner = worker_of(found[1].local_index)
         return sorted(live, key=lambda handle: handle.worker_id != owner)
 
-    def _send(self, handle: WorkerHandle, command: list[Any]) -> None:
+    def _send(self, handle: WorkerHandle, command: Message) -> None:
         assert handle.channel is not None
         try:
-            handle.channel.send(*command)
+            handle.channel.send(command)
         except OSError:
             pass  # a dead worker: supervision restarts it with the full state
 
@@ -345,19 +355,19 @@ class Daemon:
             handle.channel.sock, selectors.EVENT_READ, lambda _s, h=handle: self._on_worker(h)
         )
         interface = self.interface
-        self._send(handle, [Kind.MTU, interface.padding_mtu])
+        self._send(handle, Mtu(interface.padding_mtu))
         for peer in interface.peers.values():
             self._send(handle, self._peer_state(peer))
         for slot, role in interface.keypair_roles():
-            self._send(handle, [Kind.KEYPAIR_INSTALL, slot, role])
+            self._send(handle, KeypairInstall(slot, role))
 
-    def _peer_state(self, peer: Peer) -> list[Any]:
+    def _peer_state(self, peer: Peer) -> PeerSet:
         endpoint = list(peer.endpoint) if peer.endpoint else None
         prefixes = [
             [p.network_address.packed, p.prefixlen]
             for p in self.interface.allowed.entries_for_peer(peer.peer_id)
         ]
-        return [Kind.PEER_SET, peer.peer_id, endpoint, prefixes]
+        return PeerSet(peer.peer_id, endpoint, prefixes)
 
     def _supervise(self, now: float) -> None:
         if not self.running:
@@ -420,38 +430,55 @@ class Daemon:
         for message in messages:
             self._on_worker_message(handle, message)
 
-    def _on_worker_message(self, handle: WorkerHandle, message: list[Any]) -> None:
-        kind = message[0]
-        now = time.monotonic()
-        wall = time.time_ns()
-        interface = self.interface
-        if kind == Kind.ACTIVITY:
-            interface.activity(message[1], now, wall)
-        elif kind == Kind.NEED_HANDSHAKE:
-            interface.need_handshake(message[1], now, wall)
-        elif kind == Kind.REKEY_WANTED:
-            interface.rekey_wanted(message[1], now, wall)
-        elif kind == Kind.CONFIRMED:
-            interface.confirmed(message[1], now, wall)
-        elif kind == Kind.ROAMED:
-            local = message[3] if len(message) > 3 and message[3] else None
-            interface.roamed(
-                message[1], (message[2][0], message[2][1]), tuple(local) if local else None
-            )
-        elif kind == Kind.HANDSHAKE_PACKET:
-            interface.receive_handshake(message[1], (message[2][0], message[2][1]), now, wall)
-        elif kind == Kind.REMOVED:
-            waiting = self.pending_release.get(message[1])
-            if waiting is not None:
-                waiting.discard(handle.worker_id)
-                if not waiting:
-                    del self.pending_release[message[1]]
-                    self.keyslots.release(message[1])
-        elif kind == Kind.STATS_FLUSHED:
-            handle.pending_flush.discard(message[1])
-        elif kind == Kind.READY:
-            handle.ready = True
+    def _on_worker_message(self, handle: WorkerHandle, message: Message) -> None:
+        handler = WORKER_HANDLERS.get(type(message))
+        if handler is not None:
+            handler(self, handle, message)
         self._drain_outputs()
+
+    def _on_activity(self, handle: WorkerHandle, message: Activity) -> None:
+        self.interface.activity(message.reports, time.monotonic(), time.time_ns())
+
+    def _on_need_handshake(self, handle: WorkerHandle, message: NeedHandshake) -> None:
+        self.interface.need_handshake(message.peer_id, time.monotonic(), time.time_ns())
+
+    def _on_rekey_wanted(self, handle: WorkerHandle, message: RekeyWanted) -> None:
+        self.interface.rekey_wanted(message.peer_id, time.monotonic(), time.time_ns())
+
+    def _on_confirmed(self, handle: WorkerHandle, message: Confirmed) -> None:
+        self.interface.confirmed(message.slot, time.monotonic(), time.time_ns())
+
+    def _on_roamed(self, handle: WorkerHandle, message: Roamed) -> None:
+        sticky = message.sticky
+        self.interface.roamed(
+            message.peer_id,
+            (message.endpoint[0], message.endpoint[1]),
+            (sticky[0], sticky[1], sticky[2]) if sticky else None,
+        )
+
+    def _on_handshake_packet(self, handle: WorkerHandle, message: HandshakePacket) -> None:
+        sticky = message.sticky
+        self.interface.receive_handshake(
+            message.data,
+            (message.endpoint[0], message.endpoint[1]),
+            time.monotonic(),
+            time.time_ns(),
+            (sticky[0], sticky[1], sticky[2]) if sticky else None,
+        )
+
+    def _on_removed(self, handle: WorkerHandle, message: Removed) -> None:
+        waiting = self.pending_release.get(message.slot)
+        if waiting is not None:
+            waiting.discard(handle.worker_id)
+            if not waiting:
+                del self.pending_release[message.slot]
+                self.keyslots.release(message.slot)
+
+    def _on_stats_flushed(self, handle: WorkerHandle, message: StatsFlushed) -> None:
+        handle.pending_flush.discard(message.token)
+
+    def _on_ready(self, handle: WorkerHandle, message: Ready) -> None:
+        handle.ready = True
 
     def flush_stats(self) -> None:
         """Ask every worker to write its counters now and wait (briefly) until they have."""
@@ -460,7 +487,7 @@ class Daemon:
         waiting = [h for h in self.supervisor.workers if h.channel is not None and h.ready]
         for handle in waiting:
             handle.pending_flush.add(token)
-            self._send(handle, [Kind.FLUSH_STATS, token])
+            self._send(handle, FlushStats(token))
         deadline = time.monotonic() + STATS_FLUSH_TIMEOUT
         while any(token in h.pending_flush for h in waiting):
             self._receive_pending()  # a reply may have been read while control was sending
@@ -498,9 +525,7 @@ class Daemon:
         if isinstance(request, uapi.GetRequest):
             return uapi.format_get(self.snapshot())
         if isinstance(request, uapi.StatsRequest):  # `wgmp stats`; the connection then closes
-            from ..stats.collector import render, snapshot_from_daemon
-
-            return render(snapshot_from_daemon(self))
+            return self.render_stats()
         try:
             self.apply(request)
         except uapi.UAPIError as err:
@@ -545,6 +570,60 @@ class Daemon:
             fwmark=interface.fwmark,
             peers=peers,
         )
+
+    def stats_snapshot(self) -> DeviceStats:
+        """The counters of the interface, its peers and its workers as plain values (what
+        `wgmp stats` and /metrics show). From the event loop only: it flushes the workers'
+        counters first, as `wg show` does."""
+        device = self.snapshot()  # flushes the workers' stats blocks, then sums per peer
+        identity = self.interface.identity
+        peers = [
+            PeerStats(
+                public_key=peer.public_key,
+                endpoint=peer.endpoint,
+                allowed_ips=tuple(peer.allowed_ips),
+                rx_bytes=peer.rx_bytes,
+                tx_bytes=peer.tx_bytes,
+                last_handshake_sec=peer.last_handshake_time_sec,
+            )
+            for peer in device.peers
+        ]
+        workers = []
+        for handle in self.supervisor.workers:
+            rx_packets, rx_bytes, tx_packets, tx_bytes = handle.stats.totals()
+            running = handle.process is not None and handle.process.poll() is None
+            workers.append(
+                WorkerStats(
+                    worker_id=handle.worker_id,
+                    rx_packets=rx_packets,
+                    rx_bytes=rx_bytes,
+                    tx_packets=tx_packets,
+                    tx_bytes=tx_bytes,
+                    drops=tuple(handle.stats.drops()),
+                    staged=handle.stats.staged(),
+                    restarts=handle.restarts,
+                    up=running,
+                )
+            )
+        counters = self.interface.counters
+        return DeviceStats(
+            device=self.name,
+            public_key=identity.public_key if identity is not None else None,
+            peers=peers,
+            workers=workers,
+            handshakes=HandshakeStats(
+                initiated=counters.initiated,
+                received=counters.received,
+                completed=counters.completed,
+                failed=counters.failed,
+                cookie_replies_sent=counters.cookie_replies_sent,
+                drops=tuple(counters.drops),
+            ),
+        )
+
+    def render_stats(self) -> bytes:
+        """`stats_snapshot` in the Prometheus text format."""
+        return render(self.stats_snapshot())
 
     def apply(self, request: uapi.SetRequest) -> None:
         """Apply a parsed set request in order, as wireguard-go does (every line was already
@@ -672,3 +751,18 @@ class Daemon:
                 pass
         self.tun_fds = []
         log.info("interface %s closed", self.name)
+
+
+# What control does with each message a worker sends (one entry per Direction.TO_CONTROL
+# declaration in ipc/messages.py; tests/ipc/test_messages.py checks that none is missing).
+WORKER_HANDLERS: dict[type[Any], Callable[[Daemon, WorkerHandle, Any], None]] = {
+    Ready: Daemon._on_ready,
+    NeedHandshake: Daemon._on_need_handshake,
+    Activity: Daemon._on_activity,
+    Confirmed: Daemon._on_confirmed,
+    Roamed: Daemon._on_roamed,
+    HandshakePacket: Daemon._on_handshake_packet,
+    Removed: Daemon._on_removed,
+    StatsFlushed: Daemon._on_stats_flushed,
+    RekeyWanted: Daemon._on_rekey_wanted,
+}

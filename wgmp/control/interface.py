@@ -15,8 +15,21 @@ from collections import deque
 from functools import partial
 from typing import Any
 
-from ..ipc.channel import ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS, Kind
 from ..ipc.keyslots import KeySlots
+from ..ipc.messages import (
+    ROLE_CURRENT,
+    ROLE_NEXT,
+    ROLE_PREVIOUS,
+    DropStaged,
+    KeypairInstall,
+    KeypairRemove,
+    Message,
+    Mtu,
+    PeerEndpoint,
+    PeerRemove,
+    PeerSet,
+)
+from ..net.udp import Sticky
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
     DEFAULT_MTU,
@@ -37,7 +50,7 @@ from ..protocol.noise import HandshakeState, StaticIdentity, consume_initiation
 from ..protocol.ratelimiter import RateLimiter
 from ..protocol.timers import ActionKind, RandomSource
 from ..protocol.transport import seal_transport
-from .peer import Endpoint, Local, Peer, Prefix
+from .peer import Endpoint, Peer, Prefix
 
 __all__ = ["HandshakeCounters", "Interface", "ROLE_CURRENT", "ROLE_NEXT", "ROLE_PREVIOUS"]
 
@@ -99,8 +112,8 @@ class Interface:
         self.slot_of: dict[Keypair, int] = {}
         self.keypair_at: dict[int, tuple[Peer, Keypair]] = {}
         self._next_worker = 0
-        self.datagrams: list[tuple[bytes, Endpoint, Local | None]] = []
-        self.commands: list[list[Any]] = []
+        self.datagrams: list[tuple[bytes, Endpoint, Sticky | None]] = []
+        self.commands: list[Message] = []
 
     # -- configuration (driven by UAPI) ----------------------------------------------------
 
@@ -129,7 +142,7 @@ class Interface:
             peer.timers.on_arm = partial(self._timer_armed, peer_id)
             self.peers[public_key] = peer
             self.by_id[peer_id] = peer
-            self.commands.append([Kind.PEER_SET, peer_id, None, []])
+            self.commands.append(PeerSet(peer_id, None, []))
         return peer
 
     def remove_peer(self, public_key: bytes) -> None:
@@ -142,18 +155,18 @@ class Interface:
         self._queued.pop(peer.peer_id, None)  # its entries are skipped when they come up
         self._drop_sessions(peer)
         self.allowed.remove_by_peer(peer.peer_id)
-        self.commands.append([Kind.PEER_REMOVE, peer.peer_id])
+        self.commands.append(PeerRemove(peer.peer_id))
         self._free_ids.append(peer.peer_id)
 
     def set_preshared_key(self, peer: Peer, key: bytes) -> None:
         peer.handshake.preshared_key = key
 
-    def set_endpoint(self, peer: Peer, endpoint: Endpoint, local: Local | None = None) -> None:
-        """Where to send (and, with `local`, the address of ours to send from)."""
+    def set_endpoint(self, peer: Peer, endpoint: Endpoint, sticky: Sticky | None = None) -> None:
+        """Where to send (and, with `sticky`, the address of ours to send from)."""
         peer.endpoint = endpoint
-        peer.local = local
+        peer.sticky = sticky
         self.commands.append(
-            [Kind.ENDPOINT, peer.peer_id, list(endpoint), list(local) if local else None]
+            PeerEndpoint(peer.peer_id, list(endpoint), list(sticky) if sticky else None)
         )
 
     def set_persistent_keepalive(self, peer: Peer, interval: int, now: float, wall_ns: int) -> None:
@@ -179,22 +192,19 @@ class Interface:
             prefixes = self.allowed.entries_for_peer(peer.peer_id)
             peer.prefixes = list(prefixes)
             self.commands.append(
-                [
-                    Kind.PEER_SET,
-                    peer.peer_id,
-                    None,
-                    [[p.network_address.packed, p.prefixlen] for p in prefixes],
-                ]
+                PeerSet(
+                    peer.peer_id, None, [[p.network_address.packed, p.prefixlen] for p in prefixes]
+                )
             )
 
     def set_mtu(self, mtu: int) -> None:
         self.mtu = mtu
-        self.commands.append([Kind.MTU, self.padding_mtu])
+        self.commands.append(Mtu(self.padding_mtu))
 
     def set_route_mtu(self, mtu: int | None) -> None:
         """The smallest MTU set on a route through the interface, or None (route_mtu.py)."""
         self.route_mtu = mtu
-        self.commands.append([Kind.MTU, self.padding_mtu])
+        self.commands.append(Mtu(self.padding_mtu))
 
     @property
     def padding_mtu(self) -> int:
@@ -256,10 +266,10 @@ class Interface:
         self.counters.completed += 1
         self._announce_roles(peer)
 
-    def roamed(self, peer_id: int, endpoint: Endpoint, local: Local | None = None) -> None:
+    def roamed(self, peer_id: int, endpoint: Endpoint, sticky: Sticky | None = None) -> None:
         peer = self.by_id.get(peer_id)
-        if peer is not None and (peer.endpoint != endpoint or peer.local != local):
-            self.set_endpoint(peer, endpoint, local)
+        if peer is not None and (peer.endpoint != endpoint or peer.sticky != sticky):
+            self.set_endpoint(peer, endpoint, sticky)
 
     # -- handshake datagrams --------------------------------------------------------------
 
@@ -272,19 +282,19 @@ class Interface:
         return now < self.under_load_until
 
     def receive_handshake(
-        self, data: bytes, source: Endpoint, now: float, wall_ns: int, local: Local | None = None
+        self, data: bytes, source: Endpoint, now: float, wall_ns: int, sticky: Sticky | None = None
     ) -> None:
-        """One datagram of type 1, 2 or 3 from `source`, sent to our address `local` (its
+        """One datagram of type 1, 2 or 3 from `source`, sent to our address `sticky` (its
         pktinfo, if known); bad ones are counted and dropped."""
         try:
-            self._receive_handshake(data, source, now, wall_ns, local)
+            self._receive_handshake(data, source, now, wall_ns, sticky)
         except ProtocolError as err:
             self.counters.drops[err.reason] += 1
             if err.reason not in (DropReason.MAC_INVALID, DropReason.RATE_LIMITED):
                 self.counters.failed += 1
 
     def _receive_handshake(
-        self, data: bytes, source: Endpoint, now: float, wall_ns: int, local: Local | None
+        self, data: bytes, source: Endpoint, now: float, wall_ns: int, sticky: Sticky | None
     ) -> None:
         kind = message_type(data)
         if self.identity is None:
@@ -308,7 +318,7 @@ class Interface:
                 reply = self.cookie_checker.create_reply(
                     data, msg.sender_index, src, now=now, rng=self.rng
                 )
-                self.datagrams.append((reply.pack(), source, local))
+                self.datagrams.append((reply.pack(), source, sticky))
                 self.counters.cookie_replies_sent += 1
                 return
             if not self.rate_limiter.allow(ip, now):
@@ -321,11 +331,11 @@ class Interface:
                 lambda key: self.peers.get(key).handshake if key in self.peers else None,
                 now=now,
             )
-            self._initiation_consumed(self.peers[peer.remote_static], data, source, local, now)
+            self._initiation_consumed(self.peers[peer.remote_static], data, source, sticky, now)
         else:
             peer = self._peer_by_index(msg.receiver_index)
             peer.handshake.consume_response(msg)
-            self._response_consumed(peer, data, source, local, now, wall_ns)
+            self._response_consumed(peer, data, source, sticky, now, wall_ns)
 
     def _peer_by_index(self, index: int) -> Peer:
         found = self.indices.lookup(index)
@@ -334,10 +344,10 @@ class Interface:
         return found
 
     def _initiation_consumed(
-        self, peer: Peer, data: bytes, source: Endpoint, local: Local | None, now: float
+        self, peer: Peer, data: bytes, source: Endpoint, sticky: Sticky | None, now: float
     ) -> None:
         peer.control_rx_bytes += len(data)
-        self._authenticated_from(peer, source, local)
+        self._authenticated_from(peer, source, sticky)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_received(now)
         response = peer.handshake.create_response(sender_index=self._new_index(peer), rng=self.rng)
@@ -352,12 +362,12 @@ class Interface:
         peer: Peer,
         data: bytes,
         source: Endpoint,
-        local: Local | None,
+        sticky: Sticky | None,
         now: float,
         wall_ns: int,
     ) -> None:
         peer.control_rx_bytes += len(data)
-        self._authenticated_from(peer, source, local)
+        self._authenticated_from(peer, source, sticky)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_received(now)
         self._install(peer, Keypair.from_session(peer.handshake.derive_session(), now=now))
@@ -367,9 +377,9 @@ class Interface:
         self.counters.completed += 1
         self.send_keepalive(peer, now, wall_ns)  # confirms the new keypair to the responder
 
-    def _authenticated_from(self, peer: Peer, source: Endpoint, local: Local | None) -> None:
-        if peer.endpoint != source or peer.local != local:
-            self.set_endpoint(peer, source, local)
+    def _authenticated_from(self, peer: Peer, source: Endpoint, sticky: Sticky | None) -> None:
+        if peer.endpoint != source or peer.sticky != sticky:
+            self.set_endpoint(peer, source, sticky)
 
     # -- what control sends ----------------------------------------------------------------
 
@@ -400,7 +410,7 @@ class Interface:
 
     def _send_control(self, peer: Peer, message: bytes, now: float) -> None:
         assert peer.endpoint is not None
-        self.datagrams.append((message, peer.endpoint, peer.local))
+        self.datagrams.append((message, peer.endpoint, peer.sticky))
         peer.control_tx_bytes += len(message)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_sent(now)
@@ -445,14 +455,14 @@ class Interface:
             (keypairs.current, ROLE_CURRENT),
         ):
             if keypair is not None:
-                self.commands.append([Kind.KEYPAIR_INSTALL, self.slot_of[keypair], role])
+                self.commands.append(KeypairInstall(self.slot_of[keypair], role))
 
     def _forget(self, keypairs: list[Keypair]) -> None:
         for keypair in keypairs:
             slot = self.slot_of.pop(keypair)
             del self.keypair_at[slot]
             self.indices.remove(keypair.local_index)
-            self.commands.append([Kind.KEYPAIR_REMOVE, slot])
+            self.commands.append(KeypairRemove(slot))
 
     def _drop_sessions(self, peer: Peer) -> None:
         self._release_handshake_index(peer)
@@ -507,10 +517,10 @@ class Interface:
             elif action.kind == ActionKind.SEND_KEEPALIVE:
                 self.send_keepalive(peer, now, wall_ns)
             elif action.kind == ActionKind.DROP_STAGED:
-                self.commands.append([Kind.DROP_STAGED, peer.peer_id])
+                self.commands.append(DropStaged(peer.peer_id))
             elif action.kind == ActionKind.ZERO_KEYS:
                 self._drop_sessions(peer)
-                self.commands.append([Kind.DROP_STAGED, peer.peer_id])
+                self.commands.append(DropStaged(peer.peer_id))
             elif action.kind == ActionKind.CLEAR_SOURCE and peer.endpoint is not None:
                 # No answer for a while: maybe our address changed. Forget the sticky source
                 # we answer from and let routing choose (wireguard-go's ClearSrc).

@@ -5,16 +5,16 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from ..net.udp import Sticky
 from ..protocol.cookie import CookieGenerator
 from ..protocol.crypto import ZERO_KEY
 from ..protocol.keypair import Keypairs
 from ..protocol.noise import Handshake, StaticIdentity
 from ..protocol.timers import PeerTimers, RandomSource
 
-__all__ = ["Endpoint", "Local", "Peer", "Prefix"]
+__all__ = ["Endpoint", "Peer", "Prefix"]
 
 Endpoint = tuple[str, int]  # (address literal, port)
-Local = tuple[int, int, bytes]  # a pktinfo control message as recvmsg gives it
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -27,9 +27,9 @@ class Peer:
     timers: PeerTimers
     keypairs: Keypairs = field(default_factory=Keypairs)
     endpoint: Endpoint | None = None
-    # The IP_PKTINFO/IPV6_PKTINFO of the peer's last authenticated packet: what we answer
-    # from (wireguard-go's sticky source); None lets routing choose.
-    local: Local | None = None
+    # The sticky source (net/udp.py): the IP_PKTINFO/IPV6_PKTINFO of the peer's last
+    # authenticated packet, what we answer from; None lets routing choose.
+    sticky: Sticky | None = None
     persistent_keepalive_interval: int = 0
     prefixes: list[Prefix] = field(default_factory=list)
     last_handshake_ns: int = 0  # Unix time of the last completed handshake, for UAPI

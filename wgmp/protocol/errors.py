@@ -19,7 +19,7 @@ class DropReason(IntEnum):
     DECRYPTION_FAILED = 2
     REPLAY = 3
     SOURCE_NOT_ALLOWED = 4
-    NO_ROUTE = 5
+    NO_ROUTE = 5  # no peer's allowed IPs hold the destination of a packet from the TUN
     NO_KEY = 6
     STAGED_QUEUE_FULL = 7
     HANDSHAKE_INVALID = 8
@@ -29,6 +29,8 @@ class DropReason(IntEnum):
     FLOOD = 12
     KEY_EXPIRED = 13
     STAGED_EXPIRED = 14
+    SEND_FAILED = 15  # the UDP send to the peer failed (no socket of its family, or an error)
+    TUN_WRITE_FAILED = 16  # the kernel refused a decrypted packet written to the TUN
 
     @property
     def label(self) -> str:

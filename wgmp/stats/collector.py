@@ -1,7 +1,7 @@
 """The metrics of `wgmp stats` and of `/metrics`: a snapshot of plain values, and a
 prometheus_client collector that turns snapshots into metric families.
 
-The control process builds a `DeviceStats` (`snapshot_from_daemon`) inside its event loop,
+The control process builds a `DeviceStats` (`Daemon.stats_snapshot`) inside its event loop,
 after asking every worker to write its counters (the same flush `wg show` gets, so the bytes
 below equal `wg show IFACE dump`); `render` writes one or more snapshots in the Prometheus text
 format with prometheus_client's `generate_latest`. Nothing here reads live state: the collector
@@ -55,7 +55,6 @@ import base64
 import ipaddress
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
@@ -63,9 +62,6 @@ from prometheus_client.registry import CollectorRegistry
 
 from ..protocol.errors import DropReason
 from ..uapi.protocol import format_endpoint
-
-if TYPE_CHECKING:
-    from ..control.daemon import Daemon
 
 __all__ = [
     "CONTENT_TYPE",
@@ -75,7 +71,6 @@ __all__ = [
     "WgmpCollector",
     "WorkerStats",
     "render",
-    "snapshot_from_daemon",
 ]
 
 # What `generate_latest` writes (the text format 0.0.4), for HTTP replies.
@@ -288,57 +283,3 @@ def render(devices: DeviceStats | Iterable[DeviceStats]) -> bytes:
     registry = CollectorRegistry()
     registry.register(WgmpCollector(list(devices)))
     return generate_latest(registry)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building the snapshot in the control process.
-
-
-def snapshot_from_daemon(daemon: Daemon) -> DeviceStats:
-    """Read the daemon's state into a `DeviceStats`. Call it from the daemon's event loop only
-    (it flushes the workers' counters through `Daemon.snapshot`, as `wg show` does)."""
-    device = daemon.snapshot()  # flushes the workers' stats blocks, then sums per peer
-    identity = daemon.interface.identity
-    peers = [
-        PeerStats(
-            public_key=peer.public_key,
-            endpoint=peer.endpoint,
-            allowed_ips=tuple(peer.allowed_ips),
-            rx_bytes=peer.rx_bytes,
-            tx_bytes=peer.tx_bytes,
-            last_handshake_sec=peer.last_handshake_time_sec,
-        )
-        for peer in device.peers
-    ]
-    workers = []
-    for handle in daemon.supervisor.workers:
-        rx_packets, rx_bytes, tx_packets, tx_bytes = handle.stats.totals()
-        running = handle.process is not None and handle.process.poll() is None
-        workers.append(
-            WorkerStats(
-                worker_id=handle.worker_id,
-                rx_packets=rx_packets,
-                rx_bytes=rx_bytes,
-                tx_packets=tx_packets,
-                tx_bytes=tx_bytes,
-                drops=tuple(handle.stats.drops()),
-                staged=handle.stats.staged(),
-                restarts=handle.restarts,
-                up=running,
-            )
-        )
-    counters = daemon.interface.counters
-    return DeviceStats(
-        device=daemon.name,
-        public_key=identity.public_key if identity is not None else None,
-        peers=peers,
-        workers=workers,
-        handshakes=HandshakeStats(
-            initiated=counters.initiated,
-            received=counters.received,
-            completed=counters.completed,
-            failed=counters.failed,
-            cookie_replies_sent=counters.cookie_replies_sent,
-            drops=tuple(counters.drops),
-        ),
-    )

@@ -24,12 +24,8 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from .collector import CONTENT_TYPE, render, snapshot_from_daemon
-
-if TYPE_CHECKING:
-    from ..control.daemon import Daemon
+from .collector import CONTENT_TYPE
 
 __all__ = ["MetricsServer", "parse_address", "serve_metrics"]
 
@@ -230,21 +226,26 @@ class MetricsServer:
         client.sock.close()
 
 
-def serve_metrics(daemon: Daemon, address: str) -> MetricsServer:
-    """Start serving `daemon`'s metrics at `address` (HOST:PORT) from its event loop.
+def serve_metrics(
+    selector: selectors.BaseSelector,
+    render_text: Callable[[], bytes],
+    address: str,
+    on_failure: Callable[[], None],
+) -> MetricsServer:
+    """Start serving what `render_text` returns at `address` (HOST:PORT) from the loop that
+    runs `selector`.
 
     Called by the command line once the daemon is ready (before it reports so to the process
-    that daemonised it); a bad address or a failed bind shuts the daemon down (its socket file
-    removed, its workers stopped) and exits with a message, so the start fails as a whole.
+    that daemonised it); a bad address or a failed bind calls `on_failure` (the daemon shuts
+    down: its socket file removed, its workers stopped) and exits with a message, so the start
+    fails as a whole.
     """
     try:
         host, port = parse_address(address)
-        server = MetricsServer(
-            daemon.selector, lambda: render(snapshot_from_daemon(daemon)), host, port
-        )
+        server = MetricsServer(selector, render_text, host, port)
     except (ValueError, OSError) as err:
         log.error("--metrics-address %s: %s", address, err)
-        daemon.shutdown()
+        on_failure()
         raise SystemExit(f"wgmp: --metrics-address {address}: {err}") from err
     host, port = server.address
     shown = f"[{host}]" if ":" in host else host
