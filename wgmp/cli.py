@@ -145,19 +145,12 @@ def _run_foreground(interface: str, workers: int, level: str, metrics: str | Non
 
 
 def _daemonise(interface: str, workers: int, argv: list[str]) -> int:
-    from .control.daemon import TUN_VNET_HDR, check_tun_fd
-    from .net import netlink, tun
-    from .protocol.constants import DEFAULT_MTU
+    from .control.tun_setup import first_queue
     from .uapi.server import UAPIServer
 
     # Descriptors given in WG_TUN_FD / WG_UAPI_FD are used and handed on, as by wireguard-go.
-    tun_fd = _inherited_fd(ENV_TUN_FD)
     try:
-        if tun_fd is None:
-            tun_fd = tun.open_queue(interface, TUN_VNET_HDR, exclusive=True)
-            netlink.set_mtu(interface, DEFAULT_MTU)
-        else:
-            check_tun_fd(tun_fd, interface)
+        tun_fd = first_queue(interface, _inherited_fd(ENV_TUN_FD))
     except OSError as err:
         print(f"wgmp: failed to create TUN device: {err}", file=sys.stderr)
         return 1

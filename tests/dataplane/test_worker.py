@@ -12,11 +12,11 @@ import msgpack
 import pytest
 
 from tests.dataplane.test_coalesce import tcp4
-from wgmp.dataplane.coalesce import VNET_HDR_LEN, VNET_HDR_NONE
 from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker
 from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
 from wgmp.ipc.messages import Confirmed, Message, NeedHandshake, RekeyWanted, Roamed, decode
+from wgmp.net.tun import VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_NONE
 from wgmp.protocol.constants import REKEY_AFTER_TIME, REKEY_AFTER_TIME_RECEIVING
 from wgmp.protocol.errors import DropReason
 from wgmp.protocol.timers import keypair_wants_rekey_on_receive, should_rekey_on_send
@@ -110,7 +110,7 @@ def _inner(counter: int, source: bytes) -> bytes:
 def test_sends_sealed_packets_in_one_gso_call_with_increasing_counters(rig: Any) -> None:
     install(rig.worker, ROLE_CURRENT)
     for n in range(5):
-        rig.tun.send(VNET_HDR_NONE + _outbound(n))
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(n))
     rig.worker._outbound(time.monotonic())
     assert len(rig.fake.sent) == 1
     buffers, ancillary, address = rig.fake.sent[0]
@@ -128,7 +128,7 @@ def _outbound(n: int) -> bytes:
 
 
 def test_without_a_keypair_packets_are_staged_and_a_handshake_is_asked(rig: Any) -> None:
-    rig.tun.send(VNET_HDR_NONE + _outbound(0))
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
     rig.worker._outbound(time.monotonic())
     assert rig.fake.sent == []
     assert NeedHandshake(1) in control_messages(rig.control)
@@ -142,7 +142,7 @@ def test_receive_delivers_checks_replay_and_roams_with_the_source_address(rig: A
     rig.worker._receive_train(view, nbytes, size, ("192.0.2.9", 4000), PKTINFO, time.monotonic())
     rig.worker._write_tun()
     written = rig.tun.recv(70000)
-    assert len(written) > VNET_HDR_LEN  # three segments coalesced into one write
+    assert len(written) > VIRTIO_NET_HDR_LEN  # three segments coalesced into one write
     assert rig.worker.peers[1][0] == ("192.0.2.9", 4000)
     assert any(
         isinstance(m, Roamed) and m.sticky == list(PKTINFO) for m in control_messages(rig.control)
@@ -151,7 +151,7 @@ def test_receive_delivers_checks_replay_and_roams_with_the_source_address(rig: A
     rig.worker._receive_train(view, nbytes, size, ("192.0.2.9", 4000), PKTINFO, time.monotonic())
     assert rig.worker.drops[DropReason.REPLAY] == 1
     rig.fake.sent.clear()
-    rig.tun.send(VNET_HDR_NONE + _outbound(9))
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(9))
     rig.worker._outbound(time.monotonic())
     assert rig.fake.sent[0][1] == [PKTINFO]  # the reply leaves from the address contacted
 
@@ -219,7 +219,7 @@ def test_only_the_owner_holds_a_receive_window_for_an_index(rig: Any) -> None:
 
 def test_staged_packets_are_counted_and_written_to_the_stats_block(rig: Any) -> None:
     for n in range(3):
-        rig.tun.send(VNET_HDR_NONE + _outbound(n))
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(n))
     rig.worker._outbound(time.monotonic())
     rig.worker._flush(time.monotonic())
     assert rig.worker.stats.staged() == 3

@@ -61,7 +61,7 @@ from tests.integration.netns import (
     veth_pair,
     wait_for,
 )
-from wgmp.control.daemon import TUN_VNET_HDR
+from wgmp.control.tun_setup import TUN_VNET_HDR
 from wgmp.net import tun
 
 WGMP = (sys.executable, "-m", "wgmp", "-f", "--workers", "1")

@@ -7,7 +7,6 @@ the peers' timers. `Interface` decides; this module does the I/O it asks for.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import secrets
@@ -38,7 +37,7 @@ from ..ipc.messages import (
 )
 from ..net import netlink, tun, udp
 from ..net.steering import attach_steering
-from ..protocol.constants import DEFAULT_MTU, MAX_QUEUED_INCOMING_HANDSHAKES
+from ..protocol.constants import MAX_QUEUED_INCOMING_HANDSHAKES
 from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
 from ..stats.collector import DeviceStats, HandshakeStats, PeerStats, WorkerStats, render
@@ -48,13 +47,12 @@ from .interface import Interface
 from .peer import Peer
 from .route_mtu import RouteMTUWatcher
 from .supervisor import RESTART_BACKOFF, Supervisor, WorkerHandle
+from .tun_setup import TUN_VNET_HDR, first_queue
 
-__all__ = ["Daemon", "SetupError", "check_tun_fd"]
+__all__ = ["Daemon", "SetupError"]
 
 log = logging.getLogger("wgmp")
 KEYSLOT_CAPACITY = 1 << 16
-# The TUN takes virtio-net headers so workers can write GSO super-packets (dataplane/coalesce.py).
-TUN_VNET_HDR = True
 STATS_FLUSH_TIMEOUT = 0.3
 SOCKET_CHECK_INTERVAL = 0.5
 
@@ -65,27 +63,6 @@ class SetupError(Exception):
 
 class _SystemRng(secrets.SystemRandom):
     """The OS's randomness with both methods the core and the timers use."""
-
-
-def check_tun_fd(fd: int, name: str) -> None:
-    """WG_TUN_FD must be a TUN queue of the interface we were asked to run (wireguard-go fails
-    to start on anything else too); raises `TunError` with a one-line message if it is not."""
-    try:
-        actual = tun.interface_name(fd)
-    except OSError as err:
-        raise tun.TunError(
-            err.errno or errno.EINVAL, f"WG_TUN_FD={fd} is not a TUN device: {err}"
-        ) from None
-    if actual != name:
-        raise tun.TunError(
-            errno.EINVAL, f"WG_TUN_FD={fd} is the TUN device {actual!r}, not {name!r}"
-        )
-    if bool(tun.interface_flags(fd) & tun.IFF_VNET_HDR) != TUN_VNET_HDR:
-        # The workers read and write packets with or without a virtio header, not either.
-        with_or_without = "with" if TUN_VNET_HDR else "without"
-        raise tun.TunError(
-            errno.EINVAL, f"WG_TUN_FD={fd} must be opened {with_or_without} IFF_VNET_HDR"
-        )
 
 
 class Daemon:
@@ -126,13 +103,7 @@ class Daemon:
 
     def _open_tun(self, inherited: int | None) -> None:
         try:
-            first = inherited
-            if first is None:
-                first = tun.open_queue(self.name, TUN_VNET_HDR, exclusive=True)
-                netlink.set_mtu(self.name, DEFAULT_MTU)
-            else:
-                check_tun_fd(first, self.name)
-            self.tun_fds = [first]
+            self.tun_fds = [first_queue(self.name, inherited)]
             for _ in range(1, self.worker_count):
                 self.tun_fds.append(tun.open_queue(self.name, TUN_VNET_HDR))
             self.interface.mtu = netlink.get_mtu(self.name)

@@ -54,6 +54,7 @@ from ..ipc.messages import (
     Roamed,
     StatsFlushed,
 )
+from ..net.tun import VIRTIO_NET_HDR_LEN
 from ..net.udp import (
     BATCH_SPACE,
     PKTINFO_KINDS,
@@ -77,7 +78,7 @@ from ..protocol.replay import ReplayWindow
 from ..protocol.timers import keypair_wants_rekey_on_receive, should_rekey_on_send
 from ..protocol.transport import padding_length
 from ..stats.block import DROP_SLOTS, StatsBlock
-from .coalesce import VNET_HDR_LEN, coalesce
+from .coalesce import coalesce
 
 __all__ = ["Worker", "main"]
 
@@ -203,7 +204,7 @@ class Worker:
         messages in as few system calls as UDP GSO allows."""
         read, fd, lookup = os.read, self.tun_fd, self.allowed.lookup
         batches: dict[int, list[bytes]] = {}
-        skip = VNET_HDR_LEN if self.vnet_hdr else 0
+        skip = VIRTIO_NET_HDR_LEN if self.vnet_hdr else 0
         last_destination: bytes | None = None
         batch: list[bytes] = []
         for _ in range(BATCH):

@@ -48,17 +48,13 @@ __all__ = [
     "TUN_F_CSUM",
     "TUN_F_TSO4",
     "TUN_F_TSO6",
-    "TUN_F_TSO_ECN",
-    "TUN_F_USO4",
-    "TUN_F_USO6",
     "VIRTIO_NET_HDR",
-    "VIRTIO_NET_HDR_F_DATA_VALID",
     "VIRTIO_NET_HDR_F_NEEDS_CSUM",
     "VIRTIO_NET_HDR_GSO_NONE",
     "VIRTIO_NET_HDR_GSO_TCPV4",
     "VIRTIO_NET_HDR_GSO_TCPV6",
-    "VIRTIO_NET_HDR_GSO_UDP_L4",
     "VIRTIO_NET_HDR_LEN",
+    "VIRTIO_NET_HDR_NONE",
     "TunError",
     "TunGoneError",
     "TunNameInUseError",
@@ -78,7 +74,6 @@ IFNAMSIZ = 16
 
 # ioctl numbers from <linux/if_tun.h> (_IOW/_IOR('T', n, int)).
 TUNSETIFF = 0x400454CA
-TUNGETFEATURES = 0x800454CF
 TUNSETOFFLOAD = 0x400454D0
 TUNGETIFF = 0x800454D2
 TUNSETQUEUE = 0x400454D9
@@ -88,7 +83,6 @@ IFF_TUN = 0x0001
 IFF_MULTI_QUEUE = 0x0100
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
-IFF_PERSIST = 0x0800
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_TUN_EXCL = 0x8000
@@ -97,21 +91,18 @@ IFF_TUN_EXCL = 0x8000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
-TUN_F_TSO_ECN = 0x08
-TUN_F_USO4 = 0x20
-TUN_F_USO6 = 0x40
 TCP_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 
 # struct virtio_net_hdr: flags u8, gso_type u8, hdr_len, gso_size, csum_start, csum_offset u16
-# (host byte order; little-endian here).
-VIRTIO_NET_HDR = struct.Struct("<BBHHHH")
+# (host byte order).
+VIRTIO_NET_HDR = struct.Struct("=BBHHHH")
 VIRTIO_NET_HDR_LEN = VIRTIO_NET_HDR.size
+# The header of a packet without offloads (what a TUN without TUNSETOFFLOAD always gives).
+VIRTIO_NET_HDR_NONE = bytes(VIRTIO_NET_HDR_LEN)
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
-VIRTIO_NET_HDR_F_DATA_VALID = 2
 VIRTIO_NET_HDR_GSO_NONE = 0
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
 VIRTIO_NET_HDR_GSO_TCPV6 = 4
-VIRTIO_NET_HDR_GSO_UDP_L4 = 5
 
 _IFREQ = struct.Struct(f"{IFNAMSIZ}sH22x")  # struct ifreq: name + ifr_flags, 40 bytes
 
