@@ -29,6 +29,7 @@ import time
 import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,18 @@ class Bench:
 
 
 # -- data plane: one packet ------------------------------------------------------------------
+
+
+def _fresh_window(counters: list[int]) -> tuple[ReplayWindow, list[int]]:
+    return ReplayWindow(), counters
+
+
+def _fresh_table(items: Any) -> tuple[AllowedIPs[Any], Any]:
+    return AllowedIPs(), items
+
+
+def _pair(first: Any, second: Any) -> tuple[Any, Any]:
+    return first, second
 
 
 def _packet(length: int, rng: random.Random) -> bytes:
@@ -267,7 +280,7 @@ def bench_replay(b: Bench, rng: random.Random) -> None:
         ("accept, out of order: swapped pairs", swapped),
         ("accept, out of order: shuffled in blocks of 1024", shuffled),
     ):
-        b.run(name, ops, lambda counters=counters: (ReplayWindow(), counters), accept_all)
+        b.run(name, ops, partial(_fresh_window, counters), accept_all)
 
 
 # -- allowed IPs -----------------------------------------------------------------------------
@@ -345,7 +358,7 @@ def bench_allowed_ips(b: Bench, rng: random.Random) -> None:
             b.run(
                 f"lookup {kind}; {detail}",
                 ops,
-                lambda table=table, addresses=addresses: (table, addresses),
+                partial(_pair, table, addresses),
                 lookup_all,
             )
 
@@ -364,7 +377,7 @@ def bench_allowed_ips(b: Bench, rng: random.Random) -> None:
         b.run(
             f"insert 100,000 IPv4 prefixes /16../32 from {form}",
             count,
-            lambda items=items: (AllowedIPs(), items),
+            partial(_fresh_table, items),
             insert_all,
             repeats=insert_repeats,
         )

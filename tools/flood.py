@@ -190,7 +190,7 @@ def parse_sources(text: str, limit: int) -> list[ipaddress.IPv4Address | ipaddre
         network = ipaddress.ip_network(item, strict=False)
         hosts = network.hosts() if network.num_addresses > 2 else iter(network)
         for address in hosts:
-            addresses.append(address)
+            addresses.append(ipaddress.ip_address(str(address)))
             if len(addresses) >= limit:
                 return addresses
     return addresses

@@ -48,11 +48,11 @@ def rig() -> Any:
     worker = Worker(
         0,
         tun_ours.fileno(),
-        {4: fake},
+        {4: fake},  # type: ignore[dict-item]  # records what a socket would send
         Channel(worker_end),
         KeySlots.create(8),
         StatsBlock.create(),
-        vnet_hdr=True,  # type: ignore[dict-item]
+        vnet_hdr=True,
     )
     worker._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
 

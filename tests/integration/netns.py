@@ -33,10 +33,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psutil
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+T = TypeVar("T")
 
 __all__ = [
     "NS_PREFIX",
@@ -107,7 +110,7 @@ def keypair() -> tuple[str, str]:
     return base64.b64encode(raw).decode(), base64.b64encode(public).decode()
 
 
-def wait_for(what: str, probe: Callable[[], object], timeout: float = 5.0) -> object:
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 5.0) -> T:
     """Poll `probe` until it returns something true (returned); AssertionError naming `what`
     after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -312,7 +315,7 @@ class Netns:
         """Run Python `code` in a fresh interpreter inside (the repository is importable)."""
         return self.run([sys.executable, "-c", code, *args], timeout=timeout, check=check)
 
-    def popen_python(self, code: str, *args: str, **kwargs: object) -> subprocess.Popen:
+    def popen_python(self, code: str, *args: str, **kwargs: Any) -> subprocess.Popen:
         """Start Python `code` inside in the background (tracked like `popen`)."""
         return self.popen([sys.executable, "-c", code, *args], **kwargs)
 
@@ -517,7 +520,7 @@ class UserspaceWireGuard:
             time.sleep(0.02)
         raise TimeoutError(f"{self.socket_path} did not appear within {timeout} s:\n{self.log()}")
 
-    def wg(self, *args: str | int, check: bool = True) -> _Result:
+    def wg(self, *args: str | int | os.PathLike[str], check: bool = True) -> _Result:
         """Run `wg ARGS` inside the namespace."""
         proc = self.ns.run(["wg", *map(str, args)], check=False)
         if check and proc.returncode != 0:
@@ -526,7 +529,9 @@ class UserspaceWireGuard:
 
     def configure(self, *, listen_port: int | None = None, fwmark: int | None = None) -> None:
         """Set the private key (from a 0600 file), and optionally listen port and fwmark."""
-        args: list[str | int] = ["set", self.ifname, "private-key", self._key_file("private")]
+        args: list[str | int | os.PathLike[str]] = [
+            "set", self.ifname, "private-key", self._key_file("private")
+        ]  # fmt: skip
         if listen_port is not None:
             args += ["listen-port", listen_port]
         if fwmark is not None:
@@ -543,7 +548,7 @@ class UserspaceWireGuard:
         preshared_key: str | None = None,
     ) -> None:
         """Add or update one peer with `wg set`."""
-        args: list[str | int] = ["set", self.ifname, "peer", public_key]
+        args: list[str | int | os.PathLike[str]] = ["set", self.ifname, "peer", public_key]
         if allowed_ips:
             args += ["allowed-ips", ",".join(allowed_ips)]
         if endpoint:

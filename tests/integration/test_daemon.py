@@ -362,11 +362,12 @@ def test_new_listen_port_and_worker_restart_keep_the_tunnel_and_the_counts(
     assert rows[t.b.ifname]["endpoint"] == f"{t.link.addr4_a}:{PORT_A + 100}", rows
 
     assert t.a.proc is not None
-    (worker,) = psutil.Process(t.a.proc.pid).children()
+    daemon_pid = t.a.proc.pid
+    (worker,) = psutil.Process(daemon_pid).children()
     worker.kill()
     wait_for(
         "control to start a new worker",
-        lambda: [p.pid for p in psutil.Process(t.a.proc.pid).children()] not in ([], [worker.pid]),
+        lambda: [p.pid for p in psutil.Process(daemon_pid).children()] not in ([], [worker.pid]),
     )
     _ping_all([(t.a.ns, TUNNEL_B[4]), (t.b.ns, TUNNEL_A[4])], count=2)
     rows = _rows(t)  # the counts agree exactly again: nothing counted was forgotten
@@ -409,9 +410,10 @@ def _parse_conf(text: str) -> tuple[dict[str, str], dict[str, dict[str, object]]
         if line.startswith("["):
             sections.append({"": line})
         elif "=" in line:
-            key, value = (part.strip() for part in line.split("=", 1))
+            key, text = (part.strip() for part in line.split("=", 1))
+            value: object = text
             if key == "AllowedIPs":
-                value = frozenset(str(ipaddress.ip_network(v.strip())) for v in value.split(","))
+                value = frozenset(str(ipaddress.ip_network(v.strip())) for v in text.split(","))
             sections[-1][key] = value
     interface = {k: str(v) for k, v in sections[0].items()}
     return interface, {str(p["PublicKey"]): p for p in sections[1:]}

@@ -99,7 +99,19 @@ def test_rekey_after_rekey_after_time_loses_no_packet(pair: PairFactory) -> None
     pings = []  # -q: only the summary, so no pipe fills up and stalls a ping meanwhile
     for p in pairs.values():
         for ns, address in ((p.link.ns_a, TUNNEL_PEER[4]), (p.link.ns_b, TUNNEL_WGMP[4])):
-            argv = ["ping", "-4", "-n", "-q", "-c", PING_COUNT, "-i", "0.1", "-W", "5", address]
+            argv = [
+                "ping",
+                "-4",
+                "-n",
+                "-q",
+                "-c",
+                str(PING_COUNT),
+                "-i",
+                "0.1",
+                "-W",
+                "5",
+                address,
+            ]
             proc = ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             pings.append((ns, proc))
     outputs = [(ns, proc.communicate(timeout=PING_COUNT * 0.1 + 120)[0]) for ns, proc in pings]

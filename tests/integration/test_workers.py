@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import psutil
 import pytest
@@ -211,9 +212,9 @@ def kill_and_wait_for_restart(daemon: UserspaceWireGuard, worker: int) -> int:
         f"worker {worker} to be restarted",
         lambda: (pid := worker_pids(daemon).get(worker)) not in (None, old) and pid,
     )
-    wait_for(f"worker {worker} to run", lambda: _in_its_loop(new))  # type: ignore[arg-type]
+    wait_for(f"worker {worker} to run", lambda: _in_its_loop(new))
     time.sleep(3 * FLUSH_INTERVAL)  # its first flush overwrites what the dead one left
-    return new  # type: ignore[return-value]
+    return new
 
 
 def latest_handshakes(daemon: UserspaceWireGuard) -> dict[str, str]:
@@ -249,7 +250,7 @@ def iperf3(
                 )
             )
         for server_ns, _ in servers:
-            wait_for("iperf3 to listen", lambda ns=server_ns: _listening(ns, port))
+            wait_for("iperf3 to listen", partial(_listening, server_ns, port))
         for client_ns, _, address in pairs:
             argv = ["iperf3", "-c", address, "-p", str(port), "-J", *args]
             clients.append(
@@ -268,7 +269,7 @@ def iperf3(
 
 def ping_from(ns: Netns, address: str, count: int, interval: float = 0.05) -> None:
     ns.run(
-        ["ping", "-n", "-q", "-c", count, "-i", interval, "-w", 10, address],
+        ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-w", "10", address],
         timeout=20,
     )
 
@@ -605,7 +606,7 @@ for _ in range(count):
             }
             return grown if sum(grown.values()) >= PROBES else None
 
-        result[worker] = wait_for("the probes to be counted", counted)  # type: ignore[assignment]
+        result[worker] = wait_for("the probes to be counted", counted)
     return result
 
 

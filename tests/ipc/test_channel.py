@@ -77,9 +77,12 @@ def test_a_burst_larger_than_the_socket_buffer_is_not_lost() -> None:
     control, theirs = Channel.pair()
     worker = Channel(theirs)
     count = 20000  # ~ 1 MB of keypair installs, far past a socketpair's buffer
-    writer = threading.Thread(
-        target=lambda: [control.send(KeypairInstall(n, n % 3)) for n in range(count)]
-    )
+
+    def write_all() -> None:
+        for n in range(count):
+            control.send(KeypairInstall(n, n % 3))
+
+    writer = threading.Thread(target=write_all)
     writer.start()
     try:
         got = _drain(worker, count, timeout=30)

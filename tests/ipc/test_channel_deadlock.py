@@ -14,7 +14,7 @@ import socket
 import threading
 
 from wgmp.ipc.channel import Channel
-from wgmp.ipc.messages import KeypairInstall, Ready, Removed
+from wgmp.ipc.messages import KeypairInstall, Message, Ready, Removed
 
 COUNT = 20000  # ~ 1 MB each way: far past a socketpair's buffer
 
@@ -22,7 +22,7 @@ COUNT = 20000  # ~ 1 MB each way: far past a socketpair's buffer
 def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
     control, theirs = Channel.pair()
     worker = Channel(theirs)  # a worker's end: blocking writes, as in the worker process
-    got_by_worker: list[list[object]] = []
+    got_by_worker: list[Message] = []
 
     def worker_side() -> None:
         # Write everything first without reading (as a worker busy acknowledging removals),
@@ -42,15 +42,16 @@ def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
     try:
         # Control writes everything without reading in between (as during a batch of
         # handshakes); before the fix this blocked forever once both pipes were full.
-        writer = threading.Thread(
-            target=lambda: [control.send(KeypairInstall(n, 1)) for n in range(COUNT)],
-            daemon=True,
-        )
+        def write_all() -> None:
+            for n in range(COUNT):
+                control.send(KeypairInstall(n, 1))
+
+        writer = threading.Thread(target=write_all, daemon=True)
         writer.start()
         writer.join(30)
         assert not writer.is_alive(), "control's writes never finished: deadlock"
         assert control.pending  # it read the worker's messages while it waited
-        got_by_control: list[list[object]] = []
+        got_by_control: list[Message] = []
         while len(got_by_control) < COUNT:
             messages = control.receive()
             assert messages is not None

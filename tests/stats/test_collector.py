@@ -253,7 +253,7 @@ def test_snapshot_from_daemon():
         ),
         supervisor=SimpleNamespace(workers=handles),
     )
-    stats = Daemon.stats_snapshot(daemon)  # type: ignore[arg-type]
+    stats = Daemon.stats_snapshot(daemon)
     assert stats.device == "wgx" and stats.public_key == DEVICE_KEY
     (p,) = stats.peers
     assert (p.public_key, p.endpoint, p.rx_bytes, p.tx_bytes) == (KEY_A, ("192.0.2.9", 9), 8, 7)

@@ -81,7 +81,7 @@ class Daemon:
         self.running = False
         self.selector = selectors.DefaultSelector()
         self.keyslots = KeySlots.create(KEYSLOT_CAPACITY)
-        self.interface = Interface(self.keyslots, _SystemRng(), workers=workers)  # type: ignore[arg-type]
+        self.interface = Interface(self.keyslots, _SystemRng(), workers=workers)
         self.supervisor = Supervisor(self.keyslots.shm.fd, log_level, vnet_hdr=TUN_VNET_HDR)
         self.pending_release: dict[int, set[int]] = {}
         self.flush_token = 0

@@ -13,7 +13,7 @@ import heapq
 import socket
 from collections import deque
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from ..ipc.keyslots import KeySlots
 from ..ipc.messages import (
@@ -45,8 +45,15 @@ from ..protocol.crypto import Randomness
 from ..protocol.errors import DropReason, ProtocolError
 from ..protocol.indextable import IndexTable
 from ..protocol.keypair import Keypair
-from ..protocol.messages import message_type, parse_cookie_reply, parse_initiation, parse_response
-from ..protocol.noise import HandshakeState, StaticIdentity, consume_initiation
+from ..protocol.messages import (
+    Initiation,
+    Response,
+    message_type,
+    parse_cookie_reply,
+    parse_initiation,
+    parse_response,
+)
+from ..protocol.noise import Handshake, HandshakeState, StaticIdentity, consume_initiation
 from ..protocol.ratelimiter import RateLimiter
 from ..protocol.timers import ActionKind, RandomSource
 from ..protocol.transport import seal_transport
@@ -57,7 +64,7 @@ __all__ = ["HandshakeCounters", "Interface", "ROLE_CURRENT", "ROLE_NEXT", "ROLE_
 UNDER_LOAD_BACKLOG = MAX_QUEUED_INCOMING_HANDSHAKES // UNDER_LOAD_QUEUE_FRACTION
 
 
-class Rng(RandomSource, Randomness):
+class Rng(RandomSource, Randomness, Protocol):
     """Both the timers' `.random()` and the core's `.getrandbits()` (random.Random fits)."""
 
 
@@ -103,8 +110,8 @@ class Interface:
         self._deadlines: list[tuple[float, int]] = []
         self._queued: dict[int, float] = {}
         self._free_ids: deque[int] = deque(range(1, 1 << 16))
-        self.allowed = AllowedIPs()
-        self.indices = IndexTable(rng)
+        self.allowed: AllowedIPs[int] = AllowedIPs()
+        self.indices: IndexTable[Peer] = IndexTable(rng)
         self.cookie_checker = CookieChecker(None)
         self.rate_limiter = RateLimiter()
         self.under_load_until = 0.0
@@ -308,7 +315,9 @@ class Interface:
             return
         if kind not in (MESSAGE_INITIATION, MESSAGE_RESPONSE):
             raise ProtocolError(DropReason.MALFORMED, "not a handshake message")
-        msg = parse_initiation(data) if kind == MESSAGE_INITIATION else parse_response(data)
+        msg: Initiation | Response = (
+            parse_initiation(data) if kind == MESSAGE_INITIATION else parse_response(data)
+        )
         if not self.cookie_checker.check_mac1(data):
             raise ProtocolError(DropReason.MAC_INVALID, "mac1")
         if self.under_load(now):
@@ -323,19 +332,19 @@ class Interface:
                 return
             if not self.rate_limiter.allow(ip, now):
                 raise ProtocolError(DropReason.RATE_LIMITED, "handshake rate limit")
-        if kind == MESSAGE_INITIATION:
+        if isinstance(msg, Initiation):
             self.counters.received += 1
-            peer = consume_initiation(
-                self.identity,
-                msg,
-                lambda key: self.peers.get(key).handshake if key in self.peers else None,
-                now=now,
-            )
-            self._initiation_consumed(self.peers[peer.remote_static], data, source, sticky, now)
+            handshake = consume_initiation(self.identity, msg, self._handshake_of, now=now)
+            peer = self.peers[handshake.remote_static]
+            self._initiation_consumed(peer, data, source, sticky, now)
         else:
             peer = self._peer_by_index(msg.receiver_index)
             peer.handshake.consume_response(msg)
             self._response_consumed(peer, data, source, sticky, now, wall_ns)
+
+    def _handshake_of(self, public_key: bytes) -> Handshake | None:
+        peer = self.peers.get(public_key)
+        return peer.handshake if peer is not None else None
 
     def _peer_by_index(self, index: int) -> Peer:
         found = self.indices.lookup(index)

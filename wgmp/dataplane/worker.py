@@ -136,7 +136,7 @@ class Worker:
         self.keyslots = keyslots
         self.stats = stats
         self.mtu = 1420
-        self.allowed = AllowedIPs()
+        self.allowed: AllowedIPs[int] = AllowedIPs()
         self.peers: dict[int, list[Any]] = {}
         self.by_index: dict[int, list[Any]] = {}
         self.by_slot: dict[int, list[Any]] = {}
@@ -460,8 +460,14 @@ class Worker:
             if this_index != index:
                 if run_packets:
                     self._received(
-                        entry, run_bytes, run_packets, received_data, address, sticky, now
-                    )  # type: ignore[arg-type]
+                        entry,  # type: ignore[arg-type]  # a run has an entry
+                        run_bytes,
+                        run_packets,
+                        received_data,
+                        address,
+                        sticky,
+                        now,
+                    )
                     run_bytes = run_packets = 0
                     received_data = False
                 index = this_index
@@ -643,7 +649,7 @@ class Worker:
         peer = self.peers.get(info.peer_id)
         if peer is None:
             return
-        send = [
+        send: list[Any] = [
             ChaCha20Poly1305(info.send_key),
             info.remote_index,
             slot,
@@ -653,7 +659,7 @@ class Worker:
             info.is_initiator,
             False,
         ]
-        entry = [
+        entry: list[Any] = [
             ChaCha20Poly1305(info.receive_key),
             info.peer_id,
             ReplayWindow(),
@@ -709,7 +715,7 @@ class Worker:
             if activity[0] or activity[2]:
                 reports.append([peer_id, *activity])
                 peer[P_ACTIVITY] = [0.0, 0.0, 0.0, 0.0]
-        self.stats.write_totals(tuple(self.totals), self.drops, self.staged)  # type: ignore[arg-type]
+        self.stats.write_totals(self.totals, self.drops, self.staged)
         if reports:
             self.channel.send(Activity(reports))
 

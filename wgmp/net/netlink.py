@@ -33,6 +33,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -106,7 +107,7 @@ def _index(link: str | int) -> int:
     return link if isinstance(link, int) else link_index(link)
 
 
-def _get_link(link: str | int):  # -> pyroute2 ifinfmsg
+def _get_link(link: str | int) -> Any:  # a pyroute2 ifinfmsg
     index = _index(link)
     try:
         with IPRoute() as ipr:

@@ -164,14 +164,15 @@ def open_queue(
         ) from None
     except PermissionError as e:
         raise TunPermissionError(
-            e.errno, f"cannot open {CLONE_DEVICE}: permission denied"
+            e.errno or errno.EACCES, f"cannot open {CLONE_DEVICE}: permission denied"
         ) from None
     except OSError as e:
         if e.errno in (errno.ENODEV, errno.ENXIO):
             raise TunUnavailableError(
                 e.errno, f"{CLONE_DEVICE}: no tun driver in this kernel ({os.strerror(e.errno)})"
             ) from None
-        raise TunError(e.errno, f"cannot open {CLONE_DEVICE}: {os.strerror(e.errno)}") from None
+        code = e.errno or errno.EIO
+        raise TunError(code, f"cannot open {CLONE_DEVICE}: {os.strerror(code)}") from None
     try:
         fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(encoded, flags))
     except OSError as e:

@@ -119,7 +119,7 @@ def open_udp(
 
 
 def bind_pair(
-    port: int = 0, *, exclusive: bool = True, **options: object
+    port: int = 0, *, exclusive: bool = True, **options: Any
 ) -> tuple[socket.socket | None, socket.socket | None, int]:
     """Open an IPv4 and an IPv6 socket on one port; returns (sock4, sock6, port).
 
@@ -150,12 +150,12 @@ def bind_pair(
 
 
 def _open_family(
-    family: int, port: int, exclusive: bool, options: dict[str, object]
+    family: int, port: int, exclusive: bool, options: dict[str, Any]
 ) -> tuple[socket.socket | None, int]:
     try:
         if exclusive and options.get("reuseport", True):
             port = _probe_port(family, port)
-        sock = open_udp(family, port, **options)  # type: ignore[arg-type]
+        sock = open_udp(family, port, **options)
     except OSError as e:
         if e.errno == errno.EAFNOSUPPORT:
             return None, port

@@ -80,7 +80,7 @@ class UAPIServer:
 
     def accept(self) -> list[int]:
         """New connections' descriptors (to register with the event loop)."""
-        accepted = []
+        accepted: list[int] = []
         while True:
             try:
                 sock, _ = self.listener.accept()
