@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 T = TypeVar("T")
 
 __all__ = [
+    "worker_in_its_loop",
     "NS_PREFIX",
     "CommandError",
     "REPO_ROOT",
@@ -108,6 +109,22 @@ def keypair() -> tuple[str, str]:
     public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     raw = private.private_bytes_raw()
     return base64.b64encode(raw).decode(), base64.b64encode(public).decode()
+
+
+def worker_in_its_loop(pid: int) -> bool:
+    """Whether a worker process has made its epoll set: it has sent READY and is about to
+    take over its TUN queue and socket (Worker.run)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventpoll]":
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 5.0) -> T:

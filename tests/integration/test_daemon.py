@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -60,6 +61,7 @@ from tests.integration.netns import (
     udp_port_free,
     veth_pair,
     wait_for,
+    worker_in_its_loop,
 )
 from wgmp.control.tun_setup import TUN_VNET_HDR
 from wgmp.net import tun
@@ -550,7 +552,7 @@ def test_daemon_mode_returns_once_ready_and_keeps_running(netns: Netns) -> None:
         assert len(workers) == 1, workers
         # Detached from whoever started it: its own session, no inherited terminal or pipes.
         assert owner.ppid() != os.getpid() and os.getsid(owner.pid) == owner.pid
-        time.sleep(0.5)
+        time.sleep(0.5)  # not a wait for something: it must still run a little later
         assert all(map(_running, [owner, *workers]))
         show = netns.run(["wg", "show", ifname, "dump"]).stdout.split("\t")
         assert show[2] != "0", show  # a listen port was chosen
@@ -746,10 +748,13 @@ def _delete_while_control_is_stopped(netns: Netns, daemon: UserspaceWireGuard) -
     deletion before control hears of it, then let control go on and wait for it to exit."""
     assert daemon.proc is not None
     control = psutil.Process(daemon.proc.pid)
+    workers = control.children()
     control.suspend()
     try:
         netns.ip("link", "delete", "dev", daemon.ifname)
-        time.sleep(1)  # a worker's TUN reports the deletion at once: plenty of time to react
+        # A worker's TUN reports the deletion at once: the workers exit (zombies of the
+        # stopped control) before control can hear of it.
+        wait_for("the workers to exit", lambda: not any(map(_running, workers)))
     finally:
         control.resume()
     assert daemon.proc.wait(timeout=10) == 0, daemon.log()
@@ -765,7 +770,8 @@ def test_interface_deleted_under_the_workers_is_not_restarted_onto(
     daemon.up()
     assert daemon.proc is not None
     workers = psutil.Process(daemon.proc.pid).children()
-    time.sleep(0.5)  # let the (restarted) worker reach its loop, as in any real setup
+    for worker in workers:  # as in any real setup, the workers run before the deletion
+        wait_for("the worker to reach its loop", partial(worker_in_its_loop, worker.pid))
     _delete_while_control_is_stopped(netns, daemon)
     assert "restarting" not in daemon.log(), daemon.log()
     _assert_gone(netns, daemon.ifname, workers, PORT_A)
@@ -779,6 +785,8 @@ def test_interface_deletion_stops_the_workers_quietly(
     daemon = userspace_wireguard(netns, WGMP)
     daemon.configure(listen_port=PORT_A)
     daemon.up()
-    time.sleep(0.5)  # let the (restarted) worker reach its loop, as in any real setup
+    assert daemon.proc is not None
+    for worker in psutil.Process(daemon.proc.pid).children():
+        wait_for("the worker to reach its loop", partial(worker_in_its_loop, worker.pid))
     _delete_while_control_is_stopped(netns, daemon)
     assert "Traceback" not in daemon.log(), daemon.log()

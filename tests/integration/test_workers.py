@@ -55,6 +55,7 @@ from tests.integration.netns import (
     UserspaceWireGuard,
     veth_pair,
     wait_for,
+    worker_in_its_loop,
 )
 from wgmp.dataplane.worker import FLUSH_INTERVAL
 
@@ -187,22 +188,6 @@ def worker_pids(daemon: UserspaceWireGuard) -> dict[int, int]:
     return pids
 
 
-def _in_its_loop(pid: int) -> bool:
-    """Whether a worker process has made its epoll set: it has sent READY and is about to
-    take over its TUN queue and socket (Worker.run)."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventpoll]":
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def kill_and_wait_for_restart(daemon: UserspaceWireGuard, worker: int) -> int:
     """SIGKILL one worker (by PID, a child of the daemon we started), wait for control to
     start its replacement and for that to run and write its stats block once; the new PID."""
@@ -212,7 +197,7 @@ def kill_and_wait_for_restart(daemon: UserspaceWireGuard, worker: int) -> int:
         f"worker {worker} to be restarted",
         lambda: (pid := worker_pids(daemon).get(worker)) not in (None, old) and pid,
     )
-    wait_for(f"worker {worker} to run", lambda: _in_its_loop(new))
+    wait_for(f"worker {worker} to run", lambda: worker_in_its_loop(new))
     time.sleep(3 * FLUSH_INTERVAL)  # its first flush overwrites what the dead one left
     return new
 

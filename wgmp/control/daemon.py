@@ -43,6 +43,7 @@ from ..stats.block import StatsBlock
 from ..stats.collector import DeviceStats, HandshakeStats, PeerStats, WorkerStats, render
 from ..uapi import protocol as uapi
 from ..uapi.server import UAPIServer
+from .configuration import apply_request
 from .interface import Interface
 from .peer import Peer
 from .route_mtu import RouteMTUWatcher
@@ -597,87 +598,20 @@ class Daemon:
         return render(self.stats_snapshot())
 
     def apply(self, request: uapi.SetRequest) -> None:
-        """Apply a parsed set request in order, as wireguard-go does (every line was already
-        validated by the parser, so only a failed bind can stop it half-way)."""
-        interface = self.interface
-        now, wall = time.monotonic(), time.time_ns()
-        peer: Peer | None = None
-        skip_section = False
-        created = False
-        keepalive: int | None = None
-        touched: dict[int, Peer] = {}
+        """Apply a parsed set request (configuration.py); ports and marks are ours to set."""
+        apply_request(self.interface, request, self, time.monotonic(), time.time_ns())
 
-        def end_section() -> None:
-            nonlocal keepalive
-            if (
-                peer is not None
-                and keepalive is not None
-                and not skip_section
-                and peer.peer_id in interface.by_id
-            ):
-                interface.set_persistent_keepalive(peer, keepalive, now, wall)
-            keepalive = None
+    def set_listen_port(self, port: int) -> None:
+        if port != self.interface.listen_port:
+            self._rebind(port)
 
-        for op in request.operations:
-            if isinstance(op, uapi.BeginPeer):
-                end_section()
-                own = interface.identity.public_key if interface.identity else None
-                skip_section = op.public_key == own
-                peer = None
-                if not skip_section:
-                    created = op.public_key not in interface.peers
-                    peer = interface.peer(op.public_key, now)
-                continue
-            if peer is None and not skip_section:
-                self._apply_device(op, now)
-                continue
-            if skip_section or peer is None:
-                continue
-            if isinstance(op, uapi.UpdateOnly):
-                if created:
-                    interface.remove_peer(peer.public_key)
-                    skip_section = True
-            elif isinstance(op, uapi.RemovePeer):
-                interface.remove_peer(peer.public_key)
-                touched.pop(peer.peer_id, None)
-                skip_section = True
-            elif isinstance(op, uapi.SetPresharedKey):
-                interface.set_preshared_key(peer, op.preshared_key)
-            elif isinstance(op, uapi.SetEndpoint):
-                interface.set_endpoint(peer, (op.host, op.port))
-            elif isinstance(op, uapi.SetPersistentKeepalive):
-                keepalive = op.interval
-            elif isinstance(op, uapi.ReplaceAllowedIPs):
-                interface.replace_allowed_ips(peer)
-                touched[peer.peer_id] = peer
-            elif isinstance(op, uapi.AddAllowedIP):
-                # An identical prefix moves from its old owner: each worker's table does the
-                # same on insert, so only this peer's list needs re-sending.
-                interface.add_allowed_ip(peer, op.network)
-                touched[peer.peer_id] = peer
-            elif isinstance(op, uapi.RemoveAllowedIP):
-                interface.remove_allowed_ip(peer, op.network)
-                touched[peer.peer_id] = peer
-        end_section()
-        interface.publish_allowed_ips([p for p in touched.values() if p.peer_id in interface.by_id])
-
-    def _apply_device(self, op: uapi.Operation, now: float) -> None:
-        interface = self.interface
-        if isinstance(op, uapi.SetPrivateKey):
-            interface.set_private_key(op.private_key, now)
-        elif isinstance(op, uapi.SetListenPort):
-            if op.port != interface.listen_port:
-                self._rebind(op.port)
-        elif isinstance(op, uapi.SetFwmark):
-            interface.fwmark = op.fwmark
-            try:
-                for sock in self._all_sockets():
-                    udp.set_fwmark(sock, op.fwmark)
-            except OSError as err:
-                raise uapi.UAPIError(uapi.IPC_ERROR_PORT_IN_USE, f"fwmark: {err}") from err
-        elif isinstance(op, uapi.ReplacePeers):
-            for public_key in list(interface.peers):
-                interface.remove_peer(public_key)
+    def set_fwmark(self, mark: int) -> None:
+        self.interface.fwmark = mark
+        try:
+            for sock in self._all_sockets():
+                udp.set_fwmark(sock, mark)
+        except OSError as err:
+            raise uapi.UAPIError(uapi.IPC_ERROR_PORT_IN_USE, f"fwmark: {err}") from err
 
     def _rebind(self, port: int) -> None:
         """A new listen port: a new socket group, and the workers restarted onto it (they keep
