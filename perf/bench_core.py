@@ -2,7 +2,7 @@
 """Micro-benchmarks of wgmp's protocol core and of the worker's per-packet work.
 
 No root, no sockets, no TUN: only the Python-level cost of each operation, which is what the
-fast path rules in DESIGN.md ask us to count. Every row is timed with `timeit` (garbage
+fast path's measurements (docs/measurements.md) ask us to count. Every row is timed with `timeit` (garbage
 collection off during a timed run, as timeit does): each repeat runs a loop of `ops`
 operations once, and the table shows the median (and the minimum) over the repeats, divided
 by `ops`. The loop itself is included in every figure; the "empty loop" row shows its cost.

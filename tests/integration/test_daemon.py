@@ -72,7 +72,7 @@ TUNNEL_A = {4: "198.51.100.1", 6: "fd00:ee::1"}
 TUNNEL_B = {4: "198.51.100.2", 6: "fd00:ee::2"}
 IPERF_PORT = 5201
 
-# Sizes of whole messages on the wire, which is what rx_bytes/tx_bytes count (PROTOCOL.md).
+# Sizes of whole messages on the wire, which is what rx_bytes/tx_bytes count (as wireguard-go).
 INITIATION, RESPONSE, KEEPALIVE = 148, 92, 32
 # A default ping is an 84-byte IPv4 / 104-byte IPv6 packet, padded to 96 / 112, plus the
 # 16-byte header and the 16-byte tag.

@@ -1,4 +1,4 @@
-"""wgmp's timers against Debian's wireguard-go, watched on the wire (PROTOCOL.md, "Timers").
+"""wgmp's timers against Debian's wireguard-go, watched on the wire (wireguard-go's timers.go).
 
 - Rekey: after REKEY_AFTER_TIME the keypair's initiator starts a new handshake while a ping
   every 100 ms crosses it, with wgmp as the initiator and, at the same time on a second pair,

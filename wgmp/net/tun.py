@@ -7,7 +7,7 @@ kernel keeps each flow on one queue. Packets are read and written with plain `os
 `os.write` (or `readv`/`writev`) on the descriptor; with IFF_VNET_HDR every packet is preceded by
 a 10-byte virtio header (`VIRTIO_NET_HDR`).
 
-Kernel behaviour measured on this machine (Linux 6.18, see tests/integration/test_edges.py):
+Kernel behaviour measured on this machine (Linux 6.18, see tests/net/test_tun.py):
 
 - A non-persistent TUN lives while at least one queue descriptor is open, in any process. With
   several queues, closing queue 0's descriptor does not remove the interface: the other

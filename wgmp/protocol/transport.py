@@ -1,7 +1,8 @@
 """Transport data messages (type 4): padding, sealing and opening one packet.
 
-The reference for what the worker fast path does in bulk; the fast path keeps its own inlined
-copy and tests compare the two.
+The rules the worker's fast path follows in bulk: it inlines the common case of
+`padding_length` and calls it otherwise; tests/dataplane/test_worker.py compares the two for
+every length and MTU.
 """
 
 from __future__ import annotations
