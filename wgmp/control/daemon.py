@@ -35,20 +35,19 @@ from ..ipc.messages import (
     Roamed,
     StatsFlushed,
 )
-from ..net import netlink, tun, udp
-from ..net.steering import attach_steering
+from ..net import netlink, udp
 from ..protocol.constants import MAX_QUEUED_INCOMING_HANDSHAKES
 from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
 from ..stats.collector import DeviceStats, HandshakeStats, PeerStats, WorkerStats, render
 from ..uapi import protocol as uapi
-from ..uapi.server import UAPIServer
+from ..uapi.server import SOCKET_DIRECTORY, UAPIServer
 from .configuration import apply_request
+from .edges import KernelLink, KernelPort, Link, LinkEvents, Port, RouteEvents
 from .interface import Interface
 from .peer import Peer
-from .route_mtu import RouteMTUWatcher
 from .supervisor import RESTART_BACKOFF, Supervisor, WorkerHandle
-from .tun_setup import TUN_VNET_HDR, first_queue
+from .tun_setup import TUN_VNET_HDR
 
 __all__ = ["Daemon", "SetupError"]
 
@@ -75,8 +74,15 @@ class Daemon:
         tun_fd: int | None = None,
         uapi_fd: int | None = None,
         log_level: str = "error",
+        link: Link | None = None,
+        port: Port | None = None,
+        uapi_directory: str = SOCKET_DIRECTORY,
     ) -> None:
+        """`link` and `port` are the interface and the UDP port (edges.py; the kernel's by
+        default), `uapi_directory` where the UAPI socket goes: seams for tests."""
         self.name = name
+        self.link: Link = link if link is not None else KernelLink(name)
+        self.port: Port = port if port is not None else KernelPort()
         self.worker_count = workers
         self.log_level = log_level
         self.running = False
@@ -89,11 +95,10 @@ class Daemon:
         self.tun_fds: list[int] = []
         self.control_sockets: dict[int, socket.socket] = {}
         self._open_tun(tun_fd)
-        self.uapi = self._open_uapi(uapi_fd)
+        self.uapi = self._open_uapi(uapi_fd, uapi_directory)
         try:
             self._bind(0)
-            self.watcher = netlink.LinkWatcher(netlink.link_index(name), tun_fd=self.tun_fds[0])
-            self.route_mtus = RouteMTUWatcher(self.watcher.index)
+            self.watcher, self.route_mtus = self.link.watch(self.tun_fds[0])
             self.interface.route_mtu = self.route_mtus.mtu
         except OSError as err:
             self.uapi.close()  # no socket file left behind that nobody answers on
@@ -104,36 +109,21 @@ class Daemon:
 
     def _open_tun(self, inherited: int | None) -> None:
         try:
-            self.tun_fds = [first_queue(self.name, inherited)]
-            for _ in range(1, self.worker_count):
-                self.tun_fds.append(tun.open_queue(self.name, TUN_VNET_HDR))
-            self.interface.mtu = netlink.get_mtu(self.name)
+            self.tun_fds = self.link.open_queues(self.worker_count, inherited)
+            self.interface.mtu = self.link.mtu()
         except OSError as err:
             raise SetupError(str(err)) from err
 
-    def _open_uapi(self, inherited: int | None) -> UAPIServer:
+    def _open_uapi(self, inherited: int | None, directory: str) -> UAPIServer:
         try:
-            return UAPIServer(self.name, fd=inherited)
+            return UAPIServer(self.name, fd=inherited, directory=directory)
         except OSError as err:
             raise SetupError(f"UAPI listen error: {err}") from err
 
     def _bind(self, port: int) -> None:
         """Build the reuseport group: control's sockets first, then each worker's, in order
         (the steering program relies on that order; see net/steering.py)."""
-        options: dict[str, Any] = {"fwmark": self.interface.fwmark}
-        sock4, sock6, port = udp.bind_pair(port, **options)
-        group: list[dict[int, socket.socket]] = [{}]
-        for family, sock in ((4, sock4), (6, sock6)):
-            if sock is not None:
-                group[0][family] = sock
-        for _ in range(self.worker_count):
-            sockets = {}
-            for family, af in ((4, socket.AF_INET), (6, socket.AF_INET6)):
-                if family in group[0]:
-                    sockets[family] = udp.open_udp(af, port, **options)
-            group.append(sockets)
-        for sock in group[0].values():
-            attach_steering(sock)
+        group, port = self.port.bind_group(port, self.worker_count, self.interface.fwmark)
         self.control_sockets = group[0]
         self.interface.listen_port = port
         if not self.supervisor.workers:
@@ -158,9 +148,13 @@ class Daemon:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run(self, ready: Callable[[], None] | None = None) -> None:
+    def run(self, ready: Callable[[], None] | None = None, *, signals: bool = True) -> None:
+        """The event loop, until told to stop. `signals=False` leaves the process's signal
+        handling alone (a daemon run in a thread by a test: only the main thread may set it);
+        a dead worker is then noticed at the next turn of the loop, within 0.25 s."""
         self.running = True
-        self._install_signals()
+        if signals:
+            self._install_signals()
         for handle in self.supervisor.workers:
             self._start_worker(handle)
         self._register_sockets()
@@ -222,7 +216,7 @@ class Daemon:
         for sock in self.control_sockets.values():
             self.selector.register(sock, selectors.EVENT_READ, self._on_handshake_socket)
 
-    def _on_link(self, watcher: netlink.LinkWatcher) -> None:
+    def _on_link(self, watcher: LinkEvents) -> None:
         for event in watcher.read():
             if event.change == netlink.LinkChange.DELETED:
                 log.info("interface %s deleted: shutting down", self.name)
@@ -230,7 +224,7 @@ class Daemon:
             elif event.change == netlink.LinkChange.MTU and event.mtu:
                 self.interface.set_mtu(event.mtu)
 
-    def _on_routes(self, watcher: RouteMTUWatcher) -> None:
+    def _on_routes(self, watcher: RouteEvents) -> None:
         if watcher.read():  # a route through the interface changed its MTU: padding follows
             self.interface.set_route_mtu(watcher.mtu)
 
@@ -345,7 +339,7 @@ class Daemon:
         if not self.running:
             return  # shutting down: stop_all() collects every worker
         for handle in self.supervisor.dead():
-            if not tun.is_alive(handle.tun_fd):
+            if not self.link.queue_alive(handle.tun_fd):
                 # Workers die on EBADFD when the interface is deleted, which can be before its
                 # RTM_DELLINK reaches us: a replacement would only die the same way.
                 log.info("interface %s deleted: shutting down", self.name)

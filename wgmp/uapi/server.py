@@ -21,8 +21,8 @@ __all__ = ["SOCKET_DIRECTORY", "UAPIServer", "socket_path"]
 SOCKET_DIRECTORY = "/var/run/wireguard"
 
 
-def socket_path(interface: str) -> str:
-    return os.path.join(SOCKET_DIRECTORY, f"{interface}.sock")
+def socket_path(interface: str, directory: str = SOCKET_DIRECTORY) -> str:
+    return os.path.join(directory, f"{interface}.sock")
 
 
 class SocketInUseError(OSError):
@@ -37,8 +37,10 @@ class _Connection:
 
 
 class UAPIServer:
-    def __init__(self, interface: str, *, fd: int | None = None) -> None:
-        self.path = socket_path(interface)
+    def __init__(
+        self, interface: str, *, fd: int | None = None, directory: str = SOCKET_DIRECTORY
+    ) -> None:
+        self.path = socket_path(interface, directory)
         if fd is not None:  # inherited from the process that daemonised us (WG_UAPI_FD)
             self.listener = socket.socket(fileno=fd)
         else:
@@ -49,8 +51,8 @@ class UAPIServer:
 
     @staticmethod
     def _listen(path: str) -> socket.socket:
-        os.makedirs(SOCKET_DIRECTORY, mode=0o755, exist_ok=True)
-        os.chmod(SOCKET_DIRECTORY, 0o755)
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        os.chmod(os.path.dirname(path), 0o755)
         if os.path.exists(path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
