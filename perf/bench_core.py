@@ -23,7 +23,6 @@ import os
 import platform
 import random
 import statistics
-import struct
 import sys
 import time
 import timeit
@@ -44,10 +43,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa: E402
 
 from wgmp.protocol.allowedips import AllowedIPs  # noqa: E402
-from wgmp.protocol.constants import MESSAGE_TRANSPORT_MIN_SIZE  # noqa: E402
+from wgmp.protocol.constants import MESSAGE_TRANSPORT, MESSAGE_TRANSPORT_MIN_SIZE  # noqa: E402
 from wgmp.protocol.cookie import CookieChecker, CookieGenerator, source_bytes  # noqa: E402
 from wgmp.protocol.crypto import DH, DH_GENERATE  # noqa: E402
-from wgmp.protocol.messages import parse_initiation, parse_response  # noqa: E402
+from wgmp.protocol.messages import (  # noqa: E402
+    TRANSPORT_HEADER,
+    parse_initiation,
+    parse_response,
+)
 from wgmp.protocol.noise import Handshake, StaticIdentity, consume_initiation  # noqa: E402
 from wgmp.protocol.replay import ReplayWindow  # noqa: E402
 from wgmp.protocol.transport import open_transport, seal_transport  # noqa: E402
@@ -56,8 +59,6 @@ MTU = 1420
 
 # -- the worker's fast-path shapes (copied from wgmp/dataplane/worker.py) ----------------------
 
-_HEADER = struct.Struct("<IIQ")
-_TYPE_TRANSPORT_WORD = 4
 _ZEROS = bytes(16)
 S_CIPHER, S_REMOTE = 0, 1  # indices into the worker's send-state list
 R_CIPHER, R_PEER, R_REPLAY = 0, 1, 2  # indices into the worker's receive entry
@@ -174,7 +175,7 @@ def bench_transport(b: Bench, rng: random.Random) -> None:
                 pad = (-length) & 15
                 if length + pad > mtu:
                     pad = max(mtu - length, 0)
-                message = _HEADER.pack(_TYPE_TRANSPORT_WORD, send[S_REMOTE], counter) + send[
+                message = TRANSPORT_HEADER.pack(MESSAGE_TRANSPORT, send[S_REMOTE], counter) + send[
                     S_CIPHER
                 ].encrypt(_nonce(counter), packet + _ZEROS[:pad] if pad else packet, None)
             return message
@@ -199,7 +200,7 @@ def bench_transport(b: Bench, rng: random.Random) -> None:
             for data in messages:
                 if len(data) < MESSAGE_TRANSPORT_MIN_SIZE or data[0] != 4 or data[1:4] != b"\0\0\0":
                     continue
-                _, index, counter = _HEADER.unpack_from(data)
+                _, index, counter = TRANSPORT_HEADER.unpack_from(data)
                 entry = by_index.get(index)
                 if entry is None:
                     continue

@@ -47,11 +47,17 @@ def _next_message(handle: WorkerHandle, timeout: float = 10.0) -> Message:
     raise AssertionError("no message from the worker")
 
 
-def test_a_started_worker_says_it_is_ready(supervised: tuple[Supervisor, WorkerHandle]) -> None:
-    supervisor, handle = supervised
+def _start_ready(supervisor: Supervisor, handle: WorkerHandle) -> int:
+    """Start the worker and wait for its Ready; its pid."""
     supervisor.start(handle)
     assert handle.process is not None and handle.channel is not None
     assert _next_message(handle) == Ready(0, handle.process.pid)
+    return handle.process.pid
+
+
+def test_a_started_worker_says_it_is_ready(supervised: tuple[Supervisor, WorkerHandle]) -> None:
+    supervisor, handle = supervised
+    _start_ready(supervisor, handle)
     assert supervisor.dead() == []
 
 
@@ -59,18 +65,14 @@ def test_a_dead_worker_is_reported_and_its_replacement_gets_the_same_descriptors
     supervised: tuple[Supervisor, WorkerHandle],
 ) -> None:
     supervisor, handle = supervised
-    supervisor.start(handle)
-    _next_message(handle)
-    first = handle.process
-    assert first is not None
-    os.kill(first.pid, signal.SIGKILL)
-    first.wait(10)
+    first = _start_ready(supervisor, handle)
+    os.kill(first, signal.SIGKILL)
+    assert handle.process is not None
+    handle.process.wait(10)
     assert supervisor.dead() == [handle]
     assert handle.channel is not None
     handle.channel.close()  # as the daemon forgets a dead worker's pipe
-    supervisor.start(handle)  # what the daemon does after RESTART_BACKOFF
-    assert handle.process is not None and handle.process.pid != first.pid
-    assert _next_message(handle) == Ready(0, handle.process.pid)
+    assert _start_ready(supervisor, handle) != first  # what the daemon does after a backoff
     assert supervisor.dead() == []
 
 
@@ -78,8 +80,7 @@ def test_stop_all_ends_every_worker_and_closes_their_pipes(
     supervised: tuple[Supervisor, WorkerHandle],
 ) -> None:
     supervisor, handle = supervised
-    supervisor.start(handle)
-    _next_message(handle)
+    _start_ready(supervisor, handle)
     process = handle.process
     assert process is not None
     supervisor.stop_all(timeout=5.0)
