@@ -5,7 +5,6 @@ no root and no namespaces: the TUN is in memory and the UDP port on loopback
 from __future__ import annotations
 
 import random
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.inmemory import LoopbackPort, MemoryTun
+from tests.integration.netns import uapi_exchange
 from tests.net.helpers import ipv4_udp
 from wgmp.control.daemon import Daemon
 from wgmp.protocol.crypto import DH_GENERATE
@@ -38,16 +38,7 @@ class Side:
 
     def uapi(self, request: str) -> str:
         """One UAPI exchange over the daemon's socket, as `wg` does it."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect(str(self.socket_path))
-            sock.sendall(request.encode())
-            reply = b""
-            while not reply.endswith(b"\n\n"):
-                chunk = sock.recv(65536)
-                assert chunk, f"the daemon hung up after {reply!r}"
-                reply += chunk
-        return reply.decode()
+        return uapi_exchange(self.socket_path, request)
 
     def stop(self) -> None:
         self.daemon.running = False

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 T = TypeVar("T")
 
 __all__ = [
+    "uapi_exchange",
     "worker_in_its_loop",
     "NS_PREFIX",
     "CommandError",
@@ -125,6 +126,22 @@ def worker_in_its_loop(pid: int) -> bool:
         except OSError:
             continue
     return False
+
+
+def uapi_exchange(path: str | os.PathLike[str], request: str) -> str:
+    """Send one raw UAPI request (e.g. "set=1\\n...\\n\\n") to the configuration socket at
+    `path` and return the reply (up to the blank line that ends it, or the hang-up)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(os.fspath(path))
+        sock.sendall(request.encode())
+        reply = b""
+        while not reply.endswith(b"\n\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply.decode()
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 5.0) -> T:
