@@ -3,6 +3,7 @@ socket records what would be sent, the pipe to control is a socketpair."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -12,7 +13,7 @@ import msgpack
 import pytest
 
 from tests.dataplane.test_coalesce import tcp4
-from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker
+from wgmp.dataplane.worker import P_STICKY, ROLE_CURRENT, ROLE_NEXT, Worker
 from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
 from wgmp.ipc.messages import Confirmed, Message, NeedHandshake, RekeyWanted, Roamed, decode
@@ -262,3 +263,48 @@ def test_rekey_on_receive_follows_the_protocol_rule(rig: Any) -> None:
     view, nbytes, size = train([0])
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
     assert RekeyWanted(1) in control_messages(rig.control)
+
+
+class FailingSocket(FakeSocket):
+    """Refuses every send that carries a sticky source (its address is gone) with `stale`, and
+    every send at all with `always`."""
+
+    def __init__(self, stale: int | None = None, always: int | None = None) -> None:
+        super().__init__()
+        self.stale, self.always = stale, always
+
+    def sendmsg(self, buffers: list[bytes], ancillary: list[Any], flags: int, address: Any) -> int:
+        if self.always is not None:
+            raise OSError(self.always, os.strerror(self.always))
+        if self.stale is not None and any(c[:2] == PKTINFO[:2] for c in ancillary):
+            raise OSError(self.stale, os.strerror(self.stale))
+        return super().sendmsg(buffers, ancillary, flags, address)
+
+
+def test_a_stale_sticky_source_is_forgotten_and_the_packet_still_goes(rig: Any) -> None:
+    install(rig.worker, ROLE_CURRENT)
+    failing = FailingSocket(stale=errno.ENETUNREACH)
+    rig.worker.sockets[4] = failing
+    rig.worker.peers[1][P_STICKY] = PKTINFO
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(1))
+    rig.worker._outbound(time.monotonic())
+    assert len(failing.sent) == 1 and failing.sent[0][1] == []  # sent as routing chooses
+    assert rig.worker.peers[1][P_STICKY] is None
+
+
+def test_send_and_tun_write_failures_are_their_own_drop_reasons(rig: Any) -> None:
+    install(rig.worker, ROLE_CURRENT)
+    rig.worker.sockets[4] = FailingSocket(always=errno.EPERM)
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(1))
+    rig.worker._outbound(time.monotonic())
+    assert rig.worker.drops[DropReason.SEND_FAILED] == 1
+    assert rig.worker.drops[DropReason.NO_ROUTE] == 0
+    packet = bytearray(_outbound(2))
+    packet[16:20] = bytes([203, 0, 113, 9])  # no peer's allowed IPs hold it
+    rig.tun.send(VIRTIO_NET_HDR_NONE + bytes(packet))
+    rig.worker._outbound(time.monotonic())
+    assert rig.worker.drops[DropReason.NO_ROUTE] == 1
+    rig.tun.shutdown(socket.SHUT_RD)  # the "kernel" refuses what the worker writes
+    rig.worker._to_tun.append(_inner(0, THEIRS))
+    rig.worker._write_tun()
+    assert rig.worker.drops[DropReason.TUN_WRITE_FAILED] == 1

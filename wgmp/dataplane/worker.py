@@ -72,6 +72,7 @@ from ..protocol.constants import (
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
 )
+from ..protocol.crypto import AEAD_NONCE
 from ..protocol.errors import DropReason
 from ..protocol.indextable import worker_of
 from ..protocol.messages import TRANSPORT_HEADER
@@ -92,7 +93,6 @@ COUNTER_BLOCK = 256  # counters reserved per lock: one fcntl pair per 256 packet
 COUNTER_BLOCK_STALE = 1024
 BATCH = 64  # packets taken from one ready descriptor before looking at the others
 
-_NONCE = struct.Struct("<4xQ")  # 4 zero bytes + the 64-bit little-endian counter
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
 GSO_MAX_SEGMENTS = 64  # the kernel takes up to 64 (older) or 128 segments per call
@@ -238,9 +238,7 @@ class Worker:
                     last_destination = None
                     continue
                 last_destination = destination
-                batch = batches.get(peer_id)  # type: ignore[assignment]
-                if batch is None:
-                    batch = batches[peer_id] = []
+                batch = batches.setdefault(peer_id, [])
             batch.append(packet)
         if not self.gso and now >= self._gso_retry_at:
             self.gso = True
@@ -276,17 +274,17 @@ class Worker:
             send[S_END] = counter + size
         send[S_NEXT] = counter + count
         encrypt, remote, mtu = send[S_CIPHER].encrypt, send[S_REMOTE], self.mtu
-        header, nonce, zeros = TRANSPORT_HEADER.pack, _NONCE.pack, _ZEROS
+        header, nonce, zeros = TRANSPORT_HEADER.pack, AEAD_NONCE.pack, _ZEROS
         messages = []
         for packet in packets:
-            # transport.padding_length, inlined for the common case (a packet that fits the
-            # MTU once padded: one comparison per packet); tests/dataplane/test_worker.py
-            # checks that both agree for every length and MTU.
+            # transport.padding_length, inlined but for packets over the MTU (a call costs
+            # ~150 ns a packet, 3% of sending one: perf/bench_dataplane.py, docs/measurements.md);
+            # tests/dataplane/test_worker.py checks that both agree for every length and MTU.
             length = len(packet)
             pad = -length & 15
-            if length + pad > mtu:
-                pad = padding_length(length, mtu)
             if pad:
+                if length + pad > mtu:
+                    pad = mtu - length if length <= mtu else padding_length(length, mtu)
                 packet += zeros[:pad]
             messages.append(
                 header(MESSAGE_TRANSPORT, remote, counter) + encrypt(nonce(counter), packet, None)
@@ -441,11 +439,12 @@ class Worker:
         (lookup, expiry, confirmation, roaming, counters, timers) is done once per run of equal
         receiver indices, and the source check is cached while the inner source repeats."""
         unpack, drops, by_index = TRANSPORT_HEADER.unpack_from, self.drops, self.by_index
-        to_tun, lookup, nonce = self._to_tun, self.allowed.lookup, _NONCE.pack
+        to_tun, lookup, nonce = self._to_tun, self.allowed.lookup, AEAD_NONCE.pack
         entry: list[Any] | None = None
         index = -1
         run_bytes = run_packets = 0
-        decrypt = accept = None
+        decrypt: Any = None  # bound with `entry`: used only while a run has one
+        accept: Any = None
         peer_id = 0
         last_source = b""
         source_ok = False
@@ -491,11 +490,11 @@ class Worker:
                 drops[DropReason.KEY_EXPIRED if expired else DropReason.UNKNOWN_RECEIVER_INDEX] += 1
                 continue
             try:
-                plaintext = decrypt(nonce(counter), view[offset + 16 : end], None)  # type: ignore[misc]
+                plaintext = decrypt(nonce(counter), view[offset + 16 : end], None)
             except InvalidTag:
                 drops[DropReason.DECRYPTION_FAILED] += 1
                 continue
-            if not accept(counter):  # type: ignore[misc]
+            if not accept(counter):
                 drops[DropReason.REPLAY] += 1
                 continue
             if entry[R_ROLE] == ROLE_NEXT:
@@ -526,7 +525,7 @@ class Worker:
             to_tun.append(plaintext if length == len(plaintext) else plaintext[:length])
             received_data = True
         if run_packets:
-            self._received(entry, run_bytes, run_packets, received_data, address, sticky, now)  # type: ignore[arg-type]
+            self._received(entry, run_bytes, run_packets, received_data, address, sticky, now)  # type: ignore[arg-type]  # a run has an entry
 
     def _not_transport(self, data: memoryview, address: tuple[Any, ...]) -> None:
         if len(data) and data[0] in (1, 2, 3):
