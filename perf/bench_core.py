@@ -2,7 +2,7 @@
 """Micro-benchmarks of wgmp's protocol core and of the worker's per-packet work.
 
 No root, no sockets, no TUN: only the Python-level cost of each operation, which is what the
-fast path rules in DESIGN.md ask us to count. Every row is timed with `timeit` (garbage
+fast path's measurements (docs/measurements.md) ask us to count. Every row is timed with `timeit` (garbage
 collection off during a timed run, as timeit does): each repeat runs a loop of `ops`
 operations once, and the table shows the median (and the minimum) over the repeats, divided
 by `ops`. The loop itself is included in every figure; the "empty loop" row shows its cost.
@@ -23,12 +23,12 @@ import os
 import platform
 import random
 import statistics
-import struct
 import sys
 import time
 import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa: E402
 
 from wgmp.protocol.allowedips import AllowedIPs  # noqa: E402
-from wgmp.protocol.constants import MESSAGE_TRANSPORT_MIN_SIZE  # noqa: E402
+from wgmp.protocol.constants import MESSAGE_TRANSPORT, MESSAGE_TRANSPORT_MIN_SIZE  # noqa: E402
 from wgmp.protocol.cookie import CookieChecker, CookieGenerator, source_bytes  # noqa: E402
 from wgmp.protocol.crypto import DH, DH_GENERATE  # noqa: E402
-from wgmp.protocol.messages import parse_initiation, parse_response  # noqa: E402
+from wgmp.protocol.messages import (  # noqa: E402
+    TRANSPORT_HEADER,
+    parse_initiation,
+    parse_response,
+)
 from wgmp.protocol.noise import Handshake, StaticIdentity, consume_initiation  # noqa: E402
 from wgmp.protocol.replay import ReplayWindow  # noqa: E402
 from wgmp.protocol.transport import open_transport, seal_transport  # noqa: E402
@@ -55,8 +59,6 @@ MTU = 1420
 
 # -- the worker's fast-path shapes (copied from wgmp/dataplane/worker.py) ----------------------
 
-_HEADER = struct.Struct("<IIQ")
-_TYPE_TRANSPORT_WORD = 4
 _ZEROS = bytes(16)
 S_CIPHER, S_REMOTE = 0, 1  # indices into the worker's send-state list
 R_CIPHER, R_PEER, R_REPLAY = 0, 1, 2  # indices into the worker's receive entry
@@ -134,6 +136,18 @@ class Bench:
 # -- data plane: one packet ------------------------------------------------------------------
 
 
+def _fresh_window(counters: list[int]) -> tuple[ReplayWindow, list[int]]:
+    return ReplayWindow(), counters
+
+
+def _fresh_table(items: Any) -> tuple[AllowedIPs[Any], Any]:
+    return AllowedIPs(), items
+
+
+def _pair(first: Any, second: Any) -> tuple[Any, Any]:
+    return first, second
+
+
 def _packet(length: int, rng: random.Random) -> bytes:
     return rng.randbytes(length)
 
@@ -161,7 +175,7 @@ def bench_transport(b: Bench, rng: random.Random) -> None:
                 pad = (-length) & 15
                 if length + pad > mtu:
                     pad = max(mtu - length, 0)
-                message = _HEADER.pack(_TYPE_TRANSPORT_WORD, send[S_REMOTE], counter) + send[
+                message = TRANSPORT_HEADER.pack(MESSAGE_TRANSPORT, send[S_REMOTE], counter) + send[
                     S_CIPHER
                 ].encrypt(_nonce(counter), packet + _ZEROS[:pad] if pad else packet, None)
             return message
@@ -186,7 +200,7 @@ def bench_transport(b: Bench, rng: random.Random) -> None:
             for data in messages:
                 if len(data) < MESSAGE_TRANSPORT_MIN_SIZE or data[0] != 4 or data[1:4] != b"\0\0\0":
                     continue
-                _, index, counter = _HEADER.unpack_from(data)
+                _, index, counter = TRANSPORT_HEADER.unpack_from(data)
                 entry = by_index.get(index)
                 if entry is None:
                     continue
@@ -267,7 +281,7 @@ def bench_replay(b: Bench, rng: random.Random) -> None:
         ("accept, out of order: swapped pairs", swapped),
         ("accept, out of order: shuffled in blocks of 1024", shuffled),
     ):
-        b.run(name, ops, lambda counters=counters: (ReplayWindow(), counters), accept_all)
+        b.run(name, ops, partial(_fresh_window, counters), accept_all)
 
 
 # -- allowed IPs -----------------------------------------------------------------------------
@@ -345,7 +359,7 @@ def bench_allowed_ips(b: Bench, rng: random.Random) -> None:
             b.run(
                 f"lookup {kind}; {detail}",
                 ops,
-                lambda table=table, addresses=addresses: (table, addresses),
+                partial(_pair, table, addresses),
                 lookup_all,
             )
 
@@ -364,7 +378,7 @@ def bench_allowed_ips(b: Bench, rng: random.Random) -> None:
         b.run(
             f"insert 100,000 IPv4 prefixes /16../32 from {form}",
             count,
-            lambda items=items: (AllowedIPs(), items),
+            partial(_fresh_table, items),
             insert_all,
             repeats=insert_repeats,
         )

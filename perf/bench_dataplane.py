@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wgmp.dataplane.coalesce import VNET_HDR_NONE  # noqa: E402
 from wgmp.dataplane.worker import ROLE_CURRENT, Worker  # noqa: E402
 from wgmp.ipc.channel import Channel  # noqa: E402
 from wgmp.ipc.keyslots import KeySlots  # noqa: E402
+from wgmp.net.tun import VIRTIO_NET_HDR_NONE  # noqa: E402
 from wgmp.protocol.transport import seal_transport  # noqa: E402
 from wgmp.stats.block import StatsBlock  # noqa: E402
 
@@ -81,7 +81,7 @@ def bench_send(rounds: int) -> float:
     tun_ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     worker, sink = make_worker(tun_theirs.fileno())
     os.set_blocking(tun_theirs.fileno(), False)
-    frames = [VNET_HDR_NONE + tcp_segment(i * 1368, b"x" * 1368) for i in range(BATCH)]
+    frames = [VIRTIO_NET_HDR_NONE + tcp_segment(i * 1368, b"x" * 1368) for i in range(BATCH)]
     best = float("inf")
     for _ in range(5):
         spent = 0.0

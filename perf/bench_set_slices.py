@@ -28,6 +28,16 @@ from wgmp.uapi import protocol as uapi
 from wgmp.uapi.server import RECEIVE_SIZE
 
 
+class _NoSockets:
+    """The request sets no port or mark: nothing to bind."""
+
+    def set_listen_port(self, port: int) -> None:
+        pass
+
+    def set_fwmark(self, mark: int) -> None:
+        pass
+
+
 def _request(peers: int) -> bytes:
     lines = [b"set=1"]
     for i in range(peers):
@@ -47,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     freeze = gc.freeze if not args.no_freeze else lambda: None
     request = _request(args.peers)
-    interface = Interface(KeySlots.create(1024), secrets.SystemRandom())  # type: ignore[arg-type]
+    interface = Interface(KeySlots.create(1024), secrets.SystemRandom())
     interface.set_private_key(os.urandom(32), 0.0)
 
     reader = uapi.RequestReader()
@@ -63,7 +73,7 @@ def main() -> None:
     (set_request,) = items
     assert isinstance(set_request, uapi.SetRequest)
 
-    application = SetApplication(interface, set_request, lambda _op, _now: None)
+    application = SetApplication(interface, set_request, _NoSockets())
     worst_slice = 0.0
     slices = 0
     started = time.perf_counter()

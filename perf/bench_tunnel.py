@@ -532,7 +532,7 @@ def measure_path(
         ns_a.ip("link", "set", veth_a, "up")
         ns_b.ip("link", "set", veth_b, "up")
 
-        if kind_a is None:
+        if kind_a is None or kind_b is None:
             target = VETH_B
         else:
             target = TUN_B
@@ -595,8 +595,8 @@ def measure_path(
                     if dead:
                         cfg.error = "; ".join(
                             f"{d.kind} ({'a' if d.ns is ns_a else 'b'}) exited with "
-                            f"{d.proc.returncode}"
-                            for d in dead  # type: ignore[union-attr]
+                            f"{d.proc.returncode if d.proc else None}"
+                            for d in dead
                         )
                         break
                 finally:
@@ -739,6 +739,7 @@ def _cells(args: argparse.Namespace, configs: list[Config]) -> list[dict[str, An
                 r for c in runs for r in c.rows if (r.direction, r.streams) == (direction, streams)
             ]
             ok = [r for r in rows if r.gbps is not None]
+            gbps = [r.gbps for r in rows if r.gbps is not None]
             if kind_a == kind_b or kind_a is None:
                 dlabel = "b → a" if direction == "rev" else "a → b"
             else:
@@ -757,9 +758,9 @@ def _cells(args: argparse.Namespace, configs: list[Config]) -> list[dict[str, An
                     "runs": len(runs),
                     "failed": len(runs) - len(ok),
                     "noted": sum(1 for r in rows if r.note),
-                    "gbps": statistics.median(r.gbps for r in ok) if ok else None,  # type: ignore[misc]
-                    "gbps_min": min(r.gbps for r in ok) if ok else None,  # type: ignore[type-var]
-                    "gbps_max": max(r.gbps for r in ok) if ok else None,  # type: ignore[type-var]
+                    "gbps": statistics.median(gbps) if gbps else None,
+                    "gbps_min": min(gbps) if gbps else None,
+                    "gbps_max": max(gbps) if gbps else None,
                     "retransmits": statistics.median(r.retransmits or 0 for r in ok)
                     if ok
                     else None,
@@ -771,13 +772,13 @@ def _cells(args: argparse.Namespace, configs: list[Config]) -> list[dict[str, An
                 }
             )
     ref = {
-        (c["direction"], c["streams"]): c["gbps"]
-        for c in cells
-        if c["path"] == REFERENCE and c["gbps"]
+        (cell["direction"], cell["streams"]): cell["gbps"]
+        for cell in cells
+        if cell["path"] == REFERENCE and cell["gbps"]
     }
-    for c in cells:
-        base = ref.get((c["direction"], c["streams"]))
-        c["ratio"] = c["gbps"] / base if c["gbps"] is not None and base else None
+    for cell in cells:
+        base = ref.get((cell["direction"], cell["streams"]))
+        cell["ratio"] = cell["gbps"] / base if cell["gbps"] is not None and base else None
     return cells
 
 
@@ -944,10 +945,10 @@ def main(argv: list[str] | None = None) -> int:
             args.wgmp_sha = export_ref(args.wgmp_ref, workdir / "src")
             args.wgmp_root = workdir / "src"
         log(wgmp_source(args))
-        plan = [(p, w) for p in args.paths for w in (args.workers if "wgmp" in p else ["-"])]
+        round_plan = [(p, w) for p in args.paths for w in (args.workers if "wgmp" in p else ["-"])]
         # With --repeat, whole rounds one after the other, so that a busy spell of a shared
         # machine spreads over all paths instead of hitting one.
-        plan = [(n, p, w) for n in range(args.repeat) for p, w in plan]
+        plan = [(n, p, w) for n in range(args.repeat) for p, w in round_plan]
         for i, (n, path, workers) in enumerate(plan):
             log(
                 f"[{i + 1}/{len(plan)}] {PATHS[path][0]}"

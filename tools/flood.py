@@ -201,7 +201,7 @@ def parse_sources(text: str, limit: int) -> list[ipaddress.IPv4Address | ipaddre
         network = ipaddress.ip_network(item, strict=False)
         hosts = network.hosts() if network.num_addresses > 2 else iter(network)
         for address in hosts:
-            addresses.append(address)
+            addresses.append(ipaddress.ip_address(str(address)))
             if len(addresses) >= limit:
                 return addresses
     return addresses
@@ -497,8 +497,8 @@ class Flooder:
         finally:
             report.seconds = time.monotonic() - start
             report.rate = report.sent / report.seconds if report.seconds > 0 else 0.0
-        end = time.monotonic() + linger
-        while time.monotonic() < end:
+        linger_until = time.monotonic() + linger
+        while time.monotonic() < linger_until:
             self.drain()
             time.sleep(0.01)
         self.drain()

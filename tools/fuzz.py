@@ -28,6 +28,7 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -155,9 +156,9 @@ def main() -> int:
     namespaces = [Netns("wgmp"), Netns("fuzz")]
     bed = None
     try:
-        link = veth_pair(*namespaces)
+        link = veth_pair(namespaces[0], namespaces[1])
 
-        def start(ns: Netns, argv: list[str]) -> UserspaceWireGuard:
+        def start(ns: Netns, argv: Sequence[str]) -> UserspaceWireGuard:
             daemon = UserspaceWireGuard(ns, argv, env={"LOG_LEVEL": "error"})
             daemons.append(daemon)
             return daemon.start()

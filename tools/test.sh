@@ -9,5 +9,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== style: ruff"
 python -m ruff check wgmp tests perf tools
 python -m ruff format --check wgmp tests perf tools
+echo "== types: mypy (configuration in pyproject.toml)"
+python -m mypy
 echo "== tests: pytest"
 python -m pytest -q -p no:cacheprovider "$@"

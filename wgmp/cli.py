@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import stat
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .uapi.server import UAPIServer
 
 __all__ = ["main", "resolve_settings"]
 
@@ -228,7 +233,7 @@ def _run_control(
     interface: str,
     workers: int,
     level: str,
-    listener: object,
+    listener: socket.socket | None,
     *,
     tun_fd: int | None,
     uapi_fd: int | None,
@@ -238,7 +243,7 @@ def _run_control(
     reason it could not start) through `readiness` when the daemonising parent waits."""
     from . import proctitle, sdnotify
     from .control.daemon import Daemon, SetupError
-    from .stats.metrics_server import serve_metrics
+    from .stats.metrics_server import CachedMetrics, serve_metrics
 
     readiness = readiness or _Readiness(None)
     proctitle.set_title(proctitle.control_title(interface))
@@ -250,7 +255,12 @@ def _run_control(
 
     def ready() -> None:
         if listener is not None:
-            serve_metrics(daemon, listener)  # type: ignore[arg-type]
+            serve_metrics(
+                daemon.selector,
+                listener,
+                daemon.render_stats,
+                CachedMetrics(daemon.when_flushed, lambda: daemon.round_text("stats")).deliver,
+            )
         readiness.ready()
         sdnotify.notify("READY=1")
 
@@ -259,20 +269,13 @@ def _run_control(
     return 0
 
 
-def _daemonise(interface: str, workers: int, level: str, listener: object) -> int:
-    from .control.daemon import TUN_VNET_HDR, check_tun_fd
-    from .net import netlink, tun
-    from .protocol.constants import DEFAULT_MTU
+def _daemonise(interface: str, workers: int, level: str, listener: socket.socket | None) -> int:
+    from .control.tun_setup import first_queue
     from .uapi.server import UAPIServer
 
     # Descriptors given in WG_TUN_FD / WG_UAPI_FD are used and handed on, as by wireguard-go.
-    tun_fd = _inherited_fd(ENV_TUN_FD)
     try:
-        if tun_fd is None:
-            tun_fd = tun.open_queue(interface, TUN_VNET_HDR, exclusive=True)
-            netlink.set_mtu(interface, DEFAULT_MTU)
-        else:
-            check_tun_fd(tun_fd, interface)
+        tun_fd = first_queue(interface, _inherited_fd(ENV_TUN_FD))
     except OSError as err:
         print(f"wgmp: failed to create TUN device: {err}", file=sys.stderr)
         return 1
@@ -303,7 +306,7 @@ def _daemonise(interface: str, workers: int, level: str, listener: object) -> in
 
 
 def _read_all(fd: int) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         try:
             chunk = os.read(fd, 4096)
@@ -330,9 +333,9 @@ def _become_daemon(
     interface: str,
     workers: int,
     level: str,
-    listener: object,
+    listener: socket.socket | None,
     tun_fd: int,
-    server: object,
+    server: UAPIServer,
     ready_w: int,
 ) -> None:
     """The forked child: a new session (no terminal's Ctrl-C or hang-up reaches it), "/" as
@@ -349,7 +352,7 @@ def _become_daemon(
         if not _keep_stderr(level):
             os.dup2(devnull, 2)
         os.close(devnull)
-        uapi_fd = server.listener.detach()  # type: ignore[attr-defined]
+        uapi_fd = server.listener.detach()
         code = _run_control(
             interface,
             workers,

@@ -17,11 +17,15 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from .stats.command import NotWgmp, _interfaces, fetch
 from .uapi.server import socket_path
+
+if TYPE_CHECKING:  # rich is imported when the view is drawn: `wgmp` starts without it
+    from rich.console import Group, RenderableType
 
 __all__ = ["Reading", "main", "parse", "render"]
 
@@ -140,7 +144,7 @@ def _ago(unix_seconds: float, wall: float) -> str:
     return f"{seconds // 3600} h ago"
 
 
-def render(now: Reading, before: Reading | None, wall: float):  # -> rich renderable
+def render(now: Reading, before: Reading | None, wall: float) -> Group:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -179,12 +183,12 @@ def render(now: Reading, before: Reading | None, wall: float):  # -> rich render
         peers.add_column(heading, justify="right" if heading in ("rx", "tx") else "left")
     for key in sorted(now.peers):
         peer = now.peers[key]
-        p = previous.peers.get(key, PeerReading())
+        q = previous.peers.get(key, PeerReading())
         peers.add_row(
             _short(key),
             peer.endpoint or "(none)",
-            _bits(_rate(peer.rx_bytes, p.rx_bytes, seconds)),
-            _bits(_rate(peer.tx_bytes, p.tx_bytes, seconds)),
+            _bits(_rate(peer.rx_bytes, q.rx_bytes, seconds)),
+            _bits(_rate(peer.tx_bytes, q.tx_bytes, seconds)),
             _ago(peer.last_handshake, wall),
             peer.allowed_ips,
         )
@@ -222,12 +226,12 @@ def _read(names: list[str]) -> dict[str, Reading]:
     return readings
 
 
-def _frame(names: list[str], now: dict[str, Reading], before: dict[str, Reading]):
+def _frame(names: list[str], now: dict[str, Reading], before: dict[str, Reading]) -> Group:
     from rich.console import Group
     from rich.text import Text
 
     wall = time.time()
-    parts = []
+    parts: list[RenderableType] = []
     for name in names:
         if name in now:
             parts.append(render(now[name], before.get(name), wall))

@@ -9,8 +9,8 @@ import socket
 import pytest
 
 from wgmp.control.interface import Interface, Rng
-from wgmp.ipc.channel import Kind
 from wgmp.ipc.keyslots import KeySlots
+from wgmp.ipc.messages import Mtu, PeerEndpoint
 from wgmp.protocol.constants import MESSAGE_INITIATION
 from wgmp.protocol.cookie import CookieChecker, CookieGenerator
 from wgmp.protocol.crypto import DH_GENERATE
@@ -50,7 +50,7 @@ def test_padding_mtu_is_the_smallest_of_interface_and_route_mtus(interface: Inte
     assert interface.padding_mtu == 1280
     interface.set_route_mtu(None)
     interface.set_mtu(1420)
-    mtus = [command[1] for command in interface.commands if command[0] == Kind.MTU]
+    mtus = [command.mtu for command in interface.commands if isinstance(command, Mtu)]
     assert mtus == [1300, 1299, 1280, 1280, 1420]  # what the workers were told each time
 
 
@@ -97,13 +97,13 @@ def test_answers_leave_from_the_address_the_peer_contacted(interface: Interface)
         sender_index=5, unix_time_ns=10**18, rng=rng
     )
     packed = CookieGenerator(ours).add_macs(initiation.pack(), now=0.0)
-    local = (socket.IPPROTO_IP, 8, bytes(4) + bytes([192, 0, 2, 10]) + bytes(4))
-    interface.receive_handshake(packed, ENDPOINT, 1.0, 10**18, local)
-    assert interface.datagrams[-1][1:] == (ENDPOINT, local)
-    assert [Kind.ENDPOINT, peer.peer_id, list(ENDPOINT), list(local)] in interface.commands
+    sticky = (socket.IPPROTO_IP, 8, bytes(4) + bytes([192, 0, 2, 10]) + bytes(4))
+    interface.receive_handshake(packed, ENDPOINT, 1.0, 10**18, sticky)
+    assert interface.datagrams[-1][1:] == (ENDPOINT, sticky)
+    assert PeerEndpoint(peer.peer_id, list(ENDPOINT), list(sticky)) in interface.commands
     elsewhere = (socket.IPPROTO_IP, 8, bytes(4) + bytes([192, 0, 2, 11]) + bytes(4))
     interface.roamed(peer.peer_id, ENDPOINT, elsewhere)
-    assert peer.local == elsewhere
+    assert peer.sticky == elsewhere
 
 
 def test_a_handshake_message_that_raises_is_counted_not_fatal(

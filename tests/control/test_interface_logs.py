@@ -21,7 +21,7 @@ class _Random(random.Random):
 
 def test_retries_and_give_up_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     rng = _Random(7)
-    iface = Interface(KeySlots.create(64), rng)  # type: ignore[arg-type]
+    iface = Interface(KeySlots.create(64), rng)
     iface.set_private_key(DH_GENERATE(rng), now=0.0)
     key = StaticIdentity.from_private_key(DH_GENERATE(random.Random(1))).public_key
     caplog.set_level(logging.DEBUG, logger="wgmp")

@@ -14,7 +14,6 @@ import selectors
 import subprocess
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import msgpack
 import pytest
@@ -23,13 +22,21 @@ from wgmp.control import daemon as daemon_module
 from wgmp.control.daemon import Daemon
 from wgmp.control.interface import Interface, Rng
 from wgmp.control.supervisor import HEARTBEAT_INTERVAL, PING_TIMEOUT, Supervisor, WorkerHandle
-from wgmp.ipc.channel import Channel, Kind
+from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
+from wgmp.ipc.messages import KeypairInstall, Message, Mtu, Ping, Pong, decode, encode
 from wgmp.stats.block import StatsBlock
 
 
 class _Random(random.Random, Rng):
     pass
+
+
+class _AliveLink:
+    """The interface as liveness sees it: never deleted."""
+
+    def queue_alive(self, fd: int) -> bool:
+        return True
 
 
 class Rig:
@@ -44,8 +51,9 @@ class Rig:
         d.supervisor = Supervisor(-1, "error", vnet_hdr=True)
         d.pending_release = {}
         d.control_sockets = {}
+        d.link = _AliveLink()  # type: ignore[assignment]  # only queue_alive is used
         self.handle = WorkerHandle(0, -1, {}, StatsBlock.create())
-        self.handle.process = subprocess.Popen(["sleep", "60"])
+        self.handle.process = subprocess.Popen(["sleep", "60"])  # type: ignore[assignment]  # a stand-in: only poll, kill and wait are used
         ours, self.theirs = Channel.pair()
         self.handle.channel = ours
         self.handle.ready = True
@@ -54,17 +62,17 @@ class Rig:
         d.supervisor.workers.append(self.handle)
         d.selector.register(ours.sock, selectors.EVENT_READ, lambda _s: d._on_worker(self.handle))
 
-    def received_by_worker(self) -> list[list[Any]]:
+    def received_by_worker(self) -> list[Message]:
         self.theirs.setblocking(False)
         unpacker = msgpack.Unpacker(raw=False)
         try:
             unpacker.feed(self.theirs.recv(1 << 16))
         except BlockingIOError:
             return []
-        return list(unpacker)
+        return [decode(raw) for raw in unpacker]
 
-    def answer(self, *message: Any) -> None:
-        self.theirs.sendall(msgpack.packb(list(message), use_bin_type=True))
+    def answer(self, message: Message) -> None:
+        self.theirs.sendall(msgpack.packb(encode(message), use_bin_type=True))
 
     def close(self) -> None:
         if self.handle.process is not None and self.handle.process.poll() is None:
@@ -77,7 +85,6 @@ class Rig:
 
 @pytest.fixture
 def rig(monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
-    monkeypatch.setattr(daemon_module.tun, "is_alive", lambda fd: True)
     r = Rig()
     try:
         yield r
@@ -93,11 +100,11 @@ def test_a_worker_that_answers_late_because_control_was_busy_is_not_hung(rig: Ri
     daemon._check_liveness(handle, 10.0 + PING_TIMEOUT / 2)
     assert handle.channel is not None
     # The answer waits in control's end, unread (control was busy again).
-    rig.answer(Kind.PONG, handle.ping_token)
+    rig.answer(Pong(handle.ping_token))
     daemon._check_liveness(handle, 10.0 + PING_TIMEOUT + 1)
     assert handle.channel is not None and handle.unanswered_since is None
     assert handle.process is not None and handle.process.poll() is None
-    assert Kind.PING in [m[0] for m in rig.received_by_worker()]
+    assert Ping(handle.ping_token) in rig.received_by_worker()
 
 
 def test_a_worker_that_reads_its_pipe_is_not_hung(rig: Rig) -> None:
@@ -125,7 +132,7 @@ def test_a_hung_worker_is_killed_and_its_acknowledgements_are_implied(rig: Rig) 
     assert handle.worker_id in daemon.interface.workers_down
     assert slot in daemon.pending_release  # not before it is reaped
 
-    daemon.supervisor.restart_delay = lambda h, now: 3600.0  # type: ignore[method-assign]
+    daemon.supervisor.restart_delay = lambda h, now: 3600.0
     daemon._supervise(10.0)
     assert slot not in daemon.pending_release
     assert len(daemon.keyslots._free) == free + 1
@@ -138,11 +145,11 @@ def test_control_never_waits_for_a_worker_that_reads_nothing(
     daemon, handle = rig.daemon, rig.handle
     started = time.monotonic()
     for n in range(50000):  # ~1 MB: far past what the pipe holds
-        daemon._send(handle, [Kind.KEYPAIR_INSTALL, n, 1])
+        daemon._send(handle, KeypairInstall(n, 1))
     assert time.monotonic() - started < 10
     assert handle.channel is not None and handle.channel.backlog > 0
     assert handle.writing
     monkeypatch.setattr(daemon_module, "OUTBOUND_LIMIT", handle.channel.backlog)
-    daemon._send(handle, [Kind.MTU, 1420])  # past the bound: hung
+    daemon._send(handle, Mtu(1420))  # past the bound: hung
     assert handle.channel is None
     assert handle.process is not None and handle.process.wait(5) == -9

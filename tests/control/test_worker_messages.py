@@ -4,17 +4,15 @@ sends: a worker handles hostile datagrams, and control must outlive anything it 
 from __future__ import annotations
 
 from wgmp.control.daemon import _forwarded_handshakes
-from wgmp.ipc.channel import Kind
+from wgmp.ipc.messages import Activity, HandshakePackets, Message
 
 
 def test_forwarded_handshakes_are_counted_and_malformed_messages_do_not_raise() -> None:
     entry = [bytes(148), ["192.0.2.1", 1], None]
-    messages = [
-        [Kind.HANDSHAKE_PACKETS, [entry, entry]],
-        [Kind.ACTIVITY, []],
-        [Kind.HANDSHAKE_PACKETS, [entry]],
-        7,  # not a message at all
-        [Kind.HANDSHAKE_PACKETS, "garbage"],
-        [],
+    messages: list[Message] = [
+        HandshakePackets([entry, entry]),
+        Activity([]),
+        HandshakePackets([entry]),
+        HandshakePackets("garbage"),  # type: ignore[arg-type]  # what a broken worker may send
     ]
     assert _forwarded_handshakes(messages) == 3

@@ -7,20 +7,13 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wgmp.dataplane.coalesce import VNET_HDR, VNET_HDR_LEN, VNET_HDR_NONE, coalesce
+from wgmp.dataplane.coalesce import coalesce
+from wgmp.net.checksum import internet_checksum
+from wgmp.net.tun import VIRTIO_NET_HDR, VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_NONE
 
 SRC4, DST4 = bytes([198, 51, 100, 1]), bytes([198, 51, 100, 2])
 SRC6 = bytes.fromhex("fd000000000000000000000000000001")
 DST6 = bytes.fromhex("fd000000000000000000000000000002")
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def tcp4(
@@ -30,25 +23,25 @@ def tcp4(
     tcp += b"\x01\x01\x08\x0a" + bytes(8)  # NOP NOP timestamps: 32-byte header
     total = 20 + len(tcp) + len(payload)
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0x4000, ttl, 6, 0, SRC4, DST4))
-    ip[10:12] = _checksum(bytes(ip)).to_bytes(2, "big")
+    ip[10:12] = internet_checksum(bytes(ip)).to_bytes(2, "big")
     segment = bytearray(tcp + payload)
     pseudo = SRC4 + DST4 + bytes([0, 6]) + len(segment).to_bytes(2, "big")
-    segment[16:18] = _checksum(pseudo + bytes(segment)).to_bytes(2, "big")
+    segment[16:18] = internet_checksum(pseudo + bytes(segment)).to_bytes(2, "big")
     return bytes(ip) + bytes(segment)
 
 
 def tcp6(seq: int, payload: bytes, *, flags: int = 0x10) -> bytes:
     tcp = bytearray(struct.pack("!HHIIBBHHH", 5001, 80, seq, 7, 5 << 4, flags, 512, 0, 0) + payload)
     pseudo = SRC6 + DST6 + len(tcp).to_bytes(4, "big") + bytes([0, 0, 0, 6])
-    tcp[16:18] = _checksum(pseudo + bytes(tcp)).to_bytes(2, "big")
+    tcp[16:18] = internet_checksum(pseudo + bytes(tcp)).to_bytes(2, "big")
     ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, SRC6, DST6)
     return ip + bytes(tcp)
 
 
 def resegment(buffer: bytes) -> list[bytes]:
     """What the kernel does with a GSO write: split and finish the checksums (a reference)."""
-    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(buffer)
-    packet = buffer[VNET_HDR_LEN:]
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VIRTIO_NET_HDR.unpack_from(buffer)
+    packet = buffer[VIRTIO_NET_HDR_LEN:]
     if gso_type == 0:
         assert flags == 0
         return [packet]
@@ -57,7 +50,7 @@ def resegment(buffer: bytes) -> list[bytes]:
     iph = csum_start
     header, payload = packet[:hdr_len], packet[hdr_len:]
     if not v6:
-        assert _checksum(header[:20]) == 0, "IPv4 header checksum of the merged packet"
+        assert internet_checksum(header[:20]) == 0, "IPv4 header checksum of the merged packet"
         assert int.from_bytes(header[2:4], "big") == len(packet)
     else:
         assert int.from_bytes(header[4:6], "big") == len(packet) - 40
@@ -76,10 +69,10 @@ def resegment(buffer: bytes) -> list[bytes]:
         else:
             seg[2:4] = len(seg).to_bytes(2, "big")
             seg[10:12] = b"\0\0"
-            seg[10:12] = _checksum(bytes(seg[:20])).to_bytes(2, "big")
+            seg[10:12] = internet_checksum(bytes(seg[:20])).to_bytes(2, "big")
             pseudo = bytes(seg[12:20]) + bytes([0, 6]) + (len(seg) - iph).to_bytes(2, "big")
         seg[iph + 16 : iph + 18] = b"\0\0"
-        seg[iph + 16 : iph + 18] = _checksum(pseudo + bytes(seg[iph:])).to_bytes(2, "big")
+        seg[iph + 16 : iph + 18] = internet_checksum(pseudo + bytes(seg[iph:])).to_bytes(2, "big")
         out.append(bytes(seg))
     return out
 
@@ -111,7 +104,7 @@ def test_gaps_other_flows_and_non_tcp_pass_through_in_order() -> None:
     out = coalesce([a[0], other, a[1], icmp, gap])
     flat = [seg for buf in out for seg in resegment(buf)]
     assert _without_ip_id(flat) == _without_ip_id([a[0], a[1], other, icmp, gap]) or len(flat) == 5
-    assert out[2] == VNET_HDR_NONE + icmp
+    assert out[2] == VIRTIO_NET_HDR_NONE + icmp
 
 
 def test_different_ack_ttl_or_psh_end_a_train() -> None:
@@ -134,7 +127,7 @@ def test_a_shorter_segment_ends_the_train() -> None:
 def test_never_past_64k() -> None:
     packets = [tcp4(i * 1368, b"q" * 1368) for i in range(60)]
     out = coalesce(packets)
-    assert all(len(buf) - VNET_HDR_LEN <= 65535 for buf in out)
+    assert all(len(buf) - VIRTIO_NET_HDR_LEN <= 65535 for buf in out)
     flat = [seg for buf in out for seg in resegment(buf)]
     assert _without_ip_id(flat) == _without_ip_id(packets)
 

@@ -3,6 +3,7 @@ socket records what would be sent, the pipe to control is a socketpair."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -12,12 +13,28 @@ import msgpack
 import pytest
 
 from tests.dataplane.test_coalesce import tcp4
-from wgmp.dataplane.coalesce import VNET_HDR_LEN, VNET_HDR_NONE
-from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker
-from wgmp.ipc.channel import Channel, Kind
+from wgmp.dataplane.worker import P_STICKY, ROLE_CURRENT, ROLE_NEXT, Worker
+from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
+from wgmp.ipc.messages import (
+    Activity,
+    Confirmed,
+    HandshakePackets,
+    Message,
+    Mtu,
+    NeedHandshake,
+    PeerSet,
+    RekeyWanted,
+    Roamed,
+    RouteLoop,
+    decode,
+    encode,
+)
+from wgmp.net.tun import VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_NONE
+from wgmp.protocol.constants import REKEY_AFTER_TIME, REKEY_AFTER_TIME_RECEIVING
 from wgmp.protocol.errors import DropReason
-from wgmp.protocol.transport import open_transport, seal_transport
+from wgmp.protocol.timers import keypair_wants_rekey_on_receive, should_rekey_on_send
+from wgmp.protocol.transport import open_transport, padding_length, seal_transport
 from wgmp.stats.block import StatsBlock
 
 OURS, THEIRS = bytes([198, 51, 100, 1]), bytes([198, 51, 100, 2])
@@ -45,11 +62,11 @@ def rig() -> Any:
     worker = Worker(
         0,
         tun_ours.fileno(),
-        {4: fake},
+        {4: fake},  # type: ignore[dict-item]  # records what a socket would send
         Channel(worker_end),
         KeySlots.create(8),
         StatsBlock.create(),
-        vnet_hdr=True,  # type: ignore[dict-item]
+        vnet_hdr=True,
     )
     worker._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
 
@@ -63,13 +80,15 @@ def rig() -> Any:
         s.close()
 
 
-def install(worker: Worker, role: int, *, local_index: int = OWNED_INDEX) -> int:
+def install(
+    worker: Worker, role: int, *, local_index: int = OWNED_INDEX, created: float | None = None
+) -> int:
     slot = worker.keyslots.publish(
         local_index=local_index,
         remote_index=9,
         peer_id=1,
         is_initiator=True,
-        created=time.monotonic(),
+        created=time.monotonic() if created is None else created,
         send_key=SEND_KEY,
         receive_key=RECEIVE_KEY,
     )
@@ -77,14 +96,14 @@ def install(worker: Worker, role: int, *, local_index: int = OWNED_INDEX) -> int
     return slot
 
 
-def control_messages(control: socket.socket) -> list[list[Any]]:
+def control_messages(control: socket.socket) -> list[Message]:
     control.setblocking(False)
     unpacker = msgpack.Unpacker(raw=False)
     try:
         unpacker.feed(control.recv(1 << 16))
     except BlockingIOError:
         return []
-    return list(unpacker)
+    return [decode(raw) for raw in unpacker]
 
 
 def train(
@@ -105,7 +124,7 @@ def _inner(counter: int, source: bytes) -> bytes:
 def test_sends_sealed_packets_in_one_gso_call_with_increasing_counters(rig: Any) -> None:
     install(rig.worker, ROLE_CURRENT)
     for n in range(5):
-        rig.tun.send(VNET_HDR_NONE + _outbound(n))
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(n))
     rig.worker._outbound(time.monotonic())
     assert len(rig.fake.sent) == 1
     buffers, ancillary, address = rig.fake.sent[0]
@@ -123,10 +142,10 @@ def _outbound(n: int) -> bytes:
 
 
 def test_without_a_keypair_packets_are_staged_and_a_handshake_is_asked(rig: Any) -> None:
-    rig.tun.send(VNET_HDR_NONE + _outbound(0))
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
     rig.worker._outbound(time.monotonic())
     assert rig.fake.sent == []
-    assert [Kind.NEED_HANDSHAKE, 1] in control_messages(rig.control)
+    assert NeedHandshake(1) in control_messages(rig.control)
     install(rig.worker, ROLE_CURRENT)  # the handshake completed: staged packets go out
     assert len(rig.fake.sent) == 1
 
@@ -137,14 +156,16 @@ def test_receive_delivers_checks_replay_and_roams_with_the_source_address(rig: A
     rig.worker._receive_train(view, nbytes, size, ("192.0.2.9", 4000), PKTINFO, time.monotonic())
     rig.worker._write_tun()
     written = rig.tun.recv(70000)
-    assert len(written) > VNET_HDR_LEN  # three segments coalesced into one write
+    assert len(written) > VIRTIO_NET_HDR_LEN  # three segments coalesced into one write
     assert rig.worker.peers[1][0] == ("192.0.2.9", 4000)
-    assert any(m[0] == Kind.ROAMED and m[3] == list(PKTINFO) for m in control_messages(rig.control))
+    assert any(
+        isinstance(m, Roamed) and m.sticky == list(PKTINFO) for m in control_messages(rig.control)
+    )
     view, nbytes, size = train([1])  # a replay
     rig.worker._receive_train(view, nbytes, size, ("192.0.2.9", 4000), PKTINFO, time.monotonic())
     assert rig.worker.drops[DropReason.REPLAY] == 1
     rig.fake.sent.clear()
-    rig.tun.send(VNET_HDR_NONE + _outbound(9))
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(9))
     rig.worker._outbound(time.monotonic())
     assert rig.fake.sent[0][1] == [PKTINFO]  # the reply leaves from the address contacted
 
@@ -176,7 +197,7 @@ def test_first_packet_under_next_keypair_confirms_it(rig: Any) -> None:
     view, nbytes, size = train([0])
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
     assert rig.worker.peers[1][1] is not None
-    assert [Kind.CONFIRMED, slot] in control_messages(rig.control)
+    assert Confirmed(slot) in control_messages(rig.control)
 
 
 def test_a_restarted_worker_refuses_replays_of_what_its_predecessor_received(rig: Any) -> None:
@@ -212,7 +233,7 @@ def test_only_the_owner_holds_a_receive_window_for_an_index(rig: Any) -> None:
 
 def test_staged_packets_are_counted_and_written_to_the_stats_block(rig: Any) -> None:
     for n in range(3):
-        rig.tun.send(VNET_HDR_NONE + _outbound(n))
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(n))
     rig.worker._outbound(time.monotonic())
     rig.worker._flush(time.monotonic())
     assert rig.worker.stats.staged() == 3
@@ -256,7 +277,7 @@ def test_inner_packets_that_are_not_whole_ip_packets_are_dropped(rig: Any) -> No
     assert rig.worker.drops[DropReason.INNER_HEADER_INVALID] == len(bad)
     assert rig.worker._to_tun == [good]
     rig.worker._write_tun()  # the one good packet: no IndexError in coalesce
-    assert rig.tun.recv(70000) == VNET_HDR_NONE + good
+    assert rig.tun.recv(70000) == VIRTIO_NET_HDR_NONE + good
 
 
 def test_a_datagram_that_raises_is_counted_and_the_next_is_handled(
@@ -300,7 +321,7 @@ def test_when_merging_raises_the_packets_are_written_as_they_came(
     install(rig.worker, ROLE_CURRENT)
     view, nbytes, size = train([0, 1])
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
-    expected = [VNET_HDR_NONE + p for p in rig.worker._to_tun]
+    expected = [VIRTIO_NET_HDR_NONE + p for p in rig.worker._to_tun]
     rig.worker._write_tun()
     assert [rig.tun.recv(70000), rig.tun.recv(70000)] == expected
     assert rig.worker.drops[DropReason.INTERNAL_ERROR] == 1
@@ -308,7 +329,9 @@ def test_when_merging_raises_the_packets_are_written_as_they_came(
 
 def test_a_control_message_that_raises_is_counted_and_the_next_is_handled(rig: Any) -> None:
     packer = msgpack.Packer(use_bin_type=True)
-    rig.control.sendall(packer.pack([Kind.KEYPAIR_INSTALL]) + packer.pack([Kind.MTU, 1280]))
+    # Well-formed on the wire, but an endpoint that is no [host, port]: handling it raises.
+    broken = PeerSet(7, ["192.0.2.1"], None)
+    rig.control.sendall(packer.pack(encode(broken)) + packer.pack(encode(Mtu(1280))))
     time.sleep(0.05)
     assert rig.worker._read_channel(time.monotonic())
     assert rig.worker.drops[DropReason.INTERNAL_ERROR] == 1
@@ -326,9 +349,9 @@ def test_handshake_messages_in_a_train_go_to_control_in_one_batch(rig: Any) -> N
     data = memoryview(lead + initiation + junk + initiation)
     rig.worker._receive_train(data, len(data), len(lead), ENDPOINT, PKTINFO, time.monotonic())
     rig.worker._forward_handshakes()
-    forwarded = [m for m in control_messages(rig.control) if m[0] == Kind.HANDSHAKE_PACKETS]
+    forwarded = [m for m in control_messages(rig.control) if isinstance(m, HandshakePackets)]
     entry = [initiation, list(ENDPOINT), list(PKTINFO)]
-    assert forwarded == [[Kind.HANDSHAKE_PACKETS, [entry, entry]]]
+    assert forwarded == [HandshakePackets([entry, entry])]
     assert rig.worker.drops[DropReason.MALFORMED] == 1
     assert rig.worker.drops[DropReason.DECRYPTION_FAILED] == 1  # the lead
 
@@ -336,7 +359,7 @@ def test_handshake_messages_in_a_train_go_to_control_in_one_batch(rig: Any) -> N
 def test_handshake_messages_are_dropped_not_waited_for_when_the_pipe_is_full(rig: Any) -> None:
     initiation = bytes([1, 0, 0, 0]) + bytes(144)
     sent = 0
-    while rig.worker.channel.try_send(Kind.ACTIVITY, [[0, 0.0, 0.0, 0.0, 0.0]] * 100):
+    while rig.worker.channel.try_send(Activity([[0, 0.0, 0.0, 0.0, 0.0]] * 100)):
         sent += 1  # fill the pipe: control reads nothing
         assert sent < 100000
     rig.worker._handshakes = [[initiation, list(ENDPOINT), None]] * 10
@@ -382,11 +405,11 @@ def test_our_own_datagram_read_back_from_the_tun_is_dropped(rig: Any) -> None:
     nested WireGuard of someone else's) is sealed and sent as usual."""
     worker = _loop_rig(rig)
     ours = _udp4(WG_HOST, LISTEN_PORT, PEER_HOST, ENDPOINT[1], _transport(9))
-    rig.tun.send(VNET_HDR_NONE + ours)
+    rig.tun.send(VIRTIO_NET_HDR_NONE + ours)
     worker._outbound(time.monotonic())
     assert rig.fake.sent == [] and worker.drops[DropReason.ROUTING_LOOP] == 1
     other = _udp4(WG_HOST, LISTEN_PORT + 1, PEER_HOST, ENDPOINT[1], _transport(9))
-    rig.tun.send(VNET_HDR_NONE + other)
+    rig.tun.send(VIRTIO_NET_HDR_NONE + other)
     worker._outbound(time.monotonic())
     assert len(rig.fake.sent) == 1 and worker.drops[DropReason.ROUTING_LOOP] == 1
 
@@ -397,11 +420,11 @@ def test_the_peers_datagram_to_us_read_from_the_tun_is_dropped(rig: Any) -> None
     go round. Under an index that is not ours it is someone else's and goes out."""
     worker = _loop_rig(rig)
     theirs = _udp4(bytes([198, 51, 100, 2]), 40000, WG_HOST, LISTEN_PORT, _transport(OWNED_INDEX))
-    rig.tun.send(VNET_HDR_NONE + theirs)
+    rig.tun.send(VIRTIO_NET_HDR_NONE + theirs)
     worker._outbound(time.monotonic())
     assert rig.fake.sent == [] and worker.drops[DropReason.ROUTING_LOOP] == 1
     other = _udp4(bytes([198, 51, 100, 2]), 40000, WG_HOST, LISTEN_PORT, _transport(12345))
-    rig.tun.send(VNET_HDR_NONE + other)
+    rig.tun.send(VIRTIO_NET_HDR_NONE + other)
     worker._outbound(time.monotonic())
     assert len(rig.fake.sent) == 1
 
@@ -419,11 +442,95 @@ def test_our_own_datagram_sent_back_by_the_peer_is_not_written_to_the_tun(rig: A
 
 def test_route_loop_from_control_drops_the_peers_packets_until_lifted(rig: Any) -> None:
     worker = _loop_rig(rig)
-    worker._handle_control([Kind.ROUTE_LOOP, 1, True], time.monotonic())
-    rig.tun.send(VNET_HDR_NONE + _outbound(0))
+    worker._handle_control(RouteLoop(1, True), time.monotonic())
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
     worker._outbound(time.monotonic())
     assert rig.fake.sent == [] and worker.drops[DropReason.ROUTING_LOOP] == 1
-    worker._handle_control([Kind.ROUTE_LOOP, 1, False], time.monotonic())
-    rig.tun.send(VNET_HDR_NONE + _outbound(1))
+    worker._handle_control(RouteLoop(1, False), time.monotonic())
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(1))
     worker._outbound(time.monotonic())
     assert len(rig.fake.sent) == 1
+
+
+def test_padding_agrees_with_transport_padding_length_for_every_length_and_mtu(
+    rig: Any,
+) -> None:
+    """The worker inlines transport.padding_length for speed: both give the same padding,
+    including for packets longer than the padding MTU (a route MTU below the link's)."""
+    install(rig.worker, ROLE_CURRENT)
+    peer = rig.worker.peers[1]
+    lengths = [*range(0, 80), *range(1250, 1450), 2000, 2999, 3000, 9000, 65535]
+    for mtu in (0, 1, 15, 16, 17, 576, 1280, 1299, 1300, 1420, 1500, 9000):
+        rig.worker.mtu = mtu
+        packets = [bytes(length) for length in lengths]
+        messages = rig.worker._seal(peer, 1, packets, time.monotonic())
+        for length, message in zip(lengths, messages, strict=True):
+            padded = len(message) - 32  # 16-byte header, 16-byte tag
+            assert padded - length == padding_length(length, mtu), (length, mtu)
+
+
+def test_rekey_is_asked_when_the_protocol_rules_say_so(rig: Any) -> None:
+    """The worker asks for a rekey exactly when protocol/timers.py's rules say to."""
+    now = time.monotonic()
+    old = now - REKEY_AFTER_TIME - 1.0
+    assert should_rekey_on_send(old, 1, True, now)
+    install(rig.worker, ROLE_CURRENT, created=old)
+    rig.worker._seal(rig.worker.peers[1], 1, [bytes(20)], now)
+    assert RekeyWanted(1) in control_messages(rig.control)
+    rig.worker._seal(rig.worker.peers[1], 1, [bytes(20)], now)
+    assert control_messages(rig.control) == []  # asked once per keypair
+
+
+def test_rekey_on_receive_follows_the_protocol_rule(rig: Any) -> None:
+    now = time.monotonic()
+    old = now - REKEY_AFTER_TIME_RECEIVING - 1.0
+    assert keypair_wants_rekey_on_receive(old, True, now)
+    install(rig.worker, ROLE_CURRENT, created=old)
+    view, nbytes, size = train([0])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    assert RekeyWanted(1) in control_messages(rig.control)
+
+
+class FailingSocket(FakeSocket):
+    """Refuses every send that carries a sticky source (its address is gone) with `stale`, and
+    every send at all with `always`."""
+
+    def __init__(self, stale: int | None = None, always: int | None = None) -> None:
+        super().__init__()
+        self.stale, self.always = stale, always
+
+    def sendmsg(self, buffers: list[bytes], ancillary: list[Any], flags: int, address: Any) -> int:
+        if self.always is not None:
+            raise OSError(self.always, os.strerror(self.always))
+        if self.stale is not None and any(c[:2] == PKTINFO[:2] for c in ancillary):
+            raise OSError(self.stale, os.strerror(self.stale))
+        return super().sendmsg(buffers, ancillary, flags, address)
+
+
+def test_a_stale_sticky_source_is_forgotten_and_the_packet_still_goes(rig: Any) -> None:
+    install(rig.worker, ROLE_CURRENT)
+    failing = FailingSocket(stale=errno.ENETUNREACH)
+    rig.worker.sockets[4] = failing
+    rig.worker.peers[1][P_STICKY] = PKTINFO
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(1))
+    rig.worker._outbound(time.monotonic())
+    assert len(failing.sent) == 1 and failing.sent[0][1] == []  # sent as routing chooses
+    assert rig.worker.peers[1][P_STICKY] is None
+
+
+def test_send_and_tun_write_failures_are_their_own_drop_reasons(rig: Any) -> None:
+    install(rig.worker, ROLE_CURRENT)
+    rig.worker.sockets[4] = FailingSocket(always=errno.EPERM)
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(1))
+    rig.worker._outbound(time.monotonic())
+    assert rig.worker.drops[DropReason.SEND_FAILED] == 1
+    assert rig.worker.drops[DropReason.NO_ROUTE] == 0
+    packet = bytearray(_outbound(2))
+    packet[16:20] = bytes([203, 0, 113, 9])  # no peer's allowed IPs hold it
+    rig.tun.send(VIRTIO_NET_HDR_NONE + bytes(packet))
+    rig.worker._outbound(time.monotonic())
+    assert rig.worker.drops[DropReason.NO_ROUTE] == 1
+    rig.tun.shutdown(socket.SHUT_RD)  # the "kernel" refuses what the worker writes
+    rig.worker._to_tun.append(_inner(0, THEIRS))
+    rig.worker._write_tun()
+    assert rig.worker.drops[DropReason.TUN_WRITE_FAILED] == 1

@@ -267,7 +267,7 @@ def _shape(packet: bytearray, mode: int) -> bytes:
 def _records(data: bytes, limit: int) -> list[tuple[int, bytes]]:
     """The input as records [mode: 1 byte][length: 2 bytes, big-endian][bytes], at most
     `limit` of them (a short last record takes what is left): a layout the seeds can use."""
-    records = []
+    records: list[tuple[int, bytes]] = []
     position = 0
     while position < len(data) and len(records) < limit:
         mode = data[position]
@@ -372,13 +372,14 @@ def _prefix(provider: atheris.FuzzedDataProvider) -> Any:
     if form == 2:
         return (provider.ConsumeUnicodeNoSurrogates(40), provider.ConsumeInt(2))
     if form == 3:
-        bits = 32 if provider.ConsumeBool() else 128
+        bits: int = 32 if provider.ConsumeBool() else 128
         return (provider.ConsumeBytes(bits // 8), provider.ConsumeIntInRange(0, bits))
     return provider.ConsumeBytes(8)  # not a prefix at all
 
 
 def _key_of(prefix: Any) -> tuple[int, int, int] | None:
     """The model's view of a prefix: (bits, cidr, masked value), or None if invalid."""
+    bits: int
     try:
         if isinstance(prefix, str):
             network = ipaddress.ip_network(prefix, strict=False)

@@ -21,6 +21,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from wgmp.net.checksum import internet_checksum
 from wgmp.protocol.constants import DEFAULT_MTU
 from wgmp.protocol.cookie import CookieChecker, CookieGenerator, source_bytes
 from wgmp.protocol.noise import Handshake, SessionKeys, StaticIdentity
@@ -51,16 +52,6 @@ _PROTO_ICMPV6 = 58
 
 # ---------------------------------------------------------------------------------------------
 # Inner packets
-
-
-def internet_checksum(data: bytes) -> int:
-    """RFC 1071 ones'-complement sum of 16-bit big-endian words (odd length padded with 0)."""
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def _icmpv6_pseudo_header(src: bytes, dst: bytes, length: int) -> bytes:

@@ -31,6 +31,7 @@ from tests.integration.netns import (
     VethLink,
     WireGuardGo,
     connect_peers,
+    uapi_exchange,
     veth_pair,
     wait_for,
 )
@@ -366,17 +367,7 @@ def dropped(samples: Stats, reason: str, place: str | None = None) -> int:
 def uapi(daemon: UserspaceWireGuard, request: str) -> str:
     """Send one raw request (e.g. "set=1\\n...\\n\\n") to the daemon's configuration socket and
     return the reply; for what the bookworm `wg` cannot say (`allowed_ip=-prefix`)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(daemon.socket_path))
-        sock.sendall(request.encode())
-        reply = b""
-        while not reply.endswith(b"\n\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
-    return reply.decode()
+    return uapi_exchange(daemon.socket_path, request)
 
 
 NFT_TABLE = "wgmpt"

@@ -33,12 +33,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psutil
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+T = TypeVar("T")
+
 __all__ = [
+    "uapi_exchange",
+    "worker_in_its_loop",
     "NS_PREFIX",
     "CommandError",
     "REPO_ROOT",
@@ -107,7 +112,39 @@ def keypair() -> tuple[str, str]:
     return base64.b64encode(raw).decode(), base64.b64encode(public).decode()
 
 
-def wait_for(what: str, probe: Callable[[], object], timeout: float = 5.0) -> object:
+def worker_in_its_loop(pid: int) -> bool:
+    """Whether a worker process has made its epoll set: it has sent READY and is about to
+    take over its TUN queue and socket (Worker.run)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventpoll]":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def uapi_exchange(path: str | os.PathLike[str], request: str) -> str:
+    """Send one raw UAPI request (e.g. "set=1\\n...\\n\\n") to the configuration socket at
+    `path` and return the reply (up to the blank line that ends it, or the hang-up)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(os.fspath(path))
+        sock.sendall(request.encode())
+        reply = b""
+        while not reply.endswith(b"\n\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply.decode()
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 5.0) -> T:
     """Poll `probe` until it returns something true (returned); AssertionError naming `what`
     after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -312,7 +349,7 @@ class Netns:
         """Run Python `code` in a fresh interpreter inside (the repository is importable)."""
         return self.run([sys.executable, "-c", code, *args], timeout=timeout, check=check)
 
-    def popen_python(self, code: str, *args: str, **kwargs: object) -> subprocess.Popen:
+    def popen_python(self, code: str, *args: str, **kwargs: Any) -> subprocess.Popen:
         """Start Python `code` inside in the background (tracked like `popen`)."""
         return self.popen([sys.executable, "-c", code, *args], **kwargs)
 
@@ -517,7 +554,7 @@ class UserspaceWireGuard:
             time.sleep(0.02)
         raise TimeoutError(f"{self.socket_path} did not appear within {timeout} s:\n{self.log()}")
 
-    def wg(self, *args: str | int, check: bool = True) -> _Result:
+    def wg(self, *args: str | int | os.PathLike[str], check: bool = True) -> _Result:
         """Run `wg ARGS` inside the namespace."""
         proc = self.ns.run(["wg", *map(str, args)], check=False)
         if check and proc.returncode != 0:
@@ -526,7 +563,9 @@ class UserspaceWireGuard:
 
     def configure(self, *, listen_port: int | None = None, fwmark: int | None = None) -> None:
         """Set the private key (from a 0600 file), and optionally listen port and fwmark."""
-        args: list[str | int] = ["set", self.ifname, "private-key", self._key_file("private")]
+        args: list[str | int | os.PathLike[str]] = [
+            "set", self.ifname, "private-key", self._key_file("private")
+        ]  # fmt: skip
         if listen_port is not None:
             args += ["listen-port", listen_port]
         if fwmark is not None:
@@ -543,7 +582,7 @@ class UserspaceWireGuard:
         preshared_key: str | None = None,
     ) -> None:
         """Add or update one peer with `wg set`."""
-        args: list[str | int] = ["set", self.ifname, "peer", public_key]
+        args: list[str | int | os.PathLike[str]] = ["set", self.ifname, "peer", public_key]
         if allowed_ips:
             args += ["allowed-ips", ",".join(allowed_ips)]
         if endpoint:

@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -60,8 +61,9 @@ from tests.integration.netns import (
     udp_port_free,
     veth_pair,
     wait_for,
+    worker_in_its_loop,
 )
-from wgmp.control.daemon import TUN_VNET_HDR
+from wgmp.control.tun_setup import TUN_VNET_HDR
 from wgmp.net import tun
 
 WGMP = (sys.executable, "-m", "wgmp", "-f", "--workers", "1")
@@ -70,7 +72,7 @@ TUNNEL_A = {4: "198.51.100.1", 6: "fd00:ee::1"}
 TUNNEL_B = {4: "198.51.100.2", 6: "fd00:ee::2"}
 IPERF_PORT = 5201
 
-# Sizes of whole messages on the wire, which is what rx_bytes/tx_bytes count (PROTOCOL.md).
+# Sizes of whole messages on the wire, which is what rx_bytes/tx_bytes count (as wireguard-go).
 INITIATION, RESPONSE, KEEPALIVE = 148, 92, 32
 # A default ping is an 84-byte IPv4 / 104-byte IPv6 packet, padded to 96 / 112, plus the
 # 16-byte header and the 16-byte tag.
@@ -362,11 +364,12 @@ def test_new_listen_port_and_worker_restart_keep_the_tunnel_and_the_counts(
     assert rows[t.b.ifname]["endpoint"] == f"{t.link.addr4_a}:{PORT_A + 100}", rows
 
     assert t.a.proc is not None
-    (worker,) = psutil.Process(t.a.proc.pid).children()
+    daemon_pid = t.a.proc.pid
+    (worker,) = psutil.Process(daemon_pid).children()
     worker.kill()
     wait_for(
         "control to start a new worker",
-        lambda: [p.pid for p in psutil.Process(t.a.proc.pid).children()] not in ([], [worker.pid]),
+        lambda: [p.pid for p in psutil.Process(daemon_pid).children()] not in ([], [worker.pid]),
     )
     _ping_all([(t.a.ns, TUNNEL_B[4]), (t.b.ns, TUNNEL_A[4])], count=2)
     rows = _rows(t)  # the counts agree exactly again: nothing counted was forgotten
@@ -409,9 +412,10 @@ def _parse_conf(text: str) -> tuple[dict[str, str], dict[str, dict[str, object]]
         if line.startswith("["):
             sections.append({"": line})
         elif "=" in line:
-            key, value = (part.strip() for part in line.split("=", 1))
+            key, text = (part.strip() for part in line.split("=", 1))
+            value: object = text
             if key == "AllowedIPs":
-                value = frozenset(str(ipaddress.ip_network(v.strip())) for v in value.split(","))
+                value = frozenset(str(ipaddress.ip_network(v.strip())) for v in text.split(","))
             sections[-1][key] = value
     interface = {k: str(v) for k, v in sections[0].items()}
     return interface, {str(p["PublicKey"]): p for p in sections[1:]}
@@ -548,7 +552,7 @@ def test_daemon_mode_returns_once_ready_and_keeps_running(netns: Netns) -> None:
         assert len(workers) == 1, workers
         # Detached from whoever started it: its own session, no inherited terminal or pipes.
         assert owner.ppid() != os.getpid() and os.getsid(owner.pid) == owner.pid
-        time.sleep(0.5)
+        time.sleep(0.5)  # not a wait for something: it must still run a little later
         assert all(map(_running, [owner, *workers]))
         show = netns.run(["wg", "show", ifname, "dump"]).stdout.split("\t")
         assert show[2] != "0", show  # a listen port was chosen
@@ -744,10 +748,13 @@ def _delete_while_control_is_stopped(netns: Netns, daemon: UserspaceWireGuard) -
     deletion before control hears of it, then let control go on and wait for it to exit."""
     assert daemon.proc is not None
     control = psutil.Process(daemon.proc.pid)
+    workers = control.children()
     control.suspend()
     try:
         netns.ip("link", "delete", "dev", daemon.ifname)
-        time.sleep(1)  # a worker's TUN reports the deletion at once: plenty of time to react
+        # A worker's TUN reports the deletion at once: the workers exit (zombies of the
+        # stopped control) before control can hear of it.
+        wait_for("the workers to exit", lambda: not any(map(_running, workers)))
     finally:
         control.resume()
     assert daemon.proc.wait(timeout=10) == 0, daemon.log()
@@ -763,7 +770,8 @@ def test_interface_deleted_under_the_workers_is_not_restarted_onto(
     daemon.up()
     assert daemon.proc is not None
     workers = psutil.Process(daemon.proc.pid).children()
-    time.sleep(0.5)  # let the (restarted) worker reach its loop, as in any real setup
+    for worker in workers:  # as in any real setup, the workers run before the deletion
+        wait_for("the worker to reach its loop", partial(worker_in_its_loop, worker.pid))
     _delete_while_control_is_stopped(netns, daemon)
     assert "restarting" not in daemon.log(), daemon.log()
     _assert_gone(netns, daemon.ifname, workers, PORT_A)
@@ -777,6 +785,8 @@ def test_interface_deletion_stops_the_workers_quietly(
     daemon = userspace_wireguard(netns, WGMP)
     daemon.configure(listen_port=PORT_A)
     daemon.up()
-    time.sleep(0.5)  # let the (restarted) worker reach its loop, as in any real setup
+    assert daemon.proc is not None
+    for worker in psutil.Process(daemon.proc.pid).children():
+        wait_for("the worker to reach its loop", partial(worker_in_its_loop, worker.pid))
     _delete_while_control_is_stopped(netns, daemon)
     assert "Traceback" not in daemon.log(), daemon.log()

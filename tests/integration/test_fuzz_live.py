@@ -16,7 +16,7 @@ import secrets
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -60,7 +60,7 @@ def bed(
     print(f"fuzz seed: WGMP_FUZZ_SEED={seed}")
     link = veth_pair(netns_factory("wgmp"), netns_factory("fuzz"))
 
-    def start(ns: Netns, argv: list[str]) -> UserspaceWireGuard:
+    def start(ns: Netns, argv: Sequence[str]) -> UserspaceWireGuard:
         return userspace_wireguard(ns, argv, env={"LOG_LEVEL": "error"})
 
     made = start_bed(link, start, wireguard_go, seed=seed, workdir=tmp_path)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 
 import psutil
 
@@ -56,7 +57,7 @@ def test_a_stopped_worker_is_replaced_and_stops_nothing_meanwhile(
     stopped = psutil.Process(worker_pids(hub)[victim])
 
     pinging = bystander.ns.popen(
-        ["ping", "-n", "-q", "-i", PING_INTERVAL, "-c", PING_COUNT, "-W", "2", HUB_ADDRESS],
+        ["ping", "-n", "-q", "-i", str(PING_INTERVAL), "-c", str(PING_COUNT), "-W", "2", HUB_ADDRESS],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     time.sleep(1.0)
@@ -122,6 +123,10 @@ def test_a_stopped_worker_is_replaced_and_stops_nothing_meanwhile(
     assert "is hung" in hub.log()
 
 
+def _replaced(daemon: UserspaceWireGuard, old: int | None) -> bool:
+    return worker_pids(daemon).get(0) not in (None, old)
+
+
 def test_a_worker_that_keeps_dying_is_restarted_later_each_time(
     netns_factory: Callable[..., Netns],
     userspace_wireguard: Callable[..., UserspaceWireGuard],
@@ -134,12 +139,12 @@ def test_a_worker_that_keeps_dying_is_restarted_later_each_time(
     delays = []
     for _ in expected:
         old = wait_for("the worker", lambda: worker_pids(daemon).get(0))
-        process = psutil.Process(old)  # type: ignore[arg-type]
+        process = psutil.Process(old)
         process.kill()
         killed_at = time.monotonic()
         wait_for(
             "the worker's restart",
-            lambda old=old: worker_pids(daemon).get(0) not in (None, old),
+            partial(_replaced, daemon, old),
             timeout=20,
         )
         delays.append(time.monotonic() - killed_at)

@@ -113,7 +113,7 @@ def test_short_inner_packets_are_dropped_and_the_worker_lives_on(
 
     # wireguard-go's pings through the same worker, all along.
     pinging = pair.link.ns_b.popen(
-        ["ping", "-4", "-n", "-q", "-c", PINGS, "-i", "0.05", "-W", "2", TUNNEL_WGMP[4]],
+        ["ping", "-4", "-n", "-q", "-c", str(PINGS), "-i", "0.05", "-W", "2", TUNNEL_WGMP[4]],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

@@ -182,8 +182,8 @@ def test_processes_are_named_for_ps_pidof_and_pgrep(netns: Netns) -> None:
         pids = {p.pid for p in _family(owner)}
         found = subprocess.run(["pidof", "wgmp"], capture_output=True, text=True).stdout.split()
         assert pids <= {int(p) for p in found}
-        found = subprocess.run(["pgrep", "-x", "wgmp"], capture_output=True, text=True).stdout
-        assert pids <= {int(p) for p in found.split()}
+        listed = subprocess.run(["pgrep", "-x", "wgmp"], capture_output=True, text=True).stdout
+        assert pids <= {int(p) for p in listed.split()}
     finally:
         _stop(processes)
 
@@ -309,7 +309,11 @@ def test_ctrl_c_while_starting_is_quiet(netns: Netns) -> None:
         # 0: the daemon's own handler stopped it; 130: main() caught it; -SIGINT: it came
         # before the interpreter installed Python's handler (quiet too).
         assert proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, err)
-        wait_for("the interface to go", lambda n=ifname: not link_exists(netns, n))
+
+        def gone(name: str = ifname) -> bool:
+            return not link_exists(netns, name)
+
+        wait_for("the interface to go", gone)
 
 
 def test_no_code_from_the_current_directory(netns: Netns, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Where wgmp sends and what it accepts, against Debian's wireguard-go (PROTOCOL.md):
+"""Where wgmp sends and what it accepts, against Debian's wireguard-go (the reference):
 
 - Roaming: the peer's endpoint follows the source of authenticated packets only. Forged cookie
   replies (one that decrypts, made with the core's CookieChecker from wgmp's own initiation,

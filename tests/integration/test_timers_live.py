@@ -1,4 +1,4 @@
-"""wgmp's timers against Debian's wireguard-go, watched on the wire (PROTOCOL.md, "Timers").
+"""wgmp's timers against Debian's wireguard-go, watched on the wire (wireguard-go's timers.go).
 
 - Rekey: after REKEY_AFTER_TIME the keypair's initiator starts a new handshake while a ping
   every 100 ms crosses it, with wgmp as the initiator and, at the same time on a second pair,
@@ -99,7 +99,19 @@ def test_rekey_after_rekey_after_time_loses_no_packet(pair: PairFactory) -> None
     pings = []  # -q: only the summary, so no pipe fills up and stalls a ping meanwhile
     for p in pairs.values():
         for ns, address in ((p.link.ns_a, TUNNEL_PEER[4]), (p.link.ns_b, TUNNEL_WGMP[4])):
-            argv = ["ping", "-4", "-n", "-q", "-c", PING_COUNT, "-i", "0.1", "-W", "5", address]
+            argv = [
+                "ping",
+                "-4",
+                "-n",
+                "-q",
+                "-c",
+                str(PING_COUNT),
+                "-i",
+                "0.1",
+                "-W",
+                "5",
+                address,
+            ]
             proc = ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             pings.append((ns, proc))
     outputs = [(ns, proc.communicate(timeout=PING_COUNT * 0.1 + 120)[0]) for ns, proc in pings]

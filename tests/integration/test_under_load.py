@@ -6,7 +6,7 @@ flooder (tools/flood.py) share the other. The flood's sources are 1022 addresses
 `ip route add local ... dev lo`, and routed back to it from wgmp's: every datagram stays
 inside the two namespaces. Each flood is bounded by count and time and stops by itself.
 
-What a handshake flood must find (PROTOCOL.md, "under load"):
+What a handshake flood must find (the whitepaper's and wireguard-go's "under load"):
 
 - a backlog of handshake messages puts wgmp under load: it then answers initiations with a
   valid mac1 but no valid mac2 with cookie replies, instead of spending a DH on each;

@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import psutil
 import pytest
@@ -54,6 +55,7 @@ from tests.integration.netns import (
     UserspaceWireGuard,
     veth_pair,
     wait_for,
+    worker_in_its_loop,
 )
 from wgmp.dataplane.worker import FLUSH_INTERVAL
 
@@ -188,22 +190,6 @@ def worker_pids(daemon: UserspaceWireGuard) -> dict[int, int]:
     return pids
 
 
-def _in_its_loop(pid: int) -> bool:
-    """Whether a worker process has made its epoll set: it has sent READY and is about to
-    take over its TUN queue and socket (Worker.run)."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventpoll]":
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def kill_and_wait_for_restart(daemon: UserspaceWireGuard, worker: int) -> int:
     """SIGKILL one worker (by PID, a child of the daemon we started), wait for control to
     start its replacement and for that to run and write its stats block once; the new PID."""
@@ -213,9 +199,9 @@ def kill_and_wait_for_restart(daemon: UserspaceWireGuard, worker: int) -> int:
         f"worker {worker} to be restarted",
         lambda: (pid := worker_pids(daemon).get(worker)) not in (None, old) and pid,
     )
-    wait_for(f"worker {worker} to run", lambda: _in_its_loop(new))  # type: ignore[arg-type]
+    wait_for(f"worker {worker} to run", lambda: worker_in_its_loop(new))
     time.sleep(3 * FLUSH_INTERVAL)  # its first flush overwrites what the dead one left
-    return new  # type: ignore[return-value]
+    return new
 
 
 def latest_handshakes(daemon: UserspaceWireGuard) -> dict[str, str]:
@@ -251,7 +237,7 @@ def iperf3(
                 )
             )
         for server_ns, _ in servers:
-            wait_for("iperf3 to listen", lambda ns=server_ns: _listening(ns, port))
+            wait_for("iperf3 to listen", partial(_listening, server_ns, port))
         for client_ns, _, address in pairs:
             argv = ["iperf3", "-c", address, "-p", str(port), "-J", *args]
             clients.append(
@@ -270,7 +256,7 @@ def iperf3(
 
 def ping_from(ns: Netns, address: str, count: int, interval: float = 0.05) -> None:
     ns.run(
-        ["ping", "-n", "-q", "-c", count, "-i", interval, "-w", 10, address],
+        ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-w", "10", address],
         timeout=20,
     )
 
@@ -607,7 +593,7 @@ for _ in range(count):
             }
             return grown if sum(grown.values()) >= PROBES else None
 
-        result[worker] = wait_for("the probes to be counted", counted)  # type: ignore[assignment]
+        result[worker] = wait_for("the probes to be counted", counted)
     return result
 
 

@@ -7,12 +7,22 @@ import select
 import socket
 import time
 
-from wgmp.ipc.channel import Channel, Kind
+from wgmp.ipc.channel import Channel
+from wgmp.ipc.messages import (
+    Activity,
+    HandshakePackets,
+    KeypairInstall,
+    Message,
+    Mtu,
+    PeerSet,
+    Ready,
+    encode,
+)
 
 
-def _drain(channel: Channel, want: int, timeout: float = 5.0) -> list[list[object]]:
+def _drain(channel: Channel, want: int, timeout: float = 5.0) -> list[Message]:
     """Messages as the worker loop takes them: wait until readable, then `receive()`."""
-    got: list[list[object]] = []
+    got: list[Message] = []
     deadline = time.monotonic() + timeout
     while len(got) < want:
         readable, _, _ = select.select([channel], [], [], max(deadline - time.monotonic(), 0))
@@ -27,18 +37,18 @@ def test_messages_round_trip_in_order_with_bytes_and_nesting() -> None:
     control, theirs = Channel.pair()
     worker = Channel(theirs)
     try:
-        sent = [
-            [Kind.MTU, 1420],
-            [Kind.PEER_SET, 7, ["192.0.2.1", 51820], [[b"\xc6\x33\x64\x02", 32]]],
-            [Kind.KEYPAIR_INSTALL, 65535, 2],
-            [Kind.HANDSHAKE_PACKETS, [[bytes(range(256)) * 4, ["fd00::1", 1], None]]],
+        sent: list[Message] = [
+            Mtu(1420),
+            PeerSet(7, ["192.0.2.1", 51820], [[b"\xc6\x33\x64\x02", 32]]),
+            KeypairInstall(65535, 2),
+            HandshakePackets([[bytes(range(256)) * 4, ["fd00::1", 1], None]]),
         ]
         assert worker.receive() == []  # nothing yet: non-blocking
         for message in sent:
-            control.send(*message)
+            control.send(message)
         assert _drain(worker, len(sent)) == sent
-        worker.send(Kind.READY, 0, 1234)
-        assert _drain(control, 1) == [[Kind.READY, 0, 1234]]
+        worker.send(Ready(0, 1234))
+        assert _drain(control, 1) == [Ready(0, 1234)]
     finally:
         control.close()
         worker.close()
@@ -48,13 +58,14 @@ def test_a_message_split_anywhere_arrives_once_whole() -> None:
     ours, theirs = socket.socketpair()
     receiver = Channel(theirs)
     try:
-        encoded = Channel(ours)._packer.pack([Kind.ACTIVITY, [[1, 1.5, 2.5, 3.5, 4.5]] * 50])
+        activity = Activity([[1, 1.5, 2.5, 3.5, 4.5]] * 50)
+        encoded = Channel(ours)._packer.pack(encode(activity))
         for cut in (1, 2, 17, len(encoded) - 1):
             ours.sendall(encoded[:cut])
             assert select.select([receiver], [], [], 5)[0]
             assert receiver.receive() == []  # a partial message is kept, not returned
             ours.sendall(encoded[cut:])
-            assert _drain(receiver, 1) == [[Kind.ACTIVITY, [[1, 1.5, 2.5, 3.5, 4.5]] * 50]]
+            assert _drain(receiver, 1) == [activity]
     finally:
         ours.close()
         receiver.close()
@@ -68,11 +79,11 @@ def test_a_burst_larger_than_the_socket_buffer_is_queued_not_lost() -> None:
     count = 20000  # ~ 1 MB of keypair installs, far past a socketpair's buffer
     started = time.monotonic()
     for n in range(count):
-        control.send(Kind.KEYPAIR_INSTALL, n, n % 3)
+        control.send(KeypairInstall(n, n % 3))
     assert time.monotonic() - started < 5  # nobody read: it did not wait
     assert control.backlog > 0
     assert not control.read_since_last_look()  # nobody read anything yet
-    got: list[list[object]] = []
+    got: list[Message] = []
     try:
         deadline = time.monotonic() + 30
         while len(got) < count and time.monotonic() < deadline:
@@ -83,15 +94,15 @@ def test_a_burst_larger_than_the_socket_buffer_is_queued_not_lost() -> None:
                 got.extend(messages)
         assert control.flush() and control.backlog == 0
         assert control.read_since_last_look()  # it read all that
-        control.send(Kind.MTU, 1420)
+        control.send(Mtu(1420))
         assert not control.read_since_last_look()
-        assert _drain(worker, 1) == [[Kind.MTU, 1420]]
+        assert _drain(worker, 1) == [Mtu(1420)]
         assert control.read_since_last_look()  # the other end is reading
         assert not control.read_since_last_look()  # and nothing since
     finally:
         control.close()
         worker.close()
-    assert got == [[Kind.KEYPAIR_INSTALL, n, n % 3] for n in range(count)]
+    assert got == [KeypairInstall(n, n % 3) for n in range(count)]
 
 
 def test_try_send_writes_whole_messages_or_nothing() -> None:
@@ -99,10 +110,10 @@ def test_try_send_writes_whole_messages_or_nothing() -> None:
     worker = Channel(theirs)
     try:
         sent = 0
-        while worker.try_send(Kind.HANDSHAKE_PACKETS, [[bytes(148), ["192.0.2.1", 1], None]]):
+        while worker.try_send(HandshakePackets([[bytes(148), ["192.0.2.1", 1], None]])):
             sent += 1
             assert sent < 100000, "the pipe never filled"
-        got: list[list[object]] = []
+        got: list[Message] = []
         while len(got) < sent:
             assert select.select([control], [], [], 5)[0]
             messages = control.receive()
@@ -117,10 +128,10 @@ def test_try_send_writes_whole_messages_or_nothing() -> None:
 def test_the_other_end_closing_is_none_after_what_it_sent() -> None:
     control, theirs = Channel.pair()
     worker = Channel(theirs)
-    control.send(Kind.SHUTDOWN)
+    control.send(Mtu(1280))
     control.close()
     try:
-        assert _drain(worker, 1) == [[Kind.SHUTDOWN]]
+        assert _drain(worker, 1) == [Mtu(1280)]
         assert worker.receive() is None
     finally:
         worker.close()
@@ -133,7 +144,7 @@ def test_reading_is_seen_even_when_control_writes_more_in_between() -> None:
     worker = Channel(theirs)
     try:
         for n in range(20000):
-            control.send(Kind.KEYPAIR_INSTALL, n, 1)
+            control.send(KeypairInstall(n, 1))
         assert not control.read_since_last_look()
         assert select.select([worker], [], [], 5)[0]
         assert worker.receive()  # the worker reads some
@@ -143,3 +154,15 @@ def test_reading_is_seen_even_when_control_writes_more_in_between() -> None:
     finally:
         control.close()
         worker.close()
+
+
+def test_a_list_that_is_no_declared_message_is_skipped() -> None:
+    ours, theirs = socket.socketpair()
+    receiver = Channel(theirs)
+    try:
+        packer = Channel(ours)._packer
+        ours.sendall(packer.pack([999, 1]) + packer.pack("junk") + packer.pack(encode(Mtu(9))))
+        assert _drain(receiver, 1) == [Mtu(9)]
+    finally:
+        ours.close()
+        receiver.close()

@@ -14,7 +14,8 @@ import socket
 import threading
 import time
 
-from wgmp.ipc.channel import Channel, Kind
+from wgmp.ipc.channel import Channel
+from wgmp.ipc.messages import KeypairInstall, Message, Ready, Removed
 
 COUNT = 20000  # ~ 1 MB each way: far past a socketpair's buffer
 
@@ -22,13 +23,13 @@ COUNT = 20000  # ~ 1 MB each way: far past a socketpair's buffer
 def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
     control, theirs = Channel.pair()
     worker = Channel(theirs)  # a worker's end: blocking writes, as in the worker process
-    got_by_worker: list[list[object]] = []
+    got_by_worker: list[Message] = []
 
     def worker_side() -> None:
         # Write everything first without reading (as a worker busy acknowledging removals),
         # then read what control sent.
         for n in range(COUNT):
-            worker.send(Kind.REMOVED, n)
+            worker.send(Removed(n))
         while len(got_by_worker) < COUNT:
             if select.select([worker], [], [], 10)[0]:
                 messages = worker.receive()
@@ -44,10 +45,10 @@ def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
         # handshakes): it returns at once, whatever the worker does.
         started = time.monotonic()
         for n in range(COUNT):
-            control.send(Kind.KEYPAIR_INSTALL, n, 1)
+            control.send(KeypairInstall(n, 1))
         assert time.monotonic() - started < 5
         # Then control's loop: read what comes, write what waits when there is room.
-        got_by_control: list[list[object]] = []
+        got_by_control: list[Message] = []
         deadline = time.monotonic() + 30
         while (len(got_by_control) < COUNT or control.backlog) and time.monotonic() < deadline:
             writable = [control] if control.backlog else []
@@ -59,8 +60,8 @@ def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
                 assert messages is not None
                 got_by_control.extend(messages)
         thread.join(30)
-        assert got_by_control == [[Kind.REMOVED, n] for n in range(COUNT)]
-        assert got_by_worker == [[Kind.KEYPAIR_INSTALL, n, 1] for n in range(COUNT)]
+        assert got_by_control == [Removed(n) for n in range(COUNT)]
+        assert got_by_worker == [KeypairInstall(n, 1) for n in range(COUNT)]
     finally:
         # Wake anything still blocked (on a regression) before closing.
         for sock in (control.sock, worker.sock):
@@ -75,18 +76,18 @@ def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
 def test_the_other_end_gone_is_an_oserror_after_its_messages() -> None:
     control, theirs = Channel.pair()
     worker = Channel(theirs)
-    worker.send(Kind.READY, 0, 1)
+    worker.send(Ready(0, 1))
     worker.close()
     try:
         raised = False
         try:
             for n in range(COUNT):
-                control.send(Kind.KEYPAIR_INSTALL, n, 1)
+                control.send(KeypairInstall(n, 1))
                 control.flush()
         except OSError:
             raised = True
         assert raised
-        assert control.receive() == [[Kind.READY, 0, 1]]
+        assert control.receive() == [Ready(0, 1)]
         assert control.receive() is None
     finally:
         control.close()

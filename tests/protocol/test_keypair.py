@@ -29,7 +29,7 @@ def test_responder_waits_for_first_message_under_new_keypair() -> None:
     assert pairs.next is b and pairs.for_sending(0.0) is a
     assert pairs.received_with(a) == []  # not next: nothing changes
     assert pairs.received_with(b) == []
-    assert (pairs.previous, pairs.current, pairs.next) == (a, b, None)
+    assert pairs.previous is a and pairs.current is b and pairs.next is None
 
 
 def test_responder_with_nothing_confirmed_cannot_send() -> None:

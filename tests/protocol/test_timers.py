@@ -1,4 +1,4 @@
-"""The timer rules of PROTOCOL.md, driven with a fake clock and a seeded random source."""
+"""The timer rules of wireguard-go's timers.go, driven with a fake clock and a seeded random source."""
 
 from __future__ import annotations
 

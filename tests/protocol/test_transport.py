@@ -20,6 +20,9 @@ KEY = bytes(range(32))
         (1299, 1300, 1),
         (1290, 1300, 6),
         (100, 0, 12),
+        (1300, 1299, 0),  # over the padding MTU: not padded (wireguard-go would add 15)
+        (1312, 1299, 0),
+        (2600, 1299, 0),
     ],
 )
 def test_padding_to_16_never_past_mtu(length: int, mtu: int, padding: int) -> None:

@@ -7,7 +7,6 @@ the peers' timers. `Interface` decides; this module does the I/O it asks for.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import gc
 import logging
@@ -25,12 +24,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import process
-from ..ipc.channel import Kind
 from ..ipc.keyslots import KeySlots
-from ..net import netlink, tun, udp
-from ..net.steering import attach_steering
+from ..ipc.messages import (
+    Activity,
+    Confirmed,
+    FlushStats,
+    HandshakePackets,
+    KeypairInstall,
+    KeypairRemove,
+    Message,
+    Mtu,
+    NeedHandshake,
+    PeerSet,
+    Ping,
+    Pong,
+    Ready,
+    RekeyWanted,
+    Removed,
+    Roamed,
+    RouteLoop,
+    StatsFlushed,
+)
+from ..net import netlink, udp
 from ..protocol.constants import (
-    DEFAULT_MTU,
     MAX_KEYPAIRS_PER_PEER,
     MAX_PEERS,
     MAX_QUEUED_INCOMING_HANDSHAKES,
@@ -38,24 +54,24 @@ from ..protocol.constants import (
 from ..protocol.errors import DropReason
 from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
+from ..stats.collector import DeviceStats, HandshakeStats, PeerStats, WorkerStats, render
 from ..uapi import protocol as uapi
-from ..uapi.server import Respond, UAPIServer
+from ..uapi.server import SOCKET_DIRECTORY, Respond, UAPIServer
+from .edges import KernelLink, KernelPort, Link, LinkEvents, Port, RouteEvents
 from .endpoint_routes import EndpointRoutes
 from .interface import Interface
-from .peer import Local, Peer
-from .route_mtu import RouteMTUWatcher
-from .set_request import SetApplication
+from .peer import Peer
+from .set_request import SetApplication, apply_request
 from .supervisor import HEARTBEAT_INTERVAL, Supervisor, WorkerHandle
+from .tun_setup import TUN_VNET_HDR
 
-__all__ = ["Daemon", "SetupError", "check_tun_fd"]
+__all__ = ["Daemon", "SetupError"]
 
 log = logging.getLogger("wgmp")
 # Every peer's three keypairs, and as many again waiting for the workers to acknowledge their
 # removal; beyond that a handshake is dropped (NO_KEY_SLOT). 32 MiB of sparse shared memory,
 # of which only the pages of slots ever used are touched.
 KEYSLOT_CAPACITY = (MAX_KEYPAIRS_PER_PEER + 1) * MAX_PEERS
-# The TUN takes virtio-net headers so workers can write GSO super-packets (dataplane/coalesce.py).
-TUN_VNET_HDR = True
 STATS_FLUSH_TIMEOUT = 0.3
 SOCKET_CHECK_INTERVAL = 0.5
 # A set request is applied at most this long per turn of the loop (set_request.py); then
@@ -78,14 +94,13 @@ FREEZE_AFTER_OPERATIONS = 4096
 OUTBOUND_LIMIT = 32 << 20
 
 
-def _forwarded_handshakes(messages: list[Any]) -> int:
+def _forwarded_handshakes(messages: list[Message]) -> int:
     """How many handshake messages a worker's messages carry (0 for any malformed one:
     handling it counts it as an internal error)."""
     count = 0
     for message in messages:
-        if isinstance(message, list) and len(message) > 1 and message[0] == Kind.HANDSHAKE_PACKETS:
-            if isinstance(message[1], list):
-                count += len(message[1])
+        if isinstance(message, HandshakePackets) and isinstance(message.packets, list):
+            count += len(message.packets)
     return count
 
 
@@ -95,27 +110,6 @@ class SetupError(Exception):
 
 class _SystemRng(secrets.SystemRandom):
     """The OS's randomness with both methods the core and the timers use."""
-
-
-def check_tun_fd(fd: int, name: str) -> None:
-    """WG_TUN_FD must be a TUN queue of the interface we were asked to run (wireguard-go fails
-    to start on anything else too); raises `TunError` with a one-line message if it is not."""
-    try:
-        actual = tun.interface_name(fd)
-    except OSError as err:
-        raise tun.TunError(
-            err.errno or errno.EINVAL, f"WG_TUN_FD={fd} is not a TUN device: {err}"
-        ) from None
-    if actual != name:
-        raise tun.TunError(
-            errno.EINVAL, f"WG_TUN_FD={fd} is the TUN device {actual!r}, not {name!r}"
-        )
-    if bool(tun.interface_flags(fd) & tun.IFF_VNET_HDR) != TUN_VNET_HDR:
-        # The workers read and write packets with or without a virtio header, not either.
-        with_or_without = "with" if TUN_VNET_HDR else "without"
-        raise tun.TunError(
-            errno.EINVAL, f"WG_TUN_FD={fd} must be opened {with_or_without} IFF_VNET_HDR"
-        )
 
 
 @dataclass(eq=False)
@@ -137,17 +131,24 @@ class Daemon:
         tun_fd: int | None = None,
         uapi_fd: int | None = None,
         log_level: str = "error",
+        link: Link | None = None,
+        port: Port | None = None,
+        uapi_directory: str = SOCKET_DIRECTORY,
     ) -> None:
+        """`link` and `port` are the interface and the UDP port (edges.py; the kernel's by
+        default), `uapi_directory` where the UAPI socket goes: seams for tests."""
         # Before any key exists in this process, and before descriptors are counted on.
         process.forbid_core_dumps()
         process.raise_open_file_limit()
         self.name = name
+        self.link: Link = link if link is not None else KernelLink(name)
+        self.port: Port = port if port is not None else KernelPort()
         self.worker_count = workers
         self.log_level = log_level
         self.running = False
         self.selector = selectors.DefaultSelector()
         self.keyslots = KeySlots.create(KEYSLOT_CAPACITY)
-        self.interface = Interface(self.keyslots, _SystemRng(), workers=workers)  # type: ignore[arg-type]
+        self.interface = Interface(self.keyslots, _SystemRng(), workers=workers)
         self.supervisor = Supervisor(
             self.keyslots.shm.fd, log_level, vnet_hdr=TUN_VNET_HDR, interface=name
         )
@@ -160,11 +161,10 @@ class Daemon:
         self.tun_fds: list[int] = []
         self.control_sockets: dict[int, socket.socket] = {}
         self._open_tun(tun_fd)
-        self.uapi = self._open_uapi(uapi_fd)
+        self.uapi = self._open_uapi(uapi_fd, uapi_directory)
         try:
             self._bind(0)
-            self.watcher = netlink.LinkWatcher(netlink.link_index(name), tun_fd=self.tun_fds[0])
-            self.route_mtus = RouteMTUWatcher(self.watcher.index, tun_fd=self.tun_fds[0])
+            self.watcher, self.route_mtus = self.link.watch(self.tun_fds[0])
             self.interface.route_mtu = self.route_mtus.mtu
             self.endpoint_routes = EndpointRoutes()
         except OSError as err:
@@ -176,42 +176,21 @@ class Daemon:
 
     def _open_tun(self, inherited: int | None) -> None:
         try:
-            first = inherited
-            if first is None:
-                first = tun.open_queue(self.name, TUN_VNET_HDR, exclusive=True)
-                netlink.set_mtu(self.name, DEFAULT_MTU)
-            else:
-                check_tun_fd(first, self.name)
-            self.tun_fds = [first]
-            for _ in range(1, self.worker_count):
-                self.tun_fds.append(tun.open_queue(self.name, TUN_VNET_HDR))
-            self.interface.mtu = netlink.get_mtu(self.name)
+            self.tun_fds = self.link.open_queues(self.worker_count, inherited)
+            self.interface.mtu = self.link.mtu()
         except OSError as err:
             raise SetupError(str(err)) from err
 
-    def _open_uapi(self, inherited: int | None) -> UAPIServer:
+    def _open_uapi(self, inherited: int | None, directory: str) -> UAPIServer:
         try:
-            return UAPIServer(self.name, fd=inherited)
+            return UAPIServer(self.name, fd=inherited, directory=directory)
         except OSError as err:
             raise SetupError(f"UAPI listen error: {err}") from err
 
     def _bind(self, port: int) -> None:
         """Build the reuseport group: control's sockets first, then each worker's, in order
         (the steering program relies on that order; see net/steering.py)."""
-        options: dict[str, Any] = {"fwmark": self.interface.fwmark}
-        sock4, sock6, port = udp.bind_pair(port, **options)
-        group: list[dict[int, socket.socket]] = [{}]
-        for family, sock in ((4, sock4), (6, sock6)):
-            if sock is not None:
-                group[0][family] = sock
-        for _ in range(self.worker_count):
-            sockets = {}
-            for family, af in ((4, socket.AF_INET), (6, socket.AF_INET6)):
-                if family in group[0]:
-                    sockets[family] = udp.open_udp(af, port, **options)
-            group.append(sockets)
-        for sock in group[0].values():
-            attach_steering(sock)
+        group, port = self.port.bind_group(port, self.worker_count, self.interface.fwmark)
         self.control_sockets = group[0]
         self.interface.listen_port = port
         if not self.supervisor.workers:
@@ -236,9 +215,13 @@ class Daemon:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run(self, ready: Callable[[], None] | None = None) -> None:
+    def run(self, ready: Callable[[], None] | None = None, *, signals: bool = True) -> None:
+        """The event loop, until told to stop. `signals=False` leaves the process's signal
+        handling alone (a daemon run in a thread by a test: only the main thread may set it);
+        a dead worker is then noticed at the next turn of the loop, within 0.25 s."""
         self.running = True
-        self._install_signals()
+        if signals:
+            self._install_signals()
         for handle in self.supervisor.workers:
             self._start_worker(handle)
         self._register_sockets()
@@ -316,7 +299,7 @@ class Daemon:
         for sock in self.control_sockets.values():
             self.selector.register(sock, selectors.EVENT_READ, self._on_handshake_socket)
 
-    def _on_link(self, watcher: netlink.LinkWatcher) -> None:
+    def _on_link(self, watcher: LinkEvents) -> None:
         for event in watcher.read():
             if event.change == netlink.LinkChange.DELETED:
                 log.info("interface %s deleted: shutting down", self.name)
@@ -330,7 +313,7 @@ class Daemon:
                 # Routes through it in our namespace (loops) are gone, or back.
                 self.interface.routes_to_check.update(self.interface.by_id)
 
-    def _on_routes(self, watcher: RouteMTUWatcher) -> None:
+    def _on_routes(self, watcher: RouteEvents) -> None:
         if watcher.read():  # a route through the interface changed its MTU: padding follows
             self.interface.set_route_mtu(watcher.mtu)
 
@@ -352,7 +335,7 @@ class Daemon:
                 continue
             verdict = self.endpoint_routes.check(
                 peer.endpoint,
-                peer.local,
+                peer.sticky,
                 fwmark=interface.fwmark,
                 port=interface.listen_port,
                 own_index=own_index,
@@ -374,7 +357,7 @@ class Daemon:
     # -- handshakes --------------------------------------------------------------------------
 
     def _on_handshake_socket(self, sock: socket.socket) -> None:
-        backlog: list[tuple[bytes, tuple[str, int], Local | None]] = []
+        backlog: list[tuple[bytes, tuple[str, int], udp.Sticky | None]] = []
         while len(backlog) < MAX_QUEUED_INCOMING_HANDSHAKES:
             try:
                 data, ancillary, _, address = sock.recvmsg(2048, udp.PKTINFO_SPACE)
@@ -382,16 +365,16 @@ class Daemon:
                 break
             except OSError:
                 continue
-            local = next((c for c in ancillary if (c[0], c[1]) in udp.PKTINFO_KINDS), None)
-            backlog.append((data, (address[0], address[1]), local))
+            sticky = next((c for c in ancillary if (c[0], c[1]) in udp.PKTINFO_KINDS), None)
+            backlog.append((data, (address[0], address[1]), sticky))
         self.interface.note_backlog(len(backlog), time.monotonic())
         monotonic, time_ns = time.monotonic, time.time_ns
-        for data, source, local in backlog:
+        for data, source, sticky in backlog:
             # Each message at the time it is handled, as wireguard-go does: a backlog can take
             # a second to get through, and the 20 ms rule, the rate limiter and the timers are
             # about when a message is handled (with one time for the whole batch, a peer's
             # second initiation in it was refused as a flood after a DH was spent on it).
-            self.interface.receive_handshake(data, source, monotonic(), time_ns(), local)
+            self.interface.receive_handshake(data, source, monotonic(), time_ns(), sticky)
             self._drain_outputs()
 
     def _drain_outputs(self) -> None:
@@ -404,23 +387,16 @@ class Daemon:
 
     def _drain_datagrams(self) -> None:
         interface = self.interface
-        for message, (host, port), local in interface.datagrams:
+        for message, (host, port), sticky in interface.datagrams:
             family = 6 if ":" in host else 4
             sock = self.control_sockets.get(family)
             if sock is None:
                 continue
             address = (host, port, 0, 0) if family == 6 else (host, port)
-            try:
-                # From the address the peer contacted (wireguard-go's sticky sockets).
-                sock.sendmsg([message], [local] if local else [], 0, address)
-            except OSError as err:
-                if local and err.errno in udp.STALE_SOURCE_ERRNOS:
-                    try:  # that address is no longer ours: let routing choose
-                        sock.sendmsg([message], [], 0, address)
-                    except OSError as again:
-                        log.debug("send to %s:%d failed: %s", host, port, again)
-                else:
-                    log.debug("send to %s:%d failed: %s", host, port, err)
+            # From the address the peer contacted (wireguard-go's sticky sockets).
+            _, error = udp.send_sticky(sock, [message], [], address, sticky)
+            if error is not None:
+                log.debug("send to %s:%d failed: %s", host, port, error)
         interface.datagrams.clear()
 
     def _drain_commands(self) -> None:
@@ -429,15 +405,15 @@ class Daemon:
             return
         live = [h for h in self.supervisor.workers if h.channel is not None]
         for command in interface.commands:
-            if command[0] == Kind.KEYPAIR_REMOVE:
+            if isinstance(command, KeypairRemove):
                 waiting = {h.worker_id for h in live}
                 if waiting:
-                    self.pending_release[command[1]] = waiting
+                    self.pending_release[command.slot] = waiting
                 else:
-                    self.keyslots.release(command[1])
+                    self.keyslots.release(command.slot)
             targets = live
-            if command[0] == Kind.KEYPAIR_INSTALL:
-                targets = self._owner_first(live, command[1])
+            if isinstance(command, KeypairInstall):
+                targets = self._owner_first(live, command.slot)
             for handle in targets:
                 self._send(handle, command)
         interface.commands.clear()
@@ -457,13 +433,13 @@ class Daemon:
         owner = worker_of(found[1].local_index)
         return sorted(live, key=lambda handle: handle.worker_id != owner)
 
-    def _send(self, handle: WorkerHandle, command: list[Any]) -> None:
+    def _send(self, handle: WorkerHandle, command: Message) -> None:
         """Write (or queue: control never waits for one worker) a message to a worker."""
         channel = handle.channel
         if channel is None:
             return  # down: it gets the whole state when it is started again
         try:
-            channel.send(*command)
+            channel.send(command)
         except OSError:
             return  # a dead worker: supervision restarts it with the full state
         if channel.backlog:
@@ -489,21 +465,21 @@ class Daemon:
             handle.channel.sock, selectors.EVENT_READ, lambda _s, h=handle: self._on_worker(h)
         )
         interface = self.interface
-        self._send(handle, [Kind.MTU, interface.padding_mtu])
+        self._send(handle, Mtu(interface.padding_mtu))
         for peer in interface.peers.values():
             self._send(handle, self._peer_state(peer))
             if peer.looping:
-                self._send(handle, [Kind.ROUTE_LOOP, peer.peer_id, True])
+                self._send(handle, RouteLoop(peer.peer_id, True))
         for slot, role in interface.keypair_roles():
-            self._send(handle, [Kind.KEYPAIR_INSTALL, slot, role])
+            self._send(handle, KeypairInstall(slot, role))
 
-    def _peer_state(self, peer: Peer) -> list[Any]:
+    def _peer_state(self, peer: Peer) -> PeerSet:
         endpoint = list(peer.endpoint) if peer.endpoint else None
         prefixes = [
             [p.network_address.packed, p.prefixlen]
             for p in self.interface.allowed.entries_for_peer(peer.peer_id)
         ]
-        return [Kind.PEER_SET, peer.peer_id, endpoint, prefixes]
+        return PeerSet(peer.peer_id, endpoint, prefixes)
 
     def _supervise(self, now: float) -> None:
         """Restart dead workers when their backoff allows, and find hung ones."""
@@ -518,21 +494,21 @@ class Daemon:
                     self._check_liveness(handle, now)
                 continue
             if handle.restart_at is None:
-                if not tun.is_alive(handle.tun_fd):
+                if not self.link.queue_alive(handle.tun_fd):
                     # Workers die on EBADFD when the interface is deleted, which can be before
                     # its RTM_DELLINK reaches us: a replacement would only die the same way.
                     log.info("interface %s deleted: shutting down", self.name)
                     self.running = False
                     return
-                self._worker_died(handle, now)
-            if now >= handle.restart_at:  # type: ignore[operator]
+                handle.restart_at = self._worker_died(handle, now)
+            if now >= handle.restart_at:
                 handle.restarts += 1
                 self._start_worker(handle)
 
-    def _worker_died(self, handle: WorkerHandle, now: float) -> None:
+    def _worker_died(self, handle: WorkerHandle, now: float) -> float:
         """A worker's process has exited: what it held is given up now (its acknowledgements
-        of keypair removals are implied: it reads no slot any more), and its restart is
-        scheduled after the backoff."""
+        of keypair removals are implied: it reads no slot any more); returns when to restart
+        it, after the backoff."""
         code = handle.process.returncode if handle.process else None
         delay = self.supervisor.restart_delay(handle, now)
         log.error(
@@ -545,7 +521,7 @@ class Daemon:
         self._retire_counters(handle)
         self._forget_worker(handle)
         self.interface.workers_down.add(handle.worker_id)
-        handle.restart_at = now + delay
+        return now + delay
 
     def _check_liveness(self, handle: WorkerHandle, now: float) -> None:
         """A worker is alive while it sends messages, answers PING or reads its pipe; one
@@ -558,7 +534,7 @@ class Daemon:
             if now - handle.pinged_at >= HEARTBEAT_INTERVAL:
                 handle.ping_token += 1
                 handle.pinged_at = now
-                self._send(handle, [Kind.PING, handle.ping_token])
+                self._send(handle, Ping(handle.ping_token))
             if handle.unanswered_since is None:
                 handle.unanswered_since = now
         since = handle.unanswered_since
@@ -637,49 +613,62 @@ class Daemon:
                 self.interface.counters.drops[DropReason.INTERNAL_ERROR] += 1
                 self.interface.errors.report(f"a message from worker {handle.worker_id}")
 
-    def _on_worker_message(self, handle: WorkerHandle, message: list[Any]) -> None:
-        kind = message[0]
-        now = time.monotonic()
-        wall = time.time_ns()
-        interface = self.interface
-        if kind == Kind.ACTIVITY:
-            interface.activity(message[1], now, wall)
-        elif kind == Kind.NEED_HANDSHAKE:
-            interface.need_handshake(message[1], now, wall)
-        elif kind == Kind.REKEY_WANTED:
-            interface.rekey_wanted(message[1], now, wall)
-        elif kind == Kind.CONFIRMED:
-            interface.confirmed(message[1], now, wall)
-        elif kind == Kind.ROAMED:
-            local = message[3] if len(message) > 3 and message[3] else None
-            interface.roamed(
-                message[1], (message[2][0], message[2][1]), tuple(local) if local else None
-            )
-        elif kind == Kind.HANDSHAKE_PACKETS:
-            monotonic, time_ns = time.monotonic, time.time_ns
-            for data, endpoint, local in message[1]:
-                # As _on_handshake_socket: each message at the time it is handled.
-                interface.receive_handshake(
-                    data,
-                    (endpoint[0], endpoint[1]),
-                    monotonic(),
-                    time_ns(),
-                    tuple(local) if local else None,
-                )
-                self._drain_outputs()
-        elif kind == Kind.REMOVED:
-            waiting = self.pending_release.get(message[1])
-            if waiting is not None:
-                waiting.discard(handle.worker_id)
-                if not waiting:
-                    del self.pending_release[message[1]]
-                    self.keyslots.release(message[1])
-        elif kind == Kind.STATS_FLUSHED:
-            handle.pending_flush.discard(message[1])
-        elif kind == Kind.READY:
-            handle.ready = True
-            interface.workers_down.discard(handle.worker_id)
+    def _on_worker_message(self, handle: WorkerHandle, message: Message) -> None:
+        handler = WORKER_HANDLERS.get(type(message))
+        if handler is not None:
+            handler(self, handle, message)
         self._drain_outputs()
+
+    def _on_activity(self, handle: WorkerHandle, message: Activity) -> None:
+        self.interface.activity(message.reports, time.monotonic(), time.time_ns())
+
+    def _on_need_handshake(self, handle: WorkerHandle, message: NeedHandshake) -> None:
+        self.interface.need_handshake(message.peer_id, time.monotonic(), time.time_ns())
+
+    def _on_rekey_wanted(self, handle: WorkerHandle, message: RekeyWanted) -> None:
+        self.interface.rekey_wanted(message.peer_id, time.monotonic(), time.time_ns())
+
+    def _on_confirmed(self, handle: WorkerHandle, message: Confirmed) -> None:
+        self.interface.confirmed(message.slot, time.monotonic(), time.time_ns())
+
+    def _on_roamed(self, handle: WorkerHandle, message: Roamed) -> None:
+        sticky = message.sticky
+        self.interface.roamed(
+            message.peer_id,
+            (message.endpoint[0], message.endpoint[1]),
+            (sticky[0], sticky[1], sticky[2]) if sticky else None,
+        )
+
+    def _on_handshake_packets(self, handle: WorkerHandle, message: HandshakePackets) -> None:
+        monotonic, time_ns = time.monotonic, time.time_ns
+        for data, endpoint, sticky in message.packets:
+            # As _on_handshake_socket: each message at the time it is handled.
+            self.interface.receive_handshake(
+                data,
+                (endpoint[0], endpoint[1]),
+                monotonic(),
+                time_ns(),
+                (sticky[0], sticky[1], sticky[2]) if sticky else None,
+            )
+            self._drain_outputs()
+
+    def _on_pong(self, handle: WorkerHandle, message: Pong) -> None:
+        """Nothing more to do: every message is a sign of life (`_on_worker` noted it)."""
+
+    def _on_removed(self, handle: WorkerHandle, message: Removed) -> None:
+        waiting = self.pending_release.get(message.slot)
+        if waiting is not None:
+            waiting.discard(handle.worker_id)
+            if not waiting:
+                del self.pending_release[message.slot]
+                self.keyslots.release(message.slot)
+
+    def _on_stats_flushed(self, handle: WorkerHandle, message: StatsFlushed) -> None:
+        handle.pending_flush.discard(message.token)
+
+    def _on_ready(self, handle: WorkerHandle, message: Ready) -> None:
+        handle.ready = True
+        self.interface.workers_down.discard(handle.worker_id)
 
     def flush_stats(self) -> None:
         """Ask every worker to write its counters now and wait (briefly) until they have."""
@@ -688,7 +677,7 @@ class Daemon:
         waiting = [h for h in self.supervisor.workers if h.channel is not None and h.ready]
         for handle in waiting:
             handle.pending_flush.add(token)
-            self._send(handle, [Kind.FLUSH_STATS, token])
+            self._send(handle, FlushStats(token))
         deadline = time.monotonic() + STATS_FLUSH_TIMEOUT
         while True:
             outstanding = [h for h in waiting if h.channel is not None and token in h.pending_flush]
@@ -713,9 +702,7 @@ class Daemon:
         if isinstance(request, uapi.SetRequest):
             if len(request.operations) >= FREEZE_AFTER_OPERATIONS:
                 gc.freeze()  # what parsing it made, as after each slice below
-            self._set_queue.append(
-                (SetApplication(self.interface, request, self._apply_device), respond)
-            )
+            self._set_queue.append((SetApplication(self.interface, request, self), respond))
         elif isinstance(request, uapi.GetRequest):
             self.when_flushed(lambda: respond(self.round_text("get")))
         else:  # StatsRequest: `wgmp stats`; the connection then closes
@@ -735,7 +722,7 @@ class Daemon:
         waiting = [h for h in self.supervisor.workers if h.channel is not None and h.ready]
         for handle in waiting:
             handle.pending_flush.add(token)
-            self._send(handle, [Kind.FLUSH_STATS, token])
+            self._send(handle, FlushStats(token))
         self._round = _FlushRound(
             token, waiting, time.monotonic() + STATS_FLUSH_TIMEOUT, self._flush_waiters
         )
@@ -748,9 +735,7 @@ class Daemon:
             if kind == "get":
                 text = uapi.format_get(self._device_snapshot())
             else:
-                from ..stats.collector import render, snapshot_from_daemon
-
-                text = render(snapshot_from_daemon(self, self._device_snapshot()))
+                text = render(self.stats_snapshot(self._device_snapshot()))
             self._round_texts[kind] = text
         return text
 
@@ -853,35 +838,78 @@ class Daemon:
             peers=peers,
         )
 
-    def apply(self, request: uapi.SetRequest) -> None:
-        """Apply a parsed set request at once (the loop applies them in slices instead);
-        raises its UAPIError if it fails."""
-        application = SetApplication(self.interface, request, self._apply_device)
-        application.run_to_end()
-        if application.error is not None:
-            raise application.error
+    def stats_snapshot(self, device: uapi.DeviceSnapshot | None = None) -> DeviceStats:
+        """The counters of the interface, its peers and its workers as plain values (what
+        `wgmp stats` and /metrics show). From the event loop only.
 
-    def _apply_device(self, op: uapi.Operation, now: float) -> None:
-        interface = self.interface
-        if isinstance(op, uapi.SetPrivateKey):
-            interface.set_private_key(op.private_key, now)
-        elif isinstance(op, uapi.SetListenPort):
-            log.debug("UAPI: Updating listen port")
-            if op.port != interface.listen_port:
-                self._rebind(op.port)
-        elif isinstance(op, uapi.SetFwmark):
-            log.debug("UAPI: Updating fwmark")
-            interface.fwmark = op.fwmark
-            interface.routes_to_check.update(interface.by_id)  # routes may depend on the mark
-            try:
-                for sock in self._all_sockets():
-                    udp.set_fwmark(sock, op.fwmark)
-            except OSError as err:
-                raise uapi.UAPIError(uapi.IPC_ERROR_PORT_IN_USE, f"fwmark: {err}") from err
-        elif isinstance(op, uapi.ReplacePeers):
-            log.debug("UAPI: Removing all peers")
-            for public_key in list(interface.peers):
-                interface.remove_peer(public_key)
+        `device` is what `get` would show, taken right after a flush of the workers' counters
+        (as `when_flushed` arranges); without it, `snapshot` flushes and waits, as `wg show`."""
+        if device is None:
+            device = self.snapshot()  # flushes the workers' stats blocks, then sums per peer
+        identity = self.interface.identity
+        peers = [
+            PeerStats(
+                public_key=peer.public_key,
+                endpoint=peer.endpoint,
+                allowed_ips=tuple(peer.allowed_ips),
+                rx_bytes=peer.rx_bytes,
+                tx_bytes=peer.tx_bytes,
+                last_handshake_sec=peer.last_handshake_time_sec,
+            )
+            for peer in device.peers
+        ]
+        workers = []
+        for handle in self.supervisor.workers:
+            rx_packets, rx_bytes, tx_packets, tx_bytes = handle.stats.totals()
+            running = handle.process is not None and handle.process.poll() is None
+            workers.append(
+                WorkerStats(
+                    worker_id=handle.worker_id,
+                    rx_packets=rx_packets,
+                    rx_bytes=rx_bytes,
+                    tx_packets=tx_packets,
+                    tx_bytes=tx_bytes,
+                    drops=tuple(handle.stats.drops()),
+                    staged=handle.stats.staged(),
+                    restarts=handle.restarts,
+                    up=running,
+                )
+            )
+        counters = self.interface.counters
+        return DeviceStats(
+            device=self.name,
+            public_key=identity.public_key if identity is not None else None,
+            peers=peers,
+            workers=workers,
+            handshakes=HandshakeStats(
+                initiated=counters.initiated,
+                received=counters.received,
+                completed=counters.completed,
+                failed=counters.failed,
+                cookie_replies_sent=counters.cookie_replies_sent,
+                drops=tuple(counters.drops),
+            ),
+        )
+
+    def render_stats(self) -> bytes:
+        """`stats_snapshot` in the Prometheus text format."""
+        return render(self.stats_snapshot())
+
+    def apply(self, request: uapi.SetRequest) -> None:
+        """Apply a parsed set request at once (the loop applies them in slices instead,
+        set_request.py); raises its UAPIError if it fails. Ports and marks are ours to set."""
+        apply_request(self.interface, request, self)
+
+    def set_listen_port(self, port: int) -> None:
+        if port != self.interface.listen_port:
+            self._rebind(port)
+
+    def set_fwmark(self, mark: int) -> None:
+        try:
+            for sock in self._all_sockets():
+                udp.set_fwmark(sock, mark)
+        except OSError as err:
+            raise uapi.UAPIError(uapi.IPC_ERROR_PORT_IN_USE, f"fwmark: {err}") from err
 
     def _rebind(self, port: int) -> None:
         """A new listen port: a new socket group, and the workers restarted onto it (they keep
@@ -925,3 +953,19 @@ class Daemon:
                 pass
         self.tun_fds = []
         log.info("interface %s closed", self.name)
+
+
+# What control does with each message a worker sends (one entry per Direction.TO_CONTROL
+# declaration in ipc/messages.py; tests/ipc/test_messages.py checks that none is missing).
+WORKER_HANDLERS: dict[type[Any], Callable[[Daemon, WorkerHandle, Any], None]] = {
+    Ready: Daemon._on_ready,
+    NeedHandshake: Daemon._on_need_handshake,
+    Activity: Daemon._on_activity,
+    Confirmed: Daemon._on_confirmed,
+    Roamed: Daemon._on_roamed,
+    HandshakePackets: Daemon._on_handshake_packets,
+    Removed: Daemon._on_removed,
+    StatsFlushed: Daemon._on_stats_flushed,
+    RekeyWanted: Daemon._on_rekey_wanted,
+    Pong: Daemon._on_pong,
+}

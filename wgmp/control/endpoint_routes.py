@@ -35,8 +35,8 @@ import socket
 from dataclasses import dataclass
 
 from ..net.routes import RouteSocket, message_types
-from ..net.udp import pktinfo_address
-from .peer import Endpoint, Local
+from ..net.udp import Sticky, sticky_address
+from .peer import Endpoint
 
 __all__ = ["EndpointRoutes", "Verdict"]
 
@@ -95,13 +95,13 @@ class EndpointRoutes:
     def check(
         self,
         endpoint: Endpoint,
-        local: Local | None,
+        sticky: Sticky | None,
         *,
         fwmark: int,
         port: int,
         own_index: int | None,
     ) -> Verdict:
-        """The route a datagram from our `port` to `endpoint` from `local` (a pktinfo) with
+        """The route a datagram from our `port` to `endpoint` from `sticky` (its sticky source) with
         `fwmark` gets now; `own_index` is our interface's index when it is in this
         namespace."""
         ports = (port, endpoint[1]) if 0 < port < 65536 and 0 < endpoint[1] < 65536 else None
@@ -113,8 +113,8 @@ class EndpointRoutes:
             return Verdict(False, False)
         clear = False
         route = None
-        if local is not None:
-            address, ifindex = pktinfo_address(local)
+        if sticky is not None:
+            address, ifindex = sticky_address(sticky)
             try:
                 source = socket.inet_pton(
                     socket.AF_INET6 if ":" in address else socket.AF_INET, address

@@ -14,11 +14,25 @@ import logging
 import socket
 from collections import deque
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from ..internal_errors import ErrorLog
-from ..ipc.channel import ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS, Kind
 from ..ipc.keyslots import KeySlots
+from ..ipc.messages import (
+    ROLE_CURRENT,
+    ROLE_NEXT,
+    ROLE_PREVIOUS,
+    DropStaged,
+    KeypairInstall,
+    KeypairRemove,
+    Message,
+    Mtu,
+    PeerEndpoint,
+    PeerRemove,
+    PeerSet,
+    RouteLoop,
+)
+from ..net.udp import Sticky
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
     DEFAULT_MTU,
@@ -39,12 +53,19 @@ from ..protocol.crypto import Randomness
 from ..protocol.errors import ConfigError, DropReason, ProtocolError
 from ..protocol.indextable import IndexTable, worker_of
 from ..protocol.keypair import Keypair
-from ..protocol.messages import message_type, parse_cookie_reply, parse_initiation, parse_response
-from ..protocol.noise import HandshakeState, StaticIdentity, consume_initiation
+from ..protocol.messages import (
+    Initiation,
+    Response,
+    message_type,
+    parse_cookie_reply,
+    parse_initiation,
+    parse_response,
+)
+from ..protocol.noise import Handshake, HandshakeState, StaticIdentity, consume_initiation
 from ..protocol.ratelimiter import RateLimiter
 from ..protocol.timers import ActionKind, RandomSource
 from ..protocol.transport import seal_transport
-from .peer import Endpoint, Local, Peer, Prefix
+from .peer import Endpoint, Peer, Prefix
 
 # LOG_LEVEL=verbose logs what wireguard-go logs at that level, in its words and with its
 # peer(AbCd…WxYz) names (see docs/operations.md); only per-handshake and per-configuration
@@ -62,7 +83,7 @@ UNDER_LOAD_BACKLOG = MAX_QUEUED_INCOMING_HANDSHAKES // UNDER_LOAD_QUEUE_FRACTION
 DEADLINE_SLACK = 64  # stale timer entries tolerated beyond as many as there are live ones
 
 
-class Rng(RandomSource, Randomness):
+class Rng(RandomSource, Randomness, Protocol):
     """Both the timers' `.random()` and the core's `.getrandbits()` (random.Random fits)."""
 
 
@@ -111,8 +132,8 @@ class Interface:
         self._deadlines: list[tuple[float, int]] = []
         self._queued: dict[int, float] = {}
         self._free_ids: deque[int] = deque(range(1, MAX_PEERS + 1))
-        self.allowed = AllowedIPs()
-        self.indices = IndexTable(rng)
+        self.allowed: AllowedIPs[int] = AllowedIPs()
+        self.indices: IndexTable[Peer] = IndexTable(rng)
         self.cookie_checker = CookieChecker(None)
         self.rate_limiter = RateLimiter()
         self.under_load_until = 0.0
@@ -123,8 +144,8 @@ class Interface:
         self._next_worker = 0
         # Workers that are dead, hung or not yet READY: new keypairs go to the others.
         self.workers_down: set[int] = set()
-        self.datagrams: list[tuple[bytes, Endpoint, Local | None]] = []
-        self.commands: list[list[Any]] = []
+        self.datagrams: list[tuple[bytes, Endpoint, Sticky | None]] = []
+        self.commands: list[Message] = []
         # Peers whose endpoint or sticky source changed: the daemon asks the routing table
         # about them (control/endpoint_routes.py) before it sends anything.
         self.routes_to_check: set[int] = set()
@@ -160,7 +181,7 @@ class Interface:
             peer.timers.on_arm = partial(self._timer_armed, peer_id)
             self.peers[public_key] = peer
             self.by_id[peer_id] = peer
-            self.commands.append([Kind.PEER_SET, peer_id, None, []])
+            self.commands.append(PeerSet(peer_id, None, []))
             log.debug("%s - UAPI: Created", peer)
         return peer
 
@@ -176,20 +197,20 @@ class Interface:
         self._compact_deadlines()
         self._drop_sessions(peer)
         self.allowed.remove_by_peer(peer.peer_id)
-        self.commands.append([Kind.PEER_REMOVE, peer.peer_id])
+        self.commands.append(PeerRemove(peer.peer_id))
         self._free_ids.append(peer.peer_id)
 
     def set_preshared_key(self, peer: Peer, key: bytes) -> None:
         log.debug("%s - UAPI: Updating preshared key", peer)
         peer.handshake.preshared_key = key
 
-    def set_endpoint(self, peer: Peer, endpoint: Endpoint, local: Local | None = None) -> None:
-        """Where to send (and, with `local`, the address of ours to send from)."""
+    def set_endpoint(self, peer: Peer, endpoint: Endpoint, sticky: Sticky | None = None) -> None:
+        """Where to send (and, with `sticky`, the address of ours to send from)."""
         peer.endpoint = endpoint
-        peer.local = local
+        peer.sticky = sticky
         self.routes_to_check.add(peer.peer_id)
         self.commands.append(
-            [Kind.ENDPOINT, peer.peer_id, list(endpoint), list(local) if local else None]
+            PeerEndpoint(peer.peer_id, list(endpoint), list(sticky) if sticky else None)
         )
 
     def set_looping(self, peer: Peer, looping: bool) -> None:
@@ -198,7 +219,7 @@ class Interface:
         nothing, as the kernel does ("avoiding routing loop")."""
         if peer.looping != looping:
             peer.looping = looping
-            self.commands.append([Kind.ROUTE_LOOP, peer.peer_id, looping])
+            self.commands.append(RouteLoop(peer.peer_id, looping))
 
     def set_persistent_keepalive(self, peer: Peer, interval: int, now: float, wall_ns: int) -> None:
         log.debug("%s - UAPI: Updating persistent keepalive interval", peer)
@@ -227,22 +248,19 @@ class Interface:
             prefixes = self.allowed.entries_for_peer(peer.peer_id)
             peer.prefixes = list(prefixes)
             self.commands.append(
-                [
-                    Kind.PEER_SET,
-                    peer.peer_id,
-                    None,
-                    [[p.network_address.packed, p.prefixlen] for p in prefixes],
-                ]
+                PeerSet(
+                    peer.peer_id, None, [[p.network_address.packed, p.prefixlen] for p in prefixes]
+                )
             )
 
     def set_mtu(self, mtu: int) -> None:
         self.mtu = mtu
-        self.commands.append([Kind.MTU, self.padding_mtu])
+        self.commands.append(Mtu(self.padding_mtu))
 
     def set_route_mtu(self, mtu: int | None) -> None:
         """The smallest MTU set on a route through the interface, or None (route_mtu.py)."""
         self.route_mtu = mtu
-        self.commands.append([Kind.MTU, self.padding_mtu])
+        self.commands.append(Mtu(self.padding_mtu))
 
     @property
     def padding_mtu(self) -> int:
@@ -305,12 +323,12 @@ class Interface:
         self.counters.completed += 1
         self._announce_roles(peer)
 
-    def roamed(self, peer_id: int, endpoint: Endpoint, local: Local | None = None) -> None:
+    def roamed(self, peer_id: int, endpoint: Endpoint, sticky: Sticky | None = None) -> None:
         peer = self.by_id.get(peer_id)
-        if peer is not None and (peer.endpoint != endpoint or peer.local != local):
+        if peer is not None and (peer.endpoint != endpoint or peer.sticky != sticky):
             if peer.endpoint != endpoint:
                 log.debug("%s - Roamed to %s", peer, _show(endpoint))
-            self.set_endpoint(peer, endpoint, local)
+            self.set_endpoint(peer, endpoint, sticky)
 
     # -- handshake datagrams --------------------------------------------------------------
 
@@ -323,12 +341,12 @@ class Interface:
         return now < self.under_load_until
 
     def receive_handshake(
-        self, data: bytes, source: Endpoint, now: float, wall_ns: int, local: Local | None = None
+        self, data: bytes, source: Endpoint, now: float, wall_ns: int, sticky: Sticky | None = None
     ) -> None:
-        """One datagram of type 1, 2 or 3 from `source`, sent to our address `local` (its
+        """One datagram of type 1, 2 or 3 from `source`, sent to our address `sticky` (its
         pktinfo, if known); bad ones are counted and dropped."""
         try:
-            self._receive_handshake(data, source, now, wall_ns, local)
+            self._receive_handshake(data, source, now, wall_ns, sticky)
         except ProtocolError as err:
             self.counters.drops[err.reason] += 1
             if err.reason not in (DropReason.MAC_INVALID, DropReason.RATE_LIMITED):
@@ -340,7 +358,7 @@ class Interface:
             self.errors.report(f"a handshake message from {source}")
 
     def _receive_handshake(
-        self, data: bytes, source: Endpoint, now: float, wall_ns: int, local: Local | None
+        self, data: bytes, source: Endpoint, now: float, wall_ns: int, sticky: Sticky | None
     ) -> None:
         kind = message_type(data)
         if self.identity is None:
@@ -356,7 +374,9 @@ class Interface:
             return
         if kind not in (MESSAGE_INITIATION, MESSAGE_RESPONSE):
             raise ProtocolError(DropReason.MALFORMED, "not a handshake message")
-        msg = parse_initiation(data) if kind == MESSAGE_INITIATION else parse_response(data)
+        msg: Initiation | Response = (
+            parse_initiation(data) if kind == MESSAGE_INITIATION else parse_response(data)
+        )
         if not self.cookie_checker.check_mac1(data):
             raise ProtocolError(DropReason.MAC_INVALID, "mac1")
         if self.under_load(now):
@@ -366,7 +386,7 @@ class Interface:
                 reply = self.cookie_checker.create_reply(
                     data, msg.sender_index, src, now=now, rng=self.rng
                 )
-                self.datagrams.append((reply.pack(), source, local))
+                self.datagrams.append((reply.pack(), source, sticky))
                 self.counters.cookie_replies_sent += 1
                 if _verbose():
                     log.debug("Sending cookie response for denied handshake message for %s",
@@ -377,19 +397,19 @@ class Interface:
         if not self.keyslots.free:
             # Checked before the handshake state changes: the peer simply retries later.
             raise ProtocolError(DropReason.NO_KEY_SLOT, "every key slot is in use")
-        if kind == MESSAGE_INITIATION:
+        if isinstance(msg, Initiation):
             self.counters.received += 1
-            peer = consume_initiation(
-                self.identity,
-                msg,
-                lambda key: self.peers.get(key).handshake if key in self.peers else None,
-                now=now,
-            )
-            self._initiation_consumed(self.peers[peer.remote_static], data, source, local, now)
+            handshake = consume_initiation(self.identity, msg, self._handshake_of, now=now)
+            peer = self.peers[handshake.remote_static]
+            self._initiation_consumed(peer, data, source, sticky, now)
         else:
             peer = self._peer_by_index(msg.receiver_index)
             peer.handshake.consume_response(msg)
-            self._response_consumed(peer, data, source, local, now, wall_ns)
+            self._response_consumed(peer, data, source, sticky, now, wall_ns)
+
+    def _handshake_of(self, public_key: bytes) -> Handshake | None:
+        peer = self.peers.get(public_key)
+        return peer.handshake if peer is not None else None
 
     def _peer_by_index(self, index: int) -> Peer:
         found = self.indices.lookup(index)
@@ -398,11 +418,11 @@ class Interface:
         return found
 
     def _initiation_consumed(
-        self, peer: Peer, data: bytes, source: Endpoint, local: Local | None, now: float
+        self, peer: Peer, data: bytes, source: Endpoint, sticky: Sticky | None, now: float
     ) -> None:
         log.debug("%s - Received handshake initiation", peer)
         peer.control_rx_bytes += len(data)
-        self._authenticated_from(peer, source, local)
+        self._authenticated_from(peer, source, sticky)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_received(now)
         # Our own initiation may have crossed theirs: its index would otherwise stay in the
@@ -421,13 +441,13 @@ class Interface:
         peer: Peer,
         data: bytes,
         source: Endpoint,
-        local: Local | None,
+        sticky: Sticky | None,
         now: float,
         wall_ns: int,
     ) -> None:
         log.debug("%s - Received handshake response", peer)
         peer.control_rx_bytes += len(data)
-        self._authenticated_from(peer, source, local)
+        self._authenticated_from(peer, source, sticky)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_received(now)
         self._install(peer, Keypair.from_session(peer.handshake.derive_session(), now=now))
@@ -438,11 +458,11 @@ class Interface:
         log.debug("%s - Handshake completed", peer)
         self.send_keepalive(peer, now, wall_ns)  # confirms the new keypair to the responder
 
-    def _authenticated_from(self, peer: Peer, source: Endpoint, local: Local | None) -> None:
-        if peer.endpoint != source or peer.local != local:
+    def _authenticated_from(self, peer: Peer, source: Endpoint, sticky: Sticky | None) -> None:
+        if peer.endpoint != source or peer.sticky != sticky:
             if peer.endpoint is not None and peer.endpoint != source:
                 log.debug("%s - Roamed to %s", peer, _show(source))
-            self.set_endpoint(peer, source, local)
+            self.set_endpoint(peer, source, sticky)
 
     # -- what control sends ----------------------------------------------------------------
 
@@ -479,7 +499,7 @@ class Interface:
         if peer.looping:  # it would come back in through our own interface
             self.counters.drops[DropReason.ROUTING_LOOP] += 1
         else:
-            self.datagrams.append((message, peer.endpoint, peer.local))
+            self.datagrams.append((message, peer.endpoint, peer.sticky))
         peer.control_tx_bytes += len(message)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_sent(now)
@@ -535,14 +555,14 @@ class Interface:
             (keypairs.current, ROLE_CURRENT),
         ):
             if keypair is not None:
-                self.commands.append([Kind.KEYPAIR_INSTALL, self.slot_of[keypair], role])
+                self.commands.append(KeypairInstall(self.slot_of[keypair], role))
 
     def _forget(self, keypairs: list[Keypair]) -> None:
         for keypair in keypairs:
             slot = self.slot_of.pop(keypair)
             del self.keypair_at[slot]
             self.indices.remove(keypair.local_index)
-            self.commands.append([Kind.KEYPAIR_REMOVE, slot])
+            self.commands.append(KeypairRemove(slot))
 
     def _drop_sessions(self, peer: Peer) -> None:
         self._release_handshake_index(peer)
@@ -608,10 +628,10 @@ class Interface:
             elif action.kind == ActionKind.SEND_KEEPALIVE:
                 self.send_keepalive(peer, now, wall_ns)
             elif action.kind == ActionKind.DROP_STAGED:
-                self.commands.append([Kind.DROP_STAGED, peer.peer_id])
+                self.commands.append(DropStaged(peer.peer_id))
             elif action.kind == ActionKind.ZERO_KEYS:
                 self._drop_sessions(peer)
-                self.commands.append([Kind.DROP_STAGED, peer.peer_id])
+                self.commands.append(DropStaged(peer.peer_id))
             elif action.kind == ActionKind.CLEAR_SOURCE and peer.endpoint is not None:
                 # No answer for a while: maybe our address changed. Forget the sticky source
                 # we answer from and let routing choose (wireguard-go's ClearSrc).

@@ -6,16 +6,16 @@ import base64
 import ipaddress
 from dataclasses import dataclass, field
 
+from ..net.udp import Sticky
 from ..protocol.cookie import CookieGenerator
 from ..protocol.crypto import ZERO_KEY
 from ..protocol.keypair import Keypairs
 from ..protocol.noise import Handshake, StaticIdentity
 from ..protocol.timers import PeerTimers, RandomSource
 
-__all__ = ["Endpoint", "Local", "Peer", "Prefix", "short_name"]
+__all__ = ["Endpoint", "Peer", "Prefix", "short_name"]
 
 Endpoint = tuple[str, int]  # (address literal, port)
-Local = tuple[int, int, bytes]  # a pktinfo control message as recvmsg gives it
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -28,9 +28,9 @@ class Peer:
     timers: PeerTimers
     keypairs: Keypairs = field(default_factory=Keypairs)
     endpoint: Endpoint | None = None
-    # The IP_PKTINFO/IPV6_PKTINFO of the peer's last authenticated packet: what we answer
-    # from (wireguard-go's sticky source); None lets routing choose.
-    local: Local | None = None
+    # The sticky source (net/udp.py): the IP_PKTINFO/IPV6_PKTINFO of the peer's last
+    # authenticated packet, what we answer from; None lets routing choose.
+    sticky: Sticky | None = None
     persistent_keepalive_interval: int = 0
     # The route to the endpoint leaves through our own interface (control/endpoint_routes.py):
     # nothing is sent to it until routing changes.

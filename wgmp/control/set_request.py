@@ -13,6 +13,9 @@ running system can tell): a name that is no interface here fails the whole reque
 IPC_ERROR_INVALID, as wireguard-go refuses it, and nothing of it is applied. What can fail
 half-way (a bind, the peer limit) stops the request there, the operations before it staying
 applied, as in wireguard-go; the request's peers still get their allowed IPs published.
+
+Sans-I/O but for what `Sockets` does (binding a new listen port, marking packets) and the
+zone check, so it is tested without a daemon (tests/control/test_configuration.py).
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from ..protocol.errors import ConfigError
 from ..uapi import protocol as uapi
@@ -30,13 +32,54 @@ from .peer import Peer
 
 log = logging.getLogger("wgmp")
 
-__all__ = ["CHECK_EVERY", "SetApplication", "check_zone"]
+__all__ = [
+    "CHECK_EVERY",
+    "SetApplication",
+    "Sockets",
+    "apply_device",
+    "apply_request",
+    "check_zone",
+]
 
 # Operations applied between two looks at the clock (each costs ~1-20 us; a peer with a
 # private key set costs a Diffie-Hellman, ~100 us).
 CHECK_EVERY: Final = 32
 
-ApplyDevice = Callable[[uapi.Operation, float], None]
+
+class Sockets(Protocol):
+    """What a set request may change outside the interface's own state (the daemon's sockets).
+    Either raises `uapi.UAPIError` when the change fails."""
+
+    def set_listen_port(self, port: int) -> None: ...
+
+    def set_fwmark(self, mark: int) -> None: ...
+
+
+def apply_request(interface: Interface, request: uapi.SetRequest, sockets: Sockets) -> None:
+    """Apply `request` at once (the daemon's loop applies it in slices instead); raises its
+    UAPIError if it fails, the operations before the failure staying applied."""
+    application = SetApplication(interface, request, sockets)
+    application.run_to_end()
+    if application.error is not None:
+        raise application.error
+
+
+def apply_device(interface: Interface, op: uapi.Operation, sockets: Sockets, now: float) -> None:
+    """An operation outside any peer section: the interface's own settings."""
+    if isinstance(op, uapi.SetPrivateKey):
+        interface.set_private_key(op.private_key, now)
+    elif isinstance(op, uapi.SetListenPort):
+        log.debug("UAPI: Updating listen port")
+        sockets.set_listen_port(op.port)
+    elif isinstance(op, uapi.SetFwmark):
+        log.debug("UAPI: Updating fwmark")
+        interface.fwmark = op.fwmark
+        interface.routes_to_check.update(interface.by_id)  # routes may depend on the mark
+        sockets.set_fwmark(op.fwmark)
+    elif isinstance(op, uapi.ReplacePeers):
+        log.debug("UAPI: Removing all peers")
+        for public_key in list(interface.peers):
+            interface.remove_peer(public_key)
 
 
 def check_zone(endpoint: uapi.SetEndpoint) -> None:
@@ -59,10 +102,10 @@ def check_zone(endpoint: uapi.SetEndpoint) -> None:
 class SetApplication:
     """One set request's operations, applied in order by successive `run` calls."""
 
-    def __init__(self, interface: Interface, request: uapi.SetRequest, device: ApplyDevice) -> None:
+    def __init__(self, interface: Interface, request: uapi.SetRequest, sockets: Sockets) -> None:
         self.interface = interface
         self.operations = request.operations
-        self.apply_device = device
+        self.sockets = sockets
         self.error: uapi.UAPIError | None = None
         self.finished = False
         self._checked = 0  # operations whose zones were checked
@@ -156,7 +199,7 @@ class SetApplication:
             return
         peer = self._peer
         if peer is None and not self._skip_section:
-            self.apply_device(op, now)
+            apply_device(interface, op, self.sockets, now)
             return
         if self._skip_section or peer is None:
             return

@@ -15,14 +15,16 @@ PING (STARTUP_TIMEOUT before it said READY) is hung: killed, and so restarted.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..dataplane.worker import WorkerSpec, run_forked
 from ..ipc.channel import Channel
+from ..ipc.workerspec import WORKER_MODULE, WorkerSpec
 from ..stats.block import StatsBlock
 from .forked import ForkedProcess
 
@@ -79,6 +81,10 @@ class Supervisor:
         self.vnet_hdr = vnet_hdr
         self.log_level = log_level
         self.workers: list[WorkerHandle] = []
+        # Loaded here, in control, so that each forked child finds it already imported.
+        self._run_forked: Callable[[WorkerSpec, str, int], None] = importlib.import_module(
+            WORKER_MODULE
+        ).run_forked
 
     def start(self, handle: WorkerHandle) -> None:
         """Fork the worker from this (already imported) process: see control/forked.py."""
@@ -97,7 +103,7 @@ class Supervisor:
         )
         count = max(len(self.workers), handle.worker_id + 1)
         handle.process = ForkedProcess.start(
-            lambda: run_forked(spec, self.interface, count), spec.fds()
+            lambda: self._run_forked(spec, self.interface, count), spec.fds()
         )
         theirs.close()
         handle.channel = channel

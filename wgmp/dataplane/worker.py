@@ -8,7 +8,8 @@ inner source in the peer's allowed IPs -> TUN write.
 A worker decides no protocol state: it tells control when a peer needs a handshake, when a
 `next` keypair was confirmed, where a peer roamed, and (batched every FLUSH_INTERVAL) when
 traffic flowed, which drives control's timers. The per-packet path uses plain ints, tuples and
-lists (STYLE.md habit 5); everything rare goes through `_handle_control`.
+lists (docs/measurements.md: what a dataclass or an enum would cost there); everything rare
+goes through `_handle_control`.
 """
 
 from __future__ import annotations
@@ -24,22 +25,49 @@ import struct
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from ..internal_errors import ErrorLog
-from ..ipc.channel import ROLE_CURRENT, ROLE_NEXT, Channel, Kind
+from ..ipc.channel import Channel
 from ..ipc.keyslots import KeySlots
+from ..ipc.messages import (
+    ROLE_CURRENT,
+    ROLE_NEXT,
+    Activity,
+    Confirmed,
+    DropStaged,
+    FlushStats,
+    HandshakePackets,
+    KeypairInstall,
+    KeypairRemove,
+    Message,
+    Mtu,
+    NeedHandshake,
+    PeerEndpoint,
+    PeerRemove,
+    PeerSet,
+    Ping,
+    Pong,
+    Ready,
+    RekeyWanted,
+    Removed,
+    Roamed,
+    RouteLoop,
+    StatsFlushed,
+)
+from ..ipc.workerspec import WorkerSpec
+from ..net.tun import VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_NONE
 from ..net.udp import (
     BATCH_SPACE,
     PKTINFO_KINDS,
     SOL_UDP,
-    STALE_SOURCE_ERRNOS,
     UDP_GRO,
     UDP_SEGMENT,
+    send_sticky,
 )
 from ..process import forbid_core_dumps
 from ..protocol.allowedips import AllowedIPs
@@ -51,18 +79,20 @@ from ..protocol.constants import (
     MESSAGE_INITIATION_SIZE,
     MESSAGE_RESPONSE,
     MESSAGE_RESPONSE_SIZE,
+    MESSAGE_TRANSPORT,
     MESSAGE_TRANSPORT_MIN_SIZE,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
-    REKEY_AFTER_MESSAGES,
-    REKEY_AFTER_TIME,
-    REKEY_AFTER_TIME_RECEIVING,
 )
+from ..protocol.crypto import AEAD_NONCE
 from ..protocol.errors import DropReason
 from ..protocol.indextable import worker_of
+from ..protocol.messages import TRANSPORT_HEADER
 from ..protocol.replay import ReplayWindow
+from ..protocol.timers import keypair_wants_rekey_on_receive, should_rekey_on_send
+from ..protocol.transport import padding_length
 from ..stats.block import DROP_SLOTS, StatsBlock
-from .coalesce import VNET_HDR_LEN, VNET_HDR_NONE, coalesce
+from .coalesce import coalesce
 
 __all__ = ["Worker", "WorkerSpec", "main", "run_forked"]
 
@@ -76,16 +106,12 @@ COUNTER_BLOCK_STALE = 1024
 BATCH = 64  # packets taken from one ready descriptor before looking at the others
 HANDSHAKE_BATCH = 64  # handshake messages per pipe message (~11 KB: see Channel.try_send)
 
-_HEADER = struct.Struct("<IIQ")
-_NONCE = struct.Struct("<4xQ")  # 4 zero bytes + the 64-bit little-endian counter
-_WORD = struct.Struct("<I")
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
 GSO_MAX_SEGMENTS = 64  # the kernel takes up to 64 (older) or 128 segments per call
 GSO_MAX_BYTES = 65000  # one UDP datagram's payload limit, with room for headers
 GSO_RETRY_AFTER = 10.0  # after a GSO failure (e.g. MTU raised past the path's), try again later
 _TUN_GONE_ERRNOS = {errno.EBADFD, errno.EBADF}
-_TYPE_TRANSPORT_WORD = 4  # type 4 + three zero reserved bytes, as a little-endian u32
 _ZEROS = bytes(16)
 # A handshake message's first word (type + three zero bytes) -> its one valid size.
 _HANDSHAKE_SIZES = {
@@ -97,7 +123,7 @@ _PORTS = struct.Struct("!HH")  # a UDP header's source and destination ports
 
 # Indices into a peer record (a list, for speed on the packet path).
 P_ENDPOINT, P_SEND, P_STAGED, P_RX_BYTES, P_TX_BYTES, P_RX_PACKETS, P_TX_PACKETS = range(7)
-P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY, P_SOURCE, P_LOOPING = 7, 8, 9, 10, 11
+P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY, P_STICKY, P_LOOPING = 7, 8, 9, 10, 11
 # Indices into a send state: [cipher, remote_index, slot, next_counter, block_end, created,
 #                             is_initiator, rekey_asked]
 S_CIPHER, S_REMOTE, S_SLOT, S_NEXT, S_END, S_CREATED, S_INITIATOR, S_REKEY_ASKED = range(8)
@@ -131,7 +157,7 @@ class Worker:
         self.keyslots = keyslots
         self.stats = stats
         self.mtu = 1420
-        self.allowed = AllowedIPs()
+        self.allowed: AllowedIPs[int] = AllowedIPs()
         self.peers: dict[int, list[Any]] = {}
         self.by_index: dict[int, list[Any]] = {}
         self.by_slot: dict[int, list[Any]] = {}
@@ -165,7 +191,7 @@ class Worker:
             by_fd[sock.fileno()] = sock
         channel_fd = self.channel.fileno()
         poller.register(channel_fd, select.EPOLLIN)
-        self.channel.send(Kind.READY, self.worker_id, os.getpid())
+        self.channel.send(Ready(self.worker_id, os.getpid()))
         next_flush = time.monotonic() + FLUSH_INTERVAL
         while self.running:
             events = poller.poll(FLUSH_INTERVAL)
@@ -221,7 +247,7 @@ class Worker:
         messages in as few system calls as UDP GSO allows."""
         read, fd, lookup = os.read, self.tun_fd, self.allowed.lookup
         batches: dict[int, list[bytes]] = {}
-        skip = VNET_HDR_LEN if self.vnet_hdr else 0
+        skip = VIRTIO_NET_HDR_LEN if self.vnet_hdr else 0
         last_destination: bytes | None = None
         batch: list[bytes] = []
         for _ in range(BATCH):
@@ -258,9 +284,7 @@ class Worker:
                     last_destination = None
                     continue
                 last_destination = destination
-                batch = batches.get(peer_id)  # type: ignore[assignment]
-                if batch is None:
-                    batch = batches[peer_id] = []
+                batch = batches.setdefault(peer_id, [])
             batch.append(packet)
         if not self.gso and now >= self._gso_retry_at:
             self.gso = True
@@ -291,15 +315,15 @@ class Worker:
           (Its source address is whatever that route chose, so only the index tells.)
 
         Only UDP packets get here, and nearly all leave at the port comparisons."""
-        if len(packet) < header + 8 + _HEADER.size:
+        if len(packet) < header + 8 + TRANSPORT_HEADER.size:
             return False
         source_port, port = _PORTS.unpack_from(packet, header)
         ours = source_port == self.listen_port
         theirs = from_tun and port == self.listen_port
         if not (ours or theirs):
             return False
-        word, receiver = _HEADER.unpack_from(packet, header + 8)[:2]
-        if theirs and word == _TYPE_TRANSPORT_WORD and receiver in self.local_index.values():
+        word, receiver = TRANSPORT_HEADER.unpack_from(packet, header + 8)[:2]
+        if theirs and word == MESSAGE_TRANSPORT and receiver in self.local_index.values():
             self.drops[DropReason.ROUTING_LOOP] += 1
             return True
         if not ours or not 1 <= word <= 4:
@@ -309,7 +333,7 @@ class Worker:
             endpoint = peer[P_ENDPOINT]
             if endpoint is None or endpoint[1] != port or _packed(endpoint[0]) != destination:
                 continue
-            if word == _TYPE_TRANSPORT_WORD and not any(
+            if word == MESSAGE_TRANSPORT and not any(
                 entry[R_PEER] == peer_id and entry[R_SEND][S_REMOTE] == receiver
                 for entry in self.by_slot.values()
             ):
@@ -343,44 +367,46 @@ class Worker:
             send[S_END] = counter + size
         send[S_NEXT] = counter + count
         encrypt, remote, mtu = send[S_CIPHER].encrypt, send[S_REMOTE], self.mtu
-        header, nonce, zeros = _HEADER.pack, _NONCE.pack, _ZEROS
+        header, nonce, zeros = TRANSPORT_HEADER.pack, AEAD_NONCE.pack, _ZEROS
         messages = []
         for packet in packets:
-            pad = -len(packet) & 15
+            # transport.padding_length, inlined but for packets over the MTU (a call costs
+            # ~150 ns a packet, 3% of sending one: perf/bench_dataplane.py, docs/measurements.md);
+            # tests/dataplane/test_worker.py checks that both agree for every length and MTU.
+            length = len(packet)
+            pad = -length & 15
             if pad:
-                if len(packet) + pad > mtu:
-                    pad = max(mtu - len(packet), 0)
+                if length + pad > mtu:
+                    pad = mtu - length if length <= mtu else padding_length(length, mtu)
                 packet += zeros[:pad]
             messages.append(
-                header(_TYPE_TRANSPORT_WORD, remote, counter)
-                + encrypt(nonce(counter), packet, None)
+                header(MESSAGE_TRANSPORT, remote, counter) + encrypt(nonce(counter), packet, None)
             )
             counter += 1
         activity = peer[P_ACTIVITY]
         activity[0] = activity[1] = now
-        if not send[S_REKEY_ASKED] and (
-            counter > REKEY_AFTER_MESSAGES
-            or (send[S_INITIATOR] and now - send[S_CREATED] > REKEY_AFTER_TIME)
+        if not send[S_REKEY_ASKED] and should_rekey_on_send(
+            send[S_CREATED], counter, send[S_INITIATOR], now
         ):
             send[S_REKEY_ASKED] = True
-            self.channel.send(Kind.REKEY_WANTED, peer_id)
+            self.channel.send(RekeyWanted(peer_id))
         return messages
 
     def _transmit(self, peer: list[Any], messages: list[bytes]) -> None:
         """Send one peer's messages in order: each run of equal-size messages (plus one
         shorter message that may end it) goes out in one sendmsg with UDP_SEGMENT.
 
-        DESIGN.md measured ~0.13 us per datagram this way against 1.7 us per sendto.
+        Measured: ~0.13 us per datagram this way against 1.7 us per sendto
+        (docs/measurements.md).
         """
         endpoint = peer[P_ENDPOINT]
         sock = self.sockets.get(6 if len(endpoint) == 4 else 4)
         if sock is None:  # an IPv6 endpoint on a host without IPv6 (or the reverse)
-            self.drops[DropReason.NO_ROUTE] += len(messages)
+            self.drops[DropReason.SEND_FAILED] += len(messages)
             return
         # Replies leave from the address the peer contacted (wireguard-go's sticky sockets):
         # the IP_PKTINFO / IPV6_PKTINFO of its last packet, sent back as it came.
-        source = peer[P_SOURCE]
-        sticky = [source] if source is not None else []
+        sticky = peer[P_STICKY]
         total = sent = 0
         count = len(messages)
         i = 0
@@ -392,39 +418,35 @@ class Worker:
                 j += 1
             if j < limit and len(messages[j]) < size:
                 j += 1
-            try:
-                if j - i == 1 or not self.gso:
-                    for message in messages[i:j]:
-                        sock.sendmsg([message], sticky, 0, endpoint)
-                else:
-                    sock.sendmsg(
-                        [b"".join(messages[i:j])],
-                        [(SOL_UDP, UDP_SEGMENT, _U16.pack(size)), *sticky],
-                        0,
-                        endpoint,
-                    )
-            except OSError as err:
-                if sticky and err.errno in STALE_SOURCE_ERRNOS:
-                    # The address we answered from is gone: let routing choose (as wireguard-go).
-                    peer[P_SOURCE] = source = None
-                    sticky = []
-                    continue
+            error = None
+            if j - i == 1 or not self.gso:
+                for message in messages[i:j]:
+                    sticky, error = send_sticky(sock, [message], [], endpoint, sticky)
+                    if error is not None:
+                        break
+            else:
+                segment = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
+                sticky, error = send_sticky(
+                    sock, [b"".join(messages[i:j])], segment, endpoint, sticky
+                )
+            peer[P_STICKY] = sticky  # None once its address was found gone
+            if error is not None:
                 if (
                     j - i > 1
                     and self.gso
-                    and err.errno in (errno.EINVAL, errno.EIO, errno.EMSGSIZE)
+                    and error.errno in (errno.EINVAL, errno.EIO, errno.EMSGSIZE)
                 ):
                     # Segments larger than the path's MTU, or no GSO here: one by one.
                     log.info(
                         "UDP GSO failed (%s, %d x %d bytes): one by one for a while",
-                        err,
+                        error,
                         j - i,
                         size,
                     )
                     self.gso = False
                     self._gso_retry_at = time.monotonic() + GSO_RETRY_AFTER
                     continue
-                self.drops[DropReason.NO_ROUTE] += j - i
+                self.drops[DropReason.SEND_FAILED] += j - i
                 i = j
                 continue
             total += sum(len(m) for m in messages[i:j])
@@ -446,7 +468,7 @@ class Worker:
         # Control dedups handshakes itself; this only keeps the pipe quiet under a burst.
         if now - peer[P_HANDSHAKE_ASKED] > 0.05:
             peer[P_HANDSHAKE_ASKED] = now
-            self.channel.send(Kind.NEED_HANDSHAKE, peer_id)
+            self.channel.send(NeedHandshake(peer_id))
 
     def _flush_staged(self, peer: list[Any], peer_id: int, now: float) -> None:
         staged: deque[bytes] = peer[P_STAGED]
@@ -472,14 +494,14 @@ class Worker:
             except OSError:
                 continue
             segment = nbytes
-            source = None
+            sticky = None
             for cmsg in ancillary:
                 if cmsg[0] == SOL_UDP and cmsg[1] == UDP_GRO:
                     segment = _INT.unpack_from(cmsg[2])[0] or nbytes
                 elif (cmsg[0], cmsg[1]) in PKTINFO_KINDS:
-                    source = cmsg
+                    sticky = cmsg
             try:
-                self._receive_train(view, nbytes, segment, address, source, now)
+                self._receive_train(view, nbytes, segment, address, sticky, now)
             except Exception:  # the rest of this train is lost; the next ones are not
                 self._internal_error("a received datagram")
         if self._to_tun:
@@ -499,7 +521,7 @@ class Worker:
                 # Merging is an optimisation: on a packet it cannot handle, write them all
                 # as they came (each with an empty virtio header) rather than lose the batch.
                 self._internal_error("merging received packets")
-                buffers = [VNET_HDR_NONE + packet for packet in packets]
+                buffers = [VIRTIO_NET_HDR_NONE + packet for packet in packets]
         write, fd = os.write, self.tun_fd
         for buffer in buffers:
             try:
@@ -508,7 +530,7 @@ class Worker:
                 if err.errno in _TUN_GONE_ERRNOS:
                     self.running = False
                     return
-                self.drops[DropReason.NO_ROUTE] += 1
+                self.drops[DropReason.TUN_WRITE_FAILED] += 1
 
     def _receive_train(
         self,
@@ -516,18 +538,19 @@ class Worker:
         nbytes: int,
         segment: int,
         address: tuple[Any, ...],
-        source: tuple[int, int, bytes] | None,
+        sticky: tuple[int, int, bytes] | None,
         now: float,
     ) -> None:
         """Datagrams from one source, nearly always under one keypair: the per-keypair work
         (lookup, expiry, confirmation, roaming, counters, timers) is done once per run of equal
         receiver indices, and the source check is cached while the inner source repeats."""
-        unpack, drops, by_index = _HEADER.unpack_from, self.drops, self.by_index
-        to_tun, lookup, nonce = self._to_tun, self.allowed.lookup, _NONCE.pack
+        unpack, drops, by_index = TRANSPORT_HEADER.unpack_from, self.drops, self.by_index
+        to_tun, lookup, nonce = self._to_tun, self.allowed.lookup, AEAD_NONCE.pack
         entry: list[Any] | None = None
         index = -1
         run_bytes = run_packets = 0
-        decrypt = accept = None
+        decrypt: Any = None  # bound with `entry`: used only while a run has one
+        accept: Any = None
         peer_id = 0
         last_source = b""
         source_ok = False
@@ -535,17 +558,23 @@ class Worker:
         for offset in range(0, nbytes, segment):
             end = offset + segment if offset + segment < nbytes else nbytes
             if end - offset < MESSAGE_TRANSPORT_MIN_SIZE:
-                self._not_transport(view[offset:end], address, source)
+                self._not_transport(view[offset:end], address, sticky)
                 continue
             word, this_index, counter = unpack(view, offset)
-            if word != _TYPE_TRANSPORT_WORD:
-                self._not_transport(view[offset:end], address, source)
+            if word != MESSAGE_TRANSPORT:
+                self._not_transport(view[offset:end], address, sticky)
                 continue
             if this_index != index:
                 if run_packets:
                     self._received(
-                        entry, run_bytes, run_packets, received_data, address, source, now
-                    )  # type: ignore[arg-type]
+                        entry,  # type: ignore[arg-type]  # a run has an entry
+                        run_bytes,
+                        run_packets,
+                        received_data,
+                        address,
+                        sticky,
+                        now,
+                    )
                     run_bytes = run_packets = 0
                     received_data = False
                 index = this_index
@@ -567,11 +596,11 @@ class Worker:
                 drops[DropReason.KEY_EXPIRED if expired else DropReason.UNKNOWN_RECEIVER_INDEX] += 1
                 continue
             try:
-                plaintext = decrypt(nonce(counter), view[offset + 16 : end], None)  # type: ignore[misc]
+                plaintext = decrypt(nonce(counter), view[offset + 16 : end], None)
             except InvalidTag:
                 drops[DropReason.DECRYPTION_FAILED] += 1
                 continue
-            if not accept(counter):  # type: ignore[misc]
+            if not accept(counter):
                 drops[DropReason.REPLAY] += 1
                 continue
             if entry[R_ROLE] == ROLE_NEXT:
@@ -610,20 +639,20 @@ class Worker:
             to_tun.append(plaintext if length == len(plaintext) else plaintext[:length])
             received_data = True
         if run_packets:
-            self._received(entry, run_bytes, run_packets, received_data, address, source, now)  # type: ignore[arg-type]
+            self._received(entry, run_bytes, run_packets, received_data, address, sticky, now)  # type: ignore[arg-type]  # a run has an entry
 
     def _not_transport(
         self,
         data: memoryview,
         address: tuple[Any, ...],
-        source: tuple[int, int, bytes] | None,
+        sticky: tuple[int, int, bytes] | None,
     ) -> None:
         if _HANDSHAKE_SIZES.get(bytes(data[:4])) == len(data):
             # The steering program sends handshakes to control's socket, but it sees only the
             # first datagram of a GRO train: the others come here, and go to control in
             # batches (_forward_handshakes), which counts them toward "under load". Only
             # what has a handshake message's type and size (wireguard-go's receive checks).
-            self._handshakes.append([bytes(data), list(address[:2]), source])
+            self._handshakes.append([bytes(data), list(address[:2]), sticky])
         else:
             self.drops[DropReason.MALFORMED] += 1
 
@@ -635,7 +664,7 @@ class Worker:
         handshakes, self._handshakes = self._handshakes, []
         for start in range(0, len(handshakes), HANDSHAKE_BATCH):
             if not self.channel.try_send(
-                Kind.HANDSHAKE_PACKETS, handshakes[start : start + HANDSHAKE_BATCH]
+                HandshakePackets(handshakes[start : start + HANDSHAKE_BATCH])
             ):
                 self.drops[DropReason.HANDSHAKE_QUEUE_FULL] += len(handshakes) - start
                 return
@@ -647,7 +676,7 @@ class Worker:
         packets: int,
         data: bool,
         address: tuple[Any, ...],
-        source: tuple[int, int, bytes] | None,
+        sticky: tuple[int, int, bytes] | None,
         now: float,
     ) -> None:
         """Bookkeeping for a run of authenticated messages under one keypair."""
@@ -658,15 +687,13 @@ class Worker:
             endpoint is None
             or endpoint[0] != address[0]
             or endpoint[1] != address[1]
-            or peer[P_SOURCE] != source
+            or peer[P_STICKY] != sticky
         ):
             # Roaming: follow the source of every authenticated packet (and our address it
             # was sent to), and tell control so its handshakes and keepalives follow too.
             peer[P_ENDPOINT] = address
-            peer[P_SOURCE] = source
-            self.channel.send(
-                Kind.ROAMED, peer_id, list(address[:2]), list(source) if source else None
-            )
+            peer[P_STICKY] = sticky
+            self.channel.send(Roamed(peer_id, list(address[:2]), list(sticky) if sticky else None))
         peer[P_RX_BYTES] += nbytes
         peer[P_RX_PACKETS] += packets
         peer[P_DIRTY] = True
@@ -678,60 +705,71 @@ class Worker:
         totals[0] += packets
         totals[1] += nbytes
         self._received_under[entry[R_SLOT]] = entry
-        if entry[R_INITIATOR] and entry[R_ROLE] == ROLE_CURRENT:
+        if entry[R_ROLE] == ROLE_CURRENT:
             send = entry[R_SEND]
-            if not send[S_REKEY_ASKED] and now - entry[R_CREATED] > REKEY_AFTER_TIME_RECEIVING:
+            if not send[S_REKEY_ASKED] and keypair_wants_rekey_on_receive(
+                entry[R_CREATED], entry[R_INITIATOR], now
+            ):
                 send[S_REKEY_ASKED] = True
-                self.channel.send(Kind.REKEY_WANTED, peer_id)
+                self.channel.send(RekeyWanted(peer_id))
 
     def _confirm(self, entry: list[Any], peer: list[Any], peer_id: int, now: float) -> None:
         """First packet under a `next` keypair: the initiator has it, so we may send with it."""
         entry[R_ROLE] = ROLE_CURRENT
         peer[P_SEND] = entry[R_SEND]
-        self.channel.send(Kind.CONFIRMED, entry[R_SLOT])
+        self.channel.send(Confirmed(entry[R_SLOT]))
         self._flush_staged(peer, peer_id, now)
 
     # -- control messages --------------------------------------------------------------------
 
-    def _handle_control(self, message: list[Any], now: float) -> None:
-        kind = message[0]
-        if kind == Kind.KEYPAIR_INSTALL:
-            self._install(message[1], message[2], now)
-        elif kind == Kind.KEYPAIR_REMOVE:
-            self._remove_keypair(message[1])
-            self.channel.send(Kind.REMOVED, message[1])
-        elif kind == Kind.PEER_SET:
-            self._set_peer(*message[1:])
-        elif kind == Kind.PEER_REMOVE:
-            self._remove_peer(message[1])
-        elif kind == Kind.ENDPOINT:
-            peer = self.peers.get(message[1])
-            if peer is not None:
-                peer[P_ENDPOINT] = _sockaddr(message[2])
-                source = message[3] if len(message) > 3 else None
-                peer[P_SOURCE] = tuple(source) if source else None
-                self._flush_staged(peer, message[1], now)
-        elif kind == Kind.DROP_STAGED:
-            peer = self.peers.get(message[1])
-            if peer is not None:
-                self.drops[DropReason.STAGED_EXPIRED] += len(peer[P_STAGED])
+    def _handle_control(self, message: Message, now: float) -> None:
+        handler = HANDLERS.get(type(message))
+        if handler is not None:
+            handler(self, message, now)
+
+    def _on_keypair_install(self, message: KeypairInstall, now: float) -> None:
+        self._install(message.slot, message.role, now)
+
+    def _on_keypair_remove(self, message: KeypairRemove, now: float) -> None:
+        self._remove_keypair(message.slot)
+        self.channel.send(Removed(message.slot))
+
+    def _on_peer_set(self, message: PeerSet, now: float) -> None:
+        self._set_peer(message.peer_id, message.endpoint, message.prefixes)
+
+    def _on_peer_remove(self, message: PeerRemove, now: float) -> None:
+        self._remove_peer(message.peer_id)
+
+    def _on_peer_endpoint(self, message: PeerEndpoint, now: float) -> None:
+        peer = self.peers.get(message.peer_id)
+        if peer is not None:
+            peer[P_ENDPOINT] = _sockaddr(message.endpoint)
+            peer[P_STICKY] = tuple(message.sticky) if message.sticky else None
+            self._flush_staged(peer, message.peer_id, now)
+
+    def _on_drop_staged(self, message: DropStaged, now: float) -> None:
+        peer = self.peers.get(message.peer_id)
+        if peer is not None:
+            self.drops[DropReason.STAGED_EXPIRED] += len(peer[P_STAGED])
+            peer[P_STAGED].clear()
+
+    def _on_mtu(self, message: Mtu, now: float) -> None:
+        self.mtu = message.mtu
+
+    def _on_flush_stats(self, message: FlushStats, now: float) -> None:
+        self._flush(now)
+        self.channel.send(StatsFlushed(message.token))
+
+    def _on_route_loop(self, message: RouteLoop, now: float) -> None:
+        peer = self.peers.get(message.peer_id)
+        if peer is not None:
+            peer[P_LOOPING] = bool(message.looping)
+            if peer[P_LOOPING]:  # what waits for a handshake would loop too
+                self.drops[DropReason.ROUTING_LOOP] += len(peer[P_STAGED])
                 peer[P_STAGED].clear()
-        elif kind == Kind.MTU:
-            self.mtu = message[1]
-        elif kind == Kind.ROUTE_LOOP:
-            peer = self.peers.get(message[1])
-            if peer is not None:
-                peer[P_LOOPING] = bool(message[2])
-                if peer[P_LOOPING]:  # what waits for a handshake would loop too
-                    self.drops[DropReason.ROUTING_LOOP] += len(peer[P_STAGED])
-                    peer[P_STAGED].clear()
-        elif kind == Kind.FLUSH_STATS:
-            self._flush(now)
-            self.channel.send(Kind.STATS_FLUSHED, message[1])
-        elif kind == Kind.PING:
-            self.channel.send(Kind.PONG, message[1])
-        elif kind == Kind.SHUTDOWN:
-            self.running = False
+
+    def _on_ping(self, message: Ping, now: float) -> None:
+        self.channel.send(Pong(message.token))
 
     def _set_peer(
         self, peer_id: int, endpoint: list[Any] | None, prefixes: list[list[Any]] | None
@@ -758,7 +796,7 @@ class Worker:
         peer = self.peers.get(info.peer_id)
         if peer is None:
             return
-        send = [
+        send: list[Any] = [
             ChaCha20Poly1305(info.send_key),
             info.remote_index,
             slot,
@@ -768,7 +806,7 @@ class Worker:
             info.is_initiator,
             False,
         ]
-        entry = [
+        entry: list[Any] = [
             ChaCha20Poly1305(info.receive_key),
             info.peer_id,
             ReplayWindow(),
@@ -826,27 +864,25 @@ class Worker:
             if activity[0] or activity[2]:
                 reports.append([peer_id, *activity])
                 peer[P_ACTIVITY] = [0.0, 0.0, 0.0, 0.0]
-        self.stats.write_totals(tuple(self.totals), self.drops, self.staged)  # type: ignore[arg-type]
+        self.stats.write_totals(self.totals, self.drops, self.staged)
         if reports:
-            self.channel.send(Kind.ACTIVITY, reports)
+            self.channel.send(Activity(reports))
 
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a worker is given: its number, its descriptors (inherited) and the TUN's kind."""
-
-    worker_id: int
-    tun: int
-    udp4: int
-    udp6: int
-    channel: int
-    keyslots: int
-    stats: int
-    vnet_hdr: bool
-
-    def fds(self) -> list[int]:
-        fds = [self.tun, self.udp4, self.channel, self.keyslots, self.stats]
-        return fds + ([self.udp6] if self.udp6 >= 0 else [])
+# What the worker does with each message control sends (one entry per Direction.TO_WORKER
+# declaration in ipc/messages.py; tests/ipc/test_messages.py checks that none is missing).
+HANDLERS: dict[type[Any], Callable[[Worker, Any, float], None]] = {
+    PeerSet: Worker._on_peer_set,
+    PeerRemove: Worker._on_peer_remove,
+    KeypairInstall: Worker._on_keypair_install,
+    KeypairRemove: Worker._on_keypair_remove,
+    PeerEndpoint: Worker._on_peer_endpoint,
+    DropStaged: Worker._on_drop_staged,
+    FlushStats: Worker._on_flush_stats,
+    Mtu: Worker._on_mtu,
+    RouteLoop: Worker._on_route_loop,
+    Ping: Worker._on_ping,
+}
 
 
 def run_forked(spec: WorkerSpec, interface: str, workers: int) -> None:

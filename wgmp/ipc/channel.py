@@ -1,59 +1,27 @@
 """msgpack messages over a stream socketpair between control and a worker.
 
-A message is a list whose first element is its kind (`Kind`); the rest are plain values
-(ints, bytes, strings, lists), so msgpack carries them without custom types.
+What each message carries is declared in messages.py; a Channel writes a declared message as its
+compact wire list and reads wire lists back into declared messages.
 """
 
 from __future__ import annotations
 
 import array
 import fcntl
+import logging
 import socket
 import termios
-from enum import IntEnum
-from typing import Any
 
 import msgpack
 
-__all__ = ["ROLE_CURRENT", "ROLE_NEXT", "ROLE_PREVIOUS", "Channel", "Kind"]
+from .messages import Message, MessageError, decode, encode
+
+__all__ = ["Channel"]
+
+log = logging.getLogger("wgmp")
 
 SO_SNDBUFFORCE = 32
 WORKER_SEND_BUFFER = 1 << 20
-
-# The role a KEYPAIR_INSTALL gives a keypair (whitepaper's previous/current/next).
-ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS = 0, 1, 2
-
-
-class Kind(IntEnum):
-    # control -> worker
-    CONFIG = 1  # [kind, mtu, peers: [[peer_id, endpoint|None, src|None, prefixes...]]]
-    PEER_SET = 2  # [kind, peer_id, endpoint|None, source|None, [prefix, ...]]
-    PEER_REMOVE = 3  # [kind, peer_id]
-    KEYPAIR_INSTALL = 4  # [kind, slot, role]  role: 0 current, 1 next, 2 previous
-    KEYPAIR_REMOVE = 5  # [kind, slot]
-    ENDPOINT = 6  # [kind, peer_id, endpoint, source|None]
-    DROP_STAGED = 7  # [kind, peer_id]
-    FLUSH_STATS = 8  # [kind, token]
-    SEND_KEEPALIVE = 9  # [kind, peer_id]
-    MTU = 10  # [kind, mtu]
-    SHUTDOWN = 11  # [kind]
-    PING = 12  # [kind, token]  liveness: answered with PONG from the worker's loop
-    # The peer's endpoint is (not) routed through our own interface: drop what goes to it.
-    ROUTE_LOOP = 13  # [kind, peer_id, looping: bool]
-    # worker -> control
-    READY = 32  # [kind, worker_id, pid]
-    NEED_HANDSHAKE = 33  # [kind, peer_id]
-    ACTIVITY = 34  # [kind, [[peer_id, sent_at, data_sent_at, received_at, data_received_at]]]
-    CONFIRMED = 35  # [kind, slot]  first packet received under a `next` keypair
-    ROAMED = 36  # [kind, peer_id, endpoint]
-    # Handshake messages that reached a worker's socket (a GRO train led by a transport
-    # message: the steering program sees only the first): [kind, [[data, endpoint,
-    # local_address|None], ...]]. Control counts them toward "under load" like its own.
-    HANDSHAKE_PACKETS = 37
-    REMOVED = 38  # [kind, slot]  acknowledges KEYPAIR_REMOVE
-    STATS_FLUSHED = 39  # [kind, token]
-    REKEY_WANTED = 40  # [kind, peer_id]  a key's age or count says rekey (worker's view)
-    PONG = 41  # [kind, token]  answers PING
 
 
 class Channel:
@@ -84,10 +52,10 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, *message: Any) -> None:
+    def send(self, message: Message) -> None:
         """Write one message (or queue it, on control's end); OSError when the other end
         has gone."""
-        data = self._packer.pack(list(message))
+        data: bytes = self._packer.pack(encode(message))
         if self.sock.getblocking():
             self.sock.sendall(data)
             return
@@ -104,13 +72,13 @@ class Channel:
         if sent < len(data):
             self._out += memoryview(data)[sent:]
 
-    def try_send(self, *message: Any) -> bool:
+    def try_send(self, message: Message) -> bool:
         """Write one message now if the pipe has room, else nothing: False if it was full.
 
         A stream socket takes a message smaller than half its send buffer whole or not at all
         with MSG_DONTWAIT (one skb); a larger one could go in part, and then the rest is
         written waiting, because a message cut short would break the stream."""
-        data = self._packer.pack(list(message))
+        data: bytes = self._packer.pack(encode(message))
         try:
             sent = self.sock.send(data, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -161,9 +129,10 @@ class Channel:
         finally:
             self._outq_mark = self._outq()
 
-    def receive(self) -> list[list[Any]] | None:
+    def receive(self) -> list[Message] | None:
         """Every complete message readable now; None when the other end has gone and
-        nothing of what it sent is left."""
+        nothing of what it sent is left. A list that is no declared message is logged and
+        skipped."""
         if not self._eof:
             try:
                 data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
@@ -176,9 +145,15 @@ class Channel:
                     self._unpacker.feed(data)
                 else:
                     self._eof = True
-        messages = list(self._unpacker)
-        if self._eof and not messages:
+        raw = list(self._unpacker)
+        if self._eof and not raw:
             return None
+        messages: list[Message] = []
+        for item in raw:
+            try:
+                messages.append(decode(item))
+            except MessageError as err:
+                log.error("ignored a message on the channel: %s", err)
         return messages
 
     def close(self) -> None:

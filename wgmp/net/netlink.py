@@ -319,9 +319,10 @@ class LinkWatcher:
     def _relocate(self, flags: int, events: list[LinkEvent]) -> bool:
         """Ask the TUN where its interface is now (it may have moved on since this message
         was sent) and take up its state there; False if it cannot be found out."""
+        assert self.tun_fd is not None  # the caller checked
         try:
             with routes.RouteSocket() as requests:
-                location, state = routes.locate(self.tun_fd, requests)  # type: ignore[arg-type]
+                location, state = routes.locate(self.tun_fd, requests)
         except OSError:
             return False
         self.netnsid, self.index = location.netnsid, location.index

@@ -1,6 +1,6 @@
 """Steering received datagrams inside the SO_REUSEPORT group with a classic-BPF program.
 
-The program sees the UDP payload at offset 0 (measured, DESIGN.md). Handshake messages
+The program sees the UDP payload at offset 0 (measured: docs/measurements.md). Handshake messages
 (types 1-3) go to group slot 0, control's socket; transport data (type 4) to slot 1 + the
 low byte of the receiver index (byte 4 on the wire), the worker that owns the keypair. A
 return value past the group's end makes the kernel fall back to its 4-tuple hash.

@@ -6,28 +6,17 @@ port and retries a random port that is free for IPv4 but taken for IPv6. The IPv
 V6ONLY, so the two families never steal each other's traffic.
 
 Sticky source (wireguard-go's conn/sticky_linux.go): with IP_PKTINFO / IPV6_RECVPKTINFO on,
-`recv_pktinfo` returns, with each datagram, the control message naming the local address and
-interface it arrived on. Passing that same tuple to `send_from` makes the reply leave from the
-address the peer contacted, which matters on hosts with several addresses. The tuple is used
-as it came (no parsing per packet). If the address has since gone, `send_from` fails with an
-errno in `STALE_SOURCE_ERRNOS` (measured here: ENETUNREACH for IPv4, EINVAL for IPv6): forget
-the source and send again without it, as wireguard-go does on EINVAL.
+recvmsg returns, with each datagram, the control message naming the local address and
+interface it arrived on (`Sticky`). Passing that same tuple back to sendmsg makes the reply leave
+from the address the peer contacted, which matters on hosts with several addresses. The tuple is
+used as it came (no parsing per packet). If the address has since gone, sendmsg fails with an
+errno in `STALE_SOURCE_ERRNOS` (measured here: ENETUNREACH for IPv4, EINVAL for IPv6):
+`send_sticky` then forgets the source and sends again without it, as wireguard-go does on EINVAL.
 
-Batching: `send_gso` sends up to 64 KB of equal-size datagrams in one call with a UDP_SEGMENT
-control message (the last one may be shorter); `enable_gro` makes one `recv_batch` return
-several datagrams of one flow coalesced, with their size. A kernel or device without checksum
-offload refuses GSO with EIO: then send one datagram per call.
-
-Measured here (CPython 3.11, Linux 6.18, 1420-byte datagrams, in a namespace, best of 7;
-tests/integration/test_edges.py::test_pktinfo_cost repeats the loopback part):
-- send into a TUN nobody reads (no receive work): `sendto` 2.75 us, `sendmsg` without control
-  data 2.99, with a pktinfo message 3.26, through `send_from` 3.34 (IPv6: 3.60 / 3.82 / 3.88 /
-  4.03). Over loopback, where sending also pays for delivery, 3.3 against 4.0 us.
-- receive over loopback: `recvfrom_into` 1.31 us, `recvmsg_into` without control data 1.57,
-  with pktinfo 1.73, through `recv_batch` 2.01 (IPv6: 1.34 / 1.63 / 1.83 / 2.07).
-So the sticky source costs about 0.5 us a packet on each side, half of it for the recvmsg /
-sendmsg call shape rather than the control message; a hot loop should call the socket methods
-directly with prebuilt arguments (as the helpers' bodies show) rather than the helpers.
+Batching: one sendmsg with a UDP_SEGMENT control message sends up to 64 KB of equal-size
+datagrams (the last one may be shorter); with UDP_GRO on, one recvmsg returns several datagrams
+of one flow coalesced, with their size. A kernel or device without checksum offload refuses GSO
+with EIO: then send one datagram per call. docs/measurements.md has what these cost here.
 """
 
 from __future__ import annotations
@@ -36,7 +25,7 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "DEFAULT_BUFFER_SIZE",
@@ -51,17 +40,13 @@ __all__ = [
     "UDP_GRO",
     "UDP_SEGMENT",
     "bind_pair",
-    "enable_gro",
-    "enable_pktinfo",
     "local_port",
-    "make_pktinfo",
+    "enable_pktinfo",
     "open_udp",
-    "pktinfo_address",
-    "recv_batch",
-    "recv_pktinfo",
-    "send_from",
-    "send_gso",
     "set_buffers",
+    "Sticky",
+    "send_sticky",
+    "sticky_address",
     "set_fwmark",
 ]
 
@@ -84,11 +69,14 @@ UDP_GRO = 104
 # EADDRNOTAVAIL (IPv4), EINVAL (IPv6).
 STALE_SOURCE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EADDRNOTAVAIL, errno.EINVAL})
 # The (level, type) of the control messages recvmsg returns our local address in.
+# The sticky source: the IP_PKTINFO / IPV6_PKTINFO control message of the peer's last packet,
+# (level, type, data) as recvmsg returned it; sent back as it came, it makes a reply leave from
+# the address the peer contacted.
+Sticky = tuple[int, int, bytes]
 PKTINFO_KINDS = frozenset({(SOL_IP, IP_PKTINFO), (SOL_IPV6, IPV6_PKTINFO)})
 
 _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst (local address), addr (header dst)
 _IN6_PKTINFO = struct.Struct("=16si")  # addr, ifindex
-_U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
 _MAX_PORT_TRIES = 100
 
@@ -135,7 +123,7 @@ def open_udp(
 
 
 def bind_pair(
-    port: int = 0, *, exclusive: bool = True, **options: object
+    port: int = 0, *, exclusive: bool = True, **options: Any
 ) -> tuple[socket.socket | None, socket.socket | None, int]:
     """Open an IPv4 and an IPv6 socket on one port; returns (sock4, sock6, port).
 
@@ -166,12 +154,12 @@ def bind_pair(
 
 
 def _open_family(
-    family: int, port: int, exclusive: bool, options: dict[str, object]
+    family: int, port: int, exclusive: bool, options: dict[str, Any]
 ) -> tuple[socket.socket | None, int]:
     try:
         if exclusive and options.get("reuseport", True):
             port = _probe_port(family, port)
-        sock = open_udp(family, port, **options)  # type: ignore[arg-type]
+        sock = open_udp(family, port, **options)
     except OSError as e:
         if e.errno == errno.EAFNOSUPPORT:
             return None, port
@@ -230,80 +218,38 @@ def enable_pktinfo(sock: socket.socket) -> None:
         sock.setsockopt(SOL_IP, IP_PKTINFO, 1)
 
 
-def enable_gro(sock: socket.socket) -> None:
-    """Let one receive return several coalesced datagrams of a flow (UDP_GRO, Linux 5.0+)."""
-    sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-
-
-def recv_pktinfo(
-    sock: socket.socket, bufsize: int = 65535
-) -> tuple[bytes, tuple, tuple[int, int, bytes] | None]:
-    """One datagram, its sender and the pktinfo control message to reply from (or None)."""
-    data, anc, _flags, addr = sock.recvmsg(bufsize, PKTINFO_SPACE)
-    return data, addr, anc[0] if anc else None
-
-
-def recv_batch(
-    sock: socket.socket, buffer: bytearray | memoryview
-) -> tuple[int, tuple, int, tuple[int, int, bytes] | None]:
-    """Receive into `buffer`: (nbytes, sender, segment_size, pktinfo).
-
-    With `enable_gro` the buffer may hold several datagrams of `segment_size` bytes each (the
-    last one may be shorter); without coalescing `segment_size == nbytes`. Give a buffer of
-    at least 65535 bytes, or coalesced datagrams are cut.
-    """
-    nbytes, anc, _flags, addr = sock.recvmsg_into((buffer,), BATCH_SPACE)
-    segment = nbytes
-    pktinfo = None
-    for item in anc:
-        if item[1] == UDP_GRO and item[0] == SOL_UDP:
-            segment = _INT.unpack(item[2])[0]
-        else:
-            pktinfo = item
-    return nbytes, addr, segment, pktinfo
-
-
-def send_from(
-    sock: socket.socket, data: bytes, addr: tuple, pktinfo: tuple[int, int, bytes] | None
-) -> int:
-    """Send `data` to `addr` from the local address in `pktinfo` (as `recv_pktinfo` gave it)."""
-    if pktinfo is None:
-        return sock.sendto(data, addr)
-    return sock.sendmsg((data,), (pktinfo,), 0, addr)
-
-
-def send_gso(
+def send_sticky(
     sock: socket.socket,
-    buffers: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview],
-    segment_size: int,
-    addr: tuple,
-    pktinfo: tuple[int, int, bytes] | None = None,
-) -> int:
-    """Send the concatenation of `buffers` as datagrams of `segment_size` bytes in one call.
+    buffers: list[bytes],
+    ancillary: list[tuple[int, int, bytes]],
+    address: tuple[Any, ...],
+    sticky: Sticky | None,
+) -> tuple[Sticky | None, OSError | None]:
+    """sendmsg from the sticky source (the peer's last pktinfo, as received), or as routing
+    chooses when it is None. If that address is no longer ours (an errno in
+    STALE_SOURCE_ERRNOS), send once more without it, as wireguard-go does.
 
-    The last datagram may be shorter. The total must fit in one IP packet (65507 bytes of
-    payload for IPv4) and this kernel allows at most 128 segments a call (UDP_MAX_SEGMENTS;
-    older kernels 64); more is EINVAL. A device without checksum offload answers EIO.
+    Returns the sticky source to keep (None once it was found stale) and the error of the send
+    that failed (None when sent). Errors are returned, not raised, so that a caller learns that
+    the source went stale even when the second send fails too.
     """
-    if isinstance(buffers, bytes | bytearray | memoryview):
-        buffers = (buffers,)
-    anc = [(SOL_UDP, UDP_SEGMENT, _U16.pack(segment_size))]
-    if pktinfo is not None:
-        anc.append(pktinfo)
-    return sock.sendmsg(buffers, anc, 0, addr)
+    try:
+        sock.sendmsg(buffers, [*ancillary, sticky] if sticky else ancillary, 0, address)
+        return sticky, None
+    except OSError as err:
+        if sticky is None or err.errno not in STALE_SOURCE_ERRNOS:
+            return sticky, err
+    try:
+        sock.sendmsg(buffers, ancillary, 0, address)
+    except OSError as err:
+        return None, err
+    return None, None
 
 
-def make_pktinfo(address: str, ifindex: int = 0) -> tuple[int, int, bytes]:
-    """A pktinfo control message that sends from `address` (and out of `ifindex` if not 0)."""
-    ip = ipaddress.ip_address(address)
-    if ip.version == 6:
-        return (SOL_IPV6, IPV6_PKTINFO, _IN6_PKTINFO.pack(ip.packed, ifindex))
-    return (SOL_IP, IP_PKTINFO, _IN_PKTINFO.pack(ifindex, ip.packed, bytes(4)))
-
-
-def pktinfo_address(pktinfo: tuple[int, int, bytes]) -> tuple[str, int]:
-    """(local address, interface index) from a pktinfo control message."""
-    level, _kind, data = pktinfo
+def sticky_address(sticky: Sticky) -> tuple[str, int]:
+    """(local address, interface index) of a sticky source (not on the packet path: control
+    asks the routing table about it, control/endpoint_routes.py)."""
+    level, _kind, data = sticky
     if level == SOL_IPV6:
         raw, ifindex = _IN6_PKTINFO.unpack_from(data)
         return str(ipaddress.IPv6Address(raw)), ifindex

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac as _hmac
+import struct
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -23,6 +24,7 @@ from .constants import KEY_LEN, MAC_LEN
 from .errors import DropReason, ProtocolError
 
 __all__ = [
+    "AEAD_NONCE",
     "AEAD_DECRYPT",
     "AEAD_ENCRYPT",
     "DH",
@@ -128,9 +130,12 @@ def DH(private_key: bytes, public_key: bytes) -> bytes:  # noqa: N802
     return dh_with(X25519PrivateKey.from_private_bytes(private_key), public_key)
 
 
+# The transport AEAD's 96-bit nonce: 4 zero bytes + the 64-bit little-endian counter.
+AEAD_NONCE = struct.Struct("<4xQ")
+
+
 def aead_nonce(counter: int) -> bytes:
-    """4 zero bytes + the 64-bit little-endian counter."""
-    return b"\x00\x00\x00\x00" + counter.to_bytes(8, "little")
+    return AEAD_NONCE.pack(counter)
 
 
 def AEAD_ENCRYPT(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:  # noqa: N802

@@ -19,7 +19,7 @@ class DropReason(IntEnum):
     DECRYPTION_FAILED = 2
     REPLAY = 3
     SOURCE_NOT_ALLOWED = 4
-    NO_ROUTE = 5
+    NO_ROUTE = 5  # no peer's allowed IPs hold the destination of a packet from the TUN
     NO_KEY = 6
     STAGED_QUEUE_FULL = 7
     HANDSHAKE_INVALID = 8
@@ -40,6 +40,8 @@ class DropReason(IntEnum):
     # The peer's endpoint is routed back into our own interface, or one of our own datagrams
     # came back in through the TUN (docs/routing.md): sending would loop.
     ROUTING_LOOP = 19
+    SEND_FAILED = 20  # the UDP send to the peer failed (no socket of its family, or an error)
+    TUN_WRITE_FAILED = 21  # the kernel refused a decrypted packet written to the TUN
 
     @property
     def label(self) -> str:

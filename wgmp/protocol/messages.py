@@ -44,8 +44,6 @@ _COOKIE_REPLY = struct.Struct("<I I 24s 32s")
 TRANSPORT_HEADER = struct.Struct("<I I Q")  # type word, receiver_index, counter
 
 # Offsets of the MACs: mac1 covers everything before it, mac2 everything before mac2.
-INITIATION_MAC1_OFFSET = MESSAGE_INITIATION_SIZE - 2 * MAC_LEN
-RESPONSE_MAC1_OFFSET = MESSAGE_RESPONSE_SIZE - 2 * MAC_LEN
 
 
 def message_type(data: bytes) -> int:

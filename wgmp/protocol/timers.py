@@ -37,6 +37,7 @@ __all__ = [
     "PeerTimers",
     "RandomSource",
     "TimerAction",
+    "keypair_wants_rekey_on_receive",
     "should_rekey_on_send",
 ]
 
@@ -97,6 +98,13 @@ def should_rekey_on_send(
     return send_counter > REKEY_AFTER_MESSAGES or (
         is_initiator and now - keypair_created > REKEY_AFTER_TIME
     )
+
+
+def keypair_wants_rekey_on_receive(keypair_created: float, is_initiator: bool, now: float) -> bool:
+    """The age rule of keepKeyFreshReceiving: the initiator's keypair is older than
+    REKEY_AFTER_TIME_RECEIVING. Pure, so a worker asks it too; once per handshake is the
+    asker's business (`PeerTimers.should_rekey_on_receive`, a worker's per-keypair flag)."""
+    return is_initiator and now - keypair_created > REKEY_AFTER_TIME_RECEIVING
 
 
 class PeerTimers:
@@ -303,7 +311,7 @@ class PeerTimers:
         """
         if self._sent_last_minute_handshake:
             return False
-        if is_initiator and now - keypair_created > REKEY_AFTER_TIME_RECEIVING:
+        if keypair_wants_rekey_on_receive(keypair_created, is_initiator, now):
             self._sent_last_minute_handshake = True
             return True
         return False

@@ -1,7 +1,8 @@
 """Transport data messages (type 4): padding, sealing and opening one packet.
 
-The reference for what the worker fast path does in bulk; the fast path keeps its own inlined
-copy and tests compare the two.
+The rules the worker's fast path follows in bulk: it inlines the common case of
+`padding_length` and calls it otherwise; tests/dataplane/test_worker.py compares the two for
+every length and MTU.
 """
 
 from __future__ import annotations
@@ -18,15 +19,20 @@ __all__ = ["open_transport", "padding_length", "seal_transport"]
 
 
 def padding_length(packet_length: int, mtu: int) -> int:
-    """Zero bytes to append so the plaintext is a multiple of 16 but never past the MTU
-    (wireguard-go's calculatePaddingSize)."""
-    last_unit = packet_length
-    if mtu == 0:
-        return ((last_unit + 15) & ~15) - last_unit
-    if last_unit > mtu:
-        last_unit %= mtu
-    padded = (last_unit + MESSAGE_PADDING_MULTIPLE - 1) & ~(MESSAGE_PADDING_MULTIPLE - 1)
-    return min(padded, mtu) - last_unit
+    """Zero bytes to append so the plaintext is a multiple of 16 but never past the MTU (0: no
+    MTU known, pad to 16).
+
+    wireguard-go's calculatePaddingSize (and the kernel's) but for a packet already longer than
+    `mtu`: they pad it as if it were `packet_length % mtu` long, wgmp not at all. wgmp's `mtu`
+    is the smallest MTU of any route through the interface (README, "Padding"), which can be
+    below the MTU the packet was allowed by; padding such a packet only makes it bigger than the
+    path may carry (tests/integration/test_routing_live.py::test_padding_stays_within_the_route_mtu
+    sends one). The worker inlines the common case (tests/dataplane/test_worker.py compares).
+    """
+    padded = (packet_length + MESSAGE_PADDING_MULTIPLE - 1) & ~(MESSAGE_PADDING_MULTIPLE - 1)
+    if mtu and padded > mtu:
+        return max(mtu - packet_length, 0)
+    return padded - packet_length
 
 
 def seal_transport(

@@ -9,6 +9,7 @@ shared memory; control only reads.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from ..ipc.sharedmem import SharedMemory
 from ..protocol.constants import MAX_PEERS
@@ -45,7 +46,7 @@ class StatsBlock:
 
     # -- the worker (single writer) ----------------------------------------------------------
 
-    def write_totals(self, totals: WorkerTotals, drops: list[int], staged: int = 0) -> None:
+    def write_totals(self, totals: Sequence[int], drops: Sequence[int], staged: int = 0) -> None:
         _TOTALS.pack_into(self.shm.view, 0, *totals)
         _DROPS.pack_into(self.shm.view, _TOTALS.size, *drops)
         _STAGED.pack_into(self.shm.view, _STAGED_OFFSET, staged)
@@ -57,7 +58,7 @@ class StatsBlock:
     # -- control (reader) --------------------------------------------------------------------
 
     def totals(self) -> WorkerTotals:
-        return _TOTALS.unpack_from(self.shm.view, 0)  # type: ignore[return-value]
+        return _TOTALS.unpack_from(self.shm.view, 0)
 
     def drops(self) -> list[int]:
         return list(_DROPS.unpack_from(self.shm.view, _TOTALS.size))
@@ -66,4 +67,4 @@ class StatsBlock:
         return int(_STAGED.unpack_from(self.shm.view, _STAGED_OFFSET)[0])
 
     def peer(self, peer_id: int) -> PeerCounters:
-        return _PEER.unpack_from(self.shm.view, _HEADER_SIZE + peer_id * _PEER.size)  # type: ignore[return-value]
+        return _PEER.unpack_from(self.shm.view, _HEADER_SIZE + peer_id * _PEER.size)

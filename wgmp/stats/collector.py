@@ -1,7 +1,7 @@
 """The metrics of `wgmp stats` and of `/metrics`: a snapshot of plain values, and a
 prometheus_client collector that turns snapshots into metric families.
 
-The control process builds a `DeviceStats` (`snapshot_from_daemon`) inside its event loop,
+The control process builds a `DeviceStats` (`Daemon.stats_snapshot`) inside its event loop,
 after asking every worker to write its counters (the same flush `wg show` gets, so the bytes
 below equal `wg show IFACE dump`); `render` writes one or more snapshots in the Prometheus text
 format with prometheus_client's `generate_latest`. Nothing here reads live state: the collector
@@ -55,17 +55,13 @@ import base64
 import ipaddress
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from ..protocol.errors import DropReason
-from ..uapi.protocol import DeviceSnapshot, format_endpoint
-
-if TYPE_CHECKING:
-    from ..control.daemon import Daemon
+from ..uapi.protocol import format_endpoint
 
 __all__ = [
     "CONTENT_TYPE",
@@ -75,7 +71,6 @@ __all__ = [
     "WgmpCollector",
     "WorkerStats",
     "render",
-    "snapshot_from_daemon",
 ]
 
 # What `generate_latest` writes (the text format 0.0.4), for HTTP replies.
@@ -159,6 +154,197 @@ def _count(values: Sequence[int], index: int) -> int:
     return values[index] if index < len(values) else 0
 
 
+Sample = tuple[list[str], float]  # label values, value
+
+
+def _device_info(dev: DeviceStats) -> Iterator[Sample]:
+    yield [dev.device, _b64(dev.public_key)], 1
+
+
+def _peer_info(dev: DeviceStats) -> Iterator[Sample]:
+    for peer in dev.peers:
+        allowed = ",".join(sorted(peer.allowed_ips, key=_prefix_order))
+        yield [dev.device, _b64(peer.public_key), allowed, _endpoint(peer.endpoint), ""], 1
+
+
+def _per_peer(value: Callable[[PeerStats], float]) -> Callable[[DeviceStats], Iterator[Sample]]:
+    def samples(dev: DeviceStats) -> Iterator[Sample]:
+        for peer in dev.peers:
+            yield [dev.device, _b64(peer.public_key)], value(peer)
+
+    return samples
+
+
+def _per_worker(
+    value: Callable[[WorkerStats], float],
+) -> Callable[[DeviceStats], Iterator[Sample]]:
+    def samples(dev: DeviceStats) -> Iterator[Sample]:
+        for worker in dev.workers:
+            yield [dev.device, str(worker.worker_id)], value(worker)
+
+    return samples
+
+
+def _rx_tx(
+    rx: Callable[[WorkerStats], int], tx: Callable[[WorkerStats], int]
+) -> Callable[[DeviceStats], Iterator[Sample]]:
+    def samples(dev: DeviceStats) -> Iterator[Sample]:
+        for worker in dev.workers:
+            wid = str(worker.worker_id)
+            yield [dev.device, wid, "rx"], rx(worker)
+            yield [dev.device, wid, "tx"], tx(worker)
+
+    return samples
+
+
+def _dropped(dev: DeviceStats) -> Iterator[Sample]:
+    sources = [(str(w.worker_id), w.drops) for w in dev.workers]
+    sources.append((CONTROL, dev.handshakes.drops))
+    for reason in DropReason:
+        for who, drops in sources:
+            yield [dev.device, who, reason.label], _count(drops, reason)
+
+
+def _per_device(
+    value: Callable[[HandshakeStats], int],
+) -> Callable[[DeviceStats], Iterator[Sample]]:
+    def samples(dev: DeviceStats) -> Iterator[Sample]:
+        yield [dev.device], value(dev.handshakes)
+
+    return samples
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    name: str  # without the _total a counter gets in the text format
+    type: type[CounterMetricFamily] | type[GaugeMetricFamily]
+    help: str
+    labels: tuple[str, ...]
+    samples: Callable[[DeviceStats], Iterable[Sample]]
+
+
+_C, _G = CounterMetricFamily, GaugeMetricFamily
+_PEER = ("device", "public_key")
+_WORKER = ("device", "worker")
+# Every family, in the order they are written.
+FAMILIES: tuple[_Family, ...] = (
+    _Family("wireguard_device_info", _G, "Metadata about a device.", _PEER, _device_info),
+    _Family(
+        "wireguard_peer_info",
+        _G,
+        "Metadata about a peer. The public_key label on peer metrics refers to the peer's "
+        "public key; not the device's public key.",
+        (*_PEER, "allowed_ips", "endpoint", "name"),
+        _peer_info,
+    ),
+    _Family(
+        "wireguard_peer_receive_bytes",
+        _C,
+        "Number of bytes received from a given peer.",
+        _PEER,
+        _per_peer(lambda p: p.rx_bytes),
+    ),
+    _Family(
+        "wireguard_peer_transmit_bytes",
+        _C,
+        "Number of bytes transmitted to a given peer.",
+        _PEER,
+        _per_peer(lambda p: p.tx_bytes),
+    ),
+    _Family(
+        "wireguard_peer_last_handshake_seconds",
+        _G,
+        "UNIX timestamp for the last handshake with a given peer.",
+        _PEER,
+        _per_peer(lambda p: p.last_handshake_sec),
+    ),
+    _Family(
+        "wgmp_worker_packets",
+        _C,
+        "Transport packets a worker received (rx) or sent (tx) on UDP.",
+        (*_WORKER, "direction"),
+        _rx_tx(lambda w: w.rx_packets, lambda w: w.tx_packets),
+    ),
+    _Family(
+        "wgmp_worker_bytes",
+        _C,
+        "UDP payload bytes of the transport packets a worker received (rx) or sent (tx).",
+        (*_WORKER, "direction"),
+        _rx_tx(lambda w: w.rx_bytes, lambda w: w.tx_bytes),
+    ),
+    _Family(
+        "wgmp_worker_restarts",
+        _C,
+        "Times the control process restarted a worker that had exited.",
+        _WORKER,
+        _per_worker(lambda w: w.restarts),
+    ),
+    _Family(
+        "wgmp_worker_up",
+        _G,
+        "Whether a worker process is running (1) or not (0).",
+        _WORKER,
+        _per_worker(lambda w: 1 if w.up else 0),
+    ),
+    _Family(
+        "wgmp_dropped_packets",
+        _C,
+        'Packets dropped, by reason and by who dropped them (a worker id, or "control").',
+        (*_WORKER, "reason"),
+        _dropped,
+    ),
+    _Family(
+        "wgmp_staged_packets",
+        _C,
+        "Packets a worker staged (held back) while waiting for a handshake.",
+        _WORKER,
+        _per_worker(lambda w: w.staged),
+    ),
+    _Family(
+        "wgmp_staged_packets_dropped",
+        _C,
+        "Packets staged while waiting for a handshake, then dropped (queue full or expired).",
+        _WORKER,
+        _per_worker(lambda w: sum(_count(w.drops, r) for r in _STAGED)),
+    ),
+    _Family(
+        "wgmp_handshakes_initiated",
+        _C,
+        "Handshake initiations sent.",
+        ("device",),
+        _per_device(lambda h: h.initiated),
+    ),
+    _Family(
+        "wgmp_handshakes_received",
+        _C,
+        "Handshake initiations received that passed the MAC and cookie checks.",
+        ("device",),
+        _per_device(lambda h: h.received),
+    ),
+    _Family(
+        "wgmp_handshakes_completed",
+        _C,
+        "Handshakes completed (sessions established, either role).",
+        ("device",),
+        _per_device(lambda h: h.completed),
+    ),
+    _Family(
+        "wgmp_handshakes_failed",
+        _C,
+        "Handshake messages dropped as invalid.",
+        ("device",),
+        _per_device(lambda h: h.failed),
+    ),
+    _Family(
+        "wgmp_cookie_replies_sent",
+        _C,
+        "Cookie replies sent to handshake initiators while under load.",
+        ("device",),
+        _per_device(lambda h: h.cookie_replies_sent),
+    ),
+)
+
+
 class WgmpCollector:
     """A prometheus_client collector over snapshots: `source` returns the devices to report
     (called once per collection), or is the devices themselves."""
@@ -168,117 +354,12 @@ class WgmpCollector:
 
     def collect(self) -> Iterator[Metric]:
         devices = list(self._source() if callable(self._source) else self._source)
-        peer_labels = ["device", "public_key"]
-        device_info = GaugeMetricFamily(
-            "wireguard_device_info", "Metadata about a device.", labels=peer_labels
-        )
-        peer_info = GaugeMetricFamily(
-            "wireguard_peer_info",
-            "Metadata about a peer. The public_key label on peer metrics refers to the peer's "
-            "public key; not the device's public key.",
-            labels=[*peer_labels, "allowed_ips", "endpoint", "name"],
-        )
-        receive = CounterMetricFamily(
-            "wireguard_peer_receive_bytes",
-            "Number of bytes received from a given peer.",
-            labels=peer_labels,
-        )
-        transmit = CounterMetricFamily(
-            "wireguard_peer_transmit_bytes",
-            "Number of bytes transmitted to a given peer.",
-            labels=peer_labels,
-        )
-        handshake = GaugeMetricFamily(
-            "wireguard_peer_last_handshake_seconds",
-            "UNIX timestamp for the last handshake with a given peer.",
-            labels=peer_labels,
-        )
-        worker_labels = ["device", "worker"]
-        packets = CounterMetricFamily(
-            "wgmp_worker_packets",
-            "Transport packets a worker received (rx) or sent (tx) on UDP.",
-            labels=[*worker_labels, "direction"],
-        )
-        octets = CounterMetricFamily(
-            "wgmp_worker_bytes",
-            "UDP payload bytes of the transport packets a worker received (rx) or sent (tx).",
-            labels=[*worker_labels, "direction"],
-        )
-        restarts = CounterMetricFamily(
-            "wgmp_worker_restarts",
-            "Times the control process restarted a worker that had exited.",
-            labels=worker_labels,
-        )
-        up = GaugeMetricFamily(
-            "wgmp_worker_up",
-            "Whether a worker process is running (1) or not (0).",
-            labels=worker_labels,
-        )
-        dropped = CounterMetricFamily(
-            "wgmp_dropped_packets",
-            'Packets dropped, by reason and by who dropped them (a worker id, or "control").',
-            labels=[*worker_labels, "reason"],
-        )
-        staged_in = CounterMetricFamily(
-            "wgmp_staged_packets",
-            "Packets a worker staged (held back) while waiting for a handshake.",
-            labels=worker_labels,
-        )
-        staged = CounterMetricFamily(
-            "wgmp_staged_packets_dropped",
-            "Packets staged while waiting for a handshake, then dropped (queue full or expired).",
-            labels=worker_labels,
-        )
-        handshake_families = [
-            ("initiated", "Handshake initiations sent."),
-            ("received", "Handshake initiations received that passed the MAC and cookie checks."),
-            ("completed", "Handshakes completed (sessions established, either role)."),
-            ("failed", "Handshake messages dropped as invalid."),
-        ]
-        handshakes = {
-            name: CounterMetricFamily(f"wgmp_handshakes_{name}", text, labels=["device"])
-            for name, text in handshake_families
-        }
-        cookies = CounterMetricFamily(
-            "wgmp_cookie_replies_sent",
-            "Cookie replies sent to handshake initiators while under load.",
-            labels=["device"],
-        )
-
-        for dev in devices:
-            name = dev.device
-            device_info.add_metric([name, _b64(dev.public_key)], 1)
-            for peer in dev.peers:
-                key = _b64(peer.public_key)
-                allowed = ",".join(sorted(peer.allowed_ips, key=_prefix_order))
-                peer_info.add_metric([name, key, allowed, _endpoint(peer.endpoint), ""], 1)
-                receive.add_metric([name, key], peer.rx_bytes)
-                transmit.add_metric([name, key], peer.tx_bytes)
-                handshake.add_metric([name, key], peer.last_handshake_sec)
-            for worker in dev.workers:
-                wid = str(worker.worker_id)
-                packets.add_metric([name, wid, "rx"], worker.rx_packets)
-                packets.add_metric([name, wid, "tx"], worker.tx_packets)
-                octets.add_metric([name, wid, "rx"], worker.rx_bytes)
-                octets.add_metric([name, wid, "tx"], worker.tx_bytes)
-                restarts.add_metric([name, wid], worker.restarts)
-                up.add_metric([name, wid], 1 if worker.up else 0)
-                staged_in.add_metric([name, wid], worker.staged)
-                staged.add_metric([name, wid], sum(_count(worker.drops, r) for r in _STAGED))
-            sources = [(str(w.worker_id), w.drops) for w in dev.workers]
-            sources.append((CONTROL, dev.handshakes.drops))
-            for reason in DropReason:
-                for who, drops in sources:
-                    dropped.add_metric([name, who, reason.label], _count(drops, reason))
-            counts = dev.handshakes
-            for attribute, family in handshakes.items():
-                family.add_metric([name], getattr(counts, attribute))
-            cookies.add_metric([name], counts.cookie_replies_sent)
-
-        yield from (device_info, peer_info, receive, transmit, handshake)
-        yield from (packets, octets, restarts, up, dropped, staged_in, staged)
-        yield from handshakes.values()
-        yield cookies
+        for spec in FAMILIES:
+            family = spec.type(spec.name, spec.help, labels=list(spec.labels))
+            for dev in devices:
+                for labels, value in spec.samples(dev):
+                    family.add_metric(labels, value)
+            yield family
 
 
 def render(devices: DeviceStats | Iterable[DeviceStats]) -> bytes:
@@ -288,60 +369,3 @@ def render(devices: DeviceStats | Iterable[DeviceStats]) -> bytes:
     registry = CollectorRegistry()
     registry.register(WgmpCollector(list(devices)))
     return generate_latest(registry)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building the snapshot in the control process.
-
-
-def snapshot_from_daemon(daemon: Daemon, device: DeviceSnapshot | None = None) -> DeviceStats:
-    """Read the daemon's state into a `DeviceStats`. Call it from the daemon's event loop only.
-
-    `device` is what `get` would show, taken right after a flush of the workers' counters (as
-    `Daemon.when_flushed` arranges); without it, `Daemon.snapshot` flushes and waits."""
-    if device is None:
-        device = daemon.snapshot()  # flushes the workers' stats blocks, then sums per peer
-    identity = daemon.interface.identity
-    peers = [
-        PeerStats(
-            public_key=peer.public_key,
-            endpoint=peer.endpoint,
-            allowed_ips=tuple(peer.allowed_ips),
-            rx_bytes=peer.rx_bytes,
-            tx_bytes=peer.tx_bytes,
-            last_handshake_sec=peer.last_handshake_time_sec,
-        )
-        for peer in device.peers
-    ]
-    workers = []
-    for handle in daemon.supervisor.workers:
-        rx_packets, rx_bytes, tx_packets, tx_bytes = handle.stats.totals()
-        running = handle.process is not None and handle.process.poll() is None
-        workers.append(
-            WorkerStats(
-                worker_id=handle.worker_id,
-                rx_packets=rx_packets,
-                rx_bytes=rx_bytes,
-                tx_packets=tx_packets,
-                tx_bytes=tx_bytes,
-                drops=tuple(handle.stats.drops()),
-                staged=handle.stats.staged(),
-                restarts=handle.restarts,
-                up=running,
-            )
-        )
-    counters = daemon.interface.counters
-    return DeviceStats(
-        device=daemon.name,
-        public_key=identity.public_key if identity is not None else None,
-        peers=peers,
-        workers=workers,
-        handshakes=HandshakeStats(
-            initiated=counters.initiated,
-            received=counters.received,
-            completed=counters.completed,
-            failed=counters.failed,
-            cookie_replies_sent=counters.cookie_replies_sent,
-            drops=tuple(counters.drops),
-        ),
-    )

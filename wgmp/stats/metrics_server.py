@@ -30,14 +30,10 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from .collector import CONTENT_TYPE, render, snapshot_from_daemon
+from .collector import CONTENT_TYPE
 
-if TYPE_CHECKING:
-    from ..control.daemon import Daemon
-
-__all__ = ["MetricsServer", "listen", "parse_address", "serve_metrics"]
+__all__ = ["CachedMetrics", "MetricsServer", "listen", "parse_address", "serve_metrics"]
 
 log = logging.getLogger("wgmp")
 
@@ -270,47 +266,55 @@ class MetricsServer:
         client.sock.close()
 
 
-class _CachedMetrics:
-    """The daemon's metrics text, made after a round of the workers' counters and kept for
-    CACHE_SECONDS; scrapes that come while one is being made share it."""
+class CachedMetrics:
+    """Metrics text made after a round of the workers' counters and kept for CACHE_SECONDS;
+    scrapes that come while one is being made share it.
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    `after_round(callback)` calls `callback` from the loop once a round of the workers' counters
+    is in (control's `Daemon.when_flushed`); `make()` then renders the text (its
+    `round_text("stats")`, shared with `wgmp stats` requests of the same round). Plain callables,
+    so stats/ needs nothing of control/ (docs/architecture.md, "Layers")."""
+
+    def __init__(
+        self, after_round: Callable[[Callable[[], None]], None], make: Callable[[], bytes]
+    ) -> None:
+        self.after_round = after_round
+        self.make = make
         self.text = b""
         self.made_at = -CACHE_SECONDS
         self.waiting: list[Callable[[bytes | None], None]] = []
 
     def deliver(self, callback: Callable[[bytes | None], None]) -> None:
+        """`MetricsServer`'s `render_later`: `callback(text)` now or after the next round."""
         if time.monotonic() - self.made_at < CACHE_SECONDS:
             callback(self.text)
             return
         self.waiting.append(callback)
         if len(self.waiting) == 1:
-            self.daemon.when_flushed(self._made)
+            self.after_round(self._made)
 
     def _made(self) -> None:
         waiting, self.waiting = self.waiting, []
         text: bytes | None = None
         try:
-            text = self.text = self.daemon.round_text("stats")
+            text = self.text = self.make()
             self.made_at = time.monotonic()
         finally:  # on failure (logged by the daemon) every scrape gets a 500
             for callback in waiting:
                 callback(text)
 
 
-def serve_metrics(daemon: Daemon, listener: socket.socket) -> MetricsServer:
-    """Serve `daemon`'s metrics from its event loop on `listener`, which the command line bound
-    before it created anything (so a bad address or a busy port fails the start at once).
-    Scrapes share a cached text made after a round of the workers' counters."""
-    server = MetricsServer(
-        daemon.selector,
-        lambda: render(snapshot_from_daemon(daemon)),
-        "",
-        0,
-        listener,
-        render_later=_CachedMetrics(daemon).deliver,
-    )
+def serve_metrics(
+    selector: selectors.BaseSelector,
+    listener: socket.socket,
+    render_text: Callable[[], bytes],
+    render_later: Callable[[Callable[[bytes | None], None]], None] | None = None,
+) -> MetricsServer:
+    """Serve the metrics from the loop that runs `selector`, on `listener`, which the command
+    line bound before it created anything (so a bad address or a busy port fails the start at
+    once). `render_text` gives the text at once; `render_later` (a `CachedMetrics.deliver`), if
+    given, instead, so that a scrape never holds the loop waiting for the workers' counters."""
+    server = MetricsServer(selector, render_text, "", 0, listener, render_later=render_later)
     host, port = server.address
     shown = f"[{host}]" if ":" in host else host
     log.info("serving metrics at http://%s:%d%s", shown, port, METRICS_PATH)

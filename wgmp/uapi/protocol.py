@@ -674,14 +674,16 @@ def parse_request(data: bytes | str | Iterable[bytes | str]) -> Request:
     items = reader.feed(bytes(data))
     if not reader.closed:
         items += reader.end_of_input()
+    requests = []
     for item in items:
         if isinstance(item, UAPIError):
             raise item
-    if not items:
+        requests.append(item)
+    if not requests:
         raise UAPIError(IPC_ERROR_PROTOCOL, "incomplete request", hangup=True)
-    if len(items) > 1:
-        raise ValueError(f"{len(items)} requests where one was expected")
-    return items[0]
+    if len(requests) > 1:
+        raise ValueError(f"{len(requests)} requests where one was expected")
+    return requests[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import stat
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Final
 
 from .protocol import Request, RequestReader, UAPIError, format_errno
@@ -340,7 +341,7 @@ class UAPIServer:
             connection.waiting = True
             assert self.handler is not None
             try:
-                self.handler(item, lambda reply, c=connection: self._answered(c, reply))
+                self.handler(item, partial(self._answered, connection))
             except Exception:  # a bug must cost this client its request, not the daemon
                 log.exception("UAPI: handling a request failed")
                 self._close(connection)

@@ -1,0 +1,142 @@
+"""Applying a set request (wgmp/control/set_request.py) to a real `Interface`, with the
+daemon's sockets replaced by a recorder: no root, no daemon."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from wgmp.control.interface import Interface, Rng
+from wgmp.control.set_request import apply_request
+from wgmp.ipc.keyslots import KeySlots
+from wgmp.ipc.messages import PeerRemove, PeerSet
+from wgmp.protocol.crypto import DH_GENERATE
+from wgmp.protocol.noise import StaticIdentity
+from wgmp.uapi import protocol as uapi
+
+
+class _Random(random.Random, Rng):
+    """Seeded randomness with both methods control uses (`random`, `getrandbits`)."""
+
+
+class Sockets:
+    """Records what the request asked of the daemon's sockets; can refuse a port."""
+
+    def __init__(self, refuse_port: int | None = None) -> None:
+        self.ports: list[int] = []
+        self.marks: list[int] = []
+        self.refuse_port = refuse_port
+
+    def set_listen_port(self, port: int) -> None:
+        if port == self.refuse_port:
+            raise uapi.UAPIError(uapi.IPC_ERROR_PORT_IN_USE, f"listen port {port}: in use")
+        self.ports.append(port)
+
+    def set_fwmark(self, mark: int) -> None:
+        self.marks.append(mark)
+
+
+PRIVATE = DH_GENERATE(random.Random(1))
+OWN_PUBLIC = StaticIdentity.from_private_key(PRIVATE).public_key
+PEER_A = StaticIdentity.from_private_key(DH_GENERATE(random.Random(2))).public_key
+PEER_B = StaticIdentity.from_private_key(DH_GENERATE(random.Random(3))).public_key
+
+
+@pytest.fixture
+def interface() -> Interface:
+    return Interface(KeySlots.create(64), _Random(7))
+
+
+def apply(interface: Interface, sockets: Sockets, *lines: str) -> None:
+    text = "\n".join(["set=1", *lines]) + "\n\n"
+    request = uapi.parse_request(text.encode())
+    assert isinstance(request, uapi.SetRequest)
+    apply_request(interface, request, sockets)
+
+
+def test_device_and_peer_settings_reach_the_interface_and_the_workers(
+    interface: Interface,
+) -> None:
+    sockets = Sockets()
+    apply(
+        interface,
+        sockets,
+        f"private_key={PRIVATE.hex()}",
+        "listen_port=51820",
+        "fwmark=7",
+        f"public_key={PEER_A.hex()}",
+        "endpoint=192.0.2.9:51821",
+        "persistent_keepalive_interval=25",
+        "allowed_ip=10.0.0.0/24",
+        "allowed_ip=fd00::/64",
+    )
+    assert interface.identity is not None and interface.identity.public_key == OWN_PUBLIC
+    assert (sockets.ports, sockets.marks) == ([51820], [7])
+    peer = interface.peers[PEER_A]
+    assert peer.endpoint == ("192.0.2.9", 51821)
+    assert peer.persistent_keepalive_interval == 25
+    prefixes = [str(p) for p in interface.allowed.entries_for_peer(peer.peer_id)]
+    assert sorted(prefixes) == ["10.0.0.0/24", "fd00::/64"]
+    published = [c for c in interface.commands if isinstance(c, PeerSet) and c.prefixes]
+    assert len(published) == 1 and len(published[0].prefixes or []) == 2  # once per request
+
+
+def test_replace_allowed_ips_and_an_identical_prefix_moving_to_another_peer(
+    interface: Interface,
+) -> None:
+    sockets = Sockets()
+    apply(interface, sockets, f"public_key={PEER_A.hex()}", "allowed_ip=10.0.0.0/24")
+    apply(interface, sockets, f"public_key={PEER_B.hex()}", "allowed_ip=10.0.0.0/24")
+    a, b = interface.peers[PEER_A], interface.peers[PEER_B]
+    assert interface.allowed.entries_for_peer(a.peer_id) == []
+    assert [str(p) for p in interface.allowed.entries_for_peer(b.peer_id)] == ["10.0.0.0/24"]
+    apply(
+        interface,
+        sockets,
+        f"public_key={PEER_B.hex()}",
+        "replace_allowed_ips=true",
+        "allowed_ip=10.1.0.0/16",
+    )
+    assert [str(p) for p in interface.allowed.entries_for_peer(b.peer_id)] == ["10.1.0.0/16"]
+
+
+def test_update_only_remove_and_replace_peers(interface: Interface) -> None:
+    sockets = Sockets()
+    apply(interface, sockets, f"public_key={PEER_A.hex()}", "update_only=true")
+    assert PEER_A not in interface.peers  # update_only never creates
+    apply(interface, sockets, f"public_key={PEER_A.hex()}", f"public_key={PEER_B.hex()}")
+    assert set(interface.peers) == {PEER_A, PEER_B}
+    removed = interface.peers[PEER_A].peer_id
+    apply(interface, sockets, f"public_key={PEER_A.hex()}", "remove=true")
+    assert set(interface.peers) == {PEER_B}
+    assert PeerRemove(removed) in interface.commands
+    apply(interface, sockets, "replace_peers=true")
+    assert interface.peers == {}
+
+
+def test_a_section_for_our_own_public_key_is_skipped(interface: Interface) -> None:
+    sockets = Sockets()
+    apply(
+        interface,
+        sockets,
+        f"private_key={PRIVATE.hex()}",
+        f"public_key={OWN_PUBLIC.hex()}",
+        "endpoint=192.0.2.9:1",
+        f"public_key={PEER_A.hex()}",
+    )
+    assert set(interface.peers) == {PEER_A}
+
+
+def test_a_refused_listen_port_stops_the_request_where_it_failed(interface: Interface) -> None:
+    sockets = Sockets(refuse_port=51820)
+    with pytest.raises(uapi.UAPIError):
+        apply(
+            interface,
+            sockets,
+            f"private_key={PRIVATE.hex()}",
+            "listen_port=51820",
+            f"public_key={PEER_A.hex()}",
+        )
+    assert interface.identity is not None  # what came before the port is applied
+    assert interface.peers == {}  # what came after is not
