@@ -39,6 +39,7 @@ from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
 from ..uapi import protocol as uapi
 from ..uapi.server import Respond, UAPIServer
+from .get_reply import GetReply
 from .interface import Interface
 from .peer import Local, Peer
 from .route_mtu import RouteMTUWatcher
@@ -137,7 +138,10 @@ class Daemon:
         self._set_queue: deque[tuple[SetApplication, Respond]] = deque()
         self._round: _FlushRound | None = None
         self._flush_waiters: list[Callable[[], None]] = []
-        self._round_texts: dict[str, bytes] = {}
+        self._round_stats: bytes | None = None
+        # The gets of a completed round, and the reply being written for them (get_reply.py).
+        self._get_waiters: list[Respond] = []
+        self._get_reply: tuple[GetReply, list[Respond]] | None = None
         self.tun_fds: list[int] = []
         self.control_sockets: dict[int, socket.socket] = {}
         self._open_tun(tun_fd)
@@ -237,7 +241,7 @@ class Daemon:
         next_socket_check = 0.0
         try:
             while self.running:
-                pending = self._receive_pending() or self.uapi.busy()
+                pending = self._receive_pending() or self.uapi.busy() or self._get_reply is not None
                 now = time.monotonic()
                 timeout = 0.0 if pending else self._timeout(now)
                 if self._set_queue:  # more of it next turn, unless the workers lag behind
@@ -556,9 +560,9 @@ class Daemon:
                 (SetApplication(self.interface, request, self._apply_device), respond)
             )
         elif isinstance(request, uapi.GetRequest):
-            self.when_flushed(lambda: respond(self.round_text("get")))
+            self.when_flushed(lambda: self._get_waiters.append(respond))
         else:  # StatsRequest: `wgmp stats`; the connection then closes
-            self.when_flushed(lambda: respond(self.round_text("stats")))
+            self.when_flushed(lambda: respond(self.stats_text()))
 
     def when_flushed(self, callback: Callable[[], None]) -> None:
         """Call `callback` from the loop once the workers have written every counter they
@@ -580,23 +584,20 @@ class Daemon:
         )
         self._flush_waiters = []
 
-    def round_text(self, kind: str) -> bytes:
-        """The reply every waiter of this round gets: rendered once per round."""
-        text = self._round_texts.get(kind)
-        if text is None:
-            if kind == "get":
-                text = uapi.format_get(self._device_snapshot())
-            else:
-                from ..stats.collector import render, snapshot_from_daemon
+    def stats_text(self) -> bytes:
+        """The metrics text every waiter of this round gets: rendered once per round."""
+        if self._round_stats is None:
+            from ..stats.collector import render, snapshot_from_daemon
 
-                text = render(snapshot_from_daemon(self, self._device_snapshot()))
-            self._round_texts[kind] = text
-        return text
+            self._round_stats = render(snapshot_from_daemon(self, self._device_snapshot()))
+        return self._round_stats
 
     def _configuration_turn(self, now: float) -> None:
         """One turn's share of configuration work: a slice of the set request being applied,
         then a round of counters that is complete."""
-        if self._set_queue and not self._workers_backlogged():
+        if self._get_reply is not None:
+            self._write_get_reply()
+        elif self._set_queue and not self._workers_backlogged():
             application, respond = self._set_queue[0]
             try:
                 finished = application.run(SET_SLICE)
@@ -613,18 +614,47 @@ class Daemon:
                 if error is not None:
                     log.error("set request failed: %s", error)
                 respond(uapi.format_errno(error.code if error is not None else 0))
-        if self._round is not None and self._round_complete(now) and not self._set_in_progress():
+        if (
+            self._round is not None
+            and self._get_reply is None
+            and self._round_complete(now)
+            and not self._set_in_progress()
+        ):
             callbacks = self._round.callbacks
             self._round = None
-            self._round_texts = {}
+            self._round_stats = None
             for callback in callbacks:
                 try:
                     callback()
                 except Exception:  # one reply that fails must not end the daemon
                     log.exception("answering a request failed")
-            self._round_texts = {}
+            self._round_stats = None
+            if self._get_waiters:
+                reply = GetReply(
+                    self._device_snapshot(with_peers=False),
+                    list(self.interface.peers.values()),
+                    self._peer_snapshot,
+                )
+                self._get_reply = (reply, self._get_waiters)
+                self._get_waiters = []
+                self._write_get_reply()
             if self._flush_waiters:
                 self._start_round()
+
+    def _write_get_reply(self) -> None:
+        """A slice of the reply to the gets of the last round; sent once it is whole."""
+        assert self._get_reply is not None
+        reply, waiting = self._get_reply
+        try:
+            if not reply.run(SET_SLICE):
+                return
+            text = reply.text()
+        except Exception:  # a bug must cost the request, not the daemon
+            log.exception("writing a get reply failed")
+            text = uapi.format_errno(uapi.IPC_ERROR_UNKNOWN)
+        self._get_reply = None
+        for respond in waiting:
+            respond(text)
 
     def _workers_backlogged(self) -> bool:
         """True while some worker's pipe is more than 1/SET_PIPE_BACKLOG_FRACTION full."""
@@ -655,39 +685,38 @@ class Daemon:
         self.flush_stats()
         return self._device_snapshot()
 
-    def _device_snapshot(self) -> uapi.DeviceSnapshot:
+    def _device_snapshot(self, with_peers: bool = True) -> uapi.DeviceSnapshot:
         interface = self.interface
-        peers = []
-        for peer in interface.peers.values():
-            rx = peer.control_rx_bytes + peer.retired_rx_bytes
-            tx = peer.control_tx_bytes + peer.retired_tx_bytes
-            for handle in self.supervisor.workers:
-                rx_bytes, tx_bytes, _, _ = handle.stats.peer(peer.peer_id)
-                rx += rx_bytes
-                tx += tx_bytes
-            sec, nsec = divmod(peer.last_handshake_ns, 1_000_000_000)
-            peers.append(
-                uapi.PeerSnapshot(
-                    public_key=peer.public_key,
-                    preshared_key=peer.preshared_key,
-                    endpoint=peer.endpoint,
-                    last_handshake_time_sec=sec,
-                    last_handshake_time_nsec=nsec,
-                    tx_bytes=tx,
-                    rx_bytes=rx,
-                    persistent_keepalive_interval=peer.persistent_keepalive_interval,
-                    allowed_ips=[
-                        uapi.format_prefix(p.network_address, p.prefixlen)
-                        for p in interface.allowed.entries_for_peer(peer.peer_id)
-                    ],
-                )
-            )
+        peers = [self._peer_snapshot(p) for p in interface.peers.values()] if with_peers else []
         identity = interface.identity
         return uapi.DeviceSnapshot(
             private_key=identity.private_key if identity else None,
             listen_port=interface.listen_port,
             fwmark=interface.fwmark,
             peers=peers,
+        )
+
+    def _peer_snapshot(self, peer: Peer) -> uapi.PeerSnapshot:
+        rx = peer.control_rx_bytes + peer.retired_rx_bytes
+        tx = peer.control_tx_bytes + peer.retired_tx_bytes
+        for handle in self.supervisor.workers:
+            rx_bytes, tx_bytes, _, _ = handle.stats.peer(peer.peer_id)
+            rx += rx_bytes
+            tx += tx_bytes
+        sec, nsec = divmod(peer.last_handshake_ns, 1_000_000_000)
+        return uapi.PeerSnapshot(
+            public_key=peer.public_key,
+            preshared_key=peer.preshared_key,
+            endpoint=peer.endpoint,
+            last_handshake_time_sec=sec,
+            last_handshake_time_nsec=nsec,
+            tx_bytes=tx,
+            rx_bytes=rx,
+            persistent_keepalive_interval=peer.persistent_keepalive_interval,
+            allowed_ips=[
+                uapi.format_prefix(p.network_address, p.prefixlen)
+                for p in self.interface.allowed.entries_for_peer(peer.peer_id)
+            ],
         )
 
     def apply(self, request: uapi.SetRequest) -> None:
