@@ -71,9 +71,9 @@ SET_BACKOFF = 0.005  # how long the loop may sleep while a set waits for the wor
 # added peers (measured here, CPython 3.11). Peers hold no reference cycles
 # (tests/control/test_interface.py), so they are still freed when removed.
 FREEZE_AFTER_OPERATIONS = 4096
-# The metrics text (`wgmp stats`, /metrics) is reused for this many times what rendering it
-# cost: one Prometheus rendering is ~35 ms per 1000 peers here (~2.3 s with 65,536), so
-# clients asking back to back cannot keep the loop rendering more than a tenth of the time.
+# The metrics text of /metrics is reused for this many times what rendering it cost: one
+# Prometheus rendering is ~35 ms per 1000 peers here (~2.3 s with 65,536), so scrapers asking
+# back to back cannot keep the loop rendering more than a tenth of the time.
 STATS_REUSE_FACTOR = 10
 
 
@@ -589,13 +589,14 @@ class Daemon:
         )
         self._flush_waiters = []
 
-    def stats_text(self) -> bytes:
-        """The metrics text every waiter of this round gets: rendered once per round, and
-        reused for STATS_REUSE_FACTOR times what it cost to render."""
+    def stats_text(self, *, reuse: bool = False) -> bytes:
+        """The metrics text every waiter of this round gets: rendered once per round. With
+        `reuse` (scrapes), an older text is good for STATS_REUSE_FACTOR times what it cost to
+        render; `wgmp stats` always gets counters flushed after it asked."""
         if self._round_stats is None:
             now = time.monotonic()
             text, made_at, cost = self._last_stats
-            if now - made_at < STATS_REUSE_FACTOR * cost:
+            if reuse and now - made_at < STATS_REUSE_FACTOR * cost:
                 self._round_stats = text
             else:
                 from ..stats.collector import render, snapshot_from_daemon

@@ -288,7 +288,7 @@ class _CachedMetrics:
         waiting, self.waiting = self.waiting, []
         text: bytes | None = None
         try:
-            text = self.text = self.daemon.stats_text()
+            text = self.text = self.daemon.stats_text(reuse=True)
             self.made_at = time.monotonic()
         finally:  # on failure (logged by the daemon) every scrape gets a 500
             for callback in waiting:
