@@ -259,7 +259,7 @@ def _run_control(
                 daemon.selector,
                 listener,
                 daemon.render_stats,
-                CachedMetrics(daemon.when_flushed, lambda: daemon.round_text("stats")).deliver,
+                CachedMetrics(daemon.when_flushed, lambda: daemon.stats_text(reuse=True)).deliver,
             )
         readiness.ready()
         sdnotify.notify("READY=1")

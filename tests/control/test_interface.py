@@ -10,7 +10,7 @@ import pytest
 
 from wgmp.control.interface import Interface, Rng
 from wgmp.ipc.keyslots import KeySlots
-from wgmp.ipc.messages import Mtu, PeerEndpoint
+from wgmp.ipc.messages import KeypairRemove, Mtu, PeerEndpoint
 from wgmp.protocol.constants import MESSAGE_INITIATION
 from wgmp.protocol.cookie import CookieChecker, CookieGenerator
 from wgmp.protocol.crypto import DH_GENERATE
@@ -159,3 +159,40 @@ def test_removed_peers_hold_no_reference_cycles(interface: Interface) -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_handshakes_beyond_the_key_slots_are_dropped_and_counted() -> None:
+    """With every key slot holding a keypair, one more initiation is dropped (NO_KEY_SLOT)
+    before anything changes, where publishing it raised MemoryError out of control's loop;
+    once a slot is free again the same peer's next initiation succeeds."""
+    from wgmp.protocol.errors import DropReason
+
+    rng = _Random(17)
+    iface = Interface(KeySlots.create(4), rng)
+    iface.set_private_key(DH_GENERATE(rng), now=0.0)
+    assert iface.identity is not None
+    ours = iface.identity.public_key
+
+    def initiate(theirs: StaticIdentity, n: int) -> None:
+        initiation = Handshake(theirs, ours).create_initiation(
+            sender_index=200 + n, unix_time_ns=10**18 + n, rng=rng
+        )
+        packed = CookieGenerator(ours).add_macs(initiation.pack(), now=0.0)
+        iface.receive_handshake(packed, ENDPOINT, 1.0 + n, 10**18 + n)
+
+    identities = [StaticIdentity.from_private_key(DH_GENERATE(rng)) for _ in range(5)]
+    for n, theirs in enumerate(identities[:4]):
+        iface.peer(theirs.public_key, now=0.0)
+        initiate(theirs, n)
+    assert iface.keyslots.free == 0
+    last = identities[4]
+    peer = iface.peer(last.public_key, now=0.0)
+    initiate(last, 10)
+    assert iface.counters.drops[DropReason.NO_KEY_SLOT] == 1
+    assert peer.keypairs.next is None and len(iface.indices) == 4
+    iface.remove_peer(identities[0].public_key)
+    for command in iface.commands:  # as the daemon does once every worker acknowledged
+        if isinstance(command, KeypairRemove):
+            iface.keyslots.release(command.slot)
+    initiate(last, 11)
+    assert peer.keypairs.next is not None

@@ -122,6 +122,22 @@ def test_the_peer_after_65536_is_einval_as_wireguard_go(pair: PairFactory) -> No
     # The peer it had still works, both ways.
     assert answered(ping(p.link.ns_a, "198.51.100.2"), 1)
     assert answered(ping(p.link.ns_b, TUNNEL_WGMP[4]), 1)
+    # Gets of the whole device (~17 MB each) do not hold a handshake up either.
+    sizes: list[int] = []
+
+    def get_all() -> None:
+        for _ in range(3):
+            sizes.append(len(_exchange(p.wgmp.socket_path, b"get=1\n\n", timeout=120)))
+
+    getter = threading.Thread(target=get_all, daemon=True)
+    getter.start()
+    handshakes = []
+    while getter.is_alive():
+        handshakes.append(_fresh_handshake_time(p, Path("/")))
+    getter.join()
+    print(f"gets of {sizes} bytes; handshakes meanwhile: {handshakes}")
+    assert len(sizes) == 3 and min(sizes) > 65536 * 200
+    assert max(handshakes) < 0.5, handshakes  # written in one go: ~1 s
 
 
 def _open_many(path: Path, count: int) -> list[socket.socket]:

@@ -59,6 +59,7 @@ from ..uapi import protocol as uapi
 from ..uapi.server import SOCKET_DIRECTORY, Respond, UAPIServer
 from .edges import KernelLink, KernelPort, Link, LinkEvents, Port, RouteEvents
 from .endpoint_routes import EndpointRoutes
+from .get_reply import GetReply
 from .interface import Interface
 from .peer import Peer
 from .set_request import SetApplication, apply_request
@@ -88,6 +89,10 @@ SET_BACKOFF = 0.005  # how long the loop may sleep while a set waits for the wor
 # added peers (measured here, CPython 3.11). Peers hold no reference cycles
 # (tests/control/test_interface.py), so they are still freed when removed.
 FREEZE_AFTER_OPERATIONS = 4096
+# The metrics text of /metrics is reused for this many times what rendering it cost: one
+# Prometheus rendering is ~35 ms per 1000 peers here (~2.3 s with 65,536), so scrapers asking
+# back to back cannot keep the loop rendering more than a tenth of the time.
+STATS_REUSE_FACTOR = 10
 # What control keeps for one worker that its pipe cannot take yet (ipc/channel.py). Far more
 # than a restart's replay of 65,535 peers and their keypairs (~5 MB); a worker that leaves
 # this much unread is treated as hung and replaced (docs/hardening.md, item 4).
@@ -157,7 +162,11 @@ class Daemon:
         self._set_queue: deque[tuple[SetApplication, Respond]] = deque()
         self._round: _FlushRound | None = None
         self._flush_waiters: list[Callable[[], None]] = []
-        self._round_texts: dict[str, bytes] = {}
+        self._round_stats: bytes | None = None
+        self._last_stats: tuple[bytes, float, float] = (b"", 0.0, 0.0)  # text, when, cost
+        # The gets of a completed round, and the reply being written for them (get_reply.py).
+        self._get_waiters: list[Respond] = []
+        self._get_reply: tuple[GetReply, list[Respond]] | None = None
         self.tun_fds: list[int] = []
         self.control_sockets: dict[int, socket.socket] = {}
         self._open_tun(tun_fd)
@@ -241,7 +250,7 @@ class Daemon:
         next_socket_check = 0.0
         try:
             while self.running:
-                pending = self.uapi.busy()
+                pending = self.uapi.busy() or self._get_reply is not None
                 now = time.monotonic()
                 timeout = 0.0 if pending else self._timeout(now)
                 if self._set_queue:  # more of it next turn, unless the workers lag behind
@@ -704,9 +713,9 @@ class Daemon:
                 gc.freeze()  # what parsing it made, as after each slice below
             self._set_queue.append((SetApplication(self.interface, request, self), respond))
         elif isinstance(request, uapi.GetRequest):
-            self.when_flushed(lambda: respond(self.round_text("get")))
+            self.when_flushed(lambda: self._get_waiters.append(respond))
         else:  # StatsRequest: `wgmp stats`; the connection then closes
-            self.when_flushed(lambda: respond(self.round_text("stats")))
+            self.when_flushed(lambda: respond(self.stats_text()))
 
     def when_flushed(self, callback: Callable[[], None]) -> None:
         """Call `callback` from the loop once the workers have written every counter they
@@ -728,21 +737,27 @@ class Daemon:
         )
         self._flush_waiters = []
 
-    def round_text(self, kind: str) -> bytes:
-        """The reply every waiter of this round gets: rendered once per round."""
-        text = self._round_texts.get(kind)
-        if text is None:
-            if kind == "get":
-                text = uapi.format_get(self._device_snapshot())
+    def stats_text(self, *, reuse: bool = False) -> bytes:
+        """The metrics text every waiter of this round gets: rendered once per round. With
+        `reuse` (scrapes), an older text is good for STATS_REUSE_FACTOR times what it cost to
+        render; `wgmp stats` always gets counters flushed after it asked."""
+        if self._round_stats is None:
+            now = time.monotonic()
+            text, made_at, cost = self._last_stats
+            if reuse and now - made_at < STATS_REUSE_FACTOR * cost:
+                self._round_stats = text
             else:
-                text = render(self.stats_snapshot(self._device_snapshot()))
-            self._round_texts[kind] = text
-        return text
+                self._round_stats = render(self.stats_snapshot(self._device_snapshot()))
+                done = time.monotonic()
+                self._last_stats = (self._round_stats, done, done - now)
+        return self._round_stats
 
     def _configuration_turn(self, now: float) -> None:
         """One turn's share of configuration work: a slice of the set request being applied,
         then a round of counters that is complete."""
-        if self._set_queue and not self._workers_backlogged():
+        if self._get_reply is not None:
+            self._write_get_reply()
+        elif self._set_queue and not self._workers_backlogged():
             application, respond = self._set_queue[0]
             try:
                 finished = application.run(SET_SLICE)
@@ -759,18 +774,47 @@ class Daemon:
                 if error is not None:
                     log.error("set request failed: %s", error)
                 respond(uapi.format_errno(error.code if error is not None else 0))
-        if self._round is not None and self._round_complete(now) and not self._set_in_progress():
+        if (
+            self._round is not None
+            and self._get_reply is None
+            and self._round_complete(now)
+            and not self._set_in_progress()
+        ):
             callbacks = self._round.callbacks
             self._round = None
-            self._round_texts = {}
+            self._round_stats = None
             for callback in callbacks:
                 try:
                     callback()
                 except Exception:  # one reply that fails must not end the daemon
                     log.exception("answering a request failed")
-            self._round_texts = {}
+            self._round_stats = None
+            if self._get_waiters:
+                reply = GetReply(
+                    self._device_snapshot(with_peers=False),
+                    list(self.interface.peers.values()),
+                    self._peer_snapshot,
+                )
+                self._get_reply = (reply, self._get_waiters)
+                self._get_waiters = []
+                self._write_get_reply()
             if self._flush_waiters:
                 self._start_round()
+
+    def _write_get_reply(self) -> None:
+        """A slice of the reply to the gets of the last round; sent once it is whole."""
+        assert self._get_reply is not None
+        reply, waiting = self._get_reply
+        try:
+            if not reply.run(SET_SLICE):
+                return
+            text = reply.text()
+        except Exception:  # a bug must cost the request, not the daemon
+            log.exception("writing a get reply failed")
+            text = uapi.format_errno(uapi.IPC_ERROR_UNKNOWN)
+        self._get_reply = None
+        for respond in waiting:
+            respond(text)
 
     def _workers_backlogged(self) -> bool:
         """True while some worker's pipe is more than 1/SET_PIPE_BACKLOG_FRACTION full."""
@@ -803,39 +847,38 @@ class Daemon:
         self.flush_stats()
         return self._device_snapshot()
 
-    def _device_snapshot(self) -> uapi.DeviceSnapshot:
+    def _device_snapshot(self, with_peers: bool = True) -> uapi.DeviceSnapshot:
         interface = self.interface
-        peers = []
-        for peer in interface.peers.values():
-            rx = peer.control_rx_bytes + peer.retired_rx_bytes
-            tx = peer.control_tx_bytes + peer.retired_tx_bytes
-            for handle in self.supervisor.workers:
-                rx_bytes, tx_bytes, _, _ = handle.stats.peer(peer.peer_id)
-                rx += rx_bytes
-                tx += tx_bytes
-            sec, nsec = divmod(peer.last_handshake_ns, 1_000_000_000)
-            peers.append(
-                uapi.PeerSnapshot(
-                    public_key=peer.public_key,
-                    preshared_key=peer.preshared_key,
-                    endpoint=peer.endpoint,
-                    last_handshake_time_sec=sec,
-                    last_handshake_time_nsec=nsec,
-                    tx_bytes=tx,
-                    rx_bytes=rx,
-                    persistent_keepalive_interval=peer.persistent_keepalive_interval,
-                    allowed_ips=[
-                        uapi.format_prefix(p.network_address, p.prefixlen)
-                        for p in interface.allowed.entries_for_peer(peer.peer_id)
-                    ],
-                )
-            )
+        peers = [self._peer_snapshot(p) for p in interface.peers.values()] if with_peers else []
         identity = interface.identity
         return uapi.DeviceSnapshot(
             private_key=identity.private_key if identity else None,
             listen_port=interface.listen_port,
             fwmark=interface.fwmark,
             peers=peers,
+        )
+
+    def _peer_snapshot(self, peer: Peer) -> uapi.PeerSnapshot:
+        rx = peer.control_rx_bytes + peer.retired_rx_bytes
+        tx = peer.control_tx_bytes + peer.retired_tx_bytes
+        for handle in self.supervisor.workers:
+            rx_bytes, tx_bytes, _, _ = handle.stats.peer(peer.peer_id)
+            rx += rx_bytes
+            tx += tx_bytes
+        sec, nsec = divmod(peer.last_handshake_ns, 1_000_000_000)
+        return uapi.PeerSnapshot(
+            public_key=peer.public_key,
+            preshared_key=peer.preshared_key,
+            endpoint=peer.endpoint,
+            last_handshake_time_sec=sec,
+            last_handshake_time_nsec=nsec,
+            tx_bytes=tx,
+            rx_bytes=rx,
+            persistent_keepalive_interval=peer.persistent_keepalive_interval,
+            allowed_ips=[
+                uapi.format_prefix(p.network_address, p.prefixlen)
+                for p in self.interface.allowed.entries_for_peer(peer.peer_id)
+            ],
         )
 
     def stats_snapshot(self, device: uapi.DeviceSnapshot | None = None) -> DeviceStats:

@@ -272,7 +272,7 @@ class CachedMetrics:
 
     `after_round(callback)` calls `callback` from the loop once a round of the workers' counters
     is in (control's `Daemon.when_flushed`); `make()` then renders the text (its
-    `round_text("stats")`, shared with `wgmp stats` requests of the same round). Plain callables,
+    `stats_text(reuse=True)`, shared with `wgmp stats` requests of the same round). Plain callables,
     so stats/ needs nothing of control/ (docs/architecture.md, "Layers")."""
 
     def __init__(

@@ -1,0 +1,42 @@
+"""`GetReply` writes, in slices, exactly what `format_get` writes in one go."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from wgmp.control.get_reply import CHUNK, GetReply
+from wgmp.uapi import protocol as uapi
+
+
+def _peer(n: int) -> uapi.PeerSnapshot:
+    return uapi.PeerSnapshot(
+        public_key=bytes([n % 256]) * 32,
+        preshared_key=bytes([7]) * 32 if n % 3 else None,
+        endpoint=(f"192.0.2.{n % 250 + 1}", 51820) if n % 2 else None,
+        last_handshake_time_sec=n,
+        tx_bytes=n * 1000,
+        rx_bytes=n * 3,
+        persistent_keepalive_interval=n % 60,
+        allowed_ips=[f"10.{n >> 8 & 255}.{n & 255}.0/24"] * (n % 3),
+    )
+
+
+def test_sliced_reply_is_format_get() -> None:
+    for count in (0, 1, CHUNK, 5 * CHUNK + 3):
+        snapshots = [_peer(n) for n in range(count)]
+        peers = [SimpleNamespace(index=n) for n in range(count)]
+        for device in (
+            uapi.DeviceSnapshot(),
+            uapi.DeviceSnapshot(private_key=bytes([9]) * 32, listen_port=51820, fwmark=1 << 31),
+        ):
+            reply = GetReply(device, peers, lambda p, s=snapshots: s[p.index])  # type: ignore[arg-type,misc]
+            slices = 1
+            while not reply.run(0.0):  # as little as possible per call: one chunk
+                slices += 1
+            expected = uapi.format_get(
+                uapi.DeviceSnapshot(
+                    device.private_key, device.listen_port, device.fwmark, snapshots
+                )
+            )
+            assert reply.text() == expected
+            assert slices == max(1, -(-count // CHUNK))
