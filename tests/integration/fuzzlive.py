@@ -350,12 +350,25 @@ def _rss(pid: int) -> int:
 
 
 def _drain(sock: socket.socket) -> int:
+    """Read and drop whatever waits on `sock`; the number of datagrams dropped."""
     drained = 0
-    with contextlib.suppress(BlockingIOError, InterruptedError, TimeoutError):
+    with _nonblocking(sock), contextlib.suppress(BlockingIOError, InterruptedError):
         while True:
-            sock.recv(65535, socket.MSG_DONTWAIT)
+            sock.recv(65535)
             drained += 1
     return drained
+
+
+@contextlib.contextmanager
+def _nonblocking(sock: socket.socket) -> Iterator[None]:
+    # A socket with a timeout waits up to that timeout before each recv, MSG_DONTWAIT or
+    # not (CorePeer.recvfrom gives its socket one): drop it for the block.
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        yield
+    finally:
+        sock.settimeout(timeout)
 
 
 def start_bed(
@@ -701,9 +714,9 @@ def _count_cookies(sock: socket.socket, timeout: float) -> int:
     found = 0
     if timeout > 0:
         select.select([sock], [], [], timeout)
-    with contextlib.suppress(BlockingIOError, InterruptedError, TimeoutError):
+    with _nonblocking(sock), contextlib.suppress(BlockingIOError, InterruptedError):
         while True:
-            data = sock.recv(65535, socket.MSG_DONTWAIT)
+            data = sock.recv(65535)
             if data[:1] == bytes([MESSAGE_COOKIE_REPLY]) and len(data) == 64:
                 found += 1
     return found
