@@ -221,28 +221,32 @@ class FuzzBed:
                 return True
         return False
 
-    def settle(self, limit: float = 60.0) -> float:
-        """Wait until wgmp has worked through what the phase queued (its processes together
-        use under a fifth of a CPU over half a second), at most `limit` seconds; returns the
-        seconds waited. The checks that follow are about the daemon being whole, not about how
-        fast it drains a flood (the targeted tests measure that)."""
+    def settle(self, workers: int, limit: float = 60.0) -> float:
+        """Wait until wgmp has worked through what the phase queued, at most `limit` seconds;
+        returns the seconds waited. Settled: all `workers` are there, none was replaced during
+        the last half second, and the processes together used under a fifth of a CPU in it (a
+        worker that dies of a queued packet and is restarted is not settled). The checks that
+        follow are about the daemon being whole, not about how fast it drains a flood (the
+        targeted tests measure that)."""
         start = time.monotonic()
         control = self.control()
         while control is not None and time.monotonic() - start < limit:
-            procs = [control, *control.children()]
             try:
-                times = [sum(p.cpu_times()[:2]) for p in procs]
+                procs = [control, *control.children()]
+                times = sum(sum(p.cpu_times()[:2]) for p in procs)
                 time.sleep(0.5)
-                busy = sum(sum(p.cpu_times()[:2]) for p in procs) - sum(times)
+                now = [control, *control.children()]
+                busy = sum(sum(p.cpu_times()[:2]) for p in now) - times
             except psutil.Error:
-                break
-            if busy < 0.1:
+                time.sleep(0.2)  # a worker went away while we looked: look again
+                continue
+            if busy < 0.1 and {p.pid for p in now} == {p.pid for p in procs} and len(now) > workers:
                 break
         return time.monotonic() - start
 
     def health(self, phase: str, before: Snapshot) -> Health:
         problems: list[str] = []
-        settled = self.settle()
+        settled = self.settle(len(before.worker_pids))
         control = self.control()
         alive = control is not None and control.pid == before.control_pid
         if not alive:
