@@ -221,28 +221,32 @@ class FuzzBed:
                 return True
         return False
 
-    def settle(self, limit: float = 60.0) -> float:
-        """Wait until wgmp has worked through what the phase queued (its processes together
-        use under a fifth of a CPU over half a second), at most `limit` seconds; returns the
-        seconds waited. The checks that follow are about the daemon being whole, not about how
-        fast it drains a flood (the targeted tests measure that)."""
+    def settle(self, workers: int, limit: float = 60.0) -> float:
+        """Wait until wgmp has worked through what the phase queued, at most `limit` seconds;
+        returns the seconds waited. Settled: all `workers` are there, none was replaced during
+        the last half second, and the processes together used under a fifth of a CPU in it (a
+        worker that dies of a queued packet and is restarted is not settled). The checks that
+        follow are about the daemon being whole, not about how fast it drains a flood (the
+        targeted tests measure that)."""
         start = time.monotonic()
         control = self.control()
         while control is not None and time.monotonic() - start < limit:
-            procs = [control, *control.children()]
             try:
-                times = [sum(p.cpu_times()[:2]) for p in procs]
+                procs = [control, *control.children()]
+                times = sum(sum(p.cpu_times()[:2]) for p in procs)
                 time.sleep(0.5)
-                busy = sum(sum(p.cpu_times()[:2]) for p in procs) - sum(times)
+                now = [control, *control.children()]
+                busy = sum(sum(p.cpu_times()[:2]) for p in now) - times
             except psutil.Error:
-                break
-            if busy < 0.1:
+                time.sleep(0.2)  # a worker went away while we looked: look again
+                continue
+            if busy < 0.1 and {p.pid for p in now} == {p.pid for p in procs} and len(now) > workers:
                 break
         return time.monotonic() - start
 
     def health(self, phase: str, before: Snapshot) -> Health:
         problems: list[str] = []
-        settled = self.settle()
+        settled = self.settle(len(before.worker_pids))
         control = self.control()
         alive = control is not None and control.pid == before.control_pid
         if not alive:
@@ -350,12 +354,25 @@ def _rss(pid: int) -> int:
 
 
 def _drain(sock: socket.socket) -> int:
+    """Read and drop whatever waits on `sock`; the number of datagrams dropped."""
     drained = 0
-    with contextlib.suppress(BlockingIOError, InterruptedError, TimeoutError):
+    with _nonblocking(sock), contextlib.suppress(BlockingIOError, InterruptedError):
         while True:
-            sock.recv(65535, socket.MSG_DONTWAIT)
+            sock.recv(65535)
             drained += 1
     return drained
+
+
+@contextlib.contextmanager
+def _nonblocking(sock: socket.socket) -> Iterator[None]:
+    # A socket with a timeout waits up to that timeout before each recv, MSG_DONTWAIT or
+    # not (CorePeer.recvfrom gives its socket one): drop it for the block.
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        yield
+    finally:
+        sock.settimeout(timeout)
 
 
 def start_bed(
@@ -701,9 +718,9 @@ def _count_cookies(sock: socket.socket, timeout: float) -> int:
     found = 0
     if timeout > 0:
         select.select([sock], [], [], timeout)
-    with contextlib.suppress(BlockingIOError, InterruptedError, TimeoutError):
+    with _nonblocking(sock), contextlib.suppress(BlockingIOError, InterruptedError):
         while True:
-            data = sock.recv(65535, socket.MSG_DONTWAIT)
+            data = sock.recv(65535)
             if data[:1] == bytes([MESSAGE_COOKIE_REPLY]) and len(data) == 64:
                 found += 1
     return found
