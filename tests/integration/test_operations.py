@@ -305,7 +305,11 @@ def test_ctrl_c_while_starting_is_quiet(netns: Netns) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        wait_for("wgmp's imports", lambda p=proc: _in_wgmp_code(p.pid) or p.poll() is not None)
+
+        def started(p: subprocess.Popen[str] = proc) -> bool:
+            return _in_wgmp_code(p.pid) or p.poll() is not None
+
+        wait_for("wgmp's imports", started)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
