@@ -97,6 +97,9 @@ STATS_REUSE_FACTOR = 10
 # than a restart's replay of 65,535 peers and their keypairs (~5 MB); a worker that leaves
 # this much unread is treated as hung and replaced (docs/hardening.md, item 4).
 OUTBOUND_LIMIT = 32 << 20
+# How long control's own datagrams may wait for the workers' pipes to take the commands queued
+# before them (see Daemon._datagrams_wait); a handshake retry comes after 5 s.
+DATAGRAM_HOLD = 0.5
 
 
 def _forwarded_handshakes(messages: list[Message]) -> int:
@@ -167,6 +170,7 @@ class Daemon:
         # The gets of a completed round, and the reply being written for them (get_reply.py).
         self._get_waiters: list[Respond] = []
         self._get_reply: tuple[GetReply, list[Respond]] | None = None
+        self._datagrams_held_since: float | None = None
         self.tun_fds: list[int] = []
         self.control_sockets: dict[int, socket.socket] = {}
         self._open_tun(tun_fd)
@@ -279,6 +283,8 @@ class Daemon:
         wakeups = [self.interface.next_deadline(), self.uapi.next_wakeup()]
         if self._round is not None:
             wakeups.append(self._round.deadline)
+        if self._datagrams_held_since is not None:
+            wakeups.append(self._datagrams_held_since + DATAGRAM_HOLD)
         timeout = 0.25
         for at in wakeups:
             if at is not None:
@@ -392,9 +398,27 @@ class Daemon:
         # Commands first: a worker must hold a new keypair before the peer can answer the
         # response or keepalive that control is about to send.
         self._drain_commands()
+        if self._datagrams_wait(time.monotonic()):
+            return
         self._drain_datagrams()
 
+    def _datagrams_wait(self, now: float) -> bool:
+        """Whether control's datagrams (responses, keepalives) wait for now: while some
+        worker's pipe has not taken all its commands yet, a keypair announced there may still
+        be in control's queue, and the peer's first data would reach a worker that does not
+        know it (dropped; a ping is not sent again). They wait at most DATAGRAM_HOLD, so
+        that a hung worker (replaced after LIVENESS_TIMEOUT) does not silence control."""
+        if not self.interface.datagrams or not any(
+            h.channel is not None and h.channel.backlog for h in self.supervisor.workers
+        ):
+            self._datagrams_held_since = None
+            return False
+        if self._datagrams_held_since is None:
+            self._datagrams_held_since = now
+        return now - self._datagrams_held_since < DATAGRAM_HOLD
+
     def _drain_datagrams(self) -> None:
+        self._datagrams_held_since = None
         interface = self.interface
         for message, (host, port), sticky in interface.datagrams:
             family = 6 if ":" in host else 4
