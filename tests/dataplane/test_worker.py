@@ -216,3 +216,38 @@ def test_staged_packets_are_counted_and_written_to_the_stats_block(rig: Any) -> 
     rig.worker._outbound(time.monotonic())
     rig.worker._flush(time.monotonic())
     assert rig.worker.stats.staged() == 3
+
+
+class FakeReceiveSocket:
+    """Hands `_inbound` one GRO train, then would block."""
+
+    def __init__(self, data: bytes, segment: int) -> None:
+        self.trains = [(data, segment)]
+
+    def recvmsg_into(self, buffers: list[bytearray], ancsize: int) -> tuple[Any, ...]:
+        if not self.trains:
+            raise BlockingIOError
+        data, segment = self.trains.pop()
+        buffers[0][: len(data)] = data
+        gro = (socket.SOL_UDP, 104, segment.to_bytes(4, "little"))  # UDP_GRO
+        return len(data), [gro], 0, ENDPOINT
+
+
+def test_the_replay_mark_is_in_the_key_slot_before_anything_reaches_the_tun(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed right after its TUN write must leave a mark covering what it wrote
+    (issue 8 item 3: the mark used to be written only every FLUSH_INTERVAL)."""
+    slot = install(rig.worker, ROLE_CURRENT)
+    view, nbytes, size = train([5, 6, 7])
+    marks_at_write: list[int | None] = []
+    write_tun = rig.worker._write_tun
+
+    def spy() -> None:
+        marks_at_write.append(rig.worker.keyslots.received(slot))
+        write_tun()
+
+    monkeypatch.setattr(rig.worker, "_write_tun", spy)
+    rig.worker._inbound(FakeReceiveSocket(bytes(view), size), time.monotonic())
+    assert marks_at_write == [7]
+    assert len(rig.tun.recv(70000)) > VNET_HDR_LEN

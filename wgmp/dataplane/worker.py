@@ -389,8 +389,21 @@ class Worker:
                 elif (cmsg[0], cmsg[1]) in PKTINFO_KINDS:
                     source = cmsg
             self._receive_train(view, nbytes, segment, address, source, now)
+        # The replay marks reach shared memory before anything reaches the TUN: a worker
+        # killed at any point after this restarts refusing every counter it delivered.
+        self._note_received()
         if self._to_tun:
             self._write_tun()
+
+    def _note_received(self) -> None:
+        """Write the largest accepted counter of each keypair received under since the last
+        note into its key slot (one 8-byte store per keypair and batch)."""
+        received = self._received_under
+        if received:
+            write = self.keyslots.write_received
+            for slot, entry in received.items():
+                write(slot, entry[R_REPLAY].last)
+            received.clear()
 
     def _write_tun(self) -> None:
         """Write what the batch decrypted: merged into GSO super-packets when the TUN takes
@@ -668,9 +681,7 @@ class Worker:
             peer[P_SEND] = None
 
     def _flush(self, now: float) -> None:
-        for slot, entry in self._received_under.items():
-            self.keyslots.write_received(slot, entry[R_REPLAY].last)
-        self._received_under.clear()
+        self._note_received()
         reports = []
         for peer_id, peer in self.peers.items():
             if peer[P_DIRTY]:
