@@ -10,8 +10,9 @@ by `ops`. The loop itself is included in every figure; the "empty loop" row show
     python perf/bench_core.py            # about a minute
     python perf/bench_core.py --quick    # CI smoke run, well under 20 s
 
-The "worker-style" rows copy the lines of wgmp/dataplane/worker.py (`_send`, `_inbound`) that
-turn a packet into a type-4 message and back: keep them in step when the worker changes.
+The "worker-style" rows copy the lines of wgmp/dataplane/outbound.py (`_seal`) and
+inbound.py (`_receive_train`) that turn a packet into a type-4 message and back: keep them
+in step when the worker changes.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from wgmp.protocol.transport import open_transport, seal_transport  # noqa: E402
 
 MTU = 1420
 
-# -- the worker's fast-path shapes (copied from wgmp/dataplane/worker.py) ----------------------
+# -- the worker's fast-path shapes (copied from wgmp/dataplane/outbound.py, inbound.py) ---------
 
 _HEADER = struct.Struct("<IIQ")
 _TYPE_TRANSPORT_WORD = 4

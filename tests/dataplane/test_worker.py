@@ -13,6 +13,7 @@ import pytest
 
 from tests.dataplane.test_coalesce import tcp4
 from wgmp.dataplane.coalesce import VNET_HDR_LEN, VNET_HDR_NONE
+from wgmp.dataplane.records import P_ENDPOINT, P_SEND
 from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker
 from wgmp.ipc.channel import Channel, Kind
 from wgmp.ipc.keyslots import KeySlots
@@ -138,7 +139,7 @@ def test_receive_delivers_checks_replay_and_roams_with_the_source_address(rig: A
     rig.worker._write_tun()
     written = rig.tun.recv(70000)
     assert len(written) > VNET_HDR_LEN  # three segments coalesced into one write
-    assert rig.worker.peers[1][0] == ("192.0.2.9", 4000)
+    assert rig.worker.peers[1][P_ENDPOINT] == ("192.0.2.9", 4000)
     assert any(m[0] == Kind.ROAMED and m[3] == list(PKTINFO) for m in control_messages(rig.control))
     view, nbytes, size = train([1])  # a replay
     rig.worker._receive_train(view, nbytes, size, ("192.0.2.9", 4000), PKTINFO, time.monotonic())
@@ -172,10 +173,10 @@ def test_unknown_index_and_bad_tag_are_counted(rig: Any) -> None:
 
 def test_first_packet_under_next_keypair_confirms_it(rig: Any) -> None:
     slot = install(rig.worker, ROLE_NEXT)
-    assert rig.worker.peers[1][1] is None  # a responder may not send yet
+    assert rig.worker.peers[1][P_SEND] is None  # a responder may not send yet
     view, nbytes, size = train([0])
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
-    assert rig.worker.peers[1][1] is not None
+    assert rig.worker.peers[1][P_SEND] is not None
     assert [Kind.CONFIRMED, slot] in control_messages(rig.control)
 
 

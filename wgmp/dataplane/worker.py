@@ -1,91 +1,76 @@
 """A worker process: one TUN queue and one UDP socket per family, and the per-packet work.
 
-Outbound (see `_outbound`): TUN read -> allowed-IPs lookup by destination -> peer's current
-keypair -> counter from the reserved block -> pad + encrypt -> UDP send.
-Inbound (see `_inbound`): UDP read -> keypair by receiver index -> decrypt -> replay window ->
-inner source in the peer's allowed IPs -> TUN write.
+The two per-packet paths have files of their own, as wireguard-go's send.go and receive.go:
+outbound.py (TUN -> UDP: `Outbound._outbound`) and inbound.py (UDP -> TUN:
+`Inbound._inbound`); their records (peer, send state, receive entry) are in records.py. This
+file is the rest: the event loop, control's messages, keypairs arriving and leaving, and the
+periodic flush of counters and activity (docs/dataplane.md).
 
 A worker decides no protocol state: it tells control when a peer needs a handshake, when a
 `next` keypair was confirmed, where a peer roamed, and (batched every FLUSH_INTERVAL) when
-traffic flowed, which drives control's timers. The per-packet path uses plain ints, tuples and
-lists (STYLE.md habit 5); everything rare goes through `_handle_control`.
+traffic flowed, which drives control's timers. Everything rare goes through
+`_handle_control`.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import select
 import signal
 import socket
-import struct
 import sys
 import time
-from collections import deque
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from ..ipc.channel import ROLE_CURRENT, ROLE_NEXT, Channel, Kind
 from ..ipc.keyslots import KeySlots
-from ..net.udp import (
-    BATCH_SPACE,
-    PKTINFO_KINDS,
-    SOL_UDP,
-    STALE_SOURCE_ERRNOS,
-    UDP_GRO,
-    UDP_SEGMENT,
-)
+from ..net.udp import SOL_UDP, UDP_GRO
 from ..protocol.allowedips import AllowedIPs
-from ..protocol.constants import (
-    MAX_STAGED_PACKETS,
-    MESSAGE_TRANSPORT_MIN_SIZE,
-    REJECT_AFTER_MESSAGES,
-    REJECT_AFTER_TIME,
-    REKEY_AFTER_MESSAGES,
-    REKEY_AFTER_TIME,
-    REKEY_AFTER_TIME_RECEIVING,
-)
 from ..protocol.errors import DropReason
 from ..protocol.indextable import worker_of
-from ..protocol.replay import ReplayWindow
 from ..stats.block import DROP_SLOTS, StatsBlock
-from .coalesce import VNET_HDR_LEN, coalesce
+from .inbound import Inbound
+from .outbound import COUNTER_BLOCK, COUNTER_BLOCK_STALE, Outbound
+from .records import (
+    A_RECEIVED,
+    A_SENT,
+    P_ACTIVITY,
+    P_DIRTY,
+    P_ENDPOINT,
+    P_RX_BYTES,
+    P_RX_PACKETS,
+    P_SEND,
+    P_SOURCE,
+    P_STAGED,
+    P_TX_BYTES,
+    P_TX_PACKETS,
+    R_PEER,
+    R_REPLAY,
+    R_ROLE,
+    R_SEND,
+    new_activity,
+    new_peer,
+    new_receive_entry,
+    new_send_state,
+)
 
-__all__ = ["Worker", "main"]
+__all__ = [
+    "COUNTER_BLOCK",
+    "COUNTER_BLOCK_STALE",
+    "FLUSH_INTERVAL",
+    "ROLE_CURRENT",
+    "ROLE_NEXT",
+    "Worker",
+    "main",
+]
 
 log = logging.getLogger("wgmp")
 
 FLUSH_INTERVAL = 0.1  # how stale control's view of traffic (timers) and counters may be
-COUNTER_BLOCK = 256  # counters reserved per lock: one fcntl pair per 256 packets
-# A block whose start the shared counter has passed by this much is abandoned, so what we
-# send stays far inside the receiver's 8128-counter replay window.
-COUNTER_BLOCK_STALE = 1024
-BATCH = 64  # packets taken from one ready descriptor before looking at the others
-
-_HEADER = struct.Struct("<IIQ")
-_NONCE = struct.Struct("<4xQ")  # 4 zero bytes + the 64-bit little-endian counter
-_WORD = struct.Struct("<I")
-_U16 = struct.Struct("=H")
-_INT = struct.Struct("=i")
-GSO_MAX_SEGMENTS = 64  # the kernel takes up to 64 (older) or 128 segments per call
-GSO_MAX_BYTES = 65000  # one UDP datagram's payload limit, with room for headers
-GSO_RETRY_AFTER = 10.0  # after a GSO failure (e.g. MTU raised past the path's), try again later
-_TUN_GONE_ERRNOS = {errno.EBADFD, errno.EBADF}
-_TYPE_TRANSPORT_WORD = 4  # type 4 + three zero reserved bytes, as a little-endian u32
-_ZEROS = bytes(16)
-
-# Indices into a peer record (a list, for speed on the packet path).
-P_ENDPOINT, P_SEND, P_STAGED, P_RX_BYTES, P_TX_BYTES, P_RX_PACKETS, P_TX_PACKETS = range(7)
-P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY, P_SOURCE = 7, 8, 9, 10
-# Indices into a send state: [cipher, remote_index, slot, next_counter, block_end, created,
-#                             is_initiator, rekey_asked]
-S_CIPHER, S_REMOTE, S_SLOT, S_NEXT, S_END, S_CREATED, S_INITIATOR, S_REKEY_ASKED = range(8)
-# A receive entry: [cipher, peer_id, replay window, slot, role, created, is_initiator, send]
-R_CIPHER, R_PEER, R_REPLAY, R_SLOT, R_ROLE, R_CREATED, R_INITIATOR, R_SEND = range(8)
 
 
 def _sockaddr(endpoint: list[Any] | None) -> tuple[Any, ...] | None:
@@ -95,7 +80,9 @@ def _sockaddr(endpoint: list[Any] | None) -> tuple[Any, ...] | None:
     return (host, port, 0, 0) if ":" in host else (host, port)
 
 
-class Worker:
+class Worker(Outbound, Inbound):
+    """One worker's state, its loop and its handling of control's messages."""
+
     def __init__(
         self,
         worker_id: int,
@@ -175,403 +162,6 @@ class Worker:
             self._handle_control(message, now)
         return True
 
-    # -- outbound: TUN -> UDP ----------------------------------------------------------------
-
-    def _outbound(self, now: float) -> None:
-        """Drain the TUN queue into per-peer lists, seal each list, then send each peer's
-        messages in as few system calls as UDP GSO allows."""
-        read, fd, lookup = os.read, self.tun_fd, self.allowed.lookup
-        batches: dict[int, list[bytes]] = {}
-        skip = VNET_HDR_LEN if self.vnet_hdr else 0
-        last_destination: bytes | None = None
-        batch: list[bytes] = []
-        for _ in range(BATCH):
-            try:
-                packet = read(fd, 65535 + skip)
-            except BlockingIOError:
-                break
-            except OSError as err:
-                if err.errno in _TUN_GONE_ERRNOS:
-                    # The interface was deleted: control hears it from netlink and stops;
-                    # this worker has nothing left to do (and must not crash loudly).
-                    self.running = False
-                    return
-                raise
-            if skip:
-                packet = packet[skip:]  # no offloads were negotiated: the header is empty
-            version = packet[0] >> 4 if packet else 0
-            if version == 4 and len(packet) >= 20:
-                destination = packet[16:20]
-            elif version == 6 and len(packet) >= 40:
-                destination = packet[24:40]
-            else:
-                self.drops[DropReason.MALFORMED] += 1
-                continue
-            # A batch is mostly one flow: skip the lookup while the destination repeats.
-            if destination != last_destination:
-                peer_id = lookup(destination)
-                if peer_id is None:
-                    self.drops[DropReason.NO_ROUTE] += 1
-                    last_destination = None
-                    continue
-                last_destination = destination
-                batch = batches.get(peer_id)  # type: ignore[assignment]
-                if batch is None:
-                    batch = batches[peer_id] = []
-            batch.append(packet)
-        if not self.gso and now >= self._gso_retry_at:
-            self.gso = True
-        peers = self.peers
-        for peer_id, packets in batches.items():
-            peer = peers[peer_id]
-            messages = self._seal(peer, peer_id, packets, now)
-            if messages:
-                self._transmit(peer, messages)
-
-    def _seal(self, peer: list[Any], peer_id: int, packets: list[bytes], now: float) -> list[bytes]:
-        """Transport messages for `packets` (one peer's, in order); staged if there is no
-        usable keypair yet. One counter reservation and one set of checks per batch."""
-        send = peer[P_SEND]
-        count = len(packets)
-        counter = send[S_NEXT] if send is not None else 0
-        if (
-            send is None
-            or now - send[S_CREATED] >= REJECT_AFTER_TIME
-            or counter + count >= REJECT_AFTER_MESSAGES
-            or peer[P_ENDPOINT] is None
-        ):
-            for packet in packets:
-                self._stage(peer, peer_id, packet, now)
-            return []
-        slot = send[S_SLOT]
-        if (
-            counter + count > send[S_END]
-            or self.keyslots.counter(slot) - counter > COUNTER_BLOCK_STALE
-        ):
-            size = max(COUNTER_BLOCK, count)
-            counter = self.keyslots.reserve(slot, size)
-            send[S_END] = counter + size
-        send[S_NEXT] = counter + count
-        encrypt, remote, mtu = send[S_CIPHER].encrypt, send[S_REMOTE], self.mtu
-        header, nonce, zeros = _HEADER.pack, _NONCE.pack, _ZEROS
-        messages = []
-        for packet in packets:
-            pad = -len(packet) & 15
-            if pad:
-                if len(packet) + pad > mtu:
-                    pad = max(mtu - len(packet), 0)
-                packet += zeros[:pad]
-            messages.append(
-                header(_TYPE_TRANSPORT_WORD, remote, counter)
-                + encrypt(nonce(counter), packet, None)
-            )
-            counter += 1
-        activity = peer[P_ACTIVITY]
-        activity[0] = activity[1] = now
-        if not send[S_REKEY_ASKED] and (
-            counter > REKEY_AFTER_MESSAGES
-            or (send[S_INITIATOR] and now - send[S_CREATED] > REKEY_AFTER_TIME)
-        ):
-            send[S_REKEY_ASKED] = True
-            self.channel.send(Kind.REKEY_WANTED, peer_id)
-        return messages
-
-    def _transmit(self, peer: list[Any], messages: list[bytes]) -> None:
-        """Send one peer's messages in order: each run of equal-size messages (plus one
-        shorter message that may end it) goes out in one sendmsg with UDP_SEGMENT.
-
-        DESIGN.md measured ~0.13 us per datagram this way against 1.7 us per sendto.
-        """
-        endpoint = peer[P_ENDPOINT]
-        sock = self.sockets.get(6 if len(endpoint) == 4 else 4)
-        if sock is None:  # an IPv6 endpoint on a host without IPv6 (or the reverse)
-            self.drops[DropReason.NO_ROUTE] += len(messages)
-            return
-        # Replies leave from the address the peer contacted (wireguard-go's sticky sockets):
-        # the IP_PKTINFO / IPV6_PKTINFO of its last packet, sent back as it came.
-        source = peer[P_SOURCE]
-        sticky = [source] if source is not None else []
-        total = sent = 0
-        count = len(messages)
-        i = 0
-        while i < count:
-            size = len(messages[i])
-            limit = min(count, i + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
-            j = i + 1
-            while j < limit and len(messages[j]) == size:
-                j += 1
-            if j < limit and len(messages[j]) < size:
-                j += 1
-            try:
-                if j - i == 1 or not self.gso:
-                    for message in messages[i:j]:
-                        sock.sendmsg([message], sticky, 0, endpoint)
-                else:
-                    sock.sendmsg(
-                        [b"".join(messages[i:j])],
-                        [(SOL_UDP, UDP_SEGMENT, _U16.pack(size)), *sticky],
-                        0,
-                        endpoint,
-                    )
-            except OSError as err:
-                if sticky and err.errno in STALE_SOURCE_ERRNOS:
-                    # The address we answered from is gone: let routing choose (as wireguard-go).
-                    peer[P_SOURCE] = source = None
-                    sticky = []
-                    continue
-                if (
-                    j - i > 1
-                    and self.gso
-                    and err.errno in (errno.EINVAL, errno.EIO, errno.EMSGSIZE)
-                ):
-                    # Segments larger than the path's MTU, or no GSO here: one by one.
-                    log.info(
-                        "UDP GSO failed (%s, %d x %d bytes): one by one for a while",
-                        err,
-                        j - i,
-                        size,
-                    )
-                    self.gso = False
-                    self._gso_retry_at = time.monotonic() + GSO_RETRY_AFTER
-                    continue
-                self.drops[DropReason.NO_ROUTE] += j - i
-                i = j
-                continue
-            total += sum(len(m) for m in messages[i:j])
-            sent += j - i
-            i = j
-        peer[P_TX_BYTES] += total
-        peer[P_TX_PACKETS] += sent
-        peer[P_DIRTY] = True
-        self.totals[2] += sent
-        self.totals[3] += total
-
-    def _stage(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
-        staged: deque[bytes] = peer[P_STAGED]
-        self.staged += 1
-        if len(staged) >= MAX_STAGED_PACKETS:
-            staged.popleft()
-            self.drops[DropReason.STAGED_QUEUE_FULL] += 1
-        staged.append(packet)
-        # Control dedups handshakes itself; this only keeps the pipe quiet under a burst.
-        if now - peer[P_HANDSHAKE_ASKED] > 0.05:
-            peer[P_HANDSHAKE_ASKED] = now
-            self.channel.send(Kind.NEED_HANDSHAKE, peer_id)
-
-    def _flush_staged(self, peer: list[Any], peer_id: int, now: float) -> None:
-        staged: deque[bytes] = peer[P_STAGED]
-        if not staged or peer[P_SEND] is None or peer[P_ENDPOINT] is None:
-            return
-        packets = list(staged)
-        staged.clear()
-        messages = self._seal(peer, peer_id, packets, now)
-        if messages:
-            self._transmit(peer, messages)
-
-    # -- inbound: UDP -> TUN -----------------------------------------------------------------
-
-    def _inbound(self, sock: socket.socket, now: float) -> None:
-        """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
-        from one source, handled in place in the receive buffer."""
-        buffer, view = self._rx_buffer, self._rx_view
-        for _ in range(BATCH):
-            try:
-                nbytes, ancillary, _, address = sock.recvmsg_into([buffer], BATCH_SPACE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                continue
-            segment = nbytes
-            source = None
-            for cmsg in ancillary:
-                if cmsg[0] == SOL_UDP and cmsg[1] == UDP_GRO:
-                    segment = _INT.unpack_from(cmsg[2])[0] or nbytes
-                elif (cmsg[0], cmsg[1]) in PKTINFO_KINDS:
-                    source = cmsg
-            self._receive_train(view, nbytes, segment, address, source, now)
-        # The replay marks reach shared memory before anything reaches the TUN: a worker
-        # killed at any point after this restarts refusing every counter it delivered.
-        self._note_received()
-        if self._to_tun:
-            self._write_tun()
-
-    def _note_received(self) -> None:
-        """Write the largest accepted counter of each keypair received under since the last
-        note into its key slot (one 8-byte store per keypair and batch)."""
-        received = self._received_under
-        if received:
-            write = self.keyslots.write_received
-            for slot, entry in received.items():
-                write(slot, entry[R_REPLAY].last)
-            received.clear()
-
-    def _write_tun(self) -> None:
-        """Write what the batch decrypted: merged into GSO super-packets when the TUN takes
-        virtio headers (see coalesce.py for the measurement), else one write each."""
-        packets, self._to_tun = self._to_tun, []
-        buffers = coalesce(packets) if self.vnet_hdr else packets
-        write, fd = os.write, self.tun_fd
-        for buffer in buffers:
-            try:
-                write(fd, buffer)
-            except OSError as err:
-                if err.errno in _TUN_GONE_ERRNOS:
-                    self.running = False
-                    return
-                self.drops[DropReason.NO_ROUTE] += 1
-
-    def _receive_train(
-        self,
-        view: memoryview,
-        nbytes: int,
-        segment: int,
-        address: tuple[Any, ...],
-        source: tuple[int, int, bytes] | None,
-        now: float,
-    ) -> None:
-        """Datagrams from one source, nearly always under one keypair: the per-keypair work
-        (lookup, expiry, confirmation, roaming, counters, timers) is done once per run of equal
-        receiver indices, and the source check is cached while the inner source repeats."""
-        unpack, drops, by_index = _HEADER.unpack_from, self.drops, self.by_index
-        to_tun, lookup, nonce = self._to_tun, self.allowed.lookup, _NONCE.pack
-        entry: list[Any] | None = None
-        index = -1
-        run_bytes = run_packets = 0
-        decrypt = accept = None
-        peer_id = 0
-        last_source = b""
-        source_ok = False
-        received_data = False
-        for offset in range(0, nbytes, segment):
-            end = offset + segment if offset + segment < nbytes else nbytes
-            if end - offset < MESSAGE_TRANSPORT_MIN_SIZE:
-                self._not_transport(view[offset:end], address)
-                continue
-            word, this_index, counter = unpack(view, offset)
-            if word != _TYPE_TRANSPORT_WORD:
-                self._not_transport(view[offset:end], address)
-                continue
-            if this_index != index:
-                if run_packets:
-                    self._received(
-                        entry, run_bytes, run_packets, received_data, address, source, now
-                    )  # type: ignore[arg-type]
-                    run_bytes = run_packets = 0
-                    received_data = False
-                index = this_index
-                entry = by_index.get(index)
-                if entry is None and worker_of(index) == self.worker_id:
-                    # Ours, but perhaps announced in a message not read yet: read the pipe.
-                    self._read_channel(now)
-                    entry = by_index.get(index)
-                expired = entry is not None and now - entry[R_CREATED] >= REJECT_AFTER_TIME
-                if expired:
-                    entry = None
-                if entry is not None:
-                    decrypt, accept, peer_id = (
-                        entry[R_CIPHER].decrypt,
-                        entry[R_REPLAY].accept,
-                        entry[R_PEER],
-                    )
-            if entry is None:
-                drops[DropReason.KEY_EXPIRED if expired else DropReason.UNKNOWN_RECEIVER_INDEX] += 1
-                continue
-            try:
-                plaintext = decrypt(nonce(counter), view[offset + 16 : end], None)  # type: ignore[misc]
-            except InvalidTag:
-                drops[DropReason.DECRYPTION_FAILED] += 1
-                continue
-            if not accept(counter):  # type: ignore[misc]
-                drops[DropReason.REPLAY] += 1
-                continue
-            if entry[R_ROLE] == ROLE_NEXT:
-                self._confirm(entry, self.peers[peer_id], peer_id, now)
-            run_bytes += end - offset
-            run_packets += 1
-            if not plaintext:
-                continue  # keepalive
-            version = plaintext[0] >> 4
-            if version == 4 and len(plaintext) >= 20:
-                length = (plaintext[2] << 8) | plaintext[3]
-                inner_source = plaintext[12:16]
-            elif version == 6 and len(plaintext) >= 40:
-                length = 40 + ((plaintext[4] << 8) | plaintext[5])
-                inner_source = plaintext[8:24]
-            else:
-                drops[DropReason.MALFORMED] += 1
-                continue
-            if length > len(plaintext):
-                drops[DropReason.MALFORMED] += 1
-                continue
-            if inner_source != last_source:
-                last_source = inner_source
-                source_ok = lookup(inner_source) == peer_id
-            if not source_ok:
-                drops[DropReason.SOURCE_NOT_ALLOWED] += 1
-                continue
-            to_tun.append(plaintext if length == len(plaintext) else plaintext[:length])
-            received_data = True
-        if run_packets:
-            self._received(entry, run_bytes, run_packets, received_data, address, source, now)  # type: ignore[arg-type]
-
-    def _not_transport(self, data: memoryview, address: tuple[Any, ...]) -> None:
-        if len(data) and data[0] in (1, 2, 3):
-            # The steering program sends handshakes to control; this is a fallback.
-            self.channel.send(Kind.HANDSHAKE_PACKET, bytes(data), list(address[:2]), None)
-        else:
-            self.drops[DropReason.MALFORMED] += 1
-
-    def _received(
-        self,
-        entry: list[Any],
-        nbytes: int,
-        packets: int,
-        data: bool,
-        address: tuple[Any, ...],
-        source: tuple[int, int, bytes] | None,
-        now: float,
-    ) -> None:
-        """Bookkeeping for a run of authenticated messages under one keypair."""
-        peer_id = entry[R_PEER]
-        peer = self.peers[peer_id]
-        endpoint = peer[P_ENDPOINT]
-        if (
-            endpoint is None
-            or endpoint[0] != address[0]
-            or endpoint[1] != address[1]
-            or peer[P_SOURCE] != source
-        ):
-            # Roaming: follow the source of every authenticated packet (and our address it
-            # was sent to), and tell control so its handshakes and keepalives follow too.
-            peer[P_ENDPOINT] = address
-            peer[P_SOURCE] = source
-            self.channel.send(
-                Kind.ROAMED, peer_id, list(address[:2]), list(source) if source else None
-            )
-        peer[P_RX_BYTES] += nbytes
-        peer[P_RX_PACKETS] += packets
-        peer[P_DIRTY] = True
-        activity = peer[P_ACTIVITY]
-        activity[2] = now
-        if data:
-            activity[3] = now
-        totals = self.totals
-        totals[0] += packets
-        totals[1] += nbytes
-        self._received_under[entry[R_SLOT]] = entry
-        if entry[R_INITIATOR] and entry[R_ROLE] == ROLE_CURRENT:
-            send = entry[R_SEND]
-            if not send[S_REKEY_ASKED] and now - entry[R_CREATED] > REKEY_AFTER_TIME_RECEIVING:
-                send[S_REKEY_ASKED] = True
-                self.channel.send(Kind.REKEY_WANTED, peer_id)
-
-    def _confirm(self, entry: list[Any], peer: list[Any], peer_id: int, now: float) -> None:
-        """First packet under a `next` keypair: the initiator has it, so we may send with it."""
-        entry[R_ROLE] = ROLE_CURRENT
-        peer[P_SEND] = entry[R_SEND]
-        self.channel.send(Kind.CONFIRMED, entry[R_SLOT])
-        self._flush_staged(peer, peer_id, now)
-
     # -- control messages --------------------------------------------------------------------
 
     def _handle_control(self, message: list[Any], now: float) -> None:
@@ -610,8 +200,7 @@ class Worker:
     ) -> None:
         peer = self.peers.get(peer_id)
         if peer is None:
-            peer = [None, None, deque(), 0, 0, 0, 0, [0.0, 0.0, 0.0, 0.0], -1.0, False, None]
-            self.peers[peer_id] = peer
+            peer = self.peers[peer_id] = new_peer()
         if endpoint is not None:
             peer[P_ENDPOINT] = _sockaddr(endpoint)
         if prefixes is not None:
@@ -630,26 +219,14 @@ class Worker:
         peer = self.peers.get(info.peer_id)
         if peer is None:
             return
-        send = [
-            ChaCha20Poly1305(info.send_key),
-            info.remote_index,
-            slot,
-            0,
-            0,  # an empty block: the first packet reserves one
-            info.created,
+        send = new_send_state(
+            ChaCha20Poly1305(info.send_key), info.remote_index, slot, info.created,
             info.is_initiator,
-            False,
-        ]
-        entry = [
-            ChaCha20Poly1305(info.receive_key),
-            info.peer_id,
-            ReplayWindow(),
-            slot,
-            role,
-            info.created,
-            info.is_initiator,
-            send,
-        ]
+        )  # fmt: skip
+        entry = new_receive_entry(
+            ChaCha20Poly1305(info.receive_key), info.peer_id, slot, role, info.created,
+            info.is_initiator, send,
+        )  # fmt: skip
         old = self.by_slot.get(slot)
         if old is not None:  # a role change of a keypair we already have: keep its window
             old[R_ROLE] = role
@@ -691,9 +268,9 @@ class Worker:
                     (peer[P_RX_BYTES], peer[P_TX_BYTES], peer[P_RX_PACKETS], peer[P_TX_PACKETS]),
                 )
             activity = peer[P_ACTIVITY]
-            if activity[0] or activity[2]:
+            if activity[A_SENT] or activity[A_RECEIVED]:
                 reports.append([peer_id, *activity])
-                peer[P_ACTIVITY] = [0.0, 0.0, 0.0, 0.0]
+                peer[P_ACTIVITY] = new_activity()
         self.stats.write_totals(tuple(self.totals), self.drops, self.staged)  # type: ignore[arg-type]
         if reports:
             self.channel.send(Kind.ACTIVITY, reports)

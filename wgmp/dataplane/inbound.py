@@ -1,0 +1,282 @@
+"""The inbound path (wireguard-go's receive.go): UDP read -> keypair by receiver index ->
+decrypt -> replay window -> inner source in the peer's allowed IPs -> TUN write.
+
+With UDP_GRO one recvmsg returns a train of equal-size datagrams from one source, handled in
+place in the receive buffer; the per-keypair work is done once per run of equal receiver
+indices. Before anything of a batch reaches the TUN, the largest accepted counter of each
+keypair is in its key slot (`_note_received`), so a worker killed at any point restarts
+refusing every counter it delivered (docs/dataplane.md, replay marks).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+
+from ..ipc.channel import ROLE_CURRENT, ROLE_NEXT, Channel, Kind
+from ..ipc.keyslots import KeySlots
+from ..net.udp import BATCH_SPACE, PKTINFO_KINDS, SOL_UDP, UDP_GRO
+from ..protocol.allowedips import AllowedIPs
+from ..protocol.constants import (
+    MESSAGE_TRANSPORT_MIN_SIZE,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_TIME_RECEIVING,
+)
+from ..protocol.errors import DropReason
+from ..protocol.indextable import worker_of
+from .coalesce import coalesce
+from .outbound import BATCH, TUN_GONE_ERRNOS
+from .records import (
+    A_DATA_RECEIVED,
+    A_RECEIVED,
+    P_ACTIVITY,
+    P_DIRTY,
+    P_ENDPOINT,
+    P_RX_BYTES,
+    P_RX_PACKETS,
+    P_SEND,
+    P_SOURCE,
+    R_CIPHER,
+    R_CREATED,
+    R_INITIATOR,
+    R_PEER,
+    R_REPLAY,
+    R_ROLE,
+    R_SEND,
+    R_SLOT,
+    S_REKEY_ASKED,
+)
+from .wire import HEADER, NONCE, TYPE_TRANSPORT_WORD
+
+__all__ = ["Inbound"]
+
+_INT = struct.Struct("=i")
+
+
+class Inbound:
+    """The receive path of a Worker (which holds the state declared here)."""
+
+    worker_id: int
+    tun_fd: int
+    vnet_hdr: bool
+    channel: Channel
+    keyslots: KeySlots
+    allowed: AllowedIPs
+    peers: dict[int, list[Any]]
+    by_index: dict[int, list[Any]]
+    drops: list[int]
+    totals: list[int]
+    running: bool
+    _to_tun: list[bytes]
+    _received_under: dict[int, list[Any]]
+    _rx_buffer: bytearray
+    _rx_view: memoryview
+    _read_channel: Callable[[float], bool]
+    _flush_staged: Callable[[list[Any], int, float], None]
+
+    def _inbound(self, sock: socket.socket, now: float) -> None:
+        """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
+        from one source, handled in place in the receive buffer."""
+        buffer, view = self._rx_buffer, self._rx_view
+        for _ in range(BATCH):
+            try:
+                nbytes, ancillary, _, address = sock.recvmsg_into([buffer], BATCH_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue
+            segment = nbytes
+            source = None
+            for cmsg in ancillary:
+                if cmsg[0] == SOL_UDP and cmsg[1] == UDP_GRO:
+                    segment = _INT.unpack_from(cmsg[2])[0] or nbytes
+                elif (cmsg[0], cmsg[1]) in PKTINFO_KINDS:
+                    source = cmsg
+            self._receive_train(view, nbytes, segment, address, source, now)
+        # The replay marks reach shared memory before anything reaches the TUN: a worker
+        # killed at any point after this restarts refusing every counter it delivered.
+        self._note_received()
+        if self._to_tun:
+            self._write_tun()
+
+    def _note_received(self) -> None:
+        """Write the largest accepted counter of each keypair received under since the last
+        note into its key slot (one 8-byte store per keypair and batch)."""
+        received = self._received_under
+        if received:
+            write = self.keyslots.write_received
+            for slot, entry in received.items():
+                write(slot, entry[R_REPLAY].last)
+            received.clear()
+
+    def _write_tun(self) -> None:
+        """Write what the batch decrypted: merged into GSO super-packets when the TUN takes
+        virtio headers (see coalesce.py for the measurement), else one write each."""
+        packets, self._to_tun = self._to_tun, []
+        buffers = coalesce(packets) if self.vnet_hdr else packets
+        write, fd = os.write, self.tun_fd
+        for buffer in buffers:
+            try:
+                write(fd, buffer)
+            except OSError as err:
+                if err.errno in TUN_GONE_ERRNOS:
+                    self.running = False
+                    return
+                self.drops[DropReason.NO_ROUTE] += 1
+
+    def _receive_train(
+        self,
+        view: memoryview,
+        nbytes: int,
+        segment: int,
+        address: tuple[Any, ...],
+        source: tuple[int, int, bytes] | None,
+        now: float,
+    ) -> None:
+        """Datagrams from one source, nearly always under one keypair: the per-keypair work
+        (lookup, expiry, confirmation, roaming, counters, timers) is done once per run of equal
+        receiver indices, and the source check is cached while the inner source repeats."""
+        unpack, drops, by_index = HEADER.unpack_from, self.drops, self.by_index
+        to_tun, lookup, nonce = self._to_tun, self.allowed.lookup, NONCE.pack
+        entry: list[Any] | None = None
+        index = -1
+        run_bytes = run_packets = 0
+        decrypt = accept = None
+        peer_id = 0
+        last_source = b""
+        source_ok = False
+        received_data = False
+        for offset in range(0, nbytes, segment):
+            end = offset + segment if offset + segment < nbytes else nbytes
+            if end - offset < MESSAGE_TRANSPORT_MIN_SIZE:
+                self._not_transport(view[offset:end], address)
+                continue
+            word, this_index, counter = unpack(view, offset)
+            if word != TYPE_TRANSPORT_WORD:
+                self._not_transport(view[offset:end], address)
+                continue
+            if this_index != index:
+                if run_packets:
+                    self._received(
+                        entry, run_bytes, run_packets, received_data, address, source, now
+                    )  # type: ignore[arg-type]
+                    run_bytes = run_packets = 0
+                    received_data = False
+                index = this_index
+                entry = by_index.get(index)
+                if entry is None and worker_of(index) == self.worker_id:
+                    # Ours, but perhaps announced in a message not read yet: read the pipe.
+                    self._read_channel(now)
+                    entry = by_index.get(index)
+                expired = entry is not None and now - entry[R_CREATED] >= REJECT_AFTER_TIME
+                if expired:
+                    entry = None
+                if entry is not None:
+                    decrypt, accept, peer_id = (
+                        entry[R_CIPHER].decrypt,
+                        entry[R_REPLAY].accept,
+                        entry[R_PEER],
+                    )
+            if entry is None:
+                drops[DropReason.KEY_EXPIRED if expired else DropReason.UNKNOWN_RECEIVER_INDEX] += 1
+                continue
+            try:
+                plaintext = decrypt(nonce(counter), view[offset + 16 : end], None)  # type: ignore[misc]
+            except InvalidTag:
+                drops[DropReason.DECRYPTION_FAILED] += 1
+                continue
+            if not accept(counter):  # type: ignore[misc]
+                drops[DropReason.REPLAY] += 1
+                continue
+            if entry[R_ROLE] == ROLE_NEXT:
+                self._confirm(entry, self.peers[peer_id], peer_id, now)
+            run_bytes += end - offset
+            run_packets += 1
+            if not plaintext:
+                continue  # keepalive
+            version = plaintext[0] >> 4
+            if version == 4 and len(plaintext) >= 20:
+                length = (plaintext[2] << 8) | plaintext[3]
+                inner_source = plaintext[12:16]
+            elif version == 6 and len(plaintext) >= 40:
+                length = 40 + ((plaintext[4] << 8) | plaintext[5])
+                inner_source = plaintext[8:24]
+            else:
+                drops[DropReason.MALFORMED] += 1
+                continue
+            if length > len(plaintext):
+                drops[DropReason.MALFORMED] += 1
+                continue
+            if inner_source != last_source:
+                last_source = inner_source
+                source_ok = lookup(inner_source) == peer_id
+            if not source_ok:
+                drops[DropReason.SOURCE_NOT_ALLOWED] += 1
+                continue
+            to_tun.append(plaintext if length == len(plaintext) else plaintext[:length])
+            received_data = True
+        if run_packets:
+            self._received(entry, run_bytes, run_packets, received_data, address, source, now)  # type: ignore[arg-type]
+
+    def _not_transport(self, data: memoryview, address: tuple[Any, ...]) -> None:
+        if len(data) and data[0] in (1, 2, 3):
+            # The steering program sends handshakes to control; this is a fallback.
+            self.channel.send(Kind.HANDSHAKE_PACKET, bytes(data), list(address[:2]), None)
+        else:
+            self.drops[DropReason.MALFORMED] += 1
+
+    def _received(
+        self,
+        entry: list[Any],
+        nbytes: int,
+        packets: int,
+        data: bool,
+        address: tuple[Any, ...],
+        source: tuple[int, int, bytes] | None,
+        now: float,
+    ) -> None:
+        """Bookkeeping for a run of authenticated messages under one keypair."""
+        peer_id = entry[R_PEER]
+        peer = self.peers[peer_id]
+        endpoint = peer[P_ENDPOINT]
+        if (
+            endpoint is None
+            or endpoint[0] != address[0]
+            or endpoint[1] != address[1]
+            or peer[P_SOURCE] != source
+        ):
+            # Roaming: follow the source of every authenticated packet (and our address it
+            # was sent to), and tell control so its handshakes and keepalives follow too.
+            peer[P_ENDPOINT] = address
+            peer[P_SOURCE] = source
+            self.channel.send(
+                Kind.ROAMED, peer_id, list(address[:2]), list(source) if source else None
+            )
+        peer[P_RX_BYTES] += nbytes
+        peer[P_RX_PACKETS] += packets
+        peer[P_DIRTY] = True
+        activity = peer[P_ACTIVITY]
+        activity[A_RECEIVED] = now
+        if data:
+            activity[A_DATA_RECEIVED] = now
+        totals = self.totals
+        totals[0] += packets
+        totals[1] += nbytes
+        self._received_under[entry[R_SLOT]] = entry
+        if entry[R_INITIATOR] and entry[R_ROLE] == ROLE_CURRENT:
+            send = entry[R_SEND]
+            if not send[S_REKEY_ASKED] and now - entry[R_CREATED] > REKEY_AFTER_TIME_RECEIVING:
+                send[S_REKEY_ASKED] = True
+                self.channel.send(Kind.REKEY_WANTED, peer_id)
+
+    def _confirm(self, entry: list[Any], peer: list[Any], peer_id: int, now: float) -> None:
+        """First packet under a `next` keypair: the initiator has it, so we may send with it."""
+        entry[R_ROLE] = ROLE_CURRENT
+        peer[P_SEND] = entry[R_SEND]
+        self.channel.send(Kind.CONFIRMED, entry[R_SLOT])
+        self._flush_staged(peer, peer_id, now)
