@@ -13,6 +13,7 @@ import pytest
 
 from tests.dataplane.test_coalesce import tcp4
 from wgmp.dataplane.coalesce import VNET_HDR_LEN, VNET_HDR_NONE
+from wgmp.dataplane.inbound import HOLD_MAX
 from wgmp.dataplane.records import P_ENDPOINT, P_SEND
 from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker
 from wgmp.ipc.channel import Channel, Kind
@@ -203,12 +204,48 @@ def test_a_restarted_worker_refuses_replays_of_what_its_predecessor_received(rig
     assert len(successor._to_tun) == 1  # only counter 4
 
 
-def test_only_the_owner_holds_a_receive_window_for_an_index(rig: Any) -> None:
-    install(rig.worker, ROLE_CURRENT, local_index=0x0701)  # owned by worker 1
-    assert 0x0701 not in rig.worker.by_index
-    view, nbytes, size = train([0], index=0x0701)
+def test_with_two_workers_each_judges_only_its_own_counter_blocks(rig: Any) -> None:
+    """Steering gives worker w the blocks of 256 counters whose number is w mod 2; a counter
+    of another block (a crafted or coalesced train) is dropped, never judged twice."""
+    rig.worker.workers = 2
+    rig.worker.keyslots = KeySlots.create(8, workers=2)
+    slot = install(rig.worker, ROLE_CURRENT, local_index=0x0701)  # any index: all receive
+    view, nbytes, size = train([0, 255, 256, 511], index=0x0701)
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
-    assert rig.worker.drops[DropReason.UNKNOWN_RECEIVER_INDEX] == 1
+    assert rig.worker.drops[DropReason.MISSTEERED] == 2
+    assert len(rig.worker._to_tun) == 2  # 0 and 255
+    rig.worker._deliver(time.monotonic())
+    assert rig.worker.keyslots.received(slot, 0) == 255
+    assert rig.worker.keyslots.delivered(slot, 0) == 255
+
+
+def test_a_block_waits_for_the_previous_blocks_worker_to_deliver(rig: Any) -> None:
+    """Worker 0 of 2 holds block 2 (counters 512..767) back until worker 1 has delivered
+    block 1 up to its last counter 511, so the TUN sees the peer's packets in order; and
+    gives up waiting after HOLD_MAX (a lost counter)."""
+    rig.worker.workers = 2
+    keyslots = rig.worker.keyslots = KeySlots.create(8, workers=2)
+    slot = install(rig.worker, ROLE_CURRENT)
+    now = time.monotonic()
+    view, nbytes, size = train([512, 513])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    rig.worker._deliver(now)
+    assert rig.worker._to_tun == [] and slot in rig.worker._held
+    assert keyslots.received(slot, 0) == 513 and keyslots.delivered(slot, 0) == 511
+    keyslots.write_delivered(slot, 500, 1)  # not yet the end of block 1
+    rig.worker._deliver(now)
+    assert slot in rig.worker._held
+    keyslots.write_delivered(slot, 511, 1)
+    rig.worker._deliver(now)
+    assert slot not in rig.worker._held and keyslots.delivered(slot, 0) == 513
+    assert len(rig.tun.recv(70000)) > VNET_HDR_LEN
+    # Block 4: its predecessor (block 3, worker 1) never comes; HOLD_MAX later it goes out.
+    view, nbytes, size = train([1024])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    rig.worker._deliver(now)
+    assert slot in rig.worker._held
+    rig.worker._deliver(now + HOLD_MAX)
+    assert slot not in rig.worker._held and rig.worker.hold_timeouts == 1
 
 
 def test_staged_packets_are_counted_and_written_to_the_stats_block(rig: Any) -> None:
@@ -252,3 +289,57 @@ def test_the_replay_mark_is_in_the_key_slot_before_anything_reaches_the_tun(
     rig.worker._inbound(FakeReceiveSocket(bytes(view), size), time.monotonic())
     assert marks_at_write == [7]
     assert len(rig.tun.recv(70000)) > VNET_HDR_LEN
+
+
+def test_a_batch_fills_its_counter_block_and_no_train_crosses_a_block(rig: Any) -> None:
+    """The sender uses a block to its end and sends each block's part in its own train: the
+    receiver steers a train by its first datagram to the worker of that block."""
+    install(rig.worker, ROLE_CURRENT)
+    for n in range(250):
+        rig.tun.send(VNET_HDR_NONE + _outbound(n))
+    for _ in range(4):
+        rig.worker._outbound(time.monotonic())
+    rig.fake.sent.clear()
+    for n in range(10):
+        rig.tun.send(VNET_HDR_NONE + _outbound(n))
+    rig.worker._outbound(time.monotonic())
+    trains = []
+    for buffers, ancillary, _ in rig.fake.sent:
+        data = buffers[0]
+        size = int.from_bytes(ancillary[0][2], "little") if ancillary else len(data)
+        trains.append(
+            [open_transport(SEND_KEY, data[i : i + size])[1] for i in range(0, len(data), size)]
+        )
+    assert trains == [list(range(250, 256)), list(range(256, 260))]
+
+
+def test_datagrams_of_another_workers_block_are_handed_to_it(rig: Any) -> None:
+    """A train that crosses a block boundary (UDP GRO coalesced it, or a sender sent it so)
+    is split: worker 0 judges counters 254-255 and hands 256-257 to worker 1, which judges
+    and delivers them after worker 0 delivered block 0's end."""
+    keyslots = KeySlots.create(8, workers=2)
+    inbox, outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    first = rig.worker
+    first.workers, first.keyslots, first.handoff_out = 2, keyslots, [None, outbox]
+    other_control, other_end = socket.socketpair()
+    second = Worker(
+        1, first.tun_fd, {4: FakeSocket()}, Channel(other_end), keyslots, StatsBlock.create(),  # type: ignore[dict-item]
+        vnet_hdr=True, workers=2,
+    )  # fmt: skip
+    second.handoff_in = inbox
+    inbox.setblocking(False)
+    second._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
+    slot = install(first, ROLE_CURRENT)
+    second._install(slot, ROLE_CURRENT, time.monotonic())
+    view, nbytes, size = train([254, 255, 256, 257])
+    first._receive_train(view, nbytes, size, ENDPOINT, PKTINFO, time.monotonic())
+    first._deliver(time.monotonic())
+    assert first.drops[DropReason.MISSTEERED] == 0
+    assert keyslots.delivered(slot, 0) == 255
+    second._inbound_handoff(time.monotonic())
+    assert keyslots.received(slot, 1) == 257 and keyslots.delivered(slot, 1) == 257
+    assert second.drops[DropReason.REPLAY] == second.drops[DropReason.MISSTEERED] == 0
+    written = [rig.tun.recv(70000), rig.tun.recv(70000)]  # one coalesced write each
+    assert all(len(w) > VNET_HDR_LEN for w in written)
+    for s in (inbox, outbox, other_control, other_end):
+        s.close()

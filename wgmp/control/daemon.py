@@ -86,9 +86,11 @@ class Daemon:
         self.log_level = log_level
         self.running = False
         self.selector = selectors.DefaultSelector()
-        self.keyslots = KeySlots.create(KEYSLOT_CAPACITY)
+        self.keyslots = KeySlots.create(KEYSLOT_CAPACITY, workers)
         self.interface = Interface(self.keyslots, _SystemRng(), workers=workers)  # type: ignore[arg-type]
-        self.supervisor = Supervisor(self.keyslots.shm.fd, log_level, vnet_hdr=TUN_VNET_HDR)
+        self.supervisor = Supervisor(
+            self.keyslots.shm.fd, log_level, vnet_hdr=TUN_VNET_HDR, worker_count=workers
+        )
         self.pending_release: dict[int, set[int]] = {}
         self.flush_token = 0
         self.tun_fds: list[int] = []
@@ -144,7 +146,7 @@ class Daemon:
                     sockets[family] = udp.open_udp(af, port, **options)
             group.append(sockets)
         for sock in group[0].values():
-            attach_steering(sock)
+            attach_steering(sock, self.worker_count)
         self.control_sockets = group[0]
         self.interface.listen_port = port
         if not self.supervisor.workers:

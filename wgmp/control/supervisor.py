@@ -5,6 +5,11 @@ control holds for it: its TUN queue, its UDP sockets, its end of the pipe and th
 memory. Control keeps its own copies open, so a worker's death loses neither the TUN queue nor
 the socket's place in the reuseport group (nor the datagrams queued on it); the replacement
 takes over the same descriptors and gets the configuration and keys replayed to it.
+
+With several workers, each also gets the read end of its own hand-off socket (a datagram
+socketpair) and the write ends of the others': a worker that finds, in a train the kernel
+coalesced, datagrams of another worker's counter blocks passes them on there
+(inbound.py, docs/dataplane.md).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ __all__ = ["WorkerHandle", "Supervisor"]
 
 log = logging.getLogger("wgmp")
 RESTART_BACKOFF = 0.2  # a worker that keeps dying is restarted at most this often
+HANDOFF_BUFFER = 4 << 20  # bytes of hand-off datagrams that may wait for a busy worker
 
 
 @dataclass(eq=False)
@@ -41,8 +47,20 @@ class WorkerHandle:
 
 
 class Supervisor:
-    def __init__(self, keyslots_fd: int, log_level: str, *, vnet_hdr: bool) -> None:
+    def __init__(
+        self, keyslots_fd: int, log_level: str, *, vnet_hdr: bool, worker_count: int = 1
+    ) -> None:
         self.keyslots_fd = keyslots_fd
+        self.worker_count = worker_count
+        # handoff[w] = (worker w's read end, everyone else's write end); kept open for life.
+        self.handoff: list[tuple[socket.socket, socket.socket]] = []
+        if worker_count > 1:
+            for _ in range(worker_count):
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                for sock in (ours, theirs):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HANDOFF_BUFFER)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, HANDOFF_BUFFER)
+                self.handoff.append((ours, theirs))
         self.vnet_hdr = vnet_hdr
         self.log_level = log_level
         self.workers: list[WorkerHandle] = []
@@ -58,6 +76,8 @@ class Supervisor:
             "wgmp.dataplane.worker",
             "--id",
             str(handle.worker_id),
+            "--workers",
+            str(self.worker_count),
             "--tun",
             str(handle.tun_fd),
             "--channel",
@@ -69,6 +89,15 @@ class Supervisor:
         ]
         if self.vnet_hdr:
             args.append("--vnet-hdr")
+        if self.handoff:
+            inbox = self.handoff[handle.worker_id][0].fileno()
+            outboxes = [
+                -1 if worker == handle.worker_id else pair[1].fileno()
+                for worker, pair in enumerate(self.handoff)
+            ]
+            # One word: a list that starts with -1 would read as an option otherwise.
+            args += ["--handoff-in", str(inbox), "--handoff-out=" + ",".join(map(str, outboxes))]
+            fds += [inbox, *(fd for fd in outboxes if fd >= 0)]
         for family, sock in ((4, sock4), (6, sock6)):
             if sock is not None:
                 args += [f"--udp{family}", str(sock.fileno())]

@@ -16,10 +16,12 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 from cryptography.exceptions import InvalidTag
 
 from ..ipc.channel import ROLE_CURRENT, ROLE_NEXT, Channel, Kind
 from ..ipc.keyslots import KeySlots
+from ..net.steering import COUNTER_BLOCK_BITS
 from ..net.udp import BATCH_SPACE, PKTINFO_KINDS, SOL_UDP, UDP_GRO
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
@@ -28,7 +30,6 @@ from ..protocol.constants import (
     REKEY_AFTER_TIME_RECEIVING,
 )
 from ..protocol.errors import DropReason
-from ..protocol.indextable import worker_of
 from .coalesce import coalesce
 from .outbound import BATCH, TUN_GONE_ERRNOS
 from .records import (
@@ -41,8 +42,11 @@ from .records import (
     P_RX_PACKETS,
     P_SEND,
     P_SOURCE,
+    R_BLOCK,
     R_CIPHER,
     R_CREATED,
+    R_HELD,
+    R_HOLD,
     R_INITIATOR,
     R_PEER,
     R_REPLAY,
@@ -53,15 +57,22 @@ from .records import (
 )
 from .wire import HEADER, NONCE, TYPE_TRANSPORT_WORD
 
-__all__ = ["Inbound"]
+__all__ = ["HOLD_MAX", "Inbound"]
+
+# How long a worker holds a block's packets back for the previous block's worker (a lost
+# last counter of that block costs this much delay once; docs/dataplane.md: ordering).
+HOLD_MAX = 0.005
 
 _INT = struct.Struct("=i")
+_HANDOFF = msgpack.Packer(use_bin_type=True)  # [address, source|None, segment] + datagrams
+_HANDOFF_LEN = struct.Struct("<I")
 
 
 class Inbound:
     """The receive path of a Worker (which holds the state declared here)."""
 
     worker_id: int
+    workers: int
     tun_fd: int
     vnet_hdr: bool
     channel: Channel
@@ -76,6 +87,11 @@ class Inbound:
     _received_under: dict[int, list[Any]]
     _rx_buffer: bytearray
     _rx_view: memoryview
+    _channel_read: bool
+    _held: dict[int, list[Any]]
+    hold_timeouts: int
+    handoff_out: list[socket.socket | None]
+    handoff_in: socket.socket | None
     _read_channel: Callable[[float], bool]
     _flush_staged: Callable[[list[Any], int, float], None]
 
@@ -83,6 +99,7 @@ class Inbound:
         """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
         from one source, handled in place in the receive buffer."""
         buffer, view = self._rx_buffer, self._rx_view
+        self._channel_read = False
         for _ in range(BATCH):
             try:
                 nbytes, ancillary, _, address = sock.recvmsg_into([buffer], BATCH_SPACE)
@@ -98,21 +115,70 @@ class Inbound:
                 elif (cmsg[0], cmsg[1]) in PKTINFO_KINDS:
                     source = cmsg
             self._receive_train(view, nbytes, segment, address, source, now)
+        self._deliver(now)
+
+    def _deliver(self, now: float) -> None:
+        """Write what was accepted (and what may now leave the hold) to the TUN, with the
+        marks in shared memory on either side of the write."""
         # The replay marks reach shared memory before anything reaches the TUN: a worker
         # killed at any point after this restarts refusing every counter it delivered.
-        self._note_received()
+        touched = self._note_received()
+        if self._held:
+            self._release_held(touched, now)
         if self._to_tun:
             self._write_tun()
+        if self.workers > 1:
+            # What the next block's worker waits for (`_enter_block`).
+            write, worker = self.keyslots.write_delivered, self.worker_id
+            for slot, entry in touched.items():
+                hold = entry[R_HOLD]
+                write(slot, entry[R_REPLAY].last if hold is None else hold[1] - 1, worker)
 
-    def _note_received(self) -> None:
+    def _enter_block(self, entry: list[Any], block: int, now: float) -> None:
+        """The first packet this worker delivers from a new counter block of a keypair: if
+        the worker of the previous block has not delivered that block's last counter yet,
+        hold this block's packets back until it has, or until HOLD_MAX passed (a lost or
+        never-sent counter), so the peer's packets reach the TUN in the order sent."""
+        entry[R_BLOCK] = block
+        if entry[R_HELD] is not None:
+            return  # already holding: these go behind what is held
+        previous = ((block - 1) & 0xFFFF) % self.workers
+        if block == 0 or previous == self.worker_id:
+            return
+        need = (block << COUNTER_BLOCK_BITS) - 1
+        slot = entry[R_SLOT]
+        if self.keyslots.delivered(slot, previous) >= need:
+            return
+        entry[R_HELD] = []
+        entry[R_HOLD] = (previous, need + 1, now + HOLD_MAX)
+        self._held[slot] = entry
+
+    def _release_held(self, touched: dict[int, list[Any]], now: float) -> None:
+        """Move held packets whose predecessor has delivered (or waited long enough) into
+        this batch's TUN write, ahead of nothing newer of their keypair (all newer packets
+        of a holding keypair were held too)."""
+        delivered = self.keyslots.delivered
+        for slot, entry in list(self._held.items()):
+            previous, need, deadline = entry[R_HOLD]
+            if delivered(slot, previous) >= need - 1 or now >= deadline:
+                if now >= deadline:
+                    self.hold_timeouts += 1
+                self._to_tun.extend(entry[R_HELD])
+                entry[R_HELD] = entry[R_HOLD] = None
+                del self._held[slot]
+                touched[slot] = entry
+
+    def _note_received(self) -> dict[int, list[Any]]:
         """Write the largest accepted counter of each keypair received under since the last
-        note into its key slot (one 8-byte store per keypair and batch)."""
+        note into its key slot (one 8-byte store per keypair and batch); those keypairs."""
         received = self._received_under
         if received:
             write = self.keyslots.write_received
+            worker = self.worker_id
             for slot, entry in received.items():
-                write(slot, entry[R_REPLAY].last)
-            received.clear()
+                write(slot, entry[R_REPLAY].last, worker)
+            self._received_under = {}
+        return received
 
     def _write_tun(self) -> None:
         """Write what the batch decrypted: merged into GSO super-packets when the TUN takes
@@ -137,11 +203,16 @@ class Inbound:
         address: tuple[Any, ...],
         source: tuple[int, int, bytes] | None,
         now: float,
+        *,
+        forwarded: bool = False,
     ) -> None:
         """Datagrams from one source, nearly always under one keypair: the per-keypair work
         (lookup, expiry, confirmation, roaming, counters, timers) is done once per run of equal
         receiver indices, and the source check is cached while the inner source repeats."""
         unpack, drops, by_index = HEADER.unpack_from, self.drops, self.by_index
+        workers, me = self.workers, self.worker_id
+        # Datagrams of other workers' blocks, by worker, to pass on (None: never pass on).
+        handed: dict[int, list[memoryview]] | None = None if forwarded else {}
         to_tun, lookup, nonce = self._to_tun, self.allowed.lookup, NONCE.pack
         entry: list[Any] | None = None
         index = -1
@@ -169,8 +240,10 @@ class Inbound:
                     received_data = False
                 index = this_index
                 entry = by_index.get(index)
-                if entry is None and worker_of(index) == self.worker_id:
-                    # Ours, but perhaps announced in a message not read yet: read the pipe.
+                if entry is None and not self._channel_read:
+                    # Perhaps announced in a message not read yet: read the pipe (once a
+                    # batch: unknown indices are also what an attacker sends).
+                    self._channel_read = True
                     self._read_channel(now)
                     entry = by_index.get(index)
                 expired = entry is not None and now - entry[R_CREATED] >= REJECT_AFTER_TIME
@@ -185,6 +258,14 @@ class Inbound:
             if entry is None:
                 drops[DropReason.KEY_EXPIRED if expired else DropReason.UNKNOWN_RECEIVER_INDEX] += 1
                 continue
+            if workers > 1:
+                owner = ((counter >> COUNTER_BLOCK_BITS) & 0xFFFF) % workers  # counter_worker
+                if owner != me:
+                    if handed is None:  # came from a sibling: never passed on again
+                        drops[DropReason.MISSTEERED] += 1
+                    else:
+                        handed.setdefault(owner, []).append(view[offset:end])
+                    continue
             try:
                 plaintext = decrypt(nonce(counter), view[offset + 16 : end], None)  # type: ignore[misc]
             except InvalidTag:
@@ -218,10 +299,63 @@ class Inbound:
             if not source_ok:
                 drops[DropReason.SOURCE_NOT_ALLOWED] += 1
                 continue
-            to_tun.append(plaintext if length == len(plaintext) else plaintext[:length])
+            packet = plaintext if length == len(plaintext) else plaintext[:length]
             received_data = True
+            if workers > 1:
+                block = counter >> COUNTER_BLOCK_BITS
+                if block != entry[R_BLOCK]:
+                    self._enter_block(entry, block, now)
+                held = entry[R_HELD]
+                if held is not None:
+                    held.append(packet)
+                    continue
+            to_tun.append(packet)
         if run_packets:
             self._received(entry, run_bytes, run_packets, received_data, address, source, now)  # type: ignore[arg-type]
+        if handed:
+            self._hand_off(handed, segment, address, source)
+
+    def _hand_off(
+        self,
+        handed: dict[int, list[memoryview]],
+        segment: int,
+        address: tuple[Any, ...],
+        source: tuple[int, int, bytes] | None,
+    ) -> None:
+        """Pass datagrams of other workers' counter blocks to them, one message per worker:
+        the kernel coalesced (UDP GRO) or a sender sent a train across a block boundary, and
+        only the block's worker may judge its counters (net/steering.py)."""
+        for owner, parts in handed.items():
+            sock = self.handoff_out[owner] if owner < len(self.handoff_out) else None
+            message = _HANDOFF.pack([list(address), list(source) if source else None, segment])
+            try:
+                if sock is None:
+                    raise BlockingIOError
+                sock.send(_HANDOFF_LEN.pack(len(message)) + message + b"".join(parts))
+            except OSError:
+                self.drops[DropReason.MISSTEERED] += len(parts)  # no inbox, or a full one
+
+    def _inbound_handoff(self, now: float) -> None:
+        """Trains a sibling passed on (`_hand_off`): received as if from the socket."""
+        sock = self.handoff_in
+        assert sock is not None
+        for _ in range(BATCH):
+            try:
+                data = sock.recv(1 << 17)
+            except (BlockingIOError, InterruptedError):
+                break
+            try:
+                (length,) = _HANDOFF_LEN.unpack_from(data)
+                address, source, segment = msgpack.unpackb(data[4 : 4 + length])
+                payload = memoryview(data)[4 + length :]
+            except (ValueError, TypeError, struct.error):  # msgpack's errors are ValueErrors
+                self.drops[DropReason.MALFORMED] += 1  # never from a sibling: but never fatal
+                continue
+            self._receive_train(
+                payload, len(payload), segment, tuple(address), tuple(source) if source else None,
+                now, forwarded=True,
+            )  # fmt: skip
+        self._deliver(now)
 
     def _not_transport(self, data: memoryview, address: tuple[Any, ...]) -> None:
         if len(data) and data[0] in (1, 2, 3):

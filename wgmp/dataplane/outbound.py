@@ -19,6 +19,7 @@ from typing import Any
 
 from ..ipc.channel import Channel, Kind
 from ..ipc.keyslots import KeySlots
+from ..net.steering import COUNTER_BLOCK_BITS
 from ..net.udp import SOL_UDP, STALE_SOURCE_ERRNOS, UDP_SEGMENT
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
@@ -57,7 +58,9 @@ __all__ = ["BATCH", "COUNTER_BLOCK", "COUNTER_BLOCK_STALE", "TUN_GONE_ERRNOS", "
 
 log = logging.getLogger("wgmp")
 
-COUNTER_BLOCK = 256  # counters reserved per lock: one fcntl pair per 256 packets
+# Counters reserved per lock (one fcntl pair per 256 packets), in the aligned blocks the
+# receiver's steering gives one worker each (net/steering.py).
+COUNTER_BLOCK = 1 << COUNTER_BLOCK_BITS
 # A block whose start the shared counter has passed by this much is abandoned, so what we
 # send stays far inside the receiver's 8128-counter replay window.
 COUNTER_BLOCK_STALE = 1024
@@ -67,6 +70,7 @@ GSO_MAX_BYTES = 65000  # one UDP datagram's payload limit, with room for headers
 GSO_RETRY_AFTER = 10.0  # after a GSO failure (e.g. MTU raised past the path's), try again later
 TUN_GONE_ERRNOS = {errno.EBADFD, errno.EBADF}
 _U16 = struct.Struct("=H")
+_COUNTER_AT = struct.Struct("<Q").unpack_from  # a transport message's counter, at offset 8
 _ZEROS = bytes(16)
 
 
@@ -155,18 +159,23 @@ class Outbound:
                 self._stage(peer, peer_id, packet, now)
             return []
         slot = send[S_SLOT]
-        if (
-            counter + count > send[S_END]
-            or self.keyslots.counter(slot) - counter > COUNTER_BLOCK_STALE
-        ):
-            size = max(COUNTER_BLOCK, count)
-            counter = self.keyslots.reserve(slot, size)
-            send[S_END] = counter + size
-        send[S_NEXT] = counter + count
+        end = send[S_END]
+        if self.keyslots.counter(slot) - counter > COUNTER_BLOCK_STALE:
+            end = counter  # the others have left this block far behind: give it up
+        jump_at = jump_to = -1
+        if counter + count > end:
+            # Use the block to its end, then go on in a new one: blocks stay dense, which
+            # the receiver's ordering relies on (docs/dataplane.md), and aligned, as its
+            # steering does (net/steering.py).
+            size = -(-(count - (end - counter)) // COUNTER_BLOCK) * COUNTER_BLOCK
+            jump_at, jump_to = end, self.keyslots.reserve(slot, size)
+            send[S_END] = jump_to + size
         encrypt, remote, mtu = send[S_CIPHER].encrypt, send[S_REMOTE], self.mtu
         header, nonce, zeros = HEADER.pack, NONCE.pack, _ZEROS
         messages = []
         for packet in packets:
+            if counter == jump_at:
+                counter = jump_to
             pad = -len(packet) & 15
             if pad:
                 if len(packet) + pad > mtu:
@@ -176,6 +185,7 @@ class Outbound:
                 header(TYPE_TRANSPORT_WORD, remote, counter) + encrypt(nonce(counter), packet, None)
             )
             counter += 1
+        send[S_NEXT] = counter
         activity = peer[P_ACTIVITY]
         activity[A_SENT] = activity[A_DATA_SENT] = now
         if not send[S_REKEY_ASKED] and (
@@ -206,7 +216,10 @@ class Outbound:
         i = 0
         while i < count:
             size = len(messages[i])
-            limit = min(count, i + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
+            # A train never crosses a counter block: the receiver steers it by its first
+            # datagram, and each block belongs to one of its workers (net/steering.py).
+            in_block = COUNTER_BLOCK - (_COUNTER_AT(messages[i], 8)[0] & (COUNTER_BLOCK - 1))
+            limit = min(count, i + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size, in_block))
             j = i + 1
             while j < limit and len(messages[j]) == size:
                 j += 1

@@ -34,8 +34,11 @@ __all__ = [
     "P_STAGED",
     "P_TX_BYTES",
     "P_TX_PACKETS",
+    "R_BLOCK",
     "R_CIPHER",
     "R_CREATED",
+    "R_HELD",
+    "R_HOLD",
     "R_INITIATOR",
     "R_PEER",
     "R_REPLAY",
@@ -66,8 +69,12 @@ P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY, P_SOURCE = 7, 8, 9, 10
 #                block, when the keypair was made, we initiated it, a rekey was asked for]
 S_CIPHER, S_REMOTE, S_SLOT, S_NEXT, S_END, S_CREATED, S_INITIATOR, S_REKEY_ASKED = range(8)
 # A receive entry: [cipher, peer id, replay window, key slot, role, when made, we initiated it,
-#                   the send state of the same keypair]
+#                   the send state of the same keypair, the counter block this worker last
+#                   received in, packets held back for order (a list) or None, and while
+#                   holding: (worker of the previous block, the counter it must have
+#                   delivered, monotonic deadline)]  (docs/dataplane.md: ordering)
 R_CIPHER, R_PEER, R_REPLAY, R_SLOT, R_ROLE, R_CREATED, R_INITIATOR, R_SEND = range(8)
+R_BLOCK, R_HELD, R_HOLD = 8, 9, 10
 # Activity: monotonic times of the last packet sent, data sent, received, data received
 # (0.0: none since the last report).
 A_SENT, A_DATA_SENT, A_RECEIVED, A_DATA_RECEIVED = range(4)
@@ -115,7 +122,7 @@ def new_receive_entry(
     send: list[Any],
 ) -> list[Any]:
     """Receiving under one keypair, with a fresh replay window."""
-    entry: list[Any] = [None] * 8
+    entry: list[Any] = [None] * 11
     entry[R_CIPHER] = cipher
     entry[R_PEER] = peer_id
     entry[R_REPLAY] = ReplayWindow()
@@ -124,4 +131,6 @@ def new_receive_entry(
     entry[R_CREATED] = created
     entry[R_INITIATOR] = is_initiator
     entry[R_SEND] = send
+    entry[R_BLOCK] = -1
+    entry[R_HELD] = entry[R_HOLD] = None
     return entry

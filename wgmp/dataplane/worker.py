@@ -31,7 +31,6 @@ from ..ipc.keyslots import KeySlots
 from ..net.udp import SOL_UDP, UDP_GRO
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.errors import DropReason
-from ..protocol.indextable import worker_of
 from ..stats.block import DROP_SLOTS, StatsBlock
 from .inbound import Inbound
 from .outbound import COUNTER_BLOCK, COUNTER_BLOCK_STALE, Outbound
@@ -48,6 +47,7 @@ from .records import (
     P_STAGED,
     P_TX_BYTES,
     P_TX_PACKETS,
+    R_HELD,
     R_PEER,
     R_REPLAY,
     R_ROLE,
@@ -71,6 +71,7 @@ __all__ = [
 log = logging.getLogger("wgmp")
 
 FLUSH_INTERVAL = 0.1  # how stale control's view of traffic (timers) and counters may be
+HOLD_POLL = 0.001  # the loop's wake-up while packets are held for order (epoll has ms)
 
 
 def _sockaddr(endpoint: list[Any] | None) -> tuple[Any, ...] | None:
@@ -93,8 +94,10 @@ class Worker(Outbound, Inbound):
         stats: StatsBlock,
         *,
         vnet_hdr: bool = False,
+        workers: int = 1,
     ) -> None:
         self.worker_id = worker_id
+        self.workers = workers  # how many share the counter blocks (net/steering.py)
         self.tun_fd = tun_fd
         self.sockets = sockets
         self.channel = channel
@@ -114,6 +117,13 @@ class Worker(Outbound, Inbound):
         self._received_under: dict[int, list[Any]] = {}  # slots to note the replay mark of
         self._rx_buffer = bytearray(1 << 16)
         self._rx_view = memoryview(self._rx_buffer)
+        self._channel_read = False  # the pipe was read for an unknown index this batch
+        self._held: dict[int, list[Any]] = {}  # slot -> entry holding packets for order
+        self.hold_timeouts = 0  # holds that ended by HOLD_MAX, not by the predecessor
+        # Hand-off sockets between workers (control's Supervisor makes them): datagrams of
+        # other workers' counter blocks found in a coalesced train go to their inbox.
+        self.handoff_in: socket.socket | None = None
+        self.handoff_out: list[socket.socket | None] = []
         self.drops = stats.drops()[:DROP_SLOTS]
         self.staged = stats.staged()  # packets ever staged waiting for a handshake
         self.running = True
@@ -131,10 +141,19 @@ class Worker(Outbound, Inbound):
             by_fd[sock.fileno()] = sock
         channel_fd = self.channel.fileno()
         poller.register(channel_fd, select.EPOLLIN)
+        handoff_fd = -1
+        if self.handoff_in is not None:
+            self.handoff_in.setblocking(False)
+            for sock in self.handoff_out:
+                if sock is not None:
+                    sock.setblocking(False)
+            handoff_fd = self.handoff_in.fileno()
+            poller.register(handoff_fd, select.EPOLLIN)
         self.channel.send(Kind.READY, self.worker_id, os.getpid())
         next_flush = time.monotonic() + FLUSH_INTERVAL
         while self.running:
-            events = poller.poll(FLUSH_INTERVAL)
+            # While packets are held for order, look again soon (HOLD_MAX bounds the wait).
+            events = poller.poll(HOLD_POLL if self._held else FLUSH_INTERVAL)
             now = time.monotonic()
             if len(events) > 1:
                 # Control's messages first: a keypair announced there may be the one the
@@ -146,8 +165,12 @@ class Worker(Outbound, Inbound):
                 elif fd == channel_fd:
                     if not self._read_channel(now):
                         return  # control has gone: so do we
+                elif fd == handoff_fd:
+                    self._inbound_handoff(now)
                 else:
                     self._inbound(by_fd[fd], now)
+            if self._held:
+                self._deliver(now)
             if now >= next_flush:
                 self._flush(now)
                 next_flush = now + FLUSH_INTERVAL
@@ -233,20 +256,22 @@ class Worker(Outbound, Inbound):
             entry = old
             send = old[R_SEND]
         self.by_slot[slot] = entry
-        if worker_of(info.local_index) == self.worker_id:
-            # Only the owner (the steering program's choice) holds a replay window for an
-            # index: a misrouted datagram is then an unknown index, never a second window.
-            if old is None:
-                high = self.keyslots.received(slot)
-                if high is not None:  # a predecessor received under it: no replays of that
-                    entry[R_REPLAY].resume(high)
-            self.by_index[info.local_index] = entry
+        # Every worker receives its own counter blocks under every keypair, with a window
+        # that sees only those counters (net/steering.py): one window per counter.
+        if old is None:
+            high = self.keyslots.received(slot, self.worker_id)
+            if high is not None:  # a predecessor received under it: no replays of that
+                entry[R_REPLAY].resume(high)
+        self.by_index[info.local_index] = entry
         if role == ROLE_CURRENT:
             peer[P_SEND] = send
             self._flush_staged(peer, info.peer_id, now)
 
     def _remove_keypair(self, slot: int) -> None:
         self._received_under.pop(slot, None)  # the slot may be reused: note nothing more
+        held = self._held.pop(slot, None)
+        if held is not None:  # authenticated and accepted: out of order beats lost
+            self._to_tun.extend(held[R_HELD])
         entry = self.by_slot.pop(slot, None)
         if entry is None:
             return
@@ -258,7 +283,7 @@ class Worker(Outbound, Inbound):
             peer[P_SEND] = None
 
     def _flush(self, now: float) -> None:
-        self._note_received()
+        self._deliver(now)
         reports = []
         for peer_id, peer in self.peers.items():
             if peer[P_DIRTY]:
@@ -280,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of a worker process, started by control with the descriptors it holds."""
     parser = argparse.ArgumentParser(prog="wgmp-worker")
     parser.add_argument("--id", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1, help="workers of the daemon")
     parser.add_argument("--tun", type=int, required=True)
     parser.add_argument("--udp4", type=int, required=True)
     parser.add_argument("--udp6", type=int, default=-1)
@@ -287,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keyslots", type=int, required=True)
     parser.add_argument("--stats", type=int, required=True)
     parser.add_argument("--vnet-hdr", action="store_true", help="the TUN carries virtio headers")
+    parser.add_argument("--handoff-in", type=int, default=-1, help="this worker's hand-off inbox")
+    parser.add_argument("--handoff-out", default="", help="the others' inboxes, by worker id")
     args = parser.parse_args(argv)
     logging.basicConfig(format=f"%(levelname)s: (worker {args.id}) %(asctime)s %(message)s")
     verbose = os.environ.get("LOG_LEVEL") in ("verbose", "debug")
@@ -306,10 +334,17 @@ def main(argv: list[str] | None = None) -> None:
         args.tun,
         sockets,
         Channel(socket.socket(fileno=args.channel)),
-        KeySlots.attach(args.keyslots),
+        KeySlots.attach(args.keyslots, args.workers),
         StatsBlock.attach(args.stats),
         vnet_hdr=args.vnet_hdr,
+        workers=args.workers,
     )
+    if args.handoff_in >= 0:
+        worker.handoff_in = socket.socket(fileno=args.handoff_in)
+        worker.handoff_out = [
+            socket.socket(fileno=int(fd)) if int(fd) >= 0 else None
+            for fd in args.handoff_out.split(",")
+        ]
     profile_dir = os.environ.get("WGMP_PROFILE_DIR")
     if profile_dir:  # a developer's tool for perf/: where the per-packet time goes
         import cProfile

@@ -29,6 +29,9 @@ class DropReason(IntEnum):
     FLOOD = 12
     KEY_EXPIRED = 13
     STAGED_EXPIRED = 14
+    # A transport message on a worker that does not receive its counter's block (a crafted
+    # or coalesced train): only that block's worker may judge the counter (net/steering.py).
+    MISSTEERED = 15
 
     @property
     def label(self) -> str:
