@@ -83,13 +83,14 @@ def make_star(
     netns_factory: Callable[..., Netns],
     userspace_wireguard: Callable[..., UserspaceWireGuard],
     peer_commands: Sequence[Sequence[str]],
+    hub_command: Sequence[str] = WGMP2,
 ) -> Star:
     """The hub (198.51.100.1) and one peer per command (.2, .3, ...), each over its own veth.
 
     The hub then pings its peers one after the other, so it initiates one handshake per peer
     in turn and `_new_index` gives them consecutive workers."""
     hub_ns = netns_factory("hub")
-    hub = userspace_wireguard(hub_ns, WGMP2)
+    hub = userspace_wireguard(hub_ns, hub_command)
     hub.configure(listen_port=HUB_PORT)
     hub.add_address(f"{HUB_ADDRESS}/24")
     hub.up()

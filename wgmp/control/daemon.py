@@ -22,6 +22,7 @@ from ..ipc.channel import Kind
 from ..ipc.keyslots import KeySlots
 from ..net import netlink, tun, udp
 from ..net.steering import attach_steering
+from ..net.tun_steering import attach_flow_steering
 from ..protocol.constants import DEFAULT_MTU, MAX_QUEUED_INCOMING_HANDSHAKES
 from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
@@ -120,6 +121,12 @@ class Daemon:
             self.tun_fds = [first]
             for _ in range(1, self.worker_count):
                 self.tun_fds.append(tun.open_queue(self.name, TUN_VNET_HDR))
+            if self.worker_count > 1:
+                try:
+                    # One flow, one queue, one worker: in order (net/tun_steering.py).
+                    attach_flow_steering(first)
+                except OSError as err:
+                    log.warning("TUN flow steering not attached (%s): the kernel's automq", err)
             self.interface.mtu = netlink.get_mtu(self.name)
         except OSError as err:
             raise SetupError(str(err)) from err
