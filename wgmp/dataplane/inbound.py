@@ -128,7 +128,9 @@ class Inbound:
         if self._to_tun:
             self._write_tun()
         if self.workers > 1:
-            # What the next block's worker waits for (`_enter_block`).
+            # What the next block's worker waits for (`_enter_block`). While holding, all of
+            # this worker's earlier blocks are delivered (what came after went to the hold),
+            # so the end of the block it waits for stands for "nothing of mine before it".
             write, worker = self.keyslots.write_delivered, self.worker_id
             for slot, entry in touched.items():
                 hold = entry[R_HOLD]
