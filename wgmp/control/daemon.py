@@ -296,38 +296,61 @@ class Daemon:
         interface.datagrams.clear()
 
     def _drain_commands(self) -> None:
+        """Every command of this turn to its workers, in order, in one write per worker.
+
+        One write per worker and turn, not one per command: a responder's handshake makes two
+        or three commands, and each write cost a system call and often a wake-up of the worker
+        (perf/RESULTS.md, "Latency")."""
         interface = self.interface
+        published, interface.published = interface.published, []
         if not interface.commands:
             return
         live = [h for h in self.supervisor.workers if h.channel is not None]
+        batches: dict[int, list[list[Any]]] = {h.worker_id: [] for h in live}
         for command in interface.commands:
-            if command[0] == Kind.KEYPAIR_REMOVE:
+            kind = command[0]
+            if kind == Kind.KEYPAIR_REMOVE:
                 waiting = {h.worker_id for h in live}
                 if waiting:
                     self.pending_release[command[1]] = waiting
                 else:
                     self.keyslots.release(command[1])
-            targets = live
-            if command[0] == Kind.KEYPAIR_INSTALL:
-                targets = self._owner_first(live, command[1])
-            for handle in targets:
-                self._send(handle, command)
+            if kind == Kind.SEND_KEEPALIVE:
+                # Only to the worker that staged the packets (any live one if it has gone).
+                worker = command[3] if command[3] in batches else next(iter(batches), None)
+                if worker is not None:
+                    batches[worker].append(command[:3])
+                continue
+            for batch in batches.values():
+                batch.append(command)
         interface.commands.clear()
+        for handle in self._owner_first(live, published):
+            if batches[handle.worker_id]:
+                self._send_many(handle, batches[handle.worker_id])
 
-    def _owner_first(self, live: list[WorkerHandle], slot: int) -> list[WorkerHandle]:
-        """`live` with the worker that receives on the keypair in `slot` first.
+    def _owner_first(self, live: list[WorkerHandle], published: list[int]) -> list[WorkerHandle]:
+        """`live` with the worker that receives on a keypair published this turn first.
 
         Every worker sends with a new keypair as soon as it reads the announcement (a packet
         staged for the handshake goes out at once), and the peer's answer is steered to the
         owner: announced to another worker first, the owner could see that answer before its
         own announcement was even written, and drop it as unknown_receiver_index. Written
         first, the announcement is in the owner's pipe before anything can be sent with the
-        keypair, and the worker reads its pipe before its sockets."""
-        found = self.interface.keypair_at.get(slot)
-        if found is None:
-            return live
-        owner = worker_of(found[1].local_index)
-        return sorted(live, key=lambda handle: handle.worker_id != owner)
+        keypair, and the worker reads its pipe before its sockets. (One handshake per turn
+        publishes one keypair; with several, the last one's owner goes first.)"""
+        for slot in reversed(published):
+            found = self.interface.keypair_at.get(slot)
+            if found is not None:
+                owner = worker_of(found[1].local_index)
+                return sorted(live, key=lambda handle: handle.worker_id != owner)
+        return live
+
+    def _send_many(self, handle: WorkerHandle, commands: list[list[Any]]) -> None:
+        assert handle.channel is not None
+        try:
+            handle.channel.send_many(commands)
+        except OSError:
+            pass  # a dead worker: supervision restarts it with the full state
 
     def _send(self, handle: WorkerHandle, command: list[Any]) -> None:
         assert handle.channel is not None
@@ -428,7 +451,7 @@ class Daemon:
         if kind == Kind.ACTIVITY:
             interface.activity(message[1], now, wall)
         elif kind == Kind.NEED_HANDSHAKE:
-            interface.need_handshake(message[1], now, wall)
+            interface.need_handshake(message[1], now, wall, handle.worker_id)
         elif kind == Kind.REKEY_WANTED:
             interface.rekey_wanted(message[1], now, wall)
         elif kind == Kind.CONFIRMED:

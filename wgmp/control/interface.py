@@ -101,6 +101,11 @@ class Interface:
         self._next_worker = 0
         self.datagrams: list[tuple[bytes, Endpoint, Local | None]] = []
         self.commands: list[list[Any]] = []
+        # The worker whose staged packets made us initiate, by peer_id: it sends them as soon
+        # as the response installs the keypair, so control sends no keepalive of its own.
+        self._asked_by: dict[int, int] = {}
+        # Slots published since the daemon last looked (it writes their owner's pipe first).
+        self.published: list[int] = []
 
     # -- configuration (driven by UAPI) ----------------------------------------------------
 
@@ -137,6 +142,7 @@ class Interface:
         if peer is None:
             return
         del self.by_id[peer.peer_id]
+        self._asked_by.pop(peer.peer_id, None)
         peer.timers.stop()
         peer.timers.on_arm = None
         self._queued.pop(peer.peer_id, None)  # its entries are skipped when they come up
@@ -206,10 +212,16 @@ class Interface:
 
     # -- events from workers --------------------------------------------------------------
 
-    def need_handshake(self, peer_id: int, now: float, wall_ns: int) -> None:
-        """A worker staged packets because there is no usable key."""
+    def need_handshake(
+        self, peer_id: int, now: float, wall_ns: int, worker_id: int | None = None
+    ) -> None:
+        """Worker `worker_id` staged packets because there is no usable key."""
         peer = self.by_id.get(peer_id)
-        if peer is not None and peer.timers.begin_initiation(now):
+        if peer is None:
+            return
+        if worker_id is not None:
+            self._asked_by[peer_id] = worker_id
+        if peer.timers.begin_initiation(now):
             self._send_initiation(peer, now, wall_ns)
 
     def rekey_wanted(self, peer_id: int, now: float, wall_ns: int) -> None:
@@ -365,7 +377,15 @@ class Interface:
         peer.timers.handshake_complete(now)
         peer.last_handshake_ns = wall_ns
         self.counters.completed += 1
-        self.send_keepalive(peer, now, wall_ns)  # confirms the new keypair to the responder
+        # The first message under the new keypair confirms it to the responder: the packets a
+        # worker staged for this handshake if there are any, else a keepalive (wireguard-go's
+        # SendKeepalive). That worker sends them when it reads the keypair, no later.
+        worker = self._asked_by.pop(peer.peer_id, None)
+        if worker is None:
+            self.send_keepalive(peer, now, wall_ns)
+        else:
+            slot = self.slot_of[peer.keypairs.current]  # type: ignore[index]
+            self.commands.append([Kind.SEND_KEEPALIVE, peer.peer_id, slot, worker])
 
     def _authenticated_from(self, peer: Peer, source: Endpoint, local: Local | None) -> None:
         if peer.endpoint != source or peer.local != local:
@@ -433,6 +453,7 @@ class Interface:
         )
         self.slot_of[keypair] = slot
         self.keypair_at[slot] = (peer, keypair)
+        self.published.append(slot)
         self._forget(peer.keypairs.install(keypair))
         self._announce_roles(peer)
 

@@ -584,6 +584,8 @@ class Worker:
             if peer is not None:
                 self.drops[DropReason.STAGED_EXPIRED] += len(peer[P_STAGED])
                 peer[P_STAGED].clear()
+        elif kind == Kind.SEND_KEEPALIVE:
+            self._send_keepalive(message[1], message[2], now)
         elif kind == Kind.MTU:
             self.mtu = message[1]
         elif kind == Kind.FLUSH_STATS:
@@ -591,6 +593,22 @@ class Worker:
             self.channel.send(Kind.STATS_FLUSHED, message[1])
         elif kind == Kind.SHUTDOWN:
             self.running = False
+
+    def _send_keepalive(self, peer_id: int, slot: int, now: float) -> None:
+        """After our initiation's response: the staged packets (sent when the keypair was
+        installed) confirmed the session, unless there were none; then a keepalive does."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return
+        send = peer[P_SEND]
+        if send is None or send[S_SLOT] != slot or send[S_NEXT] != 0:
+            return  # something was sent under it already (or it is gone)
+        activity = peer[P_ACTIVITY]
+        data_sent = activity[1]
+        messages = self._seal(peer, peer_id, [b""], now)
+        activity[1] = data_sent  # a keepalive is not data (wireguard-go's timersDataSent)
+        if messages:
+            self._transmit(peer, messages)
 
     def _set_peer(
         self, peer_id: int, endpoint: list[Any] | None, prefixes: list[list[Any]] | None

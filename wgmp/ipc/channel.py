@@ -29,7 +29,10 @@ class Kind(IntEnum):
     ENDPOINT = 6  # [kind, peer_id, endpoint, source|None]
     DROP_STAGED = 7  # [kind, peer_id]
     FLUSH_STATS = 8  # [kind, token]
-    SEND_KEEPALIVE = 9  # [kind, peer_id]
+    # [kind, peer_id, slot] to the one worker that asked for the handshake: as initiator, the
+    # staged packets confirm the session; a keepalive only if that worker has sent nothing
+    # under the keypair in `slot` (wireguard-go's SendKeepalive after a response)
+    SEND_KEEPALIVE = 9
     MTU = 10  # [kind, mtu]
     SHUTDOWN = 11  # [kind]
     # worker -> control
@@ -70,7 +73,14 @@ class Channel:
 
     def send(self, *message: Any) -> None:
         """Write one message, waiting for room; OSError when the other end has gone."""
-        data = self._packer.pack(list(message))
+        self._write(self._packer.pack(list(message)))
+
+    def send_many(self, messages: list[list[Any]]) -> None:
+        """Write several messages, in order, with one system call when the pipe has room."""
+        pack = self._packer.pack
+        self._write(b"".join(pack(message) for message in messages))
+
+    def _write(self, data: bytes) -> None:
         if self.sock.getblocking():
             self.sock.sendall(data)
             return

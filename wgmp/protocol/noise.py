@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 from .constants import CONSTRUCTION, HANDSHAKE_INITIATION_RATE, IDENTIFIER, TIMESTAMP_LEN
 from .crypto import (
@@ -26,6 +25,7 @@ from .crypto import (
     KDF3,
     TAI64N,
     ZERO_KEY,
+    DHKey,
     Randomness,
     clamp_private_key,
     dh_private_key,
@@ -33,9 +33,6 @@ from .crypto import (
 )
 from .errors import DropReason, ProtocolError
 from .messages import Initiation, Response
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 __all__ = [
     "HandshakeState",
@@ -72,7 +69,7 @@ class StaticIdentity:
         return cls(private_key, DH_PUBLIC(private_key))
 
     @cached_property
-    def key(self) -> X25519PrivateKey:
+    def key(self) -> DHKey:
         """The private key imported once, for every DH with it (see crypto.dh_private_key)."""
         return dh_private_key(self.private_key)
 
@@ -108,7 +105,7 @@ class Handshake:
         self.chaining_key = b""
         self.local_ephemeral = b""
         # The imported object of `local_ephemeral` (used only while it is that very key).
-        self._local_ephemeral_key: tuple[bytes, X25519PrivateKey] | None = None
+        self._local_ephemeral_key: tuple[bytes, DHKey] | None = None
         self.remote_ephemeral = b""
         self.local_index = 0
         self.remote_index = 0
@@ -141,7 +138,7 @@ class Handshake:
         self.local_index = 0
         self.remote_index = 0
 
-    def _ephemeral_key(self) -> X25519PrivateKey:
+    def _ephemeral_key(self) -> DHKey:
         cached = self._local_ephemeral_key
         if cached is not None and cached[0] is self.local_ephemeral:
             return cached[1]
@@ -163,7 +160,7 @@ class Handshake:
         ck = INITIAL_CHAINING_KEY
         ephemeral_private = DH_GENERATE(rng)
         ephemeral_key = dh_private_key(ephemeral_private)  # imported once, used twice
-        ephemeral_public = ephemeral_key.public_key().public_bytes_raw()
+        ephemeral_public = DH_PUBLIC(ephemeral_private)
         ck = KDF1(ck, ephemeral_public)
         h = _mix_hash(h, ephemeral_public)
         ck, key = KDF2(ck, dh_with(ephemeral_key, self.remote_static))
@@ -213,7 +210,7 @@ class Handshake:
             raise ProtocolError(DropReason.HANDSHAKE_INVALID, "no initiation to answer")
         ephemeral_private = DH_GENERATE(rng)
         ephemeral_key = dh_private_key(ephemeral_private)  # imported once, used three times
-        ephemeral_public = ephemeral_key.public_key().public_bytes_raw()
+        ephemeral_public = DH_PUBLIC(ephemeral_private)
         ck = KDF1(self.chaining_key, ephemeral_public)
         h = _mix_hash(self.hash, ephemeral_public)
         ck = KDF1(ck, dh_with(ephemeral_key, self.remote_ephemeral))
