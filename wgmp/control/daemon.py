@@ -376,10 +376,7 @@ class Daemon:
 
     def _peer_state(self, peer: Peer) -> list[Any]:
         endpoint = list(peer.endpoint) if peer.endpoint else None
-        prefixes = [
-            [p.network_address.packed, p.prefixlen]
-            for p in self.interface.allowed.entries_for_peer(peer.peer_id)
-        ]
+        prefixes = self.interface.allowed.packed_entries_for_peer(peer.peer_id)
         return [Kind.PEER_SET, peer.peer_id, endpoint, prefixes]
 
     def _supervise(self, now: float) -> None:
@@ -537,6 +534,10 @@ class Daemon:
         self.flush_stats()
         interface = self.interface
         peers = []
+        format_prefix, packed_entries = (
+            uapi.format_packed_prefix,
+            interface.allowed.packed_entries_for_peer,
+        )
         for peer in interface.peers.values():
             rx = peer.control_rx_bytes + peer.retired_rx_bytes
             tx = peer.control_tx_bytes + peer.retired_tx_bytes
@@ -556,8 +557,7 @@ class Daemon:
                     rx_bytes=rx,
                     persistent_keepalive_interval=peer.persistent_keepalive_interval,
                     allowed_ips=[
-                        uapi.format_prefix(p.network_address, p.prefixlen)
-                        for p in interface.allowed.entries_for_peer(peer.peer_id)
+                        format_prefix(packed, cidr) for packed, cidr in packed_entries(peer.peer_id)
                     ],
                 )
             )
@@ -625,11 +625,12 @@ class Daemon:
                 touched[peer.peer_id] = peer
             elif isinstance(op, uapi.AddAllowedIP):
                 # An identical prefix moves from its old owner: each worker's table does the
-                # same on insert, so only this peer's list needs re-sending.
-                interface.add_allowed_ip(peer, op.network)
+                # same on insert, so only this peer's list needs re-sending. (Packed, not
+                # op.network: a network object costs ~4 us, 0.4 s for 100,000 prefixes.)
+                interface.add_allowed_ip(peer, (op.address.packed, op.cidr))
                 touched[peer.peer_id] = peer
             elif isinstance(op, uapi.RemoveAllowedIP):
-                interface.remove_allowed_ip(peer, op.network)
+                interface.remove_allowed_ip(peer, (op.address.packed, op.cidr))
                 touched[peer.peer_id] = peer
         end_section()
         interface.publish_allowed_ips([p for p in touched.values() if p.peer_id in interface.by_id])

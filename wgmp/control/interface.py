@@ -17,7 +17,7 @@ from typing import Any
 
 from ..ipc.channel import ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS, Kind
 from ..ipc.keyslots import KeySlots
-from ..protocol.allowedips import AllowedIPs
+from ..protocol.allowedips import AllowedIPs, Prefix
 from ..protocol.constants import (
     DEFAULT_MTU,
     MAX_QUEUED_INCOMING_HANDSHAKES,
@@ -37,7 +37,7 @@ from ..protocol.noise import HandshakeState, StaticIdentity, consume_initiation
 from ..protocol.ratelimiter import RateLimiter
 from ..protocol.timers import ActionKind, RandomSource
 from ..protocol.transport import seal_transport
-from .peer import Endpoint, Local, Peer, Prefix
+from .peer import Endpoint, Local, Peer
 
 __all__ = ["HandshakeCounters", "Interface", "ROLE_CURRENT", "ROLE_NEXT", "ROLE_PREVIOUS"]
 
@@ -168,7 +168,6 @@ class Interface:
 
     def replace_allowed_ips(self, peer: Peer) -> None:
         self.allowed.remove_by_peer(peer.peer_id)
-        peer.prefixes.clear()
 
     def add_allowed_ip(self, peer: Peer, prefix: Prefix) -> None:
         self.allowed.insert(prefix, peer.peer_id)
@@ -182,16 +181,8 @@ class Interface:
         An identical prefix may have moved to another peer, so every peer whose list changed
         is re-sent, not only the one named in the request."""
         for peer in peers:
-            prefixes = self.allowed.entries_for_peer(peer.peer_id)
-            peer.prefixes = list(prefixes)
-            self.commands.append(
-                [
-                    Kind.PEER_SET,
-                    peer.peer_id,
-                    None,
-                    [[p.network_address.packed, p.prefixlen] for p in prefixes],
-                ]
-            )
+            prefixes = self.allowed.packed_entries_for_peer(peer.peer_id)
+            self.commands.append([Kind.PEER_SET, peer.peer_id, None, prefixes])
 
     def set_mtu(self, mtu: int) -> None:
         self.mtu = mtu

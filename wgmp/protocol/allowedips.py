@@ -152,6 +152,14 @@ class AllowedIPs(Generic[P]):
         """The prefixes `peer` owns, in the order they were given to it."""
         return [_network(key) for key in self._by_peer.get(peer, ())]
 
+    def packed_entries_for_peer(self, peer: P) -> list[tuple[bytes, int]]:
+        """`entries_for_peer` as (packed address, prefix length): no network objects, which
+        cost ~4 us each (10,000 peers x 10 prefixes: 0.4 s of a `wg setconf`)."""
+        return [
+            (value.to_bytes(bits >> 3, "big"), cidr)
+            for bits, cidr, value in self._by_peer.get(peer, ())
+        ]
+
     def clear(self) -> None:
         """Remove every prefix."""
         self._hosts = {}

@@ -89,6 +89,13 @@ def _mix_hash(h: bytes, data: bytes) -> bytes:
     return HASH(h + data)
 
 
+class _Pending:
+    """The type of `_PENDING`: a value not derived yet (None already means "unusable")."""
+
+
+_PENDING = _Pending()
+
+
 class Handshake:
     """A peer's half of the handshake: the remote static key, the PSK and the Noise state."""
 
@@ -112,20 +119,32 @@ class Handshake:
         self.last_timestamp = bytes(TIMESTAMP_LEN)
         self.last_initiation_consumption: float | None = None
         self.local: StaticIdentity | None = None
-        self.precomputed_static_static: bytes | None = None
+        self._static_static: bytes | None | _Pending = _PENDING
         self.set_local(local)
 
     def set_local(self, local: StaticIdentity | None) -> None:
-        """Re-derive DH(S_local, S_remote); None when either key is missing or low-order."""
+        """A new local identity: DH(S_local, S_remote) is derived again when next needed."""
         self.local = local
-        self.precomputed_static_static = None
-        if local is None:
-            return
-        try:
-            self.precomputed_static_static = dh_with(local.key, self.remote_static)
-        except ProtocolError:
-            # A low-order peer key: this peer can never complete a handshake (no traffic).
-            self.precomputed_static_static = None
+        self._static_static = _PENDING
+
+    @property
+    def precomputed_static_static(self) -> bytes | None:
+        """DH(S_local, S_remote); None when either key is missing or low-order.
+
+        Derived on first use, not when the peer is configured: it costs one X25519 (~35 us),
+        which was 0.4-1 s of a `wg setconf` of 10,000 peers (perf/RESULTS.md, "Control
+        plane"); a peer that never handshakes never pays it, and each peer pays it once."""
+        cached = self._static_static
+        if cached is _PENDING:
+            cached = None
+            if self.local is not None:
+                try:
+                    cached = dh_with(self.local.key, self.remote_static)
+                except ProtocolError:
+                    # A low-order peer key: this peer can never complete a handshake.
+                    cached = None
+            self._static_static = cached
+        return cached  # type: ignore[return-value]
 
     def clear(self) -> None:
         """Forget the ephemeral state (keeps the replay protection: last timestamp)."""
