@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..ipc.channel import Kind
+from ..ipc.channel import Channel, Kind
 from ..ipc.keyslots import KeySlots
 from ..net import netlink, tun, udp
 from ..net.steering import attach_steering
@@ -324,9 +324,14 @@ class Daemon:
             for batch in batches.values():
                 batch.append(command)
         interface.commands.clear()
-        for handle in self._owner_first(live, published):
-            if batches[handle.worker_id]:
-                self._send_many(handle, batches[handle.worker_id])
+        ordered = self._owner_first(live, published)
+        if published and ordered and batches[ordered[0].worker_id]:
+            # The new keypair's owner is written whole before any other worker (see below).
+            self._send_many(ordered[0], batches[ordered[0].worker_id])
+            ordered = ordered[1:]
+        writes = [(h.channel, batches[h.worker_id]) for h in ordered if batches[h.worker_id]]
+        if writes:
+            Channel.send_to_all(writes)  # type: ignore[arg-type]  # a dead worker: restarted
 
     def _owner_first(self, live: list[WorkerHandle], published: list[int]) -> list[WorkerHandle]:
         """`live` with the worker that receives on a keypair published this turn first.

@@ -170,7 +170,11 @@ class Interface:
         self.allowed.remove_by_peer(peer.peer_id)
 
     def add_allowed_ip(self, peer: Peer, prefix: Prefix) -> None:
-        self.allowed.insert(prefix, peer.peer_id)
+        address, cidr = prefix if isinstance(prefix, tuple) else (None, 0)
+        if isinstance(address, bytes):
+            self.allowed.insert_packed(address, cidr, peer.peer_id)
+        else:
+            self.allowed.insert(prefix, peer.peer_id)
 
     def remove_allowed_ip(self, peer: Peer, prefix: Prefix) -> None:
         self.allowed.remove(prefix, peer.peer_id)

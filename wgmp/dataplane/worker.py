@@ -621,8 +621,9 @@ class Worker:
             peer[P_ENDPOINT] = _sockaddr(endpoint)
         if prefixes is not None:
             self.allowed.remove_by_peer(peer_id)
+            insert = self.allowed.insert_packed
             for address, cidr in prefixes:
-                self.allowed.insert((address, cidr), peer_id)
+                insert(address, cidr, peer_id)
 
     def _remove_peer(self, peer_id: int) -> None:
         if self.peers.pop(peer_id, None) is None:

@@ -80,6 +80,47 @@ class Channel:
         pack = self._packer.pack
         self._write(b"".join(pack(message) for message in messages))
 
+    @staticmethod
+    def send_to_all(batches: list[tuple[Channel, list[list[Any]]]]) -> list[Channel]:
+        """Write each channel's messages, all channels at once: while one pipe is full the
+        others are written, so every worker applies a large configuration in parallel (one
+        after the other, control waited for each: perf/RESULTS.md, "Control plane").
+        Returns the channels whose other end has gone (OSError); the rest are written whole.
+        Only for non-blocking ends (control's)."""
+        views: dict[Channel, memoryview] = {}
+        for channel, messages in batches:
+            pack = channel._packer.pack
+            views[channel] = memoryview(b"".join(pack(message) for message in messages))
+        failed: list[Channel] = []
+        poller = select.poll()
+        while views:
+            for channel, view in list(views.items()):
+                try:
+                    while view:
+                        view = view[channel.sock.send(view) :]
+                except BlockingIOError:
+                    views[channel] = view
+                    continue
+                except OSError:
+                    failed.append(channel)
+                del views[channel]
+            if not views:
+                break
+            by_fd = {channel.sock.fileno(): channel for channel in views}
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN | select.POLLOUT)
+            for fd, events in poller.poll():
+                channel = by_fd[fd]
+                if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    try:
+                        channel._read_while_waiting()
+                    except OSError:
+                        failed.append(channel)
+                        del views[channel]
+            for fd in by_fd:
+                poller.unregister(fd)
+        return failed
+
     def _write(self, data: bytes) -> None:
         if self.sock.getblocking():
             self.sock.sendall(data)
@@ -100,17 +141,23 @@ class Channel:
             self._poll.register(self.sock, select.POLLIN | select.POLLOUT)
         for _, events in self._poll.poll():
             if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                try:
-                    data = self.sock.recv(1 << 20)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    self._eof = True
-                    raise BrokenPipeError("the other end of the channel has gone")
-                self._unpacker.feed(data)
-                self.pending = True
+                self._read_while_waiting()
+
+    def _read_while_waiting(self) -> None:
+        """Keep what the other end sent (for `receive()`) so that it can go on writing."""
+        if self._eof:
+            raise BrokenPipeError("the other end of the channel has gone")
+        try:
+            data = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._eof = True
+            raise BrokenPipeError("the other end of the channel has gone")
+        self._unpacker.feed(data)
+        self.pending = True
 
     def receive(self) -> list[list[Any]] | None:
         """Every complete message readable now (and any read while writing); None when the

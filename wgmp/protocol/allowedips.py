@@ -129,6 +129,26 @@ class AllowedIPs(Generic[P]):
         table[slot] = peer
         self._by_peer.setdefault(peer, {})[key] = None
 
+    def insert_packed(self, address: bytes, cidr: int, peer: P) -> None:
+        """`insert((address, cidr), peer)` for a packed address (4 or 16 bytes), without the
+        checks of other prefix forms: how configurations arrive in bulk (100,000 prefixes of
+        a `wg setconf`, in control and in every worker)."""
+        bits = len(address) << 3
+        masks = _MASKS.get(bits)
+        if masks is None or peer is None or not 0 <= cidr <= bits:
+            self.insert((address, cidr), peer)  # raises the error that `insert` would
+            return
+        key = (bits, cidr, int.from_bytes(address, "big") & masks[cidr])
+        table, slot = self._slot(key)
+        owner = table.get(slot)
+        if owner is not None:
+            self._forget(owner, key)
+        table[slot] = peer
+        by_peer = self._by_peer.get(peer)
+        if by_peer is None:
+            by_peer = self._by_peer[peer] = {}
+        by_peer[key] = None
+
     def remove(self, prefix: Prefix, peer: P) -> bool:
         """Remove the exact (masked) prefix if `peer` owns it; True if it was removed."""
         key = _parse(prefix)
