@@ -216,3 +216,30 @@ def test_staged_packets_are_counted_and_written_to_the_stats_block(rig: Any) -> 
     rig.worker._outbound(time.monotonic())
     rig.worker._flush(time.monotonic())
     assert rig.worker.stats.staged() == 3
+
+
+def test_worker_arguments_as_the_supervisor_writes_them() -> None:
+    from wgmp.dataplane.worker import _parse_args
+
+    argv = "--id 1 --tun 5 --channel 7 --keyslots 8 --stats 9 --vnet-hdr --udp4 6".split()
+    assert _parse_args(argv) == {
+        "id": 1, "tun": 5, "udp4": 6, "udp6": -1, "channel": 7, "keyslots": 8, "stats": 9,
+        "vnet_hdr": 1,
+    }  # fmt: skip
+    for bad in (argv[:-2], [*argv, "--udp6"], [*argv, "--udp6", "x"], [*argv, "--what"]):
+        with pytest.raises(SystemExit):
+            _parse_args(bad)
+
+
+def test_worker_module_imports_neither_logging_nor_argparse_nor_dataclasses() -> None:
+    """What a worker never uses stays out of its memory (docs/performance.md)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wgmp.dataplane.worker; "
+        "print(sorted({'logging', 'argparse', 'dataclasses', 'pyroute2', 'prometheus_client',"
+        " 'nacl'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -13,9 +13,7 @@ lists (STYLE.md habit 5); everything rare goes through `_handle_control`.
 
 from __future__ import annotations
 
-import argparse
 import errno
-import logging
 import os
 import select
 import signal
@@ -57,7 +55,19 @@ from .coalesce import VNET_HDR_LEN, coalesce
 
 __all__ = ["Worker", "main"]
 
-log = logging.getLogger("wgmp")
+
+# The worker logs next to nothing (a GSO failure), so it does without `logging` and `argparse`:
+# with what they import (traceback, tokenize, threading, gettext, ...) they were ~1 MiB of
+# each worker's own memory (docs/performance.md, "Memory per worker").
+_verbose = False
+_worker_label = "worker"
+
+
+def _log_info(message: str, *args: object) -> None:
+    if _verbose:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        sys.stderr.write(f"INFO: ({_worker_label}) {stamp} {message % args}\n")
+
 
 FLUSH_INTERVAL = 0.1  # how stale control's view of traffic (timers) and counters may be
 COUNTER_BLOCK = 256  # counters reserved per lock: one fcntl pair per 256 packets
@@ -325,7 +335,7 @@ class Worker:
                     and err.errno in (errno.EINVAL, errno.EIO, errno.EMSGSIZE)
                 ):
                     # Segments larger than the path's MTU, or no GSO here: one by one.
-                    log.info(
+                    _log_info(
                         "UDP GSO failed (%s, %d x %d bytes): one by one for a while",
                         err,
                         j - i,
@@ -707,39 +717,55 @@ class Worker:
             self.channel.send(Kind.ACTIVITY, reports)
 
 
+_OPTIONS = ("id", "tun", "udp4", "udp6", "channel", "keyslots", "stats")
+
+
+def _parse_args(argv: list[str]) -> dict[str, int]:
+    """`--id N --tun FD --udp4 FD [--udp6 FD] --channel FD --keyslots FD --stats FD
+    [--vnet-hdr]`, as control's supervisor writes them; SystemExit(2) on anything else."""
+    args = {"udp6": -1, "vnet_hdr": 0}
+    words = iter(argv)
+    for word in words:
+        name = word[2:].replace("-", "_") if word.startswith("--") else ""
+        if name == "vnet_hdr":
+            args["vnet_hdr"] = 1
+        elif name in _OPTIONS:
+            try:
+                args[name] = int(next(words))
+            except (StopIteration, ValueError):
+                sys.exit(f"wgmp-worker: {word} needs an integer")
+        else:
+            sys.exit(f"wgmp-worker: unknown argument {word!r}")
+    missing = [name for name in _OPTIONS if name not in args]
+    if missing:
+        sys.exit(f"wgmp-worker: missing --{', --'.join(missing)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of a worker process, started by control with the descriptors it holds."""
-    parser = argparse.ArgumentParser(prog="wgmp-worker")
-    parser.add_argument("--id", type=int, required=True)
-    parser.add_argument("--tun", type=int, required=True)
-    parser.add_argument("--udp4", type=int, required=True)
-    parser.add_argument("--udp6", type=int, default=-1)
-    parser.add_argument("--channel", type=int, required=True)
-    parser.add_argument("--keyslots", type=int, required=True)
-    parser.add_argument("--stats", type=int, required=True)
-    parser.add_argument("--vnet-hdr", action="store_true", help="the TUN carries virtio headers")
-    args = parser.parse_args(argv)
-    logging.basicConfig(format=f"%(levelname)s: (worker {args.id}) %(asctime)s %(message)s")
-    verbose = os.environ.get("LOG_LEVEL") in ("verbose", "debug")
-    log.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    global _verbose, _worker_label
+    _verbose = os.environ.get("LOG_LEVEL") in ("verbose", "debug")
+    _worker_label = f"worker {args['id']}"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # control decides when workers stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds, so a profile is written
-    sockets = {4: socket.socket(fileno=args.udp4)}
-    if args.udp6 >= 0:
-        sockets[6] = socket.socket(fileno=args.udp6)
+    sockets = {4: socket.socket(fileno=args["udp4"])}
+    if args["udp6"] >= 0:
+        sockets[6] = socket.socket(fileno=args["udp6"])
     for sock in sockets.values():
         try:
             sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         except OSError:
             pass  # no UDP GRO in this kernel: one datagram per recvmsg
     worker = Worker(
-        args.id,
-        args.tun,
+        args["id"],
+        args["tun"],
         sockets,
-        Channel(socket.socket(fileno=args.channel)),
-        KeySlots.attach(args.keyslots),
-        StatsBlock.attach(args.stats),
-        vnet_hdr=args.vnet_hdr,
+        Channel(socket.socket(fileno=args["channel"])),
+        KeySlots.attach(args["keyslots"]),
+        StatsBlock.attach(args["stats"]),
+        vnet_hdr=bool(args["vnet_hdr"]),
     )
     profile_dir = os.environ.get("WGMP_PROFILE_DIR")
     if profile_dir:  # a developer's tool for perf/: where the per-packet time goes
@@ -749,7 +775,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             profiler.runcall(worker.run)
         finally:
-            profiler.dump_stats(os.path.join(profile_dir, f"worker-{args.id}-{os.getpid()}.prof"))
+            profiler.dump_stats(
+                os.path.join(profile_dir, f"worker-{args['id']}-{os.getpid()}.prof")
+            )
         return
     worker.run()
 
