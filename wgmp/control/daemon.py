@@ -15,6 +15,7 @@ import selectors
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..ipc.keyslots import KeySlots
 from ..net import netlink, tun, udp
 from ..net.steering import attach_steering
 from ..protocol.constants import DEFAULT_MTU, MAX_QUEUED_INCOMING_HANDSHAKES
+from ..protocol.errors import DropReason
 from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
 from ..uapi import protocol as uapi
@@ -39,6 +41,11 @@ KEYSLOT_CAPACITY = 1 << 16
 # The TUN takes virtio-net headers so workers can write GSO super-packets (dataplane/coalesce.py).
 TUN_VNET_HDR = True
 STATS_FLUSH_TIMEOUT = 0.3
+# Handshake messages read from a socket per turn of the loop (what does not fit the queue is
+# dropped), and the time handled from the queue per turn: a turn's handshakes delay the
+# workers' messages and the timers by at most this.
+HANDSHAKE_READS_PER_TURN = 2 * MAX_QUEUED_INCOMING_HANDSHAKES
+HANDSHAKE_TURN = 0.005
 SOCKET_CHECK_INTERVAL = 0.5
 
 
@@ -104,6 +111,8 @@ class Daemon:
             self.uapi.close()  # no socket file left behind that nobody answers on
             raise SetupError(str(err)) from err
         self._wake_r, self._wake_w = socket.socketpair()
+        # Handshake messages read and not handled yet: (data, source, our address).
+        self._handshakes: deque[tuple[bytes, tuple[str, int], Local | None]] = deque()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -194,10 +203,13 @@ class Daemon:
                 now = time.monotonic()
                 deadline = self.interface.next_deadline()
                 timeout = 0.25 if deadline is None else min(max(deadline - now, 0.0), 0.25)
-                for key, _ in self.selector.select(0.0 if pending else timeout):
+                busy = pending or bool(self._handshakes)
+                for key, _ in self.selector.select(0.0 if busy else timeout):
                     key.data(key.fileobj)
                     if not self.running:
                         break
+                if self._handshakes and self.running:
+                    self._handle_handshakes()  # what is left of the queue: another turn
                 now = time.monotonic()
                 self.interface.expire(now, time.time_ns())
                 self._supervise(now)
@@ -248,25 +260,52 @@ class Daemon:
     # -- handshakes --------------------------------------------------------------------------
 
     def _on_handshake_socket(self, sock: socket.socket) -> None:
-        backlog: list[tuple[bytes, tuple[str, int], Local | None]] = []
-        while len(backlog) < MAX_QUEUED_INCOMING_HANDSHAKES:
+        """Empty the socket into the handshake queue (dropping what does not fit), then
+        handle a turn's worth of the queue.
+
+        As wireguard-go, whose receiving goroutine feeds a queue of
+        MAX_QUEUED_INCOMING_HANDSHAKES and drops what does not fit: reading is cheap, so the
+        kernel's buffer (7 MiB, thousands of datagrams) never holds a backlog of seconds.
+        Before, control read 1024 at a time and answered each, with a DH: under a flood the
+        buffered initiations were seconds old when answered, their senders had moved on, and
+        the answered rate fell from its peak to nothing (perf/RESULTS.md, "Handshakes")."""
+        queue = self._handshakes
+        dropped = 0
+        for _ in range(HANDSHAKE_READS_PER_TURN):
             try:
                 data, ancillary, _, address = sock.recvmsg(2048, udp.PKTINFO_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 continue
+            if len(queue) >= MAX_QUEUED_INCOMING_HANDSHAKES:
+                dropped += 1
+                continue
             local = next((c for c in ancillary if (c[0], c[1]) in udp.PKTINFO_KINDS), None)
-            backlog.append((data, (address[0], address[1]), local))
-        self.interface.note_backlog(len(backlog), time.monotonic())
+            queue.append((data, (address[0], address[1]), local))
+        if dropped:
+            self.interface.counters.drops[DropReason.HANDSHAKE_QUEUE_FULL] += dropped
+        self.interface.note_backlog(len(queue), time.monotonic())
+        self._handle_handshakes()
+
+    def _handle_handshakes(self) -> None:
+        """Handle queued handshake messages for at most HANDSHAKE_TURN seconds, so that the
+        loop also reads the workers and the sockets again in between."""
+        queue = self._handshakes
         monotonic, time_ns = time.monotonic, time.time_ns
-        for data, source, local in backlog:
+        deadline = monotonic() + HANDSHAKE_TURN
+        receive = self.interface.receive_handshake
+        while queue:
+            data, source, local = queue.popleft()
             # Each message at the time it is handled, as wireguard-go does: a backlog can take
             # a second to get through, and the 20 ms rule, the rate limiter and the timers are
             # about when a message is handled (with one time for the whole batch, a peer's
             # second initiation in it was refused as a flood after a DH was spent on it).
-            self.interface.receive_handshake(data, source, monotonic(), time_ns(), local)
+            now = monotonic()
+            receive(data, source, now, time_ns(), local)
             self._drain_outputs()
+            if now >= deadline:
+                break
 
     def _drain_outputs(self) -> None:
         # Commands first: a worker must hold a new keypair before the peer can answer the
@@ -466,12 +505,13 @@ class Daemon:
         elif kind == Kind.HANDSHAKE_PACKET:
             interface.receive_handshake(message[1], (message[2][0], message[2][1]), now, wall)
         elif kind == Kind.REMOVED:
-            waiting = self.pending_release.get(message[1])
-            if waiting is not None:
-                waiting.discard(handle.worker_id)
-                if not waiting:
-                    del self.pending_release[message[1]]
-                    self.keyslots.release(message[1])
+            for slot in message[1:]:  # one acknowledgement may carry several removals
+                waiting = self.pending_release.get(slot)
+                if waiting is not None:
+                    waiting.discard(handle.worker_id)
+                    if not waiting:
+                        del self.pending_release[slot]
+                        self.keyslots.release(slot)
         elif kind == Kind.STATS_FLUSHED:
             handle.pending_flush.discard(message[1])
         elif kind == Kind.READY:

@@ -135,6 +135,8 @@ class Worker:
         self.vnet_hdr = vnet_hdr
         self._to_tun: list[bytes] = []
         self._received_under: dict[int, list[Any]] = {}  # slots to note the replay mark of
+        self._index_of_slot: dict[int, int] = {}  # the receiver index each slot is held under
+        self._removed: list[int] = []  # slots removed, not yet acknowledged
         self._rx_buffer = bytearray(1 << 16)
         self._rx_view = memoryview(self._rx_buffer)
         self.drops = stats.drops()[:DROP_SLOTS]
@@ -181,8 +183,16 @@ class Worker:
         if messages is None:
             self.running = False
             return False
+        removed = self._removed
         for message in messages:
             self._handle_control(message, now)
+        if removed:
+            # One acknowledgement for every removal of this read: one by one, under a
+            # handshake flood (a removal per handshake) the worker blocked on a full pipe
+            # while control was busy, and control then waited on the worker's pipe in turn
+            # (perf/RESULTS.md, "Handshakes").
+            self.channel.send(Kind.REMOVED, *removed)
+            removed.clear()
         return True
 
     # -- outbound: TUN -> UDP ----------------------------------------------------------------
@@ -577,7 +587,7 @@ class Worker:
             self._install(message[1], message[2], now)
         elif kind == Kind.KEYPAIR_REMOVE:
             self._remove_keypair(message[1])
-            self.channel.send(Kind.REMOVED, message[1])
+            self._removed.append(message[1])  # acknowledged once the read is handled
         elif kind == Kind.PEER_SET:
             self._set_peer(*message[1:])
         elif kind == Kind.PEER_REMOVE:
@@ -680,6 +690,7 @@ class Worker:
                 if high is not None:  # a predecessor received under it: no replays of that
                     entry[R_REPLAY].resume(high)
             self.by_index[info.local_index] = entry
+            self._index_of_slot[slot] = info.local_index
         if role == ROLE_CURRENT:
             peer[P_SEND] = send
             self._flush_staged(peer, info.peer_id, now)
@@ -689,9 +700,11 @@ class Worker:
         entry = self.by_slot.pop(slot, None)
         if entry is None:
             return
-        for index, candidate in list(self.by_index.items()):
-            if candidate is entry:
-                del self.by_index[index]
+        # By the slot's own index, not a scan of every index: the scan cost ~290 us a removal
+        # with 1000 peers under a handshake flood (perf/RESULTS.md, "Handshakes").
+        index = self._index_of_slot.pop(slot, None)
+        if index is not None and self.by_index.get(index) is entry:
+            del self.by_index[index]
         peer = self.peers.get(entry[R_PEER])
         if peer is not None and peer[P_SEND] is entry[R_SEND]:
             peer[P_SEND] = None

@@ -42,7 +42,7 @@ class Kind(IntEnum):
     CONFIRMED = 35  # [kind, slot]  first packet received under a `next` keypair
     ROAMED = 36  # [kind, peer_id, endpoint]
     HANDSHAKE_PACKET = 37  # [kind, data, endpoint, local_address|None]
-    REMOVED = 38  # [kind, slot]  acknowledges KEYPAIR_REMOVE
+    REMOVED = 38  # [kind, slot, ...]  acknowledges KEYPAIR_REMOVE of each slot
     STATS_FLUSHED = 39  # [kind, token]
     REKEY_WANTED = 40  # [kind, peer_id]  a key's age or count says rekey (worker's view)
 

@@ -29,6 +29,7 @@ class DropReason(IntEnum):
     FLOOD = 12
     KEY_EXPIRED = 13
     STAGED_EXPIRED = 14
+    HANDSHAKE_QUEUE_FULL = 15  # control's handshake queue was full (wireguard-go drops too)
 
     @property
     def label(self) -> str:
