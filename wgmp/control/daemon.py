@@ -579,10 +579,9 @@ class Daemon:
         self.flush_stats()
         interface = self.interface
         peers = []
-        format_prefix, packed_entries = (
-            uapi.format_packed_prefix,
-            interface.allowed.packed_entries_for_peer,
-        )
+        # From the table's own keys: ~4 us a peer less than through packed addresses (10,000
+        # peers x 10 prefixes), see perf/RESULTS.md, "Control plane".
+        format_prefix, keys_for_peer = uapi.format_prefix_value, interface.allowed.keys_for_peer
         for peer in interface.peers.values():
             rx = peer.control_rx_bytes + peer.retired_rx_bytes
             tx = peer.control_tx_bytes + peer.retired_tx_bytes
@@ -601,9 +600,7 @@ class Daemon:
                     tx_bytes=tx,
                     rx_bytes=rx,
                     persistent_keepalive_interval=peer.persistent_keepalive_interval,
-                    allowed_ips=[
-                        format_prefix(packed, cidr) for packed, cidr in packed_entries(peer.peer_id)
-                    ],
+                    allowed_ips=[format_prefix(*key) for key in keys_for_peer(peer.peer_id)],
                 )
             )
         identity = interface.identity

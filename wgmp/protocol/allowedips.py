@@ -180,6 +180,11 @@ class AllowedIPs(Generic[P]):
             for bits, cidr, value in self._by_peer.get(peer, ())
         ]
 
+    def keys_for_peer(self, peer: P) -> list[tuple[int, int, int]]:
+        """The prefixes `peer` owns as the table keeps them: (address bits, prefix length,
+        masked address as an int), in order. The cheapest form to print many of."""
+        return list(self._by_peer.get(peer, ()))
+
     def clear(self) -> None:
         """Remove every prefix."""
         self._hosts = {}
