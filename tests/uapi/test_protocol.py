@@ -46,6 +46,7 @@ from wgmp.uapi.protocol import (
     format_errno,
     format_get,
     format_packed_prefix,
+    format_prefix_value,
     format_prefix,
     parse_request,
 )
@@ -861,6 +862,7 @@ def test_format_endpoint(host, port, text):
     ("address", "cidr", "text"),
     [
         ("10.0.0.0", 8, "10.0.0.0/8"),
+        ("255.254.1.0", 24, "255.254.1.0/24"),
         ("::", 0, "::/0"),
         ("fe80::abcd", 128, "fe80::abcd/128"),
         ("::ffff:1.2.3.4", 128, "::ffff:1.2.3.4/128"),
@@ -874,6 +876,8 @@ def test_format_prefix(address, cidr, text):
     assert (
         format_packed_prefix(ip_network(f"{address}/{cidr}").network_address.packed, cidr) == text
     )
+    network = ip_network(f"{address}/{cidr}")
+    assert format_prefix_value(network.max_prefixlen, cidr, int(network.network_address)) == text
 
 
 def test_set_then_get_round_trip():
