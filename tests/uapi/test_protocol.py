@@ -46,8 +46,8 @@ from wgmp.uapi.protocol import (
     format_errno,
     format_get,
     format_packed_prefix,
-    format_prefix_value,
     format_prefix,
+    format_prefix_value,
     parse_request,
 )
 
