@@ -121,7 +121,7 @@ def measure(args: argparse.Namespace, kind: str, workers: str, index: int, conf:
         time.sleep(1.0)  # workers started and settled
         result.idle = memory(ns)
         start = time.monotonic()
-        daemon.wg("setconf", ifname, str(conf))
+        ns.run(["wg", "setconf", ifname, str(conf)], timeout=900)
         result.setconf_s = time.monotonic() - start
         for _ in range(2):
             start = time.monotonic()

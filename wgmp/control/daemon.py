@@ -290,7 +290,9 @@ class Daemon:
 
     def _handle_handshakes(self) -> None:
         """Handle queued handshake messages for at most HANDSHAKE_TURN seconds, so that the
-        loop also reads the workers and the sockets again in between."""
+        loop also reads the workers and the sockets again in between; then send what they
+        produced, commands first (one pipe write per worker for the whole turn: under a
+        flood, a write per handshake woke a worker per handshake), then the datagrams."""
         queue = self._handshakes
         monotonic, time_ns = time.monotonic, time.time_ns
         deadline = monotonic() + HANDSHAKE_TURN
@@ -303,9 +305,9 @@ class Daemon:
             # second initiation in it was refused as a flood after a DH was spent on it).
             now = monotonic()
             receive(data, source, now, time_ns(), local)
-            self._drain_outputs()
             if now >= deadline:
                 break
+        self._drain_outputs()
 
     def _drain_outputs(self) -> None:
         # Commands first: a worker must hold a new keypair before the peer can answer the
