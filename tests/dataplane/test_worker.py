@@ -243,3 +243,27 @@ def test_worker_module_imports_neither_logging_nor_argparse_nor_dataclasses() ->
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_send_keepalive_only_when_nothing_was_sent_under_the_keypair(rig: Any) -> None:
+    """SEND_KEEPALIVE after our initiation's response: the staged packet already confirmed
+    the session (no keepalive); with nothing staged, one 32-byte keepalive goes out, and it
+    does not count as data for the timers (wireguard-go's timersDataSent)."""
+    rig.tun.send(VNET_HDR_NONE + _outbound(0))
+    rig.worker._outbound(time.monotonic())
+    slot = install(rig.worker, ROLE_CURRENT)  # the staged packet goes out
+    assert len(rig.fake.sent) == 1
+    rig.worker._handle_control([Kind.SEND_KEEPALIVE, 1, slot], time.monotonic())
+    assert len(rig.fake.sent) == 1  # nothing more
+
+    rig.worker._remove_keypair(slot)
+    slot = install(rig.worker, ROLE_CURRENT)  # a new session, nothing staged
+    activity = rig.worker.peers[1][7]
+    data_sent_before = activity[1]
+    rig.worker._handle_control([Kind.SEND_KEEPALIVE, 1, slot], time.monotonic())
+    assert len(rig.fake.sent) == 2
+    keepalive = rig.fake.sent[1][0][0]
+    assert len(keepalive) == 32 and open_transport(SEND_KEY, keepalive)[2] == b""
+    assert activity[1] == data_sent_before and activity[0] > 0
+    rig.worker._handle_control([Kind.SEND_KEEPALIVE, 1, slot], time.monotonic())
+    assert len(rig.fake.sent) == 2  # once per keypair
