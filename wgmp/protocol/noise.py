@@ -70,7 +70,7 @@ class StaticIdentity:
 
     @cached_property
     def key(self) -> DHKey:
-        """The private key imported once, for every DH with it (see crypto.dh_private_key)."""
+        """The private key as the DH functions take it (see crypto.dh_private_key)."""
         return dh_private_key(self.private_key)
 
 
@@ -111,7 +111,7 @@ class Handshake:
         self.hash = b""
         self.chaining_key = b""
         self.local_ephemeral = b""
-        # The imported object of `local_ephemeral` (used only while it is that very key).
+        # `local_ephemeral` as the DH functions take it (used only while it is that very key).
         self._local_ephemeral_key: tuple[bytes, DHKey] | None = None
         self.remote_ephemeral = b""
         self.local_index = 0
@@ -178,7 +178,7 @@ class Handshake:
         h = _mix_hash(INITIAL_HASH, self.remote_static)
         ck = INITIAL_CHAINING_KEY
         ephemeral_private = DH_GENERATE(rng)
-        ephemeral_key = dh_private_key(ephemeral_private)  # imported once, used twice
+        ephemeral_key = dh_private_key(ephemeral_private)  # used twice
         ephemeral_public = DH_PUBLIC(ephemeral_private)
         ck = KDF1(ck, ephemeral_public)
         h = _mix_hash(h, ephemeral_public)
@@ -228,7 +228,7 @@ class Handshake:
         if self.state != HandshakeState.INITIATION_CONSUMED:
             raise ProtocolError(DropReason.HANDSHAKE_INVALID, "no initiation to answer")
         ephemeral_private = DH_GENERATE(rng)
-        ephemeral_key = dh_private_key(ephemeral_private)  # imported once, used three times
+        ephemeral_key = dh_private_key(ephemeral_private)  # used three times
         ephemeral_public = DH_PUBLIC(ephemeral_private)
         ck = KDF1(self.chaining_key, ephemeral_public)
         h = _mix_hash(self.hash, ephemeral_public)
