@@ -343,3 +343,59 @@ def test_datagrams_of_another_workers_block_are_handed_to_it(rig: Any) -> None:
     assert all(len(w) > VNET_HDR_LEN for w in written)
     for s in (inbox, outbox, other_control, other_end):
         s.close()
+
+
+def test_worker_arguments_as_the_supervisor_writes_them() -> None:
+    from wgmp.dataplane.worker import _parse_args
+
+    argv = "--id 1 --tun 5 --channel 7 --keyslots 8 --stats 9 --vnet-hdr --udp4 6".split()
+    assert _parse_args(argv) == {
+        "id": 1, "tun": 5, "udp4": 6, "udp6": -1, "channel": 7, "keyslots": 8, "stats": 9,
+        "vnet_hdr": 1, "workers": 1, "handoff_in": -1, "handoff_out": "",
+    }  # fmt: skip
+    # With hand-off sockets (several workers): the outboxes list this worker's as -1.
+    more = [*argv, "--workers", "2", "--handoff-in", "10", "--handoff-out=-1,11"]
+    parsed = _parse_args(more)
+    assert (parsed["workers"], parsed["handoff_in"], parsed["handoff_out"]) == (2, 10, "-1,11")
+    for bad in (argv[:-2], [*argv, "--udp6"], [*argv, "--udp6", "x"], [*argv, "--what"]):
+        with pytest.raises(SystemExit):
+            _parse_args(bad)
+
+
+def test_worker_module_imports_neither_logging_nor_argparse_nor_dataclasses() -> None:
+    """What a worker never uses stays out of its memory (docs/performance.md)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wgmp.dataplane.worker, wgmp.dataplane.inbound, wgmp.dataplane.outbound,"
+        " wgmp.dataplane.records, wgmp.dataplane.wire, wgmp.dataplane.worker_log; "
+        "print(sorted({'logging', 'argparse', 'dataclasses', 'pyroute2', 'prometheus_client',"
+        " 'nacl'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_send_keepalive_only_when_nothing_was_sent_under_the_keypair(rig: Any) -> None:
+    """SEND_KEEPALIVE after our initiation's response: the staged packet already confirmed
+    the session (no keepalive); with nothing staged, one 32-byte keepalive goes out, and it
+    does not count as data for the timers (wireguard-go's timersDataSent)."""
+    rig.tun.send(VNET_HDR_NONE + _outbound(0))
+    rig.worker._outbound(time.monotonic())
+    slot = install(rig.worker, ROLE_CURRENT)  # the staged packet goes out
+    assert len(rig.fake.sent) == 1
+    rig.worker._handle_control([Kind.SEND_KEEPALIVE, 1, slot], time.monotonic())
+    assert len(rig.fake.sent) == 1  # nothing more
+
+    rig.worker._remove_keypair(slot)
+    slot = install(rig.worker, ROLE_CURRENT)  # a new session, nothing staged
+    activity = rig.worker.peers[1][7]
+    data_sent_before = activity[1]
+    rig.worker._handle_control([Kind.SEND_KEEPALIVE, 1, slot], time.monotonic())
+    assert len(rig.fake.sent) == 2
+    keepalive = rig.fake.sent[1][0][0]
+    assert len(keepalive) == 32 and open_transport(SEND_KEY, keepalive)[2] == b""
+    assert activity[1] == data_sent_before and activity[0] > 0
+    rig.worker._handle_control([Kind.SEND_KEEPALIVE, 1, slot], time.monotonic())
+    assert len(rig.fake.sent) == 2  # once per keypair

@@ -89,3 +89,29 @@ def test_the_other_end_closing_is_none_after_what_it_sent() -> None:
         assert worker.receive() is None
     finally:
         worker.close()
+
+
+def test_send_to_all_writes_every_channel_whole_while_others_are_full() -> None:
+    """Control's bulk write: more than a pipe holds, to two workers that read only after
+    control started writing; both get everything in order, and a gone worker is reported."""
+    ends = [Channel.pair() for _ in range(3)]
+    workers = [Channel(theirs) for _, theirs in ends]
+    batch = [[Kind.PEER_SET, i, None, [[bytes(4), 32]] * 10] for i in range(20000)]
+    got: list[list[list[object]]] = [[], []]
+
+    def read(index: int) -> None:
+        got[index] = _drain(workers[index], len(batch), timeout=30)
+
+    workers[2].sock.close()  # this one has gone
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    for reader in readers:
+        reader.start()
+    failed = Channel.send_to_all([(control, batch) for control, _ in ends])
+    for reader in readers:
+        reader.join(30)
+    assert failed == [ends[2][0]]
+    assert got[0] == batch and got[1] == batch
+    for control, _ in ends:
+        control.close()
+    for worker in workers[:2]:
+        worker.close()

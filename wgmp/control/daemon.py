@@ -15,15 +15,17 @@ import selectors
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ..ipc.channel import Kind
+from ..ipc.channel import Channel, Kind
 from ..ipc.keyslots import KeySlots
 from ..net import netlink, tun, udp
 from ..net.steering import attach_steering
 from ..net.tun_steering import attach_flow_steering
 from ..protocol.constants import DEFAULT_MTU, MAX_QUEUED_INCOMING_HANDSHAKES
+from ..protocol.errors import DropReason
 from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
 from ..uapi import protocol as uapi
@@ -40,6 +42,11 @@ KEYSLOT_CAPACITY = 1 << 16
 # The TUN takes virtio-net headers so workers can write GSO super-packets (dataplane/coalesce.py).
 TUN_VNET_HDR = True
 STATS_FLUSH_TIMEOUT = 0.3
+# Handshake messages read from a socket per turn of the loop (what does not fit the queue is
+# dropped), and the time handled from the queue per turn: a turn's handshakes delay the
+# workers' messages and the timers by at most this.
+HANDSHAKE_READS_PER_TURN = 2 * MAX_QUEUED_INCOMING_HANDSHAKES
+HANDSHAKE_TURN = 0.005
 SOCKET_CHECK_INTERVAL = 0.5
 
 
@@ -107,6 +114,8 @@ class Daemon:
             self.uapi.close()  # no socket file left behind that nobody answers on
             raise SetupError(str(err)) from err
         self._wake_r, self._wake_w = socket.socketpair()
+        # Handshake messages read and not handled yet: (data, source, our address).
+        self._handshakes: deque[tuple[bytes, tuple[str, int], Local | None]] = deque()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -203,10 +212,13 @@ class Daemon:
                 now = time.monotonic()
                 deadline = self.interface.next_deadline()
                 timeout = 0.25 if deadline is None else min(max(deadline - now, 0.0), 0.25)
-                for key, _ in self.selector.select(0.0 if pending else timeout):
+                busy = pending or bool(self._handshakes)
+                for key, _ in self.selector.select(0.0 if busy else timeout):
                     key.data(key.fileobj)
                     if not self.running:
                         break
+                if self._handshakes and self.running:
+                    self._handle_handshakes()  # what is left of the queue: another turn
                 now = time.monotonic()
                 self.interface.expire(now, time.time_ns())
                 self._supervise(now)
@@ -257,25 +269,54 @@ class Daemon:
     # -- handshakes --------------------------------------------------------------------------
 
     def _on_handshake_socket(self, sock: socket.socket) -> None:
-        backlog: list[tuple[bytes, tuple[str, int], Local | None]] = []
-        while len(backlog) < MAX_QUEUED_INCOMING_HANDSHAKES:
+        """Empty the socket into the handshake queue (dropping what does not fit), then
+        handle a turn's worth of the queue.
+
+        As wireguard-go, whose receiving goroutine feeds a queue of
+        MAX_QUEUED_INCOMING_HANDSHAKES and drops what does not fit: reading is cheap, so the
+        kernel's buffer (7 MiB, thousands of datagrams) never holds a backlog of seconds.
+        Before, control read 1024 at a time and answered each, with a DH: under a flood the
+        buffered initiations were seconds old when answered, their senders had moved on, and
+        the answered rate fell from its peak to nothing (perf/RESULTS.md, "Handshakes")."""
+        queue = self._handshakes
+        dropped = 0
+        for _ in range(HANDSHAKE_READS_PER_TURN):
             try:
                 data, ancillary, _, address = sock.recvmsg(2048, udp.PKTINFO_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 continue
+            if len(queue) >= MAX_QUEUED_INCOMING_HANDSHAKES:
+                dropped += 1
+                continue
             local = next((c for c in ancillary if (c[0], c[1]) in udp.PKTINFO_KINDS), None)
-            backlog.append((data, (address[0], address[1]), local))
-        self.interface.note_backlog(len(backlog), time.monotonic())
+            queue.append((data, (address[0], address[1]), local))
+        if dropped:
+            self.interface.counters.drops[DropReason.HANDSHAKE_QUEUE_FULL] += dropped
+        self.interface.note_backlog(len(queue), time.monotonic())
+        self._handle_handshakes()
+
+    def _handle_handshakes(self) -> None:
+        """Handle queued handshake messages for at most HANDSHAKE_TURN seconds, so that the
+        loop also reads the workers and the sockets again in between; then send what they
+        produced, commands first (one pipe write per worker for the whole turn: under a
+        flood, a write per handshake woke a worker per handshake), then the datagrams."""
+        queue = self._handshakes
         monotonic, time_ns = time.monotonic, time.time_ns
-        for data, source, local in backlog:
+        deadline = monotonic() + HANDSHAKE_TURN
+        receive = self.interface.receive_handshake
+        while queue:
+            data, source, local = queue.popleft()
             # Each message at the time it is handled, as wireguard-go does: a backlog can take
             # a second to get through, and the 20 ms rule, the rate limiter and the timers are
             # about when a message is handled (with one time for the whole batch, a peer's
             # second initiation in it was refused as a flood after a DH was spent on it).
-            self.interface.receive_handshake(data, source, monotonic(), time_ns(), local)
-            self._drain_outputs()
+            now = monotonic()
+            receive(data, source, now, time_ns(), local)
+            if now >= deadline:
+                break
+        self._drain_outputs()
 
     def _drain_outputs(self) -> None:
         # Commands first: a worker must hold a new keypair before the peer can answer the
@@ -305,38 +346,66 @@ class Daemon:
         interface.datagrams.clear()
 
     def _drain_commands(self) -> None:
+        """Every command of this turn to its workers, in order, in one write per worker.
+
+        One write per worker and turn, not one per command: a responder's handshake makes two
+        or three commands, and each write cost a system call and often a wake-up of the worker
+        (perf/RESULTS.md, "Latency")."""
         interface = self.interface
+        published, interface.published = interface.published, []
         if not interface.commands:
             return
         live = [h for h in self.supervisor.workers if h.channel is not None]
+        batches: dict[int, list[list[Any]]] = {h.worker_id: [] for h in live}
         for command in interface.commands:
-            if command[0] == Kind.KEYPAIR_REMOVE:
+            kind = command[0]
+            if kind == Kind.KEYPAIR_REMOVE:
                 waiting = {h.worker_id for h in live}
                 if waiting:
                     self.pending_release[command[1]] = waiting
                 else:
                     self.keyslots.release(command[1])
-            targets = live
-            if command[0] == Kind.KEYPAIR_INSTALL:
-                targets = self._owner_first(live, command[1])
-            for handle in targets:
-                self._send(handle, command)
+            if kind == Kind.SEND_KEEPALIVE:
+                # Only to the worker that staged the packets (any live one if it has gone).
+                worker = command[3] if command[3] in batches else next(iter(batches), None)
+                if worker is not None:
+                    batches[worker].append(command[:3])
+                continue
+            for batch in batches.values():
+                batch.append(command)
         interface.commands.clear()
+        ordered = self._owner_first(live, published)
+        if published and ordered and batches[ordered[0].worker_id]:
+            # The new keypair's owner is written whole before any other worker (see below).
+            self._send_many(ordered[0], batches[ordered[0].worker_id])
+            ordered = ordered[1:]
+        writes = [(h.channel, batches[h.worker_id]) for h in ordered if batches[h.worker_id]]
+        if writes:
+            Channel.send_to_all(writes)  # type: ignore[arg-type]  # a dead worker: restarted
 
-    def _owner_first(self, live: list[WorkerHandle], slot: int) -> list[WorkerHandle]:
-        """`live` with the worker that receives on the keypair in `slot` first.
+    def _owner_first(self, live: list[WorkerHandle], published: list[int]) -> list[WorkerHandle]:
+        """`live` with the worker that receives on a keypair published this turn first.
 
         Every worker sends with a new keypair as soon as it reads the announcement (a packet
         staged for the handshake goes out at once), and the peer's answer is steered to the
         owner: announced to another worker first, the owner could see that answer before its
         own announcement was even written, and drop it as unknown_receiver_index. Written
         first, the announcement is in the owner's pipe before anything can be sent with the
-        keypair, and the worker reads its pipe before its sockets."""
-        found = self.interface.keypair_at.get(slot)
-        if found is None:
-            return live
-        owner = worker_of(found[1].local_index)
-        return sorted(live, key=lambda handle: handle.worker_id != owner)
+        keypair, and the worker reads its pipe before its sockets. (One handshake per turn
+        publishes one keypair; with several, the last one's owner goes first.)"""
+        for slot in reversed(published):
+            found = self.interface.keypair_at.get(slot)
+            if found is not None:
+                owner = worker_of(found[1].local_index)
+                return sorted(live, key=lambda handle: handle.worker_id != owner)
+        return live
+
+    def _send_many(self, handle: WorkerHandle, commands: list[list[Any]]) -> None:
+        assert handle.channel is not None
+        try:
+            handle.channel.send_many(commands)
+        except OSError:
+            pass  # a dead worker: supervision restarts it with the full state
 
     def _send(self, handle: WorkerHandle, command: list[Any]) -> None:
         assert handle.channel is not None
@@ -362,10 +431,7 @@ class Daemon:
 
     def _peer_state(self, peer: Peer) -> list[Any]:
         endpoint = list(peer.endpoint) if peer.endpoint else None
-        prefixes = [
-            [p.network_address.packed, p.prefixlen]
-            for p in self.interface.allowed.entries_for_peer(peer.peer_id)
-        ]
+        prefixes = self.interface.allowed.packed_entries_for_peer(peer.peer_id)
         return [Kind.PEER_SET, peer.peer_id, endpoint, prefixes]
 
     def _supervise(self, now: float) -> None:
@@ -437,7 +503,7 @@ class Daemon:
         if kind == Kind.ACTIVITY:
             interface.activity(message[1], now, wall)
         elif kind == Kind.NEED_HANDSHAKE:
-            interface.need_handshake(message[1], now, wall)
+            interface.need_handshake(message[1], now, wall, handle.worker_id)
         elif kind == Kind.REKEY_WANTED:
             interface.rekey_wanted(message[1], now, wall)
         elif kind == Kind.CONFIRMED:
@@ -450,12 +516,13 @@ class Daemon:
         elif kind == Kind.HANDSHAKE_PACKET:
             interface.receive_handshake(message[1], (message[2][0], message[2][1]), now, wall)
         elif kind == Kind.REMOVED:
-            waiting = self.pending_release.get(message[1])
-            if waiting is not None:
-                waiting.discard(handle.worker_id)
-                if not waiting:
-                    del self.pending_release[message[1]]
-                    self.keyslots.release(message[1])
+            for slot in message[1:]:  # one acknowledgement may carry several removals
+                waiting = self.pending_release.get(slot)
+                if waiting is not None:
+                    waiting.discard(handle.worker_id)
+                    if not waiting:
+                        del self.pending_release[slot]
+                        self.keyslots.release(slot)
         elif kind == Kind.STATS_FLUSHED:
             handle.pending_flush.discard(message[1])
         elif kind == Kind.READY:
@@ -523,6 +590,9 @@ class Daemon:
         self.flush_stats()
         interface = self.interface
         peers = []
+        # From the table's own keys: ~4 us a peer less than through packed addresses (10,000
+        # peers x 10 prefixes), see perf/RESULTS.md, "Control plane".
+        format_prefix, keys_for_peer = uapi.format_prefix_value, interface.allowed.keys_for_peer
         for peer in interface.peers.values():
             rx = peer.control_rx_bytes + peer.retired_rx_bytes
             tx = peer.control_tx_bytes + peer.retired_tx_bytes
@@ -541,10 +611,7 @@ class Daemon:
                     tx_bytes=tx,
                     rx_bytes=rx,
                     persistent_keepalive_interval=peer.persistent_keepalive_interval,
-                    allowed_ips=[
-                        uapi.format_prefix(p.network_address, p.prefixlen)
-                        for p in interface.allowed.entries_for_peer(peer.peer_id)
-                    ],
+                    allowed_ips=[format_prefix(*key) for key in keys_for_peer(peer.peer_id)],
                 )
             )
         identity = interface.identity
@@ -611,11 +678,12 @@ class Daemon:
                 touched[peer.peer_id] = peer
             elif isinstance(op, uapi.AddAllowedIP):
                 # An identical prefix moves from its old owner: each worker's table does the
-                # same on insert, so only this peer's list needs re-sending.
-                interface.add_allowed_ip(peer, op.network)
+                # same on insert, so only this peer's list needs re-sending. (Packed, not
+                # op.network: a network object costs ~4 us, 0.4 s for 100,000 prefixes.)
+                interface.add_allowed_ip(peer, (op.address.packed, op.cidr))
                 touched[peer.peer_id] = peer
             elif isinstance(op, uapi.RemoveAllowedIP):
-                interface.remove_allowed_ip(peer, op.network)
+                interface.remove_allowed_ip(peer, (op.address.packed, op.cidr))
                 touched[peer.peer_id] = peer
         end_section()
         interface.publish_allowed_ips([p for p in touched.values() if p.peer_id in interface.by_id])

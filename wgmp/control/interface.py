@@ -17,7 +17,7 @@ from typing import Any
 
 from ..ipc.channel import ROLE_CURRENT, ROLE_NEXT, ROLE_PREVIOUS, Kind
 from ..ipc.keyslots import KeySlots
-from ..protocol.allowedips import AllowedIPs
+from ..protocol.allowedips import AllowedIPs, Prefix
 from ..protocol.constants import (
     DEFAULT_MTU,
     MAX_QUEUED_INCOMING_HANDSHAKES,
@@ -37,7 +37,7 @@ from ..protocol.noise import HandshakeState, StaticIdentity, consume_initiation
 from ..protocol.ratelimiter import RateLimiter
 from ..protocol.timers import ActionKind, RandomSource
 from ..protocol.transport import seal_transport
-from .peer import Endpoint, Local, Peer, Prefix
+from .peer import Endpoint, Local, Peer
 
 __all__ = ["HandshakeCounters", "Interface", "ROLE_CURRENT", "ROLE_NEXT", "ROLE_PREVIOUS"]
 
@@ -101,6 +101,11 @@ class Interface:
         self._next_worker = 0
         self.datagrams: list[tuple[bytes, Endpoint, Local | None]] = []
         self.commands: list[list[Any]] = []
+        # The worker whose staged packets made us initiate, by peer_id: it sends them as soon
+        # as the response installs the keypair, so control sends no keepalive of its own.
+        self._asked_by: dict[int, int] = {}
+        # Slots published since the daemon last looked (it writes their owner's pipe first).
+        self.published: list[int] = []
 
     # -- configuration (driven by UAPI) ----------------------------------------------------
 
@@ -137,6 +142,7 @@ class Interface:
         if peer is None:
             return
         del self.by_id[peer.peer_id]
+        self._asked_by.pop(peer.peer_id, None)
         peer.timers.stop()
         peer.timers.on_arm = None
         self._queued.pop(peer.peer_id, None)  # its entries are skipped when they come up
@@ -162,10 +168,13 @@ class Interface:
 
     def replace_allowed_ips(self, peer: Peer) -> None:
         self.allowed.remove_by_peer(peer.peer_id)
-        peer.prefixes.clear()
 
     def add_allowed_ip(self, peer: Peer, prefix: Prefix) -> None:
-        self.allowed.insert(prefix, peer.peer_id)
+        address, cidr = prefix if isinstance(prefix, tuple) else (None, 0)
+        if isinstance(address, bytes):
+            self.allowed.insert_packed(address, cidr, peer.peer_id)
+        else:
+            self.allowed.insert(prefix, peer.peer_id)
 
     def remove_allowed_ip(self, peer: Peer, prefix: Prefix) -> None:
         self.allowed.remove(prefix, peer.peer_id)
@@ -176,16 +185,8 @@ class Interface:
         An identical prefix may have moved to another peer, so every peer whose list changed
         is re-sent, not only the one named in the request."""
         for peer in peers:
-            prefixes = self.allowed.entries_for_peer(peer.peer_id)
-            peer.prefixes = list(prefixes)
-            self.commands.append(
-                [
-                    Kind.PEER_SET,
-                    peer.peer_id,
-                    None,
-                    [[p.network_address.packed, p.prefixlen] for p in prefixes],
-                ]
-            )
+            prefixes = self.allowed.packed_entries_for_peer(peer.peer_id)
+            self.commands.append([Kind.PEER_SET, peer.peer_id, None, prefixes])
 
     def set_mtu(self, mtu: int) -> None:
         self.mtu = mtu
@@ -206,10 +207,16 @@ class Interface:
 
     # -- events from workers --------------------------------------------------------------
 
-    def need_handshake(self, peer_id: int, now: float, wall_ns: int) -> None:
-        """A worker staged packets because there is no usable key."""
+    def need_handshake(
+        self, peer_id: int, now: float, wall_ns: int, worker_id: int | None = None
+    ) -> None:
+        """Worker `worker_id` staged packets because there is no usable key."""
         peer = self.by_id.get(peer_id)
-        if peer is not None and peer.timers.begin_initiation(now):
+        if peer is None:
+            return
+        if worker_id is not None:
+            self._asked_by[peer_id] = worker_id
+        if peer.timers.begin_initiation(now):
             self._send_initiation(peer, now, wall_ns)
 
     def rekey_wanted(self, peer_id: int, now: float, wall_ns: int) -> None:
@@ -365,7 +372,15 @@ class Interface:
         peer.timers.handshake_complete(now)
         peer.last_handshake_ns = wall_ns
         self.counters.completed += 1
-        self.send_keepalive(peer, now, wall_ns)  # confirms the new keypair to the responder
+        # The first message under the new keypair confirms it to the responder: the packets a
+        # worker staged for this handshake if there are any, else a keepalive (wireguard-go's
+        # SendKeepalive). That worker sends them when it reads the keypair, no later.
+        worker = self._asked_by.pop(peer.peer_id, None)
+        if worker is None:
+            self.send_keepalive(peer, now, wall_ns)
+        else:
+            slot = self.slot_of[peer.keypairs.current]  # type: ignore[index]
+            self.commands.append([Kind.SEND_KEEPALIVE, peer.peer_id, slot, worker])
 
     def _authenticated_from(self, peer: Peer, source: Endpoint, local: Local | None) -> None:
         if peer.endpoint != source or peer.local != local:
@@ -433,6 +448,7 @@ class Interface:
         )
         self.slot_of[keypair] = slot
         self.keypair_at[slot] = (peer, keypair)
+        self.published.append(slot)
         self._forget(peer.keypairs.install(keypair))
         self._announce_roles(peer)
 

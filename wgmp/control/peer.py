@@ -31,7 +31,6 @@ class Peer:
     # from (wireguard-go's sticky source); None lets routing choose.
     local: Local | None = None
     persistent_keepalive_interval: int = 0
-    prefixes: list[Prefix] = field(default_factory=list)
     last_handshake_ns: int = 0  # Unix time of the last completed handshake, for UAPI
     # Bytes of messages control itself sent/received for this peer (handshakes, cookie
     # replies, keepalives); workers count transport data in their stats blocks.

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..dataplane.aead_dispatch import worker_environment
 from ..ipc.channel import Channel
 from ..stats.block import StatsBlock
 
@@ -64,6 +65,10 @@ class Supervisor:
         self.vnet_hdr = vnet_hdr
         self.log_level = log_level
         self.workers: list[WorkerHandle] = []
+        # OpenSSL's ChaCha20-Poly1305 code for the workers (dataplane/aead_dispatch.py).
+        self.aead_environment = worker_environment(os.environ)
+        if self.aead_environment:
+            log.info("workers: %s", self.aead_environment)
 
     def start(self, handle: WorkerHandle) -> None:
         channel, theirs = Channel.pair()
@@ -103,6 +108,7 @@ class Supervisor:
                 args += [f"--udp{family}", str(sock.fileno())]
                 fds.append(sock.fileno())
         env = dict(os.environ, LOG_LEVEL=self.log_level)
+        env.update(self.aead_environment)  # before the worker imports cryptography
         handle.process = subprocess.Popen(args, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
         theirs.close()
         handle.channel = channel

@@ -13,7 +13,6 @@ constructor here that names every field; nothing else builds them by position.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 from ..protocol.replay import ReplayWindow
@@ -60,7 +59,8 @@ __all__ = [
 ]
 
 # A peer: [endpoint (a sockaddr tuple or None), send state of its current keypair or None,
-#          staged packets (a deque), rx bytes, tx bytes, rx packets, tx packets, activity,
+#          staged packets (a deque made on first use, None while there are none),
+#          rx bytes, tx bytes, rx packets, tx packets, activity,
 #          when a handshake was last asked for, counters changed since the last flush,
 #          sticky source: the IP_PKTINFO cmsg of the address it last contacted, or None]
 P_ENDPOINT, P_SEND, P_STAGED, P_RX_BYTES, P_TX_BYTES, P_RX_PACKETS, P_TX_PACKETS = range(7)
@@ -88,7 +88,7 @@ def new_peer(endpoint: tuple[Any, ...] | None = None) -> list[Any]:
     peer: list[Any] = [None] * 11
     peer[P_ENDPOINT] = endpoint
     peer[P_SEND] = None
-    peer[P_STAGED] = deque()
+    peer[P_STAGED] = None  # made on first use (dataplane/outbound.py, _stage)
     peer[P_RX_BYTES] = peer[P_TX_BYTES] = peer[P_RX_PACKETS] = peer[P_TX_PACKETS] = 0
     peer[P_ACTIVITY] = new_activity()
     peer[P_HANDSHAKE_ASKED] = -1.0

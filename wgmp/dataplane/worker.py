@@ -14,8 +14,6 @@ traffic flowed, which drives control's timers. Everything rare goes through
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import select
 import signal
@@ -32,9 +30,11 @@ from ..net.udp import SOL_UDP, UDP_GRO
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.errors import DropReason
 from ..stats.block import DROP_SLOTS, StatsBlock
+from . import worker_log
 from .inbound import Inbound
 from .outbound import COUNTER_BLOCK, COUNTER_BLOCK_STALE, Outbound
 from .records import (
+    A_DATA_SENT,
     A_RECEIVED,
     A_SENT,
     P_ACTIVITY,
@@ -52,6 +52,8 @@ from .records import (
     R_REPLAY,
     R_ROLE,
     R_SEND,
+    S_NEXT,
+    S_SLOT,
     new_activity,
     new_peer,
     new_receive_entry,
@@ -67,8 +69,6 @@ __all__ = [
     "Worker",
     "main",
 ]
-
-log = logging.getLogger("wgmp")
 
 FLUSH_INTERVAL = 0.1  # how stale control's view of traffic (timers) and counters may be
 HOLD_POLL = 0.001  # the loop's wake-up while packets are held for order (epoll has ms)
@@ -115,6 +115,8 @@ class Worker(Outbound, Inbound):
         self.vnet_hdr = vnet_hdr
         self._to_tun: list[bytes] = []
         self._received_under: dict[int, list[Any]] = {}  # slots to note the replay mark of
+        self._index_of_slot: dict[int, int] = {}  # the receiver index each slot is held under
+        self._removed: list[int] = []  # slots removed, not yet acknowledged
         self._rx_buffer = bytearray(1 << 16)
         self._rx_view = memoryview(self._rx_buffer)
         self._channel_read = False  # the pipe was read for an unknown index this batch
@@ -181,8 +183,16 @@ class Worker(Outbound, Inbound):
         if messages is None:
             self.running = False
             return False
+        removed = self._removed
         for message in messages:
             self._handle_control(message, now)
+        if removed:
+            # One acknowledgement for every removal of this read: one by one, under a
+            # handshake flood (a removal per handshake) the worker blocked on a full pipe
+            # while control was busy, and control then waited on the worker's pipe in turn
+            # (perf/RESULTS.md, "Handshakes").
+            self.channel.send(Kind.REMOVED, *removed)
+            removed.clear()
         return True
 
     # -- control messages --------------------------------------------------------------------
@@ -193,7 +203,7 @@ class Worker(Outbound, Inbound):
             self._install(message[1], message[2], now)
         elif kind == Kind.KEYPAIR_REMOVE:
             self._remove_keypair(message[1])
-            self.channel.send(Kind.REMOVED, message[1])
+            self._removed.append(message[1])  # acknowledged once the read is handled
         elif kind == Kind.PEER_SET:
             self._set_peer(*message[1:])
         elif kind == Kind.PEER_REMOVE:
@@ -208,8 +218,10 @@ class Worker(Outbound, Inbound):
         elif kind == Kind.DROP_STAGED:
             peer = self.peers.get(message[1])
             if peer is not None:
-                self.drops[DropReason.STAGED_EXPIRED] += len(peer[P_STAGED])
-                peer[P_STAGED].clear()
+                self.drops[DropReason.STAGED_EXPIRED] += len(peer[P_STAGED] or ())
+                peer[P_STAGED] = None
+        elif kind == Kind.SEND_KEEPALIVE:
+            self._send_keepalive(message[1], message[2], now)
         elif kind == Kind.MTU:
             self.mtu = message[1]
         elif kind == Kind.FLUSH_STATS:
@@ -217,6 +229,22 @@ class Worker(Outbound, Inbound):
             self.channel.send(Kind.STATS_FLUSHED, message[1])
         elif kind == Kind.SHUTDOWN:
             self.running = False
+
+    def _send_keepalive(self, peer_id: int, slot: int, now: float) -> None:
+        """After our initiation's response: the staged packets (sent when the keypair was
+        installed) confirmed the session, unless there were none; then a keepalive does."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return
+        send = peer[P_SEND]
+        if send is None or send[S_SLOT] != slot or send[S_NEXT] != 0:
+            return  # something was sent under it already (or it is gone)
+        activity = peer[P_ACTIVITY]
+        data_sent = activity[A_DATA_SENT]
+        messages = self._seal(peer, peer_id, [b""], now)
+        activity[A_DATA_SENT] = data_sent  # a keepalive is not data (wireguard-go's timersDataSent)
+        if messages:
+            self._transmit(peer, messages)
 
     def _set_peer(
         self, peer_id: int, endpoint: list[Any] | None, prefixes: list[list[Any]] | None
@@ -228,8 +256,9 @@ class Worker(Outbound, Inbound):
             peer[P_ENDPOINT] = _sockaddr(endpoint)
         if prefixes is not None:
             self.allowed.remove_by_peer(peer_id)
+            insert = self.allowed.insert_packed
             for address, cidr in prefixes:
-                self.allowed.insert((address, cidr), peer_id)
+                insert(address, cidr, peer_id)
 
     def _remove_peer(self, peer_id: int) -> None:
         if self.peers.pop(peer_id, None) is None:
@@ -263,6 +292,7 @@ class Worker(Outbound, Inbound):
             if high is not None:  # a predecessor received under it: no replays of that
                 entry[R_REPLAY].resume(high)
         self.by_index[info.local_index] = entry
+        self._index_of_slot[slot] = info.local_index
         if role == ROLE_CURRENT:
             peer[P_SEND] = send
             self._flush_staged(peer, info.peer_id, now)
@@ -275,9 +305,11 @@ class Worker(Outbound, Inbound):
         entry = self.by_slot.pop(slot, None)
         if entry is None:
             return
-        for index, candidate in list(self.by_index.items()):
-            if candidate is entry:
-                del self.by_index[index]
+        # By the slot's own index, not a scan of every index: the scan cost ~290 us a removal
+        # with 1000 peers under a handshake flood (perf/RESULTS.md, "Handshakes").
+        index = self._index_of_slot.pop(slot, None)
+        if index is not None and self.by_index.get(index) is entry:
+            del self.by_index[index]
         peer = self.peers.get(entry[R_PEER])
         if peer is not None and peer[P_SEND] is entry[R_SEND]:
             peer[P_SEND] = None
@@ -301,50 +333,72 @@ class Worker(Outbound, Inbound):
             self.channel.send(Kind.ACTIVITY, reports)
 
 
+_OPTIONS = ("id", "tun", "udp4", "udp6", "channel", "keyslots", "stats")
+_OPTIONAL = {"udp6": -1, "workers": 1, "handoff_in": -1}  # integer options with a default
+
+
+def _parse_args(argv: list[str]) -> dict[str, Any]:
+    """`--id N [--workers N] --tun FD --udp4 FD [--udp6 FD] --channel FD --keyslots FD
+    --stats FD [--vnet-hdr] [--handoff-in FD --handoff-out=FD,FD,...]`, as control's
+    supervisor writes them (`--name=value` too); SystemExit on anything else.
+
+    `handoff_out` stays text (the other workers' inboxes by worker id, -1 for this one's):
+    without `=` a list starting with -1 would read as an option."""
+    args: dict[str, Any] = {**_OPTIONAL, "vnet_hdr": 0, "handoff_out": ""}
+    words = iter(argv)
+    for word in words:
+        name, equals, value = word.partition("=")
+        name = name[2:].replace("-", "_") if name.startswith("--") else ""
+        if name == "vnet_hdr" and not equals:
+            args["vnet_hdr"] = 1
+        elif name == "handoff_out":
+            args[name] = value if equals else next(words, "")
+        elif name in _OPTIONS or name in _OPTIONAL:
+            try:
+                args[name] = int(value if equals else next(words))
+            except (StopIteration, ValueError):
+                sys.exit(f"wgmp-worker: {word} needs an integer")
+        else:
+            sys.exit(f"wgmp-worker: unknown argument {word!r}")
+    missing = [name for name in _OPTIONS if name not in args]
+    if missing:
+        sys.exit(f"wgmp-worker: missing --{', --'.join(missing)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of a worker process, started by control with the descriptors it holds."""
-    parser = argparse.ArgumentParser(prog="wgmp-worker")
-    parser.add_argument("--id", type=int, required=True)
-    parser.add_argument("--workers", type=int, default=1, help="workers of the daemon")
-    parser.add_argument("--tun", type=int, required=True)
-    parser.add_argument("--udp4", type=int, required=True)
-    parser.add_argument("--udp6", type=int, default=-1)
-    parser.add_argument("--channel", type=int, required=True)
-    parser.add_argument("--keyslots", type=int, required=True)
-    parser.add_argument("--stats", type=int, required=True)
-    parser.add_argument("--vnet-hdr", action="store_true", help="the TUN carries virtio headers")
-    parser.add_argument("--handoff-in", type=int, default=-1, help="this worker's hand-off inbox")
-    parser.add_argument("--handoff-out", default="", help="the others' inboxes, by worker id")
-    args = parser.parse_args(argv)
-    logging.basicConfig(format=f"%(levelname)s: (worker {args.id}) %(asctime)s %(message)s")
-    verbose = os.environ.get("LOG_LEVEL") in ("verbose", "debug")
-    log.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    worker_log.configure(
+        f"worker {args['id']}", os.environ.get("LOG_LEVEL") in ("verbose", "debug")
+    )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # control decides when workers stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds, so a profile is written
-    sockets = {4: socket.socket(fileno=args.udp4)}
-    if args.udp6 >= 0:
-        sockets[6] = socket.socket(fileno=args.udp6)
+    sockets = {4: socket.socket(fileno=args["udp4"])}
+    if args["udp6"] >= 0:
+        sockets[6] = socket.socket(fileno=args["udp6"])
     for sock in sockets.values():
         try:
             sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         except OSError:
             pass  # no UDP GRO in this kernel: one datagram per recvmsg
     worker = Worker(
-        args.id,
-        args.tun,
+        args["id"],
+        args["tun"],
         sockets,
-        Channel(socket.socket(fileno=args.channel)),
-        KeySlots.attach(args.keyslots, args.workers),
-        StatsBlock.attach(args.stats),
-        vnet_hdr=args.vnet_hdr,
-        workers=args.workers,
+        Channel(socket.socket(fileno=args["channel"])),
+        KeySlots.attach(args["keyslots"], args["workers"]),
+        StatsBlock.attach(args["stats"]),
+        vnet_hdr=bool(args["vnet_hdr"]),
+        workers=args["workers"],
     )
-    if args.handoff_in >= 0:
-        worker.handoff_in = socket.socket(fileno=args.handoff_in)
-        worker.handoff_out = [
-            socket.socket(fileno=int(fd)) if int(fd) >= 0 else None
-            for fd in args.handoff_out.split(",")
-        ]
+    if args["handoff_in"] >= 0:
+        worker.handoff_in = socket.socket(fileno=args["handoff_in"])
+        try:
+            outboxes = [int(fd) for fd in args["handoff_out"].split(",")]
+        except ValueError:
+            sys.exit(f"wgmp-worker: bad --handoff-out={args['handoff_out']!r}")
+        worker.handoff_out = [socket.socket(fileno=fd) if fd >= 0 else None for fd in outboxes]
     profile_dir = os.environ.get("WGMP_PROFILE_DIR")
     if profile_dir:  # a developer's tool for perf/: where the per-packet time goes
         import cProfile
@@ -353,7 +407,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             profiler.runcall(worker.run)
         finally:
-            profiler.dump_stats(os.path.join(profile_dir, f"worker-{args.id}-{os.getpid()}.prof"))
+            profiler.dump_stats(
+                os.path.join(profile_dir, f"worker-{args['id']}-{os.getpid()}.prof")
+            )
         return
     worker.run()
 

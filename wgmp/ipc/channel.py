@@ -29,7 +29,10 @@ class Kind(IntEnum):
     ENDPOINT = 6  # [kind, peer_id, endpoint, source|None]
     DROP_STAGED = 7  # [kind, peer_id]
     FLUSH_STATS = 8  # [kind, token]
-    SEND_KEEPALIVE = 9  # [kind, peer_id]
+    # [kind, peer_id, slot] to the one worker that asked for the handshake: as initiator, the
+    # staged packets confirm the session; a keepalive only if that worker has sent nothing
+    # under the keypair in `slot` (wireguard-go's SendKeepalive after a response)
+    SEND_KEEPALIVE = 9
     MTU = 10  # [kind, mtu]
     SHUTDOWN = 11  # [kind]
     # worker -> control
@@ -39,7 +42,7 @@ class Kind(IntEnum):
     CONFIRMED = 35  # [kind, slot]  first packet received under a `next` keypair
     ROAMED = 36  # [kind, peer_id, endpoint]
     HANDSHAKE_PACKET = 37  # [kind, data, endpoint, local_address|None]
-    REMOVED = 38  # [kind, slot]  acknowledges KEYPAIR_REMOVE
+    REMOVED = 38  # [kind, slot, ...]  acknowledges KEYPAIR_REMOVE of each slot
     STATS_FLUSHED = 39  # [kind, token]
     REKEY_WANTED = 40  # [kind, peer_id]  a key's age or count says rekey (worker's view)
 
@@ -70,7 +73,55 @@ class Channel:
 
     def send(self, *message: Any) -> None:
         """Write one message, waiting for room; OSError when the other end has gone."""
-        data = self._packer.pack(list(message))
+        self._write(self._packer.pack(list(message)))
+
+    def send_many(self, messages: list[list[Any]]) -> None:
+        """Write several messages, in order, with one system call when the pipe has room."""
+        pack = self._packer.pack
+        self._write(b"".join(pack(message) for message in messages))
+
+    @staticmethod
+    def send_to_all(batches: list[tuple[Channel, list[list[Any]]]]) -> list[Channel]:
+        """Write each channel's messages, all channels at once: while one pipe is full the
+        others are written, so every worker applies a large configuration in parallel (one
+        after the other, control waited for each: perf/RESULTS.md, "Control plane").
+        Returns the channels whose other end has gone (OSError); the rest are written whole.
+        Only for non-blocking ends (control's)."""
+        views: dict[Channel, memoryview] = {}
+        for channel, messages in batches:
+            pack = channel._packer.pack
+            views[channel] = memoryview(b"".join(pack(message) for message in messages))
+        failed: list[Channel] = []
+        poller = select.poll()
+        while views:
+            for channel, view in list(views.items()):
+                try:
+                    while view:
+                        view = view[channel.sock.send(view) :]
+                except BlockingIOError:
+                    views[channel] = view
+                    continue
+                except OSError:
+                    failed.append(channel)
+                del views[channel]
+            if not views:
+                break
+            by_fd = {channel.sock.fileno(): channel for channel in views}
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN | select.POLLOUT)
+            for fd, events in poller.poll():
+                channel = by_fd[fd]
+                if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    try:
+                        channel._read_while_waiting()
+                    except OSError:
+                        failed.append(channel)
+                        del views[channel]
+            for fd in by_fd:
+                poller.unregister(fd)
+        return failed
+
+    def _write(self, data: bytes) -> None:
         if self.sock.getblocking():
             self.sock.sendall(data)
             return
@@ -90,17 +141,23 @@ class Channel:
             self._poll.register(self.sock, select.POLLIN | select.POLLOUT)
         for _, events in self._poll.poll():
             if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                try:
-                    data = self.sock.recv(1 << 20)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    self._eof = True
-                    raise BrokenPipeError("the other end of the channel has gone")
-                self._unpacker.feed(data)
-                self.pending = True
+                self._read_while_waiting()
+
+    def _read_while_waiting(self) -> None:
+        """Keep what the other end sent (for `receive()`) so that it can go on writing."""
+        if self._eof:
+            raise BrokenPipeError("the other end of the channel has gone")
+        try:
+            data = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._eof = True
+            raise BrokenPipeError("the other end of the channel has gone")
+        self._unpacker.feed(data)
+        self.pending = True
 
     def receive(self) -> list[list[Any]] | None:
         """Every complete message readable now (and any read while writing); None when the

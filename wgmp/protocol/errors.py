@@ -32,6 +32,7 @@ class DropReason(IntEnum):
     # A transport message on a worker that does not receive its counter's block (a crafted
     # or coalesced train): only that block's worker may judge the counter (net/steering.py).
     MISSTEERED = 15
+    HANDSHAKE_QUEUE_FULL = 16  # control's handshake queue was full (wireguard-go drops too)
 
     @property
     def label(self) -> str:
