@@ -22,11 +22,10 @@ from typing import Any
 from ..ipc.channel import Channel, Kind
 from ..ipc.keyslots import KeySlots
 from ..net import netlink, tun, udp
-from ..net.steering import attach_steering
+from ..net.steering import attach_steering, counter_worker
 from ..net.tun_steering import attach_flow_steering
 from ..protocol.constants import DEFAULT_MTU, MAX_QUEUED_INCOMING_HANDSHAKES
 from ..protocol.errors import DropReason
-from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
 from ..uapi import protocol as uapi
 from ..uapi.server import UAPIServer
@@ -384,21 +383,19 @@ class Daemon:
             Channel.send_to_all(writes)  # type: ignore[arg-type]  # a dead worker: restarted
 
     def _owner_first(self, live: list[WorkerHandle], published: list[int]) -> list[WorkerHandle]:
-        """`live` with the worker that receives on a keypair published this turn first.
+        """`live` with the worker that receives first on a keypair published this turn first.
 
         Every worker sends with a new keypair as soon as it reads the announcement (a packet
-        staged for the handshake goes out at once), and the peer's answer is steered to the
-        owner: announced to another worker first, the owner could see that answer before its
-        own announcement was even written, and drop it as unknown_receiver_index. Written
-        first, the announcement is in the owner's pipe before anything can be sent with the
-        keypair, and the worker reads its pipe before its sockets. (One handshake per turn
-        publishes one keypair; with several, the last one's owner goes first.)"""
-        for slot in reversed(published):
-            found = self.interface.keypair_at.get(slot)
-            if found is not None:
-                owner = worker_of(found[1].local_index)
-                return sorted(live, key=lambda handle: handle.worker_id != owner)
-        return live
+        staged for the handshake goes out at once), and the peer's answer is steered by its
+        counter: its first counters (block 0) go to the owner, counter_worker(0). Announced to
+        another worker first, the owner could see that answer before its own announcement was
+        even written (it would then read its pipe once more, inbound.py, but that costs a
+        batch's time). Written first, the announcement is in the owner's pipe before anything
+        can be sent with the keypair, and the worker reads its pipe before its sockets."""
+        if not any(slot in self.interface.keypair_at for slot in published):
+            return live
+        owner = counter_worker(0, self.worker_count)
+        return sorted(live, key=lambda handle: handle.worker_id != owner)
 
     def _send_many(self, handle: WorkerHandle, commands: list[list[Any]]) -> None:
         assert handle.channel is not None
