@@ -10,8 +10,9 @@ by `ops`. The loop itself is included in every figure; the "empty loop" row show
     python perf/bench_core.py            # about a minute
     python perf/bench_core.py --quick    # CI smoke run, well under 20 s
 
-The "worker-style" rows copy the lines of wgmp/dataplane/worker.py (`_send`, `_inbound`) that
-turn a packet into a type-4 message and back: keep them in step when the worker changes.
+The "worker-style" rows copy the lines of wgmp/dataplane/outbound.py (`_seal`) and
+inbound.py (`_receive_train`) that turn a packet into a type-4 message and back: keep them
+in step when the worker changes.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from wgmp.protocol.transport import open_transport, seal_transport  # noqa: E402
 
 MTU = 1420
 
-# -- the worker's fast-path shapes (copied from wgmp/dataplane/worker.py) ----------------------
+# -- the worker's fast-path shapes (copied from wgmp/dataplane/outbound.py, inbound.py) ---------
 
 _ZEROS = bytes(16)
 S_CIPHER, S_REMOTE = 0, 1  # indices into the worker's send-state list
@@ -522,9 +523,9 @@ def bench_handshake(b: Bench) -> None:
         for _ in state:
             X25519PrivateKey.from_private_bytes(private)
 
-    b.run("X25519 via crypto.DH (from bytes, zero check)", x_ops, lambda: range(x_ops), x25519_dh)
-    # crypto.DH and DH_PUBLIC import the private key on every call; OpenSSL derives the public
-    # key on import, so this row is a second scalar multiplication hidden in each DH.
+    b.run("X25519 via crypto.DH (libsodium, zero check)", x_ops, lambda: range(x_ops), x25519_dh)
+    # crypto.DH uses libsodium since 2026-12 (no import). This row is why: OpenSSL derives the
+    # public key when a private key is imported, a second scalar multiplication per DH.
     b.run(
         "X25519PrivateKey.from_private_bytes alone",
         x_ops,

@@ -104,5 +104,5 @@ class LoopbackPort:
         for _ in range(workers):
             sock = udp.open_udp(socket.AF_INET, port, address="127.0.0.1", fwmark=fwmark)
             group.append({4: sock})
-        attach_steering(first)
+        attach_steering(first, workers)
         return group, port

@@ -132,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _choose_aead_code() -> None:
+    """Which ChaCha20-Poly1305 code OpenSSL runs (dataplane/aead_dispatch.py), set in the
+    environment before anything imports `cryptography`: OpenSSL reads OPENSSL_ia32cap once,
+    when it is loaded, and workers are forked from control with the library already loaded,
+    so the choice is the whole daemon's (control's handshakes included), made here."""
+    from .dataplane.aead_dispatch import worker_environment
+
+    os.environ.update(worker_environment(os.environ))
+
+
 def _main(argv: list[str]) -> int:
     if argv and argv[0] == "stats":
         from .stats.command import main as stats_main
@@ -150,6 +160,7 @@ def _main(argv: list[str]) -> int:
     if not args.interface:
         print(f"usage: {USAGE}", file=sys.stderr)
         return 2
+    _choose_aead_code()
     try:
         workers, metrics = resolve_settings(args.workers, args.metrics_address, os.environ)
     except UsageError as err:

@@ -9,14 +9,11 @@ hit the same bug costs a line every few seconds rather than a traceback each.
 
 from __future__ import annotations
 
-import logging
 import time
 
 __all__ = ["ERROR_LOG_INTERVAL", "ErrorLog"]
 
 ERROR_LOG_INTERVAL = 10.0
-
-log = logging.getLogger("wgmp")
 
 
 class ErrorLog:
@@ -31,7 +28,11 @@ class ErrorLog:
         now = time.monotonic()
         if now < self._logged_at + self.interval:
             return
-        log.error(
+        # Imported here: workers import this module and keep `logging` out of their memory
+        # (docs/performance.md); by the time something is logged it costs nothing more.
+        import logging
+
+        logging.getLogger("wgmp").error(
             "internal error handling %s (%d since the last report): dropped",
             what,
             self._unlogged,

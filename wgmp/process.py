@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import os
 import resource
 from typing import Final
 
 __all__ = ["PR_SET_DUMPABLE", "forbid_core_dumps", "is_dumpable", "raise_open_file_limit"]
-
-log = logging.getLogger("wgmp")
 
 PR_GET_DUMPABLE: Final = 3
 PR_SET_DUMPABLE: Final = 4
@@ -51,6 +48,10 @@ def raise_open_file_limit() -> int:
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (OSError, ValueError) as err:
-        log.error("cannot raise the open file limit from %d to %d: %s", soft, hard, err)
+        import logging  # here: workers import this module, and keep `logging` out of memory
+
+        logging.getLogger("wgmp").error(
+            "cannot raise the open file limit from %d to %d: %s", soft, hard, err
+        )
         return soft
     return hard

@@ -13,7 +13,9 @@ import msgpack
 import pytest
 
 from tests.dataplane.test_coalesce import tcp4
-from wgmp.dataplane.worker import P_STICKY, ROLE_CURRENT, ROLE_NEXT, Worker
+from wgmp.dataplane.inbound import HOLD_MAX
+from wgmp.dataplane.records import P_SEND, P_STICKY
+from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker
 from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
 from wgmp.ipc.messages import (
@@ -27,6 +29,7 @@ from wgmp.ipc.messages import (
     RekeyWanted,
     Roamed,
     RouteLoop,
+    SendKeepalive,
     decode,
     encode,
 )
@@ -193,7 +196,7 @@ def test_unknown_index_and_bad_tag_are_counted(rig: Any) -> None:
 
 def test_first_packet_under_next_keypair_confirms_it(rig: Any) -> None:
     slot = install(rig.worker, ROLE_NEXT)
-    assert rig.worker.peers[1][1] is None  # a responder may not send yet
+    assert rig.worker.peers[1][P_SEND] is None  # a responder may not send yet
     view, nbytes, size = train([0])
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
     assert rig.worker.peers[1][1] is not None
@@ -223,12 +226,48 @@ def test_a_restarted_worker_refuses_replays_of_what_its_predecessor_received(rig
     assert len(successor._to_tun) == 1  # only counter 4
 
 
-def test_only_the_owner_holds_a_receive_window_for_an_index(rig: Any) -> None:
-    install(rig.worker, ROLE_CURRENT, local_index=0x0701)  # owned by worker 1
-    assert 0x0701 not in rig.worker.by_index
-    view, nbytes, size = train([0], index=0x0701)
+def test_with_two_workers_each_judges_only_its_own_counter_blocks(rig: Any) -> None:
+    """Steering gives worker w the blocks of 256 counters whose number is w mod 2; a counter
+    of another block (a crafted or coalesced train) is dropped, never judged twice."""
+    rig.worker.workers = 2
+    rig.worker.keyslots = KeySlots.create(8, workers=2)
+    slot = install(rig.worker, ROLE_CURRENT, local_index=0x0701)  # any index: all receive
+    view, nbytes, size = train([0, 255, 256, 511], index=0x0701)
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
-    assert rig.worker.drops[DropReason.UNKNOWN_RECEIVER_INDEX] == 1
+    assert rig.worker.drops[DropReason.MISSTEERED] == 2
+    assert len(rig.worker._to_tun) == 2  # 0 and 255
+    rig.worker._deliver(time.monotonic())
+    assert rig.worker.keyslots.received(slot, 0) == 255
+    assert rig.worker.keyslots.delivered(slot, 0) == 255
+
+
+def test_a_block_waits_for_the_previous_blocks_worker_to_deliver(rig: Any) -> None:
+    """Worker 0 of 2 holds block 2 (counters 512..767) back until worker 1 has delivered
+    block 1 up to its last counter 511, so the TUN sees the peer's packets in order; and
+    gives up waiting after HOLD_MAX (a lost counter)."""
+    rig.worker.workers = 2
+    keyslots = rig.worker.keyslots = KeySlots.create(8, workers=2)
+    slot = install(rig.worker, ROLE_CURRENT)
+    now = time.monotonic()
+    view, nbytes, size = train([512, 513])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    rig.worker._deliver(now)
+    assert rig.worker._to_tun == [] and slot in rig.worker._held
+    assert keyslots.received(slot, 0) == 513 and keyslots.delivered(slot, 0) == 511
+    keyslots.write_delivered(slot, 500, 1)  # not yet the end of block 1
+    rig.worker._deliver(now)
+    assert slot in rig.worker._held
+    keyslots.write_delivered(slot, 511, 1)
+    rig.worker._deliver(now)
+    assert slot not in rig.worker._held and keyslots.delivered(slot, 0) == 513
+    assert len(rig.tun.recv(70000)) > VIRTIO_NET_HDR_LEN
+    # Block 4: its predecessor (block 3, worker 1) never comes; HOLD_MAX later it goes out.
+    view, nbytes, size = train([1024])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    rig.worker._deliver(now)
+    assert slot in rig.worker._held
+    rig.worker._deliver(now + HOLD_MAX)
+    assert slot not in rig.worker._held and rig.worker.hold_timeouts == 1
 
 
 def test_staged_packets_are_counted_and_written_to_the_stats_block(rig: Any) -> None:
@@ -317,7 +356,7 @@ def test_when_merging_raises_the_packets_are_written_as_they_came(
     def broken(packets: list[bytes]) -> list[bytes]:
         raise IndexError("a bug")
 
-    monkeypatch.setattr("wgmp.dataplane.worker.coalesce", broken)
+    monkeypatch.setattr("wgmp.dataplane.inbound.coalesce", broken)
     install(rig.worker, ROLE_CURRENT)
     view, nbytes, size = train([0, 1])
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
@@ -534,3 +573,157 @@ def test_send_and_tun_write_failures_are_their_own_drop_reasons(rig: Any) -> Non
     rig.worker._to_tun.append(_inner(0, THEIRS))
     rig.worker._write_tun()
     assert rig.worker.drops[DropReason.TUN_WRITE_FAILED] == 1
+
+
+class FakeReceiveSocket:
+    """Hands `_inbound` one GRO train, then would block."""
+
+    def __init__(self, data: bytes, segment: int) -> None:
+        self.trains = [(data, segment)]
+
+    def recvmsg_into(self, buffers: list[bytearray], ancsize: int) -> tuple[Any, ...]:
+        if not self.trains:
+            raise BlockingIOError
+        data, segment = self.trains.pop()
+        buffers[0][: len(data)] = data
+        gro = (socket.SOL_UDP, 104, segment.to_bytes(4, "little"))  # UDP_GRO
+        return len(data), [gro], 0, ENDPOINT
+
+
+def test_the_replay_mark_is_in_the_key_slot_before_anything_reaches_the_tun(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed right after its TUN write must leave a mark covering what it wrote
+    (issue 8 item 3: the mark used to be written only every FLUSH_INTERVAL)."""
+    slot = install(rig.worker, ROLE_CURRENT)
+    view, nbytes, size = train([5, 6, 7])
+    marks_at_write: list[int | None] = []
+    write_tun = rig.worker._write_tun
+
+    def spy() -> None:
+        marks_at_write.append(rig.worker.keyslots.received(slot))
+        write_tun()
+
+    monkeypatch.setattr(rig.worker, "_write_tun", spy)
+    rig.worker._inbound(FakeReceiveSocket(bytes(view), size), time.monotonic())
+    assert marks_at_write == [7]
+    assert len(rig.tun.recv(70000)) > VIRTIO_NET_HDR_LEN
+
+
+def test_a_batch_fills_its_counter_block_and_no_train_crosses_a_block(rig: Any) -> None:
+    """The sender uses a block to its end and sends each block's part in its own train: the
+    receiver steers a train by its first datagram to the worker of that block."""
+    install(rig.worker, ROLE_CURRENT)
+    for n in range(250):
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(n))
+    for _ in range(4):
+        rig.worker._outbound(time.monotonic())
+    rig.fake.sent.clear()
+    for n in range(10):
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(n))
+    rig.worker._outbound(time.monotonic())
+    trains = []
+    for buffers, ancillary, _ in rig.fake.sent:
+        data = buffers[0]
+        size = int.from_bytes(ancillary[0][2], "little") if ancillary else len(data)
+        trains.append(
+            [open_transport(SEND_KEY, data[i : i + size])[1] for i in range(0, len(data), size)]
+        )
+    assert trains == [list(range(250, 256)), list(range(256, 260))]
+
+
+def test_datagrams_of_another_workers_block_are_handed_to_it(rig: Any) -> None:
+    """A train that crosses a block boundary (UDP GRO coalesced it, or a sender sent it so)
+    is split: worker 0 judges counters 254-255 and hands 256-257 to worker 1, which judges
+    and delivers them after worker 0 delivered block 0's end."""
+    keyslots = KeySlots.create(8, workers=2)
+    inbox, outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    first = rig.worker
+    first.workers, first.keyslots, first.handoff_out = 2, keyslots, [None, outbox]
+    other_control, other_end = socket.socketpair()
+    second = Worker(
+        1, first.tun_fd, {4: FakeSocket()}, Channel(other_end), keyslots, StatsBlock.create(),  # type: ignore[dict-item]
+        vnet_hdr=True, workers=2,
+    )  # fmt: skip
+    second.handoff_in = inbox
+    inbox.setblocking(False)
+    second._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
+    slot = install(first, ROLE_CURRENT)
+    second._install(slot, ROLE_CURRENT, time.monotonic())
+    view, nbytes, size = train([254, 255, 256, 257])
+    first._receive_train(view, nbytes, size, ENDPOINT, PKTINFO, time.monotonic())
+    first._deliver(time.monotonic())
+    assert first.drops[DropReason.MISSTEERED] == 0
+    assert keyslots.delivered(slot, 0) == 255
+    second._inbound_handoff(time.monotonic())
+    assert keyslots.received(slot, 1) == 257 and keyslots.delivered(slot, 1) == 257
+    assert second.drops[DropReason.REPLAY] == second.drops[DropReason.MISSTEERED] == 0
+    written = [rig.tun.recv(70000), rig.tun.recv(70000)]  # one coalesced write each
+    assert all(len(w) > VIRTIO_NET_HDR_LEN for w in written)
+    for s in (inbox, outbox, other_control, other_end):
+        s.close()
+
+
+def test_worker_arguments_as_the_supervisor_writes_them() -> None:
+    from wgmp.dataplane.worker import _parse_args
+
+    argv = "--id 1 --tun 5 --channel 7 --keyslots 8 --stats 9 --vnet-hdr --udp4 6".split()
+    assert _parse_args(argv) == {
+        "id": 1, "tun": 5, "udp4": 6, "udp6": -1, "channel": 7, "keyslots": 8, "stats": 9,
+        "vnet_hdr": 1, "workers": 1, "handoff_in": -1, "handoff_out": "",
+    }  # fmt: skip
+    # With hand-off sockets (several workers): the outboxes list this worker's as -1.
+    more = [*argv, "--workers", "2", "--handoff-in", "10", "--handoff-out=-1,11"]
+    parsed = _parse_args(more)
+    assert (parsed["workers"], parsed["handoff_in"], parsed["handoff_out"]) == (2, 10, "-1,11")
+    for bad in (argv[:-2], [*argv, "--udp6"], [*argv, "--udp6", "x"], [*argv, "--what"]):
+        with pytest.raises(SystemExit):
+            _parse_args(bad)
+
+
+def test_worker_module_imports_neither_logging_nor_argparse_nor_dataclasses() -> None:
+    """What a worker never uses stays out of its memory (docs/performance.md)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wgmp.dataplane.worker, wgmp.dataplane.inbound, wgmp.dataplane.outbound,"
+        " wgmp.dataplane.records, wgmp.dataplane.wire, wgmp.dataplane.worker_log; "
+        "print(sorted({'logging', 'argparse', 'dataclasses', 'pyroute2', 'prometheus_client',"
+        " 'nacl'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_send_keepalive_only_when_nothing_was_sent_under_the_keypair(rig: Any) -> None:
+    """SEND_KEEPALIVE after our initiation's response: the staged packet already confirmed
+    the session (no keepalive); with nothing staged, one 32-byte keepalive goes out, and it
+    does not count as data for the timers (wireguard-go's timersDataSent)."""
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
+    rig.worker._outbound(time.monotonic())
+    slot = install(rig.worker, ROLE_CURRENT)  # the staged packet goes out
+    assert len(rig.fake.sent) == 1
+    rig.worker._handle_control(SendKeepalive(1, slot), time.monotonic())
+    assert len(rig.fake.sent) == 1  # nothing more
+
+    rig.worker._remove_keypair(slot)
+    slot = install(rig.worker, ROLE_CURRENT)  # a new session, nothing staged
+    activity = rig.worker.peers[1][7]
+    data_sent_before = activity[1]
+    rig.worker._handle_control(SendKeepalive(1, slot), time.monotonic())
+    assert len(rig.fake.sent) == 2
+    keepalive = rig.fake.sent[1][0][0]
+    assert len(keepalive) == 32 and open_transport(SEND_KEY, keepalive)[2] == b""
+    assert activity[1] == data_sent_before and activity[0] > 0
+    rig.worker._handle_control(SendKeepalive(1, slot), time.monotonic())
+    assert len(rig.fake.sent) == 2  # once per keypair
+
+
+def test_the_workers_header_layouts_are_the_protocols() -> None:
+    from wgmp.dataplane.wire import HEADER, NONCE
+    from wgmp.protocol.crypto import AEAD_NONCE
+    from wgmp.protocol.messages import TRANSPORT_HEADER
+
+    assert HEADER.format == TRANSPORT_HEADER.format.replace(" ", "")
+    assert NONCE.format == AEAD_NONCE.format

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
 import time
 
 from wgmp.ipc.channel import Channel
@@ -166,3 +167,35 @@ def test_a_list_that_is_no_declared_message_is_skipped() -> None:
     finally:
         ours.close()
         receiver.close()
+
+
+def test_send_to_all_writes_every_channel_whole_while_others_are_full() -> None:
+    """Control's bulk write: more than a pipe holds, to two workers that read only after
+    control started writing; both get everything in order (control queues what does not fit
+    and flushes it as they read, never waiting), and a gone worker is reported."""
+    ends = [Channel.pair() for _ in range(3)]
+    workers = [Channel(theirs) for _, theirs in ends]
+    batch: list[Message] = [PeerSet(i, None, [[bytes(4), 32]] * 10) for i in range(20000)]
+    got: list[list[Message]] = [[], []]
+
+    def read(index: int) -> None:
+        got[index] = _drain(workers[index], len(batch), timeout=30)
+
+    workers[2].sock.close()  # this one has gone
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    for reader in readers:
+        reader.start()
+    failed = Channel.send_to_all([(control, batch) for control, _ in ends])
+    deadline = time.monotonic() + 30
+    while any(control.backlog for control, _ in ends[:2]) and time.monotonic() < deadline:
+        for control, _ in ends[:2]:
+            control.flush()
+        time.sleep(0.001)
+    for reader in readers:
+        reader.join(30)
+    assert failed == [ends[2][0]]
+    assert got[0] == batch and got[1] == batch
+    for control, _ in ends:
+        control.close()
+    for worker in workers[:2]:
+        worker.close()

@@ -29,7 +29,7 @@ def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
         # Write everything first without reading (as a worker busy acknowledging removals),
         # then read what control sent.
         for n in range(COUNT):
-            worker.send(Removed(n))
+            worker.send(Removed([n]))
         while len(got_by_worker) < COUNT:
             if select.select([worker], [], [], 10)[0]:
                 messages = worker.receive()
@@ -60,7 +60,7 @@ def test_both_ends_writing_into_full_pipes_do_not_deadlock() -> None:
                 assert messages is not None
                 got_by_control.extend(messages)
         thread.join(30)
-        assert got_by_control == [Removed(n) for n in range(COUNT)]
+        assert got_by_control == [Removed([n]) for n in range(COUNT)]
         assert got_by_worker == [KeypairInstall(n, 1) for n in range(COUNT)]
     finally:
         # Wake anything still blocked (on a regression) before closing.

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from wgmp.ipc import keyslots as keyslots_module
-from wgmp.ipc.keyslots import KEYSLOT_SIZE, KeySlot, KeySlots
+from wgmp.ipc.keyslots import KEYSLOT_SIZE, MARK_SIZE, KeySlot, KeySlots
 
 CTX = multiprocessing.get_context("fork")
 PROCESSES = 4
@@ -74,7 +74,7 @@ def test_publish_read_round_trip(table: KeySlots) -> None:
         second, 0x1234_5602, 0xABCD_0002, 2, False, 1002.25, b"\x02" * 32, bytes([102]) * 32
     )
     assert table.counter(first) == table.counter(second) == 0
-    assert table.capacity == 8 and table.shm.size == 8 * KEYSLOT_SIZE
+    assert table.capacity == 8 and table.shm.size == 8 * (KEYSLOT_SIZE + MARK_SIZE)
 
 
 def _read_attached(fd: int, slot: int, conn: Connection) -> None:
@@ -261,3 +261,23 @@ def test_killing_a_reserving_process_at_a_random_moment_leaves_the_others_going(
         assert first + size <= following
     assert table.counter(slot) >= sum(size for _, size in blocks)
     assert table.reserve(slot, 1) == table.counter(slot) - 1
+
+
+def test_each_worker_has_its_own_replay_mark_and_a_new_keypair_starts_without() -> None:
+    table = KeySlots.create(4, workers=3)
+    assert table.capacity == 4
+    slot = table.publish(
+        local_index=1, remote_index=2, peer_id=1, is_initiator=True, created=0.0,
+        send_key=bytes(32), receive_key=bytes(32),
+    )  # fmt: skip
+    assert [table.received(slot, w) for w in range(3)] == [None, None, None]
+    table.write_received(slot, 300, 1)
+    table.write_received(slot, 0, 2)
+    assert [table.received(slot, w) for w in range(3)] == [None, 300, 0]
+    assert KeySlots.attach(table.shm.fd, workers=3).received(slot, 1) == 300
+    table.release(slot)
+    again = table.publish(
+        local_index=3, remote_index=4, peer_id=1, is_initiator=True, created=0.0,
+        send_key=bytes(32), receive_key=bytes(32),
+    )  # fmt: skip
+    assert again == slot and [table.received(slot, w) for w in range(3)] == [None, None, None]

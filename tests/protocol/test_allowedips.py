@@ -350,3 +350,45 @@ def test_100k_prefixes() -> None:
     for peer in range(0, 5000, 2):
         table.remove_by_peer(peer)
     assert len(table) == sum(1 for peer in expected.values() if peer % 2)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([4, 16]),
+            st.integers(min_value=0, max_value=(1 << 128) - 1),
+            st.integers(min_value=0, max_value=128),
+            st.sampled_from(["a", "b", "c"]),
+        ),
+        max_size=40,
+    )
+)
+def test_insert_packed_is_insert_of_a_packed_pair(
+    ops: list[tuple[int, int, int, str]],
+) -> None:
+    """The bulk path (configurations, in control and every worker) builds the same table."""
+    slow: AllowedIPs[str] = AllowedIPs()
+    fast: AllowedIPs[str] = AllowedIPs()
+    probes = []
+    for size, value, cidr, peer in ops:
+        address = (value >> (128 - size * 8)).to_bytes(size, "big")
+        cidr = min(cidr, size * 8)
+        slow.insert((address, cidr), peer)
+        fast.insert_packed(address, cidr, peer)
+        probes.append(address)
+    for peer in "abc":
+        assert fast.packed_entries_for_peer(peer) == slow.packed_entries_for_peer(peer)
+        assert [(n.network_address.packed, n.prefixlen) for n in slow.entries_for_peer(peer)] == (
+            slow.packed_entries_for_peer(peer)
+        )
+    for address in probes:
+        assert fast.lookup(address) == slow.lookup(address)
+
+
+def test_insert_packed_refuses_what_insert_refuses() -> None:
+    table: AllowedIPs[str] = AllowedIPs()
+    for address, cidr in ((b"\x01\x02\x03", 8), (b"\x01\x02\x03\x04", 33), (bytes(16), -1)):
+        with pytest.raises(ConfigError):
+            table.insert_packed(address, cidr, "a")
+    assert len(table) == 0

@@ -45,7 +45,9 @@ from wgmp.uapi.protocol import (
     format_endpoint,
     format_errno,
     format_get,
+    format_packed_prefix,
     format_prefix,
+    format_prefix_value,
     parse_request,
 )
 
@@ -327,6 +329,8 @@ def test_bad_persistent_keepalive(value):
     [
         ("10.1.2.3/8", IPv4Address("10.1.2.3"), 8),
         ("0.0.0.0/0", IPv4Address("0.0.0.0"), 0),
+        ("255.255.255.255/32", IPv4Address("255.255.255.255"), 32),
+        ("100.0.10.0/24", IPv4Address("100.0.10.0"), 24),
         ("::/0", IPv6Address("::"), 0),
         ("0:0:0:0:0:0:0:0/0", IPv6Address("::"), 0),
         ("FE80::ABCD/128", IPv6Address("fe80::abcd"), 128),
@@ -378,6 +382,17 @@ def test_allowed_ip_removal():
         "-",
         "",
         "10.0.0.0/" + "0" * 40 + "33",
+        # The IPv4 fast path is as strict as IPv4Address and netip.ParseAddr.
+        "10.0.0/8",
+        "10.0.0.0.0/8",
+        "10.0.0.256/32",
+        "10.0.0.00/32",
+        "10.0.0.1000/32",
+        "10.0..0/8",
+        "10.0.0.+1/32",
+        "10.0.0.-1/32",
+        "10.0.0.\u0663/32",  # a non-ASCII digit
+        "10.0.0.1 /32",
     ],
 )
 def test_bad_allowed_ip(value):
@@ -847,6 +862,7 @@ def test_format_endpoint(host, port, text):
     ("address", "cidr", "text"),
     [
         ("10.0.0.0", 8, "10.0.0.0/8"),
+        ("255.254.1.0", 24, "255.254.1.0/24"),
         ("::", 0, "::/0"),
         ("fe80::abcd", 128, "fe80::abcd/128"),
         ("::ffff:1.2.3.4", 128, "::ffff:1.2.3.4/128"),
@@ -857,6 +873,11 @@ def test_format_endpoint(host, port, text):
 def test_format_prefix(address, cidr, text):
     assert format_prefix(address, cidr) == text
     assert format_prefix(ip_network(f"{address}/{cidr}").network_address, cidr) == text
+    assert (
+        format_packed_prefix(ip_network(f"{address}/{cidr}").network_address.packed, cidr) == text
+    )
+    network = ip_network(f"{address}/{cidr}")
+    assert format_prefix_value(network.max_prefixlen, cidr, int(network.network_address)) == text
 
 
 def test_set_then_get_round_trip():

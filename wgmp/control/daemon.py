@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import process
+from ..ipc.channel import Channel
 from ..ipc.keyslots import KeySlots
 from ..ipc.messages import (
     Activity,
@@ -46,21 +47,22 @@ from ..ipc.messages import (
     StatsFlushed,
 )
 from ..net import netlink, udp
+from ..net.steering import counter_worker
 from ..protocol.constants import (
     MAX_KEYPAIRS_PER_PEER,
     MAX_PEERS,
     MAX_QUEUED_INCOMING_HANDSHAKES,
 )
 from ..protocol.errors import DropReason
-from ..protocol.indextable import worker_of
 from ..stats.block import StatsBlock
 from ..stats.collector import DeviceStats, HandshakeStats, PeerStats, WorkerStats, render
 from ..uapi import protocol as uapi
+from ..uapi.protocol import format_prefix_value as format_prefix
 from ..uapi.server import SOCKET_DIRECTORY, Respond, UAPIServer
 from .edges import KernelLink, KernelPort, Link, LinkEvents, Port, RouteEvents
 from .endpoint_routes import EndpointRoutes
 from .get_reply import GetReply
-from .interface import Interface
+from .interface import Interface, ToWorker
 from .peer import Peer
 from .set_request import SetApplication, apply_request
 from .supervisor import HEARTBEAT_INTERVAL, Supervisor, WorkerHandle
@@ -71,9 +73,15 @@ __all__ = ["Daemon", "SetupError"]
 log = logging.getLogger("wgmp")
 # Every peer's three keypairs, and as many again waiting for the workers to acknowledge their
 # removal; beyond that a handshake is dropped (NO_KEY_SLOT). 32 MiB of sparse shared memory,
-# of which only the pages of slots ever used are touched.
+# plus 4 MiB per worker for the replay and delivered marks (ipc/keyslots.py), of which only
+# the pages of slots ever used are touched.
 KEYSLOT_CAPACITY = (MAX_KEYPAIRS_PER_PEER + 1) * MAX_PEERS
 STATS_FLUSH_TIMEOUT = 0.3
+# Handshake messages read from a socket per turn of the loop (what does not fit the queue is
+# dropped), and the time handled from the queue per turn: a turn's handshakes delay the
+# workers' messages and the timers by at most this.
+HANDSHAKE_READS_PER_TURN = 2 * MAX_QUEUED_INCOMING_HANDSHAKES
+HANDSHAKE_TURN = 0.005
 SOCKET_CHECK_INTERVAL = 0.5
 # A set request is applied at most this long per turn of the loop (set_request.py); then
 # datagrams, workers, timers and other clients get their turn.
@@ -155,10 +163,14 @@ class Daemon:
         self.log_level = log_level
         self.running = False
         self.selector = selectors.DefaultSelector()
-        self.keyslots = KeySlots.create(KEYSLOT_CAPACITY)
+        self.keyslots = KeySlots.create(KEYSLOT_CAPACITY, workers)
         self.interface = Interface(self.keyslots, _SystemRng(), workers=workers)
         self.supervisor = Supervisor(
-            self.keyslots.shm.fd, log_level, vnet_hdr=TUN_VNET_HDR, interface=name
+            self.keyslots.shm.fd,
+            log_level,
+            vnet_hdr=TUN_VNET_HDR,
+            interface=name,
+            worker_count=workers,
         )
         self.pending_release: dict[int, set[int]] = {}
         self.flush_token = 0
@@ -184,6 +196,8 @@ class Daemon:
             self.uapi.close()  # no socket file left behind that nobody answers on
             raise SetupError(str(err)) from err
         self._wake_r, self._wake_w = socket.socketpair()
+        # Handshake messages read and not handled yet: (data, source, our address).
+        self._handshakes: deque[tuple[bytes, tuple[str, int], udp.Sticky | None]] = deque()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -256,13 +270,16 @@ class Daemon:
             while self.running:
                 pending = self.uapi.busy() or self._get_reply is not None
                 now = time.monotonic()
-                timeout = 0.0 if pending else self._timeout(now)
+                busy = pending or bool(self._handshakes)
+                timeout = 0.0 if busy else self._timeout(now)
                 if self._set_queue:  # more of it next turn, unless the workers lag behind
                     timeout = min(timeout, SET_BACKOFF if self._workers_backlogged() else 0.0)
                 for key, _ in self.selector.select(timeout):
                     key.data(key.fileobj)
                     if not self.running:
                         break
+                if self._handshakes and self.running:
+                    self._handle_handshakes()  # what is left of the queue: another turn
                 now = time.monotonic()
                 self.interface.expire(now, time.time_ns())
                 self._supervise(now)
@@ -372,25 +389,54 @@ class Daemon:
     # -- handshakes --------------------------------------------------------------------------
 
     def _on_handshake_socket(self, sock: socket.socket) -> None:
-        backlog: list[tuple[bytes, tuple[str, int], udp.Sticky | None]] = []
-        while len(backlog) < MAX_QUEUED_INCOMING_HANDSHAKES:
+        """Empty the socket into the handshake queue (dropping what does not fit), then
+        handle a turn's worth of the queue.
+
+        As wireguard-go, whose receiving goroutine feeds a queue of
+        MAX_QUEUED_INCOMING_HANDSHAKES and drops what does not fit: reading is cheap, so the
+        kernel's buffer (7 MiB, thousands of datagrams) never holds a backlog of seconds.
+        Before, control read 1024 at a time and answered each, with a DH: under a flood the
+        buffered initiations were seconds old when answered, their senders had moved on, and
+        the answered rate fell from its peak to nothing (perf/RESULTS.md, "Handshakes")."""
+        queue = self._handshakes
+        dropped = 0
+        for _ in range(HANDSHAKE_READS_PER_TURN):
             try:
                 data, ancillary, _, address = sock.recvmsg(2048, udp.PKTINFO_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 continue
+            if len(queue) >= MAX_QUEUED_INCOMING_HANDSHAKES:
+                dropped += 1
+                continue
             sticky = next((c for c in ancillary if (c[0], c[1]) in udp.PKTINFO_KINDS), None)
-            backlog.append((data, (address[0], address[1]), sticky))
-        self.interface.note_backlog(len(backlog), time.monotonic())
+            queue.append((data, (address[0], address[1]), sticky))
+        if dropped:
+            self.interface.counters.drops[DropReason.HANDSHAKE_QUEUE_FULL] += dropped
+        self.interface.note_backlog(len(queue), time.monotonic())
+        self._handle_handshakes()
+
+    def _handle_handshakes(self) -> None:
+        """Handle queued handshake messages for at most HANDSHAKE_TURN seconds, so that the
+        loop also reads the workers and the sockets again in between; then send what they
+        produced, commands first (one pipe write per worker for the whole turn: under a
+        flood, a write per handshake woke a worker per handshake), then the datagrams."""
+        queue = self._handshakes
         monotonic, time_ns = time.monotonic, time.time_ns
-        for data, source, sticky in backlog:
+        deadline = monotonic() + HANDSHAKE_TURN
+        receive = self.interface.receive_handshake
+        while queue:
+            data, source, sticky = queue.popleft()
             # Each message at the time it is handled, as wireguard-go does: a backlog can take
             # a second to get through, and the 20 ms rule, the rate limiter and the timers are
             # about when a message is handled (with one time for the whole batch, a peer's
             # second initiation in it was refused as a flood after a DH was spent on it).
-            self.interface.receive_handshake(data, source, monotonic(), time_ns(), sticky)
-            self._drain_outputs()
+            now = monotonic()
+            receive(data, source, now, time_ns(), sticky)
+            if now >= deadline:
+                break
+        self._drain_outputs()
 
     def _drain_outputs(self) -> None:
         if self.interface.routes_to_check:
@@ -433,38 +479,83 @@ class Daemon:
         interface.datagrams.clear()
 
     def _drain_commands(self) -> None:
+        """Every command of this turn to its workers, in order, in one write per worker.
+
+        One write per worker and turn, not one per command: a responder's handshake makes two
+        or three commands, and each write cost a system call and often a wake-up of the worker
+        (perf/RESULTS.md, "Latency")."""
         interface = self.interface
+        published, interface.published = interface.published, []
         if not interface.commands:
             return
         live = [h for h in self.supervisor.workers if h.channel is not None]
+        batches: dict[int, list[Message]] = {h.worker_id: [] for h in live}
         for command in interface.commands:
+            if isinstance(command, ToWorker):
+                # Only to the worker that staged the packets (any live one if it has gone).
+                worker = command.worker_id
+                if worker not in batches:
+                    worker = next(iter(batches), -1)
+                if worker >= 0:
+                    batches[worker].append(command.message)
+                continue
             if isinstance(command, KeypairRemove):
                 waiting = {h.worker_id for h in live}
                 if waiting:
                     self.pending_release[command.slot] = waiting
                 else:
                     self.keyslots.release(command.slot)
-            targets = live
-            if isinstance(command, KeypairInstall):
-                targets = self._owner_first(live, command.slot)
-            for handle in targets:
-                self._send(handle, command)
+            for batch in batches.values():
+                batch.append(command)
         interface.commands.clear()
+        # The new keypair's owner is written first (see _owner_first). Every write goes in
+        # whole or is queued (Channel.send_to_all): control waits for no worker, and a worker
+        # slow to read delays none of the others.
+        writes = [
+            (handle, batches[handle.worker_id])
+            for handle in self._owner_first(live, published)
+            if batches[handle.worker_id]
+        ]
+        Channel.send_to_all([(h.channel, batch) for h, batch in writes if h.channel is not None])
+        for handle, _ in writes:
+            self._after_write(handle)  # a dead worker: supervision restarts it
 
-    def _owner_first(self, live: list[WorkerHandle], slot: int) -> list[WorkerHandle]:
-        """`live` with the worker that receives on the keypair in `slot` first.
+    def _owner_first(self, live: list[WorkerHandle], published: list[int]) -> list[WorkerHandle]:
+        """`live` with the worker that receives first on a keypair published this turn first.
 
         Every worker sends with a new keypair as soon as it reads the announcement (a packet
-        staged for the handshake goes out at once), and the peer's answer is steered to the
-        owner: announced to another worker first, the owner could see that answer before its
-        own announcement was even written, and drop it as unknown_receiver_index. Written
-        first, the announcement is in the owner's pipe before anything can be sent with the
-        keypair, and the worker reads its pipe before its sockets."""
-        found = self.interface.keypair_at.get(slot)
-        if found is None:
+        staged for the handshake goes out at once), and the peer's answer is steered by its
+        counter: its first counters (block 0) go to the owner, counter_worker(0). Announced to
+        another worker first, the owner could see that answer before its own announcement was
+        even written (it would then read its pipe once more, inbound.py, but that costs a
+        batch's time). Written first, the announcement is in the owner's pipe before anything
+        can be sent with the keypair, and the worker reads its pipe before its sockets."""
+        if not any(slot in self.interface.keypair_at for slot in published):
             return live
-        owner = worker_of(found[1].local_index)
+        owner = counter_worker(0, self.worker_count)
         return sorted(live, key=lambda handle: handle.worker_id != owner)
+
+    def _send_many(self, handle: WorkerHandle, commands: list[Message]) -> None:
+        """Write (or queue) several messages to a worker, in one system call if it has room."""
+        channel = handle.channel
+        if channel is None:
+            return  # down: it gets the whole state when it is started again
+        try:
+            channel.send_many(commands)
+        except OSError:
+            return  # a dead worker: supervision restarts it with the full state
+        self._after_write(handle)
+
+    def _after_write(self, handle: WorkerHandle) -> None:
+        """What control queued for a worker: wake when its pipe has room, or, past
+        OUTBOUND_LIMIT, treat the worker as hung."""
+        channel = handle.channel
+        if channel is None or not channel.backlog:
+            return
+        if channel.backlog > OUTBOUND_LIMIT:
+            self._hung(handle, f"{channel.backlog} bytes wait for room in its pipe")
+        elif not handle.writing:
+            self._want_write(handle, True)
 
     def _send(self, handle: WorkerHandle, command: Message) -> None:
         """Write (or queue: control never waits for one worker) a message to a worker."""
@@ -475,11 +566,7 @@ class Daemon:
             channel.send(command)
         except OSError:
             return  # a dead worker: supervision restarts it with the full state
-        if channel.backlog:
-            if channel.backlog > OUTBOUND_LIMIT:
-                self._hung(handle, f"{channel.backlog} bytes wait for room in its pipe")
-            elif not handle.writing:
-                self._want_write(handle, True)
+        self._after_write(handle)
 
     def _want_write(self, handle: WorkerHandle, on: bool) -> None:
         """Whether the loop should also wake when the worker's pipe has room again."""
@@ -508,11 +595,8 @@ class Daemon:
 
     def _peer_state(self, peer: Peer) -> PeerSet:
         endpoint = list(peer.endpoint) if peer.endpoint else None
-        prefixes = [
-            [p.network_address.packed, p.prefixlen]
-            for p in self.interface.allowed.entries_for_peer(peer.peer_id)
-        ]
-        return PeerSet(peer.peer_id, endpoint, prefixes)
+        prefixes = self.interface.allowed.packed_entries_for_peer(peer.peer_id)
+        return PeerSet(peer.peer_id, endpoint, [list(p) for p in prefixes])
 
     def _supervise(self, now: float) -> None:
         """Restart dead workers when their backoff allows, and find hung ones."""
@@ -656,7 +740,9 @@ class Daemon:
         self.interface.activity(message.reports, time.monotonic(), time.time_ns())
 
     def _on_need_handshake(self, handle: WorkerHandle, message: NeedHandshake) -> None:
-        self.interface.need_handshake(message.peer_id, time.monotonic(), time.time_ns())
+        self.interface.need_handshake(
+            message.peer_id, time.monotonic(), time.time_ns(), handle.worker_id
+        )
 
     def _on_rekey_wanted(self, handle: WorkerHandle, message: RekeyWanted) -> None:
         self.interface.rekey_wanted(message.peer_id, time.monotonic(), time.time_ns())
@@ -673,28 +759,37 @@ class Daemon:
         )
 
     def _on_handshake_packets(self, handle: WorkerHandle, message: HandshakePackets) -> None:
-        monotonic, time_ns = time.monotonic, time.time_ns
+        """Handshake messages a worker received (in GRO trains) join the one queue of
+        control's own (`_on_handshake_socket`), with its bound: what does not fit is dropped
+        as handshake_queue_full, and a turn's worth is handled now."""
+        queue = self._handshakes
+        dropped = 0
         for data, endpoint, sticky in message.packets:
-            # As _on_handshake_socket: each message at the time it is handled.
-            self.interface.receive_handshake(
-                data,
-                (endpoint[0], endpoint[1]),
-                monotonic(),
-                time_ns(),
-                (sticky[0], sticky[1], sticky[2]) if sticky else None,
+            if len(queue) >= MAX_QUEUED_INCOMING_HANDSHAKES:
+                dropped += 1
+                continue
+            queue.append(
+                (
+                    bytes(data),
+                    (endpoint[0], endpoint[1]),
+                    (sticky[0], sticky[1], sticky[2]) if sticky else None,
+                )
             )
-            self._drain_outputs()
+        if dropped:
+            self.interface.counters.drops[DropReason.HANDSHAKE_QUEUE_FULL] += dropped
+        self._handle_handshakes()
 
     def _on_pong(self, handle: WorkerHandle, message: Pong) -> None:
         """Nothing more to do: every message is a sign of life (`_on_worker` noted it)."""
 
     def _on_removed(self, handle: WorkerHandle, message: Removed) -> None:
-        waiting = self.pending_release.get(message.slot)
-        if waiting is not None:
-            waiting.discard(handle.worker_id)
-            if not waiting:
-                del self.pending_release[message.slot]
-                self.keyslots.release(message.slot)
+        for slot in message.slots:  # one acknowledgement may carry several removals
+            waiting = self.pending_release.get(slot)
+            if waiting is not None:
+                waiting.discard(handle.worker_id)
+                if not waiting:
+                    del self.pending_release[slot]
+                    self.keyslots.release(slot)
 
     def _on_stats_flushed(self, handle: WorkerHandle, message: StatsFlushed) -> None:
         handle.pending_flush.discard(message.token)
@@ -899,9 +994,10 @@ class Daemon:
             tx_bytes=tx,
             rx_bytes=rx,
             persistent_keepalive_interval=peer.persistent_keepalive_interval,
+            # From the table's own keys: ~4 us a peer less than through network objects
+            # (10,000 peers x 10 prefixes), see perf/RESULTS.md, "Control plane".
             allowed_ips=[
-                uapi.format_prefix(p.network_address, p.prefixlen)
-                for p in self.interface.allowed.entries_for_peer(peer.peer_id)
+                format_prefix(*key) for key in self.interface.allowed.keys_for_peer(peer.peer_id)
             ],
         )
 

@@ -10,16 +10,20 @@ worker processes) handshake and carry packets without root or namespaces
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..net import netlink, tun, udp
 from ..net.steering import attach_steering
+from ..net.tun_steering import attach_flow_steering
 from .route_mtu import RouteMTUWatcher
 from .tun_setup import TUN_VNET_HDR, first_queue
 
 __all__ = ["KernelLink", "KernelPort", "Link", "LinkEvents", "Port", "RouteEvents", "SocketGroup"]
+
+log = logging.getLogger("wgmp")
 
 # Control's sockets first, then each worker's, by family (4, 6): the steering program's order.
 SocketGroup = list[dict[int, socket.socket]]
@@ -93,6 +97,12 @@ class KernelLink:
         fds = [first_queue(self.name, inherited)]
         for _ in range(1, count):
             fds.append(tun.open_queue(self.name, TUN_VNET_HDR))
+        if count > 1:
+            try:
+                # One flow, one queue, one worker: in order (net/tun_steering.py).
+                attach_flow_steering(fds[0])
+            except OSError as err:
+                log.warning("TUN flow steering not attached (%s): the kernel's automq", err)
         return fds
 
     def mtu(self) -> int:
@@ -127,5 +137,5 @@ class KernelPort:
                     sockets[family] = udp.open_udp(af, port, **options)
             group.append(sockets)
         for sock in group[0].values():
-            attach_steering(sock)
+            attach_steering(sock, workers)
         return group, port

@@ -10,11 +10,12 @@ out in two queues that the daemon drains: `datagrams` (to send from control's so
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import logging
 import socket
 from collections import deque
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ..internal_errors import ErrorLog
 from ..ipc.keyslots import KeySlots
@@ -31,9 +32,10 @@ from ..ipc.messages import (
     PeerRemove,
     PeerSet,
     RouteLoop,
+    SendKeepalive,
 )
 from ..net.udp import Sticky
-from ..protocol.allowedips import AllowedIPs
+from ..protocol.allowedips import AllowedIPs, Prefix
 from ..protocol.constants import (
     DEFAULT_MTU,
     KEEPALIVE_TIMEOUT,
@@ -65,7 +67,7 @@ from ..protocol.noise import Handshake, HandshakeState, StaticIdentity, consume_
 from ..protocol.ratelimiter import RateLimiter
 from ..protocol.timers import ActionKind, RandomSource
 from ..protocol.transport import seal_transport
-from .peer import Endpoint, Peer, Prefix
+from .peer import Endpoint, Peer
 
 # LOG_LEVEL=verbose logs what wireguard-go logs at that level, in its words and with its
 # peer(AbCd…WxYz) names (see docs/operations.md); only per-handshake and per-configuration
@@ -77,7 +79,30 @@ def _verbose() -> bool:
     return log.isEnabledFor(logging.DEBUG)
 
 
-__all__ = ["HandshakeCounters", "Interface", "ROLE_CURRENT", "ROLE_NEXT", "ROLE_PREVIOUS"]
+def _prefix_text(prefix: Prefix) -> str:
+    """A prefix as wireguard-go logs it; set requests give them packed (address, length)."""
+    if isinstance(prefix, tuple) and isinstance(prefix[0], bytes):
+        return f"{ipaddress.ip_address(prefix[0])}/{prefix[1]}"
+    return str(prefix)
+
+
+__all__ = [
+    "HandshakeCounters",
+    "Interface",
+    "ROLE_CURRENT",
+    "ROLE_NEXT",
+    "ROLE_PREVIOUS",
+    "ToWorker",
+]
+
+
+class ToWorker(NamedTuple):
+    """A command for one worker only (the daemon writes `message` to that worker's pipe, in
+    its place among the others; to any live worker if that one is down)."""
+
+    worker_id: int
+    message: Message
+
 
 UNDER_LOAD_BACKLOG = MAX_QUEUED_INCOMING_HANDSHAKES // UNDER_LOAD_QUEUE_FRACTION
 DEADLINE_SLACK = 64  # stale timer entries tolerated beyond as many as there are live ones
@@ -145,10 +170,15 @@ class Interface:
         # Workers that are dead, hung or not yet READY: new keypairs go to the others.
         self.workers_down: set[int] = set()
         self.datagrams: list[tuple[bytes, Endpoint, Sticky | None]] = []
-        self.commands: list[Message] = []
+        self.commands: list[Message | ToWorker] = []
         # Peers whose endpoint or sticky source changed: the daemon asks the routing table
         # about them (control/endpoint_routes.py) before it sends anything.
         self.routes_to_check: set[int] = set()
+        # The worker whose staged packets made us initiate, by peer_id: it sends them as soon
+        # as the response installs the keypair, so control sends no keepalive of its own.
+        self._asked_by: dict[int, int] = {}
+        # Slots published since the daemon last looked (it writes their owner's pipe first).
+        self.published: list[int] = []
 
     # -- configuration (driven by UAPI) ----------------------------------------------------
 
@@ -191,6 +221,7 @@ class Interface:
             return
         log.debug("%s - UAPI: Removing", peer)
         del self.by_id[peer.peer_id]
+        self._asked_by.pop(peer.peer_id, None)
         peer.timers.stop()
         peer.timers.on_arm = None
         self._queued.pop(peer.peer_id, None)  # its entries are skipped when they come up
@@ -229,14 +260,19 @@ class Interface:
     def replace_allowed_ips(self, peer: Peer) -> None:
         log.debug("%s - UAPI: Removing all allowedips", peer)
         self.allowed.remove_by_peer(peer.peer_id)
-        peer.prefixes.clear()
 
     def add_allowed_ip(self, peer: Peer, prefix: Prefix) -> None:
-        log.debug("%s - UAPI: Adding allowedip %s", peer, prefix)
-        self.allowed.insert(prefix, peer.peer_id)
+        if _verbose():
+            log.debug("%s - UAPI: Adding allowedip %s", peer, _prefix_text(prefix))
+        address, cidr = prefix if isinstance(prefix, tuple) else (None, 0)
+        if isinstance(address, bytes):
+            self.allowed.insert_packed(address, cidr, peer.peer_id)
+        else:
+            self.allowed.insert(prefix, peer.peer_id)
 
     def remove_allowed_ip(self, peer: Peer, prefix: Prefix) -> None:
-        log.debug("%s - UAPI: Removing allowedip %s", peer, prefix)
+        if _verbose():
+            log.debug("%s - UAPI: Removing allowedip %s", peer, _prefix_text(prefix))
         self.allowed.remove(prefix, peer.peer_id)
 
     def publish_allowed_ips(self, peers: list[Peer]) -> None:
@@ -245,13 +281,8 @@ class Interface:
         An identical prefix may have moved to another peer, so every peer whose list changed
         is re-sent, not only the one named in the request."""
         for peer in peers:
-            prefixes = self.allowed.entries_for_peer(peer.peer_id)
-            peer.prefixes = list(prefixes)
-            self.commands.append(
-                PeerSet(
-                    peer.peer_id, None, [[p.network_address.packed, p.prefixlen] for p in prefixes]
-                )
-            )
+            prefixes = self.allowed.packed_entries_for_peer(peer.peer_id)
+            self.commands.append(PeerSet(peer.peer_id, None, [list(p) for p in prefixes]))
 
     def set_mtu(self, mtu: int) -> None:
         self.mtu = mtu
@@ -272,10 +303,16 @@ class Interface:
 
     # -- events from workers --------------------------------------------------------------
 
-    def need_handshake(self, peer_id: int, now: float, wall_ns: int) -> None:
-        """A worker staged packets because there is no usable key."""
+    def need_handshake(
+        self, peer_id: int, now: float, wall_ns: int, worker_id: int | None = None
+    ) -> None:
+        """Worker `worker_id` staged packets because there is no usable key."""
         peer = self.by_id.get(peer_id)
-        if peer is not None and peer.timers.begin_initiation(now):
+        if peer is None:
+            return
+        if worker_id is not None:
+            self._asked_by[peer_id] = worker_id
+        if peer.timers.begin_initiation(now):
             self._send_initiation(peer, now, wall_ns)
 
     def rekey_wanted(self, peer_id: int, now: float, wall_ns: int) -> None:
@@ -456,7 +493,15 @@ class Interface:
         peer.last_handshake_ns = wall_ns
         self.counters.completed += 1
         log.debug("%s - Handshake completed", peer)
-        self.send_keepalive(peer, now, wall_ns)  # confirms the new keypair to the responder
+        # The first message under the new keypair confirms it to the responder: the packets a
+        # worker staged for this handshake if there are any, else a keepalive (wireguard-go's
+        # SendKeepalive). That worker sends them when it reads the keypair, no later.
+        worker = self._asked_by.pop(peer.peer_id, None)
+        if worker is None:
+            self.send_keepalive(peer, now, wall_ns)
+        else:
+            slot = self.slot_of[peer.keypairs.current]  # type: ignore[index]
+            self.commands.append(ToWorker(worker, SendKeepalive(peer.peer_id, slot)))
 
     def _authenticated_from(self, peer: Peer, source: Endpoint, sticky: Sticky | None) -> None:
         if peer.endpoint != source or peer.sticky != sticky:
@@ -543,6 +588,7 @@ class Interface:
             "initiator" if keypair.is_initiator else "responder",
             worker_of(keypair.local_index),
         )
+        self.published.append(slot)
         self._forget(peer.keypairs.install(keypair))
         self._announce_roles(peer)
 

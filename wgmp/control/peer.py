@@ -35,7 +35,6 @@ class Peer:
     # The route to the endpoint leaves through our own interface (control/endpoint_routes.py):
     # nothing is sent to it until routing changes.
     looping: bool = False
-    prefixes: list[Prefix] = field(default_factory=list)
     last_handshake_ns: int = 0  # Unix time of the last completed handshake, for UAPI
     # Bytes of messages control itself sent/received for this peer (handshakes, cookie
     # replies, keepalives); workers count transport data in their stats blocks.

@@ -223,11 +223,12 @@ class SetApplication:
             self._touched[peer.peer_id] = peer
         elif isinstance(op, uapi.AddAllowedIP):
             # An identical prefix moves from its old owner: each worker's table does the
-            # same on insert, so only this peer's list needs re-sending.
-            interface.add_allowed_ip(peer, op.network)
+            # same on insert, so only this peer's list needs re-sending. (Packed, not
+            # op.network: a network object costs ~4 us, 0.4 s for 100,000 prefixes.)
+            interface.add_allowed_ip(peer, (op.address.packed, op.cidr))
             self._touched[peer.peer_id] = peer
         elif isinstance(op, uapi.RemoveAllowedIP):
-            interface.remove_allowed_ip(peer, op.network)
+            interface.remove_allowed_ip(peer, (op.address.packed, op.cidr))
             self._touched[peer.peer_id] = peer
 
     def _publish(self, deadline: float) -> bool:

@@ -11,6 +11,11 @@ then after RESTART_BACKOFF, doubled for each further death (up to RESTART_BACKOF
 one has run STABLE_AFTER seconds. A worker silent for HEARTBEAT_INTERVAL is sent a PING; one
 that neither answers, sends anything nor reads its pipe within PING_TIMEOUT of the first such
 PING (STARTUP_TIMEOUT before it said READY) is hung: killed, and so restarted.
+
+With several workers, each also gets the read end of its own hand-off socket (a datagram
+socketpair) and the write ends of the others': a worker that finds, in a train the kernel
+coalesced, datagrams of another worker's counter blocks passes them on there
+(inbound.py, docs/dataplane.md).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ HEARTBEAT_INTERVAL = 1.0  # a worker silent this long is sent a PING
 PING_TIMEOUT = 4.0
 LIVENESS_TIMEOUT = HEARTBEAT_INTERVAL + PING_TIMEOUT  # a stopped worker is found within this
 STARTUP_TIMEOUT = 30.0  # PING_TIMEOUT before its first READY (a new interpreter, a busy machine)
+HANDOFF_BUFFER = 4 << 20  # bytes of hand-off datagrams that may wait for a busy worker
 
 
 @dataclass(eq=False)
@@ -74,10 +80,26 @@ class WorkerHandle:
 
 class Supervisor:
     def __init__(
-        self, keyslots_fd: int, log_level: str, *, vnet_hdr: bool, interface: str = ""
+        self,
+        keyslots_fd: int,
+        log_level: str,
+        *,
+        vnet_hdr: bool,
+        interface: str = "",
+        worker_count: int = 1,
     ) -> None:
         self.interface = interface  # for the workers' names and log lines
         self.keyslots_fd = keyslots_fd
+        self.worker_count = worker_count
+        # handoff[w] = (worker w's read end, everyone else's write end); kept open for life.
+        self.handoff: list[tuple[socket.socket, socket.socket]] = []
+        if worker_count > 1:
+            for _ in range(worker_count):
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                for sock in (ours, theirs):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HANDOFF_BUFFER)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, HANDOFF_BUFFER)
+                self.handoff.append((ours, theirs))
         self.vnet_hdr = vnet_hdr
         self.log_level = log_level
         self.workers: list[WorkerHandle] = []
@@ -91,6 +113,13 @@ class Supervisor:
         channel, theirs = Channel.pair()
         sock4 = handle.sockets.get(4)
         sock6 = handle.sockets.get(6)
+        inbox, outboxes = -1, tuple[int, ...]()
+        if self.handoff:
+            inbox = self.handoff[handle.worker_id][0].fileno()
+            outboxes = tuple(
+                -1 if worker == handle.worker_id else pair[1].fileno()
+                for worker, pair in enumerate(self.handoff)
+            )
         spec = WorkerSpec(
             worker_id=handle.worker_id,
             tun=handle.tun_fd,
@@ -100,6 +129,9 @@ class Supervisor:
             keyslots=self.keyslots_fd,
             stats=handle.stats.shm.fd,
             vnet_hdr=self.vnet_hdr,
+            workers=self.worker_count,
+            handoff_in=inbox,
+            handoff_out=outboxes,
         )
         count = max(len(self.workers), handle.worker_id + 1)
         handle.process = ForkedProcess.start(

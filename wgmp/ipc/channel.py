@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import array
 import fcntl
-import logging
 import socket
 import termios
 
@@ -17,8 +16,6 @@ import msgpack
 from .messages import Message, MessageError, decode, encode
 
 __all__ = ["Channel"]
-
-log = logging.getLogger("wgmp")
 
 SO_SNDBUFFORCE = 32
 WORKER_SEND_BUFFER = 1 << 20
@@ -56,6 +53,30 @@ class Channel:
         """Write one message (or queue it, on control's end); OSError when the other end
         has gone."""
         data: bytes = self._packer.pack(encode(message))
+        self._write(data)
+
+    def send_many(self, messages: list[Message]) -> None:
+        """Write several messages, in order, with one system call when the pipe has room (or
+        queue what it has no room for, on control's end)."""
+        pack = self._packer.pack
+        self._write(b"".join(pack(encode(message)) for message in messages))
+
+    @staticmethod
+    def send_to_all(batches: list[tuple[Channel, list[Message]]]) -> list[Channel]:
+        """Write each channel's messages: every worker applies a large configuration in
+        parallel (one after the other, control waited for each: perf/RESULTS.md, "Control
+        plane"). On control's ends nothing waits: what a pipe cannot take now stays in its
+        `backlog` for control's loop to `flush` while the worker reads, so one slow worker
+        delays no other. Returns the channels whose other end has gone (OSError)."""
+        failed: list[Channel] = []
+        for channel, messages in batches:
+            try:
+                channel.send_many(messages)
+            except OSError:
+                failed.append(channel)
+        return failed
+
+    def _write(self, data: bytes) -> None:
         if self.sock.getblocking():
             self.sock.sendall(data)
             return
@@ -153,7 +174,12 @@ class Channel:
             try:
                 messages.append(decode(item))
             except MessageError as err:
-                log.error("ignored a message on the channel: %s", err)
+                # Imported here, not at the top: workers import this module, and `logging`
+                # stays out of their memory (docs/performance.md); this never happens between
+                # two ends of the same build.
+                import logging
+
+                logging.getLogger("wgmp").error("ignored a message on the channel: %s", err)
         return messages
 
     def close(self) -> None:

@@ -5,10 +5,18 @@ completely, then announces it over each worker's pipe; a worker copies the keys 
 that announcement. A slot is reused only after every worker acknowledged its removal, so a
 slot is never written while a worker may still read it.
 
-The one field written after publication is the 64-bit send counter that all senders share.
-It is only ever read-modify-written under an fcntl byte-range lock on the slot's counter, one
-lock per block of counters (never per packet). The kernel drops such a lock when its holder
-dies, so a worker killed by SIGKILL cannot wedge the others.
+The one field of a slot written after publication is the 64-bit send counter that all
+senders share. It is only ever read-modify-written under an fcntl byte-range lock on the
+slot's counter, one lock per block of counters (never per packet). The kernel drops such a
+lock when its holder dies, so a worker killed by SIGKILL cannot wedge the others.
+
+After the slots comes a table of marks, two u64 per (slot, worker), each +1 (0 = none): the
+largest counter that worker accepted under the slot's keypair (its replay mark, written
+before it writes what it accepted to the TUN), and the largest it delivered (written after).
+Each worker receives its own counter blocks of every keypair (net/steering.py), so each mark
+has a single writer. A restarted worker resumes its replay window from its replay mark; a
+worker holding the first packets of a block waits for the delivered mark of the previous
+block's worker (docs/dataplane.md: ordering).
 """
 
 from __future__ import annotations
@@ -16,25 +24,27 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .sharedmem import SharedMemory
 
 __all__ = ["KEYSLOT_SIZE", "KeySlot", "KeySlots"]
 
 # counter u64 | local_index u32 | remote_index u32 | peer_id u32 | is_initiator u8 | pad 3
-# | created f64 | received u64 (+1; 0 = none) | pad to 64 | send_key 32 | receive_key 32
+# | created f64 | pad to 64 | send_key 32 | receive_key 32
 _LAYOUT = struct.Struct("<Q I I I B 3x d 32x 32s 32s")
 KEYSLOT_SIZE = 128
+MARK_SIZE = 16  # a replay mark and a delivered mark per slot and worker, after the slots
 _COUNTER = struct.Struct("<Q")
-_RECEIVED_OFFSET = 32  # in the padding after `created`: zeroed by publish()
 assert _LAYOUT.size == KEYSLOT_SIZE
 
 
-@dataclass(frozen=True)
-class KeySlot:
-    """What a slot holds once published (the counter lives on in shared memory); the keys
-    are kept out of its repr."""
+class KeySlot(NamedTuple):
+    """What a slot holds once published (the counter lives on in shared memory); the
+    keys are kept out of its repr.
+
+    A NamedTuple, not a dataclass: workers import this module, and `dataclasses` brings
+    `inspect`, `ast` and `dis` (~0.5 MiB of each worker's own memory, docs/performance.md)."""
 
     slot: int
     local_index: int
@@ -42,27 +52,41 @@ class KeySlot:
     peer_id: int
     is_initiator: bool
     created: float
-    send_key: bytes = field(repr=False)
-    receive_key: bytes = field(repr=False)
+    send_key: bytes
+    receive_key: bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"KeySlot(slot={self.slot}, local_index={self.local_index}, "
+            f"remote_index={self.remote_index}, peer_id={self.peer_id}, "
+            f"is_initiator={self.is_initiator}, created={self.created})"
+        )
 
 
 class KeySlots:
     """The table of slots; control allocates and writes, everyone reserves counters."""
 
-    def __init__(self, shm: SharedMemory) -> None:
+    def __init__(self, shm: SharedMemory, workers: int = 1) -> None:
         self.shm = shm
-        self.capacity = shm.size // KEYSLOT_SIZE
+        self.workers = workers
+        self.capacity = shm.size // (KEYSLOT_SIZE + workers * MARK_SIZE)
+        self._marks = self.capacity * KEYSLOT_SIZE  # where the marks table starts
         self._free = list(range(self.capacity - 1, -1, -1))  # used by control only
 
     @classmethod
-    def create(cls, capacity: int) -> KeySlots:
-        return cls(SharedMemory.create("wgmp-keyslots", capacity * KEYSLOT_SIZE))
+    def create(cls, capacity: int, workers: int = 1) -> KeySlots:
+        size = capacity * (KEYSLOT_SIZE + workers * MARK_SIZE)
+        return cls(SharedMemory.create("wgmp-keyslots", size), workers)
 
     @classmethod
-    def attach(cls, fd: int) -> KeySlots:
-        table = cls(SharedMemory.attach(fd))
+    def attach(cls, fd: int, workers: int = 1) -> KeySlots:
+        table = cls(SharedMemory.attach(fd), workers)
         table._free = []  # workers never allocate
         return table
+
+    def _clear_marks(self, slot: int) -> None:
+        start = self._marks + slot * self.workers * MARK_SIZE
+        self.shm.view[start : start + self.workers * MARK_SIZE] = bytes(self.workers * MARK_SIZE)
 
     # -- control -----------------------------------------------------------------------------
 
@@ -86,6 +110,7 @@ class KeySlots:
         if not self._free:
             raise MemoryError("no free key slot")
         slot = self._free.pop()
+        self._clear_marks(slot)
         _LAYOUT.pack_into(
             self.shm.view,
             slot * KEYSLOT_SIZE,
@@ -104,6 +129,7 @@ class KeySlots:
         """Zero and recycle a slot every worker has acknowledged dropping."""
         offset = slot * KEYSLOT_SIZE
         self.shm.view[offset : offset + KEYSLOT_SIZE] = bytes(KEYSLOT_SIZE)
+        self._clear_marks(slot)
         self._free.append(slot)
 
     # -- everyone ----------------------------------------------------------------------------
@@ -128,14 +154,27 @@ class KeySlots:
             fcntl.lockf(fd, fcntl.LOCK_UN, 8, offset, os.SEEK_SET)
         return first
 
-    def write_received(self, slot: int, high: int) -> None:
-        """The owning worker's note of the largest counter it accepted (single writer), so a
-        restarted worker can refuse replays of what came before (ReplayWindow.resume)."""
-        _COUNTER.pack_into(self.shm.view, slot * KEYSLOT_SIZE + _RECEIVED_OFFSET, high + 1)
+    def write_received(self, slot: int, high: int, worker: int = 0) -> None:
+        """`worker`'s note of the largest counter it accepted under the slot's keypair (it is
+        the mark's only writer), so that it refuses, restarted, what came before
+        (ReplayWindow.resume)."""
+        offset = self._marks + (slot * self.workers + worker) * MARK_SIZE
+        _COUNTER.pack_into(self.shm.view, offset, high + 1)
 
-    def received(self, slot: int) -> int | None:
-        """The largest counter the owner noted, or None if it noted nothing yet."""
-        value = _COUNTER.unpack_from(self.shm.view, slot * KEYSLOT_SIZE + _RECEIVED_OFFSET)[0]
+    def write_delivered(self, slot: int, high: int, worker: int = 0) -> None:
+        """`worker`'s note that everything it accepted up to `high` is in the TUN."""
+        offset = self._marks + (slot * self.workers + worker) * MARK_SIZE + 8
+        _COUNTER.pack_into(self.shm.view, offset, high + 1)
+
+    def delivered(self, slot: int, worker: int) -> int:
+        """The largest counter `worker` delivered under the slot's keypair, -1 if none."""
+        offset = self._marks + (slot * self.workers + worker) * MARK_SIZE + 8
+        return _COUNTER.unpack_from(self.shm.view, offset)[0] - 1
+
+    def received(self, slot: int, worker: int = 0) -> int | None:
+        """The largest counter `worker` noted, or None if it noted nothing yet."""
+        offset = self._marks + (slot * self.workers + worker) * MARK_SIZE
+        value = _COUNTER.unpack_from(self.shm.view, offset)[0]
         return value - 1 if value else None
 
     def counter(self, slot: int) -> int:

@@ -14,7 +14,6 @@ TO_CONTROL). tests/ipc/test_messages.py fails until every kind has a sender and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -46,6 +45,7 @@ __all__ = [
     "Removed",
     "Roamed",
     "RouteLoop",
+    "SendKeepalive",
     "StatsFlushed",
     "decode",
     "encode",
@@ -134,6 +134,15 @@ class RouteLoop(NamedTuple):
     looping: bool
 
 
+class SendKeepalive(NamedTuple):
+    """To the one worker that asked for the handshake, after our initiation's response: the
+    staged packets confirmed the session already, unless that worker has sent nothing under
+    the keypair in `slot`; then it sends a keepalive (wireguard-go's SendKeepalive)."""
+
+    peer_id: int
+    slot: int
+
+
 # -- worker -> control ----------------------------------------------------------------------
 
 
@@ -178,9 +187,11 @@ class HandshakePackets(NamedTuple):
 
 
 class Removed(NamedTuple):
-    """Acknowledges KeypairRemove: the slot may be reused once every worker said so."""
+    """Acknowledges KeypairRemove of each of `slots` (one message per read of the pipe: one
+    per removal blocked the worker under a handshake flood, perf/RESULTS.md "Handshakes"): a
+    slot may be reused once every worker said so."""
 
-    slot: int
+    slots: list[int]
 
 
 class StatsFlushed(NamedTuple):
@@ -210,6 +221,7 @@ Message = (
     | Mtu
     | Ping
     | RouteLoop
+    | SendKeepalive
     | Ready
     | NeedHandshake
     | Activity
@@ -223,8 +235,9 @@ Message = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Declaration:
+class Declaration(NamedTuple):
+    # A NamedTuple, not a dataclass: workers import this module, and `dataclasses` brings
+    # `inspect`, `ast` and `dis` (docs/performance.md).
     kind: int  # the first element on the wire; never reuse a number
     type: type[Any]  # one of the classes above
     direction: Direction
@@ -242,6 +255,7 @@ DECLARATIONS: tuple[Declaration, ...] = (
     Declaration(10, Mtu, _W),
     Declaration(12, Ping, _W),
     Declaration(13, RouteLoop, _W),
+    Declaration(14, SendKeepalive, _W),
     Declaration(32, Ready, _C),
     Declaration(33, NeedHandshake, _C),
     Declaration(34, Activity, _C),

@@ -1,9 +1,10 @@
 """What control gives a worker it forks: its number, the descriptors it inherits, the TUN's
-kind. Shared by both sides (control/supervisor.py builds it, dataplane/worker.py runs it)."""
+kind, how many workers share the counter blocks and the hand-off sockets between them. Shared
+by both sides (control/supervisor.py builds it, dataplane/worker.py runs it)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["WORKER_MODULE", "WorkerSpec"]
 
@@ -13,9 +14,11 @@ __all__ = ["WORKER_MODULE", "WorkerSpec"]
 WORKER_MODULE = "wgmp.dataplane.worker"
 
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a worker is given: its number, its descriptors (inherited) and the TUN's kind."""
+class WorkerSpec(NamedTuple):
+    """What a worker is given: its number, its descriptors (inherited) and the TUN's kind.
+
+    A NamedTuple, not a dataclass: workers import this module, and `dataclasses` brings
+    `inspect`, `ast` and `dis` (docs/performance.md)."""
 
     worker_id: int
     tun: int
@@ -25,7 +28,13 @@ class WorkerSpec:
     keyslots: int
     stats: int
     vnet_hdr: bool
+    workers: int = 1  # how many share the counter blocks (net/steering.py)
+    # With several workers: this worker's inbox of datagrams of its counter blocks that a
+    # sibling received, and the siblings' inboxes by worker id (-1 for its own).
+    handoff_in: int = -1
+    handoff_out: tuple[int, ...] = ()
 
     def fds(self) -> list[int]:
         fds = [self.tun, self.udp4, self.channel, self.keyslots, self.stats]
-        return fds + ([self.udp6] if self.udp6 >= 0 else [])
+        fds += [fd for fd in self.handoff_out if fd >= 0]
+        return fds + [fd for fd in (self.udp6, self.handoff_in) if fd >= 0]

@@ -1,9 +1,14 @@
 """Steering received datagrams inside the SO_REUSEPORT group with a classic-BPF program.
 
-The program sees the UDP payload at offset 0 (measured: docs/measurements.md). Handshake messages
-(types 1-3) go to group slot 0, control's socket; transport data (type 4) to slot 1 + the
-low byte of the receiver index (byte 4 on the wire), the worker that owns the keypair. A
-return value past the group's end makes the kernel fall back to its 4-tuple hash.
+The program sees the UDP payload at offset 0 (measured: docs/measurements.md). Handshake
+messages (types 1-3) go to group slot 0, control's socket; transport data (type 4) to slot
+1 + w, where w = (counter >> COUNTER_BLOCK_BITS) mod workers: consecutive blocks of 256
+counters go to the workers in turn, so one peer's traffic is received by every worker, and
+a given counter always reaches the same worker, whose replay window therefore sees every copy
+of it (docs/dataplane.md). Senders reserve counters in the same aligned blocks, so a UDP GSO
+train (which the program judges by its first datagram) holds one block's counters; the
+worker still checks each counter's block and drops what is not its own. Bits 8..23 of the
+counter are used (bytes 9 and 10 of the message): the turn wraps every 2^16 blocks.
 
 The group's slots are the sockets in join order, and when a socket leaves, the last one takes
 its slot. Control creates every socket of the group itself (its own first, then worker 0, 1,
@@ -18,9 +23,10 @@ import ctypes
 import socket
 import struct
 
-__all__ = ["attach_steering", "steering_program"]
+__all__ = ["COUNTER_BLOCK_BITS", "attach_steering", "counter_worker", "steering_program"]
 
 SO_ATTACH_REUSEPORT_CBPF = 51
+COUNTER_BLOCK_BITS = 8  # blocks of 256 counters: one worker receives a whole block
 
 # Classic BPF opcodes (linux/bpf_common.h).
 _LD_B_ABS = 0x30  # BPF_LD | BPF_B | BPF_ABS
@@ -28,24 +34,40 @@ _JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
 _RET_K = 0x06  # BPF_RET | BPF_K
 _RET_A = 0x16  # BPF_RET | BPF_A
 _ADD_K = 0x04  # BPF_ALU | BPF_ADD | BPF_K
+_ADD_X = 0x0C  # BPF_ALU | BPF_ADD | BPF_X
+_LSH_K = 0x64  # BPF_ALU | BPF_LSH | BPF_K
+_MOD_K = 0x94  # BPF_ALU | BPF_MOD | BPF_K
+_TAX = 0x07  # BPF_MISC | BPF_TAX
 
 _FILTER = struct.Struct("HBBI")  # struct sock_filter: code, jt, jf, k
 
 
-def steering_program() -> list[tuple[int, int, int, int]]:
+def counter_worker(counter: int, workers: int) -> int:
+    """The worker the program sends a transport message with `counter` to."""
+    return ((counter >> COUNTER_BLOCK_BITS) & 0xFFFF) % workers
+
+
+def steering_program(workers: int) -> list[tuple[int, int, int, int]]:
+    block_byte = 8 + COUNTER_BLOCK_BITS // 8  # the counter is little-endian from byte 8
+    assert COUNTER_BLOCK_BITS % 8 == 0
     return [
         (_LD_B_ABS, 0, 0, 0),  # A = message type
         (_JEQ_K, 1, 0, 4),  # type 4? skip the next instruction
         (_RET_K, 0, 0, 0),  # handshakes and anything else: control's socket
-        (_LD_B_ABS, 0, 0, 4),  # A = low byte of the receiver index = owning worker
+        (_LD_B_ABS, 0, 0, block_byte + 1),
+        (_LSH_K, 0, 0, 8),
+        (_TAX, 0, 0, 0),
+        (_LD_B_ABS, 0, 0, block_byte),
+        (_ADD_X, 0, 0, 0),  # A = (counter >> COUNTER_BLOCK_BITS) & 0xffff
+        (_MOD_K, 0, 0, workers),
         (_ADD_K, 0, 0, 1),  # worker w joined the group at slot w + 1
         (_RET_A, 0, 0, 0),
     ]
 
 
-def attach_steering(sock: socket.socket) -> None:
+def attach_steering(sock: socket.socket, workers: int) -> None:
     """Attach the program to the reuseport group `sock` belongs to."""
-    program = steering_program()
+    program = steering_program(workers)
     code = b"".join(_FILTER.pack(*instruction) for instruction in program)
     buffer = ctypes.create_string_buffer(code, len(code))
     # struct sock_fprog { unsigned short len; struct sock_filter *filter; } (padded to 16)

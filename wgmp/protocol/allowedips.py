@@ -129,6 +129,26 @@ class AllowedIPs(Generic[P]):
         table[slot] = peer
         self._by_peer.setdefault(peer, {})[key] = None
 
+    def insert_packed(self, address: bytes, cidr: int, peer: P) -> None:
+        """`insert((address, cidr), peer)` for a packed address (4 or 16 bytes), without the
+        checks of other prefix forms: how configurations arrive in bulk (100,000 prefixes of
+        a `wg setconf`, in control and in every worker)."""
+        bits = len(address) << 3
+        masks = _MASKS.get(bits)
+        if masks is None or peer is None or not 0 <= cidr <= bits:
+            self.insert((address, cidr), peer)  # raises the error that `insert` would
+            return
+        key = (bits, cidr, int.from_bytes(address, "big") & masks[cidr])
+        table, slot = self._slot(key)
+        owner = table.get(slot)
+        if owner is not None:
+            self._forget(owner, key)
+        table[slot] = peer
+        by_peer = self._by_peer.get(peer)
+        if by_peer is None:
+            by_peer = self._by_peer[peer] = {}
+        by_peer[key] = None
+
     def remove(self, prefix: Prefix, peer: P) -> bool:
         """Remove the exact (masked) prefix if `peer` owns it; True if it was removed."""
         key = _parse(prefix)
@@ -151,6 +171,19 @@ class AllowedIPs(Generic[P]):
     def entries_for_peer(self, peer: P) -> list[Network]:
         """The prefixes `peer` owns, in the order they were given to it."""
         return [_network(key) for key in self._by_peer.get(peer, ())]
+
+    def packed_entries_for_peer(self, peer: P) -> list[tuple[bytes, int]]:
+        """`entries_for_peer` as (packed address, prefix length): no network objects, which
+        cost ~4 us each (10,000 peers x 10 prefixes: 0.4 s of a `wg setconf`)."""
+        return [
+            (value.to_bytes(bits >> 3, "big"), cidr)
+            for bits, cidr, value in self._by_peer.get(peer, ())
+        ]
+
+    def keys_for_peer(self, peer: P) -> list[tuple[int, int, int]]:
+        """The prefixes `peer` owns as the table keeps them: (address bits, prefix length,
+        masked address as an int), in order. The cheapest form to print many of."""
+        return list(self._by_peer.get(peer, ()))
 
     def clear(self) -> None:
         """Remove every prefix."""

@@ -12,11 +12,12 @@ import struct
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_decrypt,
     crypto_aead_xchacha20poly1305_ietf_encrypt,
+    crypto_scalarmult,
+    crypto_scalarmult_base,
 )
 from nacl.exceptions import CryptoError
 
@@ -40,6 +41,7 @@ __all__ = [
     "XAEAD_DECRYPT",
     "XAEAD_ENCRYPT",
     "ZERO_KEY",
+    "DHKey",
     "Randomness",
     "aead_nonce",
     "clamp_private_key",
@@ -65,8 +67,20 @@ def MAC(key: bytes, data: bytes) -> bytes:  # noqa: N802
     return hashlib.blake2s(data, key=key, digest_size=MAC_LEN).digest()
 
 
+# HMAC (RFC 2104) over BLAKE2s by hand: hmac.new costs ~2.1 us a call here against ~1.3 us
+# for this, and a responder's handshake makes 21 of them (perf/RESULTS.md, "Latency").
+_BLOCK = 64  # BLAKE2s block size
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+_blake2s = hashlib.blake2s
+
+
 def HMAC(key: bytes, data: bytes) -> bytes:  # noqa: N802
-    return _hmac.new(key, data, hashlib.blake2s).digest()
+    if len(key) > _BLOCK:
+        key = _blake2s(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    inner = _blake2s(key.translate(_IPAD) + data).digest()
+    return _blake2s(key.translate(_OPAD) + inner).digest()
 
 
 def KDF1(key: bytes, data: bytes) -> bytes:  # noqa: N802
@@ -100,25 +114,27 @@ def DH_GENERATE(rng: Randomness) -> bytes:  # noqa: N802
     return clamp_private_key(rng.getrandbits(256).to_bytes(KEY_LEN, "little"))
 
 
+# X25519 through libsodium (PyNaCl's bindings): it takes the private scalar as bytes, so no key
+# object is ever imported (OpenSSL's from_private_bytes cost as much as an exchange, ~31-39 us,
+# because it derives the public key on import), and its fixed-base multiplication for a public
+# key costs ~18 us against ~39 us (perf/RESULTS.md, "Latency"). Both clamp the scalar.
+DHKey = bytes  # a private key as the DH functions take it: its 32 clamped bytes
+
+
 def DH_PUBLIC(private_key: bytes) -> bytes:  # noqa: N802
-    return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
+    return crypto_scalarmult_base(private_key)
 
 
-def dh_private_key(private_key: bytes) -> X25519PrivateKey:
-    """The private key as an object for `dh_with`, so that it is imported only once.
-
-    Importing costs as much as an exchange (~31 us here: OpenSSL derives the public key on
-    import, perf/RESULTS.md), so a key used for several exchanges (the static key, an
-    ephemeral used twice) is imported once and kept as an object; `public_key()` of the
-    object is then cheap (~1 us)."""
-    return X25519PrivateKey.from_private_bytes(private_key)
+def dh_private_key(private_key: bytes) -> DHKey:
+    """The private key as `dh_with` takes it (libsodium needs nothing imported)."""
+    return private_key
 
 
-def dh_with(private_key: X25519PrivateKey, public_key: bytes) -> bytes:
-    """DH with a private key object from `dh_private_key`; same checks as `DH`."""
+def dh_with(private_key: DHKey, public_key: bytes) -> bytes:
+    """X25519; a low-order public key (all-zero result) is hostile input, never a key."""
     try:
-        shared = private_key.exchange(X25519PublicKey.from_public_bytes(public_key))
-    except ValueError as exc:  # cryptography refuses an all-zero shared secret
+        shared = crypto_scalarmult(private_key, public_key)
+    except (RuntimeError, ValueError, TypeError) as exc:  # libsodium refuses a zero result
         raise ProtocolError(DropReason.HANDSHAKE_INVALID, "low-order public key") from exc
     if shared == ZERO_KEY:
         raise ProtocolError(DropReason.HANDSHAKE_INVALID, "low-order public key")
@@ -126,8 +142,7 @@ def dh_with(private_key: X25519PrivateKey, public_key: bytes) -> bytes:
 
 
 def DH(private_key: bytes, public_key: bytes) -> bytes:  # noqa: N802
-    """X25519; a low-order public key (all-zero result) is hostile input, never a key."""
-    return dh_with(X25519PrivateKey.from_private_bytes(private_key), public_key)
+    return dh_with(private_key, public_key)
 
 
 # The transport AEAD's 96-bit nonce: 4 zero bytes + the 64-bit little-endian counter.

@@ -34,7 +34,8 @@ class DropReason(IntEnum):
     INNER_HEADER_INVALID = 15
     # Handling it raised: a bug, caught so that one packet never ends a process.
     INTERNAL_ERROR = 16
-    # A handshake message a worker could not hand to control: the pipe was full.
+    # A handshake message dropped for want of room: a worker's pipe to control was full, or
+    # control's own queue of incoming handshakes was (wireguard-go drops too).
     HANDSHAKE_QUEUE_FULL = 17
     NO_KEY_SLOT = 18  # a handshake refused: every key slot holds a live or unreleased keypair
     # The peer's endpoint is routed back into our own interface, or one of our own datagrams
@@ -42,6 +43,9 @@ class DropReason(IntEnum):
     ROUTING_LOOP = 19
     SEND_FAILED = 20  # the UDP send to the peer failed (no socket of its family, or an error)
     TUN_WRITE_FAILED = 21  # the kernel refused a decrypted packet written to the TUN
+    # A transport message on a worker that does not receive its counter's block (a crafted
+    # or coalesced train): only that block's worker may judge the counter (net/steering.py).
+    MISSTEERED = 22
 
     @property
     def label(self) -> str:

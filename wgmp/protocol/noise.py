@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 from .constants import CONSTRUCTION, HANDSHAKE_INITIATION_RATE, IDENTIFIER, TIMESTAMP_LEN
 from .crypto import (
@@ -26,6 +25,7 @@ from .crypto import (
     KDF3,
     TAI64N,
     ZERO_KEY,
+    DHKey,
     Randomness,
     clamp_private_key,
     dh_private_key,
@@ -33,9 +33,6 @@ from .crypto import (
 )
 from .errors import DropReason, ProtocolError
 from .messages import Initiation, Response
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 __all__ = [
     "HandshakeState",
@@ -72,8 +69,8 @@ class StaticIdentity:
         return cls(private_key, DH_PUBLIC(private_key))
 
     @cached_property
-    def key(self) -> X25519PrivateKey:
-        """The private key imported once, for every DH with it (see crypto.dh_private_key)."""
+    def key(self) -> DHKey:
+        """The private key as the DH functions take it (see crypto.dh_private_key)."""
         return dh_private_key(self.private_key)
 
 
@@ -92,6 +89,13 @@ def _mix_hash(h: bytes, data: bytes) -> bytes:
     return HASH(h + data)
 
 
+class _Pending:
+    """The type of `_PENDING`: a value not derived yet (None already means "unusable")."""
+
+
+_PENDING = _Pending()
+
+
 class Handshake:
     """A peer's half of the handshake: the remote static key, the PSK and the Noise state."""
 
@@ -107,28 +111,40 @@ class Handshake:
         self.hash = b""
         self.chaining_key = b""
         self.local_ephemeral = b""
-        # The imported object of `local_ephemeral` (used only while it is that very key).
-        self._local_ephemeral_key: tuple[bytes, X25519PrivateKey] | None = None
+        # `local_ephemeral` as the DH functions take it (used only while it is that very key).
+        self._local_ephemeral_key: tuple[bytes, DHKey] | None = None
         self.remote_ephemeral = b""
         self.local_index = 0
         self.remote_index = 0
         self.last_timestamp = bytes(TIMESTAMP_LEN)
         self.last_initiation_consumption: float | None = None
         self.local: StaticIdentity | None = None
-        self.precomputed_static_static: bytes | None = None
+        self._static_static: bytes | None | _Pending = _PENDING
         self.set_local(local)
 
     def set_local(self, local: StaticIdentity | None) -> None:
-        """Re-derive DH(S_local, S_remote); None when either key is missing or low-order."""
+        """A new local identity: DH(S_local, S_remote) is derived again when next needed."""
         self.local = local
-        self.precomputed_static_static = None
-        if local is None:
-            return
-        try:
-            self.precomputed_static_static = dh_with(local.key, self.remote_static)
-        except ProtocolError:
-            # A low-order peer key: this peer can never complete a handshake (no traffic).
-            self.precomputed_static_static = None
+        self._static_static = _PENDING
+
+    @property
+    def precomputed_static_static(self) -> bytes | None:
+        """DH(S_local, S_remote); None when either key is missing or low-order.
+
+        Derived on first use, not when the peer is configured: it costs one X25519 (~35 us),
+        which was 0.4-1 s of a `wg setconf` of 10,000 peers (perf/RESULTS.md, "Control
+        plane"); a peer that never handshakes never pays it, and each peer pays it once."""
+        cached = self._static_static
+        if cached is _PENDING:
+            cached = None
+            if self.local is not None:
+                try:
+                    cached = dh_with(self.local.key, self.remote_static)
+                except ProtocolError:
+                    # A low-order peer key: this peer can never complete a handshake.
+                    cached = None
+            self._static_static = cached
+        return cached  # type: ignore[return-value]
 
     def clear(self) -> None:
         """Forget the ephemeral state (keeps the replay protection: last timestamp)."""
@@ -141,7 +157,7 @@ class Handshake:
         self.local_index = 0
         self.remote_index = 0
 
-    def _ephemeral_key(self) -> X25519PrivateKey:
+    def _ephemeral_key(self) -> DHKey:
         cached = self._local_ephemeral_key
         if cached is not None and cached[0] is self.local_ephemeral:
             return cached[1]
@@ -162,8 +178,8 @@ class Handshake:
         h = _mix_hash(INITIAL_HASH, self.remote_static)
         ck = INITIAL_CHAINING_KEY
         ephemeral_private = DH_GENERATE(rng)
-        ephemeral_key = dh_private_key(ephemeral_private)  # imported once, used twice
-        ephemeral_public = ephemeral_key.public_key().public_bytes_raw()
+        ephemeral_key = dh_private_key(ephemeral_private)  # used twice
+        ephemeral_public = DH_PUBLIC(ephemeral_private)
         ck = KDF1(ck, ephemeral_public)
         h = _mix_hash(h, ephemeral_public)
         ck, key = KDF2(ck, dh_with(ephemeral_key, self.remote_static))
@@ -212,8 +228,8 @@ class Handshake:
         if self.state != HandshakeState.INITIATION_CONSUMED:
             raise ProtocolError(DropReason.HANDSHAKE_INVALID, "no initiation to answer")
         ephemeral_private = DH_GENERATE(rng)
-        ephemeral_key = dh_private_key(ephemeral_private)  # imported once, used three times
-        ephemeral_public = ephemeral_key.public_key().public_bytes_raw()
+        ephemeral_key = dh_private_key(ephemeral_private)  # used three times
+        ephemeral_public = DH_PUBLIC(ephemeral_private)
         ck = KDF1(self.chaining_key, ephemeral_public)
         h = _mix_hash(self.hash, ephemeral_public)
         ck = KDF1(ck, dh_with(ephemeral_key, self.remote_ephemeral))

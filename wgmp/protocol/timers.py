@@ -23,14 +23,12 @@ from typing import Protocol
 from .constants import (
     KEEPALIVE_TIMEOUT,
     MAX_TIMER_HANDSHAKES,
-    REKEY_AFTER_MESSAGES,
-    REKEY_AFTER_TIME,
-    REKEY_AFTER_TIME_RECEIVING,
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
     ZERO_KEY_MATERIAL_AFTER,
 )
 from .errors import ConfigError
+from .rekey import keypair_wants_rekey_on_receive, should_rekey_on_send
 
 __all__ = [
     "ActionKind",
@@ -85,26 +83,6 @@ class _Timer(IntEnum):
     NEW_HANDSHAKE = 2
     ZERO_KEY_MATERIAL = 3
     PERSISTENT_KEEPALIVE = 4
-
-
-def should_rekey_on_send(
-    keypair_created: float, send_counter: int, is_initiator: bool, now: float
-) -> bool:
-    """Whether sending on the current keypair should start a handshake (keepKeyFreshSending).
-
-    `send_counter` is the next counter the keypair would use (wireguard-go's sendNonce). Pure,
-    so a worker can ask it without the control plane's state.
-    """
-    return send_counter > REKEY_AFTER_MESSAGES or (
-        is_initiator and now - keypair_created > REKEY_AFTER_TIME
-    )
-
-
-def keypair_wants_rekey_on_receive(keypair_created: float, is_initiator: bool, now: float) -> bool:
-    """The age rule of keepKeyFreshReceiving: the initiator's keypair is older than
-    REKEY_AFTER_TIME_RECEIVING. Pure, so a worker asks it too; once per handshake is the
-    asker's business (`PeerTimers.should_rekey_on_receive`, a worker's per-keypair flag)."""
-    return is_initiator and now - keypair_created > REKEY_AFTER_TIME_RECEIVING
 
 
 class PeerTimers:

@@ -96,6 +96,8 @@ __all__ = [
     "format_endpoint",
     "format_errno",
     "format_get",
+    "format_packed_prefix",
+    "format_prefix_value",
     "format_prefix",
     "parse_request",
 ]
@@ -335,6 +337,19 @@ def _parse_true(value: bytes, what: str) -> None:
 
 def _parse_addr(text: bytes, *, allow_zone: bool) -> IPv4Address | IPv6Address:
     # netip.ParseAddr: strict dotted quad (no leading zeros) or IPv6 text, a zone only on v6.
+    if b":" not in text:
+        # IPv4, the common case of large configurations, checked here as strictly (four
+        # decimal parts <= 255, no leading zeros, nothing else): ~1 us against 2.5 us for
+        # IPv4Address(text), 0.15 s of a 100,000-prefix `wg setconf`.
+        parts = text.split(b".")
+        if len(parts) == 4 and all(
+            part.isdigit() and len(part) <= 3 and (part[:1] != b"0" or len(part) == 1)
+            for part in parts
+        ):
+            octets = [int(part) for part in parts]
+            if max(octets) <= 255:
+                return IPv4Address(bytes(octets))
+        raise _invalid(f"invalid IP address {text!r}")
     try:
         string = text.decode("ascii")
         if ":" in string:
@@ -741,11 +756,25 @@ def format_endpoint(host: str, port: int) -> str:
     IPv6 is printed in RFC 5952 form, a v4-mapped address as `::ffff:1.2.3.4`, and a zone
     (`%eth0`) is dropped, as wireguard-go's LinuxSocketEndpoint.DstToString does.
     """
-    address: IPv4Address | IPv6Address
-    address = IPv6Address(host) if ":" in host else IPv4Address(host)
-    if address.version == 4:
-        return f"{address}:{port}"
+    if ":" not in host:
+        return f"{IPv4Address(host)}:{port}"
+    address = IPv6Address(host)
     return f"[{_go_address(address)}]:{port}"
+
+
+def format_packed_prefix(packed: bytes, cidr: int) -> str:
+    """`format_prefix` of a packed address (4 or 16 bytes): IPv4 without an address object,
+    for `get` with many peers."""
+    if len(packed) == 4:
+        return f"{packed[0]}.{packed[1]}.{packed[2]}.{packed[3]}/{cidr}"
+    return f"{_go_address(IPv6Address(packed))}/{cidr}"
+
+
+def format_prefix_value(bits: int, cidr: int, value: int) -> str:
+    """`format_prefix` of an address given as an int of `bits` (32 or 128) bits."""
+    if bits == 32:
+        return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}/{cidr}"
+    return f"{_go_address(IPv6Address(value))}/{cidr}"
 
 
 def format_prefix(address: IPv4Address | IPv6Address | str, cidr: int) -> str:
@@ -777,17 +806,22 @@ def format_get(snapshot: DeviceSnapshot) -> bytes:
         add(f"fwmark={snapshot.fwmark}")
     zero_key = bytes(KEY_LEN)
     for peer in snapshot.peers:
-        add(f"public_key={_key_hex(peer.public_key)}")
-        add(f"preshared_key={_key_hex(peer.preshared_key or zero_key)}")
-        add("protocol_version=1")
-        if peer.endpoint is not None:
-            add(f"endpoint={format_endpoint(*peer.endpoint)}")
-        add(f"last_handshake_time_sec={peer.last_handshake_time_sec}")
-        add(f"last_handshake_time_nsec={peer.last_handshake_time_nsec}")
-        add(f"tx_bytes={peer.tx_bytes}")
-        add(f"rx_bytes={peer.rx_bytes}")
-        add(f"persistent_keepalive_interval={peer.persistent_keepalive_interval}")
-        lines.extend(f"allowed_ip={prefix}" for prefix in peer.allowed_ips)
+        # One string per peer (and one per allowed IP), not one per line: with 10,000 peers
+        # the per-line appends were a third of the reply's cost.
+        endpoint = (
+            f"endpoint={format_endpoint(*peer.endpoint)}\n" if peer.endpoint is not None else ""
+        )
+        add(
+            f"public_key={_key_hex(peer.public_key)}\n"
+            f"preshared_key={_key_hex(peer.preshared_key or zero_key)}\n"
+            f"protocol_version=1\n{endpoint}"
+            f"last_handshake_time_sec={peer.last_handshake_time_sec}\n"
+            f"last_handshake_time_nsec={peer.last_handshake_time_nsec}\n"
+            f"tx_bytes={peer.tx_bytes}\nrx_bytes={peer.rx_bytes}\n"
+            f"persistent_keepalive_interval={peer.persistent_keepalive_interval}"
+        )
+        if peer.allowed_ips:
+            add("allowed_ip=" + "\nallowed_ip=".join(peer.allowed_ips))
     add("errno=0\n\n")
     return "\n".join(lines).encode()
 

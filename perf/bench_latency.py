@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""Latency through real tunnels: round-trip time, the first ping of a new session, and the
+responder's first data message after the initiator's first one (from a capture on the wire).
+
+For each path (go-go, wgmp-wgmp, and the mixed ones on request), in one run: two namespaces
+joined by a veth pair (bench_tunnel.py's machinery), the two tunnel ends configured with `wg`;
+then
+
+- RTT: `ping -c N -i 0.01` through the established tunnel (avg and min);
+- first ping: both ends forget the peer (`wg set ... peer X remove`) and learn it again, then
+  one ping measures handshake + first round trip, `--sessions` times (median, min, max);
+- while those first pings run, tcpdump on b's veth records every WireGuard message, from which:
+  the responder's (b's) first transport message after the initiator's first transport message
+  ("responder's first data"), and what the initiator sent first after the response (a
+  keepalive or its queued packet, the ping).
+
+    python perf/bench_latency.py                      # go-go and wgmp-wgmp, 300 pings, 15 sessions
+    python perf/bench_latency.py --paths go-go,wgmp-wgmp,wgmp-go,go-wgmp --workers 1,2
+
+Needs root, ip, wg, wireguard-go, ping, tcpdump. Traffic only flows between the namespaces made
+here. Progress goes to stderr, the Markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_tunnel import (  # noqa: E402
+    NS_PREFIX,
+    PATHS,
+    PORT_A,
+    PORT_B,
+    REPO_ROOT,
+    TUN_A,
+    TUN_B,
+    VETH_A,
+    VETH_B,
+    Daemon,
+    Netns,
+    cleanup_all,
+    loadavg,
+    log,
+    machine,
+    parse_ping,
+    remove_stale,
+    stop_proc,
+    wait_for_handshake,
+)
+
+
+@dataclass
+class Message:
+    at: float  # capture time, seconds
+    sender: str  # "a" | "b"
+    kind: int  # WireGuard message type
+    length: int  # UDP payload bytes
+
+
+@dataclass
+class Result:
+    path: str
+    workers: str
+    rtt_avg_ms: float | None = None
+    rtt_min_ms: float | None = None
+    first_ping_ms: list[float] = field(default_factory=list)
+    responder_first_ms: list[float] = field(default_factory=list)
+    initiator_first_after_response_ms: list[float] = field(default_factory=list)
+    keepalive_first: int = 0  # sessions in which the initiator sent a keepalive before data
+    sessions_seen: int = 0
+    error: str = ""
+
+
+def read_pcap(path: Path) -> list[Message]:
+    """WireGuard messages (UDP between the two veth addresses) from a classic pcap file."""
+    data = path.read_bytes()
+    if len(data) < 24:
+        return []
+    magic = struct.unpack_from("<I", data)[0]
+    endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+    nano = magic in (0xA1B23C4D, 0x4D3CB2A1)
+    messages = []
+    offset = 24
+    while offset + 16 <= len(data):
+        sec, frac, caplen, _ = struct.unpack_from(endian + "IIII", data, offset)
+        frame = data[offset + 16 : offset + 16 + caplen]
+        offset += 16 + caplen
+        if len(frame) < 14 + 20 + 8 or frame[12:14] != b"\x08\x00":
+            continue
+        ip = frame[14:]
+        ihl = (ip[0] & 15) * 4
+        if ip[9] != 17:
+            continue
+        source = ".".join(str(b) for b in ip[12:16])
+        payload = ip[ihl + 8 :]
+        if not payload:
+            continue
+        sender = "a" if source == VETH_A else "b"
+        at = sec + frac / (1e9 if nano else 1e6)
+        length = struct.unpack_from("!H", ip, ihl + 4)[0] - 8
+        messages.append(Message(at, sender, payload[0], length))
+    return messages
+
+
+def analyse_session(messages: list[Message], result: Result) -> None:
+    """One new session (a initiates): what a sent first after b's response, and how long b's
+    first transport message came after a's first transport message."""
+    response = next((m for m in messages if m.kind == 2 and m.sender == "b"), None)
+    if response is None:
+        return
+    after = [m for m in messages if m.at >= response.at]
+    first_a = next((m for m in after if m.kind == 4 and m.sender == "a"), None)
+    data_a = next((m for m in after if m.kind == 4 and m.sender == "a" and m.length > 32), None)
+    first_b = next((m for m in after if m.kind == 4 and m.sender == "b"), None)
+    if first_a is None or data_a is None or first_b is None:
+        return
+    result.sessions_seen += 1
+    if first_a.length == 32:  # 16 header + 16 tag: an empty (keepalive) message
+        result.keepalive_first += 1
+    result.initiator_first_after_response_ms.append((first_a.at - response.at) * 1000)
+    result.responder_first_ms.append((first_b.at - data_a.at) * 1000)
+
+
+def forget_and_relearn(da: Daemon, db: Daemon) -> None:
+    for d, peer, tunnel, endpoint in (
+        (da, db, TUN_B, f"{VETH_B}:{PORT_B}"),
+        (db, da, TUN_A, f"{VETH_A}:{PORT_A}"),
+    ):
+        d.wg("set", d.ifname, "peer", peer.public_key, "remove")
+        d.wg(
+            "set",
+            d.ifname,
+            "peer",
+            peer.public_key,
+            "allowed-ips",
+            f"{tunnel}/32",
+            "endpoint",
+            endpoint,
+        )
+
+
+def first_ping(ns: Netns) -> float | None:
+    out = ns.run(["ping", "-c", "1", "-W", "3", TUN_B], check=False, timeout=10).stdout
+    for word in out.split():
+        if word.startswith("time="):
+            return float(word[5:])
+    return None
+
+
+def measure(args: argparse.Namespace, path: str, workers: str, index: int, workdir: Path) -> Result:
+    _, kind_a, kind_b = PATHS[path]
+    result = Result(path, workers if "wgmp" in path else "-")
+    tag = f"{os.getpid()}-{index}"
+    short = f"{os.getpid() % 100000}{index}"
+    ns_a = Netns(f"{NS_PREFIX}{tag}a")
+    ns_b = Netns(f"{NS_PREFIX}{tag}b")
+    daemons: list[Daemon] = []
+    try:
+        veth_a, veth_b = f"vla{short}"[:15], f"vlb{short}"[:15]
+        ns_a.ip("link", "add", veth_a, "type", "veth", "peer", "name", veth_b, "netns", ns_b.name)
+        ns_a.ip("addr", "add", f"{VETH_A}/24", "dev", veth_a)
+        ns_b.ip("addr", "add", f"{VETH_B}/24", "dev", veth_b)
+        ns_a.ip("link", "set", veth_a, "up")
+        ns_b.ip("link", "set", veth_b, "up")
+        da, db = (
+            Daemon(kind, ns, name[:15], workdir, workers, "error", REPO_ROOT)  # type: ignore[arg-type]
+            for kind, ns, name in ((kind_a, ns_a, f"wla{short}"), (kind_b, ns_b, f"wlb{short}"))
+        )
+        daemons = [da, db]
+        for d in daemons:
+            d.start()
+        da.configure(PORT_A, db, TUN_B, f"{VETH_B}:{PORT_B}", f"{TUN_A}/24")
+        db.configure(PORT_B, da, TUN_A, f"{VETH_A}:{PORT_A}", f"{TUN_B}/24")
+        wait_for_handshake(ns_a, TUN_B)
+        out = ns_a.run(
+            ["ping", "-q", "-c", str(args.pings), "-i", "0.01", "-W", "2", TUN_B],
+            check=False,
+            timeout=120,
+        ).stdout
+        result.rtt_avg_ms, result.rtt_min_ms, _ = parse_ping(out)
+        log(f"  {path} workers {workers}: RTT avg {result.rtt_avg_ms} min {result.rtt_min_ms} ms")
+        for session in range(args.sessions):
+            capture = workdir / f"{path}-{workers}-{session}.pcap"
+            dump = ns_b.popen(
+                [
+                    "tcpdump",
+                    "-Z",
+                    "root",
+                    "-i",
+                    veth_b,
+                    "-n",
+                    "-U",
+                    "--immediate-mode",
+                    "-s",
+                    "96",
+                    "-w",
+                    str(capture),
+                    "udp",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            assert dump.stderr is not None
+            dump.stderr.readline()  # "listening on ...": the capture is attached
+            forget_and_relearn(da, db)
+            took = first_ping(ns_a)
+            time.sleep(0.2)  # the responder's answer and anything after it
+            stop_proc(dump)
+            if took is not None:
+                result.first_ping_ms.append(took)
+            analyse_session(read_pcap(capture), result)
+        log(
+            f"  first ping median {median(result.first_ping_ms)} ms; responder's first data "
+            f"median {median(result.responder_first_ms)} ms; keepalive first in "
+            f"{result.keepalive_first}/{result.sessions_seen}"
+        )
+    except Exception as err:  # noqa: BLE001 - one failed path must not end the run
+        result.error = str(err)
+        log(f"  {path}: FAILED: {err}")
+    finally:
+        for d in daemons:
+            d.stop()
+        ns_a.close()
+        ns_b.close()
+    return result
+
+
+def median(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f}" if values else "-"
+
+
+def table(results: list[Result]) -> str:
+    reference = next((r for r in results if r.path == "go-go" and not r.error), None)
+
+    def ratio(value: float | None, ref: float | None) -> str:
+        return f"{value / ref:.2f}" if value and ref else "-"
+
+    lines = [
+        "| path | workers | RTT avg / min ms | RTT vs go-go | first ping median (min – max) ms "
+        "| vs go-go | responder's first data median (max) ms | initiator's first after response "
+        "median ms | keepalive before data |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ref_first = (
+        statistics.median(reference.first_ping_ms)
+        if reference and reference.first_ping_ms
+        else None
+    )
+    for r in results:
+        if r.error:
+            lines.append(f"| {PATHS[r.path][0]} | {r.workers} | FAILED: {r.error} |||||||")
+            continue
+        first = statistics.median(r.first_ping_ms) if r.first_ping_ms else None
+        span = (
+            f"{min(r.first_ping_ms):.3f} – {max(r.first_ping_ms):.3f}" if r.first_ping_ms else "-"
+        )
+        responder = (
+            f"{median(r.responder_first_ms)} ({max(r.responder_first_ms):.3f})"
+            if r.responder_first_ms
+            else "-"
+        )
+        lines.append(
+            f"| {PATHS[r.path][0]} | {r.workers} | {r.rtt_avg_ms} / {r.rtt_min_ms} "
+            f"| {ratio(r.rtt_avg_ms, reference.rtt_avg_ms if reference else None)} "
+            f"| {median(r.first_ping_ms)} ({span}) | {ratio(first, ref_first)} | {responder} "
+            f"| {median(r.initiator_first_after_response_ms)} "
+            f"| {r.keepalive_first}/{r.sessions_seen} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--paths", default="go-go,wgmp-wgmp")
+    parser.add_argument("--workers", default="1")
+    parser.add_argument("--pings", type=int, default=300)
+    parser.add_argument("--sessions", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the paths this often")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 2
+    remove_stale()
+    atexit.register(cleanup_all)
+    before = loadavg()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results = []
+    index = 0
+    with tempfile.TemporaryDirectory(prefix="wgmp-lat-") as tmp:
+        for _ in range(args.rounds):
+            for path in args.paths.split(","):
+                for workers in args.workers.split(",") if "wgmp" in path else ["-"]:
+                    log(f"{path} workers {workers}")
+                    results.append(measure(args, path, workers, index, Path(tmp)))
+                    index += 1
+    print(f"Command: `python perf/bench_latency.py {' '.join(sys.argv[1:])}`; started {started}.")
+    print(f"Machine: {machine()}")
+    print(f"Load average (1/5/15 min): {before} before, {loadavg()} after.")
+    print()
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,496 @@
+"""The inbound path (wireguard-go's receive.go): UDP read -> keypair by receiver index ->
+decrypt -> replay window -> inner source in the peer's allowed IPs -> TUN write.
+
+With UDP_GRO one recvmsg returns a train of equal-size datagrams from one source, handled in
+place in the receive buffer; the per-keypair work is done once per run of equal receiver
+indices. Before anything of a batch reaches the TUN, the largest accepted counter of each
+keypair is in its key slot (`_note_received`), so a worker killed at any point restarts
+refusing every counter it delivered (docs/dataplane.md, replay marks).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+
+from ..ipc.channel import Channel
+from ..ipc.keyslots import KeySlots
+from ..ipc.messages import (
+    ROLE_CURRENT,
+    ROLE_NEXT,
+    Confirmed,
+    HandshakePackets,
+    RekeyWanted,
+    Roamed,
+)
+from ..net.steering import COUNTER_BLOCK_BITS
+from ..net.tun import VIRTIO_NET_HDR_NONE
+from ..net.udp import BATCH_SPACE, PKTINFO_KINDS, SOL_UDP, UDP_GRO
+from ..protocol.allowedips import AllowedIPs
+from ..protocol.constants import (
+    MESSAGE_COOKIE_REPLY,
+    MESSAGE_COOKIE_REPLY_SIZE,
+    MESSAGE_INITIATION,
+    MESSAGE_INITIATION_SIZE,
+    MESSAGE_RESPONSE,
+    MESSAGE_RESPONSE_SIZE,
+    MESSAGE_TRANSPORT,
+    MESSAGE_TRANSPORT_MIN_SIZE,
+    REJECT_AFTER_TIME,
+)
+from ..protocol.errors import DropReason
+from ..protocol.rekey import keypair_wants_rekey_on_receive
+from .coalesce import coalesce
+from .outbound import BATCH, TUN_GONE_ERRNOS
+from .records import (
+    A_DATA_RECEIVED,
+    A_RECEIVED,
+    P_ACTIVITY,
+    P_DIRTY,
+    P_ENDPOINT,
+    P_RX_BYTES,
+    P_RX_PACKETS,
+    P_SEND,
+    P_STICKY,
+    R_BLOCK,
+    R_CIPHER,
+    R_CREATED,
+    R_HELD,
+    R_HOLD,
+    R_INITIATOR,
+    R_PEER,
+    R_REPLAY,
+    R_ROLE,
+    R_SEND,
+    R_SLOT,
+    S_REKEY_ASKED,
+)
+from .wire import HEADER, NONCE
+
+__all__ = ["HOLD_MAX", "Inbound"]
+
+# How long a worker holds a block's packets back for the previous block's worker (a lost
+# last counter of that block costs this much delay once; docs/dataplane.md: ordering).
+HOLD_MAX = 0.005
+HANDSHAKE_BATCH = 64  # handshake messages per pipe message (~11 KB: see Channel.try_send)
+
+_INT = struct.Struct("=i")
+_HANDOFF = msgpack.Packer(use_bin_type=True)  # [address, source|None, segment] + datagrams
+_HANDOFF_LEN = struct.Struct("<I")
+# A handshake message's first word (type + three zero bytes) -> its one valid size.
+_HANDSHAKE_SIZES = {
+    bytes([MESSAGE_INITIATION, 0, 0, 0]): MESSAGE_INITIATION_SIZE,
+    bytes([MESSAGE_RESPONSE, 0, 0, 0]): MESSAGE_RESPONSE_SIZE,
+    bytes([MESSAGE_COOKIE_REPLY, 0, 0, 0]): MESSAGE_COOKIE_REPLY_SIZE,
+}
+
+
+class Inbound:
+    """The receive path of a Worker (which holds the state declared here)."""
+
+    worker_id: int
+    workers: int
+    tun_fd: int
+    vnet_hdr: bool
+    channel: Channel
+    keyslots: KeySlots
+    allowed: AllowedIPs[int]
+    peers: dict[int, list[Any]]
+    by_index: dict[int, list[Any]]
+    drops: list[int]
+    totals: list[int]
+    running: bool
+    _to_tun: list[bytes]
+    _received_under: dict[int, list[Any]]
+    _rx_buffer: bytearray
+    _rx_view: memoryview
+    _channel_read: bool
+    _held: dict[int, list[Any]]
+    hold_timeouts: int
+    handoff_out: list[socket.socket | None]
+    handoff_in: socket.socket | None
+    _handshakes: list[list[Any]]  # [data, endpoint, sticky|None] for control
+    _read_channel: Callable[[float], bool]
+    _flush_staged: Callable[[list[Any], int, float], None]
+    _looping_datagram: Callable[[bytes, int, bool], bool]
+    _internal_error: Callable[[str], None]
+
+    def _inbound(self, sock: socket.socket, now: float) -> None:
+        """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
+        from one source, handled in place in the receive buffer."""
+        buffer, view = self._rx_buffer, self._rx_view
+        self._channel_read = False
+        for _ in range(BATCH):
+            try:
+                nbytes, ancillary, _, address = sock.recvmsg_into([buffer], BATCH_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue
+            segment = nbytes
+            sticky = None
+            for cmsg in ancillary:
+                if cmsg[0] == SOL_UDP and cmsg[1] == UDP_GRO:
+                    segment = _INT.unpack_from(cmsg[2])[0] or nbytes
+                elif (cmsg[0], cmsg[1]) in PKTINFO_KINDS:
+                    sticky = cmsg
+            try:
+                self._receive_train(view, nbytes, segment, address, sticky, now)
+            except Exception:  # the rest of this train is lost; the next ones are not
+                self._internal_error("a received datagram")
+        self._deliver(now)
+
+    def _deliver(self, now: float) -> None:
+        """Write what was accepted (and what may now leave the hold) to the TUN, with the
+        marks in shared memory on either side of the write."""
+        # The replay marks reach shared memory before anything reaches the TUN: a worker
+        # killed at any point after this restarts refusing every counter it delivered.
+        touched = self._note_received()
+        if self._held:
+            self._release_held(touched, now)
+        if self._to_tun:
+            self._write_tun()
+        if self.workers > 1:
+            # What the next block's worker waits for (`_enter_block`). While holding, all of
+            # this worker's earlier blocks are delivered (what came after went to the hold),
+            # so the end of the block it waits for stands for "nothing of mine before it".
+            write, worker = self.keyslots.write_delivered, self.worker_id
+            for slot, entry in touched.items():
+                hold = entry[R_HOLD]
+                write(slot, entry[R_REPLAY].last if hold is None else hold[1] - 1, worker)
+        if self._handshakes:
+            self._forward_handshakes()
+
+    def _enter_block(self, entry: list[Any], block: int, now: float) -> None:
+        """The first packet this worker delivers from a new counter block of a keypair: if
+        the worker of the previous block has not delivered that block's last counter yet,
+        hold this block's packets back until it has, or until HOLD_MAX passed (a lost or
+        never-sent counter), so the peer's packets reach the TUN in the order sent."""
+        entry[R_BLOCK] = block
+        if entry[R_HELD] is not None:
+            return  # already holding: these go behind what is held
+        previous = ((block - 1) & 0xFFFF) % self.workers
+        if block == 0 or previous == self.worker_id:
+            return
+        need = (block << COUNTER_BLOCK_BITS) - 1
+        slot = entry[R_SLOT]
+        if self.keyslots.delivered(slot, previous) >= need:
+            return
+        entry[R_HELD] = []
+        entry[R_HOLD] = (previous, need + 1, now + HOLD_MAX)
+        self._held[slot] = entry
+
+    def _release_held(self, touched: dict[int, list[Any]], now: float) -> None:
+        """Move held packets whose predecessor has delivered (or waited long enough) into
+        this batch's TUN write, ahead of nothing newer of their keypair (all newer packets
+        of a holding keypair were held too)."""
+        delivered = self.keyslots.delivered
+        for slot, entry in list(self._held.items()):
+            previous, need, deadline = entry[R_HOLD]
+            if delivered(slot, previous) >= need - 1 or now >= deadline:
+                if now >= deadline:
+                    self.hold_timeouts += 1
+                self._to_tun.extend(entry[R_HELD])
+                entry[R_HELD] = entry[R_HOLD] = None
+                del self._held[slot]
+                touched[slot] = entry
+
+    def _note_received(self) -> dict[int, list[Any]]:
+        """Write the largest accepted counter of each keypair received under since the last
+        note into its key slot (one 8-byte store per keypair and batch); those keypairs."""
+        received = self._received_under
+        if received:
+            write = self.keyslots.write_received
+            worker = self.worker_id
+            for slot, entry in received.items():
+                write(slot, entry[R_REPLAY].last, worker)
+            self._received_under = {}
+        return received
+
+    def _write_tun(self) -> None:
+        """Write what the batch decrypted: merged into GSO super-packets when the TUN takes
+        virtio headers (see coalesce.py for the measurement), else one write each."""
+        packets, self._to_tun = self._to_tun, []
+        buffers = packets
+        if self.vnet_hdr:
+            try:
+                buffers = coalesce(packets)
+            except Exception:
+                # Merging is an optimisation: on a packet it cannot handle, write them all
+                # as they came (each with an empty virtio header) rather than lose the batch.
+                self._internal_error("merging received packets")
+                buffers = [VIRTIO_NET_HDR_NONE + packet for packet in packets]
+        write, fd = os.write, self.tun_fd
+        for buffer in buffers:
+            try:
+                write(fd, buffer)
+            except OSError as err:
+                if err.errno in TUN_GONE_ERRNOS:
+                    self.running = False
+                    return
+                self.drops[DropReason.TUN_WRITE_FAILED] += 1
+
+    def _receive_train(
+        self,
+        view: memoryview,
+        nbytes: int,
+        segment: int,
+        address: tuple[Any, ...],
+        sticky: tuple[int, int, bytes] | None,
+        now: float,
+        *,
+        forwarded: bool = False,
+    ) -> None:
+        """Datagrams from one source, nearly always under one keypair: the per-keypair work
+        (lookup, expiry, confirmation, roaming, counters, timers) is done once per run of equal
+        receiver indices, and the source check is cached while the inner source repeats."""
+        unpack, drops, by_index = HEADER.unpack_from, self.drops, self.by_index
+        workers, me = self.workers, self.worker_id
+        # Datagrams of other workers' blocks, by worker, to pass on (None: never pass on).
+        handed: dict[int, list[memoryview]] | None = None if forwarded else {}
+        to_tun, lookup, nonce = self._to_tun, self.allowed.lookup, NONCE.pack
+        entry: list[Any] | None = None
+        index = -1
+        run_bytes = run_packets = 0
+        decrypt: Any = None  # bound with `entry`: used only while a run has one
+        accept: Any = None
+        peer_id = 0
+        last_source = b""
+        source_ok = False
+        received_data = False
+        for offset in range(0, nbytes, segment):
+            end = offset + segment if offset + segment < nbytes else nbytes
+            if end - offset < MESSAGE_TRANSPORT_MIN_SIZE:
+                self._not_transport(view[offset:end], address, sticky)
+                continue
+            word, this_index, counter = unpack(view, offset)
+            if word != MESSAGE_TRANSPORT:
+                self._not_transport(view[offset:end], address, sticky)
+                continue
+            if this_index != index:
+                if run_packets:
+                    self._received(
+                        entry,  # type: ignore[arg-type]  # a run has an entry
+                        run_bytes,
+                        run_packets,
+                        received_data,
+                        address,
+                        sticky,
+                        now,
+                    )
+                    run_bytes = run_packets = 0
+                    received_data = False
+                index = this_index
+                entry = by_index.get(index)
+                if entry is None and not self._channel_read:
+                    # Perhaps announced in a message not read yet: read the pipe (once a
+                    # batch: unknown indices are also what an attacker sends).
+                    self._channel_read = True
+                    self._read_channel(now)
+                    entry = by_index.get(index)
+                expired = entry is not None and now - entry[R_CREATED] >= REJECT_AFTER_TIME
+                if expired:
+                    entry = None
+                if entry is not None:
+                    decrypt, accept, peer_id = (
+                        entry[R_CIPHER].decrypt,
+                        entry[R_REPLAY].accept,
+                        entry[R_PEER],
+                    )
+            if entry is None:
+                drops[DropReason.KEY_EXPIRED if expired else DropReason.UNKNOWN_RECEIVER_INDEX] += 1
+                continue
+            if workers > 1:
+                owner = ((counter >> COUNTER_BLOCK_BITS) & 0xFFFF) % workers  # counter_worker
+                if owner != me:
+                    if handed is None:  # came from a sibling: never passed on again
+                        drops[DropReason.MISSTEERED] += 1
+                    else:
+                        handed.setdefault(owner, []).append(view[offset:end])
+                    continue
+            try:
+                plaintext = decrypt(nonce(counter), view[offset + 16 : end], None)
+            except InvalidTag:
+                drops[DropReason.DECRYPTION_FAILED] += 1
+                continue
+            if not accept(counter):
+                drops[DropReason.REPLAY] += 1
+                continue
+            if entry[R_ROLE] == ROLE_NEXT:
+                self._confirm(entry, self.peers[peer_id], peer_id, now)
+            run_bytes += end - offset
+            run_packets += 1
+            if not plaintext:
+                continue  # keepalive
+            # wireguard-go's rules (device/receive.go): a whole IPv4 (20) or IPv6 (40) header,
+            # and a length field no shorter than the IPv4 header (IPv6's is 40 + payload
+            # length) and no longer than the plaintext. A shorter IPv4 length once reached
+            # coalesce() and raised there (an IndexError that ended the worker).
+            version = plaintext[0] >> 4
+            if version == 4 and len(plaintext) >= 20:
+                length = (plaintext[2] << 8) | plaintext[3]
+                inner_source = plaintext[12:16]
+            elif version == 6 and len(plaintext) >= 40:
+                length = 40 + ((plaintext[4] << 8) | plaintext[5])
+                inner_source = plaintext[8:24]
+            else:
+                drops[DropReason.INNER_HEADER_INVALID] += 1
+                continue
+            if not 20 <= length <= len(plaintext):
+                drops[DropReason.INNER_HEADER_INVALID] += 1
+                continue
+            if inner_source != last_source:
+                last_source = inner_source
+                source_ok = lookup(inner_source) == peer_id
+            if not source_ok:
+                drops[DropReason.SOURCE_NOT_ALLOWED] += 1
+                continue
+            if plaintext[9 if version == 4 else 6] == 17 and self._looping_datagram(
+                plaintext, (plaintext[0] & 15) * 4 if version == 4 else 40, False
+            ):
+                continue  # the peer sent us our own datagram: written out, it would loop
+            packet = plaintext if length == len(plaintext) else plaintext[:length]
+            received_data = True
+            if workers > 1:
+                block = counter >> COUNTER_BLOCK_BITS
+                if block != entry[R_BLOCK]:
+                    self._enter_block(entry, block, now)
+                held = entry[R_HELD]
+                if held is not None:
+                    held.append(packet)
+                    continue
+            to_tun.append(packet)
+        if run_packets:
+            self._received(entry, run_bytes, run_packets, received_data, address, sticky, now)  # type: ignore[arg-type]  # a run has an entry
+        if handed:
+            self._hand_off(handed, segment, address, sticky)
+
+    def _hand_off(
+        self,
+        handed: dict[int, list[memoryview]],
+        segment: int,
+        address: tuple[Any, ...],
+        sticky: tuple[int, int, bytes] | None,
+    ) -> None:
+        """Pass datagrams of other workers' counter blocks to them, one message per worker:
+        the kernel coalesced (UDP GRO) or a sender sent a train across a block boundary, and
+        only the block's worker may judge its counters (net/steering.py)."""
+        for owner, parts in handed.items():
+            sock = self.handoff_out[owner] if owner < len(self.handoff_out) else None
+            message = _HANDOFF.pack([list(address), list(sticky) if sticky else None, segment])
+            try:
+                if sock is None:
+                    raise BlockingIOError
+                sock.send(_HANDOFF_LEN.pack(len(message)) + message + b"".join(parts))
+            except OSError:
+                self.drops[DropReason.MISSTEERED] += len(parts)  # no inbox, or a full one
+
+    def _inbound_handoff(self, now: float) -> None:
+        """Trains a sibling passed on (`_hand_off`): received as if from the socket."""
+        sock = self.handoff_in
+        assert sock is not None
+        for _ in range(BATCH):
+            try:
+                data = sock.recv(1 << 17)
+            except (BlockingIOError, InterruptedError):
+                break
+            try:
+                (length,) = _HANDOFF_LEN.unpack_from(data)
+                address, sticky, segment = msgpack.unpackb(data[4 : 4 + length])
+                payload = memoryview(data)[4 + length :]
+            except (ValueError, TypeError, struct.error):  # msgpack's errors are ValueErrors
+                self.drops[DropReason.MALFORMED] += 1  # never from a sibling: but never fatal
+                continue
+            try:
+                self._receive_train(
+                    payload, len(payload), segment, tuple(address),
+                    tuple(sticky) if sticky else None, now, forwarded=True,
+                )  # fmt: skip
+            except Exception:  # the rest of this train is lost; the next ones are not
+                self._internal_error("a handed-off datagram")
+        self._deliver(now)
+
+    def _not_transport(
+        self,
+        data: memoryview,
+        address: tuple[Any, ...],
+        sticky: tuple[int, int, bytes] | None,
+    ) -> None:
+        if _HANDSHAKE_SIZES.get(bytes(data[:4])) == len(data):
+            # The steering program sends handshakes to control's socket, but it sees only the
+            # first datagram of a GRO train: the others come here, and go to control in
+            # batches (_forward_handshakes), which counts them toward "under load". Only
+            # what has a handshake message's type and size (wireguard-go's receive checks).
+            self._handshakes.append([bytes(data), list(address[:2]), sticky])
+        else:
+            self.drops[DropReason.MALFORMED] += 1
+
+    def _forward_handshakes(self) -> None:
+        """Hand the handshake messages of this batch to control, HANDSHAKE_BATCH a message,
+        without ever waiting: when the pipe is full (control is behind, under a flood) the
+        rest are dropped, as wireguard-go drops what its full handshake queue cannot take.
+        Waiting would stop this worker's data path behind a flood."""
+        handshakes, self._handshakes = self._handshakes, []
+        for start in range(0, len(handshakes), HANDSHAKE_BATCH):
+            if not self.channel.try_send(
+                HandshakePackets(handshakes[start : start + HANDSHAKE_BATCH])
+            ):
+                self.drops[DropReason.HANDSHAKE_QUEUE_FULL] += len(handshakes) - start
+                return
+
+    def _received(
+        self,
+        entry: list[Any],
+        nbytes: int,
+        packets: int,
+        data: bool,
+        address: tuple[Any, ...],
+        sticky: tuple[int, int, bytes] | None,
+        now: float,
+    ) -> None:
+        """Bookkeeping for a run of authenticated messages under one keypair."""
+        peer_id = entry[R_PEER]
+        peer = self.peers[peer_id]
+        endpoint = peer[P_ENDPOINT]
+        if (
+            endpoint is None
+            or endpoint[0] != address[0]
+            or endpoint[1] != address[1]
+            or peer[P_STICKY] != sticky
+        ):
+            # Roaming: follow the source of every authenticated packet (and our address it
+            # was sent to), and tell control so its handshakes and keepalives follow too.
+            peer[P_ENDPOINT] = address
+            peer[P_STICKY] = sticky
+            self.channel.send(Roamed(peer_id, list(address[:2]), list(sticky) if sticky else None))
+        peer[P_RX_BYTES] += nbytes
+        peer[P_RX_PACKETS] += packets
+        peer[P_DIRTY] = True
+        activity = peer[P_ACTIVITY]
+        activity[A_RECEIVED] = now
+        if data:
+            activity[A_DATA_RECEIVED] = now
+        totals = self.totals
+        totals[0] += packets
+        totals[1] += nbytes
+        self._received_under[entry[R_SLOT]] = entry
+        if entry[R_ROLE] == ROLE_CURRENT:
+            send = entry[R_SEND]
+            if not send[S_REKEY_ASKED] and keypair_wants_rekey_on_receive(
+                entry[R_CREATED], entry[R_INITIATOR], now
+            ):
+                send[S_REKEY_ASKED] = True
+                self.channel.send(RekeyWanted(peer_id))
+
+    def _confirm(self, entry: list[Any], peer: list[Any], peer_id: int, now: float) -> None:
+        """First packet under a `next` keypair: the initiator has it, so we may send with it."""
+        entry[R_ROLE] = ROLE_CURRENT
+        peer[P_SEND] = entry[R_SEND]
+        self.channel.send(Confirmed(entry[R_SLOT]))
+        self._flush_staged(peer, peer_id, now)
