@@ -1,8 +1,9 @@
 """A hung worker is found and replaced, and never stops control (issue 8, item 4); a worker that
 keeps dying is restarted with a growing delay.
 
-The hub is wgmp --workers 2 with two wireguard-go peers, one per worker (test_workers.py's
-star). One worker is stopped with SIGSTOP: alive to the kernel, but it reads nothing. Before
+The hub is wgmp --workers 2 with two wireguard-go peers (test_workers.py's star); what they
+send at a ping's rate stays in counter block 0, received by one worker (net/steering.py), and
+the other worker is the one stopped. One worker is stopped with SIGSTOP: alive to the kernel, but it reads nothing. Before
 the fix, control wrote to its pipe until the pipe was full and then waited for room for good:
 a `wg addconf` of a few thousand peers (one message each to every worker) never returned, and
 keypair slots waited forever for the stopped worker's acknowledgement of their removal.
@@ -37,6 +38,7 @@ from tests.integration.test_workers import (
     worker_pids,
 )
 from wgmp.control.supervisor import LIVENESS_TIMEOUT, RESTART_BACKOFF
+from wgmp.net.steering import counter_worker
 
 PING_INTERVAL = 0.1
 PING_COUNT = 150  # 15 s: the stop, the addconf, the handshake and the replacement
@@ -51,9 +53,13 @@ def test_a_stopped_worker_is_replaced_and_stops_nothing_meanwhile(
 ) -> None:
     star = make_star(netns_factory, userspace_wireguard, [WIREGUARD_GO, WIREGUARD_GO])
     hub = star.hub
+    # Receiving is steered by counter block (net/steering.py): a few pings stay in block 0,
+    # which counter_worker(0) receives for every peer. The stopped worker is the other one, so
+    # the bystander's pings reach a running worker; the handshake still announces a keypair
+    # to the stopped one, and the addconf still fills its pipe.
     owners = [receiving_worker(star, peer) for peer in star.peers]
-    assert sorted(owners) == [0, 1]
-    victim, bystander = owners[0], star.peers[1]
+    assert owners == [counter_worker(0, 2)] * 2
+    victim, bystander = 1 - owners[0], star.peers[1]
     stopped = psutil.Process(worker_pids(hub)[victim])
 
     pinging = bystander.ns.popen(
