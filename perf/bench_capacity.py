@@ -311,14 +311,6 @@ class Result:
         return self.delivered < 0.95 * self.offered
 
 
-_NO_UDP_SEGMENTATION = """
-import sys
-from pyroute2.ethtool import Ethtool
-ethtool = Ethtool()
-features = ethtool.get_features(sys.argv[1])
-features.features["tx-udp-segmentation"].enable = False
-ethtool.set_features(sys.argv[1], features)
-"""
 
 
 class Bed:
@@ -339,7 +331,7 @@ class Bed:
         # A veth hands UDP GSO super-packets to the other namespace whole, where its rx
         # counter counts one packet each; segmenting where the DUT sends (as a NIC without
         # UDP segmentation offload would need) makes the generator's counter count datagrams.
-        self.dut.run([sys.executable, "-c", _NO_UDP_SEGMENTATION, "cd0"])
+        self.dut.run(["ethtool", "-K", "cd0", "tx-udp-segmentation", "off"])
         self.proc: subprocess.Popen | None = None
         self.helpers: set[int] = set()
 

@@ -14,7 +14,7 @@ fi
 # systemd: systemd-analyze, which checks the units in tools/systemd; tmux: a real terminal
 # for the test of `wgmp top`.
 packages=(wireguard-go wireguard-tools iperf3 iproute2 iputils-ping nftables tcpdump procps
-          python3 python3-venv systemd tmux)
+          python3 python3-venv systemd tmux ethtool)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -559,14 +559,7 @@ class Daemon:
 
     def _send(self, handle: WorkerHandle, command: Message) -> None:
         """Write (or queue: control never waits for one worker) a message to a worker."""
-        channel = handle.channel
-        if channel is None:
-            return  # down: it gets the whole state when it is started again
-        try:
-            channel.send(command)
-        except OSError:
-            return  # a dead worker: supervision restarts it with the full state
-        self._after_write(handle)
+        self._send_many(handle, [command])
 
     def _want_write(self, handle: WorkerHandle, on: bool) -> None:
         """Whether the loop should also wake when the worker's pipe has room again."""
