@@ -73,5 +73,13 @@ def test_the_loaded_program_returns_what_flow_hash_computes() -> None:
         for sport in EVEN_PORTS:
             packet = _ipv4_tcp("10.0.0.1", "10.0.0.2", sport, 5201)
             assert _run(fd, ethernet + packet) == flow_hash(_words(packet)), sport
+            udp = packet[:9] + bytes([17]) + packet[10:]
+            assert _run(fd, ethernet + udp) == flow_hash(_words(udp)), sport
+        # ICMP: the word after the header is type, code and checksum, which change with every
+        # echo: a ping flow hashes by its addresses alone, so it stays on one queue.
+        for checksum in range(0, 60000, 7919):
+            icmp = _ipv4_tcp("10.0.0.1", "10.0.0.2", 0x0800, checksum)
+            icmp = icmp[:9] + bytes([1]) + icmp[10:]
+            assert _run(fd, ethernet + icmp) == flow_hash(_words(icmp)[:2]), checksum
     finally:
         os.close(fd)

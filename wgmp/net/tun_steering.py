@@ -10,7 +10,7 @@ and 3x the retransmissions with 2 workers, against 61 with 1).
 
 TUNSETSTEERINGEBPF replaces automq with an eBPF program (type socket filter) whose return
 value, modulo the number of queues, is the queue. The one here hashes the flow (IPv4: source,
-destination and the ports word; IPv6: the last words of both addresses), so a flow always
+destination and, for TCP and UDP, the ports word; IPv6: the last words of both addresses), so a flow always
 goes to one worker, in order, and different flows spread over the workers. The words are
 XORed, folded (x ^= x >> 16, so the source port reaches the low half) and multiplied by
 2^32/phi (Fibonacci hashing, 32-bit); the high half of the product is the hash, and each of
@@ -54,13 +54,15 @@ _JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
 _JA = 0x05  # BPF_JMP | BPF_JA
 _EXIT = 0x95  # BPF_JMP | BPF_EXIT
 
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
 _INSN = struct.Struct("<BBhi")  # code, dst_reg | src_reg << 4, off, imm
 FLOW_HASH_MULTIPLIER = 0x9E3779B1  # 2^32 / the golden ratio, odd
 
 
 def flow_hash(words: list[int]) -> int:
     """What the program returns for a packet whose flow words (IPv4: source, destination,
-    ports; IPv6: the last words of source and destination) are `words`, each big-endian as
+    and the ports for TCP and UDP; other protocols, e.g. ICMP, whose checksum sits there and
+    would send one ping flow to every queue in turn, have no ports word; IPv6: the last words of source and destination) are `words`, each big-endian as
     LD_ABS_W loads it. The kernel takes it modulo the number of queues."""
     x = 0
     for word in words:
@@ -98,6 +100,11 @@ def flow_steering_program() -> bytes:
         _insn(_MOV64_X, 7, 0),
         _insn(_LD_ABS_W, imm=16),  # destination address
         _insn(_XOR64_X, 7, 0),
+        _insn(_LD_ABS_B, imm=9),  # the protocol: only TCP and UDP have ports there
+        _insn(_JEQ_K, 0, off=3, imm=IPPROTO_TCP),  # to the ports
+        _insn(_JEQ_K, 0, off=2, imm=IPPROTO_UDP),
+        _insn(_MOV64_X, 0, 7),  # anything else (ICMP's checksum changes every packet):
+        _insn(_JA, off=3 + len(v6)),  # the addresses alone, to the fold
         _insn(_LD_ABS_W, imm=20),  # the ports (with no IP options; else some other word)
         _insn(_XOR64_X, 0, 7),
         _insn(_JA, off=len(v6)),  # over the IPv6 part, to the fold
