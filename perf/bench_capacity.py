@@ -311,8 +311,6 @@ class Result:
         return self.delivered < 0.95 * self.offered
 
 
-
-
 class Bed:
     """Two namespaces (generator, DUT) and a daemon under test in the DUT's."""
 
