@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The long fuzz run against a live wgmp daemon in network namespaces it creates (as root).
 
-    sudo .venv/bin/python tools/fuzz.py --long            # 10^6 datagrams, 10^5 requests, ...
-    sudo .venv/bin/python tools/fuzz.py --datagrams 20000 --inner 4000 --gso 8000 --requests 300
+    .venv/bin/python tools/fuzz.py --long            # 10^6 datagrams, 10^5 requests, ...
+    .venv/bin/python tools/fuzz.py --datagrams 20000 --inner 4000 --gso 8000 --requests 300
 
 The same bed and phases as the bounded run in tests/integration/test_fuzz_live.py
 (tests/integration/fuzzlive.py): wgmp with two workers, Debian's wireguard-go as the peer whose
