@@ -34,17 +34,20 @@ import errno
 import socket
 from dataclasses import dataclass
 
-from ..net.routes import RouteSocket, message_types
+from ..net.routes import (
+    NETLINK_ROUTE,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_ROUTE,
+    RTMGRP_LINK,
+    RouteSocket,
+    message_types,
+)
 from ..net.udp import Sticky, sticky_address
 from .peer import Endpoint
 
 __all__ = ["EndpointRoutes", "Verdict"]
 
-NETLINK_ROUTE = 0
-RTMGRP_LINK = 0x1
-RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV4_RULE = 0x80
-RTMGRP_IPV6_ROUTE = 0x400
 RTMGRP_IPV6_RULE = 1 << (19 - 1)  # RTNLGRP_IPV6_RULE, as a bit of the legacy group mask
 GROUPS = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV6_RULE
 RTM_NEWLINK, RTM_DELLINK = 16, 17

@@ -22,20 +22,21 @@ the namespace an id if it has none) and reads the routes there. See docs/routing
 
 from __future__ import annotations
 
-import errno
 import socket
-import struct
 
-from ..net.routes import RouteSocket, in_device_namespace, route_messages
+from ..net.routes import (
+    NETLINK_LISTEN_ALL_NSID,
+    NETLINK_ROUTE,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_ROUTE,
+    SOL_NETLINK,
+    RouteSocket,
+    in_device_namespace,
+    notifications,
+    route_messages,
+)
 
 __all__ = ["RouteMTUWatcher", "smallest_route_mtu"]
-
-NETLINK_ROUTE = 0
-SOL_NETLINK = 270
-NETLINK_LISTEN_ALL_NSID = 8
-RTMGRP_IPV4_ROUTE = 0x40
-RTMGRP_IPV6_ROUTE = 0x400
-_I32 = struct.Struct("=i")
 
 
 def smallest_route_mtu(index: int, tun_fd: int | None = None) -> int | None:
@@ -83,21 +84,11 @@ class RouteMTUWatcher:
     def read(self) -> bool:
         """Drain the pending notifications (never blocks); True if `mtu` changed."""
         ours = False
-        ancsize = socket.CMSG_SPACE(4)
-        while True:
-            try:
-                data, ancillary, _flags, _addr = self._sock.recvmsg(1 << 16, ancsize)
-            except BlockingIOError:
-                break
-            except OSError as err:
-                if err.errno != errno.ENOBUFS:
-                    raise
+        for read in notifications(self._sock):
+            if read is None:
                 ours = True  # notifications were lost: read the routes again to be sure
                 continue
-            nsid = None  # no ancillary id: from our own namespace
-            for level, kind, value in ancillary:
-                if level == SOL_NETLINK and kind == NETLINK_LISTEN_ALL_NSID and len(value) >= 4:
-                    nsid = _I32.unpack_from(value)[0]
+            data, nsid = read
             if nsid == self.netnsid and not ours:
                 ours = any(route.oif == self.index for _, route in route_messages(data))
         return self._reread() if ours else False

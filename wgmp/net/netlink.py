@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from wgmp.net import routes, tun
+from wgmp.net.routes import NETLINK_LISTEN_ALL_NSID, NETLINK_ROUTE, RTMGRP_LINK, SOL_NETLINK
 
 __all__ = [
     "LinkChange",
@@ -54,10 +55,6 @@ __all__ = [
     "set_up",
 ]
 
-NETLINK_ROUTE = 0
-RTMGRP_LINK = 1
-SOL_NETLINK = 270
-NETLINK_LISTEN_ALL_NSID = 8
 SO_RCVBUFFORCE = 33
 NLMSG_OVERRUN = 4
 RTM_NEWLINK = 16
@@ -75,7 +72,6 @@ _IFREQ_FLAGS = struct.Struct("=16sh")  # ifr_flags
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
-_RTATTR = struct.Struct("=HH")  # len, type
 _I32 = struct.Struct("=i")
 _U32 = struct.Struct("=I")
 
@@ -236,22 +232,12 @@ class LinkWatcher:
     def read(self) -> list[LinkEvent]:
         """All pending events about the watched interface (never blocks)."""
         events: list[LinkEvent] = []
-        ancsize = socket.CMSG_SPACE(4)
-        while True:
-            try:
-                data, anc, _flags, _addr = self._sock.recvmsg(65536, ancsize)
-            except BlockingIOError:
-                return events
-            except OSError as e:
-                if e.errno != errno.ENOBUFS:
-                    raise
+        for read in routes.notifications(self._sock):
+            if read is None:
                 events.append(self._overrun())
-                continue
-            nsid = None
-            for level, kind, value in anc:
-                if level == SOL_NETLINK and kind == NETLINK_LISTEN_ALL_NSID:
-                    nsid = _I32.unpack_from(value)[0]
-            self._parse(data, nsid, events)
+            else:
+                self._parse(read[0], read[1], events)
+        return events
 
     # -- parsing ------------------------------------------------------------------------------
 
@@ -272,7 +258,7 @@ class LinkWatcher:
             _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(data, body)
             if index != self.index or nsid != self.netnsid or self.deleted:
                 continue
-            attrs = _attrs(data, body + _IFINFOMSG.size, end)
+            attrs = routes.attributes(data, body + _IFINFOMSG.size, end)
             if kind == RTM_NEWLINK:
                 self._newlink(attrs, flags, events)
             else:
@@ -345,17 +331,6 @@ class LinkWatcher:
 
     def _event(self, change: LinkChange, flags: int) -> LinkEvent:
         return LinkEvent(change, self.index, self.name, self.mtu, flags, self.netnsid)
-
-
-def _attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
-    attrs: dict[int, bytes] = {}
-    while offset + _RTATTR.size <= end:
-        length, kind = _RTATTR.unpack_from(data, offset)
-        if length < _RTATTR.size or offset + length > end:
-            break
-        attrs[kind & 0x3FFF] = data[offset + _RTATTR.size : offset + length]
-        offset += (length + 3) & ~3
-    return attrs
 
 
 def _name(attrs: dict[int, bytes]) -> str | None:

@@ -32,7 +32,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -43,16 +43,21 @@ __all__ = [
     "Location",
     "Route",
     "RouteSocket",
+    "attributes",
     "in_device_namespace",
     "in_namespace",
     "link_state",
     "locate",
     "message_types",
+    "notifications",
     "parse_route",
     "route_messages",
 ]
 
 NETLINK_ROUTE = 0
+SOL_NETLINK = 270
+NETLINK_LISTEN_ALL_NSID = 8  # also hear the namespaces that have an id in ours
+RTMGRP_LINK, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x1, 0x40, 0x400
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
@@ -97,7 +102,8 @@ class Location:
     index: int
 
 
-def _attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
+def attributes(data: bytes, offset: int, end: int) -> dict[int, bytes]:
+    """The rtattrs of `data[offset:end]`: type (nesting bit cleared) -> payload."""
     found: dict[int, bytes] = {}
     while offset + _RTATTR.size <= end:
         length, kind = _RTATTR.unpack_from(data, offset)
@@ -106,6 +112,28 @@ def _attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
         found[kind & 0x3FFF] = data[offset + _RTATTR.size : offset + length]
         offset += (length + 3) & ~3
     return found
+
+
+def notifications(sock: socket.socket) -> Iterator[tuple[bytes, int | None] | None]:
+    """Drain a non-blocking rtnetlink socket: each read as (data, the id of the namespace it
+    came from, None for ours, as NETLINK_LISTEN_ALL_NSID tells), or None where ENOBUFS says
+    notifications were lost (the reader must then read the state again)."""
+    ancsize = socket.CMSG_SPACE(4)
+    while True:
+        try:
+            data, ancillary, _flags, _addr = sock.recvmsg(1 << 16, ancsize)
+        except BlockingIOError:
+            return
+        except OSError as err:
+            if err.errno != errno.ENOBUFS:
+                raise
+            yield None
+            continue
+        nsid = None
+        for level, kind, value in ancillary:
+            if level == SOL_NETLINK and kind == NETLINK_LISTEN_ALL_NSID and len(value) >= 4:
+                nsid = _I32.unpack_from(value)[0]
+        yield data, nsid
 
 
 def _attr(kind: int, value: bytes) -> bytes:
@@ -117,12 +145,12 @@ def parse_route(data: bytes, body: int, end: int) -> Route | None:
     """The route in an RTM_NEWROUTE/RTM_DELROUTE message whose rtmsg starts at `body`."""
     if end - body < _RTMSG.size:
         return None
-    found = _attrs(data, body + _RTMSG.size, end)
+    found = attributes(data, body + _RTMSG.size, end)
     oif = _U32.unpack(found[RTA_OIF])[0] if len(found.get(RTA_OIF, b"")) == 4 else 0
     mtu = 0
     metrics = found.get(RTA_METRICS)
     if metrics is not None:
-        raw = _attrs(metrics, 0, len(metrics)).get(RTAX_MTU, b"")
+        raw = attributes(metrics, 0, len(metrics)).get(RTAX_MTU, b"")
         mtu = _U32.unpack(raw)[0] if len(raw) == 4 else 0
     return Route(oif, found.get(RTA_PREFSRC), mtu)
 
@@ -235,7 +263,7 @@ class RouteSocket:
         body = _RTGENMSG.pack(socket.AF_UNSPEC) + fd_attr
         for kind, data, start, end in self._request(RTM_GETNSID, NLM_F_REQUEST, body):
             if kind == RTM_NEWNSID:
-                raw = _attrs(data, start + _RTGENMSG.size, end).get(NETNSA_NSID, b"")
+                raw = attributes(data, start + _RTGENMSG.size, end).get(NETNSA_NSID, b"")
                 if len(raw) == 4:
                     nsid = _I32.unpack(raw)[0]
                     return nsid if nsid >= 0 else None
