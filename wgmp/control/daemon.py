@@ -791,14 +791,20 @@ class Daemon:
         handle.ready = True
         self.interface.workers_down.discard(handle.worker_id)
 
-    def flush_stats(self) -> None:
-        """Ask every worker to write its counters now and wait (briefly) until they have."""
+    def _ask_for_counters(self) -> tuple[int, list[WorkerHandle]]:
+        """Ask every ready worker to write its counters now; the round's token, and the
+        workers it waits for."""
         self.flush_token += 1
         token = self.flush_token
         waiting = [h for h in self.supervisor.workers if h.channel is not None and h.ready]
         for handle in waiting:
             handle.pending_flush.add(token)
             self._send(handle, FlushStats(token))
+        return token, waiting
+
+    def flush_stats(self) -> None:
+        """Ask every worker to write its counters now and wait (briefly) until they have."""
+        token, waiting = self._ask_for_counters()
         deadline = time.monotonic() + STATS_FLUSH_TIMEOUT
         while True:
             outstanding = [h for h in waiting if h.channel is not None and token in h.pending_flush]
@@ -838,12 +844,7 @@ class Daemon:
             self._start_round()
 
     def _start_round(self) -> None:
-        self.flush_token += 1
-        token = self.flush_token
-        waiting = [h for h in self.supervisor.workers if h.channel is not None and h.ready]
-        for handle in waiting:
-            handle.pending_flush.add(token)
-            self._send(handle, FlushStats(token))
+        token, waiting = self._ask_for_counters()
         self._round = _FlushRound(
             token, waiting, time.monotonic() + STATS_FLUSH_TIMEOUT, self._flush_waiters
         )
