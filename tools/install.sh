@@ -64,17 +64,9 @@ if [ "$uninstall" -eq 1 ]; then
 fi
 
 if [ "$apt" -eq 1 ]; then
+    . "$src/tools/debian_packages.sh"
     packages=(python3 python3-venv wireguard-tools iproute2)
-    missing=()
-    for p in "${packages[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
-        echo "install: installing ${missing[*]}"
-        apt-get update -q
-        # --no-install-recommends: wireguard-tools would otherwise pull in a kernel image.
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-    fi
+    ensure_debian_packages install "${packages[@]}"
 fi
 
 python=/usr/bin/python3

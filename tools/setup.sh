@@ -11,20 +11,12 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
+. tools/debian_packages.sh
 # systemd: systemd-analyze, which checks the units in tools/systemd; tmux: a real terminal
 # for the test of `wgmp top`.
 packages=(wireguard-go wireguard-tools iperf3 iproute2 iputils-ping nftables tcpdump procps
           python3 python3-venv systemd tmux ethtool)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "setup: installing ${missing[*]}"
-    apt-get update -q
-    # --no-install-recommends: wireguard-tools would otherwise pull in a whole kernel image.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+ensure_debian_packages setup "${packages[@]}"
 
 # Debian's own interpreter, whatever else comes first on PATH: that is what a server runs.
 python=/usr/bin/python3
