@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import socket
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.livepair import Capture, Datagram
 from tests.integration.netns import Netns, UserspaceWireGuard, wait_for
@@ -50,6 +53,20 @@ def nstat(ns: Netns) -> dict[str, int]:
         if len(parts) >= 2 and parts[0] in NSTAT:
             values[parts[0]] = int(parts[1])
     return values
+
+
+ORDER = ("wgmp_order_holds_total", "wgmp_order_hold_timeouts_total", "wgmp_order_held_seconds_total")
+
+
+def order(daemon: UserspaceWireGuard) -> dict[str, dict[int, float]]:
+    """The receive ordering's series of `wgmp stats`, by name and worker."""
+    text = daemon.ns.run([sys.executable, "-m", "wgmp", "stats", daemon.ifname], timeout=60).stdout
+    series: dict[str, dict[int, float]] = {name: {} for name in ORDER}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in series:
+                series[sample.name][int(sample.labels["worker"])] = sample.value
+    return series
 
 
 def test_one_udp_stream_is_decrypted_by_both_workers_in_order(
@@ -94,16 +111,22 @@ def test_one_tcp_stream_is_decrypted_by_both_workers_with_little_reordering(
         star = make_star(netns_factory, userspace_wireguard, [command], command)
         hub, (peer,) = star.hub, star.peers
         tcp_before = nstat(peer.ns)
-        before = metrics(hub)
+        before, order_before = metrics(hub), order(hub)
         (report,) = iperf3([(peer.ns, hub.ns, HUB_ADDRESS)], "-t", str(IPERF_SECONDS))
-        after = metrics(hub)
+        after, order_after = metrics(hub), order(hub)
+        held = {
+            name.removeprefix("wgmp_order_").removesuffix("_total"): {
+                w: round(v - order_before[name].get(w, 0), 3) for w, v in values.items()
+            }
+            for name, values in order_after.items()
+        }
         tcp = {k: v - tcp_before.get(k, 0) for k, v in nstat(peer.ns).items()}
         decrypted = delta(after.rx, before.rx)
         gbits = report["end"]["sum_received"]["bits_per_second"] / 1e9
         results[workers] = (tcp, decrypted, gbits)
         print(
             f"--workers {workers}: {gbits:.2f} Gbit/s, sender TCP {tcp}, receiver workers "
-            f"decrypted {decrypted} (shares {shares(decrypted)})"
+            f"decrypted {decrypted} (shares {shares(decrypted)}), receiver's ordering {held}"
         )
         assert after.dropped("replay") == 0 and after.dropped("missteered") == 0
         hub.stop()

@@ -1018,6 +1018,7 @@ class Daemon:
         workers = []
         for handle in self.supervisor.workers:
             rx_packets, rx_bytes, tx_packets, tx_bytes = handle.stats.totals()
+            holds, hold_timeouts, held_us = handle.stats.order()
             running = handle.process is not None and handle.process.poll() is None
             workers.append(
                 WorkerStats(
@@ -1028,6 +1029,9 @@ class Daemon:
                     tx_bytes=tx_bytes,
                     drops=tuple(handle.stats.drops()),
                     staged=handle.stats.staged(),
+                    order_holds=holds,
+                    order_hold_timeouts=hold_timeouts,
+                    order_held_seconds=held_us / 1e6,
                     restarts=handle.restarts,
                     up=running,
                 )

@@ -78,11 +78,18 @@ __all__ = ["HOLD_MAX", "Inbound"]
 # How long a worker holds a block's packets back for the previous block's worker (a lost
 # last counter of that block costs this much delay once; docs/dataplane.md: ordering).
 HOLD_MAX = 0.005
+BLOCK_LAST = (1 << COUNTER_BLOCK_BITS) - 1  # a counter's offset in its block when it is the last
 HANDSHAKE_BATCH = 64  # handshake messages per pipe message (~11 KB: see Channel.try_send)
 
 _INT = struct.Struct("=i")
 _HANDOFF = msgpack.Packer(use_bin_type=True)  # [address, source|None, segment] + datagrams
 _HANDOFF_LEN = struct.Struct("<I")
+# A worker that holds a block asks the previous block's worker, through that worker's inbox,
+# to wake it once it has delivered counter `need` (marker, waiter, slot, need, deadline); the
+# answer is an empty datagram. The marker stands where a hand-off has its header's length,
+# which is never 4 GiB.
+_WAKE_ASK = struct.Struct("<IIIQd")
+_WAKE_MARK = b"\xff\xff\xff\xff"
 # A handshake message's first word (type + three zero bytes) -> its one valid size.
 _HANDSHAKE_SIZES = {
     bytes([MESSAGE_INITIATION, 0, 0, 0]): MESSAGE_INITIATION_SIZE,
@@ -112,7 +119,11 @@ class Inbound:
     _rx_view: memoryview
     _channel_read: bool
     _held: dict[int, list[Any]]
+    _block_done: bool  # a block's last counter was accepted: deliver before reading on
+    _wake_asks: dict[int, list[tuple[int, int, float]]]  # slot -> [(waiter, need, deadline)]
+    holds: int
     hold_timeouts: int
+    hold_seconds: float
     handoff_out: list[socket.socket | None]
     handoff_in: socket.socket | None
     _handshakes: list[list[Any]]  # [data, endpoint, sticky|None] for control
@@ -144,6 +155,11 @@ class Inbound:
                 self._receive_train(view, nbytes, segment, address, sticky, now)
             except Exception:  # the rest of this train is lost; the next ones are not
                 self._internal_error("a received datagram")
+            if self._block_done:
+                # The next block's worker waits for this block's end: deliver it now rather
+                # than after up to BATCH more trains (perf/RESULTS.md, "Receive ordering").
+                self._block_done = False
+                self._deliver(now)
         self._deliver(now)
 
     def _deliver(self, now: float) -> None:
@@ -164,6 +180,8 @@ class Inbound:
             for slot, entry in touched.items():
                 hold = entry[R_HOLD]
                 write(slot, entry[R_REPLAY].last if hold is None else hold[1] - 1, worker)
+            if self._wake_asks:
+                self._answer_wake_asks(now)
         if self._handshakes:
             self._forward_handshakes()
 
@@ -185,6 +203,53 @@ class Inbound:
         entry[R_HELD] = []
         entry[R_HOLD] = (previous, need + 1, now + HOLD_MAX)
         self._held[slot] = entry
+        self.holds += 1
+        self._ask_wake(previous, slot, need, now + HOLD_MAX)
+
+    def _ask_wake(self, previous: int, slot: int, need: int, deadline: float) -> None:
+        """Ask `previous` to wake this worker once it has delivered `need`, so the hold ends
+        when the predecessor delivers rather than at the loop's next poll (a 1 ms poll cost
+        the 2-worker tunnel ~40% of its throughput: perf/RESULTS.md, "Receive ordering").
+        Best effort: without an answer the hold ends by the poll or HOLD_MAX."""
+        sock = self.handoff_out[previous] if previous < len(self.handoff_out) else None
+        if sock is None:
+            return
+        try:
+            sock.send(_WAKE_ASK.pack(0xFFFFFFFF, self.worker_id, slot, need, deadline))
+        except OSError:
+            pass  # a full inbox (a stalled sibling): HOLD_MAX ends the hold
+
+    def _asked_to_wake(self, data: bytes, now: float) -> None:
+        """A sibling holds a block until this worker has delivered counter `need` of a slot:
+        answer at once if it has (the ask crossed the delivery), else when it does."""
+        _, waiter, slot, need, deadline = _WAKE_ASK.unpack(data)
+        if waiter >= len(self.handoff_out) or waiter == self.worker_id:
+            self.drops[DropReason.MALFORMED] += 1  # never from a sibling: but never fatal
+            return
+        self._wake_asks.setdefault(slot, []).append((waiter, need, deadline))
+
+    def _answer_wake_asks(self, now: float) -> None:
+        """Wake the siblings whose awaited counter this worker has now delivered (its
+        delivered mark, just written); forget asks whose hold has timed out."""
+        delivered, me = self.keyslots.delivered, self.worker_id
+        for slot, asks in list(self._wake_asks.items()):
+            mark = delivered(slot, me) if slot < self.keyslots.capacity else -1
+            waiting = []
+            for ask in asks:
+                waiter, need, deadline = ask
+                if mark >= need:
+                    sock = self.handoff_out[waiter]
+                    try:
+                        if sock is not None:
+                            sock.send(b"")
+                    except OSError:
+                        pass  # its inbox is full: it is awake anyway
+                elif now < deadline:
+                    waiting.append(ask)
+            if waiting:
+                self._wake_asks[slot] = waiting
+            else:
+                del self._wake_asks[slot]
 
     def _release_held(self, touched: dict[int, list[Any]], now: float) -> None:
         """Move held packets whose predecessor has delivered (or waited long enough) into
@@ -196,6 +261,7 @@ class Inbound:
             if delivered(slot, previous) >= need - 1 or now >= deadline:
                 if now >= deadline:
                     self.hold_timeouts += 1
+                self.hold_seconds += now - (deadline - HOLD_MAX)
                 self._to_tun.extend(entry[R_HELD])
                 entry[R_HELD] = entry[R_HOLD] = None
                 del self._held[slot]
@@ -361,6 +427,8 @@ class Inbound:
                 block = counter >> COUNTER_BLOCK_BITS
                 if block != entry[R_BLOCK]:
                     self._enter_block(entry, block, now)
+                if counter & BLOCK_LAST == BLOCK_LAST:
+                    self._block_done = True
                 held = entry[R_HELD]
                 if held is not None:
                     held.append(packet)
@@ -400,6 +468,14 @@ class Inbound:
                 data = sock.recv(1 << 17)
             except (BlockingIOError, InterruptedError):
                 break
+            if not data:
+                continue  # a sibling's wake-up: the _deliver below releases what it held
+            if data[:4] == _WAKE_MARK:
+                if len(data) == _WAKE_ASK.size:
+                    self._asked_to_wake(data, now)
+                else:
+                    self.drops[DropReason.MALFORMED] += 1
+                continue
             try:
                 (length,) = _HANDOFF_LEN.unpack_from(data)
                 address, sticky, segment = msgpack.unpackb(data[4 : 4 + length])

@@ -152,7 +152,14 @@ class Worker(Outbound, Inbound):
         self._rx_view = memoryview(self._rx_buffer)
         self._channel_read = False  # the pipe was read for an unknown index this batch
         self._held: dict[int, list[Any]] = {}  # slot -> entry holding packets for order
-        self.hold_timeouts = 0  # holds that ended by HOLD_MAX, not by the predecessor
+        self._block_done = False  # a block's last counter came in this train (Inbound)
+        # Receive ordering: blocks held back for the previous block's worker, holds ended
+        # by HOLD_MAX, time held; a restarted worker goes on from its predecessor's counts.
+        holds, timeouts, held_us = stats.order()
+        self.holds = holds
+        self.hold_timeouts = timeouts
+        self.hold_seconds = held_us / 1e6
+        self._wake_asks: dict[int, list[tuple[int, int, float]]] = {}  # siblings to wake
         # Hand-off sockets between workers (control's Supervisor makes them): datagrams of
         # other workers' counter blocks found in a coalesced train go to their inbox.
         self.handoff_in: socket.socket | None = None
@@ -401,6 +408,7 @@ class Worker(Outbound, Inbound):
                 reports.append([peer_id, *activity])
                 peer[P_ACTIVITY] = new_activity()
         self.stats.write_totals(self.totals, self.drops, self.staged)
+        self.stats.write_order(self.holds, self.hold_timeouts, int(self.hold_seconds * 1e6))
         if reports:
             self.channel.send(Activity(reports))
 

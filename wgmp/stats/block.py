@@ -1,6 +1,7 @@
 """One worker's counters in shared memory, with that worker as the only writer.
 
-Layout: a header of worker totals and drop counters by `DropReason`, then one record per peer
+Layout: a header of worker totals, drop counters by `DropReason`, staged packets and the
+receive ordering's counters, then one record per peer
 id (rx_bytes, tx_bytes, rx_packets, tx_packets). Workers count in Python ints and copy them
 here in bulk (on a short period and when control asks), so the packet path never touches
 shared memory; control only reads.
@@ -23,7 +24,12 @@ _TOTALS = struct.Struct("<4Q")  # rx_packets, rx_bytes, tx_packets, tx_bytes
 _DROPS = struct.Struct(f"<{DROP_SLOTS}Q")
 _STAGED = struct.Struct("<Q")  # packets ever staged waiting for a handshake
 _STAGED_OFFSET = 32 + 8 * DROP_SLOTS
+# Receive ordering (docs/dataplane.md, "Ordering"): blocks held, holds ended by HOLD_MAX, and
+# the time held in microseconds.
+_ORDER = struct.Struct("<3Q")
+_ORDER_OFFSET = _STAGED_OFFSET + _STAGED.size
 _HEADER_SIZE = 512
+assert _ORDER_OFFSET + _ORDER.size <= 512
 _PEER = struct.Struct("<4Q")  # rx_bytes, tx_bytes, rx_packets, tx_packets
 BLOCK_SIZE = _HEADER_SIZE + MAX_PEER_IDS * _PEER.size
 assert len(DropReason) <= DROP_SLOTS
@@ -51,6 +57,9 @@ class StatsBlock:
         _DROPS.pack_into(self.shm.view, _TOTALS.size, *drops)
         _STAGED.pack_into(self.shm.view, _STAGED_OFFSET, staged)
 
+    def write_order(self, holds: int, timeouts: int, held_us: int) -> None:
+        _ORDER.pack_into(self.shm.view, _ORDER_OFFSET, holds, timeouts, held_us)
+
     def write_peer(self, peer_id: int, counters: PeerCounters) -> None:
         """Also used with zeros when a peer is removed, so a reused id starts from zero."""
         _PEER.pack_into(self.shm.view, _HEADER_SIZE + peer_id * _PEER.size, *counters)
@@ -65,6 +74,10 @@ class StatsBlock:
 
     def staged(self) -> int:
         return int(_STAGED.unpack_from(self.shm.view, _STAGED_OFFSET)[0])
+
+    def order(self) -> tuple[int, int, int]:
+        """Ordering holds, hold time-outs, microseconds held (`write_order`)."""
+        return _ORDER.unpack_from(self.shm.view, _ORDER_OFFSET)
 
     def peer(self, peer_id: int) -> PeerCounters:
         return _PEER.unpack_from(self.shm.view, _HEADER_SIZE + peer_id * _PEER.size)

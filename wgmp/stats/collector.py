@@ -42,6 +42,14 @@ wgmp's own:
     wgmp_staged_packets_dropped_total{device,worker}               counter
         packets a worker staged while waiting for a handshake and then dropped (queue full or
         expired): the staged_queue_full + staged_expired series above, summed per worker.
+    wgmp_order_holds_total{device,worker}                          counter
+        counter blocks of a peer this worker held back until the worker of the block before
+        had delivered it (receive ordering with several workers, docs/dataplane.md).
+    wgmp_order_hold_timeouts_total{device,worker}                  counter
+        holds that ended after HOLD_MAX (5 ms) without that delivery: a lost counter, or a
+        previous worker that did not get the CPU; the packets after it may be out of order.
+    wgmp_order_held_seconds_total{device,worker}                   counter
+        the time blocks spent held, summed: the delay ordering added.
     wgmp_handshakes_initiated_total{device}       initiation messages sent
     wgmp_handshakes_received_total{device}        initiations received past the MAC/cookie checks
     wgmp_handshakes_completed_total{device}       sessions established (either role)
@@ -104,6 +112,9 @@ class WorkerStats:
     restarts: int = 0
     up: bool = True
     staged: int = 0  # packets ever staged waiting for a handshake
+    order_holds: int = 0  # blocks held back for receive ordering
+    order_hold_timeouts: int = 0  # holds ended by HOLD_MAX
+    order_held_seconds: float = 0.0  # time held, summed
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +317,27 @@ FAMILIES: tuple[_Family, ...] = (
         "Packets staged while waiting for a handshake, then dropped (queue full or expired).",
         _WORKER,
         _per_worker(lambda w: sum(_count(w.drops, r) for r in _STAGED)),
+    ),
+    _Family(
+        "wgmp_order_holds",
+        _C,
+        "Counter blocks held back until the previous block's worker had delivered its block.",
+        _WORKER,
+        _per_worker(lambda w: w.order_holds),
+    ),
+    _Family(
+        "wgmp_order_hold_timeouts",
+        _C,
+        "Ordering holds that ended after HOLD_MAX without the previous block's delivery.",
+        _WORKER,
+        _per_worker(lambda w: w.order_hold_timeouts),
+    ),
+    _Family(
+        "wgmp_order_held_seconds",
+        _C,
+        "Time counter blocks spent held back for receive ordering, summed.",
+        _WORKER,
+        _per_worker(lambda w: w.order_held_seconds),
     ),
     _Family(
         "wgmp_handshakes_initiated",
