@@ -24,6 +24,7 @@ def test_snapshot_from_daemon():
     blocks = [StatsBlock.create(), StatsBlock.create()]
     blocks[0].write_totals((5, 500, 6, 600), drops(no_route=2))
     blocks[1].write_totals((1, 100, 0, 0), drops())
+    blocks[1].write_order(40, 3, 250_000)
     alive = SimpleNamespace(poll=lambda: None)
     handles = [
         SimpleNamespace(worker_id=0, stats=blocks[0], restarts=1, process=alive),
@@ -54,6 +55,8 @@ def test_snapshot_from_daemon():
     assert (w0.rx_packets, w0.rx_bytes, w0.tx_packets, w0.tx_bytes) == (5, 500, 6, 600)
     assert (w0.restarts, w0.up, w1.up) == (1, True, False)
     assert w0.drops[DropReason.NO_ROUTE] == 2
+    assert (w0.order_holds, w1.order_holds, w1.order_hold_timeouts) == (0, 40, 3)
+    assert w1.order_held_seconds == 0.25
     assert stats.handshakes.completed == 3
     assert stats.handshakes.drops[DropReason.STALE_TIMESTAMP] == 6
     s = parse(render(stats))

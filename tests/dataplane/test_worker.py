@@ -33,6 +33,7 @@ from wgmp.ipc.messages import (
     decode,
     encode,
 )
+from wgmp.net.steering import RECEIVE_BLOCK_BITS
 from wgmp.net.tun import VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_NONE
 from wgmp.protocol.constants import REKEY_AFTER_TIME, REKEY_AFTER_TIME_RECEIVING
 from wgmp.protocol.errors import DropReason
@@ -40,6 +41,7 @@ from wgmp.protocol.timers import keypair_wants_rekey_on_receive, should_rekey_on
 from wgmp.protocol.transport import open_transport, padding_length, seal_transport
 from wgmp.stats.block import StatsBlock
 
+B = 1 << RECEIVE_BLOCK_BITS  # the receiver's steering block (counters per worker turn)
 OURS, THEIRS = bytes([198, 51, 100, 1]), bytes([198, 51, 100, 2])
 SEND_KEY, RECEIVE_KEY = bytes(range(32)), bytes(range(32, 64))
 ENDPOINT = ("192.0.2.2", 51820)
@@ -227,47 +229,128 @@ def test_a_restarted_worker_refuses_replays_of_what_its_predecessor_received(rig
 
 
 def test_with_two_workers_each_judges_only_its_own_counter_blocks(rig: Any) -> None:
-    """Steering gives worker w the blocks of 256 counters whose number is w mod 2; a counter
-    of another block (a crafted or coalesced train) is dropped, never judged twice."""
+    """Steering gives worker w the receive blocks (B counters) whose number is w mod 2; a
+    counter of another block (a crafted or coalesced train) is dropped, never judged twice."""
     rig.worker.workers = 2
     rig.worker.keyslots = KeySlots.create(8, workers=2)
     slot = install(rig.worker, ROLE_CURRENT, local_index=0x0701)  # any index: all receive
-    view, nbytes, size = train([0, 255, 256, 511], index=0x0701)
+    view, nbytes, size = train([0, B - 1, B, 2 * B - 1], index=0x0701)
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
     assert rig.worker.drops[DropReason.MISSTEERED] == 2
-    assert len(rig.worker._to_tun) == 2  # 0 and 255
+    assert len(rig.worker._to_tun) == 2  # 0 and B - 1
     rig.worker._deliver(time.monotonic())
-    assert rig.worker.keyslots.received(slot, 0) == 255
-    assert rig.worker.keyslots.delivered(slot, 0) == 255
+    assert rig.worker.keyslots.received(slot, 0) == B - 1
+    assert rig.worker.keyslots.delivered(slot, 0) == B - 1
 
 
 def test_a_block_waits_for_the_previous_blocks_worker_to_deliver(rig: Any) -> None:
-    """Worker 0 of 2 holds block 2 (counters 512..767) back until worker 1 has delivered
-    block 1 up to its last counter 511, so the TUN sees the peer's packets in order; and
-    gives up waiting after HOLD_MAX (a lost counter)."""
+    """Worker 0 of 2 holds block 2 (counters 2B..3B-1) back until worker 1 has delivered
+    block 1 up to its last counter 2B-1, so the TUN sees the peer's packets in order; and
+    gives up waiting after HOLD_MAX (a lost counter). Holds are counted for wgmp stats."""
     rig.worker.workers = 2
     keyslots = rig.worker.keyslots = KeySlots.create(8, workers=2)
     slot = install(rig.worker, ROLE_CURRENT)
     now = time.monotonic()
-    view, nbytes, size = train([512, 513])
+    view, nbytes, size = train([2 * B, 2 * B + 1])
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
     rig.worker._deliver(now)
     assert rig.worker._to_tun == [] and slot in rig.worker._held
-    assert keyslots.received(slot, 0) == 513 and keyslots.delivered(slot, 0) == 511
-    keyslots.write_delivered(slot, 500, 1)  # not yet the end of block 1
+    assert keyslots.received(slot, 0) == 2 * B + 1 and keyslots.delivered(slot, 0) == 2 * B - 1
+    keyslots.write_delivered(slot, 2 * B - 10, 1)  # not yet the end of block 1
     rig.worker._deliver(now)
     assert slot in rig.worker._held
-    keyslots.write_delivered(slot, 511, 1)
-    rig.worker._deliver(now)
-    assert slot not in rig.worker._held and keyslots.delivered(slot, 0) == 513
+    keyslots.write_delivered(slot, 2 * B - 1, 1)
+    rig.worker._deliver(now + 0.001)
+    assert slot not in rig.worker._held and keyslots.delivered(slot, 0) == 2 * B + 1
     assert len(rig.tun.recv(70000)) > VIRTIO_NET_HDR_LEN
+    assert rig.worker.hold_timeouts == 0
     # Block 4: its predecessor (block 3, worker 1) never comes; HOLD_MAX later it goes out.
-    view, nbytes, size = train([1024])
+    view, nbytes, size = train([4 * B])
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
     rig.worker._deliver(now)
-    assert slot in rig.worker._held
+    assert slot in rig.worker._held and rig.worker._hold_wait(now) == pytest.approx(HOLD_MAX)
     rig.worker._deliver(now + HOLD_MAX)
     assert slot not in rig.worker._held and rig.worker.hold_timeouts == 1
+    rig.worker._flush(now + HOLD_MAX)
+    holds, timeouts, held_us = rig.worker.stats.order()
+    assert (holds, timeouts) == (2, 1)
+    assert held_us == pytest.approx((0.001 + HOLD_MAX) * 1e6, abs=2)
+
+
+def _two_workers(rig: Any) -> tuple[Worker, Worker, int, list[socket.socket]]:
+    """The rig's worker as worker 0 and a second worker 1 on the same key slots, each with
+    an inbox the other can send to (as Supervisor.handoff makes them)."""
+    keyslots = KeySlots.create(8, workers=2)
+    inbox0, outbox0 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    inbox1, outbox1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    first = rig.worker
+    first.workers, first.keyslots = 2, keyslots
+    first.handoff_in, first.handoff_out = inbox0, [None, outbox1]
+    other_control, other_end = socket.socketpair()
+    second = Worker(
+        1, first.tun_fd, {4: FakeSocket()}, Channel(other_end), keyslots, StatsBlock.create(),  # type: ignore[dict-item]
+        vnet_hdr=True, workers=2,
+    )  # fmt: skip
+    second.handoff_in, second.handoff_out = inbox1, [outbox0, None]
+    for sock in (inbox0, inbox1):
+        sock.setblocking(False)
+    second._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
+    slot = install(first, ROLE_CURRENT)
+    second._install(slot, ROLE_CURRENT, time.monotonic())
+    return first, second, slot, [inbox0, outbox0, inbox1, outbox1, other_control, other_end]
+
+
+def test_the_previous_blocks_worker_wakes_the_held_worker_when_it_delivers(rig: Any) -> None:
+    """The held worker asks its predecessor, through the predecessor's inbox, to wake it;
+    the predecessor answers with an empty datagram once its delivered mark reaches the
+    awaited counter, at once if it already has (the ask crossed the delivery)."""
+    first, second, slot, sockets = _two_workers(rig)
+    now = time.monotonic()
+    first.keyslots.write_delivered(slot, B - 1, 0)  # block 0 is out: block 1 need not wait
+    view, nbytes, size = train([2 * B])
+    first._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    first._deliver(now)
+    assert slot in first._held
+    second._inbound_handoff(now)  # reads the ask; nothing of block 1 delivered yet
+    assert second._wake_asks == {slot: [(0, 2 * B - 1, now + HOLD_MAX)]}
+    with pytest.raises(BlockingIOError):
+        first.handoff_in.recv(10)
+    view, nbytes, size = train([2 * B - 1])
+    second._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    second._deliver(now)  # delivers 2B-1 and wakes worker 0
+    assert second._wake_asks == {}
+    first._inbound_handoff(now)
+    assert slot not in first._held and first.keyslots.delivered(slot, 0) == 2 * B
+    assert first.hold_timeouts == 0 and first.drops[DropReason.MALFORMED] == 0
+    # Block 4 after worker 1 already delivered block 3's end: answered at once.
+    first.keyslots.write_delivered(slot, 4 * B - 1, 1)
+    view, nbytes, size = train([4 * B])
+    first._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    assert slot not in first._held  # no hold at all: the mark was already there
+    # An ask that crosses the delivery: the mark is written after the ask was sent.
+    first.keyslots.write_delivered(slot, 6 * B - 10, 1)
+    view, nbytes, size = train([6 * B])
+    first._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    first._deliver(now)
+    assert slot in first._held
+    second.keyslots.write_delivered(slot, 6 * B - 1, 1)
+    second._inbound_handoff(now)
+    assert first.handoff_in.recv(10) == b""
+    for sock in sockets:
+        sock.close()
+
+
+def test_asks_that_outlived_their_hold_are_forgotten_and_bad_asks_are_counted(rig: Any) -> None:
+    first, second, slot, sockets = _two_workers(rig)
+    now = time.monotonic()
+    first._ask_wake(1, slot, 2 * B - 1, now + HOLD_MAX)
+    second._inbound_handoff(now + HOLD_MAX)  # read after the hold's deadline
+    assert second._wake_asks == {}
+    first.handoff_out[1].send(b"\xff\xff\xff\xff" + b"short")
+    second._inbound_handoff(now)
+    assert second.drops[DropReason.MALFORMED] == 1
+    for sock in sockets:
+        sock.close()
 
 
 def test_staged_packets_are_counted_and_written_to_the_stats_block(rig: Any) -> None:
@@ -634,7 +717,7 @@ def test_a_batch_fills_its_counter_block_and_no_train_crosses_a_block(rig: Any) 
 
 def test_datagrams_of_another_workers_block_are_handed_to_it(rig: Any) -> None:
     """A train that crosses a block boundary (UDP GRO coalesced it, or a sender sent it so)
-    is split: worker 0 judges counters 254-255 and hands 256-257 to worker 1, which judges
+    is split: worker 0 judges counters B-2, B-1 and hands B, B+1 to worker 1, which judges
     and delivers them after worker 0 delivered block 0's end."""
     keyslots = KeySlots.create(8, workers=2)
     inbox, outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -650,13 +733,13 @@ def test_datagrams_of_another_workers_block_are_handed_to_it(rig: Any) -> None:
     second._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
     slot = install(first, ROLE_CURRENT)
     second._install(slot, ROLE_CURRENT, time.monotonic())
-    view, nbytes, size = train([254, 255, 256, 257])
+    view, nbytes, size = train([B - 2, B - 1, B, B + 1])
     first._receive_train(view, nbytes, size, ENDPOINT, PKTINFO, time.monotonic())
     first._deliver(time.monotonic())
     assert first.drops[DropReason.MISSTEERED] == 0
-    assert keyslots.delivered(slot, 0) == 255
+    assert keyslots.delivered(slot, 0) == B - 1
     second._inbound_handoff(time.monotonic())
-    assert keyslots.received(slot, 1) == 257 and keyslots.delivered(slot, 1) == 257
+    assert keyslots.received(slot, 1) == B + 1 and keyslots.delivered(slot, 1) == B + 1
     assert second.drops[DropReason.REPLAY] == second.drops[DropReason.MISSTEERED] == 0
     written = [rig.tun.recv(70000), rig.tun.recv(70000)]  # one coalesced write each
     assert all(len(w) > VIRTIO_NET_HDR_LEN for w in written)

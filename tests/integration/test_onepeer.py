@@ -33,10 +33,17 @@ from tests.integration.test_workers import (
     make_star,
     metrics,
 )
+from wgmp.net.steering import RECEIVE_BLOCK_BITS
 
 MIN_SHARE = 0.30  # the target: each of 2 workers decrypts >= 30%
 UDP_RATE = "150M"  # well under what one worker does here, so loss does not hide order
-NSTAT = ("TcpExtTCPSACKReorder", "TcpExtTCPTSReorder", "TcpRetransSegs", "TcpExtTCPReordering")
+NSTAT = (
+    "TcpExtTCPSACKReorder",
+    "TcpExtTCPTSReorder",
+    "TcpRetransSegs",
+    "TcpExtTCPReordering",
+    "UdpRcvbufErrors",
+)
 
 
 def shares(grown: dict[int, int]) -> dict[int, float]:
@@ -55,7 +62,11 @@ def nstat(ns: Netns) -> dict[str, int]:
     return values
 
 
-ORDER = ("wgmp_order_holds_total", "wgmp_order_hold_timeouts_total", "wgmp_order_held_seconds_total")
+ORDER = (
+    "wgmp_order_holds_total",
+    "wgmp_order_hold_timeouts_total",
+    "wgmp_order_held_seconds_total",
+)
 
 
 def order(daemon: UserspaceWireGuard) -> dict[str, dict[int, float]]:
@@ -110,7 +121,7 @@ def test_one_tcp_stream_is_decrypted_by_both_workers_with_little_reordering(
         command = [*WGMP2[:-1], str(workers)]
         star = make_star(netns_factory, userspace_wireguard, [command], command)
         hub, (peer,) = star.hub, star.peers
-        tcp_before = nstat(peer.ns)
+        tcp_before, udp_before = nstat(peer.ns), nstat(hub.ns)
         before, order_before = metrics(hub), order(hub)
         (report,) = iperf3([(peer.ns, hub.ns, HUB_ADDRESS)], "-t", str(IPERF_SECONDS))
         after, order_after = metrics(hub), order(hub)
@@ -121,12 +132,13 @@ def test_one_tcp_stream_is_decrypted_by_both_workers_with_little_reordering(
             for name, values in order_after.items()
         }
         tcp = {k: v - tcp_before.get(k, 0) for k, v in nstat(peer.ns).items()}
+        udp = nstat(hub.ns).get("UdpRcvbufErrors", 0) - udp_before.get("UdpRcvbufErrors", 0)
         decrypted = delta(after.rx, before.rx)
         gbits = report["end"]["sum_received"]["bits_per_second"] / 1e9
         results[workers] = (tcp, decrypted, gbits)
         print(
             f"--workers {workers}: {gbits:.2f} Gbit/s, sender TCP {tcp}, receiver workers "
-            f"decrypted {decrypted} (shares {shares(decrypted)}), receiver's ordering {held}"
+            f"decrypted {decrypted} (shares {shares(decrypted)}), receiver's ordering {held}, its UDP receive buffer overflowed {udp} times"
         )
         assert after.dropped("replay") == 0 and after.dropped("missteered") == 0
         hub.stop()
@@ -174,14 +186,15 @@ def test_replays_into_every_worker_are_refused_also_after_kill_9(
     star = make_star(netns_factory, userspace_wireguard, [WGMP2])
     hub, (peer,) = star.hub, star.peers
     capture = Capture(peer.ns, veth_of(peer.ns), tmp_path, bpf=f"udp and dst port {HUB_PORT}")
-    # ~1200 full-size datagrams: counters over several blocks, so both workers received.
+    # ~5000 full-size datagrams: counters over two receive blocks (4096 counters each, the
+    # receiver's steering block), so both workers received.
     peer.ns.run(
-        ["ping", "-n", "-q", "-c", "1200", "-i", "0.001", "-s", "1300", "-W", "1", HUB_ADDRESS],
+        ["ping", "-n", "-q", "-c", "5000", "-i", "0.0005", "-s", "1300", "-W", "1", HUB_ADDRESS],
         check=False, timeout=60,
     )  # fmt: skip
     data = [d for d in capture.stop() if d.kind == 4 and len(d.payload) > KEEPALIVE_SIZE]
-    counters = {int.from_bytes(d.payload[8:16], "little") >> 8 for d in data}
-    assert len(data) > 1000 and len(counters) >= 4, (len(data), counters)
+    blocks = {int.from_bytes(d.payload[8:16], "little") >> RECEIVE_BLOCK_BITS for d in data}
+    assert len(data) > 4500 and len(blocks) >= 2, (len(data), blocks)
 
     def resend_and_count(label: str, *, train: bool) -> None:
         mid = metrics(hub)

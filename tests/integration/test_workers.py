@@ -4,7 +4,7 @@ ping and iperf3 between network namespaces this module makes (all traffic stays 
 Who does the work, by design (control/interface.py, net/steering.py):
 
 - Receiving: the steering program sends a transport datagram to the worker of its counter
-  block ((counter >> 8) mod workers), so every worker receives a share of one keypair, and
+  block ((counter >> RECEIVE_BLOCK_BITS) mod workers), so every worker receives a share of one keypair, and
   each counter always reaches the same worker (its replay window sees every copy). Pings of
   a fresh session use block 0 only: worker 0 receives them.
 - Sending: the worker that reads the packet from its TUN queue. The kernel's multi-queue TUN

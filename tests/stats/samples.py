@@ -56,6 +56,9 @@ def sample_device(name: str = "wg0") -> DeviceStats:
                 drops=drops(replay=3, staged_queue_full=4, staged_expired=5),
                 restarts=2,
                 staged=20,
+                order_holds=30,
+                order_hold_timeouts=2,
+                order_held_seconds=0.125,
             ),
             WorkerStats(1, rx_packets=1, rx_bytes=32, up=False),
         ],  # fmt: skip

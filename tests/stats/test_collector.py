@@ -101,6 +101,15 @@ def test_drops_by_reason_and_by_worker_or_control():
     assert value(s, "wgmp_staged_packets_dropped_total", device="wg0", worker="1") == 0
 
 
+def test_receive_ordering_holds_per_worker():
+    s = parse(render(sample_device()))
+    assert value(s, "wgmp_order_holds_total", device="wg0", worker="0") == 30
+    assert value(s, "wgmp_order_hold_timeouts_total", device="wg0", worker="0") == 2
+    assert value(s, "wgmp_order_held_seconds_total", device="wg0", worker="0") == 0.125
+    assert value(s, "wgmp_order_holds_total", device="wg0", worker="1") == 0
+    assert value(s, "wgmp_order_held_seconds_total", device="wg0", worker="1") == 0
+
+
 def test_short_drop_lists_count_as_zero():
     device = DeviceStats("wg0", workers=[WorkerStats(0, drops=[1])])
     s = parse(render(device))

@@ -29,7 +29,7 @@ from ..ipc.messages import (
     RekeyWanted,
     Roamed,
 )
-from ..net.steering import COUNTER_BLOCK_BITS
+from ..net.steering import RECEIVE_BLOCK_BITS
 from ..net.tun import VIRTIO_NET_HDR_NONE
 from ..net.udp import BATCH_SPACE, PKTINFO_KINDS, SOL_UDP, UDP_GRO
 from ..protocol.allowedips import AllowedIPs
@@ -77,8 +77,8 @@ __all__ = ["HOLD_MAX", "Inbound"]
 
 # How long a worker holds a block's packets back for the previous block's worker (a lost
 # last counter of that block costs this much delay once; docs/dataplane.md: ordering).
-HOLD_MAX = 0.005
-BLOCK_LAST = (1 << COUNTER_BLOCK_BITS) - 1  # a counter's offset in its block when it is the last
+HOLD_MAX = 0.020
+BLOCK_LAST = (1 << RECEIVE_BLOCK_BITS) - 1  # a counter's offset in its block when it is the last
 HANDSHAKE_BATCH = 64  # handshake messages per pipe message (~11 KB: see Channel.try_send)
 
 _INT = struct.Struct("=i")
@@ -196,7 +196,7 @@ class Inbound:
         previous = ((block - 1) & 0xFFFF) % self.workers
         if block == 0 or previous == self.worker_id:
             return
-        need = (block << COUNTER_BLOCK_BITS) - 1
+        need = (block << RECEIVE_BLOCK_BITS) - 1
         slot = entry[R_SLOT]
         if self.keyslots.delivered(slot, previous) >= need:
             return
@@ -251,6 +251,12 @@ class Inbound:
             else:
                 del self._wake_asks[slot]
 
+    def _hold_wait(self, now: float) -> float:
+        """How long the loop may sleep while packets are held: until the first hold's
+        deadline, since the predecessor wakes this worker when it delivers (`_ask_wake`)."""
+        first = min(entry[R_HOLD][2] for entry in self._held.values())
+        return first - now if first > now else 0.0
+
     def _release_held(self, touched: dict[int, list[Any]], now: float) -> None:
         """Move held packets whose predecessor has delivered (or waited long enough) into
         this batch's TUN write, ahead of nothing newer of their keypair (all newer packets
@@ -258,8 +264,9 @@ class Inbound:
         delivered = self.keyslots.delivered
         for slot, entry in list(self._held.items()):
             previous, need, deadline = entry[R_HOLD]
-            if delivered(slot, previous) >= need - 1 or now >= deadline:
-                if now >= deadline:
+            done = delivered(slot, previous) >= need - 1
+            if done or now >= deadline:
+                if not done:
                     self.hold_timeouts += 1
                 self.hold_seconds += now - (deadline - HOLD_MAX)
                 self._to_tun.extend(entry[R_HELD])
@@ -373,7 +380,7 @@ class Inbound:
                 drops[DropReason.KEY_EXPIRED if expired else DropReason.UNKNOWN_RECEIVER_INDEX] += 1
                 continue
             if workers > 1:
-                owner = ((counter >> COUNTER_BLOCK_BITS) & 0xFFFF) % workers  # counter_worker
+                owner = ((counter >> RECEIVE_BLOCK_BITS) & 0xFFFF) % workers  # counter_worker
                 if owner != me:
                     if handed is None:  # came from a sibling: never passed on again
                         drops[DropReason.MISSTEERED] += 1
@@ -424,7 +431,7 @@ class Inbound:
             packet = plaintext if length == len(plaintext) else plaintext[:length]
             received_data = True
             if workers > 1:
-                block = counter >> COUNTER_BLOCK_BITS
+                block = counter >> RECEIVE_BLOCK_BITS
                 if block != entry[R_BLOCK]:
                     self._enter_block(entry, block, now)
                 if counter & BLOCK_LAST == BLOCK_LAST:

@@ -100,7 +100,6 @@ __all__ = [
 ]
 
 FLUSH_INTERVAL = 0.1  # how stale control's view of traffic (timers) and counters may be
-HOLD_POLL = 0.001  # the loop's wake-up while packets are held for order (epoll has ms)
 
 
 def _sockaddr(endpoint: list[Any] | None) -> tuple[Any, ...] | None:
@@ -195,8 +194,11 @@ class Worker(Outbound, Inbound):
         self.channel.send(Ready(self.worker_id, os.getpid()))
         next_flush = time.monotonic() + FLUSH_INTERVAL
         while self.running:
-            # While packets are held for order, look again soon (HOLD_MAX bounds the wait).
-            events = poller.poll(HOLD_POLL if self._held else FLUSH_INTERVAL)
+            # While packets are held for order, sleep at most until the first hold's deadline
+            # (the previous block's worker wakes us through the inbox when it delivers).
+            events = poller.poll(
+                self._hold_wait(time.monotonic()) if self._held else FLUSH_INTERVAL
+            )
             now = time.monotonic()
             if len(events) > 1:
                 # Control's messages first: a keypair announced there may be the one the

@@ -23,10 +23,20 @@ import ctypes
 import socket
 import struct
 
-__all__ = ["COUNTER_BLOCK_BITS", "attach_steering", "counter_worker", "steering_program"]
+__all__ = [
+    "COUNTER_BLOCK_BITS",
+    "RECEIVE_BLOCK_BITS",
+    "attach_steering",
+    "counter_worker",
+    "steering_program",
+]
 
 SO_ATTACH_REUSEPORT_CBPF = 51
-COUNTER_BLOCK_BITS = 8  # blocks of 256 counters: one worker receives a whole block
+COUNTER_BLOCK_BITS = 8  # senders reserve counters in aligned blocks of 256 (dataplane/outbound)
+# The receiver's own steering block: a whole number of senders' blocks (so a sender's GSO
+# train, which never crosses a block of 256, never crosses one of these either), larger so
+# that the workers' hand-overs, where ordering may wait for the other worker, are rarer.
+RECEIVE_BLOCK_BITS = 12
 
 # Classic BPF opcodes (linux/bpf_common.h).
 _LD_B_ABS = 0x30  # BPF_LD | BPF_B | BPF_ABS
@@ -36,6 +46,8 @@ _RET_A = 0x16  # BPF_RET | BPF_A
 _ADD_K = 0x04  # BPF_ALU | BPF_ADD | BPF_K
 _ADD_X = 0x0C  # BPF_ALU | BPF_ADD | BPF_X
 _LSH_K = 0x64  # BPF_ALU | BPF_LSH | BPF_K
+_RSH_K = 0x74  # BPF_ALU | BPF_RSH | BPF_K
+_AND_K = 0x54  # BPF_ALU | BPF_AND | BPF_K
 _MOD_K = 0x94  # BPF_ALU | BPF_MOD | BPF_K
 _TAX = 0x07  # BPF_MISC | BPF_TAX
 
@@ -44,21 +56,27 @@ _FILTER = struct.Struct("HBBI")  # struct sock_filter: code, jt, jf, k
 
 def counter_worker(counter: int, workers: int) -> int:
     """The worker the program sends a transport message with `counter` to."""
-    return ((counter >> COUNTER_BLOCK_BITS) & 0xFFFF) % workers
+    return ((counter >> RECEIVE_BLOCK_BITS) & 0xFFFF) % workers
 
 
 def steering_program(workers: int) -> list[tuple[int, int, int, int]]:
-    block_byte = 8 + COUNTER_BLOCK_BITS // 8  # the counter is little-endian from byte 8
-    assert COUNTER_BLOCK_BITS % 8 == 0
+    assert 8 <= RECEIVE_BLOCK_BITS <= 16
     return [
         (_LD_B_ABS, 0, 0, 0),  # A = message type
         (_JEQ_K, 1, 0, 4),  # type 4? skip the next instruction
         (_RET_K, 0, 0, 0),  # handshakes and anything else: control's socket
-        (_LD_B_ABS, 0, 0, block_byte + 1),
+        # The counter is little-endian from byte 8: bytes 9..11 are its bits 8..31.
+        (_LD_B_ABS, 0, 0, 11),
         (_LSH_K, 0, 0, 8),
         (_TAX, 0, 0, 0),
-        (_LD_B_ABS, 0, 0, block_byte),
-        (_ADD_X, 0, 0, 0),  # A = (counter >> COUNTER_BLOCK_BITS) & 0xffff
+        (_LD_B_ABS, 0, 0, 10),
+        (_ADD_X, 0, 0, 0),
+        (_LSH_K, 0, 0, 8),
+        (_TAX, 0, 0, 0),
+        (_LD_B_ABS, 0, 0, 9),
+        (_ADD_X, 0, 0, 0),  # A = (counter >> 8) & 0xffffff
+        (_RSH_K, 0, 0, RECEIVE_BLOCK_BITS - 8),
+        (_AND_K, 0, 0, 0xFFFF),  # A = (counter >> RECEIVE_BLOCK_BITS) & 0xffff
         (_MOD_K, 0, 0, workers),
         (_ADD_K, 0, 0, 1),  # worker w joined the group at slot w + 1
         (_RET_A, 0, 0, 0),
