@@ -13,6 +13,7 @@ import msgpack
 import pytest
 
 from tests.dataplane.test_coalesce import tcp4
+from wgmp.dataplane import inbound
 from wgmp.dataplane.inbound import HOLD_MAX
 from wgmp.dataplane.records import P_SEND, P_STICKY
 from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker
@@ -338,6 +339,22 @@ def test_the_previous_blocks_worker_wakes_the_held_worker_when_it_delivers(rig: 
     assert first.handoff_in.recv(10) == b""
     for sock in sockets:
         sock.close()
+
+
+def test_a_hold_ends_when_it_holds_held_max_packets(rig: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(inbound, "HELD_MAX", 3)
+    rig.worker.workers = 2
+    rig.worker.keyslots = KeySlots.create(8, workers=2)
+    slot = install(rig.worker, ROLE_CURRENT)
+    now = time.monotonic()
+    view, nbytes, size = train([2 * B, 2 * B + 1])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    rig.worker._deliver(now)
+    assert slot in rig.worker._held
+    view, nbytes, size = train([2 * B + 2, 2 * B + 3])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    rig.worker._deliver(now)
+    assert slot not in rig.worker._held and rig.worker.hold_timeouts == 1
 
 
 def test_asks_that_outlived_their_hold_are_forgotten_and_bad_asks_are_counted(rig: Any) -> None:

@@ -74,7 +74,8 @@ S_CIPHER, S_REMOTE, S_SLOT, S_NEXT, S_END, S_CREATED, S_INITIATOR, S_REKEY_ASKED
 #                   the send state of the same keypair, the counter block this worker last
 #                   received in, packets held back for order (a list) or None, and while
 #                   holding: (worker of the previous block, the counter it must have
-#                   delivered, monotonic deadline)]  (docs/dataplane.md: ordering)
+#                   delivered + 1, monotonic deadline, monotonic start)]
+#                   (docs/dataplane.md: ordering)
 R_CIPHER, R_PEER, R_REPLAY, R_SLOT, R_ROLE, R_CREATED, R_INITIATOR, R_SEND = range(8)
 R_BLOCK, R_HELD, R_HOLD = 8, 9, 10
 # Activity: monotonic times of the last packet sent, data sent, received, data received
