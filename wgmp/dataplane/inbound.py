@@ -211,9 +211,9 @@ class Inbound:
 
     def _ask_wake(self, previous: int, slot: int, need: int, deadline: float) -> None:
         """Ask `previous` to wake this worker once it has delivered `need`, so the hold ends
-        when the predecessor delivers rather than at the loop's next poll (a 1 ms poll cost
-        the 2-worker tunnel ~40% of its throughput: perf/RESULTS.md, "Receive ordering").
-        Best effort: without an answer the hold ends by the poll or HOLD_MAX."""
+        when the predecessor delivers rather than at a poll (a 1 ms poll made every hold last
+        at least 1 ms: docs/dataplane.md, "Ordering"). Best effort: without an answer the
+        hold ends at its deadline."""
         sock = self.handoff_out[previous] if previous < len(self.handoff_out) else None
         if sock is None:
             return

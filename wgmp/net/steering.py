@@ -2,13 +2,14 @@
 
 The program sees the UDP payload at offset 0 (measured: docs/measurements.md). Handshake
 messages (types 1-3) go to group slot 0, control's socket; transport data (type 4) to slot
-1 + w, where w = (counter >> COUNTER_BLOCK_BITS) mod workers: consecutive blocks of 256
-counters go to the workers in turn, so one peer's traffic is received by every worker, and
-a given counter always reaches the same worker, whose replay window therefore sees every copy
-of it (docs/dataplane.md). Senders reserve counters in the same aligned blocks, so a UDP GSO
-train (which the program judges by its first datagram) holds one block's counters; the
-worker still checks each counter's block and drops what is not its own. Bits 8..23 of the
-counter are used (bytes 9 and 10 of the message): the turn wraps every 2^16 blocks.
+1 + w, where w = ((counter >> RECEIVE_BLOCK_BITS) & 0xffff) mod workers: consecutive receive
+blocks of 4096 counters go to the workers in turn, so one peer's traffic is received by every
+worker, and a given counter always reaches the same worker, whose replay window therefore sees
+every copy of it (docs/dataplane.md). Senders reserve counters in aligned blocks of 256, and a
+receive block is a whole number of those, so a UDP GSO train (which the program judges by its
+first datagram) holds one receive block's counters; the worker still checks each counter's
+block and hands what is not its own to its worker. Bits 12..27 of the counter are used (from
+bytes 9 to 11 of the message): the turn wraps every 2^16 receive blocks.
 
 The group's slots are the sockets in join order, and when a socket leaves, the last one takes
 its slot. Control creates every socket of the group itself (its own first, then worker 0, 1,
