@@ -10,6 +10,7 @@ the kernel picks (printed, not asserted).
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import sys
@@ -80,6 +81,14 @@ def order(daemon: UserspaceWireGuard) -> dict[str, dict[int, float]]:
     return series
 
 
+def tun_drops(daemon: UserspaceWireGuard) -> int:
+    """Packets the kernel dropped on the way to the daemon's TUN (its queue was full: the
+    daemon read too slowly), where a TCP sender's losses start."""
+    out = daemon.ns.run(["ip", "-j", "-s", "link", "show", "dev", daemon.ifname]).stdout
+    (link,) = json.loads(out)
+    return int(link["stats64"]["tx"]["dropped"])
+
+
 def test_one_udp_stream_is_decrypted_by_both_workers_in_order(
     netns_factory: Callable[..., Netns],
     userspace_wireguard: Callable[..., UserspaceWireGuard],
@@ -107,21 +116,24 @@ def test_one_udp_stream_is_decrypted_by_both_workers_in_order(
         assert after_hub.dropped(reason) == 0, after_hub.drops
 
 
-def test_one_tcp_stream_is_decrypted_by_both_workers_with_little_reordering(
+def test_one_tcp_stream_is_decrypted_by_both_workers_and_reordered_no_more_than_by_one(
     netns_factory: Callable[..., Netns],
     userspace_wireguard: Callable[..., UserspaceWireGuard],
 ) -> None:
-    """With --workers 2 on both ends both workers decrypt the stream, and the sender's TCP
-    sees few reordering events: at most 0.5% of the segments (the issue's target, no more
-    than with 1 worker, i.e. 0, is not met on a loaded machine: 19-167 events in runs here,
-    from holds that timed out while the other worker was descheduled; docs/dataplane.md)
-    and retransmissions within 4x of 1 worker's plus 2000 (figures printed)."""
+    """With --workers 2 on both ends both workers decrypt the stream, and the receive side
+    is no worse for TCP than with 1 worker: the sender's TCP sees no more reordering events
+    and no more retransmissions of segments lost past the sender's TUN.
+
+    Every retransmission measured here was a packet the kernel dropped at the SENDER's TUN
+    queue (TcpRetransSegs equalled the TUN's tx dropped in every run, 1 worker or 2): the
+    sending worker reading too slowly for TCP's window, which varies with the machine's
+    load, not with the receive side. So the receive side is judged on the rest."""
     results = {}
     for workers in (1, 2):
         command = [*WGMP2[:-1], str(workers)]
         star = make_star(netns_factory, userspace_wireguard, [command], command)
         hub, (peer,) = star.hub, star.peers
-        tcp_before, udp_before = nstat(peer.ns), nstat(hub.ns)
+        tcp_before, udp_before, tun_before = nstat(peer.ns), nstat(hub.ns), tun_drops(peer)
         before, order_before = metrics(hub), order(hub)
         (report,) = iperf3([(peer.ns, hub.ns, HUB_ADDRESS)], "-t", str(IPERF_SECONDS))
         after, order_after = metrics(hub), order(hub)
@@ -133,23 +145,34 @@ def test_one_tcp_stream_is_decrypted_by_both_workers_with_little_reordering(
         }
         tcp = {k: v - tcp_before.get(k, 0) for k, v in nstat(peer.ns).items()}
         udp = nstat(hub.ns).get("UdpRcvbufErrors", 0) - udp_before.get("UdpRcvbufErrors", 0)
+        tun = tun_drops(peer) - tun_before
         decrypted = delta(after.rx, before.rx)
         gbits = report["end"]["sum_received"]["bits_per_second"] / 1e9
-        results[workers] = (tcp, decrypted, gbits)
+        results[workers] = (tcp, decrypted, gbits, tun)
         print(
             f"--workers {workers}: {gbits:.2f} Gbit/s, sender TCP {tcp}, receiver workers "
-            f"decrypted {decrypted} (shares {shares(decrypted)}), receiver's ordering {held}, its UDP receive buffer overflowed {udp} times"
+            f"decrypted {decrypted} (shares {shares(decrypted)}), receiver's ordering {held}, "
+            f"its UDP receive buffer overflowed {udp} times, the sender's TUN dropped {tun}"
         )
         assert after.dropped("replay") == 0 and after.dropped("missteered") == 0
         hub.stop()
         peer.stop()
-    tcp1, _, _ = results[1]
-    tcp2, decrypted2, _ = results[2]
+    tcp1, _, _, tun1 = results[1]
+    tcp2, decrypted2, _, tun2 = results[2]
     assert min(shares(decrypted2).values()) >= MIN_SHARE, decrypted2
-    segments = sum(decrypted2.values())
-    assert tcp2.get("TcpExtTCPSACKReorder", 0) <= max(50, 0.005 * segments), (tcp1, tcp2)
-    # A guard against a collapse, not the issue's target ("no worse than 1 worker", not met:
-    # 1.3-3x here, varying with the machine's load; perf/RESULTS.md).
+
+    def reordering(tcp: dict[str, int]) -> int:
+        return tcp.get("TcpExtTCPSACKReorder", 0) + tcp.get("TcpExtTCPTSReorder", 0)
+
+    def lost_past_the_tun(tcp: dict[str, int], tun: int) -> int:
+        return max(0, tcp.get("TcpRetransSegs", 0) - tun)
+
+    # Slack for a loaded CI machine: a hold ends out of order when the previous block's
+    # worker gets no CPU for HOLD_MAX (20 ms); 0-14 events per run on a loaded 2-core
+    # machine here (19-434 with blocks of 256 and a 5 ms hold polled every 1 ms).
+    assert reordering(tcp2) <= reordering(tcp1) + 30, (tcp1, tcp2)
+    assert lost_past_the_tun(tcp2, tun2) <= lost_past_the_tun(tcp1, tun1) + 200, (tcp1, tcp2)
+    # The send side: a guard against a collapse only (perf/RESULTS.md has the numbers).
     assert tcp2.get("TcpRetransSegs", 0) <= 4 * tcp1.get("TcpRetransSegs", 0) + 2000, (tcp1, tcp2)
 
 
