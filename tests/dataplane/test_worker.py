@@ -230,18 +230,26 @@ def test_a_restarted_worker_refuses_replays_of_what_its_predecessor_received(rig
 
 
 def test_with_two_workers_each_judges_only_its_own_counter_blocks(rig: Any) -> None:
-    """Steering gives worker w the receive blocks (B counters) whose number is w mod 2; a
+    """Steering gives worker w the receive blocks (B counters) whose number plus the low byte
+    of the receiver index is w mod 2; a
     counter of another block (a crafted or coalesced train) is dropped, never judged twice."""
     rig.worker.workers = 2
     rig.worker.keyslots = KeySlots.create(8, workers=2)
-    slot = install(rig.worker, ROLE_CURRENT, local_index=0x0701)  # any index: all receive
-    view, nbytes, size = train([0, B - 1, B, 2 * B - 1], index=0x0701)
+    # An even low byte: the turn starts at worker 0 (an odd one would start at worker 1).
+    slot = install(rig.worker, ROLE_CURRENT, local_index=0x0702)
+    view, nbytes, size = train([0, B - 1, B, 2 * B - 1], index=0x0702)
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
     assert rig.worker.drops[DropReason.MISSTEERED] == 2
     assert len(rig.worker._to_tun) == 2  # 0 and B - 1
     rig.worker._deliver(time.monotonic())
     assert rig.worker.keyslots.received(slot, 0) == B - 1
     assert rig.worker.keyslots.delivered(slot, 0) == B - 1
+    slot = install(rig.worker, ROLE_CURRENT, local_index=0x0803)  # odd: blocks 1, 3, ...
+    view, nbytes, size = train([0, B - 1, B, 2 * B - 1], index=0x0803)
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
+    assert rig.worker.drops[DropReason.MISSTEERED] == 4
+    rig.worker._deliver(time.monotonic())
+    assert rig.worker.keyslots.received(slot, 0) == 2 * B - 1
 
 
 def test_a_block_waits_for_the_previous_blocks_worker_to_deliver(rig: Any) -> None:

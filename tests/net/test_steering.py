@@ -47,8 +47,8 @@ def run(program: list[tuple[int, int, int, int]], packet: bytes) -> int:
             raise AssertionError(f"opcode {code:#x} not interpreted")
 
 
-def transport(counter: int) -> bytes:
-    return struct.pack("<IIQ", 4, 0x1234, counter) + bytes(32)
+def transport(counter: int, index: int) -> bytes:
+    return struct.pack("<IIQ", 4, index, counter) + bytes(32)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 4, 7])
@@ -58,8 +58,18 @@ def test_transport_messages_go_to_the_worker_of_their_counters_block(workers: in
     counters = [0, 1, block - 1, block, 2 * block - 1, 2 * block, 0xFFFF * block, 1 << 40]
     counters += [c + d for c in (1 << 24, 1 << 28, 1 << 32) for d in (-1, 0, 1)]
     counters += random.Random(7).sample(range(1 << 48), 200)
+    indices = [0, 1, 0xFF, 0x100, 0x1234, 0xFFFFFFFF, *random.Random(8).sample(range(1 << 32), 20)]
     for counter in counters:
-        assert run(program, transport(counter)) == 1 + counter_worker(counter, workers), counter
+        for index in indices:
+            expected = 1 + counter_worker(counter, workers, index)
+            assert run(program, transport(counter, index)) == expected, (counter, index)
+
+
+def test_the_first_block_of_fresh_sessions_lands_on_every_worker() -> None:
+    """Every session starts at counter 0: without the index in the turn, all first blocks
+    (all of a peer's traffic below 4096 packets a session) would land on worker 0."""
+    firsts = [counter_worker(0, 2, index) for index in random.Random(9).sample(range(1 << 32), 64)]
+    assert 16 <= firsts.count(0) <= 48
 
 
 def test_handshakes_go_to_control_and_a_block_is_whole_senders_blocks() -> None:

@@ -525,15 +525,19 @@ class Daemon:
 
         Every worker sends with a new keypair as soon as it reads the announcement (a packet
         staged for the handshake goes out at once), and the peer's answer is steered by its
-        counter: its first counters (block 0) go to the owner, counter_worker(0). Announced to
+        counter: its first counters (block 0) go to the owner, counter_worker(0, n, index). Announced to
         another worker first, the owner could see that answer before its own announcement was
         even written (it would then read its pipe once more, inbound.py, but that costs a
         batch's time). Written first, the announcement is in the owner's pipe before anything
         can be sent with the keypair, and the worker reads its pipe before its sockets."""
-        if not any(slot in self.interface.keypair_at for slot in published):
+        owners = {
+            counter_worker(0, self.worker_count, found[1].local_index)
+            for found in map(self.interface.keypair_at.get, published)
+            if found is not None
+        }
+        if not owners:
             return live
-        owner = counter_worker(0, self.worker_count)
-        return sorted(live, key=lambda handle: handle.worker_id != owner)
+        return sorted(live, key=lambda handle: handle.worker_id not in owners)
 
     def _send_many(self, handle: WorkerHandle, commands: list[Message]) -> None:
         """Write (or queue) several messages to a worker, in one system call if it has room."""

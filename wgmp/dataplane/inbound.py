@@ -188,7 +188,7 @@ class Inbound:
         if self._handshakes:
             self._forward_handshakes()
 
-    def _enter_block(self, entry: list[Any], block: int, now: float) -> None:
+    def _enter_block(self, entry: list[Any], block: int, index: int, now: float) -> None:
         """The first packet this worker delivers from a new counter block of a keypair: if
         the worker of the previous block has not delivered that block's last counter yet,
         hold this block's packets back until it has, or until HOLD_MAX passed (a lost or
@@ -196,7 +196,7 @@ class Inbound:
         entry[R_BLOCK] = block
         if entry[R_HELD] is not None:
             return  # already holding: these go behind what is held
-        previous = ((block - 1) & 0xFFFF) % self.workers
+        previous = (((block - 1) & 0xFFFF) + (index & 0xFF)) % self.workers  # counter_worker
         if block == 0 or previous == self.worker_id:
             return
         need = (block << RECEIVE_BLOCK_BITS) - 1
@@ -383,7 +383,8 @@ class Inbound:
                 drops[DropReason.KEY_EXPIRED if expired else DropReason.UNKNOWN_RECEIVER_INDEX] += 1
                 continue
             if workers > 1:
-                owner = ((counter >> RECEIVE_BLOCK_BITS) & 0xFFFF) % workers  # counter_worker
+                # counter_worker, inline: the fast path
+                owner = (((counter >> RECEIVE_BLOCK_BITS) & 0xFFFF) + (index & 0xFF)) % workers
                 if owner != me:
                     if handed is None:  # came from a sibling: never passed on again
                         drops[DropReason.MISSTEERED] += 1
@@ -436,7 +437,7 @@ class Inbound:
             if workers > 1:
                 block = counter >> RECEIVE_BLOCK_BITS
                 if block != entry[R_BLOCK]:
-                    self._enter_block(entry, block, now)
+                    self._enter_block(entry, block, index, now)
                 if counter & BLOCK_LAST == BLOCK_LAST:
                     self._block_done = True
                 held = entry[R_HELD]

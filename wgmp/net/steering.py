@@ -2,10 +2,12 @@
 
 The program sees the UDP payload at offset 0 (measured: docs/measurements.md). Handshake
 messages (types 1-3) go to group slot 0, control's socket; transport data (type 4) to slot
-1 + w, where w = ((counter >> RECEIVE_BLOCK_BITS) & 0xffff) mod workers: consecutive receive
-blocks of 4096 counters go to the workers in turn, so one peer's traffic is received by every
-worker, and a given counter always reaches the same worker, whose replay window therefore sees
-every copy of it (docs/dataplane.md). Senders reserve counters in aligned blocks of 256, and a
+1 + w, where w = (((counter >> RECEIVE_BLOCK_BITS) & 0xffff) + (index & 0xff)) mod workers:
+consecutive receive blocks of 4096 counters of a keypair go to the workers in turn, starting
+from a worker the receiver index (ours, random) picks, so one peer's traffic is received by
+every worker, the first block of fresh sessions does not always land on the same worker, and
+a given counter of a keypair always reaches the same worker, whose replay window therefore
+sees every copy of it (docs/dataplane.md). Senders reserve counters in aligned blocks of 256, and a
 receive block is a whole number of those, so a UDP GSO train (which the program judges by its
 first datagram) holds one receive block's counters; the worker still checks each counter's
 block and hands what is not its own to its worker. Bits 12..27 of the counter are used (from
@@ -55,9 +57,10 @@ _TAX = 0x07  # BPF_MISC | BPF_TAX
 _FILTER = struct.Struct("HBBI")  # struct sock_filter: code, jt, jf, k
 
 
-def counter_worker(counter: int, workers: int) -> int:
-    """The worker the program sends a transport message with `counter` to."""
-    return ((counter >> RECEIVE_BLOCK_BITS) & 0xFFFF) % workers
+def counter_worker(counter: int, workers: int, index: int) -> int:
+    """The worker the program sends a transport message with `counter` under receiver
+    `index` to: the keypair's receive blocks in turn, from a worker its index picks."""
+    return (((counter >> RECEIVE_BLOCK_BITS) & 0xFFFF) + (index & 0xFF)) % workers
 
 
 def steering_program(workers: int) -> list[tuple[int, int, int, int]]:
@@ -78,6 +81,9 @@ def steering_program(workers: int) -> list[tuple[int, int, int, int]]:
         (_ADD_X, 0, 0, 0),  # A = (counter >> 8) & 0xffffff
         (_RSH_K, 0, 0, RECEIVE_BLOCK_BITS - 8),
         (_AND_K, 0, 0, 0xFFFF),  # A = (counter >> RECEIVE_BLOCK_BITS) & 0xffff
+        (_TAX, 0, 0, 0),
+        (_LD_B_ABS, 0, 0, 4),  # the receiver index's low byte (little-endian from byte 4)
+        (_ADD_X, 0, 0, 0),
         (_MOD_K, 0, 0, workers),
         (_ADD_K, 0, 0, 1),  # worker w joined the group at slot w + 1
         (_RET_A, 0, 0, 0),

@@ -46,8 +46,9 @@ wgmp's own:
         counter blocks of a peer this worker held back until the worker of the block before
         had delivered it (receive ordering with several workers, docs/dataplane.md).
     wgmp_order_hold_timeouts_total{device,worker}                  counter
-        holds that ended after HOLD_MAX (5 ms) without that delivery: a lost counter, or a
-        previous worker that did not get the CPU; the packets after it may be out of order.
+        holds that ended without that delivery, after HOLD_MAX (20 ms) or HELD_MAX (8192)
+        packets: a lost counter, or a previous worker that did not get the CPU; the packets
+        after it may be out of order.
     wgmp_order_held_seconds_total{device,worker}                   counter
         the time blocks spent held, summed: the delay ordering added.
     wgmp_handshakes_initiated_total{device}       initiation messages sent
