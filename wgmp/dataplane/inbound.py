@@ -160,7 +160,7 @@ class Inbound:
                 self._internal_error("a received datagram")
             if self._block_done:
                 # The next block's worker waits for this block's end: deliver it now rather
-                # than after up to BATCH more trains (perf/RESULTS.md, "Receive ordering").
+                # than after up to BATCH more trains (perf/RESULTS.md, "receive ordering").
                 self._block_done = False
                 self._deliver(now)
         self._deliver(now)

@@ -4,8 +4,9 @@ The program sees the UDP payload at offset 0 (measured: docs/measurements.md). H
 messages (types 1-3) go to group slot 0, control's socket; transport data (type 4) to slot
 1 + w, where w = (((counter >> RECEIVE_BLOCK_BITS) & 0xffff) + (index & 0xff)) mod workers:
 consecutive receive blocks of 4096 counters of a keypair go to the workers in turn, starting
-from a worker the receiver index (ours, random) picks, so one peer's traffic is received by
-every worker, the first block of fresh sessions does not always land on the same worker, and
+from the worker the receiver index names (ours: control gives keypairs to the workers in turn,
+protocol/indextable.py), so one peer's traffic is received by every worker, the first block
+of fresh sessions does not always land on the same worker (nor on one that is down), and
 a given counter of a keypair always reaches the same worker, whose replay window therefore
 sees every copy of it (docs/dataplane.md). Senders reserve counters in aligned blocks of 256, and a
 receive block is a whole number of those, so a UDP GSO train (which the program judges by its
