@@ -111,6 +111,7 @@ class Inbound:
     _rx_buffer: bytearray
     _rx_view: memoryview
     _channel_read: bool
+    _udp_sparse: bool
     _held: dict[int, list[Any]]
     hold_timeouts: int
     handoff_out: list[socket.socket | None]
@@ -123,9 +124,15 @@ class Inbound:
 
     def _inbound(self, sock: socket.socket, now: float) -> None:
         """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
-        from one source, handled in place in the receive buffer."""
+        from one source, handled in place in the receive buffer.
+
+        After a wake-up that found a single train (`_udp_sparse`), the first train reaches
+        the TUN before the read that finds the socket empty, as Outbound._outbound sends its
+        first packet (docs/performance.md, "Round-trip time")."""
         buffer, view = self._rx_buffer, self._rx_view
         self._channel_read = False
+        deliver_first = self._udp_sparse
+        reads = 0
         for _ in range(BATCH):
             try:
                 nbytes, ancillary, _, address = sock.recvmsg_into([buffer], BATCH_SPACE)
@@ -133,6 +140,7 @@ class Inbound:
                 break
             except OSError:
                 continue
+            reads += 1
             segment = nbytes
             sticky = None
             for cmsg in ancillary:
@@ -144,6 +152,10 @@ class Inbound:
                 self._receive_train(view, nbytes, segment, address, sticky, now)
             except Exception:  # the rest of this train is lost; the next ones are not
                 self._internal_error("a received datagram")
+            if deliver_first:
+                deliver_first = False
+                self._deliver(now)
+        self._udp_sparse = reads <= 1
         self._deliver(now)
 
     def _deliver(self, now: float) -> None:
