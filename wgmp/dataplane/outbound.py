@@ -105,9 +105,10 @@ class Outbound:
         messages in as few system calls as UDP GSO allows.
 
         After a wake-up that found a single packet (`_tun_sparse`: a ping, a request), the
-        first packet goes out before the read that finds the queue empty: that read and its
-        exception cost ~10-30 us on the round trip's critical path of a worker that had been
-        asleep (docs/performance.md, "Round-trip time"). A burst is read whole as before."""
+        first packet goes out before the read that finds the queue empty, which with its
+        exception was on a round trip's critical path (call -> sendmsg 12-13 -> 9-10 us warm,
+        more when the worker wakes cold: perf/RESULTS.md, docs/performance.md "Round-trip
+        time"). A burst is read whole as before."""
         read, fd, lookup = os.read, self.tun_fd, self.allowed.lookup
         batches: dict[int, list[bytes]] = {}
         skip = VIRTIO_NET_HDR_LEN if self.vnet_hdr else 0
