@@ -12,10 +12,15 @@ then
 - while those first pings run, tcpdump on b's veth records every WireGuard message, from which:
   the responder's (b's) first transport message after the initiator's first transport message
   ("responder's first data"), and what the initiator sent first after the response (a
-  keepalive or its queued packet, the ping).
+  keepalive or its queued packet, the ping);
+- with `--hops N`: N more pings (10 ms apart) with captures on both TUNs and on a's veth, and
+  the median time of each hop of a round trip: a's sending (ping's request in a's TUN -> its
+  datagram on the veth), b's receiving (-> the request out of b's TUN), b's kernel answering,
+  b's sending, a's receiving (-> the reply out of a's TUN).
 
     python perf/bench_latency.py                      # go-go and wgmp-wgmp, 300 pings, 15 sessions
     python perf/bench_latency.py --paths go-go,wgmp-wgmp,wgmp-go,go-wgmp --workers 1,2
+    python perf/bench_latency.py --workers 1,2 --sessions 0 --hops 300   # where the RTT goes
 
 Needs root, ip, wg, wireguard-go, ping, tcpdump. Traffic only flows between the namespaces made
 here. Progress goes to stderr, the Markdown table to stdout.
@@ -79,26 +84,44 @@ class Result:
     initiator_first_after_response_ms: list[float] = field(default_factory=list)
     keepalive_first: int = 0  # sessions in which the initiator sent a keepalive before data
     sessions_seen: int = 0
+    hops_us: dict[str, list[float]] = field(default_factory=dict)  # hop -> per-ping times
     error: str = ""
 
 
-def read_pcap(path: Path) -> list[Message]:
-    """WireGuard messages (UDP between the two veth addresses) from a classic pcap file."""
-    data = path.read_bytes()
+def read_ip_packets(path: Path) -> list[tuple[float, bytes]]:
+    """(capture time in seconds, IPv4 packet) of a classic pcap file: Ethernet (a veth) or
+    raw IP (a TUN) link types."""
+    data = path.read_bytes() if path.exists() else b""
     if len(data) < 24:
         return []
     magic = struct.unpack_from("<I", data)[0]
     endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
     nano = magic in (0xA1B23C4D, 0x4D3CB2A1)
-    messages = []
+    linktype = struct.unpack_from(endian + "I", data, 20)[0] & 0xFFFF
+    packets = []
     offset = 24
     while offset + 16 <= len(data):
         sec, frac, caplen, _ = struct.unpack_from(endian + "IIII", data, offset)
         frame = data[offset + 16 : offset + 16 + caplen]
         offset += 16 + caplen
-        if len(frame) < 14 + 20 + 8 or frame[12:14] != b"\x08\x00":
+        if linktype == 1:  # Ethernet
+            if len(frame) < 14 or frame[12:14] != b"\x08\x00":
+                continue
+            frame = frame[14:]
+        elif linktype == 113:  # Linux cooked capture
+            if len(frame) < 16 or frame[14:16] != b"\x08\x00":
+                continue
+            frame = frame[16:]
+        if len(frame) < 28 or frame[0] >> 4 != 4:
             continue
-        ip = frame[14:]
+        packets.append((sec + frac / (1e9 if nano else 1e6), frame))
+    return packets
+
+
+def read_pcap(path: Path) -> list[Message]:
+    """WireGuard messages (UDP between the two veth addresses) from a classic pcap file."""
+    messages = []
+    for at, ip in read_ip_packets(path):
         ihl = (ip[0] & 15) * 4
         if ip[9] != 17:
             continue
@@ -107,10 +130,90 @@ def read_pcap(path: Path) -> list[Message]:
         if not payload:
             continue
         sender = "a" if source == VETH_A else "b"
-        at = sec + frac / (1e9 if nano else 1e6)
         length = struct.unpack_from("!H", ip, ihl + 4)[0] - 8
         messages.append(Message(at, sender, payload[0], length))
     return messages
+
+
+def icmp_echoes(path: Path) -> dict[tuple[int, int], float]:
+    """(ICMP type, sequence) -> capture time of the first such echo request (8) or reply (0)."""
+    echoes: dict[tuple[int, int], float] = {}
+    for at, ip in read_ip_packets(path):
+        ihl = (ip[0] & 15) * 4
+        if ip[9] != 1 or len(ip) < ihl + 8 or ip[ihl] not in (0, 8):
+            continue
+        sequence = struct.unpack_from("!H", ip, ihl + 6)[0]
+        echoes.setdefault((ip[ihl], sequence), at)
+    return echoes
+
+
+HOPS = ("a sends", "b receives", "b's kernel answers", "b sends", "a receives", "sum")
+
+
+def analyse_hops(tun_a: Path, veth_a: Path, tun_b: Path, result: Result) -> None:
+    """Per ping: the time of each hop, from the captures on a's TUN, a's veth and b's TUN
+    (a datagram is matched to a ping as the first data message after the ping's packet)."""
+    at_a, at_b = icmp_echoes(tun_a), icmp_echoes(tun_b)
+    wire = [m for m in read_pcap(veth_a) if m.kind == 4 and m.length > 32]
+    to_b = [m.at for m in wire if m.sender == "a"]
+    to_a = [m.at for m in wire if m.sender == "b"]
+    hops: dict[str, list[float]] = {hop: [] for hop in HOPS}
+    for (kind, sequence), t0 in sorted(at_a.items()):
+        if kind != 8:
+            continue
+        t2, t3, t5 = at_b.get((8, sequence)), at_b.get((0, sequence)), at_a.get((0, sequence))
+        if t2 is None or t3 is None or t5 is None:
+            continue
+        t1 = next((t for t in to_b if t0 <= t <= t2), None)
+        t4 = next((t for t in to_a if t3 <= t <= t5), None)
+        if t1 is None or t4 is None:
+            continue
+        times = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0)
+        for hop, took in zip(HOPS, times, strict=True):
+            hops[hop].append(took * 1e6)
+    result.hops_us = hops
+
+
+def start_capture(ns: Netns, interface: str, path: Path) -> subprocess.Popen:
+    """tcpdump on `interface` into `path`, returned once it is attached."""
+    dump = ns.popen(
+        ["tcpdump", "-Z", "root", "-i", interface, "-n", "-U", "--immediate-mode",
+         "-s", "96", "-w", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert dump.stderr is not None
+    dump.stderr.readline()  # "listening on ...": the capture is attached
+    return dump
+
+
+def measure_hops(
+    args: argparse.Namespace, ns_a: Netns, ns_b: Netns, names: tuple[str, str, str], base: Path,
+    result: Result,
+) -> None:  # fmt: skip
+    """`--hops` pings with captures on a's TUN, a's veth and b's TUN; hop times into result."""
+    tun_a, veth_a, tun_b = names
+    files = tuple(base.parent / f"{base.name}-{part}.pcap" for part in ("tuna", "vetha", "tunb"))
+    dumps = [
+        start_capture(ns, interface, path)
+        for ns, interface, path in zip(
+            (ns_a, ns_a, ns_b), (tun_a, veth_a, tun_b), files, strict=True
+        )
+    ]
+    try:
+        ns_a.run(
+            ["ping", "-q", "-c", str(args.hops), "-i", "0.01", "-W", "2", TUN_B],
+            check=False,
+            timeout=120,
+        )
+        time.sleep(0.2)
+    finally:
+        for dump in dumps:
+            stop_proc(dump)
+    analyse_hops(*files, result)
+    log("  hops (median us): " + ", ".join(
+        f"{hop} {median(times, 0)}" for hop, times in result.hops_us.items()
+    ))  # fmt: skip
 
 
 def analyse_session(messages: list[Message], result: Result) -> None:
@@ -190,6 +293,9 @@ def measure(args: argparse.Namespace, path: str, workers: str, index: int, workd
         ).stdout
         result.rtt_avg_ms, result.rtt_min_ms, _ = parse_ping(out)
         log(f"  {path} workers {workers}: RTT avg {result.rtt_avg_ms} min {result.rtt_min_ms} ms")
+        if args.hops:
+            names = (da.ifname, veth_a, db.ifname)
+            measure_hops(args, ns_a, ns_b, names, workdir / f"{path}-{workers}-{index}", result)
         for session in range(args.sessions):
             capture = workdir / f"{path}-{workers}-{session}.pcap"
             dump = ns_b.popen(
@@ -236,8 +342,8 @@ def measure(args: argparse.Namespace, path: str, workers: str, index: int, workd
     return result
 
 
-def median(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f}" if values else "-"
+def median(values: list[float], digits: int = 3) -> str:
+    return f"{statistics.median(values):.{digits}f}" if values else "-"
 
 
 def table(results: list[Result]) -> str:
@@ -280,6 +386,20 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def hop_table(results: list[Result]) -> str:
+    """Median microseconds of each hop of a round trip (`--hops`), per run."""
+    lines = [
+        "| path | workers | pings matched | " + " | ".join(HOPS) + " |",
+        "|---|---|---:|" + "---:|" * len(HOPS),
+    ]
+    for r in results:
+        if r.error or not r.hops_us:
+            continue
+        cells = " | ".join(median(r.hops_us[hop], 0) for hop in HOPS)
+        lines.append(f"| {PATHS[r.path][0]} | {r.workers} | {len(r.hops_us['sum'])} | {cells} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--paths", default="go-go,wgmp-wgmp")
@@ -287,6 +407,9 @@ def main() -> int:
     parser.add_argument("--pings", type=int, default=300)
     parser.add_argument("--sessions", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=1, help="alternate the paths this often")
+    parser.add_argument(
+        "--hops", type=int, default=0, help="this many more pings, with per-hop captures"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -309,6 +432,9 @@ def main() -> int:
     print(f"Load average (1/5/15 min): {before} before, {loadavg()} after.")
     print()
     print(table(results))
+    if args.hops:
+        print()
+        print(hop_table(results))
     return 0
 
 

@@ -378,6 +378,88 @@ def test_asks_that_outlived_their_hold_are_forgotten_and_bad_asks_are_counted(ri
         sock.close()
 
 
+def test_after_a_lone_packet_the_next_first_packet_leaves_before_the_queue_is_read_on(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round-trip time (docs/performance.md): once a wake-up found one packet, the next
+    wake-up's first packet is sent before the read that would find the queue empty; a burst
+    is then read whole (one GSO send for the rest) and switches back to reading first."""
+    install(rig.worker, ROLE_CURRENT)
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
+    rig.worker._outbound(time.monotonic())
+    assert rig.worker._tun_sparse and len(rig.fake.sent) == 1
+    reads: list[int] = []
+    real_read = os.read
+
+    def counting_read(fd: int, size: int) -> bytes:
+        reads.append(len(rig.fake.sent))  # what had been sent when this read was made
+        return real_read(fd, size)
+
+    monkeypatch.setattr(os, "read", counting_read)
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(1))
+    rig.worker._outbound(time.monotonic())
+    assert reads == [1, 2]  # the second read (EAGAIN) came after the packet was sent
+    for n in range(2, 7):
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(n))
+    rig.worker._outbound(time.monotonic())
+    assert len(rig.fake.sent) == 4  # the first alone, then the other four in one GSO call
+    assert not rig.worker._tun_sparse
+    for n in range(7, 10):
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(n))
+    rig.worker._outbound(time.monotonic())
+    assert len(rig.fake.sent) == 5  # a burst after a burst: read whole, one call
+    size = len(rig.fake.sent[0][0][0])  # every message is this long (equal packets)
+    data = b"".join(buffers[0] for buffers, _, _ in rig.fake.sent)
+    counters = [open_transport(SEND_KEY, data[i : i + size])[1] for i in range(0, len(data), size)]
+    assert counters == list(range(10))  # every packet once, in order
+
+
+def test_after_a_lone_train_the_next_first_train_is_written_before_reading_on(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inbound side of the same rule: a lone datagram reaches the TUN before the
+    recvmsg that finds the socket empty, once the previous wake-up found one alone."""
+    install(rig.worker, ROLE_CURRENT)
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    events: list[str] = []
+    write_tun = rig.worker._write_tun
+
+    class Watched:
+        def recvmsg_into(self, *args: Any) -> Any:
+            events.append("read")
+            return receiver.recvmsg_into(*args)
+
+    def watched_write() -> None:
+        events.append("write")
+        write_tun()
+
+    monkeypatch.setattr(rig.worker, "_write_tun", watched_write)
+    try:
+        for counter in (0, 1):
+            view, _, _ = train([counter])
+            sender.sendto(bytes(view), receiver.getsockname())
+            time.sleep(0.05)
+            events.clear()
+            rig.worker._inbound(Watched(), time.monotonic())  # type: ignore[arg-type]
+            assert rig.tun.recv(70000)  # delivered
+        assert rig.worker._udp_sparse
+        assert events == ["read", "write", "read"]  # written before the read that found none
+        for counter in (2, 3, 4):
+            view, _, _ = train([counter])
+            sender.sendto(bytes(view), receiver.getsockname())
+        time.sleep(0.05)
+        events.clear()
+        rig.worker._inbound(Watched(), time.monotonic())  # type: ignore[arg-type]
+        assert events == ["read", "write", "read", "read", "read", "write"]
+        assert not rig.worker._udp_sparse
+    finally:
+        receiver.close()
+        sender.close()
+
+
 def test_staged_packets_are_counted_and_written_to_the_stats_block(rig: Any) -> None:
     for n in range(3):
         rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(n))

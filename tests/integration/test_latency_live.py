@@ -10,13 +10,18 @@
   (630 ms under load) that an earlier version showed.
 
 Times come from tcpdump captures on the veth link.
+
+- An idle daemon (a session up, no traffic) uses next to no CPU: no busy-polling, no timer
+  faster than the workers' FLUSH_INTERVAL (docs/performance.md, "Round-trip time").
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.integration.livepair import (
@@ -32,6 +37,8 @@ from tests.integration.livepair import (
 
 PairFactory = Callable[..., Pair]
 RESPONDER_BOUND = 0.25  # seconds: generous for a loaded machine (measured 0.2-0.6 ms)
+IDLE_SECONDS = 3.0
+IDLE_CPU_BOUND = 0.03  # of one CPU, control and workers together (measured 0.7%, 1 and 2 workers)
 
 
 def _describe(datagrams: list[Datagram], origin: float) -> str:
@@ -82,3 +89,29 @@ def test_responder_answers_the_first_data_without_waiting(
         d for d in datagrams if d.src == p.link.addr4_a and d.kind == 4 and not d.is_keepalive
     )
     assert 0 <= data_out.time - data_in.time <= RESPONDER_BOUND, described
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_idle_daemon_uses_next_to_no_cpu(pair: PairFactory, workers: int) -> None:
+    """After traffic has flowed (the workers have been through their packet paths and seen
+    the end of it), the daemon at rest costs no more than IDLE_CPU_BOUND of one CPU:
+    what the loop does between packets must not spin."""
+    p = pair(workers=workers)
+    assert answered(ping(p.link.ns_a, TUNNEL_PEER[4], count=20, interval=0.01), 20)
+    assert p.wgmp.proc is not None
+    control = psutil.Process(p.wgmp.proc.pid)
+    processes = [control, *control.children()]
+    assert len(processes) == 1 + workers
+    time.sleep(0.5)  # what the last reply set going (activity flush, stats) has finished
+    before, started = _cpu_seconds(processes), time.monotonic()
+    time.sleep(IDLE_SECONDS)
+    used = (_cpu_seconds(processes) - before) / (time.monotonic() - started)
+    assert used < IDLE_CPU_BOUND, f"{used:.1%} of a CPU while idle"

@@ -121,6 +121,7 @@ class Inbound:
     _rx_buffer: bytearray
     _rx_view: memoryview
     _channel_read: bool
+    _udp_sparse: bool
     _held: dict[int, list[Any]]
     _block_done: bool  # a block's last counter was accepted: deliver before reading on
     _wake_asks: dict[int, list[tuple[int, int, float]]]  # slot -> [(waiter, need, deadline)]
@@ -137,9 +138,15 @@ class Inbound:
 
     def _inbound(self, sock: socket.socket, now: float) -> None:
         """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
-        from one source, handled in place in the receive buffer."""
+        from one source, handled in place in the receive buffer.
+
+        After a wake-up that found a single train (`_udp_sparse`), the first train reaches
+        the TUN before the read that finds the socket empty, as Outbound._outbound sends its
+        first packet (call -> TUN write 25-28 -> 19-22 us warm: perf/RESULTS.md)."""
         buffer, view = self._rx_buffer, self._rx_view
         self._channel_read = False
+        deliver_first = self._udp_sparse
+        reads = 0
         for _ in range(BATCH):
             try:
                 nbytes, ancillary, _, address = sock.recvmsg_into([buffer], BATCH_SPACE)
@@ -147,6 +154,7 @@ class Inbound:
                 break
             except OSError:
                 continue
+            reads += 1
             segment = nbytes
             sticky = None
             for cmsg in ancillary:
@@ -158,11 +166,13 @@ class Inbound:
                 self._receive_train(view, nbytes, segment, address, sticky, now)
             except Exception:  # the rest of this train is lost; the next ones are not
                 self._internal_error("a received datagram")
-            if self._block_done:
-                # The next block's worker waits for this block's end: deliver it now rather
-                # than after up to BATCH more trains (perf/RESULTS.md, "receive ordering").
-                self._block_done = False
+            if self._block_done or deliver_first:
+                # The next block's worker waits for this block's end (perf/RESULTS.md,
+                # "receive ordering"), or a lone train's wake-up should reach the TUN before
+                # the read that finds the socket empty (docs/performance.md, round-trip time).
+                self._block_done = deliver_first = False
                 self._deliver(now)
+        self._udp_sparse = reads <= 1
         self._deliver(now)
 
     def _deliver(self, now: float) -> None:

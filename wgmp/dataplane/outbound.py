@@ -91,6 +91,7 @@ class Outbound:
     mtu: int
     gso: bool
     _gso_retry_at: float
+    _tun_sparse: bool
     drops: list[int]
     totals: list[int]
     staged: int
@@ -101,12 +102,20 @@ class Outbound:
 
     def _outbound(self, now: float) -> None:
         """Drain the TUN queue into per-peer lists, seal each list, then send each peer's
-        messages in as few system calls as UDP GSO allows."""
+        messages in as few system calls as UDP GSO allows.
+
+        After a wake-up that found a single packet (`_tun_sparse`: a ping, a request), the
+        first packet goes out before the read that finds the queue empty, which with its
+        exception was on a round trip's critical path (call -> sendmsg 12-13 -> 9-10 us warm,
+        more when the worker wakes cold: perf/RESULTS.md, docs/performance.md "Round-trip
+        time"). A burst is read whole as before."""
         read, fd, lookup = os.read, self.tun_fd, self.allowed.lookup
         batches: dict[int, list[bytes]] = {}
         skip = VIRTIO_NET_HDR_LEN if self.vnet_hdr else 0
         last_destination: bytes | None = None
         batch: list[bytes] = []
+        send_first = self._tun_sparse
+        reads = 0
         for _ in range(BATCH):
             try:
                 packet = read(fd, 65535 + skip)
@@ -119,6 +128,7 @@ class Outbound:
                     self.running = False
                     return
                 raise
+            reads += 1
             if skip:
                 packet = packet[skip:]  # no offloads were negotiated: the header is empty
             version = packet[0] >> 4 if packet else 0
@@ -143,6 +153,17 @@ class Outbound:
                 last_destination = destination
                 batch = batches.setdefault(peer_id, [])
             batch.append(packet)
+            if send_first:
+                send_first = False
+                self._send_batches(batches, now)
+                batches = {}
+                last_destination = None
+        self._tun_sparse = reads <= 1
+        if batches:
+            self._send_batches(batches, now)
+
+    def _send_batches(self, batches: dict[int, list[bytes]], now: float) -> None:
+        """Seal and send each peer's packets of one read batch."""
         if not self.gso and now >= self._gso_retry_at:
             self.gso = True
         peers = self.peers

@@ -150,6 +150,10 @@ class Worker(Outbound, Inbound):
         self._rx_buffer = bytearray(1 << 16)
         self._rx_view = memoryview(self._rx_buffer)
         self._channel_read = False  # the pipe was read for an unknown index this batch
+        # The last read of the TUN / a UDP socket found one packet (or train): send (deliver)
+        # the first of the next before looking for more (Outbound._outbound, Inbound._inbound).
+        self._tun_sparse = False
+        self._udp_sparse = False
         self._held: dict[int, list[Any]] = {}  # slot -> entry holding packets for order
         self._block_done = False  # a block's last counter came in this train (Inbound)
         # Receive ordering: blocks held back for the previous block's worker, holds ended
