@@ -63,11 +63,18 @@ from ..protocol.messages import (
     parse_initiation,
     parse_response,
 )
-from ..protocol.noise import Handshake, HandshakeState, StaticIdentity, consume_initiation
+from ..protocol.noise import (
+    Handshake,
+    HandshakeState,
+    ResponseMaterial,
+    StaticIdentity,
+    consume_initiation,
+)
 from ..protocol.ratelimiter import RateLimiter
 from ..protocol.timers import ActionKind, RandomSource
 from ..protocol.transport import seal_transport
 from .peer import Endpoint, Peer
+from .response_jobs import Job, ResponseJobs, material_of
 
 # LOG_LEVEL=verbose logs what wireguard-go logs at that level, in its words and with its
 # peer(AbCd…WxYz) names (see docs/operations.md); only per-handshake and per-configuration
@@ -179,6 +186,10 @@ class Interface:
         self._asked_by: dict[int, int] = {}
         # Slots published since the daemon last looked (it writes their owner's pipe first).
         self.published: list[int] = []
+        # Responses the workers compute; the daemon sets `offload_responses` while it has a
+        # backlog of handshake messages (response_jobs.py).
+        self.response_jobs = ResponseJobs(workers)
+        self.offload_responses = False
 
     # -- configuration (driven by UAPI) ----------------------------------------------------
 
@@ -465,13 +476,85 @@ class Interface:
         # Our own initiation may have crossed theirs: its index would otherwise stay in the
         # table for good, holding the peer (found by tests/control/test_interface.py).
         self._release_handshake_index(peer)
+        index = self._new_index(peer)
+        handshake = peer.handshake
+        handshake.local_index = index  # released with the handshake if it goes no further
+        worker = self.response_jobs.choose(self.workers_down) if self.offload_responses else None
+        if worker is not None:  # a backlog: a worker computes the response (response_jobs.py)
+            self.response_jobs.submit(peer.peer_id, index, handshake.response_inputs(), worker, now)
+            return
+        self._respond(peer, handshake.create_response(sender_index=index, rng=self.rng), now)
+
+    def _respond(self, peer: Peer, response: Response, now: float) -> None:
+        """Send our response and install the responder's keypair (`next` until confirmed)."""
         log.debug("%s - Sending handshake response", peer)
-        response = peer.handshake.create_response(sender_index=self._new_index(peer), rng=self.rng)
         packed = peer.cookie_generator.add_macs(response.pack(), now=now)
         self._install(peer, Keypair.from_session(peer.handshake.derive_session(), now=now))
         peer.timers.handshake_response_sent(now)
         peer.timers.session_derived(now)
         self._send_control(peer, packed, now)
+
+    # -- responses computed by workers (response_jobs.py) ----------------------------------
+
+    def responses_computed(self, worker_id: int, results: list[Any], now: float) -> None:
+        """A worker's answers to ComputeResponses: each finishes its handshake, if that is
+        still the one the job was made for."""
+        for result in results:
+            if not isinstance(result, list) or not result:
+                continue
+            job = self.response_jobs.complete(worker_id, result[0])
+            if job is None:
+                continue  # timed out (answered by control already) or never ours
+            material = material_of(result)
+            if material is None and len(result) != 1:  # nonsense: answer it ourselves
+                self.errors.report(f"a malformed response job from worker {worker_id}")
+                self.counters.drops[DropReason.INTERNAL_ERROR] += 1
+            self._guarded(self._finish_job, job, material, len(result) == 1, now)
+
+    def _expire_jobs(self, now: float) -> None:
+        """Jobs a worker did not answer in time: control computes them itself."""
+        for job in self.response_jobs.expired(now):
+            log.debug("worker %d did not answer a response job: answering it here", job.worker_id)
+            self._guarded(self._finish_job, job, None, False, now)
+
+    def jobs_lost(self, worker_id: int, now: float) -> None:
+        """A worker's pipe closed: what it was computing is computed here, now."""
+        for job in self.response_jobs.lost(worker_id):
+            self._guarded(self._finish_job, job, None, False, now)
+
+    def _finish_job(
+        self, job: Job, material: ResponseMaterial | None, refused: bool, now: float
+    ) -> None:
+        peer = self.by_id.get(job.peer_id)
+        if peer is None:
+            return
+        handshake = peer.handshake
+        if (
+            handshake.state != HandshakeState.INITIATION_CONSUMED
+            or handshake.local_index != job.index
+            or handshake.response_inputs() != job.inputs
+        ):
+            return  # superseded (a newer initiation, our own, a new key): nothing to answer
+        if refused:  # compute_response raised there (a low-order key): as it would here
+            raise ProtocolError(DropReason.HANDSHAKE_INVALID, "response refused by worker")
+        if not self.keyslots.free:
+            raise ProtocolError(DropReason.NO_KEY_SLOT, "every key slot is in use")
+        if material is None:
+            response = handshake.create_response(sender_index=job.index, rng=self.rng)
+        else:
+            response = handshake.finish_response(job.index, material)
+        self._respond(peer, response, now)
+
+    def _guarded(self, finish: Any, *args: Any) -> None:
+        """As receive_handshake: a bad job costs its handshake, never the daemon."""
+        try:
+            finish(*args)
+        except ProtocolError as err:
+            self.counters.drops[err.reason] += 1
+            self.counters.failed += 1
+        except Exception:
+            self.counters.drops[DropReason.INTERNAL_ERROR] += 1
+            self.errors.report("a response job")
 
     def _response_consumed(
         self,
@@ -632,10 +715,17 @@ class Interface:
 
     def next_deadline(self) -> float | None:
         """When to call `expire` next: never later than any peer's next deadline (it may be
-        earlier, when that timer has since been re-armed later or stopped)."""
-        return self._deadlines[0][0] if self._deadlines else None
+        earlier, when that timer has since been re-armed later or stopped), nor later than
+        the time-out of a response job."""
+        deadline = self._deadlines[0][0] if self._deadlines else None
+        job = self.response_jobs.next_deadline()
+        if job is not None and (deadline is None or job < deadline):
+            return job
+        return deadline
 
     def expire(self, now: float, wall_ns: int) -> None:
+        if self.response_jobs.pending:
+            self._expire_jobs(now)
         queue, queued = self._deadlines, self._queued
         while queue and queue[0][0] <= now:
             deadline, peer_id = heapq.heappop(queue)
