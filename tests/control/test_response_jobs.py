@@ -82,6 +82,7 @@ def test_a_worker_computes_the_response_control_sends() -> None:
     assert pair.completes(0, response)
     assert pair.iface.response_jobs.pending == {}
     assert pair.iface.counters.drops[DropReason.INTERNAL_ERROR] == 0
+    assert pair.iface.counters.responses_by_workers == 1
 
 
 def test_the_daemon_writes_jobs_to_the_chosen_worker() -> None:
@@ -104,6 +105,7 @@ def test_a_worker_that_never_answers_costs_a_time_out_then_control_answers() -> 
     pair.iface.expire(1.0 + JOB_TIMEOUT, T0)
     [response] = pair.responses()
     assert pair.completes(0, response)
+    assert pair.iface.counters.responses_by_workers == 0
     # ... and that worker gets no more jobs until it answers again.
     assert pair.iface.response_jobs.choose(set()) != worker
 

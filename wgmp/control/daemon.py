@@ -1061,6 +1061,7 @@ class Daemon:
                 failed=counters.failed,
                 cookie_replies_sent=counters.cookie_replies_sent,
                 drops=tuple(counters.drops),
+                responses_by_workers=counters.responses_by_workers,
             ),
         )
 

@@ -128,6 +128,7 @@ class HandshakeCounters:
         self.completed = 0
         self.failed = 0
         self.cookie_replies_sent = 0
+        self.responses_by_workers = 0  # responses a worker computed (response_jobs.py)
         self.drops = [0] * 32
 
 
@@ -543,6 +544,7 @@ class Interface:
             response = handshake.create_response(sender_index=job.index, rng=self.rng)
         else:
             response = handshake.finish_response(job.index, material)
+            self.counters.responses_by_workers += 1
         self._respond(peer, response, now)
 
     def _guarded(self, finish: Any, *args: Any) -> None:
