@@ -10,6 +10,7 @@ flooder's namespace, as in test_under_load.py. Every flood is bounded by count a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -119,4 +120,31 @@ def test_a_worker_killed_mid_flood_loses_no_handshake(flooded2: Flooded) -> None
     # A second flood after the restart is answered as well (no job is stuck).
     again = flooded2.flood(*_flood_args(private, 1500, 2))
     assert again["responses"] >= 500
+    flooded2.link.ns_b.run(["ping", "-n", "-c", "2", "-i", "0.2", "-w", "15", WGMP_TUNNEL])
+
+
+def test_a_worker_stopped_mid_flood_stalls_no_handshake(flooded2: Flooded) -> None:
+    """SIGSTOP to a worker while it computes responses: its jobs time out and control
+    computes them, gives it no more, and goes on answering the flood at once."""
+    private = _flood_peers(flooded2)
+    flood = flooded2.start_flood(*_flood_args(private, 2000, 5, burst=32))
+    victim = 0
+    try:
+        time.sleep(1.5)
+        victim = _worker_pids(flooded2)[0]
+        os.kill(victim, signal.SIGSTOP)
+        out, err = flood.communicate(timeout=120)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait()
+        if victim:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)  # if supervision has not replaced it yet
+    assert flood.returncode == 0, err
+    report = json.loads(out)
+    print(f"flood across the stop: {report}")
+    assert report["responses"] >= 1000
+    samples = flooded2.stats()
+    assert flooded2.control_drops(samples, "internal_error") == 0
     flooded2.link.ns_b.run(["ping", "-n", "-c", "2", "-i", "0.2", "-w", "15", WGMP_TUNNEL])
