@@ -36,9 +36,11 @@ __all__ = [
 # A response is computed by a worker when at least this many handshake messages wait behind
 # the initiation it answers; fewer, and control answers at once, without the hop.
 OFFLOAD_BACKLOG = 2
-# Jobs a worker may hold unanswered: bounds what its pipe carries and what control keeps
-# (~200 bytes a job); with every worker at it, control computes responses itself.
-MAX_JOBS_PER_WORKER = 128
+# Jobs a worker may hold unanswered: bounds what its pipe carries, what control keeps (~200
+# bytes a job) and how long a job waits behind the others when the worker gets little CPU
+# (its answer then comes after the initiator moved on); with every worker at it, control
+# computes responses itself meanwhile.
+MAX_JOBS_PER_WORKER = 32
 # How long a worker may take to answer before control computes the response itself. A worker
 # answers a batch in milliseconds; the initiator retries only after REKEY_TIMEOUT (5 s).
 JOB_TIMEOUT = 0.25
