@@ -6,6 +6,7 @@ wireguard-go, in one run.
     sudo python perf/bench_handshake_flood.py              # both parts, both daemons (~8 min)
     sudo python perf/bench_handshake_flood.py --quick      # smoke run (~2 min)
     sudo python perf/bench_handshake_flood.py --parts survival --flood-rates 10000,max
+    sudo python perf/bench_handshake_flood.py --parts capacity --workers 1,2 --gomaxprocs 1,2
 
 Part 1, capacity. The responder (wgmp or wireguard-go) has `--peers` peers configured; the
 flooder (tools/flood.py, peer mode) sends initiations from those peers' private keys at
@@ -17,6 +18,9 @@ responder that fell behind answers from its socket buffer), and the rate is take
 last one. Reported per rate: the offered rate, the responses per second, the cookie replies
 per second, the responder's CPU (% of one CPU, all its processes and threads) and its CPU per
 response (for wgmp also the control process's share), the kernel's drops on its UDP sockets.
+With `--workers 1,2` and `--gomaxprocs 1,2` each wgmp worker count and each wireguard-go
+GOMAXPROCS gets its rows, and a last table sets each wgmp peak against wireguard-go's with as
+many OS threads (under a backlog wgmp's workers compute responses: docs/handshakes.md).
 
 Part 2, survival. The responder has one peer, a Debian wireguard-go in the flooder's
 namespace. The flooder sends initiations from unknown static keys (valid mac1; well formed, so
