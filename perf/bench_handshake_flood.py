@@ -6,6 +6,7 @@ wireguard-go, in one run.
     sudo python perf/bench_handshake_flood.py              # both parts, both daemons (~8 min)
     sudo python perf/bench_handshake_flood.py --quick      # smoke run (~2 min)
     sudo python perf/bench_handshake_flood.py --parts survival --flood-rates 10000,max
+    sudo python perf/bench_handshake_flood.py --parts capacity --workers 1,2 --gomaxprocs 1,2
 
 Part 1, capacity. The responder (wgmp or wireguard-go) has `--peers` peers configured; the
 flooder (tools/flood.py, peer mode) sends initiations from those peers' private keys at
@@ -17,6 +18,9 @@ responder that fell behind answers from its socket buffer), and the rate is take
 last one. Reported per rate: the offered rate, the responses per second, the cookie replies
 per second, the responder's CPU (% of one CPU, all its processes and threads) and its CPU per
 response (for wgmp also the control process's share), the kernel's drops on its UDP sockets.
+With `--workers 1,2` and `--gomaxprocs 1,2` each wgmp worker count and each wireguard-go
+GOMAXPROCS gets its rows, and a last table sets each wgmp peak against wireguard-go's with as
+many OS threads (under a backlog wgmp's workers compute responses: docs/handshakes.md).
 
 Part 2, survival. The responder has one peer, a Debian wireguard-go in the flooder's
 namespace. The flooder sends initiations from unknown static keys (valid mac1; well formed, so
@@ -168,7 +172,7 @@ def responder_command(target: str, workers: int) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def bed(target: str, workers: int, with_peer: bool) -> Iterator[Bed]:
+def bed(target: str, workers: int, with_peer: bool, gomaxprocs: int | None = None) -> Iterator[Bed]:
     """Two fresh namespaces, a veth pair, the responder (and a wireguard-go peer, configured
     as each other's peers), the flood's source range; all removed afterwards."""
     made: list[Netns] = []
@@ -178,6 +182,8 @@ def bed(target: str, workers: int, with_peer: bool) -> Iterator[Bed]:
         made += [ns_a, ns_b]
         link = veth_pair(ns_a, ns_b)
         env = {"LOG_LEVEL": "error"}
+        if gomaxprocs is not None and target == "wg-go":
+            env["GOMAXPROCS"] = str(gomaxprocs)
         command = responder_command(target, workers)
         if target == "wgmp":
             responder = UserspaceWireGuard(ns_a, command, env=env)
@@ -218,6 +224,7 @@ class CapacityRow:
     cpu_us_per_response: float | None
     control_us_per_response: float | None  # of which wgmp's control process (wg-go: all)
     kernel_drops: int
+    variant: str = ""  # "--workers N" (wgmp) or "GOMAXPROCS=N" (wireguard-go)
 
 
 def configure_peers(bed: Bed, count: int, workdir: Path) -> Path:
@@ -238,9 +245,22 @@ def configure_peers(bed: Bed, count: int, workdir: Path) -> Path:
     return private
 
 
-def run_capacity(args: argparse.Namespace, target: str, workdir: Path) -> list[CapacityRow]:
+def capacity_variants(args: argparse.Namespace, target: str) -> list[tuple[int, int | None]]:
+    """(wgmp workers, wireguard-go GOMAXPROCS) for each responder of the capacity part."""
+    if target == "wgmp":
+        return [(workers, None) for workers in args.workers]
+    return [(args.workers[0], procs) for procs in args.gomaxprocs] or [(args.workers[0], None)]
+
+
+def run_capacity(
+    args: argparse.Namespace, target: str, workdir: Path, workers: int, gomaxprocs: int | None
+) -> list[CapacityRow]:
     rows: list[CapacityRow] = []
-    with bed(target, args.workers, with_peer=False) as b:
+    if target == "wgmp":
+        variant = f"--workers {workers}"
+    else:
+        variant = f"GOMAXPROCS={gomaxprocs}" if gomaxprocs is not None else ""
+    with bed(target, workers, with_peer=False, gomaxprocs=gomaxprocs) as b:
         keys = configure_peers(b, args.peers, workdir)
         for rate in args.capacity_rates:
             time.sleep(args.settle)  # out of the previous step's under-load second
@@ -268,10 +288,11 @@ def run_capacity(args: argparse.Namespace, target: str, workdir: Path) -> list[C
                 1e6 * cpu.cpu / report["responses"] if report["responses"] else None,
                 1e6 * cpu.main / report["responses"] if report["responses"] else None,
                 udp_drops(b.ns_a) - drops0,
+                variant,
             )
             rows.append(row)
             log(
-                f"capacity {target} {rate}/s: sent {row.sent_rate:.0f}/s, responses "
+                f"capacity {target} {variant} {rate}/s: sent {row.sent_rate:.0f}/s, responses "
                 f"{responses:.0f}/s, cookies {row.cookies_per_s:.0f}/s, cpu "
                 f"{row.cpu_percent:.0f}%, drops {row.kernel_drops}"
             )
@@ -299,7 +320,7 @@ class SurvivalRow:
 
 
 def run_survival(args: argparse.Namespace, target: str, rate: str) -> SurvivalRow:
-    with bed(target, args.workers, with_peer=True) as b:
+    with bed(target, args.workers[0], with_peer=True) as b:
         assert b.peer is not None
         seconds = args.warmup + args.deadline + 2
         flood = b.ns_b.popen(
@@ -387,9 +408,43 @@ def capacity_table(rows: list[CapacityRow]) -> str:
         per = f"{r.cpu_us_per_response:,.0f}" if r.cpu_us_per_response else "–"
         if r.cpu_us_per_response and r.target == "wgmp" and r.control_us_per_response:
             per += f" ({r.control_us_per_response:,.0f})"
+        name = f"{r.target} {r.variant}".strip()
         out.append(
-            f"| {r.target} | {r.offered:,.0f} | {r.sent_rate:,.0f} | {r.responses_per_s:,.0f} | "
+            f"| {name} | {r.offered:,.0f} | {r.sent_rate:,.0f} | {r.responses_per_s:,.0f} | "
             f"{r.cookies_per_s:,.0f} | {r.cpu_percent:.0f} | {per} | {r.kernel_drops:,} |"
+        )
+    return "\n".join(out)
+
+
+def peaks_table(rows: list[CapacityRow]) -> str:
+    """Each responder's peak and its rate at the highest offered rate, against wireguard-go
+    with as many OS threads (GOMAXPROCS) as wgmp has workers, or its first row."""
+    names: dict[str, list[CapacityRow]] = {}
+    for r in rows:
+        names.setdefault(f"{r.target} {r.variant}".strip(), []).append(r)
+    go = {name: rs for name, rs in names.items() if name.startswith("wg-go")}
+
+    def reference(name: str) -> list[CapacityRow] | None:
+        if name.startswith("wgmp --workers "):
+            same = go.get(f"wg-go GOMAXPROCS={name.rsplit(' ', 1)[1]}")
+            if same:
+                return same
+        return next(iter(go.values()), None)
+
+    out = [
+        "| responder | peak responses /s | vs wireguard-go | at the highest rate /s "
+        "| vs wireguard-go | compared with |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, rs in names.items():
+        peak, last = max(r.responses_per_s for r in rs), rs[-1].responses_per_s
+        ref = reference(name)
+        ref_name = f"{ref[0].target} {ref[0].variant}".strip() if ref else "-"
+        ref_peak = max(r.responses_per_s for r in ref) if ref else 0.0
+        ref_last = ref[-1].responses_per_s if ref else 0.0
+        out.append(
+            f"| {name} | {peak:,.0f} | {peak / ref_peak if ref_peak else 0:.2f} | {last:,.0f} "
+            f"| {last / ref_last if ref_last else 0:.2f} | {ref_name} |"
         )
     return "\n".join(out)
 
@@ -432,7 +487,12 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", default=",".join(TARGETS), help="wgmp,wg-go")
     p.add_argument("--parts", default="capacity,survival", help="capacity,survival")
-    p.add_argument("--workers", type=int, default=1, help="wgmp --workers")
+    p.add_argument("--workers", default="1", help="wgmp --workers (capacity: a list, 1,2)")
+    p.add_argument(
+        "--gomaxprocs",
+        default="",
+        help="capacity: wireguard-go's GOMAXPROCS, a list (1,2); default: the Go runtime's",
+    )
     p.add_argument("--peers", type=int, default=1000, help="flood peers configured (part 1)")
     p.add_argument("--capacity-rates", default="500,1000,2000,3000,4000,6000,8000,12000")
     p.add_argument("--capacity-seconds", type=float, default=5.0)
@@ -450,6 +510,8 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.capacity_rates, args.capacity_seconds = "1000,4000", 3.0
         args.flood_rates, args.peers = "10000,max", 200
+    args.workers = [int(w) for w in args.workers.split(",") if w]
+    args.gomaxprocs = [int(g) for g in args.gomaxprocs.split(",") if g]
     args.targets = [t for t in args.targets.split(",") if t]
     args.parts = [t for t in args.parts.split(",") if t]
     args.capacity_rates = [float(r) for r in args.capacity_rates.split(",") if r]
@@ -480,7 +542,8 @@ def main() -> int:
     try:
         if "capacity" in args.parts:
             for target in args.targets:
-                capacity += run_capacity(args, target, workdir)
+                for workers, gomaxprocs in capacity_variants(args, target):
+                    capacity += run_capacity(args, target, workdir, workers, gomaxprocs)
         if "survival" in args.parts:
             for rate in args.flood_rates:
                 for target in args.targets:  # interleaved: both see the same machine load
@@ -494,10 +557,11 @@ def main() -> int:
     load_after = loadavg()
     print(f"Run {started:%Y-%m-%d %H:%M} UTC; {machine()}")
     print(f"Load average before {load_before}, after {load_after}.")
-    print(f"wgmp from {netns.REPO_ROOT} (--workers {args.workers}).\n")
+    print(f"wgmp from {netns.REPO_ROOT} (--workers {','.join(map(str, args.workers))}).\n")
     if capacity:
         print(f"Capacity: {args.peers} configured peers, {args.capacity_seconds:g} s per rate.\n")
         print(capacity_table(capacity) + "\n")
+        print(peaks_table(capacity) + "\n")
     if survival:
         print(f"Survival: flood of unknown-key initiations, deadline {args.deadline:g} s.\n")
         print(survival_table(survival, args.deadline) + "\n")

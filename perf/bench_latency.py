@@ -82,6 +82,7 @@ class Result:
     first_ping_ms: list[float] = field(default_factory=list)
     responder_first_ms: list[float] = field(default_factory=list)
     initiator_first_after_response_ms: list[float] = field(default_factory=list)
+    responder_handshake_ms: list[float] = field(default_factory=list)  # initiation -> response
     keepalive_first: int = 0  # sessions in which the initiator sent a keepalive before data
     sessions_seen: int = 0
     hops_us: dict[str, list[float]] = field(default_factory=dict)  # hop -> per-ping times
@@ -233,6 +234,9 @@ def analyse_session(messages: list[Message], result: Result) -> None:
         result.keepalive_first += 1
     result.initiator_first_after_response_ms.append((first_a.at - response.at) * 1000)
     result.responder_first_ms.append((first_b.at - data_a.at) * 1000)
+    initiation = next((m for m in messages if m.kind == 1 and m.sender == "a"), None)
+    if initiation is not None and initiation.at <= response.at:
+        result.responder_handshake_ms.append((response.at - initiation.at) * 1000)
 
 
 def forget_and_relearn(da: Daemon, db: Daemon) -> None:
@@ -355,8 +359,8 @@ def table(results: list[Result]) -> str:
     lines = [
         "| path | workers | RTT avg / min ms | RTT vs go-go | first ping median (min – max) ms "
         "| vs go-go | responder's first data median (max) ms | initiator's first after response "
-        "median ms | keepalive before data |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "median ms | responder's response after the initiation median ms | keepalive before data |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ref_first = (
         statistics.median(reference.first_ping_ms)
@@ -365,7 +369,7 @@ def table(results: list[Result]) -> str:
     )
     for r in results:
         if r.error:
-            lines.append(f"| {PATHS[r.path][0]} | {r.workers} | FAILED: {r.error} |||||||")
+            lines.append(f"| {PATHS[r.path][0]} | {r.workers} | FAILED: {r.error} ||||||||")
             continue
         first = statistics.median(r.first_ping_ms) if r.first_ping_ms else None
         span = (
@@ -381,6 +385,7 @@ def table(results: list[Result]) -> str:
             f"| {ratio(r.rtt_avg_ms, reference.rtt_avg_ms if reference else None)} "
             f"| {median(r.first_ping_ms)} ({span}) | {ratio(first, ref_first)} | {responder} "
             f"| {median(r.initiator_first_after_response_ms)} "
+            f"| {median(r.responder_handshake_ms)} "
             f"| {r.keepalive_first}/{r.sessions_seen} |"
         )
     return "\n".join(lines)

@@ -31,7 +31,7 @@ def test_snapshot_from_daemon():
         SimpleNamespace(worker_id=1, stats=blocks[1], restarts=0, process=None),
     ]
     counters = SimpleNamespace(
-        initiated=1, received=2, completed=3, failed=4, cookie_replies_sent=5,
+        initiated=1, received=2, completed=3, failed=4, cookie_replies_sent=5, responses_by_workers=6,
         drops=drops(stale_timestamp=6),
     )  # fmt: skip
     peer = uapi.PeerSnapshot(

@@ -141,3 +141,40 @@ def test_no_private_key_means_no_initiation(rng: random.Random) -> None:
         Handshake(None, ident_r.public_key).create_initiation(
             sender_index=1, unix_time_ns=T0, rng=rng
         )
+
+
+def test_a_response_computed_elsewhere_equals_the_inline_one() -> None:
+    """`compute_response` on `response_inputs`, taken back with `finish_response` (what a
+    worker computes for control under a backlog), gives the very message and keys that
+    `create_response` gives with the same randomness, on known keys."""
+    from wgmp.protocol.noise import compute_response
+
+    sessions = []
+    for offload in (False, True):
+        rng = random.Random(2024)
+        hs_i, hs_r, ident_i, ident_r = make_pair(rng, b"\x05" * 32)
+        init = hs_i.create_initiation(sender_index=11, unix_time_ns=T0, rng=rng)
+        consume_initiation(ident_r, parse_initiation(init.pack()), lambda _, hs=hs_r: hs, now=100.0)
+        if offload:
+            inputs = hs_r.response_inputs()
+            material = compute_response(inputs, random.Random(99))
+            resp = hs_r.finish_response(22, material)
+        else:
+            resp = hs_r.create_response(sender_index=22, rng=random.Random(99))
+        assert hs_r.state == HandshakeState.RESPONSE_CREATED and hs_r.local_index == 22
+        hs_i.consume_response(parse_response(resp.pack()))
+        sessions.append((resp.pack(), hs_i.derive_session(), hs_r.derive_session()))
+    assert sessions[0] == sessions[1]
+    _, keys_i, keys_r = sessions[1]
+    assert keys_i.send_key == keys_r.receive_key and keys_i.receive_key == keys_r.send_key
+
+
+def test_response_inputs_and_finish_need_a_consumed_initiation(rng: random.Random) -> None:
+    from wgmp.protocol.noise import ResponseMaterial
+
+    hs_i, _, _, _ = make_pair(rng)
+    with pytest.raises(ProtocolError):
+        hs_i.response_inputs()
+    with pytest.raises(ProtocolError):
+        hs_i.finish_response(1, ResponseMaterial(*(bytes(32),) * 5))
+    assert hs_i.state == HandshakeState.ZEROED

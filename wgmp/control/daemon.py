@@ -28,6 +28,7 @@ from ..ipc.channel import Channel
 from ..ipc.keyslots import KeySlots
 from ..ipc.messages import (
     Activity,
+    ComputeResponses,
     Confirmed,
     FlushStats,
     HandshakePackets,
@@ -36,12 +37,14 @@ from ..ipc.messages import (
     Message,
     Mtu,
     NeedHandshake,
+    NeedHandshakeWith,
     PeerSet,
     Ping,
     Pong,
     Ready,
     RekeyWanted,
     Removed,
+    ResponsesComputed,
     Roamed,
     RouteLoop,
     StatsFlushed,
@@ -64,6 +67,7 @@ from .endpoint_routes import EndpointRoutes
 from .get_reply import GetReply
 from .interface import Interface, ToWorker
 from .peer import Peer
+from .response_jobs import OFFLOAD_BACKLOG
 from .set_request import SetApplication, apply_request
 from .supervisor import HEARTBEAT_INTERVAL, Supervisor, WorkerHandle
 from .tun_setup import TUN_VNET_HDR
@@ -425,9 +429,12 @@ class Daemon:
         queue = self._handshakes
         monotonic, time_ns = time.monotonic, time.time_ns
         deadline = monotonic() + HANDSHAKE_TURN
-        receive = self.interface.receive_handshake
+        interface = self.interface
+        receive = interface.receive_handshake
         while queue:
             data, source, sticky = queue.popleft()
+            # With more waiting behind it, a worker computes its response (response_jobs.py).
+            interface.offload_responses = len(queue) >= OFFLOAD_BACKLOG
             # Each message at the time it is handled, as wireguard-go does: a backlog can take
             # a second to get through, and the 20 ms rule, the rate limiter and the timers are
             # about when a message is handled (with one time for the whole batch, a peer's
@@ -436,11 +443,15 @@ class Daemon:
             receive(data, source, now, time_ns(), sticky)
             if now >= deadline:
                 break
+        interface.offload_responses = False
         self._drain_outputs()
 
     def _drain_outputs(self) -> None:
         if self.interface.routes_to_check:
             self._check_routes()
+        interface = self.interface
+        for worker, jobs in interface.response_jobs.take_outbox():
+            interface.commands.append(ToWorker(worker, ComputeResponses(jobs)))
         # Commands first: a worker must hold a new keypair before the peer can answer the
         # response or keepalive that control is about to send.
         self._drain_commands()
@@ -684,6 +695,8 @@ class Daemon:
             self.selector.unregister(handle.channel.sock)
             handle.channel.close()
             handle.channel = None
+            # What it was computing for control is computed here (response_jobs.py).
+            self.interface.jobs_lost(handle.worker_id, time.monotonic())
         handle.writing = False
 
     def _forget_worker(self, handle: WorkerHandle) -> None:
@@ -741,6 +754,14 @@ class Daemon:
             message.peer_id, time.monotonic(), time.time_ns(), handle.worker_id
         )
 
+    def _on_need_handshake_with(self, handle: WorkerHandle, message: NeedHandshakeWith) -> None:
+        packet = message.packet
+        if not isinstance(packet, bytes):
+            raise TypeError("NeedHandshakeWith without a packet")  # counted by _on_worker
+        self.interface.need_handshake_with(
+            message.peer_id, packet, time.monotonic(), time.time_ns(), handle.worker_id
+        )
+
     def _on_rekey_wanted(self, handle: WorkerHandle, message: RekeyWanted) -> None:
         self.interface.rekey_wanted(message.peer_id, time.monotonic(), time.time_ns())
 
@@ -775,6 +796,10 @@ class Daemon:
         if dropped:
             self.interface.counters.drops[DropReason.HANDSHAKE_QUEUE_FULL] += dropped
         self._handle_handshakes()
+
+    def _on_responses_computed(self, handle: WorkerHandle, message: ResponsesComputed) -> None:
+        results = message.results if isinstance(message.results, list) else []
+        self.interface.responses_computed(handle.worker_id, results, time.monotonic())
 
     def _on_pong(self, handle: WorkerHandle, message: Pong) -> None:
         """Nothing more to do: every message is a sign of life (`_on_worker` noted it)."""
@@ -1053,6 +1078,7 @@ class Daemon:
                 failed=counters.failed,
                 cookie_replies_sent=counters.cookie_replies_sent,
                 drops=tuple(counters.drops),
+                responses_by_workers=counters.responses_by_workers,
             ),
         )
 
@@ -1125,6 +1151,7 @@ class Daemon:
 WORKER_HANDLERS: dict[type[Any], Callable[[Daemon, WorkerHandle, Any], None]] = {
     Ready: Daemon._on_ready,
     NeedHandshake: Daemon._on_need_handshake,
+    NeedHandshakeWith: Daemon._on_need_handshake_with,
     Activity: Daemon._on_activity,
     Confirmed: Daemon._on_confirmed,
     Roamed: Daemon._on_roamed,
@@ -1133,4 +1160,5 @@ WORKER_HANDLERS: dict[type[Any], Callable[[Daemon, WorkerHandle, Any], None]] = 
     StatsFlushed: Daemon._on_stats_flushed,
     RekeyWanted: Daemon._on_rekey_wanted,
     Pong: Daemon._on_pong,
+    ResponsesComputed: Daemon._on_responses_computed,
 }

@@ -45,6 +45,7 @@ from ..protocol.constants import (
     MESSAGE_COOKIE_REPLY,
     MESSAGE_INITIATION,
     MESSAGE_RESPONSE,
+    REJECT_AFTER_MESSAGES,
     REKEY_TIMEOUT,
     UNDER_LOAD_AFTER_TIME,
     UNDER_LOAD_QUEUE_FRACTION,
@@ -63,11 +64,18 @@ from ..protocol.messages import (
     parse_initiation,
     parse_response,
 )
-from ..protocol.noise import Handshake, HandshakeState, StaticIdentity, consume_initiation
+from ..protocol.noise import (
+    Handshake,
+    HandshakeState,
+    ResponseMaterial,
+    StaticIdentity,
+    consume_initiation,
+)
 from ..protocol.ratelimiter import RateLimiter
 from ..protocol.timers import ActionKind, RandomSource
 from ..protocol.transport import seal_transport
 from .peer import Endpoint, Peer
+from .response_jobs import Job, ResponseJobs, material_of
 
 # LOG_LEVEL=verbose logs what wireguard-go logs at that level, in its words and with its
 # peer(AbCd…WxYz) names (see docs/operations.md); only per-handshake and per-configuration
@@ -105,6 +113,9 @@ class ToWorker(NamedTuple):
 
 
 UNDER_LOAD_BACKLOG = MAX_QUEUED_INCOMING_HANDSHAKES // UNDER_LOAD_QUEUE_FRACTION
+# Packets control holds per peer for a handshake (NeedHandshakeWith): a worker hands over at
+# most one per 50 ms, so this is reached only when handshakes keep failing.
+MAX_HELD_PACKETS = 16
 DEADLINE_SLACK = 64  # stale timer entries tolerated beyond as many as there are live ones
 
 
@@ -121,6 +132,7 @@ class HandshakeCounters:
         self.completed = 0
         self.failed = 0
         self.cookie_replies_sent = 0
+        self.responses_by_workers = 0  # responses a worker computed (response_jobs.py)
         self.drops = [0] * 32
 
 
@@ -179,6 +191,10 @@ class Interface:
         self._asked_by: dict[int, int] = {}
         # Slots published since the daemon last looked (it writes their owner's pipe first).
         self.published: list[int] = []
+        # Responses the workers compute; the daemon sets `offload_responses` while it has a
+        # backlog of handshake messages (response_jobs.py).
+        self.response_jobs = ResponseJobs(workers)
+        self.offload_responses = False
 
     # -- configuration (driven by UAPI) ----------------------------------------------------
 
@@ -315,6 +331,26 @@ class Interface:
         if peer.timers.begin_initiation(now):
             self._send_initiation(peer, now, wall_ns)
 
+    def need_handshake_with(
+        self, peer_id: int, packet: bytes, now: float, wall_ns: int, worker_id: int
+    ) -> None:
+        """As need_handshake, with the first packet staged for the peer, which control
+        sends itself the moment a keypair is current (`_send_held`)."""
+        peer = self.by_id.get(peer_id)
+        if peer is None:
+            return
+        held = peer.held
+        if held is None:
+            held = peer.held = []
+        elif len(held) >= MAX_HELD_PACKETS:
+            held.pop(0)
+            self.counters.drops[DropReason.STAGED_QUEUE_FULL] += 1
+        held.append(packet)
+        if peer.keypairs.for_sending(now) is not None and peer.endpoint is not None:
+            self._send_held(peer, now)  # a keypair came meanwhile: nothing to wait for
+            return
+        self.need_handshake(peer_id, now, wall_ns, worker_id)
+
     def rekey_wanted(self, peer_id: int, now: float, wall_ns: int) -> None:
         """A worker saw the current key reach its age or message limit (it applies the
         initiator-only rules of keepKeyFreshSending/Receiving and asks once per keypair)."""
@@ -359,6 +395,8 @@ class Interface:
         peer.last_handshake_ns = wall_ns
         self.counters.completed += 1
         self._announce_roles(peer)
+        if peer.held:
+            self._send_held(peer, now)
 
     def roamed(self, peer_id: int, endpoint: Endpoint, sticky: Sticky | None = None) -> None:
         peer = self.by_id.get(peer_id)
@@ -465,13 +503,86 @@ class Interface:
         # Our own initiation may have crossed theirs: its index would otherwise stay in the
         # table for good, holding the peer (found by tests/control/test_interface.py).
         self._release_handshake_index(peer)
+        index = self._new_index(peer)
+        handshake = peer.handshake
+        handshake.local_index = index  # released with the handshake if it goes no further
+        worker = self.response_jobs.choose(self.workers_down) if self.offload_responses else None
+        if worker is not None:  # a backlog: a worker computes the response (response_jobs.py)
+            self.response_jobs.submit(peer.peer_id, index, handshake.response_inputs(), worker, now)
+            return
+        self._respond(peer, handshake.create_response(sender_index=index, rng=self.rng), now)
+
+    def _respond(self, peer: Peer, response: Response, now: float) -> None:
+        """Send our response and install the responder's keypair (`next` until confirmed)."""
         log.debug("%s - Sending handshake response", peer)
-        response = peer.handshake.create_response(sender_index=self._new_index(peer), rng=self.rng)
         packed = peer.cookie_generator.add_macs(response.pack(), now=now)
         self._install(peer, Keypair.from_session(peer.handshake.derive_session(), now=now))
         peer.timers.handshake_response_sent(now)
         peer.timers.session_derived(now)
         self._send_control(peer, packed, now)
+
+    # -- responses computed by workers (response_jobs.py) ----------------------------------
+
+    def responses_computed(self, worker_id: int, results: list[Any], now: float) -> None:
+        """A worker's answers to ComputeResponses: each finishes its handshake, if that is
+        still the one the job was made for."""
+        for result in results:
+            if not isinstance(result, list) or not result:
+                continue
+            job = self.response_jobs.complete(worker_id, result[0])
+            if job is None:
+                continue  # timed out (answered by control already) or never ours
+            material = material_of(result)
+            if material is None and len(result) != 1:  # nonsense: answer it ourselves
+                self.errors.report(f"a malformed response job from worker {worker_id}")
+                self.counters.drops[DropReason.INTERNAL_ERROR] += 1
+            self._guarded(self._finish_job, job, material, len(result) == 1, now)
+
+    def _expire_jobs(self, now: float) -> None:
+        """Jobs a worker did not answer in time: control computes them itself."""
+        for job in self.response_jobs.expired(now):
+            log.debug("worker %d did not answer a response job: answering it here", job.worker_id)
+            self._guarded(self._finish_job, job, None, False, now)
+
+    def jobs_lost(self, worker_id: int, now: float) -> None:
+        """A worker's pipe closed: what it was computing is computed here, now."""
+        for job in self.response_jobs.lost(worker_id):
+            self._guarded(self._finish_job, job, None, False, now)
+
+    def _finish_job(
+        self, job: Job, material: ResponseMaterial | None, refused: bool, now: float
+    ) -> None:
+        peer = self.by_id.get(job.peer_id)
+        if peer is None:
+            return
+        handshake = peer.handshake
+        if (
+            handshake.state != HandshakeState.INITIATION_CONSUMED
+            or handshake.local_index != job.index
+            or handshake.response_inputs() != job.inputs
+        ):
+            return  # superseded (a newer initiation, our own, a new key): nothing to answer
+        if refused:  # compute_response raised there (a low-order key): as it would here
+            raise ProtocolError(DropReason.HANDSHAKE_INVALID, "response refused by worker")
+        if not self.keyslots.free:
+            raise ProtocolError(DropReason.NO_KEY_SLOT, "every key slot is in use")
+        if material is None:
+            response = handshake.create_response(sender_index=job.index, rng=self.rng)
+        else:
+            response = handshake.finish_response(job.index, material)
+            self.counters.responses_by_workers += 1
+        self._respond(peer, response, now)
+
+    def _guarded(self, finish: Any, *args: Any) -> None:
+        """As receive_handshake: a bad job costs its handshake, never the daemon."""
+        try:
+            finish(*args)
+        except ProtocolError as err:
+            self.counters.drops[err.reason] += 1
+            self.counters.failed += 1
+        except Exception:
+            self.counters.drops[DropReason.INTERNAL_ERROR] += 1
+            self.errors.report("a response job")
 
     def _response_consumed(
         self,
@@ -497,7 +608,11 @@ class Interface:
         # worker staged for this handshake if there are any, else a keepalive (wireguard-go's
         # SendKeepalive). That worker sends them when it reads the keypair, no later.
         worker = self._asked_by.pop(peer.peer_id, None)
-        if worker is None:
+        if peer.held and peer.endpoint is not None:
+            # Sealed and sent by control now, after the keypair's announcement (commands go
+            # first): no hop back to the worker that staged it.
+            self._send_held(peer, now)
+        elif worker is None:
             self.send_keepalive(peer, now, wall_ns)
         else:
             slot = self.slot_of[peer.keypairs.current]  # type: ignore[index]
@@ -538,6 +653,23 @@ class Interface:
         counter = self.keyslots.reserve(self.slot_of[keypair], 1)
         message = seal_transport(keypair.send_key, keypair.remote_index, counter, b"", self.mtu)
         self._send_control(peer, message, now)
+
+    def _send_held(self, peer: Peer, now: float) -> None:
+        """The packets a worker handed over, under the current keypair, with counters from
+        its slot's shared counter (as the workers take theirs: none is used twice)."""
+        keypair = peer.keypairs.for_sending(now)
+        held = peer.held
+        if keypair is None or peer.endpoint is None or not held:
+            return
+        slot = self.slot_of[keypair]
+        if self.keyslots.counter(slot) + len(held) >= REJECT_AFTER_MESSAGES:
+            return  # the workers used it up: the next keypair takes them
+        peer.held = None
+        first = self.keyslots.reserve(slot, len(held))
+        mtu, key, receiver = self.padding_mtu, keypair.send_key, keypair.remote_index
+        for counter, packet in enumerate(held, first):
+            self._send_control(peer, seal_transport(key, receiver, counter, packet, mtu), now)
+        peer.timers.data_sent(now)
 
     def _send_control(self, peer: Peer, message: bytes, now: float) -> None:
         assert peer.endpoint is not None
@@ -632,10 +764,17 @@ class Interface:
 
     def next_deadline(self) -> float | None:
         """When to call `expire` next: never later than any peer's next deadline (it may be
-        earlier, when that timer has since been re-armed later or stopped)."""
-        return self._deadlines[0][0] if self._deadlines else None
+        earlier, when that timer has since been re-armed later or stopped), nor later than
+        the time-out of a response job."""
+        deadline = self._deadlines[0][0] if self._deadlines else None
+        job = self.response_jobs.next_deadline()
+        if job is not None and (deadline is None or job < deadline):
+            return job
+        return deadline
 
     def expire(self, now: float, wall_ns: int) -> None:
+        if self.response_jobs.pending:
+            self._expire_jobs(now)
         queue, queued = self._deadlines, self._queued
         while queue and queue[0][0] <= now:
             deadline, peer_id = heapq.heappop(queue)
@@ -674,14 +813,21 @@ class Interface:
             elif action.kind == ActionKind.SEND_KEEPALIVE:
                 self.send_keepalive(peer, now, wall_ns)
             elif action.kind == ActionKind.DROP_STAGED:
+                self._drop_held(peer)
                 self.commands.append(DropStaged(peer.peer_id))
             elif action.kind == ActionKind.ZERO_KEYS:
                 self._drop_sessions(peer)
+                self._drop_held(peer)
                 self.commands.append(DropStaged(peer.peer_id))
             elif action.kind == ActionKind.CLEAR_SOURCE and peer.endpoint is not None:
                 # No answer for a while: maybe our address changed. Forget the sticky source
                 # we answer from and let routing choose (wireguard-go's ClearSrc).
                 self.set_endpoint(peer, peer.endpoint, None)
+
+    def _drop_held(self, peer: Peer) -> None:
+        if peer.held:
+            self.counters.drops[DropReason.STAGED_EXPIRED] += len(peer.held)
+        peer.held = None
 
     def _log_action(self, peer: Peer, action: Any) -> None:
         """The timers' decisions, in wireguard-go's words (timers.go's expired* functions)."""

@@ -33,6 +33,7 @@ from ..ipc.messages import (
     ROLE_CURRENT,
     ROLE_NEXT,
     Activity,
+    ComputeResponses,
     DropStaged,
     FlushStats,
     KeypairInstall,
@@ -46,6 +47,7 @@ from ..ipc.messages import (
     Pong,
     Ready,
     Removed,
+    ResponsesComputed,
     RouteLoop,
     SendKeepalive,
     StatsFlushed,
@@ -312,6 +314,13 @@ class Worker(Outbound, Inbound):
                 self.drops[DropReason.ROUTING_LOOP] += len(peer[P_STAGED] or ())
                 peer[P_STAGED] = None
 
+    def _on_compute_responses(self, message: ComputeResponses, now: float) -> None:
+        # Imported here: the handshake core (and PyNaCl) stays out of a worker that never
+        # gets a job; a forked worker finds it loaded by control anyway.
+        from .handshake_work import compute_responses
+
+        self.channel.send(ResponsesComputed(compute_responses(message.jobs)))
+
     def _on_ping(self, message: Ping, now: float) -> None:
         self.channel.send(Pong(message.token))
 
@@ -432,6 +441,7 @@ HANDLERS: dict[type[Any], Callable[[Worker, Any, float], None]] = {
     SendKeepalive: Worker._on_send_keepalive,
     Mtu: Worker._on_mtu,
     RouteLoop: Worker._on_route_loop,
+    ComputeResponses: Worker._on_compute_responses,
     Ping: Worker._on_ping,
 }
 

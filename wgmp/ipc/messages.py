@@ -23,6 +23,7 @@ __all__ = [
     "ROLE_NEXT",
     "ROLE_PREVIOUS",
     "Activity",
+    "ComputeResponses",
     "Confirmed",
     "Declaration",
     "Direction",
@@ -35,6 +36,7 @@ __all__ = [
     "MessageError",
     "Mtu",
     "NeedHandshake",
+    "NeedHandshakeWith",
     "PeerEndpoint",
     "PeerRemove",
     "PeerSet",
@@ -43,6 +45,7 @@ __all__ = [
     "Ready",
     "RekeyWanted",
     "Removed",
+    "ResponsesComputed",
     "Roamed",
     "RouteLoop",
     "SendKeepalive",
@@ -143,6 +146,15 @@ class SendKeepalive(NamedTuple):
     slot: int
 
 
+class ComputeResponses(NamedTuple):
+    """Handshake responses for the worker to compute (under a handshake backlog: control
+    keeps the state machine, the worker does the X25519 work, control/response_jobs.py):
+    each job is [job, chaining_key, hash, remote_ephemeral, remote_static, preshared_key],
+    protocol/noise.py's ResponseInputs. Answered by one ResponsesComputed."""
+
+    jobs: list[list[Any]]
+
+
 # -- worker -> control ----------------------------------------------------------------------
 
 
@@ -210,6 +222,23 @@ class Pong(NamedTuple):
     token: int
 
 
+class NeedHandshakeWith(NamedTuple):
+    """NeedHandshake, with the first packet staged for the peer, which the worker hands to
+    control rather than keeping: control seals and sends it itself the moment a keypair is
+    there (our initiation's response consumed), without a hop back to a worker."""
+
+    peer_id: int
+    packet: bytes
+
+
+class ResponsesComputed(NamedTuple):
+    """Answers ComputeResponses: per job, [job, ephemeral, encrypted_nothing, hash,
+    chaining_key, ephemeral_private] (noise.py's ResponseMaterial), or [job] alone when the
+    inputs were refused (a low-order key)."""
+
+    results: list[list[Any]]
+
+
 Message = (
     PeerSet
     | PeerRemove
@@ -222,6 +251,7 @@ Message = (
     | Ping
     | RouteLoop
     | SendKeepalive
+    | ComputeResponses
     | Ready
     | NeedHandshake
     | Activity
@@ -232,6 +262,8 @@ Message = (
     | StatsFlushed
     | RekeyWanted
     | Pong
+    | ResponsesComputed
+    | NeedHandshakeWith
 )
 
 
@@ -256,6 +288,7 @@ DECLARATIONS: tuple[Declaration, ...] = (
     Declaration(12, Ping, _W),
     Declaration(13, RouteLoop, _W),
     Declaration(14, SendKeepalive, _W),
+    Declaration(15, ComputeResponses, _W),
     Declaration(32, Ready, _C),
     Declaration(33, NeedHandshake, _C),
     Declaration(34, Activity, _C),
@@ -266,6 +299,8 @@ DECLARATIONS: tuple[Declaration, ...] = (
     Declaration(39, StatsFlushed, _C),
     Declaration(40, RekeyWanted, _C),
     Declaration(41, Pong, _C),
+    Declaration(42, ResponsesComputed, _C),
+    Declaration(43, NeedHandshakeWith, _C),
 )
 _BY_KIND: dict[int, Declaration] = {d.kind: d for d in DECLARATIONS}
 _KIND_OF: dict[type[Any], int] = {d.type: d.kind for d in DECLARATIONS}

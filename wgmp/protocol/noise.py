@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import cached_property
+from typing import NamedTuple
 
 from .constants import CONSTRUCTION, HANDSHAKE_INITIATION_RATE, IDENTIFIER, TIMESTAMP_LEN
 from .crypto import (
@@ -37,7 +38,10 @@ from .messages import Initiation, Response
 __all__ = [
     "HandshakeState",
     "Handshake",
+    "ResponseInputs",
+    "ResponseMaterial",
     "SessionKeys",
+    "compute_response",
     "StaticIdentity",
     "consume_initiation",
     "INITIAL_CHAINING_KEY",
@@ -83,6 +87,26 @@ class SessionKeys:
     local_index: int
     remote_index: int
     is_initiator: bool
+
+
+class ResponseInputs(NamedTuple):
+    """The responder's state after `consume_initiation`: all that message 2 is made from."""
+
+    chaining_key: bytes
+    hash: bytes
+    remote_ephemeral: bytes
+    remote_static: bytes
+    preshared_key: bytes
+
+
+class ResponseMaterial(NamedTuple):
+    """Message 2's fields and the responder's state after it (`Handshake.finish_response`)."""
+
+    ephemeral: bytes
+    encrypted_nothing: bytes
+    hash: bytes
+    chaining_key: bytes
+    ephemeral_private: bytes
 
 
 def _mix_hash(h: bytes, data: bytes) -> bytes:
@@ -225,26 +249,34 @@ class Handshake:
 
     def create_response(self, *, sender_index: int, rng: Randomness) -> Response:
         """Message 2, without MACs, after `consume_initiation` chose this peer."""
+        material = compute_response(self.response_inputs(), rng)
+        return self.finish_response(sender_index, material)
+
+    def response_inputs(self) -> ResponseInputs:
+        """What `compute_response` needs (a worker may compute it: control/response_jobs.py)."""
         if self.state != HandshakeState.INITIATION_CONSUMED:
             raise ProtocolError(DropReason.HANDSHAKE_INVALID, "no initiation to answer")
-        ephemeral_private = DH_GENERATE(rng)
-        ephemeral_key = dh_private_key(ephemeral_private)  # used three times
-        ephemeral_public = DH_PUBLIC(ephemeral_private)
-        ck = KDF1(self.chaining_key, ephemeral_public)
-        h = _mix_hash(self.hash, ephemeral_public)
-        ck = KDF1(ck, dh_with(ephemeral_key, self.remote_ephemeral))
-        ck = KDF1(ck, dh_with(ephemeral_key, self.remote_static))
-        ck, tau, key = KDF3(ck, self.preshared_key)
-        h = _mix_hash(h, tau)
-        encrypted_nothing = AEAD_ENCRYPT(key, 0, b"", h)
-        h = _mix_hash(h, encrypted_nothing)
+        return ResponseInputs(
+            self.chaining_key,
+            self.hash,
+            self.remote_ephemeral,
+            self.remote_static,
+            self.preshared_key,
+        )
 
-        self.hash, self.chaining_key = h, ck
-        self.local_ephemeral = ephemeral_private
-        self._local_ephemeral_key = (ephemeral_private, ephemeral_key)
+    def finish_response(self, sender_index: int, material: ResponseMaterial) -> Response:
+        """Take a response computed from this handshake's `response_inputs`: the state moves
+        to RESPONSE_CREATED exactly as if `create_response` had computed it here."""
+        if self.state != HandshakeState.INITIATION_CONSUMED:
+            raise ProtocolError(DropReason.HANDSHAKE_INVALID, "no initiation to answer")
+        self.hash, self.chaining_key = material.hash, material.chaining_key
+        self.local_ephemeral = material.ephemeral_private
+        self._local_ephemeral_key = None
         self.local_index = sender_index
         self.state = HandshakeState.RESPONSE_CREATED
-        return Response(sender_index, self.remote_index, ephemeral_public, encrypted_nothing)
+        return Response(
+            sender_index, self.remote_index, material.ephemeral, material.encrypted_nothing
+        )
 
     # -- both --------------------------------------------------------------------------------
 
@@ -261,6 +293,24 @@ class Handshake:
         keys = SessionKeys(send_key, receive_key, self.local_index, self.remote_index, is_initiator)
         self.clear()
         return keys
+
+
+def compute_response(inputs: ResponseInputs, rng: Randomness) -> ResponseMaterial:
+    """Message 2's three X25519 operations and what follows them: a pure function of the
+    state `consume_initiation` left, so that any process can compute it (a worker does, for
+    control, under a handshake backlog). Raises ProtocolError for a low-order key."""
+    ephemeral_private = DH_GENERATE(rng)
+    ephemeral_key = dh_private_key(ephemeral_private)  # used three times
+    ephemeral_public = DH_PUBLIC(ephemeral_private)
+    ck = KDF1(inputs.chaining_key, ephemeral_public)
+    h = _mix_hash(inputs.hash, ephemeral_public)
+    ck = KDF1(ck, dh_with(ephemeral_key, inputs.remote_ephemeral))
+    ck = KDF1(ck, dh_with(ephemeral_key, inputs.remote_static))
+    ck, tau, key = KDF3(ck, inputs.preshared_key)
+    h = _mix_hash(h, tau)
+    encrypted_nothing = AEAD_ENCRYPT(key, 0, b"", h)
+    h = _mix_hash(h, encrypted_nothing)
+    return ResponseMaterial(ephemeral_public, encrypted_nothing, h, ck, ephemeral_private)
 
 
 def consume_initiation(

@@ -56,6 +56,7 @@ wgmp's own:
     wgmp_handshakes_completed_total{device}       sessions established (either role)
     wgmp_handshakes_failed_total{device}          handshake messages dropped as invalid
     wgmp_cookie_replies_sent_total{device}        cookie replies sent while under load
+    wgmp_handshake_responses_by_workers_total{device}  responses whose X25519 work a worker did
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class HandshakeStats:
     failed: int = 0
     cookie_replies_sent: int = 0
     drops: Sequence[int] = ()  # indexed by DropReason: what control dropped
+    responses_by_workers: int = 0  # computed by a worker under a backlog (response_jobs.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +376,13 @@ FAMILIES: tuple[_Family, ...] = (
         "Cookie replies sent to handshake initiators while under load.",
         ("device",),
         _per_device(lambda h: h.cookie_replies_sent),
+    ),
+    _Family(
+        "wgmp_handshake_responses_by_workers",
+        _C,
+        "Handshake responses whose X25519 work a worker did for control (under a backlog).",
+        ("device",),
+        _per_device(lambda h: h.responses_by_workers),
     ),
 )
 
