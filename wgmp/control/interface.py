@@ -45,7 +45,6 @@ from ..protocol.constants import (
     MESSAGE_COOKIE_REPLY,
     MESSAGE_INITIATION,
     MESSAGE_RESPONSE,
-    REJECT_AFTER_MESSAGES,
     REKEY_TIMEOUT,
     UNDER_LOAD_AFTER_TIME,
     UNDER_LOAD_QUEUE_FRACTION,
@@ -661,11 +660,8 @@ class Interface:
         held = peer.held
         if keypair is None or peer.endpoint is None or not held:
             return
-        slot = self.slot_of[keypair]
-        if self.keyslots.counter(slot) + len(held) >= REJECT_AFTER_MESSAGES:
-            return  # the workers used it up: the next keypair takes them
         peer.held = None
-        first = self.keyslots.reserve(slot, len(held))
+        first = self.keyslots.reserve(self.slot_of[keypair], len(held))
         mtu, key, receiver = self.padding_mtu, keypair.send_key, keypair.remote_index
         for counter, packet in enumerate(held, first):
             self._send_control(peer, seal_transport(key, receiver, counter, packet, mtu), now)

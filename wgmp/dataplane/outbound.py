@@ -351,7 +351,7 @@ class Outbound:
         if not staged and now - peer[P_HANDSHAKE_ASKED] > 0.05:
             # The first packet goes to control with the request for a handshake: control
             # sends it the moment the response is consumed, with no hop back to a worker
-            # (docs/handshakes.md, "The first packet of a new session").
+            # (the first packet of a new session, perf/RESULTS.md "First packet").
             self.staged += 1
             peer[P_HANDSHAKE_ASKED] = now
             self.channel.send(NeedHandshakeWith(peer_id, packet))
