@@ -237,11 +237,11 @@ def test_initiation_retries_then_gives_up_and_traffic_resumes(
     tmp_path: Path,
 ) -> None:
     """The peer is unreachable (nftables drops everything to its port, in its namespace) and
-    no session exists. A burst of BURST datagrams into the tunnel is staged (the first held by
-    control, MAX_STAGED_PACKETS more by the worker, the rest dropped as staged_queue_full) and
-    makes wgmp initiate; it retries every REKEY_TIMEOUT + jitter until REKEY_ATTEMPT_TIME is
-    over, then gives up and drops the staged packets (staged_expired). A wireguard-go pair
-    under the same conditions, side by side, sends as many initiations. Once the peer is reachable again, the
+    no session exists. A burst of BURST datagrams into the tunnel is staged (the first
+    MAX_STAGED_PACKETS kept, the rest dropped as staged_queue_full) and makes wgmp initiate;
+    it retries every REKEY_TIMEOUT + jitter until REKEY_ATTEMPT_TIME is over, then gives up
+    and drops the staged packets (staged_expired). A wireguard-go pair under the same
+    conditions, side by side, sends as many initiations. Once the peer is reachable again, the
     next packet starts a handshake and gets through; the dropped ones never arrive."""
     p = pair()
     ref_link = veth_pair(netns_factory("ref-a"), netns_factory("ref-b"))
@@ -280,11 +280,9 @@ def test_initiation_retries_then_gives_up_and_traffic_resumes(
     assert len({d.payload[4:8] for d in ours}) == HANDSHAKE_ATTEMPTS  # a fresh sender index each
 
     after = p.stats()
-    # The first packet is handed to control with the request for a handshake (held there,
-    # docs/handshakes.md); the worker stages MAX_STAGED_PACKETS more.
     for reason, count in (
-        ("staged_queue_full", BURST - MAX_STAGED_PACKETS - 1),
-        ("staged_expired", MAX_STAGED_PACKETS + 1),
+        ("staged_queue_full", BURST - MAX_STAGED_PACKETS),
+        ("staged_expired", MAX_STAGED_PACKETS),
     ):
         assert dropped(after, reason) - dropped(before, reason) == count, (reason, after)
     assert total(after, "wgmp_handshakes_initiated_total") == HANDSHAKE_ATTEMPTS
