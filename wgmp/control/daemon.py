@@ -37,7 +37,6 @@ from ..ipc.messages import (
     Message,
     Mtu,
     NeedHandshake,
-    NeedHandshakeWith,
     PeerSet,
     Ping,
     Pong,
@@ -754,14 +753,6 @@ class Daemon:
             message.peer_id, time.monotonic(), time.time_ns(), handle.worker_id
         )
 
-    def _on_need_handshake_with(self, handle: WorkerHandle, message: NeedHandshakeWith) -> None:
-        packet = message.packet
-        if not isinstance(packet, bytes):
-            raise TypeError("NeedHandshakeWith without a packet")  # counted by _on_worker
-        self.interface.need_handshake_with(
-            message.peer_id, packet, time.monotonic(), time.time_ns(), handle.worker_id
-        )
-
     def _on_rekey_wanted(self, handle: WorkerHandle, message: RekeyWanted) -> None:
         self.interface.rekey_wanted(message.peer_id, time.monotonic(), time.time_ns())
 
@@ -1151,7 +1142,6 @@ class Daemon:
 WORKER_HANDLERS: dict[type[Any], Callable[[Daemon, WorkerHandle, Any], None]] = {
     Ready: Daemon._on_ready,
     NeedHandshake: Daemon._on_need_handshake,
-    NeedHandshakeWith: Daemon._on_need_handshake_with,
     Activity: Daemon._on_activity,
     Confirmed: Daemon._on_confirmed,
     Roamed: Daemon._on_roamed,

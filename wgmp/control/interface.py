@@ -112,9 +112,6 @@ class ToWorker(NamedTuple):
 
 
 UNDER_LOAD_BACKLOG = MAX_QUEUED_INCOMING_HANDSHAKES // UNDER_LOAD_QUEUE_FRACTION
-# Packets control holds per peer for a handshake (NeedHandshakeWith): a worker hands over at
-# most one per 50 ms, so this is reached only when handshakes keep failing.
-MAX_HELD_PACKETS = 16
 DEADLINE_SLACK = 64  # stale timer entries tolerated beyond as many as there are live ones
 
 
@@ -330,26 +327,6 @@ class Interface:
         if peer.timers.begin_initiation(now):
             self._send_initiation(peer, now, wall_ns)
 
-    def need_handshake_with(
-        self, peer_id: int, packet: bytes, now: float, wall_ns: int, worker_id: int
-    ) -> None:
-        """As need_handshake, with the first packet staged for the peer, which control
-        sends itself the moment a keypair is current (`_send_held`)."""
-        peer = self.by_id.get(peer_id)
-        if peer is None:
-            return
-        held = peer.held
-        if held is None:
-            held = peer.held = []
-        elif len(held) >= MAX_HELD_PACKETS:
-            held.pop(0)
-            self.counters.drops[DropReason.STAGED_QUEUE_FULL] += 1
-        held.append(packet)
-        if peer.keypairs.for_sending(now) is not None and peer.endpoint is not None:
-            self._send_held(peer, now)  # a keypair came meanwhile: nothing to wait for
-            return
-        self.need_handshake(peer_id, now, wall_ns, worker_id)
-
     def rekey_wanted(self, peer_id: int, now: float, wall_ns: int) -> None:
         """A worker saw the current key reach its age or message limit (it applies the
         initiator-only rules of keepKeyFreshSending/Receiving and asks once per keypair)."""
@@ -394,8 +371,6 @@ class Interface:
         peer.last_handshake_ns = wall_ns
         self.counters.completed += 1
         self._announce_roles(peer)
-        if peer.held:
-            self._send_held(peer, now)
 
     def roamed(self, peer_id: int, endpoint: Endpoint, sticky: Sticky | None = None) -> None:
         peer = self.by_id.get(peer_id)
@@ -607,11 +582,7 @@ class Interface:
         # worker staged for this handshake if there are any, else a keepalive (wireguard-go's
         # SendKeepalive). That worker sends them when it reads the keypair, no later.
         worker = self._asked_by.pop(peer.peer_id, None)
-        if peer.held and peer.endpoint is not None:
-            # Sealed and sent by control now, after the keypair's announcement (commands go
-            # first): no hop back to the worker that staged it.
-            self._send_held(peer, now)
-        elif worker is None:
+        if worker is None:
             self.send_keepalive(peer, now, wall_ns)
         else:
             slot = self.slot_of[peer.keypairs.current]  # type: ignore[index]
@@ -652,20 +623,6 @@ class Interface:
         counter = self.keyslots.reserve(self.slot_of[keypair], 1)
         message = seal_transport(keypair.send_key, keypair.remote_index, counter, b"", self.mtu)
         self._send_control(peer, message, now)
-
-    def _send_held(self, peer: Peer, now: float) -> None:
-        """The packets a worker handed over, under the current keypair, with counters from
-        its slot's shared counter (as the workers take theirs: none is used twice)."""
-        keypair = peer.keypairs.for_sending(now)
-        held = peer.held
-        if keypair is None or peer.endpoint is None or not held:
-            return
-        peer.held = None
-        first = self.keyslots.reserve(self.slot_of[keypair], len(held))
-        mtu, key, receiver = self.padding_mtu, keypair.send_key, keypair.remote_index
-        for counter, packet in enumerate(held, first):
-            self._send_control(peer, seal_transport(key, receiver, counter, packet, mtu), now)
-        peer.timers.data_sent(now)
 
     def _send_control(self, peer: Peer, message: bytes, now: float) -> None:
         assert peer.endpoint is not None
@@ -809,21 +766,14 @@ class Interface:
             elif action.kind == ActionKind.SEND_KEEPALIVE:
                 self.send_keepalive(peer, now, wall_ns)
             elif action.kind == ActionKind.DROP_STAGED:
-                self._drop_held(peer)
                 self.commands.append(DropStaged(peer.peer_id))
             elif action.kind == ActionKind.ZERO_KEYS:
                 self._drop_sessions(peer)
-                self._drop_held(peer)
                 self.commands.append(DropStaged(peer.peer_id))
             elif action.kind == ActionKind.CLEAR_SOURCE and peer.endpoint is not None:
                 # No answer for a while: maybe our address changed. Forget the sticky source
                 # we answer from and let routing choose (wireguard-go's ClearSrc).
                 self.set_endpoint(peer, peer.endpoint, None)
-
-    def _drop_held(self, peer: Peer) -> None:
-        if peer.held:
-            self.counters.drops[DropReason.STAGED_EXPIRED] += len(peer.held)
-        peer.held = None
 
     def _log_action(self, peer: Peer, action: Any) -> None:
         """The timers' decisions, in wireguard-go's words (timers.go's expired* functions)."""

@@ -44,9 +44,6 @@ class Peer:
     # replacement counts from zero in the same stats block, and `wg show` must not go back.
     retired_rx_bytes: int = 0
     retired_tx_bytes: int = 0
-    # Packets a worker handed over with its request for a handshake (NeedHandshakeWith):
-    # control seals and sends them itself once a keypair is current. None: none.
-    held: list[bytes] | None = None
 
     @classmethod
     def create(

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..ipc.channel import Channel
 from ..ipc.keyslots import KeySlots
-from ..ipc.messages import NeedHandshake, NeedHandshakeWith, RekeyWanted
+from ..ipc.messages import NeedHandshake, RekeyWanted
 from ..net.steering import COUNTER_BLOCK_BITS
 from ..net.tun import VIRTIO_NET_HDR_LEN
 from ..net.udp import SOL_UDP, UDP_SEGMENT, send_sticky
@@ -348,14 +348,6 @@ class Outbound:
 
     def _stage(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
         staged: deque[bytes] | None = peer[P_STAGED]
-        if not staged and now - peer[P_HANDSHAKE_ASKED] > 0.05:
-            # The first packet goes to control with the request for a handshake: control
-            # sends it the moment the response is consumed, with no hop back to a worker
-            # (the first packet of a new session, perf/RESULTS.md "First packet").
-            self.staged += 1
-            peer[P_HANDSHAKE_ASKED] = now
-            self.channel.send(NeedHandshakeWith(peer_id, packet))
-            return
         if staged is None:
             # Made on first use: an empty deque is 760 bytes, per peer and worker (10,000
             # peers, 4 workers: 30 MB for queues that are nearly always empty).

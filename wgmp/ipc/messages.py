@@ -36,7 +36,6 @@ __all__ = [
     "MessageError",
     "Mtu",
     "NeedHandshake",
-    "NeedHandshakeWith",
     "PeerEndpoint",
     "PeerRemove",
     "PeerSet",
@@ -222,15 +221,6 @@ class Pong(NamedTuple):
     token: int
 
 
-class NeedHandshakeWith(NamedTuple):
-    """NeedHandshake, with the first packet staged for the peer, which the worker hands to
-    control rather than keeping: control seals and sends it itself the moment a keypair is
-    there (our initiation's response consumed), without a hop back to a worker."""
-
-    peer_id: int
-    packet: bytes
-
-
 class ResponsesComputed(NamedTuple):
     """Answers ComputeResponses: per job, [job, ephemeral, encrypted_nothing, hash,
     chaining_key, ephemeral_private] (noise.py's ResponseMaterial), or [job] alone when the
@@ -263,7 +253,6 @@ Message = (
     | RekeyWanted
     | Pong
     | ResponsesComputed
-    | NeedHandshakeWith
 )
 
 
@@ -300,7 +289,6 @@ DECLARATIONS: tuple[Declaration, ...] = (
     Declaration(40, RekeyWanted, _C),
     Declaration(41, Pong, _C),
     Declaration(42, ResponsesComputed, _C),
-    Declaration(43, NeedHandshakeWith, _C),
 )
 _BY_KIND: dict[int, Declaration] = {d.kind: d for d in DECLARATIONS}
 _KIND_OF: dict[type[Any], int] = {d.type: d.kind for d in DECLARATIONS}
