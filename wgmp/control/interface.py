@@ -280,9 +280,9 @@ class Interface:
 
         An identical prefix may have moved to another peer, so every peer whose list changed
         is re-sent, not only the one named in the request."""
+        lists, commands = self.allowed.packed_lists_for_peer, self.commands
         for peer in peers:
-            prefixes = self.allowed.packed_entries_for_peer(peer.peer_id)
-            self.commands.append(PeerSet(peer.peer_id, None, [list(p) for p in prefixes]))
+            commands.append(PeerSet(peer.peer_id, None, lists(peer.peer_id)))
 
     def set_mtu(self, mtu: int) -> None:
         self.mtu = mtu
