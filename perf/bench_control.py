@@ -14,7 +14,12 @@ made here, the daemon started in it, then
   the daemon's processes (so every worker's copy of the allowed IPs counts).
 
     python perf/bench_control.py                        # 10,000 peers x 10, workers 1,2
-    python perf/bench_control.py --peers 100000 --workers 2 --daemons wgmp
+    python perf/bench_control.py --peers 65536 --workers 1,2   # as many as either takes
+    python perf/bench_control.py --peers 100000 --workers 2
+
+More than 65,536 peers: wireguard-go refuses the 65,537th (MaxPeers, EINVAL) and keeps the
+ones before it, and so does wgmp; the row then says "refused" and measures what was kept
+(`wg show` and memory per peer over the peers actually held).
 
 No packet is sent: the endpoints are only configured. Needs root, ip, wg, wireguard-go.
 """
@@ -49,6 +54,7 @@ from bench_tunnel import (  # noqa: E402
 )
 
 MiB = 1 << 20
+MAX_PEERS = 1 << 16  # wireguard-go's MaxPeers (and wgmp's): the next one is refused
 
 
 @dataclass
@@ -67,6 +73,10 @@ class Result:
     loaded: Memory | None = None
     setconf_s: float | None = None
     show_s: list[float] = field(default_factory=list)
+    setconf_cpu: float | None = None  # CPU seconds of all the daemon's processes
+    show_cpu: list[float] = field(default_factory=list)
+    peers: int = 0  # how many the daemon holds after the setconf
+    refused: str = ""  # why `wg setconf` failed, when the daemon refused part of it
     error: str = ""
 
 
@@ -90,6 +100,18 @@ def memory(ns: Netns) -> Memory:
         total.uss += info.uss
         total.pss += info.pss
         total.per_process.append((name, info.rss, info.uss, info.pss))
+    return total
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (those that still exist)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
     return total
 
 
@@ -120,20 +142,28 @@ def measure(args: argparse.Namespace, kind: str, workers: str, index: int, conf:
         daemon.start()
         time.sleep(1.0)  # workers started and settled
         result.idle = memory(ns)
-        start = time.monotonic()
-        ns.run(["wg", "setconf", ifname, str(conf)], timeout=900)
+        pids = ns.pids()
+        cpu, start = cpu_seconds(pids), time.monotonic()
+        done = ns.run(["wg", "setconf", ifname, str(conf)], timeout=900, check=False)
         result.setconf_s = time.monotonic() - start
+        if done.returncode != 0:
+            if args.peers <= MAX_PEERS:
+                raise RuntimeError(f"wg setconf failed: {done.stderr.strip()}")
+            result.refused = done.stderr.strip().splitlines()[-1] if done.stderr else "failed"
+        result.setconf_cpu = cpu_seconds(pids) - cpu
         for _ in range(2):
-            start = time.monotonic()
+            cpu, start = cpu_seconds(pids), time.monotonic()
             out = ns.run(["wg", "show", ifname, "dump"], timeout=600).stdout
             result.show_s.append(time.monotonic() - start)
-        lines = out.count("\n")
-        if lines != args.peers + 1:
-            raise RuntimeError(f"wg show dump printed {lines} lines, not {args.peers + 1}")
+            result.show_cpu.append(cpu_seconds(pids) - cpu)
+        result.peers = out.count("\n") - 1
+        if result.peers != min(args.peers, MAX_PEERS):
+            raise RuntimeError(f"wg show dump printed {result.peers} peers, not {args.peers}")
         time.sleep(0.5)  # workers have applied what control sent them
         result.loaded = memory(ns)
         log(
-            f"  {kind} {workers}: setconf {result.setconf_s:.2f} s, show "
+            f"  {kind} {workers}: setconf {result.setconf_s:.2f} s ({result.setconf_cpu:.2f} s "
+            f"CPU), show "
             f"{result.show_s[0]:.2f}/{result.show_s[1]:.2f} s, RSS {result.idle.rss / MiB:.1f}"
             f" -> {result.loaded.rss / MiB:.1f} MiB"
         )
@@ -154,29 +184,31 @@ def table(args: argparse.Namespace, results: list[Result]) -> str:
         return f"{value / reference:.2f}" if value is not None and reference else "-"
 
     lines = [
-        f"| daemon | workers | setconf {args.peers:,} x {args.allowed} s | vs wg-go | show dump s "
-        "(1st / 2nd) | vs wg-go (2nd) | memory per peer KB (RSS, all processes) | vs wg-go "
+        f"| daemon | workers | setconf {args.peers:,} x {args.allowed} s | vs wg-go | daemon CPU s "
+        "| show dump s (1st / 2nd) | vs wg-go (2nd) | daemon CPU s (2nd) "
+        "| memory per peer KB (RSS, all processes) | vs wg-go | RSS after MiB (all processes) "
         "| idle RSS / USS / PSS MiB (all processes) | idle per process RSS / USS / PSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     ref_peer = (
-        (ref.loaded.rss - ref.idle.rss) / args.peers if ref and ref.loaded and ref.idle else None
+        (ref.loaded.rss - ref.idle.rss) / ref.peers if ref and ref.loaded and ref.idle else None
     )
     for r in results:
         if r.error or r.idle is None or r.loaded is None or r.setconf_s is None:
-            lines.append(f"| {r.daemon} | {r.workers} | FAILED: {r.error} ||||||||")
+            lines.append(f"| {r.daemon} | {r.workers} | FAILED: {r.error} ||||||||||")
             continue
-        per_peer = (r.loaded.rss - r.idle.rss) / args.peers
+        per_peer = (r.loaded.rss - r.idle.rss) / r.peers
         procs = "; ".join(
             f"{name} {rss / MiB:.1f} / {uss / MiB:.1f} / {pss / MiB:.1f}"
             for name, rss, uss, pss in r.idle.per_process
         )
         lines.append(
-            f"| {r.daemon} | {r.workers} | {r.setconf_s:.2f} "
-            f"| {ratio(r.setconf_s, ref.setconf_s if ref else None)} "
+            f"| {r.daemon} | {r.workers} | {r.setconf_s:.2f}"
+            f"{f' (refused: {r.refused}; {r.peers:,} peers kept)' if r.refused else ''} "
+            f"| {ratio(r.setconf_s, ref.setconf_s if ref else None)} | {r.setconf_cpu:.2f} "
             f"| {r.show_s[0]:.2f} / {r.show_s[1]:.2f} "
-            f"| {ratio(r.show_s[1], ref.show_s[1] if ref else None)} "
-            f"| {per_peer / 1024:.1f} | {ratio(per_peer, ref_peer)} "
+            f"| {ratio(r.show_s[1], ref.show_s[1] if ref else None)} | {r.show_cpu[1]:.2f} "
+            f"| {per_peer / 1024:.1f} | {ratio(per_peer, ref_peer)} | {r.loaded.rss / MiB:.1f} "
             f"| {r.idle.rss / MiB:.1f} / {r.idle.uss / MiB:.1f} / {r.idle.pss / MiB:.1f} "
             f"| {procs} |"
         )

@@ -911,3 +911,59 @@ def test_protocol_module_does_no_io():
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"socket", "os", "time", "random", "select", "asyncio", "logging"}
+
+
+def _reference_ipv4_prefix(value: str) -> AddAllowedIP | None:
+    """What netip.ParsePrefix makes of an IPv4 `allowed_ip=` value (Python's IPv4Address
+    is as strict: four decimal parts <= 255, no leading zeros), or None if it refuses."""
+    text, slash, bits = value.rpartition("/")
+    if not slash or not bits.isascii():
+        return None
+    try:
+        address = IPv4Address(text)
+        cidr = int(bits.lstrip("+"), 10) if bits[:1] != "-" else -int(bits[1:], 10)
+    except ValueError:
+        return None
+    if not 0 <= cidr <= 32:
+        return None
+    return AddAllowedIP(address.packed, cidr)
+
+
+_QUAD_PART = st.one_of(
+    st.integers(0, 300).map(str),
+    st.sampled_from(["", "00", "01", "007", "1a", " 1", "1 ", "+1", "٣", "0x1", "256"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(_QUAD_PART, min_size=3, max_size=5),
+    st.one_of(st.integers(0, 40).map(str), st.sampled_from(["08", "+8", "-0", "", "x", "032"])),
+)
+def test_ipv4_allowed_ips_parse_as_netip_does(parts: list[str], bits: str) -> None:
+    """The one-match path for IPv4 allowed IPs takes and refuses what the general path and
+    netip do."""
+    value = ".".join(parts) + "/" + bits
+    expected = _reference_ipv4_prefix(value)
+    if expected is None:
+        assert error_code(f"public_key={PEER}", f"allowed_ip={value}") == IPC_ERROR_INVALID
+    else:
+        assert peer_op(f"allowed_ip={value}") == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([32, 128]).flatmap(lambda b: st.tuples(st.just(b), st.integers(0, b))),
+       st.integers(min_value=0))  # fmt: skip
+def test_compact_prefixes_print_as_format_prefix(width: tuple[int, int], value: int) -> None:
+    bits, cidr = width
+    network = ip_network((value % (1 << bits), cidr), strict=False)
+    packed = network.network_address.packed
+    compact = packed if cidr == bits else packed + bytes([cidr])
+    assert uapi.format_compact_prefixes([compact]) == [format_prefix(network.network_address, cidr)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, (1 << 32) - 1), st.integers(0, 65535))
+def test_ipv4_endpoints_print_as_address_objects_do(value: int, port: int) -> None:
+    address = IPv4Address(value)
+    assert format_endpoint(str(address), port) == f"{address}:{port}"
