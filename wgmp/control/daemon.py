@@ -906,7 +906,7 @@ class Daemon:
                 reply = GetReply(
                     self._device_snapshot(with_peers=False),
                     list(self.interface.peers.values()),
-                    self._peer_snapshot,
+                    self._peer_text,
                 )
                 self._get_reply = (reply, self._get_waiters)
                 self._get_waiters = []
@@ -971,13 +971,35 @@ class Daemon:
             peers=peers,
         )
 
-    def _peer_snapshot(self, peer: Peer) -> uapi.PeerSnapshot:
+    def _peer_bytes(self, peer: Peer) -> tuple[int, int]:
+        """(rx, tx) bytes of a peer: control's own, its retired keypairs' and every worker's."""
         rx = peer.control_rx_bytes + peer.retired_rx_bytes
         tx = peer.control_tx_bytes + peer.retired_tx_bytes
         for handle in self.supervisor.workers:
             rx_bytes, tx_bytes, _, _ = handle.stats.peer(peer.peer_id)
             rx += rx_bytes
             tx += tx_bytes
+        return rx, tx
+
+    def _peer_text(self, peer: Peer) -> str:
+        """`_peer_snapshot` as the lines of a `get` reply, without the snapshot object
+        (10,000 peers of a `wg show`: perf/bench_control.py)."""
+        rx, tx = self._peer_bytes(peer)
+        sec, nsec = divmod(peer.last_handshake_ns, 1_000_000_000)
+        return uapi.format_peer(
+            peer.public_key,
+            peer.preshared_key,
+            peer.endpoint,
+            sec,
+            nsec,
+            tx,
+            rx,
+            peer.persistent_keepalive_interval,
+            format_compact_prefixes(self.interface.allowed.compact_entries_for_peer(peer.peer_id)),
+        )
+
+    def _peer_snapshot(self, peer: Peer) -> uapi.PeerSnapshot:
+        rx, tx = self._peer_bytes(peer)
         sec, nsec = divmod(peer.last_handshake_ns, 1_000_000_000)
         return uapi.PeerSnapshot(
             public_key=peer.public_key,

@@ -34,24 +34,25 @@ class GetReply:
         self,
         device: uapi.DeviceSnapshot,
         peers: Sequence[Peer],
-        peer_snapshot: Callable[[Peer], uapi.PeerSnapshot],
+        peer_text: Callable[[Peer], str],
     ) -> None:
-        """`device` without peers; `peers` to write, each taken by `peer_snapshot` when its
-        turn comes."""
+        """`device` without peers; `peers` to write, each by `peer_text` (its lines as
+        `uapi.format_peer` writes them) when its turn comes."""
         self._parts = [_lines(device)]
         self._peers = list(peers)
         self._position = 0
-        self._peer_snapshot = peer_snapshot
+        self._peer_text = peer_text
         self.finished = False
 
     def run(self, budget: float) -> bool:
         """Write peers for about `budget` seconds; True once the reply is complete."""
         deadline = time.monotonic() + budget
-        peers, snapshot = self._peers, self._peer_snapshot
+        peers, text = self._peers, self._peer_text
         while self._position < len(peers):
             chunk = peers[self._position : self._position + CHUNK]
             self._position += len(chunk)
-            self._parts.append(_lines(uapi.DeviceSnapshot(peers=[snapshot(p) for p in chunk])))
+            # What format_get writes for these peers: each peer's lines, then a newline.
+            self._parts.append("".join([text(p) + "\n" for p in chunk]).encode())
             if self._position < len(peers) and time.monotonic() >= deadline:
                 return False
         self.finished = True
