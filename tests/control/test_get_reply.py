@@ -54,3 +54,18 @@ def test_sliced_reply_is_format_get() -> None:
             )
             assert reply.text() == expected
             assert slices == max(1, -(-count // CHUNK))
+
+
+def test_a_reply_handed_out_as_it_is_written_is_the_same_reply() -> None:
+    snapshots = [_peer(n) for n in range(3 * CHUNK + 1)]
+    peers = [SimpleNamespace(index=n) for n in range(len(snapshots))]
+    device = uapi.DeviceSnapshot(private_key=bytes([9]) * 32, listen_port=51820)
+    reply = GetReply(device, peers, lambda p: _text(snapshots[p.index]))  # type: ignore[arg-type,attr-defined]
+    streamed = []
+    while not reply.run(0.0):
+        streamed.append(reply.fresh())
+    assert len(streamed) == 3 and all(streamed)
+    assert b"".join(streamed) + reply.rest() == reply.text()
+    assert reply.text() == uapi.format_get(
+        uapi.DeviceSnapshot(device.private_key, 51820, 0, snapshots)
+    )

@@ -915,19 +915,25 @@ class Daemon:
                 self._start_round()
 
     def _write_get_reply(self) -> None:
-        """A slice of the reply to the gets of the last round; sent once it is whole."""
+        """A slice of the reply to the gets of the last round, sent as it is written to the
+        clients that take it in parts (uapi.server.Responder), whole to any other."""
         assert self._get_reply is not None
         reply, waiting = self._get_reply
         try:
             if not reply.run(SET_SLICE):
+                fresh = reply.fresh()
+                for respond in waiting:
+                    part = getattr(respond, "part", None)
+                    if part is not None:
+                        part(fresh)
                 return
-            text = reply.text()
+            text, rest = reply.text(), reply.rest()
         except Exception:  # a bug must cost the request, not the daemon
             log.exception("writing a get reply failed")
-            text = uapi.format_errno(uapi.IPC_ERROR_UNKNOWN)
+            text = rest = uapi.format_errno(uapi.IPC_ERROR_UNKNOWN)
         self._get_reply = None
         for respond in waiting:
-            respond(text)
+            respond(rest if hasattr(respond, "part") else text)
 
     def _workers_backlogged(self) -> bool:
         """True while some worker's pipe is more than 1/SET_PIPE_BACKLOG_FRACTION full."""

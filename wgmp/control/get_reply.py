@@ -4,7 +4,9 @@ With 65,536 peers the reply is ~22 MB and took control ~1 s to write in one go, 
 no handshake was answered; wireguard-go writes it while its other goroutines go on. `GetReply`
 writes CHUNK peers at a time until its time budget is spent; the daemon runs no set request
 meanwhile (the peers stay the same ones), so the reply is what wireguard-go's would be: every
-peer once, each peer's values as they were when it was written.
+peer once, each peer's values as they were when it was written. Each slice goes out as soon as
+it is written (`fresh`), as wireguard-go writes to the socket as it goes: `wg` parses the
+first peers while control writes the next.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class GetReply:
         self._peers = list(peers)
         self._position = 0
         self._peer_text = peer_text
+        self._streamed = 0  # parts already handed out by `fresh`
         self.finished = False
 
     def run(self, budget: float) -> bool:
@@ -58,6 +61,18 @@ class GetReply:
         self.finished = True
         return True
 
+    def fresh(self) -> bytes:
+        """What was written since the last call: the reply's next bytes, for clients that
+        read it as it is written (uapi.server.Responder.part)."""
+        parts, self._streamed = self._parts[self._streamed :], len(self._parts)
+        return b"".join(parts)
+
+    def rest(self) -> bytes:
+        """The end of the reply, after what `fresh` handed out."""
+        assert self.finished
+        return self.fresh() + _END
+
     def text(self) -> bytes:
+        """The whole reply."""
         assert self.finished
         return b"".join(self._parts) + _END
