@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from wgmp.control.get_reply import CHUNK, GetReply
+from wgmp.control.get_reply import CHUNK, GetReply, SteadyLines
 from wgmp.uapi import protocol as uapi
 
 
@@ -21,18 +21,7 @@ def _peer(n: int) -> uapi.PeerSnapshot:
     )
 
 
-def _text(peer: uapi.PeerSnapshot) -> str:
-    return uapi.format_peer(
-        peer.public_key,
-        peer.preshared_key,
-        peer.endpoint,
-        peer.last_handshake_time_sec,
-        peer.last_handshake_time_nsec,
-        peer.tx_bytes,
-        peer.rx_bytes,
-        peer.persistent_keepalive_interval,
-        peer.allowed_ips,
-    )
+_text = uapi.format_snapshot_peer
 
 
 def test_sliced_reply_is_format_get() -> None:
@@ -69,3 +58,35 @@ def test_a_reply_handed_out_as_it_is_written_is_the_same_reply() -> None:
     assert reply.text() == uapi.format_get(
         uapi.DeviceSnapshot(device.private_key, 51820, 0, snapshots)
     )
+
+
+def test_steady_lines_follow_every_change_and_forget_peers_gone() -> None:
+    lines = SteadyLines()
+    key, psk = bytes([1]) * 32, bytes([2]) * 32
+    host = [bytes([10, 0, 0, 1])]
+
+    def expected(psk: bytes | None, endpoint: tuple[str, int] | None, compacts: list[bytes]):
+        texts = uapi.format_compact_prefixes(compacts)
+        return (
+            uapi.format_peer_head(key, psk, endpoint),
+            uapi.format_allowed_lines(texts),
+        )
+
+    states = [
+        (None, None, []),
+        (None, None, host),
+        (psk, None, host),
+        (psk, ("192.0.2.1", 1), host),
+        (psk, ("192.0.2.1", 2), host),
+        (psk, ("192.0.2.1", 2), [*host, bytes([10, 0, 0, 0, 8])]),
+        (psk, ("192.0.2.1", 2), host),
+    ]
+    for psk_now, endpoint, compacts in states:
+        lines.begin()
+        for _ in range(2):  # made once, then reused: the same either way
+            got = lines.lines(7, key, psk_now, endpoint, list(compacts))
+            assert got == expected(psk_now, endpoint, compacts)
+    lines.begin()
+    lines.lines(8, key, None, None, [])
+    lines.begin()
+    assert set(lines._kept) == {8}  # peer 7 was not in the last get

@@ -61,7 +61,7 @@ from ..uapi.protocol import format_compact_prefixes
 from ..uapi.server import SOCKET_DIRECTORY, Respond, UAPIServer
 from .edges import KernelLink, KernelPort, Link, LinkEvents, Port, RouteEvents
 from .endpoint_routes import EndpointRoutes
-from .get_reply import GetReply
+from .get_reply import GetReply, SteadyLines
 from .interface import Interface, ToWorker
 from .peer import Peer
 from .set_request import SetApplication, apply_request
@@ -182,6 +182,7 @@ class Daemon:
         # The gets of a completed round, and the reply being written for them (get_reply.py).
         self._get_waiters: list[Respond] = []
         self._get_reply: tuple[GetReply, list[Respond]] | None = None
+        self._steady_lines = SteadyLines()
         self._datagrams_held_since: float | None = None
         self.tun_fds: list[int] = []
         self.control_sockets: dict[int, socket.socket] = {}
@@ -903,6 +904,7 @@ class Daemon:
                     log.exception("answering a request failed")
             self._round_stats = None
             if self._get_waiters:
+                self._steady_lines.begin()
                 reply = GetReply(
                     self._device_snapshot(with_peers=False),
                     list(self.interface.peers.values()),
@@ -992,16 +994,15 @@ class Daemon:
         (10,000 peers of a `wg show`: perf/bench_control.py)."""
         rx, tx = self._peer_bytes(peer)
         sec, nsec = divmod(peer.last_handshake_ns, 1_000_000_000)
-        return uapi.format_peer(
+        head, allowed = self._steady_lines.lines(
+            peer.peer_id,
             peer.public_key,
             peer.preshared_key,
             peer.endpoint,
-            sec,
-            nsec,
-            tx,
-            rx,
-            peer.persistent_keepalive_interval,
-            format_compact_prefixes(self.interface.allowed.compact_entries_for_peer(peer.peer_id)),
+            self.interface.allowed.compact_entries_for_peer(peer.peer_id),
+        )
+        return uapi.format_peer(
+            head, sec, nsec, tx, rx, peer.persistent_keepalive_interval, allowed
         )
 
     def _peer_snapshot(self, peer: Peer) -> uapi.PeerSnapshot:

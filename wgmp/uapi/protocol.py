@@ -58,7 +58,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
-from typing import Any, Final
+from typing import Final
 
 from wgmp.protocol.constants import KEY_LEN
 from wgmp.protocol.errors import ConfigError
@@ -99,7 +99,10 @@ __all__ = [
     "format_errno",
     "format_get",
     "format_packed_prefix",
+    "format_allowed_lines",
     "format_peer",
+    "format_peer_head",
+    "format_snapshot_peer",
     "format_prefix_value",
     "format_prefix",
     "parse_request",
@@ -928,57 +931,64 @@ def format_get(snapshot: DeviceSnapshot) -> bytes:
     if snapshot.fwmark:
         add(f"fwmark={snapshot.fwmark}")
     for peer in snapshot.peers:
-        add(format_peer(*_peer_fields(peer)))
+        add(format_snapshot_peer(peer))
     add("errno=0\n\n")
     return "\n".join(lines).encode()
-
-
-def _peer_fields(peer: PeerSnapshot) -> tuple[Any, ...]:
-    return (
-        peer.public_key,
-        peer.preshared_key,
-        peer.endpoint,
-        peer.last_handshake_time_sec,
-        peer.last_handshake_time_nsec,
-        peer.tx_bytes,
-        peer.rx_bytes,
-        peer.persistent_keepalive_interval,
-        peer.allowed_ips,
-    )
 
 
 _ZERO_KEY: Final = bytes(KEY_LEN)
 
 
+def format_peer_head(
+    public_key: bytes, preshared_key: bytes | None, endpoint: tuple[str, int] | None
+) -> str:
+    """A peer's first lines in a `get` reply, up to its endpoint (with its newline)."""
+    where = "" if endpoint is None else f"endpoint={format_endpoint(*endpoint)}\n"
+    return (
+        f"public_key={_key_hex(public_key)}\n"
+        f"preshared_key={_key_hex(preshared_key or _ZERO_KEY)}\n"
+        f"protocol_version=1\n{where}"
+    )
+
+
+def format_allowed_lines(allowed_ips: Sequence[str]) -> str:
+    """A peer's allowed_ip lines, each after a newline ("" for none)."""
+    return "\nallowed_ip=" + "\nallowed_ip=".join(allowed_ips) if allowed_ips else ""
+
+
 def format_peer(
-    public_key: bytes,
-    preshared_key: bytes | None,
-    endpoint: tuple[str, int] | None,
+    head: str,
     last_handshake_time_sec: int,
     last_handshake_time_nsec: int,
     tx_bytes: int,
     rx_bytes: int,
     persistent_keepalive_interval: int,
-    allowed_ips: Sequence[str],
+    allowed_lines: str,
 ) -> str:
-    """One peer's lines of a `get` reply (the fields of `PeerSnapshot`, without making one:
-    the control plane writes 10,000 peers from its own state), joined by "\n", with no
-    newline after the last."""
-    # One string per peer (and one per allowed IP), not one per line: with 10,000 peers
-    # the per-line appends were a third of the reply's cost.
-    where = "" if endpoint is None else f"endpoint={format_endpoint(*endpoint)}\n"
-    text = (
-        f"public_key={_key_hex(public_key)}\n"
-        f"preshared_key={_key_hex(preshared_key or _ZERO_KEY)}\n"
-        f"protocol_version=1\n{where}"
-        f"last_handshake_time_sec={last_handshake_time_sec}\n"
+    """One peer's lines of a `get` reply, joined by "\n", with no newline after the last:
+    `head` and `allowed_lines` as `format_peer_head` and `format_allowed_lines` make them
+    (the control plane keeps those from one get to the next: they seldom change)."""
+    # One string per peer, not one per line: with 10,000 peers the per-line appends were a
+    # third of the reply's cost.
+    return (
+        f"{head}last_handshake_time_sec={last_handshake_time_sec}\n"
         f"last_handshake_time_nsec={last_handshake_time_nsec}\n"
         f"tx_bytes={tx_bytes}\nrx_bytes={rx_bytes}\n"
-        f"persistent_keepalive_interval={persistent_keepalive_interval}"
+        f"persistent_keepalive_interval={persistent_keepalive_interval}{allowed_lines}"
     )
-    if allowed_ips:
-        return text + "\nallowed_ip=" + "\nallowed_ip=".join(allowed_ips)
-    return text
+
+
+def format_snapshot_peer(peer: PeerSnapshot) -> str:
+    """`format_peer` of a `PeerSnapshot`."""
+    return format_peer(
+        format_peer_head(peer.public_key, peer.preshared_key, peer.endpoint),
+        peer.last_handshake_time_sec,
+        peer.last_handshake_time_nsec,
+        peer.tx_bytes,
+        peer.rx_bytes,
+        peer.persistent_keepalive_interval,
+        format_allowed_lines(peer.allowed_ips),
+    )
 
 
 def format_errno(code: int) -> bytes:
