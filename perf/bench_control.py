@@ -14,6 +14,7 @@ made here, the daemon started in it, then
   the daemon's processes (so every worker's copy of the allowed IPs counts).
 
     python perf/bench_control.py                        # 10,000 peers x 10, workers 1,2
+    python perf/bench_control.py --rounds 3             # and the medians of three rounds
     python perf/bench_control.py --peers 65536 --workers 1,2   # as many as either takes
     python perf/bench_control.py --peers 100000 --workers 2
 
@@ -31,6 +32,7 @@ import atexit
 import base64
 import os
 import secrets
+import statistics
 import sys
 import tempfile
 import time
@@ -221,6 +223,9 @@ def main() -> int:
     parser.add_argument("--allowed", type=int, default=10)
     parser.add_argument("--daemons", default="wg-go,wgmp")
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat, alternating; adds a table of medians"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -234,17 +239,60 @@ def main() -> int:
         conf = Path(tmp) / "peers.conf"
         conf.write_text(config_text(args.peers, args.allowed))
         index = 0
-        for kind in args.daemons.split(","):
-            for workers in args.workers.split(",") if kind == "wgmp" else ["-"]:
-                log(f"{kind} workers {workers}")
-                results.append(measure(args, kind, workers, index, conf))
-                index += 1
+        for round_ in range(args.rounds):  # alternating, so that load spreads over all
+            for kind in args.daemons.split(","):
+                for workers in args.workers.split(",") if kind == "wgmp" else ["-"]:
+                    log(f"round {round_ + 1}: {kind} workers {workers}")
+                    results.append(measure(args, kind, workers, index, conf))
+                    index += 1
     print(f"Command: `python perf/bench_control.py {' '.join(sys.argv[1:])}`; started {started}.")
     print(f"Machine: {machine()}")
     print(f"Load average (1/5/15 min): {before} before, {loadavg()} after.")
     print()
     print(table(args, results))
+    if args.rounds > 1:
+        print()
+        print(medians(results))
     return 0
+
+
+def medians(results: list[Result]) -> str:
+    """Per daemon and --workers value: the median of the rounds, and its ratio to
+    wireguard-go's median (wall and CPU time; memory per peer)."""
+    rows: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        if not r.error and r.idle and r.loaded and r.setconf_s is not None and r.peers:
+            rows.setdefault((r.daemon, r.workers), []).append(r)
+
+    def values(rs: list[Result]) -> dict[str, float]:
+        return {
+            "setconf": statistics.median(r.setconf_s or 0.0 for r in rs),
+            "setconf_cpu": statistics.median(r.setconf_cpu or 0.0 for r in rs),
+            "show": statistics.median(r.show_s[1] for r in rs),
+            "show_cpu": statistics.median(r.show_cpu[1] for r in rs),
+            "per_peer": statistics.median(
+                (r.loaded.rss - r.idle.rss) / r.peers for r in rs if r.loaded and r.idle
+            ),
+        }
+
+    ref = values(rows[("wg-go", "-")]) if ("wg-go", "-") in rows else None
+    lines = [
+        "| daemon | workers | rounds | setconf s (median) | vs wg-go | daemon CPU s | vs wg-go "
+        "| show dump s, 2nd (median) | vs wg-go | daemon CPU s | vs wg-go "
+        "| memory per peer KB (median) | vs wg-go |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (daemon, workers), rs in rows.items():
+        v = values(rs)
+        cells = []
+        for name, scale in (
+            ("setconf", 1.0), ("setconf_cpu", 1.0), ("show", 1.0), ("show_cpu", 1.0),
+            ("per_peer", 1 / 1024),
+        ):  # fmt: skip
+            ratio = f"{v[name] / ref[name]:.2f}" if ref and ref[name] else "-"
+            cells.append(f"{v[name] * scale:.{1 if name == 'per_peer' else 2}f} | {ratio}")
+        lines.append(f"| {daemon} | {workers} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
