@@ -19,8 +19,10 @@ made here, the daemon started in it, then
     python perf/bench_control.py --peers 100000 --workers 2
 
 More than 65,536 peers: wireguard-go refuses the 65,537th (MaxPeers, EINVAL) and keeps the
-ones before it, and so does wgmp; the row then says "refused" and measures what was kept
-(`wg show` and memory per peer over the peers actually held).
+ones before it, and so does wgmp, unless the request has more than its MAX_SET_LINES lines
+(100,000 x 10 is 1.3 million): then it refuses the request as a whole (ENOMEM) and keeps none.
+The row then says "refused" and measures what was kept (`wg show` and memory per peer over
+the peers actually held).
 
 No packet is sent: the endpoints are only configured. Needs root, ip, wg, wireguard-go.
 """
@@ -105,16 +107,24 @@ def memory(ns: Netns) -> Memory:
     return total
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of these processes so far (those that still exist)."""
-    total = 0.0
-    for pid in pids:
+def cpu_seconds(ns: Netns) -> dict[int, float]:
+    """User + system CPU time so far of each process in `ns`, by PID."""
+    seconds = {}
+    for pid in ns.pids():
         try:
             times = psutil.Process(pid).cpu_times()
         except psutil.NoSuchProcess:
             continue
-        total += times.user + times.system
-    return total
+        seconds[pid] = times.user + times.system
+    return seconds
+
+
+def cpu_since(ns: Netns, before: dict[int, float]) -> float:
+    """CPU seconds the daemon's processes used since `before`, counting processes started
+    meanwhile in full (wgmp restarts its workers on a new listen port, as `wg setconf`
+    sets one) and processes gone meanwhile not at all (their last moments are lost)."""
+    after = cpu_seconds(ns)
+    return sum(used - before.get(pid, 0.0) for pid, used in after.items())
 
 
 def config_text(peers: int, allowed: int) -> str:
@@ -144,22 +154,24 @@ def measure(args: argparse.Namespace, kind: str, workers: str, index: int, conf:
         daemon.start()
         time.sleep(1.0)  # workers started and settled
         result.idle = memory(ns)
-        pids = ns.pids()
-        cpu, start = cpu_seconds(pids), time.monotonic()
+        cpu, start = cpu_seconds(ns), time.monotonic()
         done = ns.run(["wg", "setconf", ifname, str(conf)], timeout=900, check=False)
         result.setconf_s = time.monotonic() - start
         if done.returncode != 0:
             if args.peers <= MAX_PEERS:
                 raise RuntimeError(f"wg setconf failed: {done.stderr.strip()}")
-            result.refused = done.stderr.strip().splitlines()[-1] if done.stderr else "failed"
-        result.setconf_cpu = cpu_seconds(pids) - cpu
+            said = (done.stderr or done.stdout or "").strip().splitlines()
+            result.refused = said[-1] if said else f"exit status {done.returncode}"
+        result.setconf_cpu = cpu_since(ns, cpu)
         for _ in range(2):
-            cpu, start = cpu_seconds(pids), time.monotonic()
+            cpu, start = cpu_seconds(ns), time.monotonic()
             out = ns.run(["wg", "show", ifname, "dump"], timeout=600).stdout
             result.show_s.append(time.monotonic() - start)
-            result.show_cpu.append(cpu_seconds(pids) - cpu)
+            result.show_cpu.append(cpu_since(ns, cpu))
         result.peers = out.count("\n") - 1
-        if result.peers != min(args.peers, MAX_PEERS):
+        # Refused, a daemon keeps the peers before the one refused (wireguard-go) or none,
+        # when it refuses the request as a whole (wgmp beyond MAX_SET_LINES lines).
+        if result.peers != args.peers and not (result.refused and result.peers in (0, MAX_PEERS)):
             raise RuntimeError(f"wg show dump printed {result.peers} peers, not {args.peers}")
         time.sleep(0.5)  # workers have applied what control sent them
         result.loaded = memory(ns)
@@ -193,13 +205,15 @@ def table(args: argparse.Namespace, results: list[Result]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     ref_peer = (
-        (ref.loaded.rss - ref.idle.rss) / ref.peers if ref and ref.loaded and ref.idle else None
+        (ref.loaded.rss - ref.idle.rss) / ref.peers
+        if ref and ref.loaded and ref.idle and ref.peers
+        else None
     )
     for r in results:
         if r.error or r.idle is None or r.loaded is None or r.setconf_s is None:
             lines.append(f"| {r.daemon} | {r.workers} | FAILED: {r.error} ||||||||||")
             continue
-        per_peer = (r.loaded.rss - r.idle.rss) / r.peers
+        per_peer = (r.loaded.rss - r.idle.rss) / r.peers if r.peers else None
         procs = "; ".join(
             f"{name} {rss / MiB:.1f} / {uss / MiB:.1f} / {pss / MiB:.1f}"
             for name, rss, uss, pss in r.idle.per_process
@@ -210,7 +224,8 @@ def table(args: argparse.Namespace, results: list[Result]) -> str:
             f"| {ratio(r.setconf_s, ref.setconf_s if ref else None)} | {r.setconf_cpu:.2f} "
             f"| {r.show_s[0]:.2f} / {r.show_s[1]:.2f} "
             f"| {ratio(r.show_s[1], ref.show_s[1] if ref else None)} | {r.show_cpu[1]:.2f} "
-            f"| {per_peer / 1024:.1f} | {ratio(per_peer, ref_peer)} | {r.loaded.rss / MiB:.1f} "
+            f"| {f'{per_peer / 1024:.1f}' if per_peer is not None else '-'} "
+            f"| {ratio(per_peer, ref_peer)} | {r.loaded.rss / MiB:.1f} "
             f"| {r.idle.rss / MiB:.1f} / {r.idle.uss / MiB:.1f} / {r.idle.pss / MiB:.1f} "
             f"| {procs} |"
         )
