@@ -206,3 +206,27 @@ def test_the_bulk_path_for_allowed_ips_is_the_general_one(sections: list[Any]) -
             )
         )
     assert results[0] == results[1]
+
+
+def test_beyond_the_peer_limit_the_peers_before_stay_with_their_allowed_ips(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As wireguard-go past MaxPeers: EINVAL, the peers before the one refused kept (and
+    their allowed IPs sent to the workers)."""
+    import wgmp.control.interface as interface_module
+
+    monkeypatch.setattr(interface_module, "MAX_PEERS", 3)
+    interface = Interface(KeySlots.create(64), _Random(7))
+    keys = [StaticIdentity.from_private_key(DH_GENERATE(random.Random(10 + n))).public_key
+            for n in range(5)]  # fmt: skip
+    lines = []
+    for n, key in enumerate(keys):
+        lines += [f"public_key={key.hex()}", f"allowed_ip=10.0.0.{n}/32"]
+    with pytest.raises(uapi.UAPIError) as caught:
+        apply(interface, Sockets(), *lines)
+    assert caught.value.code == uapi.IPC_ERROR_INVALID
+    assert set(interface.peers) == set(keys[:3])
+    published = {c.peer_id: c.prefixes for c in interface.commands if isinstance(c, PeerSet)}
+    assert sorted(p for prefixes in published.values() for p in prefixes or []) == [
+        [bytes([10, 0, 0, n]), 32] for n in range(3)
+    ]
