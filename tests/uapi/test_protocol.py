@@ -344,7 +344,7 @@ def test_bad_persistent_keepalive(value):
 )
 def test_allowed_ip(value, address, cidr):
     op = peer_op(f"allowed_ip={value}")
-    assert op == AddAllowedIP(address, cidr)
+    assert op == AddAllowedIP(address.packed, cidr)
 
 
 def test_allowed_ip_is_masked_by_network():
@@ -354,8 +354,8 @@ def test_allowed_ip_is_masked_by_network():
 
 def test_allowed_ip_removal():
     # Not in bookworm's wireguard-go (EINVAL there); later wireguard-go and wg send it.
-    assert peer_op("allowed_ip=-10.0.0.0/8") == RemoveAllowedIP(IPv4Address("10.0.0.0"), 8)
-    assert peer_op("allowed_ip=-::/0") == RemoveAllowedIP(IPv6Address("::"), 0)
+    assert peer_op("allowed_ip=-10.0.0.0/8") == RemoveAllowedIP(IPv4Address("10.0.0.0").packed, 8)
+    assert peer_op("allowed_ip=-::/0") == RemoveAllowedIP(IPv6Address("::").packed, 0)
     assert peer_op("allowed_ip=-10.1.2.3/16").network == ip_network("10.1.0.0/16")
 
 
@@ -441,8 +441,8 @@ def test_a_whole_setconf_in_order():
         SetEndpoint(IPv4Address("192.0.2.1"), 51820),
         SetPersistentKeepalive(25),
         ReplaceAllowedIPs(),
-        AddAllowedIP(IPv4Address("10.1.2.3"), 8),
-        AddAllowedIP(IPv6Address("2001:db8::1"), 32),
+        AddAllowedIP(IPv4Address("10.1.2.3").packed, 8),
+        AddAllowedIP(IPv6Address("2001:db8::1").packed, 32),
         BeginPeer(bytes.fromhex(PEER2)),
         RemovePeer(),
     )
@@ -477,7 +477,7 @@ EXPECTED = [
         (
             SetListenPort(51820),
             BeginPeer(bytes.fromhex(PEER)),
-            AddAllowedIP(IPv4Address("10.0.0.0"), 8),
+            AddAllowedIP(IPv4Address("10.0.0.0").packed, 8),
         )
     ),
     ("error", IPC_ERROR_INVALID, False),
@@ -692,7 +692,7 @@ def test_100k_allowed_ips_parse_quickly():
     elapsed = time.process_time() - started
     (request,) = items
     assert len(request.operations) == 100_002
-    assert request.operations[-1] == AddAllowedIP(IPv6Address("2001:db8:c34f::"), 48)
+    assert request.operations[-1] == AddAllowedIP(IPv6Address("2001:db8:c34f::").packed, 48)
     assert elapsed < 10.0, elapsed  # CPU time; guards against quadratic work only
 
 
@@ -911,3 +911,59 @@ def test_protocol_module_does_no_io():
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"socket", "os", "time", "random", "select", "asyncio", "logging"}
+
+
+def _reference_ipv4_prefix(value: str) -> AddAllowedIP | None:
+    """What netip.ParsePrefix makes of an IPv4 `allowed_ip=` value (Python's IPv4Address
+    is as strict: four decimal parts <= 255, no leading zeros), or None if it refuses."""
+    text, slash, bits = value.rpartition("/")
+    if not slash or not bits.isascii():
+        return None
+    try:
+        address = IPv4Address(text)
+        cidr = int(bits.lstrip("+"), 10) if bits[:1] != "-" else -int(bits[1:], 10)
+    except ValueError:
+        return None
+    if not 0 <= cidr <= 32:
+        return None
+    return AddAllowedIP(address.packed, cidr)
+
+
+_QUAD_PART = st.one_of(
+    st.integers(0, 300).map(str),
+    st.sampled_from(["", "00", "01", "007", "1a", " 1", "1 ", "+1", "٣", "0x1", "256"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(_QUAD_PART, min_size=3, max_size=5),
+    st.one_of(st.integers(0, 40).map(str), st.sampled_from(["08", "+8", "-0", "", "x", "032"])),
+)
+def test_ipv4_allowed_ips_parse_as_netip_does(parts: list[str], bits: str) -> None:
+    """The one-match path for IPv4 allowed IPs takes and refuses what the general path and
+    netip do."""
+    value = ".".join(parts) + "/" + bits
+    expected = _reference_ipv4_prefix(value)
+    if expected is None:
+        assert error_code(f"public_key={PEER}", f"allowed_ip={value}") == IPC_ERROR_INVALID
+    else:
+        assert peer_op(f"allowed_ip={value}") == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([32, 128]).flatmap(lambda b: st.tuples(st.just(b), st.integers(0, b))),
+       st.integers(min_value=0))  # fmt: skip
+def test_compact_prefixes_print_as_format_prefix(width: tuple[int, int], value: int) -> None:
+    bits, cidr = width
+    network = ip_network((value % (1 << bits), cidr), strict=False)
+    packed = network.network_address.packed
+    compact = packed if cidr == bits else packed + bytes([cidr])
+    assert uapi.format_compact_prefixes([compact]) == [format_prefix(network.network_address, cidr)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, (1 << 32) - 1), st.integers(0, 65535))
+def test_ipv4_endpoints_print_as_address_objects_do(value: int, port: int) -> None:
+    address = IPv4Address(value)
+    assert format_endpoint(str(address), port) == f"{address}:{port}"

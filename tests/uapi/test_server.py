@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from wgmp.uapi import protocol as uapi
-from wgmp.uapi.server import REQUESTS_PER_TURN, Respond, UAPIServer
+from wgmp.uapi.server import REQUESTS_PER_TURN, Respond, Responder, UAPIServer
 
 GET = b"get=1\n\n"
 BIG_REPLY = b"x" * 100_000 + b"\nerrno=0\n\n"
@@ -163,6 +163,37 @@ def test_answers_given_later_keep_the_order_and_hold_only_that_client(tmp_path: 
             loop.run(0.1)
             slow.settimeout(2)
             assert slow.recv(100) == b"errno=-98\n\nerrno=0\n\n"
+    finally:
+        loop.close()
+
+
+def test_a_reply_sent_in_parts_arrives_before_its_end_and_before_the_next(
+    tmp_path: Path,
+) -> None:
+    """Responder.part sends the first bytes of a reply at once (a long `get` written in
+    slices); the next request's reply still comes after the end of this one."""
+    later: list[Respond] = []
+
+    def handler(request: uapi.Request, respond: Respond) -> None:
+        if isinstance(request, uapi.GetRequest):
+            later.append(respond)
+        else:
+            respond(b"errno=0\n\n")
+
+    loop = Loop(tmp_path, handler)
+    try:
+        with loop.connect() as client:
+            client.sendall(GET + b"set=1\n\n")
+            loop.run(0.1)
+            (respond,) = later
+            assert isinstance(respond, Responder)
+            respond.part(b"public_key=00\n")
+            loop.run(0.1)
+            client.settimeout(2)
+            assert client.recv(100) == b"public_key=00\n"
+            respond(b"errno=0\n\n")
+            loop.run(0.1)
+            assert client.recv(100) == b"errno=0\n\nerrno=0\n\n"
     finally:
         loop.close()
 

@@ -59,11 +59,11 @@ from ..protocol.errors import DropReason
 from ..stats.block import StatsBlock
 from ..stats.collector import DeviceStats, HandshakeStats, PeerStats, WorkerStats, render
 from ..uapi import protocol as uapi
-from ..uapi.protocol import format_prefix_value as format_prefix
+from ..uapi.protocol import format_compact_prefixes
 from ..uapi.server import SOCKET_DIRECTORY, Respond, UAPIServer
 from .edges import KernelLink, KernelPort, Link, LinkEvents, Port, RouteEvents
 from .endpoint_routes import EndpointRoutes
-from .get_reply import GetReply
+from .get_reply import GetReply, SteadyLines
 from .interface import Interface, ToWorker
 from .peer import Peer
 from .response_jobs import OFFLOAD_BACKLOG
@@ -185,6 +185,7 @@ class Daemon:
         # The gets of a completed round, and the reply being written for them (get_reply.py).
         self._get_waiters: list[Respond] = []
         self._get_reply: tuple[GetReply, list[Respond]] | None = None
+        self._steady_lines = SteadyLines()
         self._datagrams_held_since: float | None = None
         self.tun_fds: list[int] = []
         self.control_sockets: dict[int, socket.socket] = {}
@@ -602,8 +603,8 @@ class Daemon:
 
     def _peer_state(self, peer: Peer) -> PeerSet:
         endpoint = list(peer.endpoint) if peer.endpoint else None
-        prefixes = self.interface.allowed.packed_entries_for_peer(peer.peer_id)
-        return PeerSet(peer.peer_id, endpoint, [list(p) for p in prefixes])
+        prefixes = self.interface.allowed.packed_lists_for_peer(peer.peer_id)
+        return PeerSet(peer.peer_id, endpoint, prefixes)
 
     def _supervise(self, now: float) -> None:
         """Restart dead workers when their backoff allows, and find hung ones."""
@@ -923,10 +924,11 @@ class Daemon:
                     log.exception("answering a request failed")
             self._round_stats = None
             if self._get_waiters:
+                self._steady_lines.begin()
                 reply = GetReply(
                     self._device_snapshot(with_peers=False),
                     list(self.interface.peers.values()),
-                    self._peer_snapshot,
+                    self._peer_text,
                 )
                 self._get_reply = (reply, self._get_waiters)
                 self._get_waiters = []
@@ -935,19 +937,29 @@ class Daemon:
                 self._start_round()
 
     def _write_get_reply(self) -> None:
-        """A slice of the reply to the gets of the last round; sent once it is whole."""
+        """A slice of the reply to the gets of the last round, sent as it is written to the
+        clients that take it in parts (uapi.server.Responder), whole to any other."""
         assert self._get_reply is not None
         reply, waiting = self._get_reply
+        parts = [p for p in (getattr(r, "part", None) for r in waiting) if p is not None]
+        deadline = time.monotonic() + SET_SLICE
         try:
-            if not reply.run(SET_SLICE):
-                return
-            text = reply.text()
+            # One CHUNK of peers at a time, each sent at once: `wg` starts parsing within a
+            # millisecond or so, not after a whole slice (perf/bench_control.py, show).
+            while not reply.run(0.0):
+                if parts:
+                    fresh = reply.fresh()
+                    for part in parts:
+                        part(fresh)
+                if time.monotonic() >= deadline:
+                    return
+            text, rest = reply.text(), reply.rest()
         except Exception:  # a bug must cost the request, not the daemon
             log.exception("writing a get reply failed")
-            text = uapi.format_errno(uapi.IPC_ERROR_UNKNOWN)
+            text = rest = uapi.format_errno(uapi.IPC_ERROR_UNKNOWN)
         self._get_reply = None
         for respond in waiting:
-            respond(text)
+            respond(rest if hasattr(respond, "part") else text)
 
     def _workers_backlogged(self) -> bool:
         """True while some worker's pipe is more than 1/SET_PIPE_BACKLOG_FRACTION full."""
@@ -991,13 +1003,34 @@ class Daemon:
             peers=peers,
         )
 
-    def _peer_snapshot(self, peer: Peer) -> uapi.PeerSnapshot:
+    def _peer_bytes(self, peer: Peer) -> tuple[int, int]:
+        """(rx, tx) bytes of a peer: control's own, its retired keypairs' and every worker's."""
         rx = peer.control_rx_bytes + peer.retired_rx_bytes
         tx = peer.control_tx_bytes + peer.retired_tx_bytes
         for handle in self.supervisor.workers:
             rx_bytes, tx_bytes, _, _ = handle.stats.peer(peer.peer_id)
             rx += rx_bytes
             tx += tx_bytes
+        return rx, tx
+
+    def _peer_text(self, peer: Peer) -> str:
+        """`_peer_snapshot` as the lines of a `get` reply, without the snapshot object
+        (10,000 peers of a `wg show`: perf/bench_control.py)."""
+        rx, tx = self._peer_bytes(peer)
+        sec, nsec = divmod(peer.last_handshake_ns, 1_000_000_000)
+        head, allowed = self._steady_lines.lines(
+            peer.peer_id,
+            peer.public_key,
+            peer.preshared_key,
+            peer.endpoint,
+            self.interface.allowed.compact_entries_for_peer(peer.peer_id),
+        )
+        return uapi.format_peer(
+            head, sec, nsec, tx, rx, peer.persistent_keepalive_interval, allowed
+        )
+
+    def _peer_snapshot(self, peer: Peer) -> uapi.PeerSnapshot:
+        rx, tx = self._peer_bytes(peer)
         sec, nsec = divmod(peer.last_handshake_ns, 1_000_000_000)
         return uapi.PeerSnapshot(
             public_key=peer.public_key,
@@ -1008,11 +1041,11 @@ class Daemon:
             tx_bytes=tx,
             rx_bytes=rx,
             persistent_keepalive_interval=peer.persistent_keepalive_interval,
-            # From the table's own keys: ~4 us a peer less than through network objects
-            # (10,000 peers x 10 prefixes), see perf/RESULTS.md, "Control plane".
-            allowed_ips=[
-                format_prefix(*key) for key in self.interface.allowed.keys_for_peer(peer.peer_id)
-            ],
+            # From the table's own keys, IPv4 without address objects (10,000 peers x 10
+            # prefixes), see perf/RESULTS.md, "Control plane".
+            allowed_ips=format_compact_prefixes(
+                self.interface.allowed.compact_entries_for_peer(peer.peer_id)
+            ),
         )
 
     def stats_snapshot(self, device: uapi.DeviceSnapshot | None = None) -> DeviceStats:

@@ -30,8 +30,14 @@ Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 Prefix: TypeAlias = (
     str | Network | tuple[bytes | str | ipaddress.IPv4Address | ipaddress.IPv6Address, int]
 )
-# (address bits, prefix length, masked address): one entry of the table.
+# (address bits, prefix length, masked address): a prefix as `_parse` reads it.
 _Key: TypeAlias = tuple[int, int, int]
+# A prefix as each peer's list keeps it, in the fewest objects (every worker holds a copy of
+# the table, and memory per peer counts all of them, perf/RESULTS.md "Control plane"): a host
+# route is its packed address, the very object keying `_hosts` (4 or 16 bytes); any other
+# prefix is its packed masked address followed by one byte, its length (5 or 17 bytes).
+# One bytes object of ~40 bytes where (bits, cidr, value) cost a tuple and an int (~100).
+_Compact: TypeAlias = bytes
 
 
 def _masks(bits: int) -> tuple[int, ...]:
@@ -70,11 +76,37 @@ def _parse(prefix: Prefix) -> _Key:
     return bits, cidr, value & _MASKS[bits][cidr]
 
 
-def _network(key: _Key) -> Network:
+# The length byte that ends a compact key, for each prefix length (shared objects).
+_LENGTH_BYTE: Final = tuple(bytes((cidr,)) for cidr in range(129))
+
+
+def _compact(key: _Key) -> _Compact:
     bits, cidr, value = key
-    if bits == 32:
-        return ipaddress.IPv4Network((value, cidr))
-    return ipaddress.IPv6Network((value, cidr))
+    packed = value.to_bytes(bits >> 3, "big")
+    return packed if cidr == bits else packed + _LENGTH_BYTE[cidr]
+
+
+def _expand(compact: _Compact) -> _Key:
+    """(bits, cidr, masked address) of a compact key."""
+    size = len(compact)
+    if size == 4 or size == 16:
+        return size << 3, size << 3, int.from_bytes(compact, "big")
+    return (size - 1) << 3, compact[-1], int.from_bytes(compact[:-1], "big")
+
+
+def _packed(compact: _Compact) -> tuple[bytes, int]:
+    """(packed masked address, prefix length) of a compact key."""
+    size = len(compact)
+    if size == 4 or size == 16:
+        return compact, size << 3
+    return compact[:-1], compact[-1]
+
+
+def _network(compact: _Compact) -> Network:
+    address, cidr = _packed(compact)
+    if len(address) == 4:
+        return ipaddress.IPv4Network((address, cidr))
+    return ipaddress.IPv6Network((address, cidr))
 
 
 class AllowedIPs(Generic[P]):
@@ -95,8 +127,9 @@ class AllowedIPs(Generic[P]):
         # Per packed-address length (4, 16): (mask, table.get) for each present prefix length
         # in `_tables`, longest first. Lookup reads only this, `_hosts` and `_defaults`.
         self._probes: dict[int, list[tuple[int, Callable[[int], P | None]]]] = {4: [], 16: []}
-        # The prefixes of each peer, in insertion order (a dict used as an ordered set).
-        self._by_peer: dict[P, dict[_Key, None]] = {}
+        # The prefixes of each peer as compact keys (`_Compact`), in insertion order (a dict
+        # used as an ordered set: moving a prefix between peers stays O(1)).
+        self._by_peer: dict[P, dict[_Compact, None]] = {}
 
     def lookup(self, addr: bytes | bytearray | memoryview) -> P | None:
         """The peer owning the longest prefix that holds `addr` (4 or 16 packed bytes)."""
@@ -120,43 +153,45 @@ class AllowedIPs(Generic[P]):
         if peer is None:
             raise ConfigError("peer must not be None")  # None means "no route" to lookup
         key = _parse(prefix)
-        table, slot = self._slot(key)
-        owner = table.get(slot)
-        if owner is not None:
-            # Even for the same owner the prefix goes to the end of its list, as the kernel's
-            # list_move_tail and wireguard-go do (the order `wg show` prints).
-            self._forget(owner, key)
-        table[slot] = peer
-        self._by_peer.setdefault(peer, {})[key] = None
+        self._put(_compact(key), key, peer)
 
     def insert_packed(self, address: bytes, cidr: int, peer: P) -> None:
         """`insert((address, cidr), peer)` for a packed address (4 or 16 bytes), without the
         checks of other prefix forms: how configurations arrive in bulk (100,000 prefixes of
         a `wg setconf`, in control and in every worker)."""
-        bits = len(address) << 3
-        masks = _MASKS.get(bits)
-        if masks is None or peer is None or not 0 <= cidr <= bits:
+        size = len(address)
+        if (size != 4 and size != 16) or peer is None or not 0 <= cidr <= size << 3:
             self.insert((address, cidr), peer)  # raises the error that `insert` would
             return
-        key = (bits, cidr, int.from_bytes(address, "big") & masks[cidr])
-        table, slot = self._slot(key)
-        owner = table.get(slot)
-        if owner is not None:
-            self._forget(owner, key)
-        table[slot] = peer
+        if cidr == size << 3:  # a host route: the commonest by far, the least work
+            compact = address if type(address) is bytes else bytes(address)
+            hosts = self._hosts
+            owner = hosts.get(compact)
+            if owner is not None:
+                # Even for the same owner the prefix goes to the end of its list, as the
+                # kernel's list_move_tail and wireguard-go do (the order `wg show` prints).
+                self._forget(owner, compact)
+                del hosts[compact]  # so that the table keys this very object
+            hosts[compact] = peer
+        else:
+            bits = size << 3
+            value = int.from_bytes(address, "big") & _MASKS[bits][cidr]
+            self._put(value.to_bytes(size, "big") + _LENGTH_BYTE[cidr], (bits, cidr, value), peer)
+            return
         by_peer = self._by_peer.get(peer)
         if by_peer is None:
             by_peer = self._by_peer[peer] = {}
-        by_peer[key] = None
+        by_peer[compact] = None
 
     def remove(self, prefix: Prefix, peer: P) -> bool:
         """Remove the exact (masked) prefix if `peer` owns it; True if it was removed."""
         key = _parse(prefix)
+        compact = _compact(key)
         owned = self._by_peer.get(peer)
-        if owned is None or key not in owned:
+        if owned is None or compact not in owned:
             return False
-        self._drop(key)
-        self._forget(peer, key)
+        self._drop(compact)
+        self._forget(peer, compact)
         return True
 
     def remove_by_peer(self, peer: P) -> int:
@@ -164,25 +199,44 @@ class AllowedIPs(Generic[P]):
         keys = self._by_peer.pop(peer, None)
         if not keys:
             return 0
-        for key in keys:
-            self._drop(key)
+        hosts = self._hosts
+        for compact in keys:
+            size = len(compact)
+            if size == 4 or size == 16:
+                del hosts[compact]
+            else:
+                self._drop(compact)
         return len(keys)
 
     def entries_for_peer(self, peer: P) -> list[Network]:
         """The prefixes `peer` owns, in the order they were given to it."""
-        return [_network(key) for key in self._by_peer.get(peer, ())]
+        return [_network(compact) for compact in self._by_peer.get(peer, ())]
 
     def packed_entries_for_peer(self, peer: P) -> list[tuple[bytes, int]]:
         """`entries_for_peer` as (packed address, prefix length): no network objects, which
         cost ~4 us each (10,000 peers x 10 prefixes: 0.4 s of a `wg setconf`)."""
+        return [_packed(compact) for compact in self._by_peer.get(peer, ())]
+
+    def packed_lists_for_peer(self, peer: P) -> list[list[Any]]:
+        """`packed_entries_for_peer` as [packed address, prefix length] lists, the form a
+        message to the workers carries, made in one pass (after every `wg setconf`, for each
+        of its peers)."""
         return [
-            (value.to_bytes(bits >> 3, "big"), cidr)
-            for bits, cidr, value in self._by_peer.get(peer, ())
-        ]
+            [compact, 32] if len(compact) == 4
+            else [compact, 128] if len(compact) == 16
+            else [compact[:-1], compact[-1]]
+            for compact in self._by_peer.get(peer, ())
+        ]  # fmt: skip
 
     def keys_for_peer(self, peer: P) -> list[tuple[int, int, int]]:
-        """The prefixes `peer` owns as the table keeps them: (address bits, prefix length,
-        masked address as an int), in order. The cheapest form to print many of."""
+        """The prefixes `peer` owns as (address bits, prefix length, masked address as an
+        int), in order."""
+        return [_expand(compact) for compact in self._by_peer.get(peer, ())]
+
+    def compact_entries_for_peer(self, peer: P) -> list[bytes]:
+        """The prefixes `peer` owns as the table keeps them, in order: a host route as its
+        packed address (4 or 16 bytes), any other prefix as its packed masked address and
+        one byte, its length (5 or 17 bytes). The cheapest form to print many of."""
         return list(self._by_peer.get(peer, ()))
 
     def clear(self) -> None:
@@ -196,13 +250,29 @@ class AllowedIPs(Generic[P]):
     def __len__(self) -> int:
         return sum(len(keys) for keys in self._by_peer.values())
 
-    def _slot(self, key: _Key) -> tuple[dict[Any, P], bytes | int]:
-        """The table holding `key` (created if missing) and the key within that table."""
+    def _put(self, compact: _Compact, key: _Key, peer: P) -> None:
+        table, slot = self._slot(key, compact)
+        owner = table.get(slot)
+        if owner is not None:
+            # Even for the same owner the prefix goes to the end of its list, as the kernel's
+            # list_move_tail and wireguard-go do (the order `wg show` prints).
+            self._forget(owner, compact)
+            if slot is compact:
+                del table[slot]  # so that the table keys this very object
+        table[slot] = peer
+        by_peer = self._by_peer.get(peer)
+        if by_peer is None:
+            by_peer = self._by_peer[peer] = {}
+        by_peer[compact] = None
+
+    def _slot(self, key: _Key, compact: _Compact | None = None) -> tuple[dict[Any, P], Any]:
+        """The table holding `key` (created if missing) and the key within that table (for
+        a host route, `compact` itself when given)."""
         bits, cidr, value = key
         if cidr == bits:
-            return self._hosts, value.to_bytes(bits // 8, "big")
+            return self._hosts, compact if compact is not None else value.to_bytes(bits >> 3, "big")
         if cidr == 0:
-            return self._defaults, bits // 8
+            return self._defaults, bits >> 3
         tables = self._tables[bits]
         table = tables.get(cidr)
         if table is None:
@@ -210,19 +280,20 @@ class AllowedIPs(Generic[P]):
             self._rebuild(bits)
         return table, value
 
-    def _drop(self, key: _Key) -> None:
-        """Delete `key` from its table, and the table with its last prefix."""
-        table, slot = self._slot(key)
+    def _drop(self, compact: _Compact) -> None:
+        """Delete the prefix from its table, and the table with its last prefix."""
+        key = _expand(compact)
+        table, slot = self._slot(key, compact)
         del table[slot]
         bits, cidr, _ = key
         if not table and 0 < cidr < bits:
             del self._tables[bits][cidr]
             self._rebuild(bits)
 
-    def _forget(self, peer: P, key: _Key) -> None:
-        """Take `key` off `peer`'s list, and forget the peer with its last prefix."""
+    def _forget(self, peer: P, compact: _Compact) -> None:
+        """Take the prefix off `peer`'s list, and forget the peer with its last prefix."""
         keys = self._by_peer[peer]
-        del keys[key]
+        del keys[compact]
         if not keys:
             del self._by_peer[peer]
 

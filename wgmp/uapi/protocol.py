@@ -54,6 +54,7 @@ Stream handling, where wgmp differs from wireguard-go on purpose:
 from __future__ import annotations
 
 import binascii
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
@@ -94,9 +95,14 @@ __all__ = [
     "UAPIError",
     "UpdateOnly",
     "format_endpoint",
+    "format_compact_prefixes",
     "format_errno",
     "format_get",
     "format_packed_prefix",
+    "format_allowed_lines",
+    "format_peer",
+    "format_peer_head",
+    "format_snapshot_peer",
     "format_prefix_value",
     "format_prefix",
     "parse_request",
@@ -113,10 +119,24 @@ IPC_ERROR_TOO_LARGE: Final = -12  # -ENOMEM, wgmp only (see the module docstring
 # A set line may hold at most this many bytes before its "\n" (a "\r" counts): bufio.Scanner's
 # 64 KiB buffer must hold the line and its newline. Checked against the real daemon.
 MAX_LINE_LENGTH: Final = 65535
-# At most this many lines in one set request. About 140 bytes are held per parsed line, so this
-# bounds one request near 150 MB; `wg setconf` with 100k allowed IPs is far below it.
+# At most this many lines in one set request. About 100 bytes are held per parsed line (96 for
+# 10,000 peers x 10 IPv4 allowed IPs, measured with tracemalloc), so this bounds one request
+# near 100-150 MB; the most peers a daemon holds (65,536) with 10 allowed IPs each is 850,000
+# lines. A request of 100,000 such peers is refused whole (docs/many-peers.md).
 MAX_SET_LINES: Final = 1 << 20
 
+# A dotted quad as netip.ParseAddr takes it: four decimal parts, no leading zeros (each part
+# <= 255 is checked apart). One regular expression match, not a split and a test per part:
+# the bulk of a large `wg setconf` is IPv4 allowed IPs (perf/bench_control.py).
+_PART: Final = rb"(0|[1-9][0-9]{0,2})"
+_DOTTED_QUAD: Final = re.compile(rb"\.".join([_PART] * 4))
+_DOTTED_QUAD_TEXT: Final = re.compile(_DOTTED_QUAD.pattern.decode())
+# A whole `allowed_ip=` line with a dotted quad and a plain length (strconv.Atoi's other
+# forms, "+8", "-0" and "08", take the general path); `_OCTET` reads its numbers.
+_OCTET: Final = {str(value).encode(): value for value in range(256)}
+_ALLOWED_IPV4: Final = re.compile(
+    rb"allowed_ip=" + _DOTTED_QUAD.pattern + rb"/([0-9]{1,3})"
+).fullmatch
 _OP_LINE_MAX: Final = 6  # len(b"get=1\n")
 # wgmp's extension (see the module docstring); only bytes that are a prefix of it are held
 # beyond _OP_LINE_MAX.
@@ -240,11 +260,18 @@ class ReplaceAllowedIPs:
 class AddAllowedIP:
     """`allowed_ip=prefix`: route the prefix to this peer (taking it from any other peer).
 
-    `address` is as sent, not masked; wireguard-go masks when it inserts (`network`).
+    `packed` is the address as sent (4 or 16 bytes), not masked; wireguard-go masks when it
+    inserts (`network`). Packed, not an address object: one costs ~1 us to make and as much
+    to pack again, 0.2 s of a `wg setconf` of 100,000 prefixes, and the allowed-IPs tables
+    of control and of every worker take packed addresses.
     """
 
-    address: IPv4Address | IPv6Address
+    packed: bytes
     cidr: int
+
+    @property
+    def address(self) -> IPv4Address | IPv6Address:
+        return _address_of(self.packed)
 
     @property
     def network(self) -> IPv4Network | IPv6Network:
@@ -256,15 +283,23 @@ class RemoveAllowedIP:
     """`allowed_ip=-prefix`: remove the prefix if this peer holds it (newer wg and kernels).
 
     Debian bookworm's wireguard-go 0.0.20220316 answers IPC_ERROR_INVALID to the "-" form;
-    wgmp accepts it as later wireguard-go and the kernel do.
+    wgmp accepts it as later wireguard-go and the kernel do. `packed` as in `AddAllowedIP`.
     """
 
-    address: IPv4Address | IPv6Address
+    packed: bytes
     cidr: int
+
+    @property
+    def address(self) -> IPv4Address | IPv6Address:
+        return _address_of(self.packed)
 
     @property
     def network(self) -> IPv4Network | IPv6Network:
         return ip_network((self.address, self.cidr), strict=False)
+
+
+def _address_of(packed: bytes) -> IPv4Address | IPv6Address:
+    return IPv4Address(packed) if len(packed) == 4 else IPv6Address(packed)
 
 
 Operation = (
@@ -335,28 +370,27 @@ def _parse_true(value: bytes, what: str) -> None:
         raise _invalid(f"failed to set {what}, invalid value: {value!r}")
 
 
+def _packed_ipv4(text: bytes) -> bytes:
+    """A dotted quad as netip.ParseAddr takes it, packed (~0.6 us; checking part by part
+    and making an address object cost ~2 us, 0.2 s of a 100,000-prefix `wg setconf`)."""
+    match = _DOTTED_QUAD.fullmatch(text)
+    try:
+        if match is None:
+            raise ValueError(text)
+        return bytes(map(int, match.groups()))  # ValueError for a part above 255
+    except ValueError:
+        raise _invalid(f"invalid IP address {text!r}") from None
+
+
 def _parse_addr(text: bytes, *, allow_zone: bool) -> IPv4Address | IPv6Address:
     # netip.ParseAddr: strict dotted quad (no leading zeros) or IPv6 text, a zone only on v6.
     if b":" not in text:
-        # IPv4, the common case of large configurations, checked here as strictly (four
-        # decimal parts <= 255, no leading zeros, nothing else): ~1 us against 2.5 us for
-        # IPv4Address(text), 0.15 s of a 100,000-prefix `wg setconf`.
-        parts = text.split(b".")
-        if len(parts) == 4 and all(
-            part.isdigit() and len(part) <= 3 and (part[:1] != b"0" or len(part) == 1)
-            for part in parts
-        ):
-            octets = [int(part) for part in parts]
-            if max(octets) <= 255:
-                return IPv4Address(bytes(octets))
-        raise _invalid(f"invalid IP address {text!r}")
+        return IPv4Address(_packed_ipv4(text))
     try:
         string = text.decode("ascii")
-        if ":" in string:
-            if not allow_zone and "%" in string:
-                raise ValueError("zone in prefix")
-            return IPv6Address(string)
-        return IPv4Address(string)
+        if not allow_zone and "%" in string:
+            raise ValueError("zone in prefix")
+        return IPv6Address(string)
     except ValueError:  # UnicodeDecodeError and AddressValueError are ValueErrors
         raise _invalid(f"invalid IP address {text!r}") from None
 
@@ -378,23 +412,33 @@ def _parse_endpoint(value: bytes) -> SetEndpoint:
     return SetEndpoint(address, number)
 
 
-def _parse_prefix(value: bytes) -> tuple[IPv4Address | IPv6Address, int]:
+def _parse_prefix(value: bytes) -> tuple[bytes, int]:
     # netip.ParsePrefix (Go 1.19): "/" required, no zone, bits by strconv.Atoi (so "+8", "08"
-    # and "-0" pass, as they do on the real daemon), 0 <= bits <= 32 or 128.
+    # and "-0" pass, as they do on the real daemon), 0 <= bits <= 32 or 128. Returns the
+    # packed address (as sent, unmasked) and the length.
     text, slash, bits = value.rpartition(b"/")
     if not slash:
         raise _invalid(f"failed to set allowed ip: no '/' in {value!r}")
-    address = _parse_addr(text, allow_zone=False)
-    digits = bits[1:] if bits[:1] in (b"+", b"-") else bits
-    if not digits.isdigit():
-        raise _invalid(f"failed to set allowed ip: bad bits after slash in {value!r}")
-    digits = digits.lstrip(b"0") or b"0"
-    cidr = int(digits) if len(digits) <= 3 else 1 << 16
-    if bits[:1] == b"-" and cidr:
-        cidr = -1
-    if not 0 <= cidr <= address.max_prefixlen:
+    if b":" not in text:
+        # IPv4, the bulk of large configurations: packed straight from the text.
+        packed = _packed_ipv4(text)
+        max_bits = 32
+    else:
+        packed = _parse_addr(text, allow_zone=False).packed
+        max_bits = 128
+    if bits.isdigit() and len(bits) <= 3:  # the common form, checked below like the others
+        cidr = int(bits)
+    else:
+        digits = bits[1:] if bits[:1] in (b"+", b"-") else bits
+        if not digits.isdigit():
+            raise _invalid(f"failed to set allowed ip: bad bits after slash in {value!r}")
+        digits = digits.lstrip(b"0") or b"0"
+        cidr = int(digits) if len(digits) <= 3 else 1 << 16
+        if bits[:1] == b"-" and cidr:
+            cidr = -1
+    if not 0 <= cidr <= max_bits:
         raise _invalid(f"failed to set allowed ip: prefix length out of range in {value!r}")
-    return address, cidr
+    return packed, cidr
 
 
 def _private_key(value: bytes) -> SetPrivateKey:
@@ -469,6 +513,10 @@ class _SetParser:
     def __init__(self) -> None:
         self.operations: list[Operation] = []
         self._keys = _DEVICE_KEYS
+
+    @property
+    def in_peer_section(self) -> bool:
+        return self._keys is _PEER_KEYS
 
     def line(self, line: bytes) -> None:
         key, equals, value = line.partition(b"=")
@@ -612,6 +660,11 @@ class RequestReader:
                 self._state = _CLOSED  # the reply ends the connection
                 return end
             else:  # _SET or _SKIP: one line at a time
+                if state == _SET and not self._in_long_line:
+                    last = buffer.rfind(b"\n", position)
+                    if last >= 0:
+                        position = self._set_lines(buffer, position, last, out)
+                        continue
                 newline = buffer.find(b"\n", position)
                 if newline < 0:
                     if end - position > MAX_LINE_LENGTH:
@@ -637,6 +690,52 @@ class RequestReader:
                     self._state = _OPERATION
                 elif state == _SET:
                     self._set_line(line, out)
+        return position
+
+    def _set_lines(
+        self, buffer: bytes, position: int, last: int, out: list[Request | UAPIError]
+    ) -> int:
+        """The lines of a set request from `position` to the newline at `last`, as the loop
+        in `_run` would take them one by one, without its search and dispatch per line
+        (a `wg setconf` of 10,000 peers is 130,000 lines); returns where it stopped: after
+        the last of them, or after the line that ended the request or failed it."""
+        parser = self._parser
+        assert parser is not None
+        operations, room = parser.operations, self._max_set_lines - self._lines
+        for line in buffer[position:last].split(b"\n"):
+            position += len(line) + 1
+            # An IPv4 allowed IP in a peer's section, most lines of a large request, in one
+            # match and two dict lookups: ~1 us a line less than through `_SetParser.line`
+            # (tests/uapi/test_protocol.py holds it to netip's rules). Anything else it looks
+            # like (a part above 255, a length written otherwise) takes the general path,
+            # which says what is wrong.
+            match = _ALLOWED_IPV4(line)
+            if match is not None and room > 0 and parser.in_peer_section:
+                a, b, c, d, bits = match.groups()
+                try:
+                    packed = bytes((_OCTET[a], _OCTET[b], _OCTET[c], _OCTET[d]))
+                    cidr = _OCTET[bits]
+                except KeyError:
+                    pass
+                else:
+                    if cidr <= 32:
+                        operations.append(AddAllowedIP(packed, cidr))
+                        self._lines += 1
+                        room -= 1
+                        continue
+            if len(line) > MAX_LINE_LENGTH:
+                self._too_long(out)
+                self._in_long_line = False
+                return position
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            if not line:
+                self._end_set(out)
+                return position
+            self._set_line(line, out)
+            if self._state != _SET:
+                return position
+            room = self._max_set_lines - self._lines
         return position
 
     def _set_line(self, line: bytes, out: list[Request | UAPIError]) -> None:
@@ -757,6 +856,11 @@ def format_endpoint(host: str, port: int) -> str:
     (`%eth0`) is dropped, as wireguard-go's LinuxSocketEndpoint.DstToString does.
     """
     if ":" not in host:
+        # A canonical dotted quad, as every endpoint held is, prints as it is (~0.5 us where
+        # an address object costs ~5, for each peer of a `wg show`).
+        match = _DOTTED_QUAD_TEXT.fullmatch(host)
+        if match is not None and all(len(part) < 3 or part <= "255" for part in match.groups()):
+            return f"{host}:{port}"
         return f"{IPv4Address(host)}:{port}"
     address = IPv6Address(host)
     return f"[{_go_address(address)}]:{port}"
@@ -768,6 +872,30 @@ def format_packed_prefix(packed: bytes, cidr: int) -> str:
     if len(packed) == 4:
         return f"{packed[0]}.{packed[1]}.{packed[2]}.{packed[3]}/{cidr}"
     return f"{_go_address(IPv6Address(packed))}/{cidr}"
+
+
+def format_compact_prefixes(compacts: Iterable[bytes]) -> list[str]:
+    """`format_prefix` of each prefix in the allowed-IPs table's compact form
+    (AllowedIPs.compact_entries_for_peer: a packed host address, or a packed masked address
+    and its length in one more byte). IPv4 by %-formatting the bytes: 10,000 peers x 10
+    prefixes in ~30 ms where address objects took ~0.4 s (`wg show` with many peers)."""
+    return [
+        _HOST4 % tuple(compact) if len(compact) == 4 else _compact_prefix(compact)
+        for compact in compacts
+    ]
+
+
+_HOST4: Final = "%d.%d.%d.%d/32"
+_PREFIX4: Final = "%d.%d.%d.%d/%d"
+
+
+def _compact_prefix(compact: bytes) -> str:
+    size = len(compact)
+    if size == 5:
+        return _PREFIX4 % tuple(compact)
+    if size == 16:
+        return f"{_go_address(IPv6Address(compact))}/128"
+    return f"{_go_address(IPv6Address(compact[:16]))}/{compact[16]}"
 
 
 def format_prefix_value(bits: int, cidr: int, value: int) -> str:
@@ -804,26 +932,65 @@ def format_get(snapshot: DeviceSnapshot) -> bytes:
         add(f"listen_port={snapshot.listen_port}")
     if snapshot.fwmark:
         add(f"fwmark={snapshot.fwmark}")
-    zero_key = bytes(KEY_LEN)
     for peer in snapshot.peers:
-        # One string per peer (and one per allowed IP), not one per line: with 10,000 peers
-        # the per-line appends were a third of the reply's cost.
-        endpoint = (
-            f"endpoint={format_endpoint(*peer.endpoint)}\n" if peer.endpoint is not None else ""
-        )
-        add(
-            f"public_key={_key_hex(peer.public_key)}\n"
-            f"preshared_key={_key_hex(peer.preshared_key or zero_key)}\n"
-            f"protocol_version=1\n{endpoint}"
-            f"last_handshake_time_sec={peer.last_handshake_time_sec}\n"
-            f"last_handshake_time_nsec={peer.last_handshake_time_nsec}\n"
-            f"tx_bytes={peer.tx_bytes}\nrx_bytes={peer.rx_bytes}\n"
-            f"persistent_keepalive_interval={peer.persistent_keepalive_interval}"
-        )
-        if peer.allowed_ips:
-            add("allowed_ip=" + "\nallowed_ip=".join(peer.allowed_ips))
+        add(format_snapshot_peer(peer))
     add("errno=0\n\n")
     return "\n".join(lines).encode()
+
+
+_ZERO_KEY: Final = bytes(KEY_LEN)
+
+
+def format_peer_head(
+    public_key: bytes, preshared_key: bytes | None, endpoint: tuple[str, int] | None
+) -> str:
+    """A peer's first lines in a `get` reply, up to its endpoint (with its newline)."""
+    where = "" if endpoint is None else f"endpoint={format_endpoint(*endpoint)}\n"
+    return (
+        f"public_key={_key_hex(public_key)}\n"
+        f"preshared_key={_key_hex(preshared_key or _ZERO_KEY)}\n"
+        f"protocol_version=1\n{where}"
+    )
+
+
+def format_allowed_lines(allowed_ips: Sequence[str]) -> str:
+    """A peer's allowed_ip lines, each after a newline ("" for none)."""
+    return "\nallowed_ip=" + "\nallowed_ip=".join(allowed_ips) if allowed_ips else ""
+
+
+def format_peer(
+    head: str,
+    last_handshake_time_sec: int,
+    last_handshake_time_nsec: int,
+    tx_bytes: int,
+    rx_bytes: int,
+    persistent_keepalive_interval: int,
+    allowed_lines: str,
+) -> str:
+    """One peer's lines of a `get` reply, joined by "\n", with no newline after the last:
+    `head` and `allowed_lines` as `format_peer_head` and `format_allowed_lines` make them
+    (the control plane keeps those from one get to the next: they seldom change)."""
+    # One string per peer, not one per line: with 10,000 peers the per-line appends were a
+    # third of the reply's cost.
+    return (
+        f"{head}last_handshake_time_sec={last_handshake_time_sec}\n"
+        f"last_handshake_time_nsec={last_handshake_time_nsec}\n"
+        f"tx_bytes={tx_bytes}\nrx_bytes={rx_bytes}\n"
+        f"persistent_keepalive_interval={persistent_keepalive_interval}{allowed_lines}"
+    )
+
+
+def format_snapshot_peer(peer: PeerSnapshot) -> str:
+    """`format_peer` of a `PeerSnapshot`."""
+    return format_peer(
+        format_peer_head(peer.public_key, peer.preshared_key, peer.endpoint),
+        peer.last_handshake_time_sec,
+        peer.last_handshake_time_nsec,
+        peer.tx_bytes,
+        peer.rx_bytes,
+        peer.persistent_keepalive_interval,
+        format_allowed_lines(peer.allowed_ips),
+    )
 
 
 def format_errno(code: int) -> bytes:

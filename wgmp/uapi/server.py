@@ -31,7 +31,6 @@ import stat
 import time
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from typing import Final
 
 from .protocol import Request, RequestReader, UAPIError, format_errno
@@ -45,6 +44,7 @@ __all__ = [
     "REQUESTS_PER_TURN",
     "SOCKET_DIRECTORY",
     "Respond",
+    "Responder",
     "UAPIServer",
     "socket_path",
 ]
@@ -67,6 +67,26 @@ _OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUF
 # How a handler answers a request: once, now or later, with the reply's bytes.
 Respond = Callable[[bytes], None]
 Handler = Callable[[Request, Respond], None]
+
+
+class Responder:
+    """The `Respond` the server gives its handler: called once with the reply, or with its
+    end after `part` has sent the rest. A `get` reply of 10,000 peers (~6 MB) is written in
+    slices between the loop's other work; sent slice by slice, `wg` reads and parses the
+    first peers while the last are written (perf/bench_control.py)."""
+
+    __slots__ = ("_server", "_connection")
+
+    def __init__(self, server: UAPIServer, connection: _Connection) -> None:
+        self._server = server
+        self._connection = connection
+
+    def __call__(self, reply: bytes) -> None:
+        self._server._answered(self._connection, reply)
+
+    def part(self, data: bytes) -> None:
+        """Send the first bytes of the reply now; the call that ends it comes later."""
+        self._server._part(self._connection, data)
 
 
 def socket_path(interface: str, directory: str = SOCKET_DIRECTORY) -> str:
@@ -341,7 +361,7 @@ class UAPIServer:
             connection.waiting = True
             assert self.handler is not None
             try:
-                self.handler(item, partial(self._answered, connection))
+                self.handler(item, Responder(self, connection))
             except Exception:  # a bug must cost this client its request, not the daemon
                 log.exception("UAPI: handling a request failed")
                 self._close(connection)
@@ -354,6 +374,14 @@ class UAPIServer:
         self._reply(connection, reply)
         if not connection.working:  # answered later, from the loop: carry on from here
             self._work(connection)
+
+    def _part(self, connection: _Connection, data: bytes) -> None:
+        if connection.closed or not connection.waiting or not data:
+            return
+        self._reply(connection, data)
+        self._write(connection)
+        if not connection.closed:
+            self._watch(connection)
 
     def _reply(self, connection: _Connection, reply: bytes) -> None:
         if reply:
