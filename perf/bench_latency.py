@@ -211,7 +211,7 @@ def measure_hops(
     finally:
         for dump in dumps:
             stop_proc(dump)
-    analyse_hops(*files, result)
+    analyse_hops(files[0], files[1], files[2], result)
     log("  hops (median us): " + ", ".join(
         f"{hop} {median(times, 0)}" for hop, times in result.hops_us.items()
     ))  # fmt: skip

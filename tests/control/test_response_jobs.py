@@ -92,7 +92,8 @@ def test_the_daemon_writes_jobs_to_the_chosen_worker() -> None:
         pair.initiate(n, 1.0 + n, offload=True)
     outbox = dict(pair.jobs())
     assert sorted(outbox) == [0, 1] and sum(len(jobs) for jobs in outbox.values()) == 3
-    assert ToWorker(0, ComputeResponses(outbox[0])).message.jobs == outbox[0]
+    message = ToWorker(0, ComputeResponses(outbox[0])).message
+    assert isinstance(message, ComputeResponses) and message.jobs == outbox[0]
 
 
 def test_a_worker_that_never_answers_costs_a_time_out_then_control_answers() -> None:
@@ -167,5 +168,6 @@ def test_workers_down_or_full_get_no_jobs() -> None:
 
 def test_malformed_jobs_are_skipped_by_the_worker() -> None:
     good = [7, *(bytes(range(32)),) * 5]
-    assert compute_responses([None, [1], [2, b"x", b"", b"", b"", b""], good])[0][0] == 7
+    malformed: list[Any] = [None, [1], [2, b"x", b"", b"", b"", b""], good]
+    assert compute_responses(malformed)[0][0] == 7
     assert len(compute_responses([good, [1]])) == 1

@@ -322,6 +322,7 @@ def test_the_previous_blocks_worker_wakes_the_held_worker_when_it_delivers(rig: 
     assert slot in first._held
     second._inbound_handoff(now)  # reads the ask; nothing of block 1 delivered yet
     assert second._wake_asks == {slot: [(0, 2 * B - 1, now + HOLD_MAX)]}
+    assert first.handoff_in is not None
     with pytest.raises(BlockingIOError):
         first.handoff_in.recv(10)
     view, nbytes, size = train([2 * B - 1])
@@ -344,7 +345,7 @@ def test_the_previous_blocks_worker_wakes_the_held_worker_when_it_delivers(rig: 
     assert slot in first._held
     second.keyslots.write_delivered(slot, 6 * B - 1, 1)
     second._inbound_handoff(now)
-    assert first.handoff_in.recv(10) == b""
+    assert first.handoff_in is not None and first.handoff_in.recv(10) == b""
     for sock in sockets:
         sock.close()
 
@@ -371,7 +372,9 @@ def test_asks_that_outlived_their_hold_are_forgotten_and_bad_asks_are_counted(ri
     first._ask_wake(1, slot, 2 * B - 1, now + HOLD_MAX)
     second._inbound_handoff(now + HOLD_MAX)  # read after the hold's deadline
     assert second._wake_asks == {}
-    first.handoff_out[1].send(b"\xff\xff\xff\xff" + b"short")
+    outbox = first.handoff_out[1]
+    assert outbox is not None
+    outbox.send(b"\xff\xff\xff\xff" + b"short")
     second._inbound_handoff(now)
     assert second.drops[DropReason.MALFORMED] == 1
     for sock in sockets:
@@ -443,7 +446,7 @@ def test_after_a_lone_train_the_next_first_train_is_written_before_reading_on(
             sender.sendto(bytes(view), receiver.getsockname())
             time.sleep(0.05)
             events.clear()
-            rig.worker._inbound(Watched(), time.monotonic())  # type: ignore[arg-type]
+            rig.worker._inbound(Watched(), time.monotonic())
             assert rig.tun.recv(70000)  # delivered
         assert rig.worker._udp_sparse
         assert events == ["read", "write", "read"]  # written before the read that found none
@@ -452,7 +455,7 @@ def test_after_a_lone_train_the_next_first_train_is_written_before_reading_on(
             sender.sendto(bytes(view), receiver.getsockname())
         time.sleep(0.05)
         events.clear()
-        rig.worker._inbound(Watched(), time.monotonic())  # type: ignore[arg-type]
+        rig.worker._inbound(Watched(), time.monotonic())
         assert events == ["read", "write", "read", "read", "read", "write"]
         assert not rig.worker._udp_sparse
     finally:

@@ -154,7 +154,12 @@ def test_a_response_computed_elsewhere_equals_the_inline_one() -> None:
         rng = random.Random(2024)
         hs_i, hs_r, ident_i, ident_r = make_pair(rng, b"\x05" * 32)
         init = hs_i.create_initiation(sender_index=11, unix_time_ns=T0, rng=rng)
-        consume_initiation(ident_r, parse_initiation(init.pack()), lambda _, hs=hs_r: hs, now=100.0)
+        responder: Handshake = hs_r
+
+        def lookup(_: bytes, hs: Handshake = responder) -> Handshake:
+            return hs
+
+        consume_initiation(ident_r, parse_initiation(init.pack()), lookup, now=100.0)
         if offload:
             inputs = hs_r.response_inputs()
             material = compute_response(inputs, random.Random(99))
