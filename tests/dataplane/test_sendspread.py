@@ -1,0 +1,231 @@
+"""Sending one flow on several workers (dataplane/sendspread.py): the reader's plan, the
+hand-off datagram, and two workers in memory (a seqpacket pair for the TUN, fake sockets)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from typing import Any
+
+import pytest
+
+from tests.dataplane import test_worker
+from tests.dataplane.test_worker import (
+    ENDPOINT,
+    SEND_KEY,
+    THEIRS,
+    FakeSocket,
+    _outbound,
+    install,
+)
+from wgmp.dataplane.records import P_SEND, S_CREATED, S_REMOTE, S_SLOT
+from wgmp.dataplane.sendspread import (
+    SEND_HOLD_MAX,
+    SPREAD_BACKOFF,
+    SPREAD_MIN,
+    SPREAD_OUTSTANDING,
+    HandOffPlan,
+    pack_chunk,
+    unpack_chunk,
+)
+from wgmp.dataplane.worker import ROLE_CURRENT, Worker
+from wgmp.ipc.channel import Channel
+from wgmp.ipc.keyslots import KeySlots
+from wgmp.net.tun import VIRTIO_NET_HDR_NONE
+from wgmp.protocol.errors import DropReason
+from wgmp.protocol.transport import open_transport
+from wgmp.stats.block import StatsBlock
+
+rig = test_worker.rig  # the fixture: one worker, a TUN pair, a fake socket
+
+
+# -- the plan (pure) -----------------------------------------------------------------------------
+
+
+class Marks:
+    def __init__(self) -> None:
+        self.done: dict[tuple[int, int], int] = {}
+
+    def sealed(self, sealer: int, reader: int) -> int:
+        return self.done.get((sealer, reader), -1)
+
+
+def test_a_shallow_batch_or_one_worker_is_sealed_by_the_reader() -> None:
+    marks = Marks()
+    assert HandOffPlan(0, 1, marks.sealed).sealer_for(64, 0.0, False) == 0
+    plan = HandOffPlan(0, 2, marks.sealed)
+    assert plan.sealer_for(SPREAD_MIN - 1, 0.0, False) == 0
+    assert plan.sealer_for(SPREAD_MIN, 0.0, False) == 1
+    assert plan.sealer_for(64, 0.0, True) == 0  # behind a held chunk: never overtakes it
+
+
+def test_a_sibling_that_does_not_keep_up_gets_no_more_and_the_reader_waits_for_it() -> None:
+    marks = Marks()
+    plan = HandOffPlan(0, 2, marks.sealed)
+    for chunk in range(SPREAD_OUTSTANDING):
+        assert plan.sealer_for(64, 0.0, False) == 1
+        plan.handed(1)
+        assert plan.pending == (1, chunk)
+    assert plan.sealer_for(64, 0.0, False) == 0  # sibling is SPREAD_OUTSTANDING behind
+    assert plan.wait_for() == (1, SPREAD_OUTSTANDING - 1)  # ours waits for its last one
+    marks.done[1, 0] = SPREAD_OUTSTANDING - 2
+    assert plan.wait_for() == (1, SPREAD_OUTSTANDING - 1)
+    marks.done[1, 0] = SPREAD_OUTSTANDING - 1
+    assert plan.wait_for() is None and plan.outstanding(1) == 0
+    assert plan.sealer_for(64, 0.0, False) == 1
+
+
+def test_a_sibling_that_timed_out_is_left_alone_for_a_while() -> None:
+    marks = Marks()
+    plan = HandOffPlan(0, 2, marks.sealed)
+    plan.handed(1)
+    plan.timed_out(10.0)
+    assert plan.pending is None and plan.wait_for() is None
+    marks.done[1, 0] = 0
+    assert plan.sealer_for(64, 10.0 + SPREAD_BACKOFF / 2, False) == 0
+    assert plan.sealer_for(64, 10.0 + SPREAD_BACKOFF, False) == 1
+
+
+def test_with_more_workers_no_handed_chunk_overtakes_another() -> None:
+    marks = Marks()
+    plan = HandOffPlan(0, 3, marks.sealed)
+    assert plan.sealer_for(64, 0.0, False) == 1
+    plan.handed(1)
+    plan.handed(1)  # sibling 1 is now full
+    assert plan.sealer_for(64, 0.0, False) == 0  # 2 is free, but 1's last has not left
+    marks.done[1, 0] = 1
+    assert plan.sealer_for(64, 0.0, False) in (1, 2)
+
+
+def test_a_restarted_reader_numbers_its_chunks_on_from_the_marks() -> None:
+    marks = Marks()
+    marks.done[1, 0] = 41
+    assert HandOffPlan(0, 2, marks.sealed).next_chunk == [0, 42]
+
+
+def test_a_chunk_round_trips_and_a_damaged_one_is_refused() -> None:
+    send = [None, 9, 3, 0, 0, 123.5, True, False]
+    send[S_SLOT], send[S_REMOTE], send[S_CREATED] = 3, 9, 123.5
+    packets = [b"a" * 10, b"", b"b" * 1420]
+    data = pack_chunk(1, 7, send, 250, 256, 512, packets, 99.0)
+    assert unpack_chunk(data) == (1, 7, 3, 9, 250, 256, 512, 123.5, 99.0, packets)
+    for bad in (data[:-1], data + b"x", data[:10]):
+        with pytest.raises((ValueError, struct.error)):
+            unpack_chunk(bad)
+
+
+# -- two workers in memory ------------------------------------------------------------------------
+
+
+def _pair(rig: Any) -> tuple[Worker, Worker, FakeSocket, int, list[socket.socket]]:
+    """rig's worker as worker 0 (the reader) and a worker 1 (the sealer), with seal inboxes."""
+    keyslots = KeySlots.create(8, workers=2)
+    in0, out0 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    in1, out1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for s in (in0, in1, out0, out1):
+        s.setblocking(False)
+    first: Worker = rig.worker
+    first.workers, first.keyslots = 2, keyslots
+    first.seal_in, first.seal_out = in0, [None, out1]
+    first.plan = HandOffPlan(0, 2, keyslots.sealed)
+    other_control, other_end = socket.socketpair()
+    fake = FakeSocket()
+    second = Worker(
+        1, first.tun_fd, {4: fake}, Channel(other_end), keyslots, StatsBlock.create(),  # type: ignore[dict-item]
+        vnet_hdr=True, workers=2,
+    )  # fmt: skip
+    second.seal_in, second.seal_out = in1, [out0, None]
+    second.plan = HandOffPlan(1, 2, keyslots.sealed)
+    second._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
+    slot = install(first, ROLE_CURRENT)
+    second._install(slot, ROLE_CURRENT, time.monotonic())
+    return first, second, fake, slot, [in0, out0, in1, out1, other_control, other_end]
+
+
+def _counters(fake: FakeSocket) -> list[int]:
+    counters = []
+    for buffers, ancillary, _ in fake.sent:
+        data = buffers[0]
+        size = int.from_bytes(ancillary[0][2], "little") if ancillary else len(data)
+        counters += [
+            open_transport(SEND_KEY, data[i : i + size])[1] for i in range(0, len(data), size)
+        ]
+    return counters
+
+
+def _read(rig: Any, n: int) -> None:
+    for i in range(n):
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(i))
+    rig.worker._outbound(time.monotonic())
+
+
+def test_a_deep_batch_is_sealed_by_the_sibling_and_what_follows_waits_for_it(rig: Any) -> None:
+    first, second, fake, slot, sockets = _pair(rig)
+    _read(rig, 64)  # handed: worker 1 seals counters 0-63
+    assert rig.fake.sent == [] and first.plan is not None and first.plan.pending == (1, 0)
+    _read(rig, 64)  # handed too: the sibling has room for SPREAD_OUTSTANDING chunks
+    _read(rig, 64)  # sealed here, held: chunk 1 has not left
+    assert rig.fake.sent == [] and first._send_held
+    _read(rig, 5)  # behind the held ones, whatever its size
+    first._release_send_hold(time.monotonic())
+    assert rig.fake.sent == []
+    second._seal_handed(time.monotonic())
+    assert _counters(fake) == list(range(128))
+    assert second.keyslots.sealed(1, 0) == 1
+    assert second.totals[2] == 128 and second.drops[DropReason.NO_KEY] == 0
+    first._release_send_hold(time.monotonic())
+    assert _counters(rig.fake) == list(range(128, 197)) and not first._send_held
+    assert first.send_hold_timeouts == 0
+    for s in sockets:
+        s.close()
+
+
+def test_a_sibling_that_never_seals_stalls_the_reader_at_most_send_hold_max(rig: Any) -> None:
+    """A stopped or killed sibling: the reader sends what it sealed after SEND_HOLD_MAX, gives
+    that sibling nothing more for SPREAD_BACKOFF, and no counter is sealed twice: a chunk the
+    sibling's successor finds later is sealed once, by it, or dropped."""
+    first, second, fake, slot, sockets = _pair(rig)
+    _read(rig, 64)
+    _read(rig, 64)
+    _read(rig, 64)
+    held_at = time.monotonic()
+    first._release_send_hold(held_at)
+    assert rig.fake.sent == []
+    first._release_send_hold(held_at + SEND_HOLD_MAX + 0.001)
+    assert _counters(rig.fake) == list(range(128, 192)) and first.send_hold_timeouts == 1
+    _read(rig, 64)  # the sibling is left alone: sealed and sent here at once
+    assert _counters(rig.fake) == list(range(128, 256))
+    second._seal_handed(time.monotonic())  # its successor finds the chunks: sealed once
+    assert sorted(_counters(fake) + _counters(rig.fake)) == list(range(256))
+    for s in sockets:
+        s.close()
+
+
+def test_a_chunk_of_a_removed_keypair_is_never_sealed_under_the_slots_next_keypair(
+    rig: Any,
+) -> None:
+    first, second, fake, slot, sockets = _pair(rig)
+    _read(rig, 64)
+    # Control removes the keypair everywhere and publishes a new one in the same slot.
+    for worker in (first, second):
+        worker._remove_keypair(slot)
+    first.keyslots.release(slot)
+    again = install(first, ROLE_CURRENT)
+    assert again == slot
+    second._install(slot, ROLE_CURRENT, time.monotonic())
+    second.peers[1][P_SEND][S_CREATED] += 1  # (install() made it in the same clock tick?)
+    second._seal_handed(time.monotonic())
+    assert fake.sent == [] and second.drops[DropReason.NO_KEY] == 64
+    assert second.keyslots.sealed(1, 0) == 0  # finished with: the reader need not wait
+    for s in sockets:
+        s.close()
+
+
+def test_a_stale_chunk_is_dropped(rig: Any, monkeypatch: Any) -> None:
+    first, second, fake, slot, sockets = _pair(rig)
+    _read(rig, 64)
+    second._seal_handed(time.monotonic() + 10)
+    assert fake.sent == [] and second.drops[DropReason.SEND_FAILED] == 64
+    for s in sockets:
+        s.close()
