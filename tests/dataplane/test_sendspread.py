@@ -22,11 +22,11 @@ from tests.dataplane.test_worker import (
 from wgmp.dataplane.records import P_SEND, S_CREATED, S_REMOTE, S_SLOT
 from wgmp.dataplane.sendspread import (
     SEND_HOLD_MAX,
-    SPREAD_BACKOFF,
     SPREAD_MIN,
     SPREAD_OUTSTANDING,
     HandOffPlan,
     pack_chunk,
+    ready,
     unpack_chunk,
 )
 from wgmp.dataplane.worker import ROLE_CURRENT, Worker
@@ -53,63 +53,62 @@ class Marks:
 
 def test_a_shallow_batch_or_one_worker_is_sealed_by_the_reader() -> None:
     marks = Marks()
-    assert HandOffPlan(0, 1, marks.sealed).sealer_for(64, 0.0, False) == 0
+    assert HandOffPlan(0, 1, marks.sealed).sealer_for(64) == 0
     plan = HandOffPlan(0, 2, marks.sealed)
-    assert plan.sealer_for(SPREAD_MIN - 1, 0.0, False) == 0
-    assert plan.sealer_for(SPREAD_MIN, 0.0, False) == 1
-    assert plan.sealer_for(64, 0.0, True) == 0  # behind a held chunk: never overtakes it
+    assert plan.sealer_for(SPREAD_MIN - 1) == 0
+    assert plan.sealer_for(SPREAD_MIN) == 1
 
 
-def test_a_sibling_that_does_not_keep_up_gets_no_more_and_the_reader_waits_for_it() -> None:
+def test_chunks_are_numbered_in_read_order_each_after_the_one_before() -> None:
     marks = Marks()
     plan = HandOffPlan(0, 2, marks.sealed)
-    for chunk in range(SPREAD_OUTSTANDING):
-        assert plan.sealer_for(64, 0.0, False) == 1
-        plan.handed(1)
-        assert plan.pending == (1, chunk)
-    assert plan.sealer_for(64, 0.0, False) == 0  # sibling is SPREAD_OUTSTANDING behind
-    assert plan.wait_for() == (1, SPREAD_OUTSTANDING - 1)  # ours waits for its last one
-    marks.done[1, 0] = SPREAD_OUTSTANDING - 2
-    assert plan.wait_for() == (1, SPREAD_OUTSTANDING - 1)
-    marks.done[1, 0] = SPREAD_OUTSTANDING - 1
-    assert plan.wait_for() is None and plan.outstanding(1) == 0
-    assert plan.sealer_for(64, 0.0, False) == 1
-
-
-def test_a_sibling_that_timed_out_is_left_alone_for_a_while() -> None:
-    marks = Marks()
-    plan = HandOffPlan(0, 2, marks.sealed)
-    plan.handed(1)
-    plan.timed_out(10.0)
-    assert plan.pending is None and plan.wait_for() is None
+    assert plan.take(1) == (0, -1)  # the first waits for nothing
+    assert plan.take(0) == (1, 1)  # sealed here, after sibling 1's chunk 0
+    assert plan.take(1) == (2, 0)
+    assert not ready(marks.sealed, 0, 1, 1)
     marks.done[1, 0] = 0
-    assert plan.sealer_for(64, 10.0 + SPREAD_BACKOFF / 2, False) == 0
-    assert plan.sealer_for(64, 10.0 + SPREAD_BACKOFF, False) == 1
+    assert ready(marks.sealed, 0, 1, 1) and not ready(marks.sealed, 0, 2, 0)
+    marks.done[0, 0] = 1
+    assert ready(marks.sealed, 0, 2, 0)
 
 
-def test_with_more_workers_no_handed_chunk_overtakes_another() -> None:
+def test_a_sibling_that_does_not_keep_up_gets_no_more() -> None:
+    marks = Marks()
+    plan = HandOffPlan(0, 2, marks.sealed)
+    for _ in range(SPREAD_OUTSTANDING):
+        assert plan.sealer_for(64) == 1
+        plan.take(1)
+    assert plan.sealer_for(64) == 0 and plan.outstanding(1) == SPREAD_OUTSTANDING
+    plan.take(0)
+    marks.done[1, 0] = 0  # it finished the first
+    assert plan.outstanding(1) == SPREAD_OUTSTANDING - 1 and plan.sealer_for(64) == 1
+
+
+def test_with_more_workers_the_siblings_take_turns() -> None:
     marks = Marks()
     plan = HandOffPlan(0, 3, marks.sealed)
-    assert plan.sealer_for(64, 0.0, False) == 1
-    plan.handed(1)
-    plan.handed(1)  # sibling 1 is now full
-    assert plan.sealer_for(64, 0.0, False) == 0  # 2 is free, but 1's last has not left
-    marks.done[1, 0] = 1
-    assert plan.sealer_for(64, 0.0, False) in (1, 2)
+    owners = []
+    for _ in range(4):
+        owner = plan.sealer_for(64)
+        plan.take(owner)
+        owners.append(owner)
+    assert owners == [1, 2, 1, 2]
 
 
 def test_a_restarted_reader_numbers_its_chunks_on_from_the_marks() -> None:
     marks = Marks()
     marks.done[1, 0] = 41
-    assert HandOffPlan(0, 2, marks.sealed).next_chunk == [0, 42]
+    marks.done[0, 0] = 40
+    plan = HandOffPlan(0, 2, marks.sealed)
+    assert plan.next == 42 and plan.take(0) == (42, -1)
 
 
 def test_a_chunk_round_trips_and_a_damaged_one_is_refused() -> None:
     send = [None, 9, 3, 0, 0, 123.5, True, False]
     send[S_SLOT], send[S_REMOTE], send[S_CREATED] = 3, 9, 123.5
     packets = [b"a" * 10, b"", b"b" * 1420]
-    data = pack_chunk(1, 7, send, 250, 256, 512, packets, 99.0)
-    assert unpack_chunk(data) == (1, 7, 3, 9, 250, 256, 512, 123.5, 99.0, packets)
+    data = pack_chunk(1, 7, 0, send, 250, 256, 512, packets, 99.0)
+    assert unpack_chunk(data) == (1, 7, 0, 3, 9, 250, 256, 512, 123.5, 99.0, packets)
     for bad in (data[:-1], data + b"x", data[:10]):
         with pytest.raises((ValueError, struct.error)):
             unpack_chunk(bad)
@@ -160,44 +159,72 @@ def _read(rig: Any, n: int) -> None:
     rig.worker._outbound(time.monotonic())
 
 
-def test_a_deep_batch_is_sealed_by_the_sibling_and_what_follows_waits_for_it(rig: Any) -> None:
+def test_reader_and_sibling_seal_alternate_chunks_and_send_them_in_read_order(
+    rig: Any,
+) -> None:
     first, second, fake, slot, sockets = _pair(rig)
-    _read(rig, 64)  # handed: worker 1 seals counters 0-63
-    assert rig.fake.sent == [] and first.plan is not None and first.plan.pending == (1, 0)
-    _read(rig, 64)  # handed too: the sibling has room for SPREAD_OUTSTANDING chunks
-    _read(rig, 64)  # sealed here, held: chunk 1 has not left
+    _read(rig, 64)  # chunk 0, counters 0-63: handed to worker 1
+    assert rig.fake.sent == []
+    _read(rig, 64)  # chunk 1: handed too (the sibling has room for SPREAD_OUTSTANDING)
+    _read(rig, 64)  # chunk 2: handed
+    _read(rig, 64)  # chunk 3: the sibling is full, sealed here and held behind chunk 2
+    _read(rig, 5)  # chunk 4: shallow, sealed here, behind chunk 3
     assert rig.fake.sent == [] and first._send_held
-    _read(rig, 5)  # behind the held ones, whatever its size
-    first._release_send_hold(time.monotonic())
+    first._release_send_held(time.monotonic())
     assert rig.fake.sent == []
     second._seal_handed(time.monotonic())
-    assert _counters(fake) == list(range(128))
-    assert second.keyslots.sealed(1, 0) == 1
-    assert second.totals[2] == 128 and second.drops[DropReason.NO_KEY] == 0
-    first._release_send_hold(time.monotonic())
-    assert _counters(rig.fake) == list(range(128, 197)) and not first._send_held
-    assert first.send_hold_timeouts == 0
+    assert _counters(fake) == list(range(192))
+    assert second.keyslots.sealed(1, 0) == 2
+    assert second.totals[2] == 192 and second.drops[DropReason.NO_KEY] == 0
+    first._release_send_held(time.monotonic())
+    assert _counters(rig.fake) == list(range(192, 261)) and not first._send_held
+    assert first.keyslots.sealed(0, 0) == 4 and first.send_hold_timeouts == 0
+    # Now the sibling waits for the reader: chunk 5 handed, 6 here and held, 7 handed.
+    rig.fake.sent.clear()
+    fake.sent.clear()
+    _read(rig, 64)
+    second._seal_handed(time.monotonic())  # 5 follows 4, which has left: sent at once
+    assert _counters(fake) == list(range(261, 325))
+    for s in sockets:
+        s.close()
+
+
+def test_a_sibling_waits_for_the_readers_chunk_before_its_own(rig: Any) -> None:
+    first, second, fake, slot, sockets = _pair(rig)
+    for _ in range(4):
+        _read(rig, 64)  # 0-2 handed, 3 sealed here and held
+    second._seal_handed(time.monotonic())
+    first._release_send_held(time.monotonic())  # 3 leaves
+    for _ in range(3):
+        _read(rig, 64)  # 4, 5, 6 handed (4 follows 3: no wait)
+    first.keyslots.write_sealed(0, 0, 2)  # pretend chunk 3 had not left: 4 must wait
+    second._seal_handed(time.monotonic())
+    assert _counters(fake) == list(range(192)) and second._send_held
+    first.keyslots.write_sealed(0, 0, 3)
+    second._release_send_held(time.monotonic())
+    assert _counters(fake) == list(range(192)) + list(range(256, 448))
+    assert not second._send_held and second.send_hold_timeouts == 0
     for s in sockets:
         s.close()
 
 
 def test_a_sibling_that_never_seals_stalls_the_reader_at_most_send_hold_max(rig: Any) -> None:
-    """A stopped or killed sibling: the reader sends what it sealed after SEND_HOLD_MAX, gives
-    that sibling nothing more for SPREAD_BACKOFF, and no counter is sealed twice: a chunk the
-    sibling's successor finds later is sealed once, by it, or dropped."""
+    """A stopped or killed sibling: the reader sends what it sealed after SEND_HOLD_MAX and
+    hands that sibling nothing more while it has SPREAD_OUTSTANDING chunks unfinished; no
+    counter is sealed twice: a chunk the sibling's successor finds later is sealed once, by
+    it, or dropped."""
     first, second, fake, slot, sockets = _pair(rig)
-    _read(rig, 64)
-    _read(rig, 64)
-    _read(rig, 64)
+    for _ in range(4):
+        _read(rig, 64)  # 0-2 handed, 3 held
     held_at = time.monotonic()
-    first._release_send_hold(held_at)
+    first._release_send_held(held_at)
     assert rig.fake.sent == []
-    first._release_send_hold(held_at + SEND_HOLD_MAX + 0.001)
-    assert _counters(rig.fake) == list(range(128, 192)) and first.send_hold_timeouts == 1
-    _read(rig, 64)  # the sibling is left alone: sealed and sent here at once
-    assert _counters(rig.fake) == list(range(128, 256))
+    first._release_send_held(held_at + SEND_HOLD_MAX + 0.001)
+    assert _counters(rig.fake) == list(range(192, 256)) and first.send_hold_timeouts == 1
+    _read(rig, 64)  # the sibling is still full: sealed and sent here at once
+    assert _counters(rig.fake) == list(range(192, 320)) and not first._send_held
     second._seal_handed(time.monotonic())  # its successor finds the chunks: sealed once
-    assert sorted(_counters(fake) + _counters(rig.fake)) == list(range(256))
+    assert sorted(_counters(fake) + _counters(rig.fake)) == list(range(320))
     for s in sockets:
         s.close()
 

@@ -12,10 +12,14 @@ one TCP stream is encrypted by one worker. Here the reader (`_send_batch`):
   and the sibling keeps up (fewer than SPREAD_OUTSTANDING of its chunks unfinished): on a
   machine whose cores are busy with other work the sibling falls behind and the reader seals
   everything itself, as without spreading;
-- keeps the order: a sibling seals its chunks in the order they arrive (one inbox); a chunk
-  the reader seals itself after a handed one waits (`_send_held`) until the sibling's
-  hand-off mark (KeySlots.write_sealed, in shared memory) shows the handed chunk has left,
-  at most SEND_HOLD_MAX (a stopped or killed sibling), and the loop goes on meanwhile.
+- keeps the order: every batch the reader numbers is a chunk, numbered in read order, sealed
+  here or by a sibling; chunk k leaves only after chunk k-1 has left, wherever each was
+  sealed. Each worker notes in shared memory, per reader, the last chunk of that reader it
+  finished (KeySlots.write_sealed: a single writer per mark); a chunk whose predecessor has
+  not left yet is sealed and held (`_send_held`, behind everything else of that reader held
+  there) until the mark shows it has, at most SEND_HOLD_MAX (a stopped, killed or
+  descheduled worker), and the loop goes on meanwhile (polled every HOLD_POLL). So the
+  reader and a sibling seal alternate chunks of one flow at the same time, in order.
 
 `HandOffPlan` is the reader's bookkeeping (no I/O: the marks come through a callable).
 docs/dataplane.md ("Sending one flow on several workers") has the measurements.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -36,30 +41,30 @@ __all__ = [
     "CHUNK_MAX_AGE",
     "CHUNK_MAX_BYTES",
     "SEND_HOLD_MAX",
-    "SPREAD_BACKOFF",
     "SPREAD_MIN",
     "SPREAD_OUTSTANDING",
     "HandOffPlan",
     "SendSpread",
     "pack_chunk",
+    "ready",
     "unpack_chunk",
 ]
 
 SPREAD_MIN = 32  # packets of one peer in one read batch (of 64) before a hand-off is tried
-SPREAD_OUTSTANDING = 2  # chunks handed to one sibling and not finished, at most
+SPREAD_OUTSTANDING = 3  # chunks handed to one sibling and not finished, at most
 SEND_HOLD_MAX = 0.005  # how long a chunk sealed here waits for a handed one to leave
-SPREAD_BACKOFF = 0.1  # a sibling that made us wait SEND_HOLD_MAX gets nothing for this long
 CHUNK_MAX_AGE = 0.5  # a chunk older than this (a restarted sibling's inbox) is dropped
 CHUNK_MAX_BYTES = 1 << 17  # of packets per chunk: one datagram, well inside the inbox buffer
 
-# reader, packets, chunk number, slot, remote index, counter, jump at, jump to, keypair made,
-# read at; then a u16 length per packet, then the packets.
-_CHUNK = struct.Struct("<HHIIIqqqdd")
+# reader, packets, chunk number, who seals the chunk before (-1: none), slot, remote index,
+# counter, jump at, jump to, keypair made, read at; then a u16 length per packet, the packets.
+_CHUNK = struct.Struct("<HHqhIIqqqdd")
 
 
 def pack_chunk(
     reader: int,
     chunk: int,
+    before: int,
     send: list[Any],
     counter: int,
     jump_at: int,
@@ -69,7 +74,7 @@ def pack_chunk(
 ) -> bytes:
     """One hand-off datagram: `packets` of `send`'s keypair with the counters `_number` gave."""
     head = _CHUNK.pack(
-        reader, len(packets), chunk, send[S_SLOT], send[S_REMOTE], counter, jump_at, jump_to,
+        reader, len(packets), chunk, before, send[S_SLOT], send[S_REMOTE], counter, jump_at, jump_to,
         send[S_CREATED], now,
     )  # fmt: skip
     lengths = struct.pack(f"<{len(packets)}H", *map(len, packets))
@@ -78,10 +83,10 @@ def pack_chunk(
 
 def unpack_chunk(
     data: bytes,
-) -> tuple[int, int, int, int, int, int, int, float, float, list[bytes]]:
-    """(reader, chunk, slot, remote, counter, jump_at, jump_to, created, read_at, packets);
-    ValueError or struct.error if `data` is not a whole chunk."""
-    reader, count, chunk, slot, remote, counter, jump_at, jump_to, created, read_at = (
+) -> tuple[int, int, int, int, int, int, int, int, float, float, list[bytes]]:
+    """(reader, chunk, before, slot, remote, counter, jump_at, jump_to, created, read_at,
+    packets); ValueError or struct.error if `data` is not a whole chunk."""
+    reader, count, chunk, before, slot, remote, counter, jump_at, jump_to, created, read_at = (
         _CHUNK.unpack_from(data)
     )
     offset = _CHUNK.size + 2 * count
@@ -92,68 +97,61 @@ def unpack_chunk(
     for length in lengths:
         packets.append(data[offset : offset + length])
         offset += length
-    return reader, chunk, slot, remote, counter, jump_at, jump_to, created, read_at, packets
+    return (
+        reader, chunk, before, slot, remote, counter, jump_at, jump_to, created, read_at, packets
+    )  # fmt: skip
 
 
 class HandOffPlan:
-    """Which worker seals a reader's next chunk, and what a chunk the reader seals itself
-    must wait for. `sealed(sealer, reader)` reads a hand-off mark (KeySlots.sealed)."""
+    """A reader's numbering of its chunks and its choice of sealer (no I/O: the hand-off
+    marks come through `sealed(sealer, reader)`, KeySlots.sealed).
+
+    Every batch this worker reads and numbers is a chunk, numbered in read order; a chunk
+    may leave once the chunk before it has left (`ready`), wherever each was sealed."""
 
     def __init__(self, me: int, workers: int, sealed: Callable[[int, int], int]) -> None:
         self.me = me
         self.workers = workers
-        self._sealed = sealed
-        # Numbers go on from the marks: a restarted reader does not reuse a finished number.
-        self.next_chunk = [sealed(w, me) + 1 if w != me else 0 for w in range(workers)]
-        self.pending: tuple[int, int] | None = None  # (sealer, chunk) the next chunk follows
-        self.backoff = [0.0] * workers  # until when a sibling gets nothing
+        self.sealed = sealed
+        # Numbers go on from the marks: a restarted reader's chunks follow its predecessor's.
+        self.next = max(sealed(w, me) for w in range(workers)) + 1
+        self.last_owner = -1  # who seals chunk next - 1 (-1: nothing to wait for)
+        self._handed: list[deque[int]] = [deque() for _ in range(workers)]
         self._turn = me
 
-    def done(self, sealer: int, chunk: int) -> bool:
-        return self._sealed(sealer, self.me) >= chunk
-
     def outstanding(self, sealer: int) -> int:
-        return self.next_chunk[sealer] - 1 - self._sealed(sealer, self.me)
+        """Chunks handed to `sealer` that it has not finished."""
+        handed = self._handed[sealer]
+        done = self.sealed(sealer, self.me)
+        while handed and handed[0] <= done:
+            handed.popleft()
+        return len(handed)
 
-    def sealer_for(self, count: int, now: float, holding: bool) -> int:
-        """Who seals the next chunk of `count` packets: a sibling that keeps up when the
-        batch is deep, else this worker. While a chunk of ours waits (`holding`), ours too:
-        what follows it must not overtake it."""
-        if self.workers == 1 or holding or count < SPREAD_MIN:
+    def sealer_for(self, count: int) -> int:
+        """Who seals the next chunk of `count` packets: a sibling that keeps up (fewer than
+        SPREAD_OUTSTANDING unfinished chunks) when the batch is deep, else this worker."""
+        if self.workers == 1 or count < SPREAD_MIN:
             return self.me
-        pending = self.pending
-        if pending is not None:
-            sealer = pending[0]
-            if now >= self.backoff[sealer] and self.outstanding(sealer) < SPREAD_OUTSTANDING:
-                return sealer  # the same inbox keeps the order
-            if not self.done(*pending):
-                return self.me  # another sibling's chunk could overtake it
         for step in range(1, self.workers + 1):
             sibling = (self._turn + step) % self.workers
-            if sibling == self.me or now < self.backoff[sibling]:
-                continue
-            if self.outstanding(sibling) < SPREAD_OUTSTANDING:
+            if sibling != self.me and self.outstanding(sibling) < SPREAD_OUTSTANDING:
                 self._turn = sibling
                 return sibling
         return self.me
 
-    def handed(self, sealer: int) -> None:
-        """Chunk `next_chunk[sealer]` is in `sealer`'s inbox."""
-        self.pending = (sealer, self.next_chunk[sealer])
-        self.next_chunk[sealer] += 1
+    def take(self, owner: int) -> tuple[int, int]:
+        """Number the next chunk, sealed by `owner`: (its number, who seals the one before)."""
+        chunk, before = self.next, self.last_owner
+        self.next += 1
+        self.last_owner = owner
+        if owner != self.me:
+            self._handed[owner].append(chunk)
+        return chunk, before
 
-    def wait_for(self) -> tuple[int, int] | None:
-        """What a chunk sealed here now must wait for: the last handed chunk unless done."""
-        if self.pending is not None and self.done(*self.pending):
-            self.pending = None
-        return self.pending
 
-    def timed_out(self, now: float) -> None:
-        """The pending chunk did not leave in time (a stopped, killed or starved sibling):
-        send without it, and hand that sibling nothing for a while."""
-        if self.pending is not None:
-            self.backoff[self.pending[0]] = now + SPREAD_BACKOFF
-        self.pending = None
+def ready(sealed: Callable[[int, int], int], reader: int, chunk: int, before: int) -> bool:
+    """Whether `reader`'s chunk `chunk` may leave: the chunk before it has (or there is none)."""
+    return before < 0 or sealed(before, reader) >= chunk - 1
 
 
 class SendSpread:
@@ -167,8 +165,9 @@ class SendSpread:
     plan: HandOffPlan | None
     seal_in: socket.socket | None
     seal_out: list[socket.socket | None]
-    _send_held: list[tuple[list[Any], list[bytes]]]
-    _send_hold: tuple[int, int, float] | None
+    # reader -> chunks sealed (or dropped) here that wait for the chunk before them:
+    # [chunk, who seals the one before, deadline, peer, messages]
+    _send_held: dict[int, deque[list[Any]]]
     send_hold_timeouts: int
     _seal: Callable[[list[Any], int, list[bytes], float], list[bytes]]
     _number: Callable[..., tuple[list[Any], int, int, int] | None]
@@ -184,19 +183,16 @@ class SendSpread:
             if messages:
                 self._transmit(peer, messages)
             return
-        sealer = plan.sealer_for(len(packets), now, bool(self._send_held))
-        if sealer == self.worker_id:
-            messages = self._seal(peer, peer_id, packets, now)
-        else:
-            numbered = self._number(peer, peer_id, packets, now)
-            if numbered is None:
-                return  # staged: no keypair yet
-            if self._hand(sealer, numbered, packets, now):
-                return
-            # Not handed (a full inbox): sealed here with the same counters, still once.
-            messages = self._encrypt(numbered[0], packets, *numbered[1:])
-        if messages:
-            self._send_in_order(peer, messages, now)
+        numbered = self._number(peer, peer_id, packets, now)
+        if numbered is None:
+            return  # staged: no keypair yet
+        sealer = plan.sealer_for(len(packets))
+        if sealer != self.worker_id and self._hand(sealer, numbered, packets, now):
+            return
+        # Sealed here (also when the hand-off failed: the same counters, still sealed once).
+        messages = self._encrypt(numbered[0], packets, *numbered[1:])
+        chunk, before = plan.take(self.worker_id)
+        self._send_in_order(self.worker_id, chunk, before, peer, messages, now)
 
     def _hand(
         self,
@@ -209,48 +205,60 @@ class SendSpread:
         sock = self.seal_out[sealer] if sealer < len(self.seal_out) else None
         if plan is None or sock is None or sum(map(len, packets)) > CHUNK_MAX_BYTES:
             return False
-        data = pack_chunk(self.worker_id, plan.next_chunk[sealer], *numbered, packets, now)
+        data = pack_chunk(
+            self.worker_id, plan.next, plan.last_owner, *numbered, packets, now
+        )
         try:
             sock.send(data)
         except OSError:  # full (a stopped sibling) or gone: nothing of it was queued
             return False
-        plan.handed(sealer)
+        plan.take(sealer)
         return True
 
-    def _send_in_order(self, peer: list[Any], messages: list[bytes], now: float) -> None:
-        """Send now, unless a chunk handed before these has not left yet: then hold them."""
-        if self._send_held:
-            self._send_held.append((peer, messages))
-            return
-        assert self.plan is not None
-        wait = self.plan.wait_for()
-        if wait is None:
-            self._transmit(peer, messages)
-            return
-        self._send_held.append((peer, messages))
-        self._send_hold = (*wait, now + SEND_HOLD_MAX)
-
-    def _release_send_hold(self, now: float) -> None:
-        """Send what was held once the handed chunk before it has left (or SEND_HOLD_MAX)."""
-        if self._send_hold is None or self.plan is None:
-            return
-        sealer, chunk, deadline = self._send_hold
-        if not self.plan.done(sealer, chunk):
-            if now < deadline:
+    def _send_in_order(
+        self,
+        reader: int,
+        chunk: int,
+        before: int,
+        peer: list[Any] | None,
+        messages: list[bytes],
+        now: float,
+    ) -> None:
+        """Send `reader`'s chunk now if the chunk before it has left, else hold it (behind
+        whatever of that reader is held already); then mark it finished."""
+        held = self._send_held.get(reader)
+        if held is None:
+            if ready(self.keyslots.sealed, reader, chunk, before):
+                if messages and peer is not None:
+                    self._transmit(peer, messages)
+                self.keyslots.write_sealed(self.worker_id, reader, chunk)
                 return
-            self.send_hold_timeouts += 1
-            self.plan.timed_out(now)
-        else:
-            self.plan.pending = None
-        held, self._send_held, self._send_hold = self._send_held, [], None
-        for peer, messages in held:
-            self._transmit(peer, messages)
+            held = self._send_held[reader] = deque()
+        held.append([chunk, before, now + SEND_HOLD_MAX, peer, messages])
+
+    def _release_send_held(self, now: float) -> None:
+        """Send held chunks whose predecessor has left, or that waited SEND_HOLD_MAX (a
+        stopped, killed or descheduled worker holds the chunk before)."""
+        sealed, write = self.keyslots.sealed, self.keyslots.write_sealed
+        for reader, held in list(self._send_held.items()):
+            while held:
+                chunk, before, deadline, peer, messages = held[0]
+                if not ready(sealed, reader, chunk, before):
+                    if now < deadline:
+                        break
+                    self.send_hold_timeouts += 1
+                held.popleft()
+                if messages and peer is not None:
+                    self._transmit(peer, messages)
+                write(self.worker_id, reader, chunk)
+            if not held:
+                del self._send_held[reader]
 
     def _seal_handed(self, now: float) -> None:
-        """Seal and send the chunks siblings handed us, in the order they arrived."""
+        """Seal the chunks siblings handed us and send them in their readers' order."""
         sock = self.seal_in
         assert sock is not None
-        for _ in range(16):  # a chunk is up to 64 packets: 16 of them is a full batch
+        for _ in range(16):  # a chunk is up to 64 packets: 16 of them is plenty per turn
             try:
                 data = sock.recv(CHUNK_MAX_BYTES + 4096)
             except (BlockingIOError, InterruptedError):
@@ -262,15 +270,18 @@ class SendSpread:
 
     def _seal_chunk(self, data: bytes, now: float) -> None:
         try:
-            reader, chunk, slot, remote, counter, jump_at, jump_to, created, read_at, packets = (
-                unpack_chunk(data)
-            )
+            (reader, chunk, before, slot, remote, counter, jump_at, jump_to, created, read_at,
+             packets) = unpack_chunk(data)  # fmt: skip
         except (ValueError, struct.error):
             self.drops[DropReason.MALFORMED] += 1  # never from a sibling: but never fatal
+            return
+        if not 0 <= reader < self.keyslots.workers or reader == self.worker_id:
+            self.drops[DropReason.MALFORMED] += len(packets)
             return
         entry = self.by_slot.get(slot)
         send = entry[R_SEND] if entry is not None else None
         peer = self.peers.get(entry[R_PEER]) if entry is not None else None
+        messages: list[bytes] = []
         if send is None or send[S_REMOTE] != remote or send[S_CREATED] != created:
             # The keypair is gone, or its slot holds a newer one: its counters must never be
             # sealed under another key (nonce reuse). Dropped, as a removed keypair's packets.
@@ -278,6 +289,6 @@ class SendSpread:
         elif peer is None or peer[P_ENDPOINT] is None or now - read_at > CHUNK_MAX_AGE:
             self.drops[DropReason.SEND_FAILED] += len(packets)
         else:
-            self._transmit(peer, self._encrypt(send, packets, counter, jump_at, jump_to))
-        if 0 <= reader < self.keyslots.workers and reader != self.worker_id:
-            self.keyslots.write_sealed(self.worker_id, reader, chunk)
+            messages = self._encrypt(send, packets, counter, jump_at, jump_to)
+        # Finished with in order even when dropped: the reader's next chunk waits for it.
+        self._send_in_order(reader, chunk, before, peer, messages, now)

@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -159,14 +160,13 @@ class Worker(Outbound, Inbound, SendSpread):
         self.handoff_in: socket.socket | None = None
         self.handoff_out: list[socket.socket | None] = []
         # Sending one flow on several workers (sendspread.py): chunks of packets this worker
-        # read and numbered go to a sibling's seal inbox; what it seals itself after a handed
-        # chunk waits in _send_held until that chunk has left.
+        # read and numbered go to a sibling's seal inbox; a chunk sealed here or there waits
+        # in _send_held (by reader) until the chunk before it has left.
         self.seal_in: socket.socket | None = None
         self.seal_out: list[socket.socket | None] = []
         self.plan: HandOffPlan | None = None
-        self._send_held: list[tuple[list[Any], list[bytes]]] = []
-        self._send_hold: tuple[int, int, float] | None = None
-        self.send_hold_timeouts = 0
+        self._send_held: dict[int, deque[list[Any]]] = {}
+        self.send_hold_timeouts = 0  # held chunks sent by SEND_HOLD_MAX, not by their turn
         self.drops = stats.drops()[:DROP_SLOTS]
         self.staged = stats.staged()  # packets ever staged waiting for a handshake
         self.listen_port = _listen_port(sockets)  # what our own datagrams come from
@@ -236,7 +236,7 @@ class Worker(Outbound, Inbound, SendSpread):
                 if self._held:
                     self._deliver(now)
                 if self._send_held:
-                    self._release_send_hold(now)
+                    self._release_send_held(now)
                 if now >= next_flush:
                     self._flush(now)
             except Exception:

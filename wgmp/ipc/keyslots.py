@@ -19,10 +19,10 @@ worker holding the first packets of a block waits for the delivered mark of the 
 block's worker (docs/dataplane.md: ordering).
 
 Last comes a table of hand-off marks, one u64 per (sealer, reader) pair of workers, +1 (0 =
-none): the number of the last chunk of packets that `reader` numbered and handed to `sealer`
-to seal and send, which `sealer` has finished with (sent or dropped). Its single writer is
-the sealer; the reader holds what it seals itself after a handed chunk until the mark shows
-that chunk has left (docs/dataplane.md: sending one flow on several workers).
+none): the number of the last chunk of packets that `reader` read and numbered (its batches,
+in read order) that `sealer` has finished with (sent or dropped); sealer == reader for the
+chunks a reader seals itself. Its single writer is the sealer. A chunk leaves only after the
+one before it has, wherever that was sealed (dataplane/sendspread.py).
 """
 
 from __future__ import annotations
@@ -188,13 +188,13 @@ class KeySlots:
         return value - 1 if value else None
 
     def write_sealed(self, sealer: int, reader: int, chunk: int) -> None:
-        """`sealer`'s note that it is done with chunk number `chunk` (and every earlier one)
-        that `reader` handed it: sent, or dropped (its only writer is the sealer)."""
+        """`sealer`'s note that it is done with `reader`'s chunk number `chunk` (and every
+        earlier one it had): sent, or dropped (its only writer is the sealer)."""
         offset = self._handed + (sealer * self.workers + reader) * HANDED_MARK_SIZE
         _COUNTER.pack_into(self.shm.view, offset, chunk + 1)
 
     def sealed(self, sealer: int, reader: int) -> int:
-        """The last chunk `reader` handed to `sealer` that `sealer` is done with, -1 if none."""
+        """The last of `reader`'s chunks that `sealer` is done with, -1 if none."""
         offset = self._handed + (sealer * self.workers + reader) * HANDED_MARK_SIZE
         return _COUNTER.unpack_from(self.shm.view, offset)[0] - 1
 
