@@ -411,7 +411,7 @@ def _expect(proc: subprocess.Popen, state: str, timeout: float = 120) -> dict:
     raise RuntimeError(f"helper: no {state} within {timeout} s")
 
 
-_SAMPLE = re.compile(r'^(wgmp_worker_packets_total|wgmp_dropped_packets_total)\{(.*)\} (\d+)')
+_SAMPLE = re.compile(r"^(wgmp_worker_packets_total|wgmp_dropped_packets_total)\{(.*)\} (\d+)")
 
 
 def wgmp_counts(bed: Bed) -> dict[str, int]:

@@ -72,6 +72,17 @@ def test_chunks_are_numbered_in_read_order_each_after_the_one_before() -> None:
     assert ready(marks.sealed, 0, 2, 0)
 
 
+def test_a_reader_that_keeps_up_takes_turns_with_its_sibling() -> None:
+    marks = Marks()
+    plan = HandOffPlan(0, 2, marks.sealed)
+    owners = []
+    for _ in range(4):
+        owner = plan.sealer_for(SPREAD_MIN)  # deep enough, not a full batch
+        plan.take(owner)
+        owners.append(owner)
+    assert owners == [1, 0, 1, 0]
+
+
 def test_a_sibling_that_does_not_keep_up_gets_no_more() -> None:
     marks = Marks()
     plan = HandOffPlan(0, 2, marks.sealed)
@@ -159,50 +170,49 @@ def _read(rig: Any, n: int) -> None:
     rig.worker._outbound(time.monotonic())
 
 
-def test_reader_and_sibling_seal_alternate_chunks_and_send_them_in_read_order(
-    rig: Any,
-) -> None:
+N = SPREAD_OUTSTANDING  # full batches a sibling takes before the reader seals one itself
+FULL = 64  # a full read batch: the reader is behind
+
+
+def test_reader_and_sibling_seal_chunks_at_once_and_send_them_in_read_order(rig: Any) -> None:
     first, second, fake, slot, sockets = _pair(rig)
-    _read(rig, 64)  # chunk 0, counters 0-63: handed to worker 1
+    for _ in range(N):
+        _read(rig, FULL)  # chunks 0 .. N-1, counters 0 .. 64N-1: handed to worker 1
     assert rig.fake.sent == []
-    _read(rig, 64)  # chunk 1: handed too (the sibling has room for SPREAD_OUTSTANDING)
-    _read(rig, 64)  # chunk 2: handed
-    _read(rig, 64)  # chunk 3: the sibling is full, sealed here and held behind chunk 2
-    _read(rig, 5)  # chunk 4: shallow, sealed here, behind chunk 3
+    _read(rig, FULL)  # chunk N: the sibling is full, sealed here and held behind chunk N-1
+    _read(rig, 5)  # chunk N+1: shallow, sealed here, behind chunk N
     assert rig.fake.sent == [] and first._send_held
     first._release_send_held(time.monotonic())
     assert rig.fake.sent == []
     second._seal_handed(time.monotonic())
-    assert _counters(fake) == list(range(192))
-    assert second.keyslots.sealed(1, 0) == 2
-    assert second.totals[2] == 192 and second.drops[DropReason.NO_KEY] == 0
+    assert _counters(fake) == list(range(FULL * N))
+    assert second.keyslots.sealed(1, 0) == N - 1
+    assert second.totals[2] == FULL * N and second.drops[DropReason.NO_KEY] == 0
     first._release_send_held(time.monotonic())
-    assert _counters(rig.fake) == list(range(192, 261)) and not first._send_held
-    assert first.keyslots.sealed(0, 0) == 4 and first.send_hold_timeouts == 0
-    # Now the sibling waits for the reader: chunk 5 handed, 6 here and held, 7 handed.
-    rig.fake.sent.clear()
+    assert _counters(rig.fake) == list(range(FULL * N, FULL * N + 69)) and not first._send_held
+    assert first.keyslots.sealed(0, 0) == N + 1 and first.send_hold_timeouts == 0
     fake.sent.clear()
-    _read(rig, 64)
-    second._seal_handed(time.monotonic())  # 5 follows 4, which has left: sent at once
-    assert _counters(fake) == list(range(261, 325))
+    _read(rig, FULL)  # chunk N+2: handed; it follows N+1, which has left: sent at once
+    second._seal_handed(time.monotonic())
+    assert _counters(fake) == list(range(FULL * N + 69, FULL * N + 69 + FULL))
     for s in sockets:
         s.close()
 
 
 def test_a_sibling_waits_for_the_readers_chunk_before_its_own(rig: Any) -> None:
     first, second, fake, slot, sockets = _pair(rig)
-    for _ in range(4):
-        _read(rig, 64)  # 0-2 handed, 3 sealed here and held
+    for _ in range(N + 1):
+        _read(rig, FULL)  # 0 .. N-1 handed, N sealed here and held
     second._seal_handed(time.monotonic())
-    first._release_send_held(time.monotonic())  # 3 leaves
-    for _ in range(3):
-        _read(rig, 64)  # 4, 5, 6 handed (4 follows 3: no wait)
-    first.keyslots.write_sealed(0, 0, 2)  # pretend chunk 3 had not left: 4 must wait
+    first._release_send_held(time.monotonic())  # N leaves
+    for _ in range(2):
+        _read(rig, FULL)  # N+1, N+2 handed (N+1 follows N)
+    first.keyslots.write_sealed(0, 0, N - 1)  # pretend chunk N had not left: N+1 must wait
     second._seal_handed(time.monotonic())
-    assert _counters(fake) == list(range(192)) and second._send_held
-    first.keyslots.write_sealed(0, 0, 3)
+    assert _counters(fake) == list(range(FULL * N)) and second._send_held
+    first.keyslots.write_sealed(0, 0, N)
     second._release_send_held(time.monotonic())
-    assert _counters(fake) == list(range(192)) + list(range(256, 448))
+    assert _counters(fake) == list(range(FULL * N)) + list(range(FULL * (N + 1), FULL * (N + 3)))
     assert not second._send_held and second.send_hold_timeouts == 0
     for s in sockets:
         s.close()
@@ -214,17 +224,19 @@ def test_a_sibling_that_never_seals_stalls_the_reader_at_most_send_hold_max(rig:
     counter is sealed twice: a chunk the sibling's successor finds later is sealed once, by
     it, or dropped."""
     first, second, fake, slot, sockets = _pair(rig)
-    for _ in range(4):
-        _read(rig, 64)  # 0-2 handed, 3 held
+    for _ in range(N + 1):
+        _read(rig, FULL)  # 0 .. N-1 handed, N held
     held_at = time.monotonic()
     first._release_send_held(held_at)
     assert rig.fake.sent == []
     first._release_send_held(held_at + SEND_HOLD_MAX + 0.001)
-    assert _counters(rig.fake) == list(range(192, 256)) and first.send_hold_timeouts == 1
-    _read(rig, 64)  # the sibling is still full: sealed and sent here at once
-    assert _counters(rig.fake) == list(range(192, 320)) and not first._send_held
+    assert _counters(rig.fake) == list(range(FULL * N, FULL * (N + 1)))
+    assert first.send_hold_timeouts == 1
+    _read(rig, FULL)  # the sibling is still full: sealed and sent here at once
+    assert _counters(rig.fake) == list(range(FULL * N, FULL * (N + 2)))
+    assert not first._send_held
     second._seal_handed(time.monotonic())  # its successor finds the chunks: sealed once
-    assert sorted(_counters(fake) + _counters(rig.fake)) == list(range(320))
+    assert sorted(_counters(fake) + _counters(rig.fake)) == list(range(FULL * (N + 2)))
     for s in sockets:
         s.close()
 

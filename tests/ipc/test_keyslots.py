@@ -74,7 +74,9 @@ def test_publish_read_round_trip(table: KeySlots) -> None:
         second, 0x1234_5602, 0xABCD_0002, 2, False, 1002.25, b"\x02" * 32, bytes([102]) * 32
     )
     assert table.counter(first) == table.counter(second) == 0
-    assert table.capacity == 8 and table.shm.size == 8 * (KEYSLOT_SIZE + MARK_SIZE) + HANDED_MARK_SIZE
+    assert (
+        table.capacity == 8 and table.shm.size == 8 * (KEYSLOT_SIZE + MARK_SIZE) + HANDED_MARK_SIZE
+    )
 
 
 def _read_attached(fd: int, slot: int, conn: Connection) -> None:

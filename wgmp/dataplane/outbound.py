@@ -105,6 +105,7 @@ class Outbound:
         """Drain the TUN queue into per-peer lists, seal each list, then send each peer's
         messages in as few system calls as UDP GSO allows."""
         read, fd, lookup = os.read, self.tun_fd, self.allowed.lookup
+        listen_port = self.listen_port
         batches: dict[int, list[bytes]] = {}
         skip = VIRTIO_NET_HDR_LEN if self.vnet_hdr else 0
         last_destination: bytes | None = None
@@ -124,13 +125,27 @@ class Outbound:
             if skip:
                 packet = packet[skip:]  # no offloads were negotiated: the header is empty
             version = packet[0] >> 4 if packet else 0
+            # Only a UDP packet from or to our port can be a routing loop: the ports are
+            # looked at here, not in a call per packet (the send path's reader is the part a
+            # second worker cannot share: sendspread.py).
             if version == 4 and len(packet) >= 20:
                 destination = packet[16:20]
-                if packet[9] == 17 and self._looping_datagram(packet, (packet[0] & 15) * 4, True):
+                header = (packet[0] & 15) * 4
+                if (
+                    packet[9] == 17
+                    and len(packet) >= header + 4
+                    and listen_port in _PORTS.unpack_from(packet, header)
+                    and self._looping_datagram(packet, header, True)
+                ):
                     continue
             elif version == 6 and len(packet) >= 40:
                 destination = packet[24:40]
-                if packet[6] == 17 and self._looping_datagram(packet, 40, True):
+                if (
+                    packet[6] == 17
+                    and len(packet) >= 44
+                    and listen_port in _PORTS.unpack_from(packet, 40)
+                    and self._looping_datagram(packet, 40, True)
+                ):
                     continue
             else:
                 self.drops[DropReason.MALFORMED] += 1

@@ -41,6 +41,7 @@ __all__ = [
     "CHUNK_MAX_AGE",
     "CHUNK_MAX_BYTES",
     "SEND_HOLD_MAX",
+    "SPREAD_FULL",
     "SPREAD_MIN",
     "SPREAD_OUTSTANDING",
     "HandOffPlan",
@@ -50,9 +51,10 @@ __all__ = [
     "unpack_chunk",
 ]
 
-SPREAD_MIN = 32  # packets of one peer in one read batch (of 64) before a hand-off is tried
-SPREAD_OUTSTANDING = 3  # chunks handed to one sibling and not finished, at most
-SEND_HOLD_MAX = 0.005  # how long a chunk sealed here waits for a handed one to leave
+SPREAD_MIN = 8  # packets of one peer in one read batch before a hand-off is tried
+SPREAD_FULL = 64  # a read batch this large (BATCH): the reader is behind
+SPREAD_OUTSTANDING = 4  # chunks handed to one sibling and not finished, at most
+SEND_HOLD_MAX = 0.02  # how long a chunk sealed here waits for a handed one to leave
 CHUNK_MAX_AGE = 0.5  # a chunk older than this (a restarted sibling's inbox) is dropped
 CHUNK_MAX_BYTES = 1 << 17  # of packets per chunk: one datagram, well inside the inbox buffer
 
@@ -129,9 +131,14 @@ class HandOffPlan:
 
     def sealer_for(self, count: int) -> int:
         """Who seals the next chunk of `count` packets: a sibling that keeps up (fewer than
-        SPREAD_OUTSTANDING unfinished chunks) when the batch is deep, else this worker."""
+        SPREAD_OUTSTANDING unfinished chunks), else this worker. A full batch (the reader is
+        behind) goes to a sibling whenever one keeps up: reading is work only the reader can
+        do; a batch of SPREAD_MIN or more goes to one in turn with this worker (one flow at
+        a moderate rate: sealed half here, half there); a smaller one is sealed here."""
         if self.workers == 1 or count < SPREAD_MIN:
             return self.me
+        if count < SPREAD_FULL and self.last_owner not in (-1, self.me):
+            return self.me  # the reader keeps up: take turns with the siblings
         for step in range(1, self.workers + 1):
             sibling = (self._turn + step) % self.workers
             if sibling != self.me and self.outstanding(sibling) < SPREAD_OUTSTANDING:
@@ -205,9 +212,7 @@ class SendSpread:
         sock = self.seal_out[sealer] if sealer < len(self.seal_out) else None
         if plan is None or sock is None or sum(map(len, packets)) > CHUNK_MAX_BYTES:
             return False
-        data = pack_chunk(
-            self.worker_id, plan.next, plan.last_owner, *numbered, packets, now
-        )
+        data = pack_chunk(self.worker_id, plan.next, plan.last_owner, *numbered, packets, now)
         try:
             sock.send(data)
         except OSError:  # full (a stopped sibling) or gone: nothing of it was queued
