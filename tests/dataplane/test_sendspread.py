@@ -19,7 +19,7 @@ from tests.dataplane.test_worker import (
     _outbound,
     install,
 )
-from wgmp.dataplane.records import P_SEND, S_CREATED, S_REMOTE, S_SLOT
+from wgmp.dataplane.records import P_ENDPOINT, P_SEND, S_CREATED, S_REMOTE, S_SLOT
 from wgmp.dataplane.sendspread import (
     SEND_HOLD_MAX,
     SPREAD_MIN,
@@ -118,10 +118,14 @@ def test_a_chunk_round_trips_and_a_damaged_one_is_refused() -> None:
     send = [None, 9, 3, 0, 0, 123.5, True, False]
     send[S_SLOT], send[S_REMOTE], send[S_CREATED] = 3, 9, 123.5
     packets = [b"a" * 10, b"", b"b" * 1420]
-    data = pack_chunk(1, 7, 0, send, 250, 256, 512, packets, 99.0)
-    assert unpack_chunk(data) == (1, 7, 0, 3, 9, 250, 256, 512, 123.5, 99.0, packets)
+    route = (("192.0.2.2", 51820), (0, 8, bytes(12)))
+    data = pack_chunk(1, 7, 0, send, 250, 256, 512, packets, 99.0, route)
+    assert unpack_chunk(data) == (1, 7, 0, 3, 9, 250, 256, 512, 123.5, 99.0, route, packets)
+    no_sticky = (("2001:db8::2", 51820, 0, 0), None)
+    data2 = pack_chunk(1, 7, 0, send, 250, 256, 512, packets, 99.0, no_sticky)
+    assert unpack_chunk(data2)[10] == no_sticky
     for bad in (data[:-1], data + b"x", data[:10]):
-        with pytest.raises((ValueError, struct.error)):
+        with pytest.raises((ValueError, TypeError, struct.error)):
             unpack_chunk(bad)
 
 
@@ -266,5 +270,20 @@ def test_a_stale_chunk_is_dropped(rig: Any, monkeypatch: Any) -> None:
     _read(rig, 64)
     second._seal_handed(time.monotonic() + 10)
     assert fake.sent == [] and second.drops[DropReason.SEND_FAILED] == 64
+    for s in sockets:
+        s.close()
+
+
+def test_a_sibling_sends_where_the_reader_would_not_where_its_own_copy_says(rig: Any) -> None:
+    """Each worker has its own copy of the endpoint and learns of a roam at its own time: a
+    handed chunk goes to the reader's (tests/integration/test_routing_live.py: never back to
+    an old endpoint)."""
+    first, second, fake, slot, sockets = _pair(rig)
+    roamed = ("192.0.2.99", 40000)
+    first.peers[1][P_ENDPOINT] = roamed  # the reader heard from the peer's new address
+    _read(rig, FULL)
+    second._seal_handed(time.monotonic())
+    assert [address for _, _, address in fake.sent] == [roamed]
+    assert second.peers[1][P_ENDPOINT] == ENDPOINT  # its own copy is control's to update
     for s in sockets:
         s.close()

@@ -33,9 +33,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
+
 from ..ipc.keyslots import KeySlots
 from ..protocol.errors import DropReason
-from .records import P_ENDPOINT, R_PEER, R_SEND, S_CREATED, S_REMOTE, S_SLOT
+from .records import P_ENDPOINT, P_STICKY, R_PEER, R_SEND, S_CREATED, S_REMOTE, S_SLOT
 
 __all__ = [
     "CHUNK_MAX_AGE",
@@ -59,8 +61,11 @@ CHUNK_MAX_AGE = 0.5  # a chunk older than this (a restarted sibling's inbox) is 
 CHUNK_MAX_BYTES = 1 << 17  # of packets per chunk: one datagram, well inside the inbox buffer
 
 # reader, packets, chunk number, who seals the chunk before (-1: none), slot, remote index,
-# counter, jump at, jump to, keypair made, read at; then a u16 length per packet, the packets.
-_CHUNK = struct.Struct("<HHqhIIqqqdd")
+# counter, jump at, jump to, keypair made, read at, route length; then the route (msgpack:
+# [endpoint, sticky source or None], as the reader would send), a u16 length per packet, the
+# packets.
+_CHUNK = struct.Struct("<HHqhIIqqqddH")
+_ROUTE = msgpack.Packer(use_bin_type=True)
 
 
 def pack_chunk(
@@ -73,26 +78,33 @@ def pack_chunk(
     jump_to: int,
     packets: list[bytes],
     now: float,
+    route: tuple[Any, Any],
 ) -> bytes:
-    """One hand-off datagram: `packets` of `send`'s keypair with the counters `_number` gave."""
+    """One hand-off datagram: `packets` of `send`'s keypair with the counters `_number` gave,
+    to be sent to `route` (endpoint, sticky source)."""
+    endpoint, sticky = route
+    meta = _ROUTE.pack([list(endpoint), list(sticky) if sticky else None])
     head = _CHUNK.pack(
-        reader, len(packets), chunk, before, send[S_SLOT], send[S_REMOTE], counter, jump_at, jump_to,
-        send[S_CREATED], now,
+        reader, len(packets), chunk, before, send[S_SLOT], send[S_REMOTE], counter, jump_at,
+        jump_to, send[S_CREATED], now, len(meta),
     )  # fmt: skip
     lengths = struct.pack(f"<{len(packets)}H", *map(len, packets))
-    return b"".join([head, lengths, *packets])
+    return b"".join([head, meta, lengths, *packets])
 
 
 def unpack_chunk(
     data: bytes,
-) -> tuple[int, int, int, int, int, int, int, int, float, float, list[bytes]]:
+) -> tuple[int, int, int, int, int, int, int, int, float, float, tuple[Any, Any], list[bytes]]:
     """(reader, chunk, before, slot, remote, counter, jump_at, jump_to, created, read_at,
-    packets); ValueError or struct.error if `data` is not a whole chunk."""
-    reader, count, chunk, before, slot, remote, counter, jump_at, jump_to, created, read_at = (
-        _CHUNK.unpack_from(data)
-    )
-    offset = _CHUNK.size + 2 * count
-    lengths = struct.unpack_from(f"<{count}H", data, _CHUNK.size)
+    route, packets); ValueError (msgpack's, struct.error) or TypeError if `data` is not a
+    whole chunk."""
+    (reader, count, chunk, before, slot, remote, counter, jump_at, jump_to, created, read_at,
+     meta) = _CHUNK.unpack_from(data)  # fmt: skip
+    offset = _CHUNK.size + meta
+    endpoint, sticky = msgpack.unpackb(data[_CHUNK.size : offset])
+    route = (tuple(endpoint), tuple(sticky) if sticky else None)
+    lengths = struct.unpack_from(f"<{count}H", data, offset)
+    offset += 2 * count
     if offset + sum(lengths) != len(data):
         raise ValueError("a chunk's lengths do not add up")
     packets = []
@@ -100,7 +112,8 @@ def unpack_chunk(
         packets.append(data[offset : offset + length])
         offset += length
     return (
-        reader, chunk, before, slot, remote, counter, jump_at, jump_to, created, read_at, packets
+        reader, chunk, before, slot, remote, counter, jump_at, jump_to, created, read_at, route,
+        packets,
     )  # fmt: skip
 
 
@@ -173,13 +186,13 @@ class SendSpread:
     seal_in: socket.socket | None
     seal_out: list[socket.socket | None]
     # reader -> chunks sealed (or dropped) here that wait for the chunk before them:
-    # [chunk, who seals the one before, deadline, peer, messages]
+    # [chunk, who seals the one before, deadline, peer, messages, route or None]
     _send_held: dict[int, deque[list[Any]]]
     send_hold_timeouts: int
     _seal: Callable[[list[Any], int, list[bytes], float], list[bytes]]
     _number: Callable[..., tuple[list[Any], int, int, int] | None]
     _encrypt: Callable[..., list[bytes]]
-    _transmit: Callable[[list[Any], list[bytes]], None]
+    _transmit: Callable[..., None]
     _internal_error: Callable[[str], None]
 
     def _send_batch(self, peer: list[Any], peer_id: int, packets: list[bytes], now: float) -> None:
@@ -194,7 +207,7 @@ class SendSpread:
         if numbered is None:
             return  # staged: no keypair yet
         sealer = plan.sealer_for(len(packets))
-        if sealer != self.worker_id and self._hand(sealer, numbered, packets, now):
+        if sealer != self.worker_id and self._hand(peer, sealer, numbered, packets, now):
             return
         # Sealed here (also when the hand-off failed: the same counters, still sealed once).
         messages = self._encrypt(numbered[0], packets, *numbered[1:])
@@ -203,6 +216,7 @@ class SendSpread:
 
     def _hand(
         self,
+        peer: list[Any],
         sealer: int,
         numbered: tuple[list[Any], int, int, int],
         packets: list[bytes],
@@ -212,7 +226,10 @@ class SendSpread:
         sock = self.seal_out[sealer] if sealer < len(self.seal_out) else None
         if plan is None or sock is None or sum(map(len, packets)) > CHUNK_MAX_BYTES:
             return False
-        data = pack_chunk(self.worker_id, plan.next, plan.last_owner, *numbered, packets, now)
+        route = (peer[P_ENDPOINT], peer[P_STICKY])
+        data = pack_chunk(
+            self.worker_id, plan.next, plan.last_owner, *numbered, packets, now, route
+        )
         try:
             sock.send(data)
         except OSError:  # full (a stopped sibling) or gone: nothing of it was queued
@@ -228,18 +245,20 @@ class SendSpread:
         peer: list[Any] | None,
         messages: list[bytes],
         now: float,
+        route: tuple[Any, Any] | None = None,
     ) -> None:
         """Send `reader`'s chunk now if the chunk before it has left, else hold it (behind
-        whatever of that reader is held already); then mark it finished."""
+        whatever of that reader is held already); then mark it finished. `route`: where a
+        sibling's chunk goes (its reader's endpoint), None for our own peer's."""
         held = self._send_held.get(reader)
         if held is None:
             if ready(self.keyslots.sealed, reader, chunk, before):
                 if messages and peer is not None:
-                    self._transmit(peer, messages)
+                    self._transmit(peer, messages, route)
                 self.keyslots.write_sealed(self.worker_id, reader, chunk)
                 return
             held = self._send_held[reader] = deque()
-        held.append([chunk, before, now + SEND_HOLD_MAX, peer, messages])
+        held.append([chunk, before, now + SEND_HOLD_MAX, peer, messages, route])
 
     def _release_send_held(self, now: float) -> None:
         """Send held chunks whose predecessor has left, or that waited SEND_HOLD_MAX (a
@@ -247,14 +266,14 @@ class SendSpread:
         sealed, write = self.keyslots.sealed, self.keyslots.write_sealed
         for reader, held in list(self._send_held.items()):
             while held:
-                chunk, before, deadline, peer, messages = held[0]
+                chunk, before, deadline, peer, messages, route = held[0]
                 if not ready(sealed, reader, chunk, before):
                     if now < deadline:
                         break
                     self.send_hold_timeouts += 1
                 held.popleft()
                 if messages and peer is not None:
-                    self._transmit(peer, messages)
+                    self._transmit(peer, messages, route)
                 write(self.worker_id, reader, chunk)
             if not held:
                 del self._send_held[reader]
@@ -276,8 +295,8 @@ class SendSpread:
     def _seal_chunk(self, data: bytes, now: float) -> None:
         try:
             (reader, chunk, before, slot, remote, counter, jump_at, jump_to, created, read_at,
-             packets) = unpack_chunk(data)  # fmt: skip
-        except (ValueError, struct.error):
+             route, packets) = unpack_chunk(data)  # fmt: skip
+        except (ValueError, TypeError, struct.error):
             self.drops[DropReason.MALFORMED] += 1  # never from a sibling: but never fatal
             return
         if not 0 <= reader < self.keyslots.workers or reader == self.worker_id:
@@ -291,9 +310,9 @@ class SendSpread:
             # The keypair is gone, or its slot holds a newer one: its counters must never be
             # sealed under another key (nonce reuse). Dropped, as a removed keypair's packets.
             self.drops[DropReason.NO_KEY] += len(packets)
-        elif peer is None or peer[P_ENDPOINT] is None or now - read_at > CHUNK_MAX_AGE:
+        elif peer is None or now - read_at > CHUNK_MAX_AGE:
             self.drops[DropReason.SEND_FAILED] += len(packets)
         else:
             messages = self._encrypt(send, packets, counter, jump_at, jump_to)
         # Finished with in order even when dropped: the reader's next chunk waits for it.
-        self._send_in_order(reader, chunk, before, peer, messages, now)
+        self._send_in_order(reader, chunk, before, peer, messages, now, route)
