@@ -44,6 +44,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -276,7 +277,12 @@ def process_ticks(ns: Netns, exclude: set[int]) -> dict[int, tuple[str, int]]:
         except OSError:
             continue
         text = [a.decode(errors="replace") for a in argv if a]
-        if "--id" in text:
+        # A forked worker is titled "wgmp: IFNAME worker N/M" (N from 1), one run with -m
+        # has --id.
+        titled = re.search(r"^wgmp: \S+ worker (\d+)/\d+", text[0]) if text else None
+        if titled:
+            name = f"worker {int(titled.group(1)) - 1}"
+        elif "--id" in text:
             name = f"worker {text[text.index('--id') + 1]}"
         elif "wgmp" in text:
             name = "control"
@@ -298,6 +304,8 @@ class Result:
     udp_buffer_errors: int = 0  # rx: of those, counted at full socket buffers (a GRO train: 1)
     generator_cpu: float = 0.0  # % of one core
     dut_cpu: dict[str, float] = field(default_factory=dict)
+    workers: dict[str, int] = field(default_factory=dict)  # wgmp: packets per worker, rx/tx
+    drops: dict[str, int] = field(default_factory=dict)  # wgmp: drops per worker and reason
     error: str = ""
 
     @property
@@ -403,9 +411,32 @@ def _expect(proc: subprocess.Popen, state: str, timeout: float = 120) -> dict:
     raise RuntimeError(f"helper: no {state} within {timeout} s")
 
 
+_SAMPLE = re.compile(r"^(wgmp_worker_packets_total|wgmp_dropped_packets_total)\{(.*)\} (\d+)")
+
+
+def wgmp_counts(bed: Bed) -> dict[str, int]:
+    """wgmp's per-worker packets ("tx 0": worker 0 sealed and sent) and drops ("drop 1
+    send_failed"), from `wgmp stats`; empty for wireguard-go."""
+    if ROWS[bed.row][1] != "wgmp":
+        return {}
+    out = bed.dut.run([sys.executable, "-m", "wgmp", "stats", IFNAME]).stdout
+    counts = {}
+    for line in out.splitlines():
+        found = _SAMPLE.match(line)
+        if found:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', found.group(2)))
+            if found.group(1) == "wgmp_worker_packets_total":
+                key = f"{labels.get('direction')} {labels.get('worker')}"
+            else:
+                key = f"drop {labels.get('worker')} {labels.get('reason')}"
+            counts[key] = int(found.group(3))
+    return counts
+
+
 def measure(bed: Bed, proc: subprocess.Popen, result: Result, settle: float) -> dict:
     """Tell a ready helper to go; the counters and CPU over its sending (+ `settle`)."""
     assert proc.stdin is not None
+    counts_before = wgmp_counts(bed)
     daemon_before = process_ticks(bed.dut, bed.helpers)
     rx_before, tx_before = link_stats(bed.dut, IFNAME), link_stats(bed.gen, "cg0")
     udp_before = udp_errors(bed.dut)
@@ -417,6 +448,10 @@ def measure(bed: Bed, proc: subprocess.Popen, result: Result, settle: float) -> 
     window = time.monotonic() - start
     daemon_after = process_ticks(bed.dut, bed.helpers)
     rx_after, tx_after = link_stats(bed.dut, IFNAME), link_stats(bed.gen, "cg0")
+    counts = wgmp_counts(bed)
+    grown = {k: v - counts_before.get(k, 0) for k, v in counts.items()}
+    result.workers = {k: v for k, v in sorted(grown.items()) if v and not k.startswith("drop")}
+    result.drops = {k: v for k, v in sorted(grown.items()) if v and k.startswith("drop")}
     result.offered = done["sent"] / done["elapsed"]
     result.generator_cpu = 100 * done["cpu"] / done["elapsed"]
     for pid, (name, ticks) in daemon_after.items():
@@ -464,7 +499,8 @@ def run_row(row: str, peers: int, args: argparse.Namespace, workdir: Path) -> li
             stop_proc(generator)
             log(f"{row} P={peers} {result.direction}: {result.delivered:,.0f} pkt/s "
                 f"({result.gbits:.2f} Gbit/s) of {result.offered:,.0f} offered; "
-                f"DUT CPU {sum(result.dut_cpu.values()):.0f}%")  # fmt: skip
+                f"DUT CPU {sum(result.dut_cpu.values()):.0f}%; per worker {result.workers}, "
+                f"drops {result.drops}")  # fmt: skip
     except Exception as err:  # a failing row is reported and the run goes on
         for result in results:
             if not result.delivered:

@@ -863,12 +863,15 @@ def test_worker_arguments_as_the_supervisor_writes_them() -> None:
     argv = "--id 1 --tun 5 --channel 7 --keyslots 8 --stats 9 --vnet-hdr --udp4 6".split()
     assert _parse_args(argv) == {
         "id": 1, "tun": 5, "udp4": 6, "udp6": -1, "channel": 7, "keyslots": 8, "stats": 9,
-        "vnet_hdr": 1, "workers": 1, "handoff_in": -1, "handoff_out": "",
+        "vnet_hdr": 1, "workers": 1, "handoff_in": -1, "handoff_out": "", "seal_in": -1,
+        "seal_out": "",
     }  # fmt: skip
     # With hand-off sockets (several workers): the outboxes list this worker's as -1.
     more = [*argv, "--workers", "2", "--handoff-in", "10", "--handoff-out=-1,11"]
     parsed = _parse_args(more)
     assert (parsed["workers"], parsed["handoff_in"], parsed["handoff_out"]) == (2, 10, "-1,11")
+    parsed = _parse_args([*more, "--seal-in", "12", "--seal-out=-1,13"])
+    assert (parsed["seal_in"], parsed["seal_out"]) == (12, "-1,13")
     for bad in (argv[:-2], [*argv, "--udp6"], [*argv, "--udp6", "x"], [*argv, "--what"]):
         with pytest.raises(SystemExit):
             _parse_args(bad)

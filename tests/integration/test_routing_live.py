@@ -64,7 +64,9 @@ def _all_arrive(p: Pair, sink: Sink, count: int = 32) -> None:
     wireguard-go's namespace, and every worker carried some (the multi-queue TUN spreads
     flows over the workers, each with its own copy of the endpoint)."""
     before, received = _sent_by_worker(p), len(sink.sources())
-    send_udp(p.link.ns_a, TUNNEL_PEER[4], SINK_PORT, count, spread=True)
+    # 2 ms apart: a burst read at once may be handed to the other worker to seal
+    # (dataplane/sendspread.py) and counted as its; one at a time, its reader sends each.
+    send_udp(p.link.ns_a, TUNNEL_PEER[4], SINK_PORT, count, spread=True, gap=0.002)
     wait_for(f"{count} datagrams through wgmp", lambda: len(sink.sources()) - received == count)
     after = _sent_by_worker(p)
     idle = [worker for worker, sent in after.items() if sent == before.get(worker, 0)]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from wgmp.ipc import keyslots as keyslots_module
-from wgmp.ipc.keyslots import KEYSLOT_SIZE, MARK_SIZE, KeySlot, KeySlots
+from wgmp.ipc.keyslots import HANDED_MARK_SIZE, KEYSLOT_SIZE, MARK_SIZE, KeySlot, KeySlots
 
 CTX = multiprocessing.get_context("fork")
 PROCESSES = 4
@@ -74,7 +74,9 @@ def test_publish_read_round_trip(table: KeySlots) -> None:
         second, 0x1234_5602, 0xABCD_0002, 2, False, 1002.25, b"\x02" * 32, bytes([102]) * 32
     )
     assert table.counter(first) == table.counter(second) == 0
-    assert table.capacity == 8 and table.shm.size == 8 * (KEYSLOT_SIZE + MARK_SIZE)
+    assert (
+        table.capacity == 8 and table.shm.size == 8 * (KEYSLOT_SIZE + MARK_SIZE) + HANDED_MARK_SIZE
+    )
 
 
 def _read_attached(fd: int, slot: int, conn: Connection) -> None:
@@ -281,3 +283,18 @@ def test_each_worker_has_its_own_replay_mark_and_a_new_keypair_starts_without() 
         send_key=bytes(32), receive_key=bytes(32),
     )  # fmt: skip
     assert again == slot and [table.received(slot, w) for w in range(3)] == [None, None, None]
+
+
+def test_handed_marks_are_per_sealer_and_reader_and_leave_the_slots_alone() -> None:
+    table = KeySlots.create(4, workers=3)
+    assert table.capacity == 4
+    assert table.sealed(1, 0) == -1  # nothing handed yet
+    slot = _publish(table, 1)
+    table.write_received(slot, 99, 2)
+    table.write_delivered(slot, 98, 2)
+    table.write_sealed(1, 0, 7)
+    table.write_sealed(0, 2, 0)
+    assert (table.sealed(1, 0), table.sealed(0, 2), table.sealed(0, 1)) == (7, 0, -1)
+    assert (table.received(slot, 2), table.delivered(slot, 2)) == (99, 98)
+    attached = KeySlots.attach(table.shm.fd, 3)
+    assert attached.capacity == 4 and attached.sealed(1, 0) == 7

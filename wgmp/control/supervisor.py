@@ -93,13 +93,16 @@ class Supervisor:
         self.worker_count = worker_count
         # handoff[w] = (worker w's read end, everyone else's write end); kept open for life.
         self.handoff: list[tuple[socket.socket, socket.socket]] = []
+        # seal[w]: the same for worker w's seal inbox (dataplane/sendspread.py).
+        self.seal: list[tuple[socket.socket, socket.socket]] = []
         if worker_count > 1:
-            for _ in range(worker_count):
-                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-                for sock in (ours, theirs):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HANDOFF_BUFFER)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, HANDOFF_BUFFER)
-                self.handoff.append((ours, theirs))
+            for pairs in (self.handoff, self.seal):
+                for _ in range(worker_count):
+                    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    for sock in (ours, theirs):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HANDOFF_BUFFER)
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, HANDOFF_BUFFER)
+                    pairs.append((ours, theirs))
         self.vnet_hdr = vnet_hdr
         self.log_level = log_level
         self.workers: list[WorkerHandle] = []
@@ -114,11 +117,17 @@ class Supervisor:
         sock4 = handle.sockets.get(4)
         sock6 = handle.sockets.get(6)
         inbox, outboxes = -1, tuple[int, ...]()
+        seal_in, seal_out = -1, tuple[int, ...]()
         if self.handoff:
             inbox = self.handoff[handle.worker_id][0].fileno()
             outboxes = tuple(
                 -1 if worker == handle.worker_id else pair[1].fileno()
                 for worker, pair in enumerate(self.handoff)
+            )
+            seal_in = self.seal[handle.worker_id][0].fileno()
+            seal_out = tuple(
+                -1 if worker == handle.worker_id else pair[1].fileno()
+                for worker, pair in enumerate(self.seal)
             )
         spec = WorkerSpec(
             worker_id=handle.worker_id,
@@ -132,6 +141,8 @@ class Supervisor:
             workers=self.worker_count,
             handoff_in=inbox,
             handoff_out=outboxes,
+            seal_in=seal_in,
+            seal_out=seal_out,
         )
         count = max(len(self.workers), handle.worker_id + 1)
         handle.process = ForkedProcess.start(

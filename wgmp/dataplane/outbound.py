@@ -14,6 +14,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from ..ipc.channel import Channel
@@ -99,6 +100,7 @@ class Outbound:
     listen_port: int
     local_index: dict[int, int]
     by_slot: dict[int, list[Any]]
+    _send_batch: Callable[[list[Any], int, list[bytes], float], None]
 
     def _outbound(self, now: float) -> None:
         """Drain the TUN queue into per-peer lists, seal each list, then send each peer's
@@ -110,6 +112,7 @@ class Outbound:
         more when the worker wakes cold: perf/RESULTS.md, docs/performance.md "Round-trip
         time"). A burst is read whole as before."""
         read, fd, lookup = os.read, self.tun_fd, self.allowed.lookup
+        listen_port = self.listen_port
         batches: dict[int, list[bytes]] = {}
         skip = VIRTIO_NET_HDR_LEN if self.vnet_hdr else 0
         last_destination: bytes | None = None
@@ -132,13 +135,27 @@ class Outbound:
             if skip:
                 packet = packet[skip:]  # no offloads were negotiated: the header is empty
             version = packet[0] >> 4 if packet else 0
+            # Only a UDP packet from or to our port can be a routing loop: the ports are
+            # looked at here, not in a call per packet (the send path's reader is the part a
+            # second worker cannot share: sendspread.py).
             if version == 4 and len(packet) >= 20:
                 destination = packet[16:20]
-                if packet[9] == 17 and self._looping_datagram(packet, (packet[0] & 15) * 4, True):
+                header = (packet[0] & 15) * 4
+                if (
+                    packet[9] == 17
+                    and len(packet) >= header + 4
+                    and listen_port in _PORTS.unpack_from(packet, header)
+                    and self._looping_datagram(packet, header, True)
+                ):
                     continue
             elif version == 6 and len(packet) >= 40:
                 destination = packet[24:40]
-                if packet[6] == 17 and self._looping_datagram(packet, 40, True):
+                if (
+                    packet[6] == 17
+                    and len(packet) >= 44
+                    and listen_port in _PORTS.unpack_from(packet, 40)
+                    and self._looping_datagram(packet, 40, True)
+                ):
                     continue
             else:
                 self.drops[DropReason.MALFORMED] += 1
@@ -172,9 +189,8 @@ class Outbound:
             if peer[P_LOOPING]:  # its endpoint is routed back into our interface (control)
                 self.drops[DropReason.ROUTING_LOOP] += len(packets)
                 continue
-            messages = self._seal(peer, peer_id, packets, now)
-            if messages:
-                self._transmit(peer, messages)
+            # Sealed here, or handed to a sibling (sendspread.py), in the order read.
+            self._send_batch(peer, peer_id, packets, now)
 
     def _looping_datagram(self, packet: bytes, header: int, from_tun: bool) -> bool:
         """Whether a UDP packet is a WireGuard datagram between us and a peer that went round
@@ -224,6 +240,19 @@ class Outbound:
     def _seal(self, peer: list[Any], peer_id: int, packets: list[bytes], now: float) -> list[bytes]:
         """Transport messages for `packets` (one peer's, in order); staged if there is no
         usable keypair yet. One counter reservation and one set of checks per batch."""
+        numbered = self._number(peer, peer_id, packets, now)
+        if numbered is None:
+            return []
+        send, counter, jump_at, jump_to = numbered
+        return self._encrypt(send, packets, counter, jump_at, jump_to)
+
+    def _number(
+        self, peer: list[Any], peer_id: int, packets: list[bytes], now: float
+    ) -> tuple[list[Any], int, int, int] | None:
+        """Counters for `packets` from the peer's current keypair: (its send state, the
+        first counter, and where the run jumps to a new block: at, to; -1 if it does not).
+        None, with the packets staged, without a usable keypair. The send path's checks
+        (rekey, activity) are done here, by the worker that read the packets."""
         send = peer[P_SEND]
         count = len(packets)
         counter = send[S_NEXT] if send is not None else 0
@@ -235,12 +264,13 @@ class Outbound:
         ):
             for packet in packets:
                 self._stage(peer, peer_id, packet, now)
-            return []
+            return None
         slot = send[S_SLOT]
         end = send[S_END]
         if self.keyslots.counter(slot) - counter > COUNTER_BLOCK_STALE:
             end = counter  # the others have left this block far behind: give it up
         jump_at = jump_to = -1
+        first = counter
         if counter + count > end:
             # Use the block to its end, then go on in a new one: blocks stay dense, which
             # the receiver's ordering relies on (docs/dataplane.md), and aligned, as its
@@ -248,6 +278,24 @@ class Outbound:
             size = -(-(count - (end - counter)) // COUNTER_BLOCK) * COUNTER_BLOCK
             jump_at, jump_to = end, self.keyslots.reserve(slot, size)
             send[S_END] = jump_to + size
+            if jump_at == counter:  # nothing left of the old block: start in the new one
+                first, jump_at = jump_to, -1
+        last = first + count if jump_at < 0 else jump_to + count - (jump_at - first)
+        send[S_NEXT] = last
+        activity = peer[P_ACTIVITY]
+        activity[A_SENT] = activity[A_DATA_SENT] = now
+        if not send[S_REKEY_ASKED] and should_rekey_on_send(
+            send[S_CREATED], last, send[S_INITIATOR], now
+        ):
+            send[S_REKEY_ASKED] = True
+            self.channel.send(RekeyWanted(peer_id))
+        return send, first, jump_at, jump_to
+
+    def _encrypt(
+        self, send: list[Any], packets: list[bytes], counter: int, jump_at: int, jump_to: int
+    ) -> list[bytes]:
+        """Pad and seal `packets` under `send`'s keypair with the counters `_number` gave
+        them (from `counter`, going on at `jump_to` when reaching `jump_at`)."""
         encrypt, remote, mtu = send[S_CIPHER].encrypt, send[S_REMOTE], self.mtu
         header, nonce, zeros = HEADER.pack, NONCE.pack, _ZEROS
         messages = []
@@ -267,31 +315,29 @@ class Outbound:
                 header(MESSAGE_TRANSPORT, remote, counter) + encrypt(nonce(counter), packet, None)
             )
             counter += 1
-        send[S_NEXT] = counter
-        activity = peer[P_ACTIVITY]
-        activity[A_SENT] = activity[A_DATA_SENT] = now
-        if not send[S_REKEY_ASKED] and should_rekey_on_send(
-            send[S_CREATED], counter, send[S_INITIATOR], now
-        ):
-            send[S_REKEY_ASKED] = True
-            self.channel.send(RekeyWanted(peer_id))
         return messages
 
-    def _transmit(self, peer: list[Any], messages: list[bytes]) -> None:
+    def _transmit(
+        self,
+        peer: list[Any],
+        messages: list[bytes],
+        route: tuple[Any, Any] | None = None,
+    ) -> None:
         """Send one peer's messages in order: each run of equal-size messages (plus one
-        shorter message that may end it) goes out in one sendmsg with UDP_SEGMENT.
+        shorter message that may end it) goes out in one sendmsg with UDP_SEGMENT. `route`,
+        (endpoint, sticky source), replaces the peer's own: a sibling's chunk goes where its
+        reader would have sent it (its copy may be newer than ours: roaming).
 
         Measured: ~0.13 us per datagram this way against 1.7 us per sendto
         (docs/measurements.md).
         """
-        endpoint = peer[P_ENDPOINT]
+        endpoint, sticky = (peer[P_ENDPOINT], peer[P_STICKY]) if route is None else route
         sock = self.sockets.get(6 if len(endpoint) == 4 else 4)
         if sock is None:  # an IPv6 endpoint on a host without IPv6 (or the reverse)
             self.drops[DropReason.SEND_FAILED] += len(messages)
             return
         # Replies leave from the address the peer contacted (wireguard-go's sticky sockets):
         # the IP_PKTINFO / IPV6_PKTINFO of its last packet, sent back as it came.
-        sticky = peer[P_STICKY]
         total = sent = 0
         count = len(messages)
         i = 0
@@ -317,7 +363,8 @@ class Outbound:
                 sticky, error = send_sticky(
                     sock, [b"".join(messages[i:j])], segment, endpoint, sticky
                 )
-            peer[P_STICKY] = sticky  # None once its address was found gone
+            if route is None:
+                peer[P_STICKY] = sticky  # None once its address was found gone
             if error is not None:
                 if (
                     j - i > 1

@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,7 @@ from .records import (
     new_receive_entry,
     new_send_state,
 )
+from .sendspread import HandOffPlan, SendSpread
 
 __all__ = [
     "COUNTER_BLOCK",
@@ -102,6 +104,9 @@ __all__ = [
 ]
 
 FLUSH_INTERVAL = 0.1  # how stale control's view of traffic (timers) and counters may be
+SEND_HOLD_POLL = (
+    0.001  # the loop's wake-up while sent chunks wait for their predecessor (epoll: ms)
+)
 
 
 def _sockaddr(endpoint: list[Any] | None) -> tuple[Any, ...] | None:
@@ -111,7 +116,7 @@ def _sockaddr(endpoint: list[Any] | None) -> tuple[Any, ...] | None:
     return (host, port, 0, 0) if ":" in host else (host, port)
 
 
-class Worker(Outbound, Inbound):
+class Worker(Outbound, Inbound, SendSpread):
     """One worker's state, its loop and its handling of control's messages."""
 
     def __init__(
@@ -169,6 +174,14 @@ class Worker(Outbound, Inbound):
         # other workers' counter blocks found in a coalesced train go to their inbox.
         self.handoff_in: socket.socket | None = None
         self.handoff_out: list[socket.socket | None] = []
+        # Sending one flow on several workers (sendspread.py): chunks of packets this worker
+        # read and numbered go to a sibling's seal inbox; a chunk sealed here or there waits
+        # in _send_held (by reader) until the chunk before it has left.
+        self.seal_in: socket.socket | None = None
+        self.seal_out: list[socket.socket | None] = []
+        self.plan: HandOffPlan | None = None
+        self._send_held: dict[int, deque[list[Any]]] = {}
+        self.send_hold_timeouts = 0  # held chunks sent by SEND_HOLD_MAX, not by their turn
         self.drops = stats.drops()[:DROP_SLOTS]
         self.staged = stats.staged()  # packets ever staged waiting for a handshake
         self.listen_port = _listen_port(sockets)  # what our own datagrams come from
@@ -197,14 +210,26 @@ class Worker(Outbound, Inbound):
                     outbox.setblocking(False)
             handoff_fd = self.handoff_in.fileno()
             poller.register(handoff_fd, select.EPOLLIN)
+        seal_fd = -1
+        if self.seal_in is not None:
+            for end in (self.seal_in, *self.seal_out):
+                if end is not None:
+                    sock.setblocking(False)
+            seal_fd = self.seal_in.fileno()
+            poller.register(seal_fd, select.EPOLLIN)
         self.channel.send(Ready(self.worker_id, os.getpid()))
         next_flush = time.monotonic() + FLUSH_INTERVAL
         while self.running:
-            # While packets are held for order, sleep at most until the first hold's deadline
-            # (the previous block's worker wakes us through the inbox when it delivers).
-            events = poller.poll(
-                self._hold_wait(time.monotonic()) if self._held else FLUSH_INTERVAL
-            )
+            # While received packets are held for order, sleep at most until the first hold's
+            # deadline (the previous block's worker wakes us through the inbox when it
+            # delivers); while sent chunks wait for their predecessor, look again every
+            # SEND_HOLD_POLL (SEND_HOLD_MAX bounds that wait).
+            timeout = FLUSH_INTERVAL
+            if self._held:
+                timeout = self._hold_wait(time.monotonic())
+            if self._send_held and timeout > SEND_HOLD_POLL:
+                timeout = SEND_HOLD_POLL
+            events = poller.poll(timeout)
             now = time.monotonic()
             if len(events) > 1:
                 # Control's messages first: a keypair announced there may be the one the
@@ -223,6 +248,8 @@ class Worker(Outbound, Inbound):
                             return  # control has gone: so do we
                     elif fd == handoff_fd:
                         self._inbound_handoff(now)
+                    elif fd == seal_fd:
+                        self._seal_handed(now)
                     else:
                         self._inbound(by_fd[fd], now)
                 except Exception:
@@ -230,6 +257,8 @@ class Worker(Outbound, Inbound):
             try:
                 if self._held:
                     self._deliver(now)
+                if self._send_held:
+                    self._release_send_held(now)
                 if now >= next_flush:
                     self._flush(now)
             except Exception:
@@ -470,7 +499,8 @@ def _listen_port(sockets: dict[int, socket.socket]) -> int:
 
 
 _OPTIONS = ("id", "tun", "udp4", "udp6", "channel", "keyslots", "stats")
-_OPTIONAL = {"udp6": -1, "workers": 1, "handoff_in": -1}  # integer options with a default
+# integer options with a default
+_OPTIONAL = {"udp6": -1, "workers": 1, "handoff_in": -1, "seal_in": -1}
 
 
 def _parse_args(argv: list[str]) -> dict[str, Any]:
@@ -480,14 +510,14 @@ def _parse_args(argv: list[str]) -> dict[str, Any]:
 
     `handoff_out` stays text (the other workers' inboxes by worker id, -1 for this one's):
     without `=` a list starting with -1 would read as an option."""
-    args: dict[str, Any] = {**_OPTIONAL, "vnet_hdr": 0, "handoff_out": ""}
+    args: dict[str, Any] = {**_OPTIONAL, "vnet_hdr": 0, "handoff_out": "", "seal_out": ""}
     words = iter(argv)
     for word in words:
         name, equals, value = word.partition("=")
         name = name[2:].replace("-", "_") if name.startswith("--") else ""
         if name == "vnet_hdr" and not equals:
             args["vnet_hdr"] = 1
-        elif name == "handoff_out":
+        elif name in ("handoff_out", "seal_out"):
             args[name] = value if equals else next(words, "")
         elif name in _OPTIONS or name in _OPTIONAL:
             try:
@@ -513,8 +543,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds, so a profile is written
     try:
         outboxes = tuple(int(fd) for fd in args["handoff_out"].split(",") if fd)
+        seal_out = tuple(int(fd) for fd in args["seal_out"].split(",") if fd)
     except ValueError:
-        sys.exit(f"wgmp-worker: bad --handoff-out={args['handoff_out']!r}")
+        sys.exit(f"wgmp-worker: bad --handoff-out or --seal-out={args['seal_out']!r}")
     _serve(
         WorkerSpec(
             args["id"],
@@ -528,6 +559,8 @@ def main(argv: list[str] | None = None) -> None:
             workers=args["workers"],
             handoff_in=args["handoff_in"],
             handoff_out=outboxes,
+            seal_in=args["seal_in"],
+            seal_out=seal_out,
         )
     )
 
@@ -559,6 +592,10 @@ def _serve(spec: WorkerSpec) -> None:
         worker.handoff_out = [
             socket.socket(fileno=fd) if fd >= 0 else None for fd in spec.handoff_out
         ]
+    if spec.seal_in >= 0 and spec.workers > 1:
+        worker.seal_in = socket.socket(fileno=spec.seal_in)
+        worker.seal_out = [socket.socket(fileno=fd) if fd >= 0 else None for fd in spec.seal_out]
+        worker.plan = HandOffPlan(spec.worker_id, spec.workers, worker.keyslots.sealed)
     profile_dir = os.environ.get("WGMP_PROFILE_DIR")
     if profile_dir:  # a developer's tool for perf/: where the per-packet time goes
         import cProfile

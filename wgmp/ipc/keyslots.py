@@ -17,6 +17,12 @@ Each worker receives its own counter blocks of every keypair (net/steering.py), 
 has a single writer. A restarted worker resumes its replay window from its replay mark; a
 worker holding the first packets of a block waits for the delivered mark of the previous
 block's worker (docs/dataplane.md: ordering).
+
+Last comes a table of hand-off marks, one u64 per (sealer, reader) pair of workers, +1 (0 =
+none): the number of the last chunk of packets that `reader` read and numbered (its batches,
+in read order) that `sealer` has finished with (sent or dropped); sealer == reader for the
+chunks a reader seals itself. Its single writer is the sealer. A chunk leaves only after the
+one before it has, wherever that was sealed (dataplane/sendspread.py).
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ from typing import NamedTuple
 
 from .sharedmem import SharedMemory
 
-__all__ = ["KEYSLOT_SIZE", "KeySlot", "KeySlots"]
+__all__ = ["HANDED_MARK_SIZE", "KEYSLOT_SIZE", "MARK_SIZE", "KeySlot", "KeySlots"]
 
 # counter u64 | local_index u32 | remote_index u32 | peer_id u32 | is_initiator u8 | pad 3
 # | created f64 | pad to 64 | send_key 32 | receive_key 32
 _LAYOUT = struct.Struct("<Q I I I B 3x d 32x 32s 32s")
 KEYSLOT_SIZE = 128
 MARK_SIZE = 16  # a replay mark and a delivered mark per slot and worker, after the slots
+HANDED_MARK_SIZE = 8  # per (sealer, reader) pair of workers, after the marks
 _COUNTER = struct.Struct("<Q")
 assert _LAYOUT.size == KEYSLOT_SIZE
 
@@ -69,13 +76,16 @@ class KeySlots:
     def __init__(self, shm: SharedMemory, workers: int = 1) -> None:
         self.shm = shm
         self.workers = workers
-        self.capacity = shm.size // (KEYSLOT_SIZE + workers * MARK_SIZE)
+        handed = workers * workers * HANDED_MARK_SIZE
+        self.capacity = (shm.size - handed) // (KEYSLOT_SIZE + workers * MARK_SIZE)
         self._marks = self.capacity * KEYSLOT_SIZE  # where the marks table starts
+        self._handed = self._marks + self.capacity * workers * MARK_SIZE  # the hand-off marks
         self._free = list(range(self.capacity - 1, -1, -1))  # used by control only
 
     @classmethod
     def create(cls, capacity: int, workers: int = 1) -> KeySlots:
         size = capacity * (KEYSLOT_SIZE + workers * MARK_SIZE)
+        size += workers * workers * HANDED_MARK_SIZE
         return cls(SharedMemory.create("wgmp-keyslots", size), workers)
 
     @classmethod
@@ -176,6 +186,17 @@ class KeySlots:
         offset = self._marks + (slot * self.workers + worker) * MARK_SIZE
         value = _COUNTER.unpack_from(self.shm.view, offset)[0]
         return value - 1 if value else None
+
+    def write_sealed(self, sealer: int, reader: int, chunk: int) -> None:
+        """`sealer`'s note that it is done with `reader`'s chunk number `chunk` (and every
+        earlier one it had): sent, or dropped (its only writer is the sealer)."""
+        offset = self._handed + (sealer * self.workers + reader) * HANDED_MARK_SIZE
+        _COUNTER.pack_into(self.shm.view, offset, chunk + 1)
+
+    def sealed(self, sealer: int, reader: int) -> int:
+        """The last of `reader`'s chunks that `sealer` is done with, -1 if none."""
+        offset = self._handed + (sealer * self.workers + reader) * HANDED_MARK_SIZE
+        return _COUNTER.unpack_from(self.shm.view, offset)[0] - 1
 
     def counter(self, slot: int) -> int:
         """The next unreserved counter (a hint without the lock: for rekey checks and for

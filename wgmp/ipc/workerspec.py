@@ -33,8 +33,12 @@ class WorkerSpec(NamedTuple):
     # sibling received, and the siblings' inboxes by worker id (-1 for its own).
     handoff_in: int = -1
     handoff_out: tuple[int, ...] = ()
+    # The same for chunks of packets read from the TUN that a sibling seals and sends
+    # (dataplane/sendspread.py): this worker's seal inbox and the siblings'.
+    seal_in: int = -1
+    seal_out: tuple[int, ...] = ()
 
     def fds(self) -> list[int]:
         fds = [self.tun, self.udp4, self.channel, self.keyslots, self.stats]
-        fds += [fd for fd in self.handoff_out if fd >= 0]
-        return fds + [fd for fd in (self.udp6, self.handoff_in) if fd >= 0]
+        fds += [fd for fd in (*self.handoff_out, *self.seal_out) if fd >= 0]
+        return fds + [fd for fd in (self.udp6, self.handoff_in, self.seal_in) if fd >= 0]

@@ -1,0 +1,289 @@
+"""Sending one flow on several workers (dataplane/sendspread.py): the reader's plan, the
+hand-off datagram, and two workers in memory (a seqpacket pair for the TUN, fake sockets)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from typing import Any
+
+import pytest
+
+from tests.dataplane import test_worker
+from tests.dataplane.test_worker import (
+    ENDPOINT,
+    SEND_KEY,
+    THEIRS,
+    FakeSocket,
+    _outbound,
+    install,
+)
+from wgmp.dataplane.records import P_ENDPOINT, P_SEND, S_CREATED, S_REMOTE, S_SLOT
+from wgmp.dataplane.sendspread import (
+    SEND_HOLD_MAX,
+    SPREAD_MIN,
+    SPREAD_OUTSTANDING,
+    HandOffPlan,
+    pack_chunk,
+    ready,
+    unpack_chunk,
+)
+from wgmp.dataplane.worker import ROLE_CURRENT, Worker
+from wgmp.ipc.channel import Channel
+from wgmp.ipc.keyslots import KeySlots
+from wgmp.net.tun import VIRTIO_NET_HDR_NONE
+from wgmp.protocol.errors import DropReason
+from wgmp.protocol.transport import open_transport
+from wgmp.stats.block import StatsBlock
+
+rig = test_worker.rig  # the fixture: one worker, a TUN pair, a fake socket
+
+
+# -- the plan (pure) -----------------------------------------------------------------------------
+
+
+class Marks:
+    def __init__(self) -> None:
+        self.done: dict[tuple[int, int], int] = {}
+
+    def sealed(self, sealer: int, reader: int) -> int:
+        return self.done.get((sealer, reader), -1)
+
+
+def test_a_shallow_batch_or_one_worker_is_sealed_by_the_reader() -> None:
+    marks = Marks()
+    assert HandOffPlan(0, 1, marks.sealed).sealer_for(64) == 0
+    plan = HandOffPlan(0, 2, marks.sealed)
+    assert plan.sealer_for(SPREAD_MIN - 1) == 0
+    assert plan.sealer_for(SPREAD_MIN) == 1
+
+
+def test_chunks_are_numbered_in_read_order_each_after_the_one_before() -> None:
+    marks = Marks()
+    plan = HandOffPlan(0, 2, marks.sealed)
+    assert plan.take(1) == (0, -1)  # the first waits for nothing
+    assert plan.take(0) == (1, 1)  # sealed here, after sibling 1's chunk 0
+    assert plan.take(1) == (2, 0)
+    assert not ready(marks.sealed, 0, 1, 1)
+    marks.done[1, 0] = 0
+    assert ready(marks.sealed, 0, 1, 1) and not ready(marks.sealed, 0, 2, 0)
+    marks.done[0, 0] = 1
+    assert ready(marks.sealed, 0, 2, 0)
+
+
+def test_a_reader_that_keeps_up_takes_turns_with_its_sibling() -> None:
+    marks = Marks()
+    plan = HandOffPlan(0, 2, marks.sealed)
+    owners = []
+    for _ in range(4):
+        owner = plan.sealer_for(SPREAD_MIN)  # deep enough, not a full batch
+        plan.take(owner)
+        owners.append(owner)
+    assert owners == [1, 0, 1, 0]
+
+
+def test_a_sibling_that_does_not_keep_up_gets_no_more() -> None:
+    marks = Marks()
+    plan = HandOffPlan(0, 2, marks.sealed)
+    for _ in range(SPREAD_OUTSTANDING):
+        assert plan.sealer_for(64) == 1
+        plan.take(1)
+    assert plan.sealer_for(64) == 0 and plan.outstanding(1) == SPREAD_OUTSTANDING
+    plan.take(0)
+    marks.done[1, 0] = 0  # it finished the first
+    assert plan.outstanding(1) == SPREAD_OUTSTANDING - 1 and plan.sealer_for(64) == 1
+
+
+def test_with_more_workers_the_siblings_take_turns() -> None:
+    marks = Marks()
+    plan = HandOffPlan(0, 3, marks.sealed)
+    owners = []
+    for _ in range(4):
+        owner = plan.sealer_for(64)
+        plan.take(owner)
+        owners.append(owner)
+    assert owners == [1, 2, 1, 2]
+
+
+def test_a_restarted_reader_numbers_its_chunks_on_from_the_marks() -> None:
+    marks = Marks()
+    marks.done[1, 0] = 41
+    marks.done[0, 0] = 40
+    plan = HandOffPlan(0, 2, marks.sealed)
+    assert plan.next == 42 and plan.take(0) == (42, -1)
+
+
+def test_a_chunk_round_trips_and_a_damaged_one_is_refused() -> None:
+    send = [None, 9, 3, 0, 0, 123.5, True, False]
+    send[S_SLOT], send[S_REMOTE], send[S_CREATED] = 3, 9, 123.5
+    packets = [b"a" * 10, b"", b"b" * 1420]
+    route = (("192.0.2.2", 51820), (0, 8, bytes(12)))
+    data = pack_chunk(1, 7, 0, send, 250, 256, 512, packets, 99.0, route)
+    assert unpack_chunk(data) == (1, 7, 0, 3, 9, 250, 256, 512, 123.5, 99.0, route, packets)
+    no_sticky = (("2001:db8::2", 51820, 0, 0), None)
+    data2 = pack_chunk(1, 7, 0, send, 250, 256, 512, packets, 99.0, no_sticky)
+    assert unpack_chunk(data2)[10] == no_sticky
+    for bad in (data[:-1], data + b"x", data[:10]):
+        with pytest.raises((ValueError, TypeError, struct.error)):
+            unpack_chunk(bad)
+
+
+# -- two workers in memory ------------------------------------------------------------------------
+
+
+def _pair(rig: Any) -> tuple[Worker, Worker, FakeSocket, int, list[socket.socket]]:
+    """rig's worker as worker 0 (the reader) and a worker 1 (the sealer), with seal inboxes."""
+    keyslots = KeySlots.create(8, workers=2)
+    in0, out0 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    in1, out1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for s in (in0, in1, out0, out1):
+        s.setblocking(False)
+    first: Worker = rig.worker
+    first.workers, first.keyslots = 2, keyslots
+    first.seal_in, first.seal_out = in0, [None, out1]
+    first.plan = HandOffPlan(0, 2, keyslots.sealed)
+    other_control, other_end = socket.socketpair()
+    fake = FakeSocket()
+    second = Worker(
+        1, first.tun_fd, {4: fake}, Channel(other_end), keyslots, StatsBlock.create(),  # type: ignore[dict-item]
+        vnet_hdr=True, workers=2,
+    )  # fmt: skip
+    second.seal_in, second.seal_out = in1, [out0, None]
+    second.plan = HandOffPlan(1, 2, keyslots.sealed)
+    second._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
+    slot = install(first, ROLE_CURRENT)
+    second._install(slot, ROLE_CURRENT, time.monotonic())
+    return first, second, fake, slot, [in0, out0, in1, out1, other_control, other_end]
+
+
+def _counters(fake: FakeSocket) -> list[int]:
+    counters = []
+    for buffers, ancillary, _ in fake.sent:
+        data = buffers[0]
+        size = int.from_bytes(ancillary[0][2], "little") if ancillary else len(data)
+        counters += [
+            open_transport(SEND_KEY, data[i : i + size])[1] for i in range(0, len(data), size)
+        ]
+    return counters
+
+
+def _read(rig: Any, n: int) -> None:
+    for i in range(n):
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(i))
+    rig.worker._outbound(time.monotonic())
+
+
+N = SPREAD_OUTSTANDING  # full batches a sibling takes before the reader seals one itself
+FULL = 64  # a full read batch: the reader is behind
+
+
+def test_reader_and_sibling_seal_chunks_at_once_and_send_them_in_read_order(rig: Any) -> None:
+    first, second, fake, slot, sockets = _pair(rig)
+    for _ in range(N):
+        _read(rig, FULL)  # chunks 0 .. N-1, counters 0 .. 64N-1: handed to worker 1
+    assert rig.fake.sent == []
+    _read(rig, FULL)  # chunk N: the sibling is full, sealed here and held behind chunk N-1
+    _read(rig, 5)  # chunk N+1: shallow, sealed here, behind chunk N
+    assert rig.fake.sent == [] and first._send_held
+    first._release_send_held(time.monotonic())
+    assert rig.fake.sent == []
+    second._seal_handed(time.monotonic())
+    assert _counters(fake) == list(range(FULL * N))
+    assert second.keyslots.sealed(1, 0) == N - 1
+    assert second.totals[2] == FULL * N and second.drops[DropReason.NO_KEY] == 0
+    first._release_send_held(time.monotonic())
+    assert _counters(rig.fake) == list(range(FULL * N, FULL * N + 69)) and not first._send_held
+    assert first.keyslots.sealed(0, 0) == N + 1 and first.send_hold_timeouts == 0
+    fake.sent.clear()
+    _read(rig, FULL)  # chunk N+2: handed; it follows N+1, which has left: sent at once
+    second._seal_handed(time.monotonic())
+    assert _counters(fake) == list(range(FULL * N + 69, FULL * N + 69 + FULL))
+    for s in sockets:
+        s.close()
+
+
+def test_a_sibling_waits_for_the_readers_chunk_before_its_own(rig: Any) -> None:
+    first, second, fake, slot, sockets = _pair(rig)
+    for _ in range(N + 1):
+        _read(rig, FULL)  # 0 .. N-1 handed, N sealed here and held
+    second._seal_handed(time.monotonic())
+    first._release_send_held(time.monotonic())  # N leaves
+    for _ in range(2):
+        _read(rig, FULL)  # N+1, N+2 handed (N+1 follows N)
+    first.keyslots.write_sealed(0, 0, N - 1)  # pretend chunk N had not left: N+1 must wait
+    second._seal_handed(time.monotonic())
+    assert _counters(fake) == list(range(FULL * N)) and second._send_held
+    first.keyslots.write_sealed(0, 0, N)
+    second._release_send_held(time.monotonic())
+    assert _counters(fake) == list(range(FULL * N)) + list(range(FULL * (N + 1), FULL * (N + 3)))
+    assert not second._send_held and second.send_hold_timeouts == 0
+    for s in sockets:
+        s.close()
+
+
+def test_a_sibling_that_never_seals_stalls_the_reader_at_most_send_hold_max(rig: Any) -> None:
+    """A stopped or killed sibling: the reader sends what it sealed after SEND_HOLD_MAX and
+    hands that sibling nothing more while it has SPREAD_OUTSTANDING chunks unfinished; no
+    counter is sealed twice: a chunk the sibling's successor finds later is sealed once, by
+    it, or dropped."""
+    first, second, fake, slot, sockets = _pair(rig)
+    for _ in range(N + 1):
+        _read(rig, FULL)  # 0 .. N-1 handed, N held
+    held_at = time.monotonic()
+    first._release_send_held(held_at)
+    assert rig.fake.sent == []
+    first._release_send_held(held_at + SEND_HOLD_MAX + 0.001)
+    assert _counters(rig.fake) == list(range(FULL * N, FULL * (N + 1)))
+    assert first.send_hold_timeouts == 1
+    _read(rig, FULL)  # the sibling is still full: sealed and sent here at once
+    assert _counters(rig.fake) == list(range(FULL * N, FULL * (N + 2)))
+    assert not first._send_held
+    second._seal_handed(time.monotonic())  # its successor finds the chunks: sealed once
+    assert sorted(_counters(fake) + _counters(rig.fake)) == list(range(FULL * (N + 2)))
+    for s in sockets:
+        s.close()
+
+
+def test_a_chunk_of_a_removed_keypair_is_never_sealed_under_the_slots_next_keypair(
+    rig: Any,
+) -> None:
+    first, second, fake, slot, sockets = _pair(rig)
+    _read(rig, 64)
+    # Control removes the keypair everywhere and publishes a new one in the same slot.
+    for worker in (first, second):
+        worker._remove_keypair(slot)
+    first.keyslots.release(slot)
+    again = install(first, ROLE_CURRENT)
+    assert again == slot
+    second._install(slot, ROLE_CURRENT, time.monotonic())
+    second.peers[1][P_SEND][S_CREATED] += 1  # (install() made it in the same clock tick?)
+    second._seal_handed(time.monotonic())
+    assert fake.sent == [] and second.drops[DropReason.NO_KEY] == 64
+    assert second.keyslots.sealed(1, 0) == 0  # finished with: the reader need not wait
+    for s in sockets:
+        s.close()
+
+
+def test_a_stale_chunk_is_dropped(rig: Any, monkeypatch: Any) -> None:
+    first, second, fake, slot, sockets = _pair(rig)
+    _read(rig, 64)
+    second._seal_handed(time.monotonic() + 10)
+    assert fake.sent == [] and second.drops[DropReason.SEND_FAILED] == 64
+    for s in sockets:
+        s.close()
+
+
+def test_a_sibling_sends_where_the_reader_would_not_where_its_own_copy_says(rig: Any) -> None:
+    """Each worker has its own copy of the endpoint and learns of a roam at its own time: a
+    handed chunk goes to the reader's (tests/integration/test_routing_live.py: never back to
+    an old endpoint)."""
+    first, second, fake, slot, sockets = _pair(rig)
+    roamed = ("192.0.2.99", 40000)
+    first.peers[1][P_ENDPOINT] = roamed  # the reader heard from the peer's new address
+    _read(rig, FULL)
+    second._seal_handed(time.monotonic())
+    assert [address for _, _, address in fake.sent] == [roamed]
+    assert second.peers[1][P_ENDPOINT] == ENDPOINT  # its own copy is control's to update
+    for s in sockets:
+        s.close()
