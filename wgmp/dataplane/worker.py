@@ -214,7 +214,7 @@ class Worker(Outbound, Inbound, SendSpread):
         if self.seal_in is not None:
             for end in (self.seal_in, *self.seal_out):
                 if end is not None:
-                    sock.setblocking(False)
+                    end.setblocking(False)
             seal_fd = self.seal_in.fileno()
             poller.register(seal_fd, select.EPOLLIN)
         self.channel.send(Ready(self.worker_id, os.getpid()))
