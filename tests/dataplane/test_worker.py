@@ -471,6 +471,31 @@ def test_staged_packets_are_counted_and_written_to_the_stats_block(rig: Any) -> 
     assert rig.worker.stats.staged() == 3
 
 
+def test_the_flush_reports_only_the_peers_the_paths_touched(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counters and activity of the peers that sent or received since the last flush, and of
+    no other: with 65,536 peers a flush over all of them kept an idle worker busy."""
+    for peer_id in range(2, 2002):
+        rig.worker._set_peer(peer_id, None, None)
+    install(rig.worker, ROLE_CURRENT)
+    rig.worker._flush(time.monotonic())
+    written: list[int] = []
+    monkeypatch.setattr(rig.worker.stats, "write_peer", lambda peer_id, _: written.append(peer_id))
+    rig.worker._flush(time.monotonic())
+    assert written == [] and rig.worker._touched == []
+    for n in range(3):
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(n))
+    rig.worker._outbound(time.monotonic())
+    assert len(rig.worker._touched) == 1  # one peer, marked once however many packets
+    rig.worker._remove_peer(2)  # clears its own counters
+    written.clear()
+    rig.worker._flush(time.monotonic())
+    assert written == [1] and rig.worker._touched == []
+    activity = [m for m in control_messages(rig.control) if isinstance(m, Activity)]
+    assert [report[0] for m in activity for report in m.reports] == [1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Hostile input: no packet ends a worker (docs/hardening.md)
 

@@ -112,6 +112,7 @@ class Inbound:
     keyslots: KeySlots
     allowed: AllowedIPs[int]
     peers: dict[int, list[Any]]
+    _touched: list[list[Any]]  # peers whose counters or activity changed (Worker._flush)
     by_index: dict[int, list[Any]]
     drops: list[int]
     totals: list[int]
@@ -571,7 +572,9 @@ class Inbound:
             self.channel.send(Roamed(peer_id, list(address[:2]), list(sticky) if sticky else None))
         peer[P_RX_BYTES] += nbytes
         peer[P_RX_PACKETS] += packets
-        peer[P_DIRTY] = True
+        if not peer[P_DIRTY]:
+            peer[P_DIRTY] = True
+            self._touched.append(peer)
         activity = peer[P_ACTIVITY]
         activity[A_RECEIVED] = now
         if data:

@@ -89,6 +89,7 @@ class Outbound:
     keyslots: KeySlots
     allowed: AllowedIPs[int]
     peers: dict[int, list[Any]]
+    _touched: list[list[Any]]  # peers whose counters or activity changed (Worker._flush)
     mtu: int
     gso: bool
     _gso_retry_at: float
@@ -282,6 +283,9 @@ class Outbound:
                 first, jump_at = jump_to, -1
         last = first + count if jump_at < 0 else jump_to + count - (jump_at - first)
         send[S_NEXT] = last
+        if not peer[P_DIRTY]:
+            peer[P_DIRTY] = True
+            self._touched.append(peer)
         activity = peer[P_ACTIVITY]
         activity[A_SENT] = activity[A_DATA_SENT] = now
         if not send[S_REKEY_ASKED] and should_rekey_on_send(
@@ -389,7 +393,9 @@ class Outbound:
             i = j
         peer[P_TX_BYTES] += total
         peer[P_TX_PACKETS] += sent
-        peer[P_DIRTY] = True
+        if not peer[P_DIRTY]:
+            peer[P_DIRTY] = True
+            self._touched.append(peer)
         self.totals[2] += sent
         self.totals[3] += total
 

@@ -24,6 +24,7 @@ __all__ = [
     "A_SENT",
     "P_ACTIVITY",
     "P_DIRTY",
+    "P_ID",
     "P_ENDPOINT",
     "P_HANDSHAKE_ASKED",
     "P_LOOPING",
@@ -62,11 +63,13 @@ __all__ = [
 # A peer: [endpoint (a sockaddr tuple or None), send state of its current keypair or None,
 #          staged packets (a deque made on first use, None while there are none),
 #          rx bytes, tx bytes, rx packets, tx packets, activity,
-#          when a handshake was last asked for, counters changed since the last flush,
+#          when a handshake was last asked for, counters or activity changed since the
+#          last flush (it is then in the worker's `_touched` list),
 #          sticky source: the IP_PKTINFO cmsg of the address it last contacted, or None,
-#          its endpoint is routed into our own interface (control's RouteLoop): drop to it]
+#          its endpoint is routed into our own interface (control's RouteLoop): drop to it,
+#          the peer's id]
 P_ENDPOINT, P_SEND, P_STAGED, P_RX_BYTES, P_TX_BYTES, P_RX_PACKETS, P_TX_PACKETS = range(7)
-P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY, P_STICKY, P_LOOPING = 7, 8, 9, 10, 11
+P_ACTIVITY, P_HANDSHAKE_ASKED, P_DIRTY, P_STICKY, P_LOOPING, P_ID = 7, 8, 9, 10, 11, 12
 # A send state: [cipher, remote index, key slot, next counter of the reserved block, end of the
 #                block, when the keypair was made, we initiated it, a rekey was asked for]
 S_CIPHER, S_REMOTE, S_SLOT, S_NEXT, S_END, S_CREATED, S_INITIATOR, S_REKEY_ASKED = range(8)
@@ -87,8 +90,8 @@ def new_activity() -> list[float]:
     return [0.0, 0.0, 0.0, 0.0]
 
 
-def new_peer(endpoint: tuple[Any, ...] | None = None) -> list[Any]:
-    peer: list[Any] = [None] * 12
+def new_peer(peer_id: int, endpoint: tuple[Any, ...] | None = None) -> list[Any]:
+    peer: list[Any] = [None] * 13
     peer[P_ENDPOINT] = endpoint
     peer[P_SEND] = None
     peer[P_STAGED] = None  # made on first use (dataplane/outbound.py, _stage)
@@ -98,6 +101,7 @@ def new_peer(endpoint: tuple[Any, ...] | None = None) -> list[Any]:
     peer[P_DIRTY] = False
     peer[P_STICKY] = None
     peer[P_LOOPING] = False
+    peer[P_ID] = peer_id
     return peer
 
 
