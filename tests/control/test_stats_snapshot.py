@@ -24,7 +24,7 @@ def test_snapshot_from_daemon():
     blocks = [StatsBlock.create(), StatsBlock.create()]
     blocks[0].write_totals((5, 500, 6, 600), drops(no_route=2))
     blocks[1].write_totals((1, 100, 0, 0), drops())
-    blocks[1].write_order(40, 3, 250_000)
+    blocks[1].write_order(40, 3, 250_000, 7)
     alive = SimpleNamespace(poll=lambda: None)
     handles = [
         SimpleNamespace(worker_id=0, stats=blocks[0], restarts=1, process=alive),
@@ -57,6 +57,7 @@ def test_snapshot_from_daemon():
     assert w0.drops[DropReason.NO_ROUTE] == 2
     assert (w0.order_holds, w1.order_holds, w1.order_hold_timeouts) == (0, 40, 3)
     assert w1.order_held_seconds == 0.25
+    assert w1.send_order_hold_timeouts == 7
     assert stats.handshakes.completed == 3
     assert stats.handshakes.drops[DropReason.STALE_TIMESTAMP] == 6
     s = parse(render(stats))

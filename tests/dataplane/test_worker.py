@@ -281,7 +281,7 @@ def test_a_block_waits_for_the_previous_blocks_worker_to_deliver(rig: Any) -> No
     rig.worker._deliver(now + HOLD_MAX)
     assert slot not in rig.worker._held and rig.worker.hold_timeouts == 1
     rig.worker._flush(now + HOLD_MAX)
-    holds, timeouts, held_us = rig.worker.stats.order()
+    holds, timeouts, held_us, _ = rig.worker.stats.order()
     assert (holds, timeouts) == (2, 1)
     assert held_us == pytest.approx((0.001 + HOLD_MAX) * 1e6, abs=2)
 

@@ -108,6 +108,8 @@ def test_receive_ordering_holds_per_worker():
     assert value(s, "wgmp_order_held_seconds_total", device="wg0", worker="0") == 0.125
     assert value(s, "wgmp_order_holds_total", device="wg0", worker="1") == 0
     assert value(s, "wgmp_order_held_seconds_total", device="wg0", worker="1") == 0
+    assert value(s, "wgmp_send_order_hold_timeouts_total", device="wg0", worker="0") == 4
+    assert value(s, "wgmp_send_order_hold_timeouts_total", device="wg0", worker="1") == 0
 
 
 def test_short_drop_lists_count_as_zero():

@@ -1071,7 +1071,7 @@ class Daemon:
         workers = []
         for handle in self.supervisor.workers:
             rx_packets, rx_bytes, tx_packets, tx_bytes = handle.stats.totals()
-            holds, hold_timeouts, held_us = handle.stats.order()
+            holds, hold_timeouts, held_us, send_timeouts = handle.stats.order()
             running = handle.process is not None and handle.process.poll() is None
             workers.append(
                 WorkerStats(
@@ -1085,6 +1085,7 @@ class Daemon:
                     order_holds=holds,
                     order_hold_timeouts=hold_timeouts,
                     order_held_seconds=held_us / 1e6,
+                    send_order_hold_timeouts=send_timeouts,
                     restarts=handle.restarts,
                     up=running,
                 )

@@ -166,7 +166,7 @@ class Worker(Outbound, Inbound, SendSpread):
         self._block_done = False  # a block's last counter came in this train (Inbound)
         # Receive ordering: blocks held back for the previous block's worker, holds ended
         # by HOLD_MAX, time held; a restarted worker goes on from its predecessor's counts.
-        holds, timeouts, held_us = stats.order()
+        holds, timeouts, held_us, send_timeouts = stats.order()
         self.holds = holds
         self.hold_timeouts = timeouts
         self.hold_seconds = held_us / 1e6
@@ -182,7 +182,7 @@ class Worker(Outbound, Inbound, SendSpread):
         self.seal_out: list[socket.socket | None] = []
         self.plan: HandOffPlan | None = None
         self._send_held: dict[int, deque[list[Any]]] = {}
-        self.send_hold_timeouts = 0  # held chunks sent by SEND_HOLD_MAX, not by their turn
+        self.send_hold_timeouts = send_timeouts  # chunks sent by SEND_HOLD_MAX, not in turn
         self.drops = stats.drops()[:DROP_SLOTS]
         self.staged = stats.staged()  # packets ever staged waiting for a handshake
         self.listen_port = _listen_port(sockets)  # what our own datagrams come from
@@ -461,7 +461,9 @@ class Worker(Outbound, Inbound, SendSpread):
                 reports.append([peer_id, *activity])
                 peer[P_ACTIVITY] = new_activity()
         self.stats.write_totals(self.totals, self.drops, self.staged)
-        self.stats.write_order(self.holds, self.hold_timeouts, int(self.hold_seconds * 1e6))
+        self.stats.write_order(
+            self.holds, self.hold_timeouts, int(self.hold_seconds * 1e6), self.send_hold_timeouts
+        )
         if reports:
             self.channel.send(Activity(reports))
 

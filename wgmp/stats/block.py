@@ -25,8 +25,8 @@ _DROPS = struct.Struct(f"<{DROP_SLOTS}Q")
 _STAGED = struct.Struct("<Q")  # packets ever staged waiting for a handshake
 _STAGED_OFFSET = 32 + 8 * DROP_SLOTS
 # Receive ordering (docs/dataplane.md, "Ordering"): blocks held, holds ended by HOLD_MAX, and
-# the time held in microseconds.
-_ORDER = struct.Struct("<3Q")
+# the time held in microseconds; send ordering: chunks sent after SEND_HOLD_MAX, not in turn.
+_ORDER = struct.Struct("<4Q")
 _ORDER_OFFSET = _STAGED_OFFSET + _STAGED.size
 _HEADER_SIZE = 512
 assert _ORDER_OFFSET + _ORDER.size <= 512
@@ -57,8 +57,8 @@ class StatsBlock:
         _DROPS.pack_into(self.shm.view, _TOTALS.size, *drops)
         _STAGED.pack_into(self.shm.view, _STAGED_OFFSET, staged)
 
-    def write_order(self, holds: int, timeouts: int, held_us: int) -> None:
-        _ORDER.pack_into(self.shm.view, _ORDER_OFFSET, holds, timeouts, held_us)
+    def write_order(self, holds: int, timeouts: int, held_us: int, send_timeouts: int = 0) -> None:
+        _ORDER.pack_into(self.shm.view, _ORDER_OFFSET, holds, timeouts, held_us, send_timeouts)
 
     def write_peer(self, peer_id: int, counters: PeerCounters) -> None:
         """Also used with zeros when a peer is removed, so a reused id starts from zero."""
@@ -75,8 +75,8 @@ class StatsBlock:
     def staged(self) -> int:
         return int(_STAGED.unpack_from(self.shm.view, _STAGED_OFFSET)[0])
 
-    def order(self) -> tuple[int, int, int]:
-        """Ordering holds, hold time-outs, microseconds held (`write_order`)."""
+    def order(self) -> tuple[int, int, int, int]:
+        """Ordering holds, hold time-outs, microseconds held, send hold time-outs."""
         return _ORDER.unpack_from(self.shm.view, _ORDER_OFFSET)
 
     def peer(self, peer_id: int) -> PeerCounters:

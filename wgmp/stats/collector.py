@@ -51,6 +51,10 @@ wgmp's own:
         after it may be out of order.
     wgmp_order_held_seconds_total{device,worker}                   counter
         the time blocks spent held, summed: the delay ordering added.
+    wgmp_send_order_hold_timeouts_total{device,worker}             counter
+        chunks of one flow this worker sealed or read that left after SEND_HOLD_MAX (20 ms)
+        instead of after the chunk before them (sending one flow on several workers,
+        docs/dataplane.md): a sibling that did not get the CPU; order may suffer.
     wgmp_handshakes_initiated_total{device}       initiation messages sent
     wgmp_handshakes_received_total{device}        initiations received past the MAC/cookie checks
     wgmp_handshakes_completed_total{device}       sessions established (either role)
@@ -117,6 +121,7 @@ class WorkerStats:
     order_holds: int = 0  # blocks held back for receive ordering
     order_hold_timeouts: int = 0  # holds ended by HOLD_MAX
     order_held_seconds: float = 0.0  # time held, summed
+    send_order_hold_timeouts: int = 0  # chunks sent after SEND_HOLD_MAX, not in turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +346,13 @@ FAMILIES: tuple[_Family, ...] = (
         "Time counter blocks spent held back for receive ordering, summed.",
         _WORKER,
         _per_worker(lambda w: w.order_held_seconds),
+    ),
+    _Family(
+        "wgmp_send_order_hold_timeouts",
+        _C,
+        "Chunks of one flow sent after SEND_HOLD_MAX instead of after the chunk before them.",
+        _WORKER,
+        _per_worker(lambda w: w.send_order_hold_timeouts),
     ),
     _Family(
         "wgmp_handshakes_initiated",
