@@ -22,6 +22,7 @@ from tests.dataplane.test_worker import (
 from wgmp.dataplane.records import P_ENDPOINT, P_SEND, S_CREATED, S_REMOTE, S_SLOT
 from wgmp.dataplane.sendspread import (
     SEND_HOLD_MAX,
+    SIBLING_BUSY,
     SPREAD_MIN,
     SPREAD_OUTSTANDING,
     HandOffPlan,
@@ -81,6 +82,24 @@ def test_a_reader_that_keeps_up_takes_turns_with_its_sibling() -> None:
         plan.take(owner)
         owners.append(owner)
     assert owners == [1, 0, 1, 0]
+
+
+def test_a_sibling_busy_reading_its_own_flows_gets_no_chunks() -> None:
+    """Two busy readers (many peers) do not trade chunks: a sibling whose last TUN read was
+    full within SIBLING_BUSY seals its own flows; once it has been idle longer, it helps."""
+    marks = Marks()
+    full_reads = {1: 10.0}
+    plan = HandOffPlan(0, 2, marks.sealed, lambda worker: full_reads.get(worker, float("-inf")))
+    assert plan.sealer_for(64, 10.0 + SIBLING_BUSY / 2) == 0
+    assert plan.sealer_for(64, 10.0 + 2 * SIBLING_BUSY) == 1
+
+
+def test_a_worker_notes_its_full_reads_in_shared_memory() -> None:
+    slots = KeySlots.create(4, workers=2)
+    assert slots.read_full(1) == 0.0
+    slots.write_read_full(1, 1234.5)
+    assert slots.read_full(1) == 1234.5 and slots.read_full(0) == 0.0
+    assert slots.sealed(1, 1) == -1 and slots.sealed(0, 1) == -1  # the marks before are intact
 
 
 def test_a_sibling_that_does_not_keep_up_gets_no_more() -> None:

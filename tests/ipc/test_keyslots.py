@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 
 from wgmp.ipc import keyslots as keyslots_module
-from wgmp.ipc.keyslots import HANDED_MARK_SIZE, KEYSLOT_SIZE, MARK_SIZE, KeySlot, KeySlots
+from wgmp.ipc.keyslots import (
+    HANDED_MARK_SIZE,
+    KEYSLOT_SIZE,
+    MARK_SIZE,
+    READ_FULL_SIZE,
+    KeySlot,
+    KeySlots,
+)
 
 CTX = multiprocessing.get_context("fork")
 PROCESSES = 4
@@ -74,9 +81,8 @@ def test_publish_read_round_trip(table: KeySlots) -> None:
         second, 0x1234_5602, 0xABCD_0002, 2, False, 1002.25, b"\x02" * 32, bytes([102]) * 32
     )
     assert table.counter(first) == table.counter(second) == 0
-    assert (
-        table.capacity == 8 and table.shm.size == 8 * (KEYSLOT_SIZE + MARK_SIZE) + HANDED_MARK_SIZE
-    )
+    tables = HANDED_MARK_SIZE + READ_FULL_SIZE
+    assert table.capacity == 8 and table.shm.size == 8 * (KEYSLOT_SIZE + MARK_SIZE) + tables
 
 
 def _read_attached(fd: int, slot: int, conn: Connection) -> None:

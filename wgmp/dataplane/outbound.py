@@ -87,6 +87,8 @@ class Outbound:
     sockets: dict[int, socket.socket]
     channel: Channel
     keyslots: KeySlots
+    worker_id: int
+    plan: Any  # sendspread.HandOffPlan | None (sendspread imports this module)
     allowed: AllowedIPs[int]
     peers: dict[int, list[Any]]
     _touched: list[list[Any]]  # peers whose counters or activity changed (Worker._flush)
@@ -177,6 +179,9 @@ class Outbound:
                 batches = {}
                 last_destination = None
         self._tun_sparse = reads <= 1
+        if reads == BATCH and self.plan is not None:
+            # Busy with flows of our own: siblings hand us no chunks (sendspread.SIBLING_BUSY).
+            self.keyslots.write_read_full(self.worker_id, now)
         if batches:
             self._send_batches(batches, now)
 

@@ -43,6 +43,7 @@ __all__ = [
     "CHUNK_MAX_AGE",
     "CHUNK_MAX_BYTES",
     "SEND_HOLD_MAX",
+    "SIBLING_BUSY",
     "SPREAD_FULL",
     "SPREAD_MIN",
     "SPREAD_OUTSTANDING",
@@ -56,6 +57,10 @@ __all__ = [
 SPREAD_MIN = 8  # packets of one peer in one read batch before a hand-off is tried
 SPREAD_FULL = 64  # a read batch this large (BATCH): the reader is behind
 SPREAD_OUTSTANDING = 4  # chunks handed to one sibling and not finished, at most
+# A sibling whose own TUN read found a full batch this recently is busy with flows of its own:
+# handing it chunks only moves work between two busy workers (perf/RESULTS.md, 64 peers sent:
+# 2 workers / 1 fell from 1.58x to 1.05-1.31x while both workers handed to each other).
+SIBLING_BUSY = 0.002
 SEND_HOLD_MAX = 0.02  # how long a chunk sealed here waits for a handed one to leave
 CHUNK_MAX_AGE = 0.5  # a chunk older than this (a restarted sibling's inbox) is dropped
 CHUNK_MAX_BYTES = 1 << 17  # of packets per chunk: one datagram, well inside the inbox buffer
@@ -124,10 +129,17 @@ class HandOffPlan:
     Every batch this worker reads and numbers is a chunk, numbered in read order; a chunk
     may leave once the chunk before it has left (`ready`), wherever each was sealed."""
 
-    def __init__(self, me: int, workers: int, sealed: Callable[[int, int], int]) -> None:
+    def __init__(
+        self,
+        me: int,
+        workers: int,
+        sealed: Callable[[int, int], int],
+        read_full: Callable[[int], float] = lambda worker: float("-inf"),
+    ) -> None:
         self.me = me
         self.workers = workers
         self.sealed = sealed
+        self.read_full = read_full  # KeySlots.read_full: when a worker last read a full batch
         # Numbers go on from the marks: a restarted reader's chunks follow its predecessor's.
         self.next = max(sealed(w, me) for w in range(workers)) + 1
         self.last_owner = -1  # who seals chunk next - 1 (-1: nothing to wait for)
@@ -142,9 +154,10 @@ class HandOffPlan:
             handed.popleft()
         return len(handed)
 
-    def sealer_for(self, count: int) -> int:
+    def sealer_for(self, count: int, now: float = 0.0) -> int:
         """Who seals the next chunk of `count` packets: a sibling that keeps up (fewer than
-        SPREAD_OUTSTANDING unfinished chunks), else this worker. A full batch (the reader is
+        SPREAD_OUTSTANDING unfinished chunks) and is not busy reading its own flows (no full
+        TUN read in the last SIBLING_BUSY), else this worker. A full batch (the reader is
         behind) goes to a sibling whenever one keeps up: reading is work only the reader can
         do; a batch of SPREAD_MIN or more goes to one in turn with this worker (one flow at
         a moderate rate: sealed half here, half there); a smaller one is sealed here."""
@@ -154,7 +167,11 @@ class HandOffPlan:
             return self.me  # the reader keeps up: take turns with the siblings
         for step in range(1, self.workers + 1):
             sibling = (self._turn + step) % self.workers
-            if sibling != self.me and self.outstanding(sibling) < SPREAD_OUTSTANDING:
+            if (
+                sibling != self.me
+                and self.outstanding(sibling) < SPREAD_OUTSTANDING
+                and now - self.read_full(sibling) > SIBLING_BUSY
+            ):
                 self._turn = sibling
                 return sibling
         return self.me
@@ -206,7 +223,7 @@ class SendSpread:
         numbered = self._number(peer, peer_id, packets, now)
         if numbered is None:
             return  # staged: no keypair yet
-        sealer = plan.sealer_for(len(packets))
+        sealer = plan.sealer_for(len(packets), now)
         if sealer != self.worker_id and self._hand(peer, sealer, numbered, packets, now):
             return
         # Sealed here (also when the hand-off failed: the same counters, still sealed once).

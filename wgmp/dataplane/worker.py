@@ -606,7 +606,9 @@ def _serve(spec: WorkerSpec) -> None:
     if spec.seal_in >= 0 and spec.workers > 1:
         worker.seal_in = socket.socket(fileno=spec.seal_in)
         worker.seal_out = [socket.socket(fileno=fd) if fd >= 0 else None for fd in spec.seal_out]
-        worker.plan = HandOffPlan(spec.worker_id, spec.workers, worker.keyslots.sealed)
+        worker.plan = HandOffPlan(
+            spec.worker_id, spec.workers, worker.keyslots.sealed, worker.keyslots.read_full
+        )
     profile_dir = os.environ.get("WGMP_PROFILE_DIR")
     if profile_dir:  # a developer's tool for perf/: where the per-packet time goes
         import cProfile

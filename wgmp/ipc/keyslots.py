@@ -23,6 +23,9 @@ none): the number of the last chunk of packets that `reader` read and numbered (
 in read order) that `sealer` has finished with (sent or dropped); sealer == reader for the
 chunks a reader seals itself. Its single writer is the sealer. A chunk leaves only after the
 one before it has, wherever that was sealed (dataplane/sendspread.py).
+
+Then one f64 per worker: when (monotonic) its last TUN read found a full batch, i.e. it is
+busy reading flows of its own; a reader hands no chunks to such a sibling.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import NamedTuple
 
 from .sharedmem import SharedMemory
 
-__all__ = ["HANDED_MARK_SIZE", "KEYSLOT_SIZE", "MARK_SIZE", "KeySlot", "KeySlots"]
+__all__ = ["HANDED_MARK_SIZE", "KEYSLOT_SIZE", "MARK_SIZE", "READ_FULL_SIZE", "KeySlot", "KeySlots"]
 
 # counter u64 | local_index u32 | remote_index u32 | peer_id u32 | is_initiator u8 | pad 3
 # | created f64 | pad to 64 | send_key 32 | receive_key 32
@@ -42,7 +45,9 @@ _LAYOUT = struct.Struct("<Q I I I B 3x d 32x 32s 32s")
 KEYSLOT_SIZE = 128
 MARK_SIZE = 16  # a replay mark and a delivered mark per slot and worker, after the slots
 HANDED_MARK_SIZE = 8  # per (sealer, reader) pair of workers, after the marks
+READ_FULL_SIZE = 8  # per worker, after the hand-off marks: when its last full TUN read was
 _COUNTER = struct.Struct("<Q")
+_WHEN = struct.Struct("<d")
 assert _LAYOUT.size == KEYSLOT_SIZE
 
 
@@ -76,16 +81,17 @@ class KeySlots:
     def __init__(self, shm: SharedMemory, workers: int = 1) -> None:
         self.shm = shm
         self.workers = workers
-        handed = workers * workers * HANDED_MARK_SIZE
-        self.capacity = (shm.size - handed) // (KEYSLOT_SIZE + workers * MARK_SIZE)
+        tables = workers * workers * HANDED_MARK_SIZE + workers * READ_FULL_SIZE
+        self.capacity = (shm.size - tables) // (KEYSLOT_SIZE + workers * MARK_SIZE)
         self._marks = self.capacity * KEYSLOT_SIZE  # where the marks table starts
         self._handed = self._marks + self.capacity * workers * MARK_SIZE  # the hand-off marks
+        self._read_full = self._handed + workers * workers * HANDED_MARK_SIZE
         self._free = list(range(self.capacity - 1, -1, -1))  # used by control only
 
     @classmethod
     def create(cls, capacity: int, workers: int = 1) -> KeySlots:
         size = capacity * (KEYSLOT_SIZE + workers * MARK_SIZE)
-        size += workers * workers * HANDED_MARK_SIZE
+        size += workers * workers * HANDED_MARK_SIZE + workers * READ_FULL_SIZE
         return cls(SharedMemory.create("wgmp-keyslots", size), workers)
 
     @classmethod
@@ -197,6 +203,14 @@ class KeySlots:
         """The last of `reader`'s chunks that `sealer` is done with, -1 if none."""
         offset = self._handed + (sealer * self.workers + reader) * HANDED_MARK_SIZE
         return _COUNTER.unpack_from(self.shm.view, offset)[0] - 1
+
+    def write_read_full(self, worker: int, when: float) -> None:
+        """`worker`'s note that its TUN read at `when` found a full batch (single writer)."""
+        _WHEN.pack_into(self.shm.view, self._read_full + worker * READ_FULL_SIZE, when)
+
+    def read_full(self, worker: int) -> float:
+        """When `worker`'s last full TUN read was (0.0: never)."""
+        return float(_WHEN.unpack_from(self.shm.view, self._read_full + worker * READ_FULL_SIZE)[0])
 
     def counter(self, slot: int) -> int:
         """The next unreserved counter (a hint without the lock: for rekey checks and for
