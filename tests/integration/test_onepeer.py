@@ -17,6 +17,7 @@ import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -90,31 +91,45 @@ def tun_drops(daemon: UserspaceWireGuard) -> int:
     return int(link["stats64"]["tx"]["dropped"])
 
 
-def test_one_udp_stream_is_decrypted_by_both_workers_in_order(
-    netns_factory: Callable[..., Netns],
-    userspace_wireguard: Callable[..., UserspaceWireGuard],
-) -> None:
-    star = make_star(netns_factory, userspace_wireguard, [WGMP2])
+class UdpStream(NamedTuple):
+    received: dict[str, Any]  # iperf3's server figures
+    decrypted: dict[int, int]  # per receiving worker
+    sealed: dict[int, int]  # per sending worker
+
+
+def udp_stream(star: Any, rate: str) -> UdpStream:
+    """One iperf3 -u stream from the star's peer to its hub, with each side's per-worker
+    shares; asserts what every such stream must show: nothing out of order, no replay,
+    decryption or steering drops at the receiver."""
     hub, (peer,) = star.hub, star.peers
     before_hub, before_peer = metrics(hub), metrics(peer)
     (report,) = iperf3(
         [(peer.ns, hub.ns, HUB_ADDRESS)],
-        "-u", "-b", UDP_RATE, "-l", "1300", "-t", str(IPERF_SECONDS),
+        "-u", "-b", rate, "-l", "1300", "-t", str(IPERF_SECONDS),
     )  # fmt: skip
     after_hub, after_peer = metrics(hub), metrics(peer)
     received = report["end"]["streams"][0]["udp"]  # the server's figures
-    decrypted = delta(after_hub.rx, before_hub.rx)
-    sealed = delta(after_peer.tx, before_peer.tx)
+    stream = UdpStream(
+        received, delta(after_hub.rx, before_hub.rx), delta(after_peer.tx, before_peer.tx)
+    )
     print(
-        f"iperf3 -u {UDP_RATE}: {received.get('packets')} datagrams, lost "
+        f"iperf3 -u {rate}: {received.get('packets')} datagrams, lost "
         f"{received.get('lost_packets')}, out of order {received.get('out_of_order')}; "
-        f"receiver workers decrypted {decrypted} (shares {shares(decrypted)}); sender workers "
-        f"sealed {sealed} (shares {shares(sealed)})"
+        f"receiver workers decrypted {stream.decrypted} (shares {shares(stream.decrypted)}); "
+        f"sender workers sealed {stream.sealed} (shares {shares(stream.sealed)})"
     )
     assert received["out_of_order"] == 0
-    assert min(shares(decrypted).values()) >= MIN_SHARE, decrypted
     for reason in ("replay", "decryption_failed", "missteered"):
         assert after_hub.dropped(reason) == 0, after_hub.drops
+    return stream
+
+
+def test_one_udp_stream_is_decrypted_by_both_workers_in_order(
+    netns_factory: Callable[..., Netns],
+    userspace_wireguard: Callable[..., UserspaceWireGuard],
+) -> None:
+    stream = udp_stream(make_star(netns_factory, userspace_wireguard, [WGMP2]), UDP_RATE)
+    assert min(shares(stream.decrypted).values()) >= MIN_SHARE, stream.decrypted
 
 
 def test_one_tcp_stream_is_decrypted_by_both_workers_and_reordered_no_more_than_by_one(
