@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -26,11 +26,10 @@ from tests.integration.netns import (
     UserspaceWireGuard,
     VethLink,
     WireGuardGo,
-    connect_peers,
     keypair,
     wait_for,
 )
-from tests.integration.test_under_load import FLOOD_RANGE, PORT_WGMP, WGMP_TUNNEL, Flooded
+from tests.integration.test_under_load import FLOOD_RANGE, WGMP_TUNNEL, Flooded, flooded_pair
 
 WGMP = (sys.executable, "-m", "wgmp", "-f", "--workers", "2")
 FLOOD_PEERS = 500
@@ -41,13 +40,8 @@ def flooded2(
     veth_link: VethLink,
     userspace_wireguard: Callable[..., UserspaceWireGuard],
     wireguard_go: Callable[..., WireGuardGo],
-) -> Iterator[Flooded]:
-    wgmp = userspace_wireguard(veth_link.ns_a, WGMP)
-    peer = wireguard_go(veth_link.ns_b)
-    connect_peers(wgmp, peer, veth_link, port_a=PORT_WGMP)
-    veth_link.ns_a.ip("route", "add", FLOOD_RANGE, "via", veth_link.addr4_b)
-    veth_link.ns_b.ip("route", "add", "local", FLOOD_RANGE, "dev", "lo")
-    yield Flooded(veth_link, wgmp, peer)
+) -> Flooded:
+    return flooded_pair(veth_link, userspace_wireguard, wireguard_go, WGMP)
 
 
 def _flood_peers(flooded: Flooded) -> Path:

@@ -35,7 +35,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -115,20 +115,31 @@ class Flooded:
         return psutil.Process(self.wgmp.proc.pid)  # `ip netns exec` execs: the daemon itself
 
 
-@pytest.fixture
-def flooded(
+def flooded_pair(
     veth_link: VethLink,
     userspace_wireguard: Callable[..., UserspaceWireGuard],
     wireguard_go: Callable[..., WireGuardGo],
-) -> Iterator[Flooded]:
-    wgmp = userspace_wireguard(veth_link.ns_a, WGMP)
+    command: Sequence[str] = WGMP,
+) -> Flooded:
+    """wgmp (`command`) tunnelled to a wireguard-go peer whose namespace holds the flood's
+    source addresses."""
+    wgmp = userspace_wireguard(veth_link.ns_a, command)
     peer = wireguard_go(veth_link.ns_b)
     connect_peers(wgmp, peer, veth_link, port_a=PORT_WGMP)
     # The flood's sources: local in the flooder's namespace, routed there from wgmp's (the
     # routes go with the namespaces).
     veth_link.ns_a.ip("route", "add", FLOOD_RANGE, "via", veth_link.addr4_b)
     veth_link.ns_b.ip("route", "add", "local", FLOOD_RANGE, "dev", "lo")
-    yield Flooded(veth_link, wgmp, peer)
+    return Flooded(veth_link, wgmp, peer)
+
+
+@pytest.fixture
+def flooded(
+    veth_link: VethLink,
+    userspace_wireguard: Callable[..., UserspaceWireGuard],
+    wireguard_go: Callable[..., WireGuardGo],
+) -> Flooded:
+    return flooded_pair(veth_link, userspace_wireguard, wireguard_go)
 
 
 def _latest_handshake(daemon: UserspaceWireGuard) -> int:
