@@ -447,14 +447,20 @@ class Daemon:
         self._drain_outputs()
 
     def _drain_outputs(self) -> None:
-        if self.interface.routes_to_check:
-            self._check_routes()
         interface = self.interface
         for worker, jobs in interface.response_jobs.take_outbox():
             interface.commands.append(ToWorker(worker, ComputeResponses(jobs)))
         # Commands first: a worker must hold a new keypair before the peer can answer the
-        # response or keepalive that control is about to send.
+        # response or keepalive that control is about to send. They go before the route
+        # queries too: a new session's first contact always changes the peer's endpoint, and
+        # the query (10-80 us) delayed the initiator's keypair announcement, hence its first
+        # data (perf/RESULTS.md, latency).
         self._drain_commands()
+        if interface.routes_to_check:
+            # Before the datagrams: none of them may go out along a route into our own
+            # interface (docs/routing.md).
+            self._check_routes()
+            self._drain_commands()
         if self._datagrams_wait(time.monotonic()):
             return
         self._drain_datagrams()
