@@ -78,6 +78,19 @@ class WorkerHandle:
         return PING_TIMEOUT if self.ready else STARTUP_TIMEOUT
 
 
+def _ends(
+    pairs: list[tuple[socket.socket, socket.socket]], worker_id: int
+) -> tuple[int, tuple[int, ...]]:
+    """A worker's descriptors of one set of inboxes: its own inbox's read end, and every
+    sibling's write end (-1 in its own place); (-1, ()) with one worker (no inboxes)."""
+    if not pairs:
+        return -1, ()
+    outboxes = tuple(
+        -1 if worker == worker_id else pair[1].fileno() for worker, pair in enumerate(pairs)
+    )
+    return pairs[worker_id][0].fileno(), outboxes
+
+
 class Supervisor:
     def __init__(
         self,
@@ -116,19 +129,8 @@ class Supervisor:
         channel, theirs = Channel.pair()
         sock4 = handle.sockets.get(4)
         sock6 = handle.sockets.get(6)
-        inbox, outboxes = -1, tuple[int, ...]()
-        seal_in, seal_out = -1, tuple[int, ...]()
-        if self.handoff:
-            inbox = self.handoff[handle.worker_id][0].fileno()
-            outboxes = tuple(
-                -1 if worker == handle.worker_id else pair[1].fileno()
-                for worker, pair in enumerate(self.handoff)
-            )
-            seal_in = self.seal[handle.worker_id][0].fileno()
-            seal_out = tuple(
-                -1 if worker == handle.worker_id else pair[1].fileno()
-                for worker, pair in enumerate(self.seal)
-            )
+        inbox, outboxes = _ends(self.handoff, handle.worker_id)
+        seal_in, seal_out = _ends(self.seal, handle.worker_id)
         spec = WorkerSpec(
             worker_id=handle.worker_id,
             tun=handle.tun_fd,

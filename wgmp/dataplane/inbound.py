@@ -29,7 +29,7 @@ from ..ipc.messages import (
     RekeyWanted,
     Roamed,
 )
-from ..net.steering import RECEIVE_BLOCK_BITS
+from ..net.steering import RECEIVE_BLOCK_BITS, counter_worker
 from ..net.tun import VIRTIO_NET_HDR_NONE
 from ..net.udp import BATCH_SPACE, PKTINFO_KINDS, SOL_UDP, UDP_GRO
 from ..protocol.allowedips import AllowedIPs
@@ -52,7 +52,6 @@ from .records import (
     A_DATA_RECEIVED,
     A_RECEIVED,
     P_ACTIVITY,
-    P_DIRTY,
     P_ENDPOINT,
     P_RX_BYTES,
     P_RX_PACKETS,
@@ -70,6 +69,7 @@ from .records import (
     R_SEND,
     R_SLOT,
     S_REKEY_ASKED,
+    touch,
 )
 from .wire import HEADER, NONCE
 
@@ -91,8 +91,9 @@ _HANDOFF_LEN = struct.Struct("<I")
 # to wake it once it has delivered counter `need` (marker, waiter, slot, need, deadline); the
 # answer is an empty datagram. The marker stands where a hand-off has its header's length,
 # which is never 4 GiB.
+_WAKE_MARKER = 0xFFFFFFFF
 _WAKE_ASK = struct.Struct("<IIIQd")
-_WAKE_MARK = b"\xff\xff\xff\xff"
+_WAKE_MARK = _WAKE_MARKER.to_bytes(4, "little")
 # A handshake message's first word (type + three zero bytes) -> its one valid size.
 _HANDSHAKE_SIZES = {
     bytes([MESSAGE_INITIATION, 0, 0, 0]): MESSAGE_INITIATION_SIZE,
@@ -207,7 +208,7 @@ class Inbound:
         entry[R_BLOCK] = block
         if entry[R_HELD] is not None:
             return  # already holding: these go behind what is held
-        previous = (((block - 1) & 0xFFFF) + (index & 0xFF)) % self.workers  # counter_worker
+        previous = counter_worker((block - 1) << RECEIVE_BLOCK_BITS, self.workers, index)
         if block == 0 or previous == self.worker_id:
             return
         need = (block << RECEIVE_BLOCK_BITS) - 1
@@ -229,7 +230,7 @@ class Inbound:
         if sock is None:
             return
         try:
-            sock.send(_WAKE_ASK.pack(0xFFFFFFFF, self.worker_id, slot, need, deadline))
+            sock.send(_WAKE_ASK.pack(_WAKE_MARKER, self.worker_id, slot, need, deadline))
         except OSError:
             pass  # a full inbox (a stalled sibling): HOLD_MAX ends the hold
 
@@ -572,9 +573,7 @@ class Inbound:
             self.channel.send(Roamed(peer_id, list(address[:2]), list(sticky) if sticky else None))
         peer[P_RX_BYTES] += nbytes
         peer[P_RX_PACKETS] += packets
-        if not peer[P_DIRTY]:
-            peer[P_DIRTY] = True
-            self._touched.append(peer)
+        touch(peer, self._touched)
         activity = peer[P_ACTIVITY]
         activity[A_RECEIVED] = now
         if data:

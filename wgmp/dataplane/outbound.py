@@ -37,7 +37,6 @@ from .records import (
     A_DATA_SENT,
     A_SENT,
     P_ACTIVITY,
-    P_DIRTY,
     P_ENDPOINT,
     P_HANDSHAKE_ASKED,
     P_LOOPING,
@@ -56,6 +55,7 @@ from .records import (
     S_REKEY_ASKED,
     S_REMOTE,
     S_SLOT,
+    touch,
 )
 from .wire import HEADER, NONCE
 from .worker_log import log_info
@@ -288,9 +288,7 @@ class Outbound:
                 first, jump_at = jump_to, -1
         last = first + count if jump_at < 0 else jump_to + count - (jump_at - first)
         send[S_NEXT] = last
-        if not peer[P_DIRTY]:
-            peer[P_DIRTY] = True
-            self._touched.append(peer)
+        touch(peer, self._touched)
         activity = peer[P_ACTIVITY]
         activity[A_SENT] = activity[A_DATA_SENT] = now
         if not send[S_REKEY_ASKED] and should_rekey_on_send(
@@ -398,9 +396,7 @@ class Outbound:
             i = j
         peer[P_TX_BYTES] += total
         peer[P_TX_PACKETS] += sent
-        if not peer[P_DIRTY]:
-            peer[P_DIRTY] = True
-            self._touched.append(peer)
+        touch(peer, self._touched)
         self.totals[2] += sent
         self.totals[3] += total
 

@@ -58,6 +58,7 @@ __all__ = [
     "new_peer",
     "new_receive_entry",
     "new_send_state",
+    "touch",
 ]
 
 # A peer: [endpoint (a sockaddr tuple or None), send state of its current keypair or None,
@@ -84,6 +85,14 @@ R_BLOCK, R_HELD, R_HOLD = 8, 9, 10
 # Activity: monotonic times of the last packet sent, data sent, received, data received
 # (0.0: none since the last report).
 A_SENT, A_DATA_SENT, A_RECEIVED, A_DATA_RECEIVED = range(4)
+
+
+def touch(peer: list[Any], touched: list[list[Any]]) -> None:
+    """Note that a peer's counters or activity changed: the worker's next flush reports it
+    (a peer enters `touched` once per flush, however many batches touch it)."""
+    if not peer[P_DIRTY]:
+        peer[P_DIRTY] = True
+        touched.append(peer)
 
 
 def new_activity() -> list[float]:

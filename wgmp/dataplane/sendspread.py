@@ -270,17 +270,29 @@ class SendSpread:
         held = self._send_held.get(reader)
         if held is None:
             if ready(self.keyslots.sealed, reader, chunk, before):
-                if messages and peer is not None:
-                    self._transmit(peer, messages, route)
-                self.keyslots.write_sealed(self.worker_id, reader, chunk)
+                self._finish_chunk(reader, chunk, peer, messages, route)
                 return
             held = self._send_held[reader] = deque()
         held.append([chunk, before, now + SEND_HOLD_MAX, peer, messages, route])
 
+    def _finish_chunk(
+        self,
+        reader: int,
+        chunk: int,
+        peer: list[Any] | None,
+        messages: list[bytes],
+        route: tuple[Any, Any] | None,
+    ) -> None:
+        """Send a chunk whose turn has come (nothing if it was dropped), then mark it
+        finished: the reader's next chunk may leave."""
+        if messages and peer is not None:
+            self._transmit(peer, messages, route)
+        self.keyslots.write_sealed(self.worker_id, reader, chunk)
+
     def _release_send_held(self, now: float) -> None:
         """Send held chunks whose predecessor has left, or that waited SEND_HOLD_MAX (a
         stopped, killed or descheduled worker holds the chunk before)."""
-        sealed, write = self.keyslots.sealed, self.keyslots.write_sealed
+        sealed = self.keyslots.sealed
         for reader, held in list(self._send_held.items()):
             while held:
                 chunk, before, deadline, peer, messages, route = held[0]
@@ -289,9 +301,7 @@ class SendSpread:
                         break
                     self.send_hold_timeouts += 1
                 held.popleft()
-                if messages and peer is not None:
-                    self._transmit(peer, messages, route)
-                write(self.worker_id, reader, chunk)
+                self._finish_chunk(reader, chunk, peer, messages, route)
             if not held:
                 del self._send_held[reader]
 

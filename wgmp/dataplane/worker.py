@@ -105,9 +105,8 @@ __all__ = [
 ]
 
 FLUSH_INTERVAL = 0.1  # how stale control's view of traffic (timers) and counters may be
-SEND_HOLD_POLL = (
-    0.001  # the loop's wake-up while sent chunks wait for their predecessor (epoll: ms)
-)
+# The loop's wake-up while sent chunks wait for their predecessor (epoll counts in ms).
+SEND_HOLD_POLL = 0.001
 
 
 def _sockaddr(endpoint: list[Any] | None) -> tuple[Any, ...] | None:
@@ -204,21 +203,8 @@ class Worker(Outbound, Inbound, SendSpread):
             by_fd[sock.fileno()] = sock
         channel_fd = self.channel.fileno()
         poller.register(channel_fd, select.EPOLLIN)
-        handoff_fd = -1
-        if self.handoff_in is not None:
-            self.handoff_in.setblocking(False)
-            for outbox in self.handoff_out:
-                if outbox is not None:
-                    outbox.setblocking(False)
-            handoff_fd = self.handoff_in.fileno()
-            poller.register(handoff_fd, select.EPOLLIN)
-        seal_fd = -1
-        if self.seal_in is not None:
-            for end in (self.seal_in, *self.seal_out):
-                if end is not None:
-                    end.setblocking(False)
-            seal_fd = self.seal_in.fileno()
-            poller.register(seal_fd, select.EPOLLIN)
+        handoff_fd = _watch_inbox(poller, self.handoff_in, self.handoff_out)
+        seal_fd = _watch_inbox(poller, self.seal_in, self.seal_out)
         self.channel.send(Ready(self.worker_id, os.getpid()))
         next_flush = time.monotonic() + FLUSH_INTERVAL
         while self.running:
@@ -500,6 +486,20 @@ def run_forked(spec: WorkerSpec, interface: str, workers: int) -> None:
     _serve(spec)
 
 
+def _watch_inbox(
+    poller: select.epoll, inbox: socket.socket | None, outboxes: list[socket.socket | None]
+) -> int:
+    """Make one of the worker-to-worker inboxes and the sibling ends it sends to
+    non-blocking, and watch the inbox; its descriptor, -1 if there is none."""
+    if inbox is None:
+        return -1
+    for end in (inbox, *outboxes):
+        if end is not None:
+            end.setblocking(False)
+    poller.register(inbox.fileno(), select.EPOLLIN)
+    return inbox.fileno()
+
+
 def _listen_port(sockets: dict[int, socket.socket]) -> int:
     for sock in sockets.values():
         try:
@@ -512,6 +512,14 @@ def _listen_port(sockets: dict[int, socket.socket]) -> int:
 _OPTIONS = ("id", "tun", "udp4", "udp6", "channel", "keyslots", "stats")
 # integer options with a default
 _OPTIONAL = {"udp6": -1, "workers": 1, "handoff_in": -1, "seal_in": -1}
+
+
+def _descriptors(args: dict[str, Any], name: str) -> tuple[int, ...]:
+    """A comma-separated list of descriptors (-1: this worker's own place); exits if bad."""
+    try:
+        return tuple(int(fd) for fd in args[name].split(",") if fd)
+    except ValueError:
+        sys.exit(f"wgmp-worker: bad --{name.replace('_', '-')}={args[name]!r}")
 
 
 def _parse_args(argv: list[str]) -> dict[str, Any]:
@@ -552,11 +560,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # control decides when workers stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds, so a profile is written
-    try:
-        outboxes = tuple(int(fd) for fd in args["handoff_out"].split(",") if fd)
-        seal_out = tuple(int(fd) for fd in args["seal_out"].split(",") if fd)
-    except ValueError:
-        sys.exit(f"wgmp-worker: bad --handoff-out or --seal-out={args['seal_out']!r}")
+    outboxes, seal_out = _descriptors(args, "handoff_out"), _descriptors(args, "seal_out")
     _serve(
         WorkerSpec(
             args["id"],
