@@ -199,7 +199,7 @@ def test_the_bulk_path_for_allowed_ips_is_the_general_one(sections: list[Any]) -
         results.append(
             (
                 {
-                    key: interface.allowed.packed_entries_for_peer(peer.peer_id)
+                    key: interface.allowed.packed_lists_for_peer(peer.peer_id)
                     for key, peer in interface.peers.items()
                 },
                 interface.commands,

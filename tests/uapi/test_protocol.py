@@ -45,9 +45,7 @@ from wgmp.uapi.protocol import (
     format_endpoint,
     format_errno,
     format_get,
-    format_packed_prefix,
     format_prefix,
-    format_prefix_value,
     parse_request,
 )
 
@@ -873,11 +871,6 @@ def test_format_endpoint(host, port, text):
 def test_format_prefix(address, cidr, text):
     assert format_prefix(address, cidr) == text
     assert format_prefix(ip_network(f"{address}/{cidr}").network_address, cidr) == text
-    assert (
-        format_packed_prefix(ip_network(f"{address}/{cidr}").network_address.packed, cidr) == text
-    )
-    network = ip_network(f"{address}/{cidr}")
-    assert format_prefix_value(network.max_prefixlen, cidr, int(network.network_address)) == text
 
 
 def test_set_then_get_round_trip():

@@ -212,26 +212,17 @@ class AllowedIPs(Generic[P]):
         """The prefixes `peer` owns, in the order they were given to it."""
         return [_network(compact) for compact in self._by_peer.get(peer, ())]
 
-    def packed_entries_for_peer(self, peer: P) -> list[tuple[bytes, int]]:
-        """`entries_for_peer` as (packed address, prefix length): no network objects, which
-        cost ~4 us each (10,000 peers x 10 prefixes: 0.4 s of a `wg setconf`)."""
-        return [_packed(compact) for compact in self._by_peer.get(peer, ())]
-
     def packed_lists_for_peer(self, peer: P) -> list[list[Any]]:
-        """`packed_entries_for_peer` as [packed address, prefix length] lists, the form a
-        message to the workers carries, made in one pass (after every `wg setconf`, for each
-        of its peers)."""
+        """`entries_for_peer` as [packed address, prefix length] lists, the form a message
+        to the workers carries: no network objects, which cost ~4 us each (10,000 peers x 10
+        prefixes: 0.4 s of a `wg setconf`), made in one pass (after every `wg setconf`, for
+        each of its peers)."""
         return [
             [compact, 32] if len(compact) == 4
             else [compact, 128] if len(compact) == 16
             else [compact[:-1], compact[-1]]
             for compact in self._by_peer.get(peer, ())
         ]  # fmt: skip
-
-    def keys_for_peer(self, peer: P) -> list[tuple[int, int, int]]:
-        """The prefixes `peer` owns as (address bits, prefix length, masked address as an
-        int), in order."""
-        return [_expand(compact) for compact in self._by_peer.get(peer, ())]
 
     def compact_entries_for_peer(self, peer: P) -> list[bytes]:
         """The prefixes `peer` owns as the table keeps them, in order: a host route as its

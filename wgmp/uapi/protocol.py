@@ -98,12 +98,10 @@ __all__ = [
     "format_compact_prefixes",
     "format_errno",
     "format_get",
-    "format_packed_prefix",
     "format_allowed_lines",
     "format_peer",
     "format_peer_head",
     "format_snapshot_peer",
-    "format_prefix_value",
     "format_prefix",
     "parse_request",
 ]
@@ -866,14 +864,6 @@ def format_endpoint(host: str, port: int) -> str:
     return f"[{_go_address(address)}]:{port}"
 
 
-def format_packed_prefix(packed: bytes, cidr: int) -> str:
-    """`format_prefix` of a packed address (4 or 16 bytes): IPv4 without an address object,
-    for `get` with many peers."""
-    if len(packed) == 4:
-        return f"{packed[0]}.{packed[1]}.{packed[2]}.{packed[3]}/{cidr}"
-    return f"{_go_address(IPv6Address(packed))}/{cidr}"
-
-
 def format_compact_prefixes(compacts: Iterable[bytes]) -> list[str]:
     """`format_prefix` of each prefix in the allowed-IPs table's compact form
     (AllowedIPs.compact_entries_for_peer: a packed host address, or a packed masked address
@@ -896,13 +886,6 @@ def _compact_prefix(compact: bytes) -> str:
     if size == 16:
         return f"{_go_address(IPv6Address(compact))}/128"
     return f"{_go_address(IPv6Address(compact[:16]))}/{compact[16]}"
-
-
-def format_prefix_value(bits: int, cidr: int, value: int) -> str:
-    """`format_prefix` of an address given as an int of `bits` (32 or 128) bits."""
-    if bits == 32:
-        return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}/{cidr}"
-    return f"{_go_address(IPv6Address(value))}/{cidr}"
 
 
 def format_prefix(address: IPv4Address | IPv6Address | str, cidr: int) -> str:
