@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -68,6 +69,35 @@ def _worker_pids(flooded: Flooded) -> list[int]:
     return [child.pid for child in flooded.control_process().children()]
 
 
+def _signal_a_worker_mid_flood(
+    flooded: Flooded, private: Path, signum: signal.Signals
+) -> tuple[dict[str, Any], int]:
+    """A 5 s flood in bursts, `signum` to worker 0 after 1.5 s; (the flooder's report, the
+    worker's pid). A stopped worker is continued afterwards if supervision has not replaced
+    it yet."""
+    flood = flooded.start_flood(*_flood_args(private, 2000, 5, burst=32))
+    victim = 0
+    try:
+        time.sleep(1.5)
+        victim = _worker_pids(flooded)[0]
+        os.kill(victim, signum)
+        out, err = flood.communicate(timeout=120)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait()
+        if victim and signum == signal.SIGSTOP:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+    assert flood.returncode == 0, err
+    return json.loads(out), victim
+
+
+def _ping_through(flooded: Flooded) -> None:
+    """The real peer still handshakes and pings through the flooded daemon."""
+    flooded.link.ns_b.run(["ping", "-n", "-c", "2", "-i", "0.2", "-w", "15", WGMP_TUNNEL])
+
+
 def test_a_flood_is_answered_with_the_workers_computing_responses(flooded2: Flooded) -> None:
     private = _flood_peers(flooded2)
     # Bursts of 32: a backlog whatever the machine's speed, far below "under load" (1/8 of
@@ -80,26 +110,14 @@ def test_a_flood_is_answered_with_the_workers_computing_responses(flooded2: Floo
     assert report["responses"] >= 1000
     assert by_workers >= report["responses"] // 3  # a backlog hands them to the workers
     assert flooded2.control_drops(samples, "internal_error") == 0
-    # ... and the real peer still handshakes and pings through it.
-    flooded2.link.ns_b.run(["ping", "-n", "-c", "2", "-i", "0.2", "-w", "15", WGMP_TUNNEL])
+    _ping_through(flooded2)
 
 
 def test_a_worker_killed_mid_flood_loses_no_handshake(flooded2: Flooded) -> None:
     """SIGKILL to a worker while it computes responses: control answers its jobs itself
     (or times them out), restarts it, and goes on answering; nothing raised in control."""
     private = _flood_peers(flooded2)
-    flood = flooded2.start_flood(*_flood_args(private, 2000, 5, burst=32))
-    try:
-        time.sleep(1.5)
-        victim = _worker_pids(flooded2)[0]
-        os.kill(victim, signal.SIGKILL)
-        out, err = flood.communicate(timeout=120)
-    finally:
-        if flood.poll() is None:
-            flood.kill()
-            flood.wait()
-    assert flood.returncode == 0, err
-    report = json.loads(out)
+    report, victim = _signal_a_worker_mid_flood(flooded2, private, signal.SIGKILL)
     print(f"flood across the kill: {report}")
     assert report["responses"] >= 1000
     wait_for(
@@ -114,31 +132,16 @@ def test_a_worker_killed_mid_flood_loses_no_handshake(flooded2: Flooded) -> None
     # A second flood after the restart is answered as well (no job is stuck).
     again = flooded2.flood(*_flood_args(private, 1500, 2))
     assert again["responses"] >= 500
-    flooded2.link.ns_b.run(["ping", "-n", "-c", "2", "-i", "0.2", "-w", "15", WGMP_TUNNEL])
+    _ping_through(flooded2)
 
 
 def test_a_worker_stopped_mid_flood_stalls_no_handshake(flooded2: Flooded) -> None:
     """SIGSTOP to a worker while it computes responses: its jobs time out and control
     computes them, gives it no more, and goes on answering the flood at once."""
     private = _flood_peers(flooded2)
-    flood = flooded2.start_flood(*_flood_args(private, 2000, 5, burst=32))
-    victim = 0
-    try:
-        time.sleep(1.5)
-        victim = _worker_pids(flooded2)[0]
-        os.kill(victim, signal.SIGSTOP)
-        out, err = flood.communicate(timeout=120)
-    finally:
-        if flood.poll() is None:
-            flood.kill()
-            flood.wait()
-        if victim:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(victim, signal.SIGCONT)  # if supervision has not replaced it yet
-    assert flood.returncode == 0, err
-    report = json.loads(out)
+    report, _ = _signal_a_worker_mid_flood(flooded2, private, signal.SIGSTOP)
     print(f"flood across the stop: {report}")
     assert report["responses"] >= 1000
     samples = flooded2.stats()
     assert flooded2.control_drops(samples, "internal_error") == 0
-    flooded2.link.ns_b.run(["ping", "-n", "-c", "2", "-i", "0.2", "-w", "15", WGMP_TUNNEL])
+    _ping_through(flooded2)
