@@ -39,7 +39,6 @@ the namespaces made here (wgmpb-<pid>-<n>a|b, shared cleanup with bench_tunnel.p
 from __future__ import annotations
 
 import argparse
-import atexit
 import base64
 import contextlib
 import json
@@ -62,12 +61,11 @@ from bench_tunnel import (  # noqa: E402  (perf/ scripts are run by path)
     REPO_ROOT,
     UAPI_DIR,
     Netns,
-    cleanup_all,
+    begin_namespaces_run,
     cpu_ticks,
     loadavg,
     log,
     machine,
-    remove_stale,
     run,
     stop_proc,
 )
@@ -581,14 +579,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.role:
         {"generator": role_generator, "injector": role_injector}[args.role](json.loads(args.config))
         return 0
-    if os.geteuid() != 0:
-        print("bench_capacity.py needs root (network namespaces)", file=sys.stderr)
+    if not begin_namespaces_run(Path(__file__).name):
         return 2
     sys.path.insert(0, str(REPO_ROOT))
-    atexit.register(cleanup_all)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(1))
-    remove_stale()
     before = loadavg()
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="wgmp-capacity-") as tmp:

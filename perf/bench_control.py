@@ -30,7 +30,6 @@ No packet is sent: the endpoints are only configured. Needs root, ip, wg, wiregu
 from __future__ import annotations
 
 import argparse
-import atexit
 import base64
 import os
 import secrets
@@ -50,11 +49,10 @@ from bench_tunnel import (  # noqa: E402
     REPO_ROOT,
     Daemon,
     Netns,
-    cleanup_all,
+    begin_namespaces_run,
     loadavg,
     log,
     machine,
-    remove_stale,
 )
 
 MiB = 1 << 20
@@ -242,11 +240,8 @@ def main() -> int:
         "--rounds", type=int, default=1, help="repeat, alternating; adds a table of medians"
     )
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not begin_namespaces_run(Path(__file__).name):
         return 2
-    remove_stale()
-    atexit.register(cleanup_all)
     before = loadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results = []

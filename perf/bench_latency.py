@@ -29,7 +29,6 @@ here. Progress goes to stderr, the Markdown table to stdout.
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import statistics
 import struct
@@ -54,12 +53,11 @@ from bench_tunnel import (  # noqa: E402
     VETH_B,
     Daemon,
     Netns,
-    cleanup_all,
+    begin_namespaces_run,
     loadavg,
     log,
     machine,
     parse_ping,
-    remove_stale,
     stop_proc,
     wait_for_handshake,
 )
@@ -416,11 +414,8 @@ def main() -> int:
         "--hops", type=int, default=0, help="this many more pings, with per-hop captures"
     )
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not begin_namespaces_run(Path(__file__).name):
         return 2
-    remove_stale()
-    atexit.register(cleanup_all)
     before = loadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results = []

@@ -191,6 +191,17 @@ def cleanup_all() -> None:
             ns.close()
 
 
+def begin_namespaces_run(script: str) -> bool:
+    """For a benchmark that makes network namespaces: False (said on stderr) without root;
+    else the namespaces a killed earlier run left are removed and ours will be at exit."""
+    if os.geteuid() != 0:
+        print(f"{script} needs root (network namespaces)", file=sys.stderr)
+        return False
+    remove_stale()
+    atexit.register(cleanup_all)
+    return True
+
+
 def remove_stale() -> None:
     """Delete empty namespaces of earlier runs of this benchmark whose process is gone."""
     out = run(["ip", "netns", "list"], check=False).stdout
