@@ -285,6 +285,26 @@ def test_reader_and_sibling_seal_chunks_at_once_and_send_them_in_read_order(rig:
         s.close()
 
 
+def test_the_reader_hands_out_and_seals_by_packets_and_the_wire_sees_read_order(
+    rig: Any,
+) -> None:
+    """Batches of 60 and 10 packets: 60 handed out, then 10 and 60 sealed here (the sibling
+    was ahead by 60, then by 50), then 10 handed out; sent in read order all the same."""
+    first, second, fake, slot, sockets = _pair(rig)
+    for size in (60, 10, 60, 10):
+        _read(rig, size)
+    assert first.plan is not None and first.plan.balance == 0
+    second._seal_handed(time.monotonic())  # chunk 0 leaves; chunk 3 waits for chunk 2
+    assert _counters(fake) == list(range(60)) and second._send_held
+    first._release_send_held(time.monotonic())
+    assert _counters(rig.fake) == list(range(60, 130))
+    second._release_send_held(time.monotonic())
+    assert _counters(fake) == list(range(60)) + list(range(130, 140))
+    assert first.send_hold_timeouts == second.send_hold_timeouts == 0
+    for s in sockets:
+        s.close()
+
+
 def test_a_sibling_waits_for_the_readers_chunk_before_its_own(rig: Any) -> None:
     first, second, fake, slot, sockets = _pair(rig)
     for _ in range(N + 1):
