@@ -65,7 +65,7 @@ SPREAD_OUTSTANDING = 4  # chunks handed to one sibling and not finished, at most
 # (`HandOffPlan.balance`). Beyond this the excess is forgotten, so after a long run of full
 # batches handed out the reader seals about this many packets of shallower batches in a row,
 # not all it missed. One TCP stream here came 54-75% in full batches and mostly in batches
-# of 32-63 between them: with 4 * SPREAD_FULL the reader sealed 0.37-0.41 of the stream,
+# of 32-63 between them: with 4 * SPREAD_FULL the smaller share was 0.37-0.42,
 # with 16 * SPREAD_FULL 0.38-0.48 (docs/dataplane.md).
 SPREAD_BALANCE = 16 * SPREAD_FULL
 # A sibling whose own TUN read found a full batch this recently is busy with flows of its own:
