@@ -3,6 +3,7 @@ hand-off datagram, and two workers in memory (a seqpacket pair for the TUN, fake
 
 from __future__ import annotations
 
+import random
 import socket
 import struct
 import time
@@ -23,6 +24,8 @@ from wgmp.dataplane.records import P_ENDPOINT, P_SEND, S_CREATED, S_REMOTE, S_SL
 from wgmp.dataplane.sendspread import (
     SEND_HOLD_MAX,
     SIBLING_BUSY,
+    SPREAD_BALANCE,
+    SPREAD_FULL,
     SPREAD_MIN,
     SPREAD_OUTSTANDING,
     HandOffPlan,
@@ -63,14 +66,27 @@ def test_a_shallow_batch_or_one_worker_is_sealed_by_the_reader() -> None:
 def test_chunks_are_numbered_in_read_order_each_after_the_one_before() -> None:
     marks = Marks()
     plan = HandOffPlan(0, 2, marks.sealed)
-    assert plan.take(1) == (0, -1)  # the first waits for nothing
-    assert plan.take(0) == (1, 1)  # sealed here, after sibling 1's chunk 0
-    assert plan.take(1) == (2, 0)
+    assert plan.take(1, 8) == (0, -1)  # the first waits for nothing
+    assert plan.take(0, 8) == (1, 1)  # sealed here, after sibling 1's chunk 0
+    assert plan.take(1, 8) == (2, 0)
     assert not ready(marks.sealed, 0, 1, 1)
     marks.done[1, 0] = 0
     assert ready(marks.sealed, 0, 1, 1) and not ready(marks.sealed, 0, 2, 0)
     marks.done[0, 0] = 1
     assert ready(marks.sealed, 0, 2, 0)
+
+
+def _feed(plan: HandOffPlan, marks: Marks, sizes: list[int]) -> dict[int, int]:
+    """Packets each worker sealed of batches of `sizes`, siblings finishing each chunk at
+    once (they keep up)."""
+    sealed = {w: 0 for w in range(plan.workers)}
+    for size in sizes:
+        owner = plan.sealer_for(size)
+        chunk, _ = plan.take(owner, size)
+        if owner != plan.me:
+            marks.done[owner, plan.me] = chunk
+        sealed[owner] += size
+    return sealed
 
 
 def test_a_reader_that_keeps_up_takes_turns_with_its_sibling() -> None:
@@ -79,9 +95,56 @@ def test_a_reader_that_keeps_up_takes_turns_with_its_sibling() -> None:
     owners = []
     for _ in range(4):
         owner = plan.sealer_for(SPREAD_MIN)  # deep enough, not a full batch
-        plan.take(owner)
+        plan.take(owner, SPREAD_MIN)
         owners.append(owner)
     assert owners == [1, 0, 1, 0]
+
+
+def test_a_reader_that_keeps_up_seals_half_of_the_packets_whatever_the_batch_sizes() -> None:
+    """Turns by chunk gave the sibling every deep batch of a flow whose deep and shallower
+    batches alternate (here 60 and 10 packets: 86% of them); turns by packet give it half."""
+    marks = Marks()
+    sealed = _feed(HandOffPlan(0, 2, marks.sealed), marks, [60, 10] * 100)
+    assert abs(sealed[0] - sealed[1]) <= 60, sealed
+    sizes = [random.Random(7).randrange(SPREAD_MIN, SPREAD_FULL) for _ in range(1000)]
+    sealed = _feed(HandOffPlan(0, 2, marks.sealed), marks, sizes)
+    assert abs(sealed[0] - sealed[1]) <= SPREAD_FULL, sealed
+
+
+def test_batches_too_small_to_hand_out_count_as_sealed_here() -> None:
+    marks = Marks()
+    plan = HandOffPlan(0, 2, marks.sealed)
+    sealed = _feed(plan, marks, [SPREAD_MIN - 1] * 10)
+    assert sealed == {0: 10 * (SPREAD_MIN - 1), 1: 0}
+    # the deeper ones that follow go to the sibling until it has sealed as many (or more)
+    assert _feed(plan, marks, [10] * 8) == {0: 0, 1: 80}
+    assert plan.sealer_for(10) == 0
+
+
+def test_full_batches_handed_out_count_so_the_reader_seals_the_shallower_ones() -> None:
+    """A reader that is behind hands out every full batch; the shallower batches between them
+    are sealed here, until here has sealed as many packets as were handed out."""
+    marks = Marks()
+    plan = HandOffPlan(0, 2, marks.sealed)
+    assert _feed(plan, marks, [SPREAD_FULL] * 2) == {0: 0, 1: 2 * SPREAD_FULL}
+    assert _feed(plan, marks, [40, 40, 40]) == {0: 120, 1: 0}  # 128 handed, 120 here
+    assert _feed(plan, marks, [40, 40]) == {0: 40, 1: 40}  # 8 behind: here, then there
+    # a full batch goes to a sibling that keeps up however much it sealed lately
+    assert plan.balance > 0 and plan.sealer_for(SPREAD_FULL) == 1
+
+
+def test_only_recent_packets_count() -> None:
+    """After a long run of full batches handed out, the reader seals about SPREAD_BALANCE
+    packets, not all it missed, before handing out again; likewise the other way."""
+    marks = Marks()
+    plan = HandOffPlan(0, 2, marks.sealed)
+    _feed(plan, marks, [SPREAD_FULL] * 100)
+    assert plan.balance == SPREAD_BALANCE
+    sealed = _feed(plan, marks, [32] * (SPREAD_BALANCE // 32 + 1))
+    assert sealed == {0: SPREAD_BALANCE, 1: 32}
+    _feed(plan, marks, [SPREAD_MIN - 1] * 1000)
+    assert plan.balance == -SPREAD_BALANCE
+    assert _feed(plan, marks, [32] * (SPREAD_BALANCE // 32 + 1)) == {0: 0, 1: SPREAD_BALANCE + 32}
 
 
 def test_a_sibling_busy_reading_its_own_flows_gets_no_chunks() -> None:
@@ -107,9 +170,9 @@ def test_a_sibling_that_does_not_keep_up_gets_no_more() -> None:
     plan = HandOffPlan(0, 2, marks.sealed)
     for _ in range(SPREAD_OUTSTANDING):
         assert plan.sealer_for(64) == 1
-        plan.take(1)
+        plan.take(1, 64)
     assert plan.sealer_for(64) == 0 and plan.outstanding(1) == SPREAD_OUTSTANDING
-    plan.take(0)
+    plan.take(0, 64)
     marks.done[1, 0] = 0  # it finished the first
     assert plan.outstanding(1) == SPREAD_OUTSTANDING - 1 and plan.sealer_for(64) == 1
 
@@ -120,7 +183,7 @@ def test_with_more_workers_the_siblings_take_turns() -> None:
     owners = []
     for _ in range(4):
         owner = plan.sealer_for(64)
-        plan.take(owner)
+        plan.take(owner, 64)
         owners.append(owner)
     assert owners == [1, 2, 1, 2]
 
@@ -130,7 +193,7 @@ def test_a_restarted_reader_numbers_its_chunks_on_from_the_marks() -> None:
     marks.done[1, 0] = 41
     marks.done[0, 0] = 40
     plan = HandOffPlan(0, 2, marks.sealed)
-    assert plan.next == 42 and plan.take(0) == (42, -1)
+    assert plan.next == 42 and plan.take(0, 8) == (42, -1)
 
 
 def test_a_chunk_round_trips_and_a_damaged_one_is_refused() -> None:
@@ -218,6 +281,26 @@ def test_reader_and_sibling_seal_chunks_at_once_and_send_them_in_read_order(rig:
     _read(rig, FULL)  # chunk N+2: handed; it follows N+1, which has left: sent at once
     second._seal_handed(time.monotonic())
     assert _counters(fake) == list(range(FULL * N + 69, FULL * N + 69 + FULL))
+    for s in sockets:
+        s.close()
+
+
+def test_the_reader_hands_out_and_seals_by_packets_and_the_wire_sees_read_order(
+    rig: Any,
+) -> None:
+    """Batches of 60 and 10 packets: 60 handed out, then 10 and 60 sealed here (the sibling
+    was ahead by 60, then by 50), then 10 handed out; sent in read order all the same."""
+    first, second, fake, slot, sockets = _pair(rig)
+    for size in (60, 10, 60, 10):
+        _read(rig, size)
+    assert first.plan is not None and first.plan.balance == 0
+    second._seal_handed(time.monotonic())  # chunk 0 leaves; chunk 3 waits for chunk 2
+    assert _counters(fake) == list(range(60)) and second._send_held
+    first._release_send_held(time.monotonic())
+    assert _counters(rig.fake) == list(range(60, 130))
+    second._release_send_held(time.monotonic())
+    assert _counters(fake) == list(range(60)) + list(range(130, 140))
+    assert first.send_hold_timeouts == second.send_hold_timeouts == 0
     for s in sockets:
         s.close()
 

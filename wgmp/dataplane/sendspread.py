@@ -8,10 +8,13 @@ one TCP stream is encrypted by one worker. Here the reader (`_send_batch`):
 - reserves the counters itself (`Outbound._number`), so a counter is given to exactly one
   sealer: the chunk goes to one sibling in one datagram (atomic: sent whole or not at all),
   or, when that fails, is sealed by the reader with the same counters;
-- hands a chunk to a sibling only when the batch is deep (SPREAD_MIN: the reader is behind)
+- hands a chunk to a sibling only when the batch is deep (SPREAD_MIN: the flow is fast)
   and the sibling keeps up (fewer than SPREAD_OUTSTANDING of its chunks unfinished): on a
   machine whose cores are busy with other work the sibling falls behind and the reader seals
-  everything itself, as without spreading;
+  everything itself, as without spreading. A full batch (the reader is behind) goes to a
+  sibling whenever one keeps up; a shallower one goes where fewer packets were sealed
+  lately (`HandOffPlan.balance`), so a flow the reader keeps up with is sealed half here,
+  half by the siblings, counted in packets;
 - keeps the order: every batch the reader numbers is a chunk, numbered in read order, sealed
   here or by a sibling; chunk k leaves only after chunk k-1 has left, wherever each was
   sealed. Each worker notes in shared memory, per reader, the last chunk of that reader it
@@ -44,6 +47,7 @@ __all__ = [
     "CHUNK_MAX_BYTES",
     "SEND_HOLD_MAX",
     "SIBLING_BUSY",
+    "SPREAD_BALANCE",
     "SPREAD_FULL",
     "SPREAD_MIN",
     "SPREAD_OUTSTANDING",
@@ -57,6 +61,13 @@ __all__ = [
 SPREAD_MIN = 8  # packets of one peer in one read batch before a hand-off is tried
 SPREAD_FULL = 64  # a read batch this large (BATCH): the reader is behind
 SPREAD_OUTSTANDING = 4  # chunks handed to one sibling and not finished, at most
+# Packets handed to siblings minus packets sealed here: how far apart they are remembered
+# (`HandOffPlan.balance`). Beyond this the excess is forgotten, so after a long run of full
+# batches handed out the reader seals about this many packets of shallower batches in a row,
+# not all it missed. One TCP stream here came 54-75% in full batches and mostly in batches
+# of 32-63 between them: with 4 * SPREAD_FULL the smaller share was 0.37-0.42,
+# with 16 * SPREAD_FULL 0.38-0.48 (docs/dataplane.md).
+SPREAD_BALANCE = 16 * SPREAD_FULL
 # A sibling whose own TUN read found a full batch this recently is busy with flows of its own:
 # handing it chunks only moves work between two busy workers (perf/RESULTS.md, 64 peers sent:
 # 2 workers / 1 fell from 1.58x to 1.05-1.31x while both workers handed to each other).
@@ -143,6 +154,8 @@ class HandOffPlan:
         # Numbers go on from the marks: a restarted reader's chunks follow its predecessor's.
         self.next = max(sealed(w, me) for w in range(workers)) + 1
         self.last_owner = -1  # who seals chunk next - 1 (-1: nothing to wait for)
+        # Packets handed to siblings minus packets sealed here, within +-SPREAD_BALANCE.
+        self.balance = 0
         self._handed: list[deque[int]] = [deque() for _ in range(workers)]
         self._turn = me
 
@@ -159,12 +172,14 @@ class HandOffPlan:
         SPREAD_OUTSTANDING unfinished chunks) and is not busy reading its own flows (no full
         TUN read in the last SIBLING_BUSY), else this worker. A full batch (the reader is
         behind) goes to a sibling whenever one keeps up: reading is work only the reader can
-        do; a batch of SPREAD_MIN or more goes to one in turn with this worker (one flow at
-        a moderate rate: sealed half here, half there); a smaller one is sealed here."""
+        do. A batch of SPREAD_MIN or more goes to one unless this worker sealed fewer
+        packets than it handed out lately (`balance`: a flow the reader keeps up with is
+        sealed half here, half there, whatever the sizes of its batches); a smaller one is
+        sealed here (and counts: the next deeper one is handed out sooner)."""
         if self.workers == 1 or count < SPREAD_MIN:
             return self.me
-        if count < SPREAD_FULL and self.last_owner not in (-1, self.me):
-            return self.me  # the reader keeps up: take turns with the siblings
+        if count < SPREAD_FULL and self.balance > 0:
+            return self.me  # the reader keeps up, and the siblings sealed more lately
         for step in range(1, self.workers + 1):
             sibling = (self._turn + step) % self.workers
             if (
@@ -176,13 +191,17 @@ class HandOffPlan:
                 return sibling
         return self.me
 
-    def take(self, owner: int) -> tuple[int, int]:
-        """Number the next chunk, sealed by `owner`: (its number, who seals the one before)."""
+    def take(self, owner: int, packets: int) -> tuple[int, int]:
+        """Number the next chunk, of `packets` packets sealed by `owner`: (its number, who
+        seals the one before)."""
         chunk, before = self.next, self.last_owner
         self.next += 1
         self.last_owner = owner
         if owner != self.me:
             self._handed[owner].append(chunk)
+            self.balance = min(self.balance + packets, SPREAD_BALANCE)
+        else:
+            self.balance = max(self.balance - packets, -SPREAD_BALANCE)
         return chunk, before
 
 
@@ -228,7 +247,7 @@ class SendSpread:
             return
         # Sealed here (also when the hand-off failed: the same counters, still sealed once).
         messages = self._encrypt(numbered[0], packets, *numbered[1:])
-        chunk, before = plan.take(self.worker_id)
+        chunk, before = plan.take(self.worker_id, len(packets))
         self._send_in_order(self.worker_id, chunk, before, peer, messages, now)
 
     def _hand(
@@ -251,7 +270,7 @@ class SendSpread:
             sock.send(data)
         except OSError:  # full (a stopped sibling) or gone: nothing of it was queued
             return False
-        plan.take(sealer)
+        plan.take(sealer, len(packets))
         return True
 
     def _send_in_order(
