@@ -22,6 +22,8 @@ from tests.dataplane.test_worker import (
 )
 from wgmp.dataplane.records import P_ENDPOINT, P_SEND, S_CREATED, S_REMOTE, S_SLOT
 from wgmp.dataplane.sendspread import (
+    CHUNK_MAX_AGE,
+    CHUNK_MAX_BYTES,
     SEND_HOLD_MAX,
     SIBLING_BUSY,
     SPREAD_BALANCE,
@@ -372,6 +374,27 @@ def test_a_stale_chunk_is_dropped(rig: Any, monkeypatch: Any) -> None:
     _read(rig, 64)
     second._seal_handed(time.monotonic() + 10)
     assert fake.sent == [] and second.drops[DropReason.SEND_FAILED] == 64
+    for s in sockets:
+        s.close()
+
+
+def test_a_chunk_its_reader_stopped_waiting_for_is_dropped_not_sent_after_its_successors(
+    rig: Any,
+) -> None:
+    """Sealed while the reader may still wait for it (SEND_HOLD_MAX); dropped once the reader
+    has surely sent what came after it (CHUNK_MAX_AGE): late, it would only arrive after
+    them, maybe outside the receiver's replay window."""
+    first, second, fake, slot, sockets = _pair(rig)
+    _read(rig, 64)
+    _read(rig, 64)
+    read_at = time.monotonic()
+    assert SEND_HOLD_MAX < CHUNK_MAX_AGE <= 2 * SEND_HOLD_MAX
+    inbox = second.seal_in
+    assert inbox is not None
+    second._seal_chunk(inbox.recv(CHUNK_MAX_BYTES + 4096), read_at + SEND_HOLD_MAX)
+    assert len(_counters(fake)) == 64
+    second._seal_chunk(inbox.recv(CHUNK_MAX_BYTES + 4096), read_at + CHUNK_MAX_AGE + 0.01)
+    assert len(_counters(fake)) == 64 and second.drops[DropReason.SEND_FAILED] == 64
     for s in sockets:
         s.close()
 

@@ -73,7 +73,12 @@ SPREAD_BALANCE = 16 * SPREAD_FULL
 # 2 workers / 1 fell from 1.58x to 1.05-1.31x while both workers handed to each other).
 SIBLING_BUSY = 0.002
 SEND_HOLD_MAX = 0.02  # how long a chunk sealed here waits for a handed one to leave
-CHUNK_MAX_AGE = 0.5  # a chunk older than this (a restarted sibling's inbox) is dropped
+# A handed chunk older than this is dropped, not sealed: its reader stopped waiting for it after
+# SEND_HOLD_MAX and sent the chunks after it, so it could only arrive after them, and at a fast
+# stream's rate far enough behind to fall out of the receiver's replay window, where it looks
+# like a counter sent twice (a restarted sibling sealed its predecessor's inbox 55-72 ms late:
+# 256 replay drops in 1 of 18 kill -9 runs of tests/integration/test_sendspread.py).
+CHUNK_MAX_AGE = 2 * SEND_HOLD_MAX
 CHUNK_MAX_BYTES = 1 << 17  # of packets per chunk: one datagram, well inside the inbox buffer
 
 # reader, packets, chunk number, who seals the chunk before (-1: none), slot, remote index,
