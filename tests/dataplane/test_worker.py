@@ -428,18 +428,18 @@ def test_after_a_lone_train_the_next_first_train_is_written_before_reading_on(
     receiver.setblocking(False)
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     events: list[str] = []
-    write_tun = rig.worker._write_tun
+    real_write = os.write
 
     class Watched:
         def recvmsg_into(self, *args: Any) -> Any:
             events.append("read")
             return receiver.recvmsg_into(*args)
 
-    def watched_write() -> None:
+    def watched_write(fd: int, data: bytes) -> int:
         events.append("write")
-        write_tun()
+        return real_write(fd, data)
 
-    monkeypatch.setattr(rig.worker, "_write_tun", watched_write)
+    monkeypatch.setattr(os, "write", watched_write)
     try:
         for counter in (0, 1):
             view, _, _ = train([counter])
