@@ -240,6 +240,7 @@ def report(trips: list[RoundTrip], label: str) -> str:
     flush_out = sum(1 for s in a_out if SENDTO in s.after_emit)
     one_cpu = sum(1 for t in trips if len({s.cpu for s in t.hops.values()}) == 1)
     b_slept = sum(1 for t in trips if t.hops["b sends"].woken is not None)
+    lines.append(_placement(trips))
     lines.append(
         f"ping sendto -> reply recvmsg: median {statistics.median(rtts):.1f} us "
         f"(p25 {_quantile(rtts, 0.25):.1f}, p75 {_quantile(rtts, 0.75):.1f}); "
@@ -249,6 +250,32 @@ def report(trips: list[RoundTrip], label: str) -> str:
         f"all four hops on one CPU: {one_cpu}/{len(trips)}"
     )
     return "\n".join(lines)
+
+
+def _placement(trips: list[RoundTrip]) -> str:
+    """Wake-up placement: the transit to a worker woken on the CPU of the hop before it
+    (wake-affine) against one woken on the other CPU, and the round trip of each kind."""
+    transit: dict[bool, list[float]] = {True: [], False: []}
+    for trip in trips:
+        previous = trip.hops["a sends"]
+        for hop in ("b receives", "a receives"):
+            s = trip.hops[hop]
+            before = trip.hops["a sends" if hop == "b receives" else "b sends"]
+            if s.woken is not None and before.emit is not None:
+                transit[s.cpu == before.cpu].append((s.woken - before.emit[0]) * 1e6)
+        del previous
+    one = [(t.replied - t.sent) * 1e6 for t in trips if len({s.cpu for s in t.hops.values()}) == 1]
+    spread = [
+        (t.replied - t.sent) * 1e6 for t in trips if len({s.cpu for s in t.hops.values()}) > 1
+    ]
+
+    def med(values: list[float]) -> str:
+        return f"{statistics.median(values):.1f} (n={len(values)})" if values else "-"
+
+    return (
+        f"transit to a worker woken on the sender's CPU {med(transit[True])}, on the other CPU "
+        f"{med(transit[False])}; round trip with all hops on one CPU {med(one)}, on both {med(spread)}"
+    )
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -96,15 +96,22 @@ __all__ = [
     "COUNTER_BLOCK",
     "COUNTER_BLOCK_STALE",
     "FLUSH_INTERVAL",
+    "FLUSH_LATE_MAX",
     "ROLE_CURRENT",
     "ROLE_NEXT",
     "Worker",
     "WorkerSpec",
+    "flush_should_wait",
     "main",
     "run_forked",
 ]
 
 FLUSH_INTERVAL = 0.1  # how stale control's view of traffic (timers) and counters may be
+# How long a due flush may wait for a poll that finds nothing, after lone packets: a ping's
+# reply follows the request's write into the TUN, and the flush ran between them in 1 round
+# trip of 10 (docs/performance.md, "Round-trip time"). Bounds how late Activity reaches
+# control's timers under a steady trickle of lone packets.
+FLUSH_LATE_MAX = 0.02
 # The loop's wake-up while sent chunks wait for their predecessor (epoll counts in ms).
 SEND_HOLD_POLL = 0.001
 
@@ -207,13 +214,16 @@ class Worker(Outbound, Inbound, SendSpread):
         seal_fd = _watch_inbox(poller, self.seal_in, self.seal_out)
         self.channel.send(Ready(self.worker_id, os.getpid()))
         next_flush = time.monotonic() + FLUSH_INTERVAL
+        flush_waits = False  # a due flush waits for a poll that finds nothing
         while self.running:
             # While received packets are held for order, sleep at most until the first hold's
             # deadline (the previous block's worker wakes us through the inbox when it
             # delivers); while sent chunks wait for their predecessor, look again every
             # SEND_HOLD_POLL (SEND_HOLD_MAX bounds that wait).
             timeout = FLUSH_INTERVAL
-            if self._held:
+            if flush_waits:
+                timeout = 0.0  # only look: the flush is due
+            elif self._held:
                 timeout = self._hold_wait(time.monotonic())
             if self._send_held and timeout > SEND_HOLD_POLL:
                 timeout = SEND_HOLD_POLL
@@ -242,16 +252,21 @@ class Worker(Outbound, Inbound, SendSpread):
                         self._inbound(by_fd[fd], now)
                 except Exception:
                     self._internal_error("a batch")
+            flush_waits = False
             try:
                 if self._held:
                     self._deliver(now)
                 if self._send_held:
                     self._release_send_held(now)
                 if now >= next_flush:
-                    self._flush(now)
+                    flush_waits = flush_should_wait(
+                        now, next_flush, bool(events) and (self._tun_sparse or self._udp_sparse)
+                    )
+                    if not flush_waits:
+                        self._flush(now)
             except Exception:
                 self._internal_error("the periodic flush")
-            if now >= next_flush:
+            if now >= next_flush and not flush_waits:
                 next_flush = now + FLUSH_INTERVAL
 
     def _internal_error(self, what: str) -> None:
@@ -452,6 +467,15 @@ class Worker(Outbound, Inbound, SendSpread):
         )
         if reports:
             self.channel.send(Activity(reports))
+
+
+def flush_should_wait(now: float, due: float, lone_io: bool) -> bool:
+    """Whether the periodic flush, due since `due`, should wait for the next poll (made
+    without sleeping): yes after a wake-up that handled lone packets (`lone_io`), whose
+    answer may be queued already (a ping's reply is made inside the TUN write of its
+    request), for at most FLUSH_LATE_MAX; a poll that finds nothing, or traffic in batches,
+    lets it run at once."""
+    return lone_io and now - due < FLUSH_LATE_MAX
 
 
 # What the worker does with each message control sends (one entry per Direction.TO_WORKER
