@@ -471,14 +471,15 @@ def test_every_other_datagram_goes_the_general_way_untouched(
     assert lone == general
 
 
-def test_a_lone_datagram_reaches_the_tun_and_then_the_socket_is_read_on() -> None:
+def test_a_lone_datagram_reaches_the_tun_and_nothing_is_read_after_it() -> None:
     with pair() as (lone, _):
         current(lone)
         lone.tun_written()
         lone.worker._udp_sparse = True
-        lone.worker._inbound(OneDatagram(datagram(5), ENDPOINT, []), NOW)  # type: ignore[arg-type]
+        sock = OneDatagram(datagram(5), ENDPOINT, [])
+        lone.worker._inbound(sock, NOW)  # type: ignore[arg-type]
         assert lone.tun_written() == [VIRTIO_NET_HDR_NONE + _inner(5, THEIRS)]
-        assert lone.worker._udp_sparse
+        assert lone.worker._udp_sparse and lone.worker._udp_again is sock  # type: ignore[comparison-overlap]  # the poll tells
 
 
 # -- the periodic flush ------------------------------------------------------------------------

@@ -125,6 +125,7 @@ class Inbound:
     _rx_view: memoryview
     _channel_read: bool
     _udp_sparse: bool
+    _udp_again: socket.socket | None  # a lone datagram came from it: see _tun_again
     _held: dict[int, list[Any]]
     _block_done: bool  # a block's last counter was accepted: deliver before reading on
     _wake_asks: dict[int, list[tuple[int, int, float]]]  # slot -> [(waiter, need, deadline)]
@@ -143,13 +144,18 @@ class Inbound:
         """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
         from one source, handled in place in the receive buffer.
 
-        After a wake-up that found a single train (`_udp_sparse`), the first datagram is read
-        and, when it is the common case, taken to the TUN by `_receive_lone`, a straight line
-        (else the general path takes it, first), before the read that finds the socket empty
+        After a wake-up that found a single train (`_udp_sparse`), one datagram is read and,
+        when it is the common case, taken to the TUN by `_receive_lone`, a straight line, and
+        that is all: whether more is queued, the loop's next poll tells without sleeping
+        (`_udp_again`: a burst is then read whole); else the general path takes it, first
         (docs/performance.md, "Round-trip time")."""
         self._channel_read = False
         if not self._udp_sparse:
             self._receive_batch(sock, now, None, 0)
+            return
+        if self._udp_again is sock:  # ready again at once after a lone datagram: a burst
+            self._udp_again = None
+            self._receive_batch(sock, now, None, 1)
             return
         try:
             nbytes, ancillary, _, address = sock.recvmsg_into([self._rx_buffer], BATCH_SPACE)
@@ -166,7 +172,9 @@ class Inbound:
             elif (cmsg[0], cmsg[1]) in PKTINFO_KINDS:
                 sticky = cmsg
         if segment >= nbytes and self._receive_lone(nbytes, address, sticky, now):
-            self._receive_batch(sock, now, None, 1)
+            # No recvmsg that finds the socket empty (and raises): the loop's next poll, made
+            # without sleeping, says whether more came (Worker.run).
+            self._udp_again = sock
         else:
             self._receive_batch(sock, now, (nbytes, segment, address, sticky), 0)
 

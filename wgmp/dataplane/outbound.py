@@ -97,6 +97,7 @@ class Outbound:
     gso: bool
     _gso_retry_at: float
     _tun_sparse: bool
+    _tun_again: bool  # a lone packet was sent: more is a burst if the next poll finds it
     drops: list[int]
     totals: list[int]
     staged: int
@@ -112,28 +113,33 @@ class Outbound:
         """Drain the TUN queue into per-peer lists, seal each list, then send each peer's
         messages in as few system calls as UDP GSO allows.
 
-        After a wake-up that found a single packet (`_tun_sparse`: a ping, a request), the
-        first packet is read and sent by `_send_lone`, a straight line for "one packet, one
-        peer, its current keypair", before the read that finds the queue empty, which with its
-        exception was on a round trip's critical path; what `_send_lone` does not take goes
-        the general way, first (docs/performance.md "Round-trip time"). A burst is read whole
-        as before."""
-        if self._tun_sparse:
-            try:
-                packet = os.read(self.tun_fd, 65535 + VIRTIO_NET_HDR_LEN)
-            except BlockingIOError:
-                return  # woken for nothing: still sparse
-            except OSError as err:
-                if err.errno in TUN_GONE_ERRNOS:
-                    self.running = False  # as below
-                    return
-                raise
-            if self._send_lone(packet, now):
-                self._read_batch(now, None, 1)
-            else:
-                self._read_batch(now, packet, 0)
+        After a wake-up that found a single packet (`_tun_sparse`: a ping, a request), one
+        packet is read and sent by `_send_lone`, a straight line for "one packet, one peer,
+        its current keypair", and that is all: whether more is queued, the loop's next poll
+        tells without sleeping (`_tun_again`: a burst is then read whole); what `_send_lone`
+        does not take goes the general way, first (docs/performance.md "Round-trip time")."""
+        if not self._tun_sparse:
+            self._read_batch(now, None, 0)
             return
-        self._read_batch(now, None, 0)
+        if self._tun_again:  # ready again at once after a lone packet: a burst began
+            self._tun_again = False
+            self._read_batch(now, None, 1)
+            return
+        try:
+            packet = os.read(self.tun_fd, 65535 + VIRTIO_NET_HDR_LEN)
+        except BlockingIOError:
+            return  # woken for nothing: still sparse
+        except OSError as err:
+            if err.errno in TUN_GONE_ERRNOS:
+                self.running = False  # as in _read_batch
+                return
+            raise
+        if self._send_lone(packet, now):
+            # No read that finds the queue empty (and raises): the loop's next poll, made
+            # without sleeping, says whether more came (Worker.run).
+            self._tun_again = True
+        else:
+            self._read_batch(now, packet, 0)
 
     def _send_lone(self, packet: bytes, now: float) -> bool:
         """Seal and send one packet read alone, if it is the common case: an IP packet that

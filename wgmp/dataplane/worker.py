@@ -168,6 +168,10 @@ class Worker(Outbound, Inbound, SendSpread):
         # the first of the next before looking for more (Outbound._outbound, Inbound._inbound).
         self._tun_sparse = False
         self._udp_sparse = False
+        # A lone packet (datagram) was just handled and nothing read after it: if the next
+        # poll, made without sleeping, finds the TUN (that socket) ready, a burst began.
+        self._tun_again = False
+        self._udp_again: socket.socket | None = None
         self._held: dict[int, list[Any]] = {}  # slot -> entry holding packets for order
         self._block_done = False  # a block's last counter came in this train (Inbound)
         # Receive ordering: blocks held back for the previous block's worker, holds ended
@@ -221,14 +225,16 @@ class Worker(Outbound, Inbound, SendSpread):
             # delivers); while sent chunks wait for their predecessor, look again every
             # SEND_HOLD_POLL (SEND_HOLD_MAX bounds that wait).
             timeout = FLUSH_INTERVAL
-            if flush_waits:
-                timeout = 0.0  # only look: the flush is due
+            if flush_waits or self._tun_again or self._udp_again is not None:
+                timeout = 0.0  # only look: the flush is due, or a lone packet was handled
             elif self._held:
                 timeout = self._hold_wait(time.monotonic())
             if self._send_held and timeout > SEND_HOLD_POLL:
                 timeout = SEND_HOLD_POLL
             events = poller.poll(timeout)
             now = time.monotonic()
+            if timeout == 0.0:
+                self._forget_lone(events)
             if len(events) > 1:
                 # Control's messages first: a keypair announced there may be the one the
                 # datagrams that woke us up were sealed with.
@@ -268,6 +274,15 @@ class Worker(Outbound, Inbound, SendSpread):
                 self._internal_error("the periodic flush")
             if now >= next_flush and not flush_waits:
                 next_flush = now + FLUSH_INTERVAL
+
+    def _forget_lone(self, events: list[tuple[int, int]]) -> None:
+        """After the poll that follows a lone packet: what it did not find ready had nothing
+        more queued (the next packet there is lone again, not the rest of a burst)."""
+        if self._tun_again and all(fd != self.tun_fd for fd, _ in events):
+            self._tun_again = False
+        udp = self._udp_again
+        if udp is not None and all(fd != udp.fileno() for fd, _ in events):
+            self._udp_again = None
 
     def _internal_error(self, what: str) -> None:
         """Count an exception that handling `what` raised (call from an except block)."""
