@@ -233,7 +233,7 @@ class Worker(Outbound, Inbound, SendSpread):
                 timeout = SEND_HOLD_POLL
             events = poller.poll(timeout)
             now = time.monotonic()
-            if timeout == 0.0:
+            if timeout == 0.0 and (self._tun_again or self._udp_again is not None):
                 self._forget_lone(events)
             if len(events) > 1:
                 # Control's messages first: a keypair announced there may be the one the
@@ -278,10 +278,17 @@ class Worker(Outbound, Inbound, SendSpread):
     def _forget_lone(self, events: list[tuple[int, int]]) -> None:
         """After the poll that follows a lone packet: what it did not find ready had nothing
         more queued (the next packet there is lone again, not the rest of a burst)."""
-        if self._tun_again and all(fd != self.tun_fd for fd, _ in events):
+        tun_fd, udp = self.tun_fd, self._udp_again
+        udp_fd = udp.fileno() if udp is not None else -2
+        tun_ready = udp_ready = False
+        for fd, _ in events:  # no generators: this runs between a ping's request and reply
+            if fd == tun_fd:
+                tun_ready = True
+            elif fd == udp_fd:
+                udp_ready = True
+        if not tun_ready:
             self._tun_again = False
-        udp = self._udp_again
-        if udp is not None and all(fd != udp.fileno() for fd, _ in events):
+        if not udp_ready:
             self._udp_again = None
 
     def _internal_error(self, what: str) -> None:
