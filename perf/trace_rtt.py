@@ -40,7 +40,7 @@ from pathlib import Path
 TRACEFS = Path("/sys/kernel/tracing")
 INSTANCE = "wgmp_trace_rtt"
 EVENTS = ("sched/sched_wakeup", "sched/sched_switch", "raw_syscalls/sys_enter",
-          "raw_syscalls/sys_exit")  # fmt: skip
+          "raw_syscalls/sys_exit", "exceptions/page_fault_user")  # fmt: skip
 # x86_64
 READ, WRITE, SENDTO, SENDMSG, RECVMSG, EPOLL_WAIT, EPOLL_PWAIT = 0, 1, 44, 46, 47, 232, 281
 EPOLL = (EPOLL_WAIT, EPOLL_PWAIT)
@@ -77,6 +77,7 @@ class Segment:
     io: tuple[float, float] | None = None
     emit: tuple[float, float] | None = None
     after_emit: list[int] = field(default_factory=list)  # syscalls after the emit
+    faults: int = 0  # user page faults from epoll's return to the emit
     end: float | None = None  # the next epoll_wait's entry
 
 
@@ -96,6 +97,8 @@ def parse_events(text: str) -> list[Event]:
             e = _EXIT.match(rest)
             if e:
                 events.append(Event(ts, pid, cpu, "exit", int(e[1]), int(e[2])))
+        elif event == "page_fault_user":
+            events.append(Event(ts, pid, cpu, "fault"))
         elif event == "sched_wakeup":
             e = _WAKEUP_PID.search(rest)
             if e:
@@ -141,6 +144,10 @@ _pending: dict[int, float] = {}
 
 
 def _note_syscall(seg: Segment, ev: Event) -> None:
+    if ev.kind == "fault":
+        if seg.emit is None:
+            seg.faults += 1
+        return
     if ev.kind == "enter":
         _pending[ev.pid] = ev.ts
         if seg.emit is not None:
@@ -240,6 +247,9 @@ def report(trips: list[RoundTrip], label: str) -> str:
     flush_out = sum(1 for s in a_out if SENDTO in s.after_emit)
     one_cpu = sum(1 for t in trips if len({s.cpu for s in t.hops.values()}) == 1)
     b_slept = sum(1 for t in trips if t.hops["b sends"].woken is not None)
+    faults = {hop: sum(t.hops[hop].faults for t in trips) for hop in HOPS}
+    lines.append("user page faults from epoll's return to the emit, per hop, in all round trips: "
+                 + ", ".join(f"{hop} {n}" for hop, n in faults.items()))  # fmt: skip
     lines.append(_placement(trips))
     lines.append(
         f"ping sendto -> reply recvmsg: median {statistics.median(rtts):.1f} us "
@@ -317,7 +327,8 @@ def take(ns_a: str, ns_b: str, target: str, pings: int, out: Path) -> tuple[list
         switch_filter = " || ".join(f"prev_pid == {p} || next_pid == {p}" for p in pids)
         common = " || ".join(f"common_pid == {p}" for p in pids)
         filters = {"sched/sched_wakeup": pid_filter, "sched/sched_switch": switch_filter,
-                   "raw_syscalls/sys_enter": common, "raw_syscalls/sys_exit": common}  # fmt: skip
+                   "raw_syscalls/sys_enter": common, "raw_syscalls/sys_exit": common,
+                   "exceptions/page_fault_user": common}  # fmt: skip
         for event, text in filters.items():
             (root / "events" / event / "filter").write_text(text)
             (root / "events" / event / "enable").write_text("1")
