@@ -117,6 +117,7 @@ def segments(events: list[Event], pid: int, side: str) -> list[Segment]:
     result: list[Segment] = []
     current: Segment | None = None
     woken = running = None
+    pending: dict[int, float] = {}  # pid -> when its syscall in progress entered
     for ev in events:
         if ev.pid != pid:
             continue
@@ -136,26 +137,23 @@ def segments(events: list[Event], pid: int, side: str) -> list[Segment]:
                 current = Segment(pid, side, ev.ts, ev.cpu, woken, running)
             woken = running = None
         elif current is not None:
-            _note_syscall(current, ev)
+            _note_syscall(current, ev, pending)
     return [s for s in result if s.kind]
 
 
-_pending: dict[int, float] = {}
-
-
-def _note_syscall(seg: Segment, ev: Event) -> None:
+def _note_syscall(seg: Segment, ev: Event, pending: dict[int, float]) -> None:
     if ev.kind == "fault":
         if seg.emit is None:
             seg.faults += 1
         return
     if ev.kind == "enter":
-        _pending[ev.pid] = ev.ts
+        pending[ev.pid] = ev.ts
         if seg.emit is not None:
             seg.after_emit.append(ev.nr)
         return
     if ev.kind != "exit":
         return
-    start = _pending.pop(ev.pid, ev.ts)
+    start = pending.pop(ev.pid, ev.ts)
     if not seg.kind and ev.nr in (READ, RECVMSG) and ev.value > 0:
         seg.kind = "out" if ev.nr == READ else "in"
         seg.io = (start, ev.ts)
@@ -267,13 +265,11 @@ def _placement(trips: list[RoundTrip]) -> str:
     (wake-affine) against one woken on the other CPU, and the round trip of each kind."""
     transit: dict[bool, list[float]] = {True: [], False: []}
     for trip in trips:
-        previous = trip.hops["a sends"]
         for hop in ("b receives", "a receives"):
             s = trip.hops[hop]
             before = trip.hops["a sends" if hop == "b receives" else "b sends"]
             if s.woken is not None and before.emit is not None:
                 transit[s.cpu == before.cpu].append((s.woken - before.emit[0]) * 1e6)
-        del previous
     one = [(t.replied - t.sent) * 1e6 for t in trips if len({s.cpu for s in t.hops.values()}) == 1]
     spread = [
         (t.replied - t.sent) * 1e6 for t in trips if len({s.cpu for s in t.hops.values()}) > 1
