@@ -241,12 +241,16 @@ def test_with_several_workers_a_lone_packet_keeps_the_chunk_order() -> None:
         warm(rig)
 
     with pair(2) as (lone, general):
+        calls: list[bool] = []
+        spy(lone.worker, "_send_lone", calls)
         for rig in (lone, general):
             setup(rig)
             for n in range(3):
                 rig.tun_theirs.send(VIRTIO_NET_HDR_NONE + _outbound(n))
                 rig.worker._tun_sparse = rig is lone
                 rig.worker._outbound(NOW)
+                rig.worker._forget_lone([])  # the loop's next poll found nothing
+        assert calls == [True, True, True]
         assert lone.state() == general.state()
         assert lone.worker.plan.next == general.worker.plan.next == 3  # type: ignore[union-attr]
         assert lone.worker.keyslots.sealed(0, 0) == 2
