@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import time
 from typing import Any
@@ -381,12 +382,15 @@ def test_asks_that_outlived_their_hold_are_forgotten_and_bad_asks_are_counted(ri
         sock.close()
 
 
-def test_after_a_lone_packet_the_next_first_packet_leaves_before_the_queue_is_read_on(
+def test_after_a_lone_packet_the_next_first_packet_leaves_and_nothing_is_read_after_it(
     rig: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Round-trip time (docs/performance.md): once a wake-up found one packet, the next
-    wake-up's first packet is sent before the read that would find the queue empty; a burst
-    is then read whole (one GSO send for the rest) and switches back to reading first."""
+    wake-up sends its first packet and reads no more (the read that finds the queue empty,
+    and its exception, were on the critical path); the loop's next poll, made without
+    sleeping, says whether more came: if it finds the TUN ready, the rest is read whole as a
+    burst (one GSO send) and the worker reads in batches again; if not, the next packet is
+    lone again."""
     install(rig.worker, ROLE_CURRENT)
     rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
     rig.worker._outbound(time.monotonic())
@@ -401,12 +405,19 @@ def test_after_a_lone_packet_the_next_first_packet_leaves_before_the_queue_is_re
     monkeypatch.setattr(os, "read", counting_read)
     rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(1))
     rig.worker._outbound(time.monotonic())
-    assert reads == [1, 2]  # the second read (EAGAIN) came after the packet was sent
+    assert reads == [1] and len(rig.fake.sent) == 2  # sent, and no read after it
+    assert rig.worker._tun_again
+    rig.worker._forget_lone([])  # the next poll found nothing: the queue was empty
+    assert not rig.worker._tun_again and rig.worker._tun_sparse
     for n in range(2, 7):
         rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(n))
+    rig.worker._outbound(time.monotonic())  # woken: the first goes out alone
+    assert len(rig.fake.sent) == 3
+    rig.worker._forget_lone([(rig.worker.tun_fd, select.EPOLLIN)])  # ready again at once
+    assert rig.worker._tun_again
     rig.worker._outbound(time.monotonic())
-    assert len(rig.fake.sent) == 4  # the first alone, then the other four in one GSO call
-    assert not rig.worker._tun_sparse
+    assert len(rig.fake.sent) == 4  # the other four in one GSO call
+    assert not rig.worker._tun_sparse and not rig.worker._tun_again
     for n in range(7, 10):
         rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(n))
     rig.worker._outbound(time.monotonic())
@@ -417,45 +428,54 @@ def test_after_a_lone_packet_the_next_first_packet_leaves_before_the_queue_is_re
     assert counters == list(range(10))  # every packet once, in order
 
 
-def test_after_a_lone_train_the_next_first_train_is_written_before_reading_on(
+def test_after_a_lone_train_the_next_first_train_is_written_and_nothing_read_after_it(
     rig: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The inbound side of the same rule: a lone datagram reaches the TUN before the
-    recvmsg that finds the socket empty, once the previous wake-up found one alone."""
+    """The inbound side of the same rule: a lone datagram reaches the TUN and no recvmsg
+    follows it; a socket ready again at the next poll is read whole as a burst."""
     install(rig.worker, ROLE_CURRENT)
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.bind(("127.0.0.1", 0))
     receiver.setblocking(False)
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     events: list[str] = []
-    write_tun = rig.worker._write_tun
+    real_write = os.write
 
     class Watched:
         def recvmsg_into(self, *args: Any) -> Any:
             events.append("read")
             return receiver.recvmsg_into(*args)
 
-    def watched_write() -> None:
-        events.append("write")
-        write_tun()
+        def fileno(self) -> int:
+            return receiver.fileno()
 
-    monkeypatch.setattr(rig.worker, "_write_tun", watched_write)
+    def watched_write(fd: int, data: bytes) -> int:
+        events.append("write")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", watched_write)
+    watched = Watched()
     try:
         for counter in (0, 1):
             view, _, _ = train([counter])
             sender.sendto(bytes(view), receiver.getsockname())
             time.sleep(0.05)
             events.clear()
-            rig.worker._inbound(Watched(), time.monotonic())
+            rig.worker._inbound(watched, time.monotonic())
             assert rig.tun.recv(70000)  # delivered
-        assert rig.worker._udp_sparse
-        assert events == ["read", "write", "read"]  # written before the read that found none
+        assert rig.worker._udp_sparse and rig.worker._udp_again is watched
+        assert events == ["read", "write"]  # written, and no read after it
+        rig.worker._forget_lone([])  # the next poll found nothing
+        assert rig.worker._udp_again is None
         for counter in (2, 3, 4):
             view, _, _ = train([counter])
             sender.sendto(bytes(view), receiver.getsockname())
         time.sleep(0.05)
         events.clear()
-        rig.worker._inbound(Watched(), time.monotonic())
+        rig.worker._inbound(watched, time.monotonic())
+        assert events == ["read", "write"]  # the first alone
+        rig.worker._forget_lone([(receiver.fileno(), select.EPOLLIN)])  # ready again at once
+        rig.worker._inbound(watched, time.monotonic())
         assert events == ["read", "write", "read", "read", "read", "write"]
         assert not rig.worker._udp_sparse
     finally:

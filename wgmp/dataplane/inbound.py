@@ -52,6 +52,7 @@ from .records import (
     A_DATA_RECEIVED,
     A_RECEIVED,
     P_ACTIVITY,
+    P_DIRTY,
     P_ENDPOINT,
     P_RX_BYTES,
     P_RX_PACKETS,
@@ -124,6 +125,7 @@ class Inbound:
     _rx_view: memoryview
     _channel_read: bool
     _udp_sparse: bool
+    _udp_again: socket.socket | None  # a lone datagram came from it: see _tun_again
     _held: dict[int, list[Any]]
     _block_done: bool  # a block's last counter was accepted: deliver before reading on
     _wake_asks: dict[int, list[tuple[int, int, float]]]  # slot -> [(waiter, need, deadline)]
@@ -142,28 +144,196 @@ class Inbound:
         """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
         from one source, handled in place in the receive buffer.
 
-        After a wake-up that found a single train (`_udp_sparse`), the first train reaches
-        the TUN before the read that finds the socket empty, as Outbound._outbound sends its
-        first packet (call -> TUN write 25-28 -> 19-22 us warm: perf/RESULTS.md)."""
-        buffer, view = self._rx_buffer, self._rx_view
+        After a wake-up that found a single train (`_udp_sparse`), one datagram is read and,
+        when it is the common case, taken to the TUN by `_receive_lone`, a straight line, and
+        that is all: whether more is queued, the loop's next poll tells without sleeping
+        (`_udp_again`: a burst is then read whole); else the general path takes it, first
+        (docs/performance.md, "Round-trip time")."""
         self._channel_read = False
-        deliver_first = self._udp_sparse
-        reads = 0
-        for _ in range(BATCH):
+        if not self._udp_sparse:
+            self._receive_batch(sock, now, None, 0)
+            return
+        if self._udp_again is sock:  # ready again at once after a lone datagram: a burst
+            self._udp_again = None
+            self._receive_batch(sock, now, None, 1)
+            return
+        try:
+            nbytes, ancillary, _, address = sock.recvmsg_into([self._rx_buffer], BATCH_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return  # woken for nothing: still sparse
+        except OSError:
+            self._receive_batch(sock, now, None, 0)  # as the general path does: read on
+            return
+        sticky = None
+        segment = nbytes
+        for cmsg in ancillary:
+            if cmsg[0] == SOL_UDP and cmsg[1] == UDP_GRO:
+                segment = _INT.unpack_from(cmsg[2])[0] or nbytes
+            elif (cmsg[0], cmsg[1]) in PKTINFO_KINDS:
+                sticky = cmsg
+        if segment >= nbytes and self._receive_lone(nbytes, address, sticky, now):
+            # No recvmsg that finds the socket empty (and raises): the loop's next poll, made
+            # without sleeping, says whether more came (Worker.run).
+            self._udp_again = sock
+        else:
+            self._receive_batch(sock, now, (nbytes, segment, address, sticky), 0)
+
+    def _receive_lone(
+        self,
+        nbytes: int,
+        address: tuple[Any, ...],
+        sticky: tuple[int, int, bytes] | None,
+        now: float,
+    ) -> bool:
+        """Take one datagram (in the receive buffer) to the TUN if it is the common case: a
+        transport message under a known, current, unexpired keypair of this worker's (its
+        counter block entered already, nothing held, not a block's last counter), from the
+        peer's endpoint and sticky source, with no rekey to ask for, and nothing else waiting
+        to reach the TUN; False, with nothing changed, for anything else (the general path
+        decides it: roaming, confirmation, rekeys, unknown indices, ordering).
+
+        The same steps, checks, drops and counters as `_receive_train` + `_received` +
+        `_deliver` for that case, without their loops and calls: a ping's hop after a 10 ms
+        sleep runs with cold caches, where every line of Python costs (docs/performance.md).
+        tests/dataplane/test_lone_path.py checks it against the general path."""
+        if nbytes < MESSAGE_TRANSPORT_MIN_SIZE or self._to_tun or self._received_under:
+            return False
+        view = self._rx_view
+        word, index, counter = HEADER.unpack_from(view)
+        entry = self.by_index.get(index)
+        if (
+            word != MESSAGE_TRANSPORT
+            or entry is None
+            or entry[R_ROLE] != ROLE_CURRENT
+            or now - entry[R_CREATED] >= REJECT_AFTER_TIME
+        ):
+            return False
+        workers = self.workers
+        if workers > 1 and (
+            (((counter >> RECEIVE_BLOCK_BITS) & 0xFFFF) + (index & 0xFF)) % workers
+            != self.worker_id  # counter_worker, as in _receive_train
+            or counter >> RECEIVE_BLOCK_BITS != entry[R_BLOCK]
+            or counter & BLOCK_LAST == BLOCK_LAST
+            or self._held
+            or self._wake_asks
+        ):
+            return False
+        peer_id = entry[R_PEER]
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return False
+        endpoint = peer[P_ENDPOINT]
+        send = entry[R_SEND]
+        if (
+            endpoint is None
+            or endpoint[0] != address[0]
+            or endpoint[1] != address[1]
+            or peer[P_STICKY] != sticky
+            or (
+                not send[S_REKEY_ASKED]
+                and keypair_wants_rekey_on_receive(entry[R_CREATED], entry[R_INITIATOR], now)
+            )
+        ):
+            return False
+        drops = self.drops
+        try:
+            plaintext = entry[R_CIPHER].decrypt(NONCE.pack(counter), view[16:nbytes], None)
+        except InvalidTag:
+            drops[DropReason.DECRYPTION_FAILED] += 1
+            return True
+        replay = entry[R_REPLAY]
+        if not replay.accept(counter):
+            drops[DropReason.REPLAY] += 1
+            return True
+        # Authenticated: _received's bookkeeping (its roaming and rekey cases were ruled out).
+        peer[P_RX_BYTES] += nbytes
+        peer[P_RX_PACKETS] += 1
+        if not peer[P_DIRTY]:  # records.touch, inline
+            peer[P_DIRTY] = True
+            self._touched.append(peer)
+        activity = peer[P_ACTIVITY]
+        activity[A_RECEIVED] = now
+        totals = self.totals
+        totals[0] += 1
+        totals[1] += nbytes
+        packet = self._inner_packet(plaintext, peer_id)
+        if packet is not None:
+            activity[A_DATA_RECEIVED] = now
+        # _deliver's order: the replay mark in shared memory before anything reaches the TUN.
+        slot, me = entry[R_SLOT], self.worker_id
+        self.keyslots.write_received(slot, replay.last, me)
+        if packet is not None:
             try:
-                nbytes, ancillary, _, address = sock.recvmsg_into([buffer], BATCH_SPACE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                continue
+                os.write(self.tun_fd, VIRTIO_NET_HDR_NONE + packet if self.vnet_hdr else packet)
+            except OSError as err:  # as _write_tun
+                if err.errno in TUN_GONE_ERRNOS:
+                    self.running = False
+                    return True
+                drops[DropReason.TUN_WRITE_FAILED] += 1
+        if workers > 1:
+            self.keyslots.write_delivered(slot, replay.last, me)
+        return True
+
+    def _inner_packet(self, plaintext: bytes, peer_id: int) -> bytes | None:
+        """A lone datagram's plaintext checked as _receive_train checks each (wireguard-go's
+        rules, the peer's allowed IPs, routing loops): the packet to write, or None for a
+        keepalive or a drop (counted)."""
+        if not plaintext:
+            return None  # keepalive
+        drops = self.drops
+        version = plaintext[0] >> 4
+        if version == 4 and len(plaintext) >= 20:
+            length = (plaintext[2] << 8) | plaintext[3]
+            inner_source = plaintext[12:16]
+        elif version == 6 and len(plaintext) >= 40:
+            length = 40 + ((plaintext[4] << 8) | plaintext[5])
+            inner_source = plaintext[8:24]
+        else:
+            drops[DropReason.INNER_HEADER_INVALID] += 1
+            return None
+        if not 20 <= length <= len(plaintext):
+            drops[DropReason.INNER_HEADER_INVALID] += 1
+            return None
+        if self.allowed.lookup(inner_source) != peer_id:
+            drops[DropReason.SOURCE_NOT_ALLOWED] += 1
+            return None
+        if plaintext[9 if version == 4 else 6] == 17 and self._looping_datagram(
+            plaintext, (plaintext[0] & 15) * 4 if version == 4 else 40, False
+        ):
+            return None
+        return plaintext if length == len(plaintext) else plaintext[:length]
+
+    def _receive_batch(
+        self,
+        sock: socket.socket,
+        now: float,
+        first: tuple[int, int, tuple[Any, ...], tuple[int, int, bytes] | None] | None,
+        reads: int,
+    ) -> None:
+        """The general path: read up to BATCH trains (`first`, read already: its length,
+        segment size, source and sticky source; `reads` trains were read and delivered
+        before) and take each through `_receive_train`. A train read alone after a sparse
+        wake-up (`first`) reaches the TUN before reading on."""
+        buffer, view = self._rx_buffer, self._rx_view
+        deliver_first = first is not None
+        for _ in range(BATCH - reads):
+            if first is not None:
+                (nbytes, segment, address, sticky), first = first, None
+            else:
+                try:
+                    nbytes, ancillary, _, address = sock.recvmsg_into([buffer], BATCH_SPACE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    continue
+                segment = nbytes
+                sticky = None
+                for cmsg in ancillary:
+                    if cmsg[0] == SOL_UDP and cmsg[1] == UDP_GRO:
+                        segment = _INT.unpack_from(cmsg[2])[0] or nbytes
+                    elif (cmsg[0], cmsg[1]) in PKTINFO_KINDS:
+                        sticky = cmsg
             reads += 1
-            segment = nbytes
-            sticky = None
-            for cmsg in ancillary:
-                if cmsg[0] == SOL_UDP and cmsg[1] == UDP_GRO:
-                    segment = _INT.unpack_from(cmsg[2])[0] or nbytes
-                elif (cmsg[0], cmsg[1]) in PKTINFO_KINDS:
-                    sticky = cmsg
             try:
                 self._receive_train(view, nbytes, segment, address, sticky, now)
             except Exception:  # the rest of this train is lost; the next ones are not

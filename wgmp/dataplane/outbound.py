@@ -37,6 +37,7 @@ from .records import (
     A_DATA_SENT,
     A_SENT,
     P_ACTIVITY,
+    P_DIRTY,
     P_ENDPOINT,
     P_HANDSHAKE_ASKED,
     P_LOOPING,
@@ -96,6 +97,7 @@ class Outbound:
     gso: bool
     _gso_retry_at: float
     _tun_sparse: bool
+    _tun_again: bool  # a lone packet was sent: more is a burst if the next poll finds it
     drops: list[int]
     totals: list[int]
     staged: int
@@ -104,36 +106,166 @@ class Outbound:
     local_index: dict[int, int]
     by_slot: dict[int, list[Any]]
     _send_batch: Callable[[list[Any], int, list[bytes], float], None]
+    _hand: Callable[[list[Any], int, tuple[list[Any], int, int, int], list[bytes], float], bool]
+    _send_in_order: Callable[..., None]
 
     def _outbound(self, now: float) -> None:
         """Drain the TUN queue into per-peer lists, seal each list, then send each peer's
         messages in as few system calls as UDP GSO allows.
 
-        After a wake-up that found a single packet (`_tun_sparse`: a ping, a request), the
-        first packet goes out before the read that finds the queue empty, which with its
-        exception was on a round trip's critical path (call -> sendmsg 12-13 -> 9-10 us warm,
-        more when the worker wakes cold: perf/RESULTS.md, docs/performance.md "Round-trip
-        time"). A burst is read whole as before."""
+        After a wake-up that found a single packet (`_tun_sparse`: a ping, a request), one
+        packet is read and sent by `_send_lone`, a straight line for "one packet, one peer,
+        its current keypair", and that is all: whether more is queued, the loop's next poll
+        tells without sleeping (`_tun_again`: a burst is then read whole); what `_send_lone`
+        does not take goes the general way, first (docs/performance.md "Round-trip time")."""
+        if not self._tun_sparse:
+            self._read_batch(now, None, 0)
+            return
+        if self._tun_again:  # ready again at once after a lone packet: a burst began
+            self._tun_again = False
+            self._read_batch(now, None, 1)
+            return
+        try:
+            packet = os.read(self.tun_fd, 65535 + VIRTIO_NET_HDR_LEN)
+        except BlockingIOError:
+            return  # woken for nothing: still sparse
+        except OSError as err:
+            if err.errno in TUN_GONE_ERRNOS:
+                self.running = False  # as in _read_batch
+                return
+            raise
+        if self._send_lone(packet, now):
+            # No read that finds the queue empty (and raises): the loop's next poll, made
+            # without sleeping, says whether more came (Worker.run).
+            self._tun_again = True
+        else:
+            self._read_batch(now, packet, 0)
+
+    def _send_lone(self, packet: bytes, now: float) -> bool:
+        """Seal and send one packet read alone, if it is the common case: an IP packet that
+        is not a UDP datagram of our port, to a peer that is not looping, with a current
+        keypair that is in time, inside its reserved counter block and needs no rekey, and an
+        endpoint; False, with nothing changed, for anything else (the general path decides it:
+        drops, staging, new blocks, rekeys, hand-offs are its business).
+
+        The same steps as `_read_batch` + `_send_batches` + `_number` + `_encrypt` +
+        `_transmit` for that case, without their loops and calls: a ping's hop after a 10 ms
+        sleep runs with cold caches, where every line of Python costs (docs/performance.md).
+        tests/dataplane/test_lone_path.py checks it against the general path."""
+        skip = VIRTIO_NET_HDR_LEN if self.vnet_hdr else 0
+        length = len(packet) - skip
+        version = packet[skip] >> 4 if length > 0 else 0
+        if version == 4 and length >= 20:
+            destination = packet[skip + 16 : skip + 20]
+            header = skip + (packet[skip] & 15) * 4
+            if packet[skip + 9] == 17 and (
+                length < header - skip + 4 or self.listen_port in _PORTS.unpack_from(packet, header)
+            ):
+                return False  # perhaps a routing loop: the general path looks
+        elif version == 6 and length >= 40:
+            destination = packet[skip + 24 : skip + 40]
+            if packet[skip + 6] == 17 and (
+                length < 44 or self.listen_port in _PORTS.unpack_from(packet, skip + 40)
+            ):
+                return False
+        else:
+            return False
+        peer_id = self.allowed.lookup(destination)
+        if peer_id is None:
+            return False
+        peer = self.peers[peer_id]
+        send = peer[P_SEND]
+        if send is None or peer[P_LOOPING] or peer[P_ENDPOINT] is None:
+            return False
+        counter = send[S_NEXT]
+        slot = send[S_SLOT]
+        if (
+            counter >= send[S_END]  # the block is used up: the general path reserves one
+            or counter + 1 >= REJECT_AFTER_MESSAGES
+            or now - send[S_CREATED] >= REJECT_AFTER_TIME
+            or self.keyslots.counter(slot) - counter > COUNTER_BLOCK_STALE
+            or (
+                not send[S_REKEY_ASKED]
+                and should_rekey_on_send(send[S_CREATED], counter + 1, send[S_INITIATOR], now)
+            )
+        ):
+            return False
+        # From here on the packet is sent (or counted as failed): _number's bookkeeping...
+        send[S_NEXT] = counter + 1
+        if not peer[P_DIRTY]:  # records.touch, inline
+            peer[P_DIRTY] = True
+            self._touched.append(peer)
+        activity = peer[P_ACTIVITY]
+        activity[A_SENT] = activity[A_DATA_SENT] = now
+        if skip:
+            packet = packet[skip:]
+        plan = self.plan
+        if plan is not None:  # several workers: SendSpread._send_batch's steps after _number
+            sealer = plan.sealer_for(1, now)
+            if sealer != self.worker_id and self._hand(
+                peer, sealer, (send, counter, -1, -1), [packet], now
+            ):
+                return True
+        # ... _encrypt's padding (the same rule: see there) and sealing ...
+        pad = -length & 15
+        if pad:
+            mtu = self.mtu
+            if length + pad > mtu:
+                pad = mtu - length if length <= mtu else padding_length(length, mtu)
+            packet += _ZEROS[:pad]
+        message = HEADER.pack(MESSAGE_TRANSPORT, send[S_REMOTE], counter) + send[S_CIPHER].encrypt(
+            NONCE.pack(counter), packet, None
+        )
+        if plan is not None:  # in order with the chunks sealed by siblings (sendspread.py)
+            chunk, before = plan.take(self.worker_id)
+            self._send_in_order(self.worker_id, chunk, before, peer, [message], now)
+            return True
+        # ... and _transmit's, for one message.
+        endpoint = peer[P_ENDPOINT]
+        sock = self.sockets.get(6 if len(endpoint) == 4 else 4)
+        if sock is None:
+            self.drops[DropReason.SEND_FAILED] += 1
+            return True
+        sticky, error = send_sticky(sock, [message], [], endpoint, peer[P_STICKY])
+        peer[P_STICKY] = sticky
+        if error is not None:
+            self.drops[DropReason.SEND_FAILED] += 1
+            return True
+        size = len(message)
+        peer[P_TX_BYTES] += size
+        peer[P_TX_PACKETS] += 1
+        totals = self.totals
+        totals[2] += 1
+        totals[3] += size
+        return True
+
+    def _read_batch(self, now: float, first: bytes | None, reads: int) -> None:
+        """The general path: read up to BATCH packets (`first`, read already, is the first of
+        them; `reads` packets were read and sent before), sort them by peer, send each peer's.
+        A packet read alone after a sparse wake-up (`first`) is sent before reading on."""
         read, fd, lookup = os.read, self.tun_fd, self.allowed.lookup
         listen_port = self.listen_port
         batches: dict[int, list[bytes]] = {}
         skip = VIRTIO_NET_HDR_LEN if self.vnet_hdr else 0
         last_destination: bytes | None = None
         batch: list[bytes] = []
-        send_first = self._tun_sparse
-        reads = 0
-        for _ in range(BATCH):
-            try:
-                packet = read(fd, 65535 + skip)
-            except BlockingIOError:
-                break
-            except OSError as err:
-                if err.errno in TUN_GONE_ERRNOS:
-                    # The interface was deleted: control hears it from netlink and stops;
-                    # this worker has nothing left to do (and must not crash loudly).
-                    self.running = False
-                    return
-                raise
+        send_first = first is not None
+        for _ in range(BATCH - reads):
+            if first is not None:
+                packet, first = first, None
+            else:
+                try:
+                    packet = read(fd, 65535 + skip)
+                except BlockingIOError:
+                    break
+                except OSError as err:
+                    if err.errno in TUN_GONE_ERRNOS:
+                        # The interface was deleted: control hears it from netlink and
+                        # stops; this worker has nothing left to do (and must not crash
+                        # loudly).
+                        self.running = False
+                        return
+                    raise
             reads += 1
             if skip:
                 packet = packet[skip:]  # no offloads were negotiated: the header is empty

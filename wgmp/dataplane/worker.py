@@ -96,15 +96,22 @@ __all__ = [
     "COUNTER_BLOCK",
     "COUNTER_BLOCK_STALE",
     "FLUSH_INTERVAL",
+    "FLUSH_LATE_MAX",
     "ROLE_CURRENT",
     "ROLE_NEXT",
     "Worker",
     "WorkerSpec",
+    "flush_should_wait",
     "main",
     "run_forked",
 ]
 
 FLUSH_INTERVAL = 0.1  # how stale control's view of traffic (timers) and counters may be
+# How long a due flush may wait for a poll that finds nothing, after lone packets: a ping's
+# reply follows the request's write into the TUN, and the flush ran between them in 1 round
+# trip of 10 (docs/performance.md, "Round-trip time"). Bounds how late Activity reaches
+# control's timers under a steady trickle of lone packets.
+FLUSH_LATE_MAX = 0.02
 # The loop's wake-up while sent chunks wait for their predecessor (epoll counts in ms).
 SEND_HOLD_POLL = 0.001
 
@@ -161,6 +168,10 @@ class Worker(Outbound, Inbound, SendSpread):
         # the first of the next before looking for more (Outbound._outbound, Inbound._inbound).
         self._tun_sparse = False
         self._udp_sparse = False
+        # A lone packet (datagram) was just handled and nothing read after it: if the next
+        # poll, made without sleeping, finds the TUN (that socket) ready, a burst began.
+        self._tun_again = False
+        self._udp_again: socket.socket | None = None
         self._held: dict[int, list[Any]] = {}  # slot -> entry holding packets for order
         self._block_done = False  # a block's last counter came in this train (Inbound)
         # Receive ordering: blocks held back for the previous block's worker, holds ended
@@ -207,18 +218,23 @@ class Worker(Outbound, Inbound, SendSpread):
         seal_fd = _watch_inbox(poller, self.seal_in, self.seal_out)
         self.channel.send(Ready(self.worker_id, os.getpid()))
         next_flush = time.monotonic() + FLUSH_INTERVAL
+        flush_waits = False  # a due flush waits for a poll that finds nothing
         while self.running:
             # While received packets are held for order, sleep at most until the first hold's
             # deadline (the previous block's worker wakes us through the inbox when it
             # delivers); while sent chunks wait for their predecessor, look again every
             # SEND_HOLD_POLL (SEND_HOLD_MAX bounds that wait).
             timeout = FLUSH_INTERVAL
-            if self._held:
+            if flush_waits or self._tun_again or self._udp_again is not None:
+                timeout = 0.0  # only look: the flush is due, or a lone packet was handled
+            elif self._held:
                 timeout = self._hold_wait(time.monotonic())
             if self._send_held and timeout > SEND_HOLD_POLL:
                 timeout = SEND_HOLD_POLL
             events = poller.poll(timeout)
             now = time.monotonic()
+            if timeout == 0.0 and (self._tun_again or self._udp_again is not None):
+                self._forget_lone(events)
             if len(events) > 1:
                 # Control's messages first: a keypair announced there may be the one the
                 # datagrams that woke us up were sealed with.
@@ -242,17 +258,38 @@ class Worker(Outbound, Inbound, SendSpread):
                         self._inbound(by_fd[fd], now)
                 except Exception:
                     self._internal_error("a batch")
+            flush_waits = False
             try:
                 if self._held:
                     self._deliver(now)
                 if self._send_held:
                     self._release_send_held(now)
                 if now >= next_flush:
-                    self._flush(now)
+                    flush_waits = flush_should_wait(
+                        now, next_flush, bool(events) and (self._tun_sparse or self._udp_sparse)
+                    )
+                    if not flush_waits:
+                        self._flush(now)
             except Exception:
                 self._internal_error("the periodic flush")
-            if now >= next_flush:
+            if now >= next_flush and not flush_waits:
                 next_flush = now + FLUSH_INTERVAL
+
+    def _forget_lone(self, events: list[tuple[int, int]]) -> None:
+        """After the poll that follows a lone packet: what it did not find ready had nothing
+        more queued (the next packet there is lone again, not the rest of a burst)."""
+        tun_fd, udp = self.tun_fd, self._udp_again
+        udp_fd = udp.fileno() if udp is not None else -2
+        tun_ready = udp_ready = False
+        for fd, _ in events:  # no generators: this runs between a ping's request and reply
+            if fd == tun_fd:
+                tun_ready = True
+            elif fd == udp_fd:
+                udp_ready = True
+        if not tun_ready:
+            self._tun_again = False
+        if not udp_ready:
+            self._udp_again = None
 
     def _internal_error(self, what: str) -> None:
         """Count an exception that handling `what` raised (call from an except block)."""
@@ -452,6 +489,15 @@ class Worker(Outbound, Inbound, SendSpread):
         )
         if reports:
             self.channel.send(Activity(reports))
+
+
+def flush_should_wait(now: float, due: float, lone_io: bool) -> bool:
+    """Whether the periodic flush, due since `due`, should wait for the next poll (made
+    without sleeping): yes after a wake-up that handled lone packets (`lone_io`), whose
+    answer may be queued already (a ping's reply is made inside the TUN write of its
+    request), for at most FLUSH_LATE_MAX; a poll that finds nothing, or traffic in batches,
+    lets it run at once."""
+    return lone_io and now - due < FLUSH_LATE_MAX
 
 
 # What the worker does with each message control sends (one entry per Direction.TO_WORKER

@@ -1,0 +1,497 @@
+"""The straight-line paths for a lone packet (Outbound._send_lone, Inbound._receive_lone)
+against the general path: for every case they take, the same datagrams, TUN writes, drops,
+counters, replay decisions and messages to control; every other case they leave, untouched,
+to the general path. Two identical workers get the same input, one after a sparse wake-up
+(lone path first), one in batch mode (general path only)."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from tests.dataplane.test_worker import (
+    ENDPOINT,
+    OURS,
+    PKTINFO,
+    RECEIVE_KEY,
+    SEND_KEY,
+    THEIRS,
+    FailingSocket,
+    FakeSocket,
+    _inner,
+    _outbound,
+    _udp4,
+    control_messages,
+)
+from wgmp.dataplane.records import (
+    P_ACTIVITY,
+    P_ENDPOINT,
+    P_LOOPING,
+    P_SEND,
+    P_STAGED,
+    P_STICKY,
+    R_REPLAY,
+    S_CIPHER,
+    S_END,
+    S_NEXT,
+)
+from wgmp.dataplane.worker import (
+    FLUSH_LATE_MAX,
+    ROLE_CURRENT,
+    ROLE_NEXT,
+    Worker,
+    flush_should_wait,
+)
+from wgmp.ipc.channel import Channel
+from wgmp.ipc.keyslots import KeySlots
+from wgmp.net.steering import RECEIVE_BLOCK_BITS
+from wgmp.net.tun import VIRTIO_NET_HDR_NONE
+from wgmp.protocol.constants import (
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_TIME,
+    REKEY_AFTER_TIME_RECEIVING,
+)
+from wgmp.protocol.transport import seal_transport
+from wgmp.stats.block import StatsBlock
+
+B = 1 << RECEIVE_BLOCK_BITS
+NOW = 1000.0  # every call gets this clock, so both workers see the same times
+INDEX = 0x0700  # its low byte names worker 0 (even: block 0 starts there with 2 workers)
+
+
+class Rig:
+    def __init__(self, workers: int) -> None:
+        self.tun, self.tun_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.tun.setblocking(False)
+        self.tun_theirs.setblocking(False)
+        self.control, worker_end = socket.socketpair()
+        self.fake = FakeSocket()
+        self.worker = Worker(
+            0, self.tun.fileno(), {4: self.fake}, Channel(worker_end),  # type: ignore[dict-item]
+            KeySlots.create(8, workers), StatsBlock.create(), vnet_hdr=True, workers=workers,
+        )  # fmt: skip
+        self.worker._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
+        self.sockets = [self.tun, self.tun_theirs, self.control, worker_end]
+
+    def install(self, role: int = ROLE_CURRENT, created: float = NOW - 1.0) -> int:
+        slot = self.worker.keyslots.publish(
+            local_index=INDEX, remote_index=9, peer_id=1, is_initiator=True, created=created,
+            send_key=SEND_KEY, receive_key=RECEIVE_KEY,
+        )  # fmt: skip
+        self.worker._install(slot, role, NOW)
+        return slot
+
+    def tun_written(self) -> list[bytes]:
+        written = []
+        while True:
+            try:
+                written.append(self.tun_theirs.recv(70000))
+            except BlockingIOError:
+                return written
+
+    def state(self) -> dict[str, Any]:
+        """Everything either path may change (ciphers and the socket objects left out)."""
+        w = self.worker
+        peer = w.peers.get(1)
+        peer_state = None
+        if peer is not None:
+            peer_state = [
+                list(item) if i in (P_ACTIVITY, P_STAGED) and item is not None else item
+                for i, item in enumerate(peer)
+            ]
+            send = peer[P_SEND]
+            peer_state[P_SEND] = None if send is None else send[:S_CIPHER] + send[S_CIPHER + 1 :]
+        replay = {
+            slot: (entry[R_REPLAY].last, list(entry[R_REPLAY]._ring))
+            for slot, entry in w.by_slot.items()
+        }
+        marks = {
+            slot: (w.keyslots.received(slot, 0), w.keyslots.delivered(slot, 0))
+            for slot in w.by_slot
+        }
+        return {
+            "sent": copy.deepcopy(self.fake.sent),
+            "tun": self.tun_written(),
+            "control": control_messages(self.control),
+            "drops": list(w.drops),
+            "totals": list(w.totals),
+            "staged": w.staged,
+            "peer": peer_state,
+            "touched": len(w._touched),
+            "replay": replay,
+            "marks": marks,
+            "counters": {slot: w.keyslots.counter(slot) for slot in w.by_slot},
+            "to_tun": list(w._to_tun),
+            "running": w.running,
+        }
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+@contextmanager
+def pair(workers: int = 1) -> Iterator[tuple[Rig, Rig]]:
+    lone, general = Rig(workers), Rig(workers)
+    try:
+        yield lone, general
+    finally:
+        lone.close()
+        general.close()
+
+
+def spy(worker: Worker, name: str, calls: list[bool]) -> None:
+    real = getattr(worker, name)
+
+    def watched(*args: Any) -> bool:
+        result: bool = real(*args)
+        calls.append(result)
+        return result
+
+    setattr(worker, name, watched)
+
+
+# -- sending ---------------------------------------------------------------------------------
+
+
+def warm(rig: Rig) -> None:
+    """A keypair with a reserved counter block, as after the session's first packet."""
+    rig.install()
+    rig.worker._seal(rig.worker.peers[1], 1, [b""], NOW)  # reserves the block
+
+
+def send_both(
+    packet: bytes, setup: Callable[[Rig], None] = warm, workers: int = 1
+) -> tuple[bool | None, dict[str, Any], dict[str, Any]]:
+    """`packet` read from the TUN by a worker woken sparse and by one in batch mode; whether
+    the lone path took it (None: not asked), and both workers' state after."""
+    with pair(workers) as (lone, general):
+        for rig in (lone, general):
+            setup(rig)
+            rig.tun_theirs.send(VIRTIO_NET_HDR_NONE + packet)
+            control_messages(rig.control)  # what the set-up said
+        calls: list[bool] = []
+        spy(lone.worker, "_send_lone", calls)
+        lone.worker._tun_sparse = True
+        general.worker._tun_sparse = False
+        lone.worker._outbound(NOW)
+        general.worker._outbound(NOW)
+        assert lone.worker._tun_sparse and general.worker._tun_sparse
+        return (calls[0] if calls else None), lone.state(), general.state()
+
+
+def _ipv6(destination: bytes, next_header: int = 58, payload: bytes = bytes(8)) -> bytes:
+    return (
+        bytes([0x60, 0, 0, 0]) + len(payload).to_bytes(2, "big") + bytes([next_header, 64])
+        + bytes(16) + destination + payload
+    )  # fmt: skip
+
+
+def _sized(length: int) -> bytes:
+    packet = bytearray(_outbound(0))
+    packet += bytes(length - len(packet))
+    packet[2:4] = length.to_bytes(2, "big")
+    return bytes(packet)
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        _outbound(1),  # TCP over IPv4
+        _udp4(OURS, 5000, THEIRS, 53, b"q" * 30),  # UDP, not our port
+        _sized(1419),  # padded up to the MTU only
+        _sized(1420),
+        _sized(1436),  # larger than the MTU: padding_length's rule
+    ],
+    ids=["tcp4", "udp4", "mtu-1", "mtu", "over-mtu"],
+)
+def test_a_lone_packet_is_sent_as_the_general_path_sends_it(packet: bytes) -> None:
+    taken, lone, general = send_both(packet)
+    assert taken is True
+    assert lone == general
+    assert len(lone["sent"]) == 1 and lone["totals"][2] == 1
+
+
+def test_a_lone_ipv6_packet_is_sent_as_the_general_path_sends_it() -> None:
+    theirs6 = bytes.fromhex("20010db8000000000000000000000002")
+
+    def setup(rig: Rig) -> None:
+        rig.worker._set_peer(1, None, [[THEIRS, 32], [theirs6, 128]])
+        warm(rig)
+
+    taken, lone, general = send_both(_ipv6(theirs6), setup)
+    assert taken is True and lone == general and len(lone["sent"]) == 1
+
+
+def test_with_several_workers_a_lone_packet_keeps_the_chunk_order() -> None:
+    """With a hand-off plan (2 workers) the lone packet is a chunk like any read batch."""
+    from wgmp.dataplane.sendspread import HandOffPlan
+
+    def setup(rig: Rig) -> None:
+        w = rig.worker
+        w.plan = HandOffPlan(0, 2, w.keyslots.sealed, w.keyslots.read_full)
+        w.seal_out = [None, None]
+        warm(rig)
+
+    with pair(2) as (lone, general):
+        calls: list[bool] = []
+        spy(lone.worker, "_send_lone", calls)
+        for rig in (lone, general):
+            setup(rig)
+            for n in range(3):
+                rig.tun_theirs.send(VIRTIO_NET_HDR_NONE + _outbound(n))
+                rig.worker._tun_sparse = rig is lone
+                rig.worker._outbound(NOW)
+                rig.worker._forget_lone([])  # the loop's next poll found nothing
+        assert calls == [True, True, True]
+        assert lone.state() == general.state()
+        assert lone.worker.plan.next == general.worker.plan.next == 3  # type: ignore[union-attr]
+        assert lone.worker.keyslots.sealed(0, 0) == 2
+
+
+def _no_keypair(rig: Rig) -> None:
+    pass
+
+
+def _looping(rig: Rig) -> None:
+    warm(rig)
+    rig.worker.peers[1][P_LOOPING] = True
+
+
+def _no_endpoint(rig: Rig) -> None:
+    warm(rig)
+    rig.worker.peers[1][P_ENDPOINT] = None
+
+
+def _expired(rig: Rig) -> None:
+    rig.install(created=NOW - REJECT_AFTER_TIME)
+    rig.worker._seal(rig.worker.peers[1], 1, [b""], NOW - REJECT_AFTER_TIME)
+
+
+def _rekey_due(rig: Rig) -> None:
+    rig.install(created=NOW - REKEY_AFTER_TIME - 1)
+    rig.worker.peers[1][P_SEND][S_NEXT] = 1
+    rig.worker.peers[1][P_SEND][S_END] = 256
+
+
+def _block_used_up(rig: Rig) -> None:
+    rig.install()  # nothing reserved yet: the first packet takes a block
+
+
+def _listening(rig: Rig) -> None:
+    warm(rig)
+    rig.worker.listen_port = 51820
+
+
+def _block_stale(rig: Rig) -> None:
+    warm(rig)
+    send = rig.worker.peers[1][P_SEND]
+    rig.worker.keyslots.reserve(send[2], 4096)  # siblings went far ahead
+
+
+@pytest.mark.parametrize(
+    ("packet", "setup"),
+    [
+        (_outbound(1), _no_keypair),
+        (_outbound(1), _looping),
+        (_outbound(1), _no_endpoint),
+        (_outbound(1), _expired),
+        (_outbound(1), _rekey_due),
+        (_outbound(1), _block_used_up),
+        (_outbound(1), _block_stale),
+        (_outbound(1)[:16] + bytes([203, 0, 113, 9]) + _outbound(1)[20:], warm),  # no route
+        (bytes([0x20]) + bytes(40), warm),  # neither IPv4 nor IPv6
+        (_outbound(1)[:19], warm),  # shorter than an IPv4 header
+        (_udp4(OURS, 51820, THEIRS, 51820, b"q" * 30), _listening),  # to/from our port
+    ],
+    ids=[
+        "no-keypair", "looping", "no-endpoint", "expired", "rekey", "block-used-up",
+        "block-stale", "no-route", "malformed", "short", "our-port",
+    ],
+)  # fmt: skip
+def test_every_other_packet_goes_the_general_way_untouched(
+    packet: bytes, setup: Callable[[Rig], None]
+) -> None:
+    taken, lone, general = send_both(packet, setup)
+    assert taken is False
+    assert lone == general
+
+
+def test_a_failed_lone_send_is_counted_as_the_general_path_counts_it() -> None:
+    def failing(kind: dict[str, int]) -> Callable[[Rig], None]:
+        def setup(rig: Rig) -> None:
+            warm(rig)
+            rig.fake = FailingSocket(**kind)
+            rig.worker.sockets[4] = rig.fake  # type: ignore[assignment]
+            rig.worker.peers[1][P_STICKY] = PKTINFO
+
+        return setup
+
+    for kind in ({"always": errno.EPERM}, {"stale": errno.ENETUNREACH}):
+        taken, lone, general = send_both(_outbound(1), failing(kind))
+        assert taken is True and lone == general
+    assert lone["peer"][P_STICKY] is None  # the stale source was forgotten, the packet sent
+
+
+# -- receiving -------------------------------------------------------------------------------
+
+
+class OneDatagram:
+    def __init__(self, data: bytes, address: tuple[Any, ...], ancillary: list[Any]) -> None:
+        self.data: bytes | None = data
+        self.address, self.ancillary = address, ancillary
+
+    def recvmsg_into(self, buffers: list[bytearray], ancsize: int) -> tuple[Any, ...]:
+        if self.data is None:
+            raise BlockingIOError
+        data, self.data = self.data, None
+        buffers[0][: len(data)] = data
+        return len(data), self.ancillary, 0, self.address
+
+
+def datagram(counter: int, inner: bytes | None = None, index: int = INDEX) -> bytes:
+    plaintext = _inner(counter, THEIRS) if inner is None else inner
+    return seal_transport(RECEIVE_KEY, index, counter, plaintext, 1420)
+
+
+def receive_both(
+    data: bytes,
+    setup: Callable[[Rig], None],
+    address: tuple[Any, ...] = ENDPOINT,
+    sticky: Any = None,
+    workers: int = 1,
+) -> tuple[bool | None, dict[str, Any], dict[str, Any]]:
+    with pair(workers) as (lone, general):
+        for rig in (lone, general):
+            setup(rig)
+            control_messages(rig.control)
+            rig.tun_written()
+        calls: list[bool] = []
+        spy(lone.worker, "_receive_lone", calls)
+        lone.worker._udp_sparse = True
+        general.worker._udp_sparse = False
+        ancillary = [sticky] if sticky else []
+        for rig in (lone, general):
+            rig.worker._inbound(OneDatagram(data, address, ancillary), NOW)  # type: ignore[arg-type]
+        return (calls[0] if calls else None), lone.state(), general.state()
+
+
+def current(rig: Rig) -> None:
+    """A current keypair that received counters 0 and 1 (its block entered)."""
+    rig.install()
+    for counter in (0, 1):
+        rig.worker._inbound(OneDatagram(datagram(counter), ENDPOINT, []), NOW)  # type: ignore[arg-type]
+
+
+def _malformed_inner(length: int) -> bytes:
+    header = bytearray(_inner(5, THEIRS)[:20])
+    header[2:4] = length.to_bytes(2, "big")
+    return bytes(header)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        datagram(5),  # data
+        datagram(5, b""),  # keepalive
+        datagram(1),  # a replay
+        datagram(5)[:-1] + bytes([datagram(5)[-1] ^ 1]),  # a bad tag
+        datagram(5, _inner(5, bytes([203, 0, 113, 5]))),  # source outside the allowed IPs
+        datagram(5, _malformed_inner(12)),  # IPv4 length shorter than its header
+        datagram(5, _inner(5, THEIRS) + bytes(7)),  # trailing bytes after the length
+        datagram(5, bytes([0x20]) + bytes(30)),  # neither IPv4 nor IPv6
+    ],
+    ids=["data", "keepalive", "replay", "bad-tag", "source", "inner-length", "trailing", "version"],
+)
+def test_a_lone_datagram_is_judged_as_the_general_path_judges_it(data: bytes) -> None:
+    taken, lone, general = receive_both(data, current)
+    assert taken is True
+    assert lone == general
+
+
+def test_a_lone_datagram_under_a_second_workers_block_is_judged_the_same() -> None:
+    def setup(rig: Rig) -> None:
+        current(rig)
+
+    taken, lone, general = receive_both(datagram(5), setup, workers=2)
+    assert taken is True and lone == general
+    assert lone["marks"][0] == (5, 5)  # received and delivered marks written
+
+
+def _next_keypair(rig: Rig) -> None:
+    rig.install(role=ROLE_NEXT)
+
+
+def _expired_receive(rig: Rig) -> None:
+    rig.install(created=NOW - REJECT_AFTER_TIME)
+
+
+def _rekey_on_receive(rig: Rig) -> None:
+    rig.install(created=NOW - REKEY_AFTER_TIME_RECEIVING - 1)
+
+
+def _pending_write(rig: Rig) -> None:
+    current(rig)
+    rig.worker._to_tun.append(_inner(0, THEIRS))  # e.g. released by a keypair's removal
+
+
+@pytest.mark.parametrize(
+    ("data", "setup", "address", "sticky", "workers"),
+    [
+        (datagram(5, index=0x0799), current, ENDPOINT, None, 1),  # unknown index
+        (datagram(0), _next_keypair, ENDPOINT, None, 1),  # confirms the keypair
+        (datagram(0), _expired_receive, ENDPOINT, None, 1),
+        (datagram(0), _rekey_on_receive, ENDPOINT, None, 1),
+        (datagram(5), current, ("192.0.2.9", 4000), None, 1),  # roamed
+        (datagram(5), current, ENDPOINT, PKTINFO, 1),  # a new sticky source
+        (datagram(5), _pending_write, ENDPOINT, None, 1),
+        (datagram(5)[:31], current, ENDPOINT, None, 1),  # too short for transport
+        (bytes([1, 0, 0, 0]) + bytes(144), current, ENDPOINT, None, 1),  # a handshake
+        (datagram(B), current, ENDPOINT, None, 2),  # another worker's block
+        (datagram(2 * B), current, ENDPOINT, None, 2),  # a new block of ours
+        (datagram(B - 1), current, ENDPOINT, None, 2),  # a block's last counter
+    ],
+    ids=[
+        "unknown-index", "next-keypair", "expired", "rekey", "roamed", "sticky",
+        "pending-write", "short", "handshake", "other-block", "new-block", "block-last",
+    ],
+)  # fmt: skip
+def test_every_other_datagram_goes_the_general_way_untouched(
+    data: bytes,
+    setup: Callable[[Rig], None],
+    address: tuple[Any, ...],
+    sticky: Any,
+    workers: int,
+) -> None:
+    taken, lone, general = receive_both(data, setup, address, sticky, workers)
+    assert taken is False
+    assert lone == general
+
+
+def test_a_lone_datagram_reaches_the_tun_and_nothing_is_read_after_it() -> None:
+    with pair() as (lone, _):
+        current(lone)
+        lone.tun_written()
+        lone.worker._udp_sparse = True
+        sock = OneDatagram(datagram(5), ENDPOINT, [])
+        lone.worker._inbound(sock, NOW)  # type: ignore[arg-type]
+        assert lone.tun_written() == [VIRTIO_NET_HDR_NONE + _inner(5, THEIRS)]
+        assert lone.worker._udp_sparse and lone.worker._udp_again is sock  # type: ignore[comparison-overlap]  # the poll tells
+
+
+# -- the periodic flush ------------------------------------------------------------------------
+
+
+def test_a_due_flush_waits_for_a_quiet_poll_after_lone_packets_but_not_for_long() -> None:
+    due = time.monotonic()
+    assert flush_should_wait(due, due, True)  # lone packets handled: look once more first
+    assert flush_should_wait(due + FLUSH_LATE_MAX / 2, due, True)
+    assert not flush_should_wait(due + FLUSH_LATE_MAX, due, True)  # late enough: flush now
+    assert not flush_should_wait(due, due, False)  # a quiet poll, or batches: flush now
