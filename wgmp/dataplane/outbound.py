@@ -217,7 +217,7 @@ class Outbound:
             NONCE.pack(counter), packet, None
         )
         if plan is not None:  # in order with the chunks sealed by siblings (sendspread.py)
-            chunk, before = plan.take(self.worker_id)
+            chunk, before = plan.take(self.worker_id, 1)
             self._send_in_order(self.worker_id, chunk, before, peer, [message], now)
             return True
         # ... and _transmit's, for one message.
