@@ -14,13 +14,14 @@ BENCH = Path(__file__).resolve().parents[2] / "perf" / "bench_capacity.py"
 
 
 def test_the_quick_run_measures_every_row_and_the_sink_counts_what_was_sent() -> None:
-    out = subprocess.run(
+    run = subprocess.run(
         [sys.executable, str(BENCH), "--quick"],
         capture_output=True,
         text=True,
         timeout=180,
         check=True,
-    ).stdout
+    )
+    out = run.stdout + run.stderr  # the table, and the per-row log (stderr)
     rows = [line for line in out.splitlines() if line.startswith("| wgmp --workers")]
     assert len(rows) == 4, out
     assert not any("FAILED" in row for row in rows), out
