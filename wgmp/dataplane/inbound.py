@@ -277,7 +277,10 @@ class Inbound:
     def _inner_packet(self, plaintext: bytes, peer_id: int) -> bytes | None:
         """A lone datagram's plaintext checked as _receive_train checks each (wireguard-go's
         rules, the peer's allowed IPs, routing loops): the packet to write, or None for a
-        keepalive or a drop (counted)."""
+        keepalive or a drop (counted). The same rules stay inline in _receive_train's loop,
+        which caches the source lookup across a train (a call per packet there is measurable:
+        perf/RESULTS.md, receive per packet); tests/dataplane/test_lone_path.py holds the two
+        to the same decisions."""
         if not plaintext:
             return None  # keepalive
         drops = self.drops
