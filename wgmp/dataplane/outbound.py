@@ -106,7 +106,6 @@ class Outbound:
     local_index: dict[int, int]
     by_slot: dict[int, list[Any]]
     _send_batch: Callable[[list[Any], int, list[bytes], float], None]
-    _hand: Callable[[list[Any], int, tuple[list[Any], int, int, int], list[bytes], float], bool]
     _send_in_order: Callable[..., None]
 
     def _outbound(self, now: float) -> None:
@@ -199,13 +198,9 @@ class Outbound:
         activity[A_SENT] = activity[A_DATA_SENT] = now
         if skip:
             packet = packet[skip:]
+        # One packet is below SPREAD_MIN: HandOffPlan.sealer_for would keep it here, so it is
+        # sealed here and only its send goes in chunk order (sendspread.py).
         plan = self.plan
-        if plan is not None:  # several workers: SendSpread._send_batch's steps after _number
-            sealer = plan.sealer_for(1, now)
-            if sealer != self.worker_id and self._hand(
-                peer, sealer, (send, counter, -1, -1), [packet], now
-            ):
-                return True
         # ... _encrypt's padding (the same rule: see there) and sealing ...
         pad = -length & 15
         if pad:
