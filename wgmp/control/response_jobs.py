@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..ipc.messages import sized_bytes
 from ..protocol.constants import AEAD_TAG_LEN, KEY_LEN
 from ..protocol.noise import ResponseInputs, ResponseMaterial
 
@@ -145,9 +146,4 @@ def material_of(result: list[Any]) -> ResponseMaterial | None:
     """A worker's answer to a job as noise.py's ResponseMaterial; None if it is not one
     (malformed: control then computes the response itself)."""
     fields = result[1:]
-    if len(fields) != len(_MATERIAL_LENGTHS):
-        return None
-    for value, length in zip(fields, _MATERIAL_LENGTHS, strict=True):
-        if not isinstance(value, bytes) or len(value) != length:
-            return None
-    return ResponseMaterial(*fields)
+    return ResponseMaterial(*fields) if sized_bytes(fields, _MATERIAL_LENGTHS) else None

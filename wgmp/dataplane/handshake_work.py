@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from ..ipc.messages import sized_bytes
 from ..protocol.constants import KEY_LEN
 from ..protocol.errors import ProtocolError
 from ..protocol.noise import ResponseInputs, compute_response
@@ -39,9 +40,9 @@ def compute_responses(jobs: list[list[Any]]) -> list[list[Any]]:
 
 
 def _well_formed(job: Any) -> bool:
-    if not isinstance(job, list) or len(job) != 6 or not isinstance(job[0], int):
-        return False
-    return all(
-        isinstance(value, bytes) and len(value) == length
-        for value, length in zip(job[1:], _INPUT_LENGTHS, strict=True)
+    return (
+        isinstance(job, list)
+        and bool(job)
+        and isinstance(job[0], int)
+        and sized_bytes(job[1:], _INPUT_LENGTHS)
     )

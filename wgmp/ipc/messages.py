@@ -51,6 +51,7 @@ __all__ = [
     "StatsFlushed",
     "decode",
     "encode",
+    "sized_bytes",
 ]
 
 # The role a KeypairInstall gives a keypair (whitepaper's previous/current/next).
@@ -297,6 +298,16 @@ _ARITY: dict[int, int] = {d.kind: len(d.type._fields) for d in DECLARATIONS}
 
 class MessageError(ValueError):
     """A list read from the pipe that is no declared message."""
+
+
+def sized_bytes(values: list[Any], lengths: tuple[int, ...]) -> bool:
+    """Whether `values` are bytes of exactly these `lengths`: the check both ends make of the
+    key material in ComputeResponses' jobs and ResponsesComputed's results (a process's pipe
+    may carry anything: it is never trusted)."""
+    return len(values) == len(lengths) and all(
+        isinstance(value, bytes) and len(value) == length
+        for value, length in zip(values, lengths, strict=True)
+    )
 
 
 def encode(message: Message) -> list[Any]:
