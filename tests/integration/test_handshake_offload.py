@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +30,8 @@ from tests.integration.netns import (
     wait_for,
 )
 from tests.integration.test_under_load import FLOOD_RANGE, WGMP_TUNNEL, Flooded, flooded_pair
+from tests.integration.test_workers import WGMP2
 
-WGMP = (sys.executable, "-m", "wgmp", "-f", "--workers", "2")
 FLOOD_PEERS = 500
 
 
@@ -42,7 +41,7 @@ def flooded2(
     userspace_wireguard: Callable[..., UserspaceWireGuard],
     wireguard_go: Callable[..., WireGuardGo],
 ) -> Flooded:
-    return flooded_pair(veth_link, userspace_wireguard, wireguard_go, WGMP)
+    return flooded_pair(veth_link, userspace_wireguard, wireguard_go, WGMP2)
 
 
 def _flood_peers(flooded: Flooded) -> Path:
