@@ -14,13 +14,13 @@ does WireGuard work; the other side is a generator made of the protocol core:
   the DUT delivered is the TUN's own counter (its rx: packets the daemon wrote).
 - send (tx): an injector inside the DUT's namespace writes inner packets for the P peers
   through the TUN as cheaply as the kernel allows (a UDP socket, UDP GSO bursts of 44 to
-  one peer's tunnel address, peers in turn, paced; at a fixed rate: an injector that slowed
+  one peer's tunnel address, peers in turn, paced at a fixed rate: an injector that slowed
   down whenever the TUN's queue refused packets cost half the CPU but measured loss-free
-  throughput, not capacity: with 2 workers and the injector on 2 cores the reader waits for a
-  CPU 17-18% of its time and its queue overflows at rates it carries when overloaded); the encrypted datagrams are counted where
-  they arrive and dropped there undecrypted: after the handshakes, the route to the generator
-  is moved onto a bridge without ports in the DUT's namespace, whose tx counter counts each
-  datagram before it frees it. (Until 2026-12-06 they crossed the veth and an nft rule in the
+  throughput, not capacity, since with 2 workers and the injector on 2 cores the reader waits
+  for a CPU 17-18% of its time and its queue overflows at rates it carries when kept busy).
+  The encrypted datagrams are counted where they arrive and dropped there undecrypted: after
+  the handshakes, the route to the generator is moved onto a bridge without ports in the
+  DUT's namespace, whose tx counter counts each datagram before it frees it. (Until 2026-12-06 they crossed the veth and an nft rule in the
   generator's namespace dropped them: that receive path, ~12% of the machine at 300,000/s, ran
   in softirq on the DUT's cores and was partly charged to its workers.)
 
