@@ -32,7 +32,7 @@ def test_snapshot_from_daemon():
     ]
     counters = SimpleNamespace(
         initiated=1, received=2, completed=3, failed=4, cookie_replies_sent=5, responses_by_workers=6,
-        drops=drops(stale_timestamp=6),
+        prepared_used=7, drops=drops(stale_timestamp=6),
     )  # fmt: skip
     peer = uapi.PeerSnapshot(
         public_key=KEY_A, endpoint=("192.0.2.9", 9), last_handshake_time_sec=42,
@@ -59,6 +59,8 @@ def test_snapshot_from_daemon():
     assert w1.order_held_seconds == 0.25
     assert w1.send_order_hold_timeouts == 7
     assert stats.handshakes.completed == 3
+    assert stats.handshakes.prepared_used == 7
     assert stats.handshakes.drops[DropReason.STALE_TIMESTAMP] == 6
     s = parse(render(stats))
     assert value(s, "wgmp_worker_bytes_total", device="wgx", worker="0", direction="tx") == 600
+    assert value(s, "wgmp_handshake_prepared_ephemerals_used_total", device="wgx") == 7

@@ -183,3 +183,75 @@ def test_response_inputs_and_finish_need_a_consumed_initiation(rng: random.Rando
     with pytest.raises(ProtocolError):
         hs_i.finish_response(1, ResponseMaterial(*(bytes(32),) * 5))
     assert hs_i.state == HandshakeState.ZEROED
+
+
+# -- ephemeral keys prepared ahead (PreparedEphemeral) ---------------------------------------
+
+
+def _full_exchange(
+    prepare_i: bool, prepare_r: bool, seed: int = 77
+) -> tuple[bytes, bytes, tuple[bytes, bytes]]:
+    """Messages 1 and 2 and the initiator's keys, each side's ephemeral drawn from its own
+    `random.Random(seed)` stream, ahead of the handshake or in it."""
+    hs_i, hs_r, ident_i, ident_r = make_pair(random.Random(5), b"\x03" * 32)
+    rng_i, rng_r = random.Random(seed), random.Random(seed + 1)
+    if prepare_i:
+        assert hs_i.prepare(rng_i) and hs_i.prepared
+    if prepare_r:
+        assert hs_r.prepare(rng_r) and hs_r.prepared
+    init = hs_i.create_initiation(sender_index=11, unix_time_ns=T0, rng=rng_i)
+    consume_initiation(ident_r, parse_initiation(init.pack()), lambda _: hs_r, now=100.0)
+    resp = hs_r.create_response(sender_index=22, rng=rng_r)
+    hs_i.consume_response(parse_response(resp.pack()))
+    assert not hs_i.prepared and not hs_r.prepared  # each used once, then gone
+    keys_i, keys_r = hs_i.derive_session(), hs_r.derive_session()
+    assert (keys_i.send_key, keys_i.receive_key) == (keys_r.receive_key, keys_r.send_key)
+    return init.pack(), resp.pack(), (keys_i.send_key, keys_i.receive_key)
+
+
+@pytest.mark.parametrize("prepare_i, prepare_r", [(True, False), (False, True), (True, True)])
+def test_a_prepared_ephemeral_makes_the_very_messages_and_keys_of_one_made_on_the_spot(
+    prepare_i: bool, prepare_r: bool
+) -> None:
+    assert _full_exchange(prepare_i, prepare_r) == _full_exchange(False, False)
+
+
+def test_a_prepared_ephemeral_serves_one_handshake_only(rng: random.Random) -> None:
+    hs_i, _, _, _ = make_pair(rng)
+    assert hs_i.prepare(rng)
+    first = hs_i.create_initiation(sender_index=1, unix_time_ns=T0, rng=rng)
+    assert not hs_i.prepared
+    second = hs_i.create_initiation(sender_index=2, unix_time_ns=T0 + 1, rng=rng)
+    assert first.ephemeral != second.ephemeral
+
+
+def test_preparing_twice_keeps_the_first_key(rng: random.Random) -> None:
+    hs_i, _, _, _ = make_pair(rng)
+    assert hs_i.prepare(random.Random(1)) and hs_i.prepare(random.Random(2))
+    made = hs_i.create_initiation(sender_index=1, unix_time_ns=T0, rng=rng)
+    fresh, _, _, _ = make_pair(random.Random(1234))
+    again = fresh.create_initiation(sender_index=1, unix_time_ns=T0, rng=random.Random(1))
+    assert made.ephemeral == again.ephemeral
+
+
+def test_a_new_identity_drops_the_prepared_ephemeral(rng: random.Random) -> None:
+    """It encrypted the old public key: with the new one, message 1 must name the new one."""
+    from wgmp.protocol.crypto import DH_GENERATE
+    from wgmp.protocol.noise import StaticIdentity
+
+    hs_i, hs_r, _, ident_r = make_pair(rng)
+    assert hs_i.prepare(rng)
+    new = StaticIdentity.from_private_key(DH_GENERATE(rng))
+    hs_i.set_local(new)
+    assert not hs_i.prepared
+    hs_r.remote_static = new.public_key
+    hs_r.set_local(ident_r)
+    init = hs_i.create_initiation(sender_index=1, unix_time_ns=T0, rng=rng)
+    assert consume_initiation(ident_r, parse_initiation(init.pack()), lambda _: hs_r, now=1.0)
+
+
+@pytest.mark.parametrize("point", LOW_ORDER_POINTS[:2])
+def test_nothing_is_prepared_for_an_unusable_peer(rng: random.Random, point: bytes) -> None:
+    _, _, ident_i, ident_r = make_pair(rng)
+    for handshake_ in (Handshake(ident_i, point), Handshake(None, ident_r.public_key)):
+        assert not handshake_.prepare(rng) and not handshake_.prepared

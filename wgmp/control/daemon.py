@@ -275,13 +275,18 @@ class Daemon:
                 pending = self.uapi.busy() or self._get_reply is not None
                 now = time.monotonic()
                 busy = pending or bool(self._handshakes)
-                timeout = 0.0 if busy else self._timeout(now)
+                # Idle but for ephemeral keys to make ahead (prepared.py): poll, make one.
+                preparing = not busy and not self._set_queue and self.interface.prepared.pending
+                timeout = 0.0 if busy or preparing else self._timeout(now)
                 if self._set_queue:  # more of it next turn, unless the workers lag behind
                     timeout = min(timeout, SET_BACKOFF if self._workers_backlogged() else 0.0)
-                for key, _ in self.selector.select(timeout):
+                events = self.selector.select(timeout)
+                for key, _ in events:
                     key.data(key.fileobj)
                     if not self.running:
                         break
+                if preparing and not events:
+                    self.interface.prepared.prepare_next(self.interface.rng)
                 if self._handshakes and self.running:
                     self._handle_handshakes()  # what is left of the queue: another turn
                 now = time.monotonic()
@@ -1110,6 +1115,7 @@ class Daemon:
                 cookie_replies_sent=counters.cookie_replies_sent,
                 drops=tuple(counters.drops),
                 responses_by_workers=counters.responses_by_workers,
+                prepared_used=counters.prepared_used,
             ),
         )
 

@@ -74,6 +74,7 @@ from ..protocol.ratelimiter import RateLimiter
 from ..protocol.timers import ActionKind, RandomSource
 from ..protocol.transport import seal_transport
 from .peer import Endpoint, Peer
+from .prepared import PreparedEphemerals
 from .response_jobs import Job, ResponseJobs, material_of
 
 # LOG_LEVEL=verbose logs what wireguard-go logs at that level, in its words and with its
@@ -129,6 +130,7 @@ class HandshakeCounters:
         self.failed = 0
         self.cookie_replies_sent = 0
         self.responses_by_workers = 0  # responses a worker computed (response_jobs.py)
+        self.prepared_used = 0  # messages made with an ephemeral key made ahead (prepared.py)
         self.drops = [0] * 32
 
 
@@ -191,6 +193,8 @@ class Interface:
         # backlog of handshake messages (response_jobs.py).
         self.response_jobs = ResponseJobs(workers)
         self.offload_responses = False
+        # Ephemeral keys the daemon makes in idle time for the next handshakes (prepared.py).
+        self.prepared = PreparedEphemerals()
 
     # -- configuration (driven by UAPI) ----------------------------------------------------
 
@@ -208,6 +212,7 @@ class Interface:
                 self.remove_peer(peer.public_key)
                 continue
             peer.handshake.set_local(identity)
+            self.prepared.want(peer.peer_id, peer.handshake)
             self._drop_sessions(peer)
             peer.timers.current_keypairs_expired()  # the next packet may handshake at once
 
@@ -223,6 +228,7 @@ class Interface:
             peer.timers.on_arm = partial(self._timer_armed, peer_id)
             self.peers[public_key] = peer
             self.by_id[peer_id] = peer
+            self.prepared.want(peer_id, peer.handshake)
             self.commands.append(PeerSet(peer_id, None, []))
             log.debug("%s - UAPI: Created", peer)
         return peer
@@ -234,6 +240,7 @@ class Interface:
         log.debug("%s - UAPI: Removing", peer)
         del self.by_id[peer.peer_id]
         self._asked_by.pop(peer.peer_id, None)
+        self.prepared.forget(peer.peer_id)
         peer.timers.stop()
         peer.timers.on_arm = None
         self._queued.pop(peer.peer_id, None)  # its entries are skipped when they come up
@@ -492,7 +499,18 @@ class Interface:
         if worker is not None:  # a backlog: a worker computes the response (response_jobs.py)
             self.response_jobs.submit(peer.peer_id, index, handshake.response_inputs(), worker, now)
             return
-        self._respond(peer, handshake.create_response(sender_index=index, rng=self.rng), now)
+        self._respond(peer, self._create_response(peer, index), now)
+
+    def _create_response(self, peer: Peer, index: int) -> Response:
+        """Message 2 made here, with the ephemeral key prepared for the peer if it has one."""
+        handshake = peer.handshake
+        prepared = handshake.prepared
+        try:
+            response = handshake.create_response(sender_index=index, rng=self.rng)
+        finally:
+            self.prepared.want(peer.peer_id, handshake)  # its key is used (or spoilt)
+        self.counters.prepared_used += prepared
+        return response
 
     def _respond(self, peer: Peer, response: Response, now: float) -> None:
         """Send our response and install the responder's keypair (`next` until confirmed)."""
@@ -549,7 +567,7 @@ class Interface:
         if not self.keyslots.free:
             raise ProtocolError(DropReason.NO_KEY_SLOT, "every key slot is in use")
         if material is None:
-            response = handshake.create_response(sender_index=job.index, rng=self.rng)
+            response = self._create_response(peer, job.index)
         else:
             response = handshake.finish_response(job.index, material)
             self.counters.responses_by_workers += 1
@@ -608,6 +626,7 @@ class Interface:
         if peer.endpoint is None or peer.handshake.precomputed_static_static is None:
             return  # nowhere to send, or a key that can never make a session (low order)
         self._release_handshake_index(peer)
+        prepared = peer.handshake.prepared
         try:
             initiation = peer.handshake.create_initiation(
                 sender_index=self._new_index(peer), unix_time_ns=wall_ns, rng=self.rng
@@ -615,6 +634,9 @@ class Interface:
         except ProtocolError as err:
             log.error("%s - Failed to create initiation message: %s", peer, err)
             return
+        finally:
+            self.prepared.want(peer.peer_id, peer.handshake)
+        self.counters.prepared_used += prepared
         log.debug("%s - Sending handshake initiation", peer)
         packed = peer.cookie_generator.add_macs(initiation.pack(), now=now)
         self.counters.initiated += 1

@@ -38,6 +38,7 @@ from .messages import Initiation, Response
 __all__ = [
     "HandshakeState",
     "Handshake",
+    "PreparedEphemeral",
     "ResponseInputs",
     "ResponseMaterial",
     "SessionKeys",
@@ -109,8 +110,45 @@ class ResponseMaterial(NamedTuple):
     ephemeral_private: bytes
 
 
+class PreparedEphemeral(NamedTuple):
+    """An ephemeral key made before its handshake, with everything that depends only on it
+    and the two static keys. Either role takes it: the initiator's DH(E_i, S_r) and the
+    responder's DH(E_r, S_i) are both `static_shared`; the initiator also finds message 1 done
+    up to its timestamp (`hash`, `chaining_key`, `timestamp_key`, `encrypted_static`).
+
+    Why: a first packet waits for three handshake steps in control, whose X25519 operations
+    and Python run cold there (perf/RESULTS.md, "Where the first ping's time goes"); made in
+    idle time (control/prepared.py), this takes two of the initiator's two and two of the
+    responder's four X25519 off that path. Each is used for one handshake only, then dropped:
+    the key is as fresh as one made on the spot for everything Noise asks of it (it is only
+    ever sent once, and no earlier session depends on it)."""
+
+    private: bytes
+    public: bytes
+    static_shared: bytes
+    hash: bytes
+    chaining_key: bytes
+    timestamp_key: bytes
+    encrypted_static: bytes
+
+
 def _mix_hash(h: bytes, data: bytes) -> bytes:
     return HASH(h + data)
+
+
+def _prepare_ephemeral(
+    local: StaticIdentity, remote_static: bytes, static_static: bytes, private: bytes
+) -> PreparedEphemeral:
+    """Message 1 as far as it goes before the timestamp (the whitepaper's order, §5.4.2)."""
+    public = DH_PUBLIC(private)
+    static_shared = dh_with(private, remote_static)
+    h = _mix_hash(_mix_hash(INITIAL_HASH, remote_static), public)
+    ck = KDF1(INITIAL_CHAINING_KEY, public)
+    ck, key = KDF2(ck, static_shared)
+    encrypted_static = AEAD_ENCRYPT(key, 0, local.public_key, h)
+    h = _mix_hash(h, encrypted_static)
+    ck, timestamp_key = KDF2(ck, static_static)
+    return PreparedEphemeral(private, public, static_shared, h, ck, timestamp_key, encrypted_static)
 
 
 class _Pending:
@@ -144,12 +182,43 @@ class Handshake:
         self.last_initiation_consumption: float | None = None
         self.local: StaticIdentity | None = None
         self._static_static: bytes | None | _Pending = _PENDING
+        self._prepared: PreparedEphemeral | None = None
         self.set_local(local)
 
     def set_local(self, local: StaticIdentity | None) -> None:
-        """A new local identity: DH(S_local, S_remote) is derived again when next needed."""
+        """A new local identity: DH(S_local, S_remote) is derived again when next needed, and
+        an ephemeral prepared for the old one is dropped (it encrypted the old public key)."""
         self.local = local
         self._static_static = _PENDING
+        self._prepared = None
+
+    @property
+    def prepared(self) -> bool:
+        """Whether an ephemeral key waits for this peer's next handshake."""
+        return self._prepared is not None
+
+    def prepare(self, rng: Randomness) -> bool:
+        """Make the next handshake's ephemeral key now (see PreparedEphemeral); False when
+        this peer has no usable keys (no identity, a low-order key), and nothing is kept."""
+        if self._prepared is None:
+            if self.local is None or self.precomputed_static_static is None:
+                return False
+            try:
+                self._prepared = _prepare_ephemeral(
+                    self.local, self.remote_static, self.precomputed_static_static,
+                    DH_GENERATE(rng),
+                )  # fmt: skip
+            except ProtocolError:
+                return False  # unreachable for a key whose static DH worked; never kept
+        return True
+
+    def forget_prepared(self) -> None:
+        self._prepared = None
+
+    def _take_prepared(self) -> PreparedEphemeral | None:
+        """The prepared ephemeral if there is one, gone from here once taken (used once)."""
+        prepared, self._prepared = self._prepared, None
+        return prepared
 
     @property
     def precomputed_static_static(self) -> bytes | None:
@@ -199,26 +268,21 @@ class Handshake:
     ) -> Initiation:
         """Message 1, without MACs (the cookie generator adds them)."""
         local, static_static = self._require_keys()
-        h = _mix_hash(INITIAL_HASH, self.remote_static)
-        ck = INITIAL_CHAINING_KEY
-        ephemeral_private = DH_GENERATE(rng)
-        ephemeral_key = dh_private_key(ephemeral_private)  # used twice
-        ephemeral_public = DH_PUBLIC(ephemeral_private)
-        ck = KDF1(ck, ephemeral_public)
-        h = _mix_hash(h, ephemeral_public)
-        ck, key = KDF2(ck, dh_with(ephemeral_key, self.remote_static))
-        encrypted_static = AEAD_ENCRYPT(key, 0, local.public_key, h)
-        h = _mix_hash(h, encrypted_static)
-        ck, key = KDF2(ck, static_static)
-        encrypted_timestamp = AEAD_ENCRYPT(key, 0, TAI64N(unix_time_ns), h)
+        ephemeral = self._take_prepared() or _prepare_ephemeral(
+            local, self.remote_static, static_static, DH_GENERATE(rng)
+        )
+        h = ephemeral.hash
+        encrypted_timestamp = AEAD_ENCRYPT(ephemeral.timestamp_key, 0, TAI64N(unix_time_ns), h)
         h = _mix_hash(h, encrypted_timestamp)
 
-        self.hash, self.chaining_key = h, ck
-        self.local_ephemeral = ephemeral_private
-        self._local_ephemeral_key = (ephemeral_private, ephemeral_key)
+        self.hash, self.chaining_key = h, ephemeral.chaining_key
+        self.local_ephemeral = ephemeral.private
+        self._local_ephemeral_key = (ephemeral.private, dh_private_key(ephemeral.private))
         self.local_index = sender_index
         self.state = HandshakeState.INITIATION_CREATED
-        return Initiation(sender_index, ephemeral_public, encrypted_static, encrypted_timestamp)
+        return Initiation(
+            sender_index, ephemeral.public, ephemeral.encrypted_static, encrypted_timestamp
+        )
 
     def consume_response(self, msg: Response) -> None:
         """Message 2 for the initiation we sent; raises ProtocolError and changes nothing if bad."""
@@ -249,7 +313,8 @@ class Handshake:
 
     def create_response(self, *, sender_index: int, rng: Randomness) -> Response:
         """Message 2, without MACs, after `consume_initiation` chose this peer."""
-        material = compute_response(self.response_inputs(), rng)
+        inputs = self.response_inputs()
+        material = compute_response(inputs, rng, self._take_prepared())
         return self.finish_response(sender_index, material)
 
     def response_inputs(self) -> ResponseInputs:
@@ -295,17 +360,29 @@ class Handshake:
         return keys
 
 
-def compute_response(inputs: ResponseInputs, rng: Randomness) -> ResponseMaterial:
+def compute_response(
+    inputs: ResponseInputs, rng: Randomness, prepared: PreparedEphemeral | None = None
+) -> ResponseMaterial:
     """Message 2's three X25519 operations and what follows them: a pure function of the
     state `consume_initiation` left, so that any process can compute it (a worker does, for
-    control, under a handshake backlog). Raises ProtocolError for a low-order key."""
-    ephemeral_private = DH_GENERATE(rng)
-    ephemeral_key = dh_private_key(ephemeral_private)  # used three times
-    ephemeral_public = DH_PUBLIC(ephemeral_private)
+    control, under a handshake backlog). With `prepared` (made for this peer: its
+    `static_shared` is DH(E_r, S_i)) two of them are done already. Raises ProtocolError for a
+    low-order key."""
+    if prepared is None:
+        ephemeral_private = DH_GENERATE(rng)
+        ephemeral_key = dh_private_key(ephemeral_private)  # used three times
+        ephemeral_public = DH_PUBLIC(ephemeral_private)
+        static_shared = None
+    else:
+        ephemeral_private = ephemeral_key = prepared.private
+        ephemeral_public = prepared.public
+        static_shared = prepared.static_shared
     ck = KDF1(inputs.chaining_key, ephemeral_public)
     h = _mix_hash(inputs.hash, ephemeral_public)
     ck = KDF1(ck, dh_with(ephemeral_key, inputs.remote_ephemeral))
-    ck = KDF1(ck, dh_with(ephemeral_key, inputs.remote_static))
+    if static_shared is None:
+        static_shared = dh_with(ephemeral_key, inputs.remote_static)
+    ck = KDF1(ck, static_shared)
     ck, tau, key = KDF3(ck, inputs.preshared_key)
     h = _mix_hash(h, tau)
     encrypted_nothing = AEAD_ENCRYPT(key, 0, b"", h)

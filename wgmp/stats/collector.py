@@ -61,6 +61,8 @@ wgmp's own:
     wgmp_handshakes_failed_total{device}          handshake messages dropped as invalid
     wgmp_cookie_replies_sent_total{device}        cookie replies sent while under load
     wgmp_handshake_responses_by_workers_total{device}  responses whose X25519 work a worker did
+    wgmp_handshake_prepared_ephemerals_used_total{device}  handshake messages made with an
+        ephemeral key control made ahead, in idle time (control/prepared.py)
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class HandshakeStats:
     cookie_replies_sent: int = 0
     drops: Sequence[int] = ()  # indexed by DropReason: what control dropped
     responses_by_workers: int = 0  # computed by a worker under a backlog (response_jobs.py)
+    prepared_used: int = 0  # made with an ephemeral key made ahead (control/prepared.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +398,13 @@ FAMILIES: tuple[_Family, ...] = (
         "Handshake responses whose X25519 work a worker did for control (under a backlog).",
         ("device",),
         _per_device(lambda h: h.responses_by_workers),
+    ),
+    _Family(
+        "wgmp_handshake_prepared_ephemerals_used",
+        _C,
+        "Handshake messages made with an ephemeral key that control made ahead, in idle time.",
+        ("device",),
+        _per_device(lambda h: h.prepared_used),
     ),
 )
 

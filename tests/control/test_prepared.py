@@ -1,0 +1,136 @@
+"""Ephemeral keys made ahead of handshakes (control/prepared.py): who gets one, the limits,
+and two control `Interface`s that handshake with them."""
+
+from __future__ import annotations
+
+import random
+
+from wgmp.control.interface import Interface, Rng
+from wgmp.control.prepared import PreparedEphemerals
+from wgmp.ipc.keyslots import KeySlots
+from wgmp.protocol.constants import MESSAGE_INITIATION, MESSAGE_RESPONSE
+from wgmp.protocol.crypto import DH_GENERATE
+from wgmp.protocol.noise import Handshake, StaticIdentity
+
+A_ENDPOINT = ("192.0.2.1", 51820)
+B_ENDPOINT = ("192.0.2.2", 51821)
+
+
+class _Random(random.Random, Rng):
+    """Seeded randomness with both methods control uses."""
+
+
+def _handshakes(n: int) -> list[Handshake]:
+    rng = random.Random(11)
+    local = StaticIdentity.from_private_key(DH_GENERATE(rng))
+    return [
+        Handshake(local, StaticIdentity.from_private_key(DH_GENERATE(rng)).public_key)
+        for _ in range(n)
+    ]
+
+
+def _prepare_all(prepared: PreparedEphemerals) -> None:
+    rng = random.Random(3)
+    while prepared.pending:
+        prepared.prepare_next(rng)
+
+
+def test_a_wanted_peer_gets_its_key_when_control_is_idle() -> None:
+    (handshake,) = _handshakes(1)
+    prepared = PreparedEphemerals()
+    assert not prepared.pending
+    prepared.want(1, handshake)
+    assert prepared.pending and not handshake.prepared  # nothing made on the spot
+    _prepare_all(prepared)
+    assert handshake.prepared and prepared.held == 1
+    prepared.want(1, handshake)  # it has one: nothing to do
+    assert not prepared.pending
+
+
+def test_at_most_limit_peers_wait_and_hold_keys_the_most_recently_wanted() -> None:
+    handshakes = _handshakes(5)
+    prepared = PreparedEphemerals(limit=2)
+    for peer_id, handshake in enumerate(handshakes[:3]):
+        prepared.want(peer_id, handshake)
+    _prepare_all(prepared)
+    assert [h.prepared for h in handshakes[:3]] == [False, True, True]  # peer 0: forgotten
+    for peer_id in (3, 4):
+        prepared.want(peer_id, handshakes[peer_id])
+    _prepare_all(prepared)
+    assert prepared.held == 2
+    assert [h.prepared for h in handshakes] == [False, False, False, True, True]
+
+
+def test_a_gone_peer_is_forgotten_and_an_unusable_one_never_held() -> None:
+    first, second = _handshakes(2)
+    prepared = PreparedEphemerals()
+    prepared.want(1, first)
+    prepared.forget(1)
+    assert not prepared.pending
+    second.set_local(None)  # no identity of ours: nothing can be made
+    prepared.want(2, second)
+    _prepare_all(prepared)
+    assert prepared.held == 0 and not second.prepared
+
+
+class _Pair:
+    """Two control interfaces, peers of each other (a initiates, b responds)."""
+
+    def __init__(self) -> None:
+        rng = _Random(9)
+        self.a = Interface(KeySlots.create(16), rng)
+        self.b = Interface(KeySlots.create(16), _Random(10))
+        self.a.set_private_key(DH_GENERATE(rng), now=0.0)
+        self.b.set_private_key(DH_GENERATE(rng), now=0.0)
+        assert self.a.identity is not None and self.b.identity is not None
+        self.peer_b = self.a.peer(self.b.identity.public_key, now=0.0)
+        self.peer_a = self.b.peer(self.a.identity.public_key, now=0.0)
+        self.a.set_endpoint(self.peer_b, B_ENDPOINT)
+
+    def idle(self) -> None:
+        for iface in (self.a, self.b):
+            while iface.prepared.pending:
+                iface.prepared.prepare_next(iface.rng)
+
+    def handshake(self, at: float) -> None:
+        """a initiates, b answers, a takes the answer: both must hold mirrored keys."""
+        self.a.need_handshake(self.peer_b.peer_id, now=at, wall_ns=int(at * 1e9) + 10**18)
+        (initiation,) = [d for d, *_ in self.a.datagrams if d[0] == MESSAGE_INITIATION]
+        self.a.datagrams.clear()
+        self.b.receive_handshake(initiation, A_ENDPOINT, at, 0)
+        (response,) = [d for d, *_ in self.b.datagrams if d[0] == MESSAGE_RESPONSE]
+        self.b.datagrams.clear()
+        self.a.receive_handshake(response, B_ENDPOINT, at, 0)
+        current, waiting = self.peer_b.keypairs.current, self.peer_a.keypairs.next
+        assert current is not None and waiting is not None
+        assert (current.send_key, current.receive_key) == (waiting.receive_key, waiting.send_key)
+
+
+def test_both_roles_use_the_prepared_key_and_want_the_next_one() -> None:
+    pair = _Pair()
+    assert pair.a.prepared.pending and pair.b.prepared.pending  # a new peer is wanted
+    pair.idle()
+    assert pair.peer_b.handshake.prepared and pair.peer_a.handshake.prepared
+    pair.handshake(at=1.0)
+    assert pair.a.counters.prepared_used == pair.b.counters.prepared_used == 1
+    assert pair.a.prepared.pending and pair.b.prepared.pending  # for the next handshake
+    pair.idle()
+    pair.handshake(at=200.0)
+    assert pair.a.counters.prepared_used == pair.b.counters.prepared_used == 2
+
+
+def test_without_idle_time_handshakes_make_their_keys_as_before() -> None:
+    pair = _Pair()
+    pair.handshake(at=1.0)
+    assert pair.a.counters.prepared_used == pair.b.counters.prepared_used == 0
+
+
+def test_a_new_identity_wants_every_peer_again_and_a_removed_peer_is_forgotten() -> None:
+    pair = _Pair()
+    pair.idle()
+    pair.a.set_private_key(DH_GENERATE(random.Random(4)), now=1.0)
+    assert not pair.peer_b.handshake.prepared and pair.a.prepared.pending
+    pair.idle()
+    assert pair.peer_b.handshake.prepared
+    pair.a.remove_peer(pair.peer_b.public_key)
+    assert pair.a.prepared.held == 0 and not pair.a.prepared.pending
