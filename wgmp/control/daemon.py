@@ -111,6 +111,10 @@ OUTBOUND_LIMIT = 32 << 20
 # How long control's own datagrams may wait for the workers' pipes to take the commands queued
 # before them (see Daemon._datagrams_wait); a handshake retry comes after 5 s.
 DATAGRAM_HOLD = 0.5
+# Ephemeral keys are made ahead (control/prepared.py) once the loop has had nothing to do for
+# this long: right after a handshake, its first data messages (our worker's, the peer's
+# answer) need the CPUs more than the next key does.
+PREPARE_AFTER_QUIET = 0.002
 
 
 def _forwarded_handshakes(messages: list[Message]) -> int:
@@ -270,14 +274,17 @@ class Daemon:
         if ready is not None:
             ready()
         next_socket_check = 0.0
+        quiet = 0.0  # when the loop last had a descriptor to serve
         try:
             while self.running:
                 pending = self.uapi.busy() or self._get_reply is not None
                 now = time.monotonic()
                 busy = pending or bool(self._handshakes)
-                # Idle but for ephemeral keys to make ahead (prepared.py): poll, make one.
+                timeout = 0.0 if busy else self._timeout(now)
+                # Idle but for ephemeral keys to make ahead (prepared.py): one per quiet turn.
                 preparing = not busy and not self._set_queue and self.interface.prepared.pending
-                timeout = 0.0 if busy or preparing else self._timeout(now)
+                if preparing:
+                    timeout = min(timeout, max(0.0, quiet + PREPARE_AFTER_QUIET - now))
                 if self._set_queue:  # more of it next turn, unless the workers lag behind
                     timeout = min(timeout, SET_BACKOFF if self._workers_backlogged() else 0.0)
                 events = self.selector.select(timeout)
@@ -285,7 +292,9 @@ class Daemon:
                     key.data(key.fileobj)
                     if not self.running:
                         break
-                if preparing and not events:
+                if events:
+                    quiet = time.monotonic()
+                elif preparing and time.monotonic() >= quiet + PREPARE_AFTER_QUIET:
                     self.interface.prepared.prepare_next(self.interface.rng)
                 if self._handshakes and self.running:
                     self._handle_handshakes()  # what is left of the queue: another turn

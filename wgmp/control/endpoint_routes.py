@@ -21,6 +21,11 @@ what our UDP socket's datagram would get):
   changes. This sees the interface only while it is in the daemon's namespace; loops through
   other namespaces are caught by the workers (dataplane/worker.py, `_looping_datagram`).
 
+Answers are kept until routing changes (any notification below), as the kernel keeps a route
+in a socket's dst cache until the routing table's generation moves on: a peer that comes back
+from an endpoint and source asked about before costs no query. Asked afresh, the query and
+its Python were ~85 us of a responder's path to its response (perf/RESULTS.md, "first ping").
+
 `EndpointRoutes` is a non-blocking rtnetlink socket subscribed to changes of routes, policy
 rules (`ip rule`: a rule on our fwmark changes our datagrams' routes without any route changing)
 and links (a link going down makes IPv4 routes through it dead without a route message) in the
@@ -45,7 +50,9 @@ from ..net.routes import (
 from ..net.udp import Sticky, sticky_address
 from .peer import Endpoint
 
-__all__ = ["EndpointRoutes", "Verdict"]
+__all__ = ["EndpointRoutes", "VERDICTS_MAX", "Verdict"]
+
+VERDICTS_MAX = 4096  # answers kept (all are forgotten when there would be more)
 
 RTMGRP_IPV4_RULE = 0x80
 RTMGRP_IPV6_RULE = 1 << (19 - 1)  # RTNLGRP_IPV6_RULE, as a bit of the legacy group mask
@@ -76,6 +83,7 @@ class EndpointRoutes:
         except BaseException:
             self._sock.close()
             raise
+        self._verdicts: dict[tuple[object, ...], Verdict] = {}
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -87,6 +95,8 @@ class EndpointRoutes:
             try:
                 data = self._sock.recv(1 << 16)
             except BlockingIOError:
+                if changed:
+                    self._verdicts.clear()
                 return changed
             except OSError as err:
                 if err.errno != errno.ENOBUFS:
@@ -107,6 +117,24 @@ class EndpointRoutes:
         """The route a datagram from our `port` to `endpoint` from `sticky` (its sticky source) with
         `fwmark` gets now; `own_index` is our interface's index when it is in this
         namespace."""
+        key = (endpoint, sticky, fwmark, port, own_index)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = self._ask(endpoint, sticky, fwmark=fwmark, port=port, own_index=own_index)
+            if len(self._verdicts) >= VERDICTS_MAX:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+        return verdict
+
+    def _ask(
+        self,
+        endpoint: Endpoint,
+        sticky: Sticky | None,
+        *,
+        fwmark: int,
+        port: int,
+        own_index: int | None,
+    ) -> Verdict:
         ports = (port, endpoint[1]) if 0 < port < 65536 and 0 < endpoint[1] < 65536 else None
         try:
             destination = socket.inet_pton(
