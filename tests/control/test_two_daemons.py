@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from tests.integration.netns import uapi_exchange
 from tests.net.helpers import ipv4_udp
 from wgmp.control.daemon import Daemon
 from wgmp.protocol.crypto import DH_GENERATE
-from wgmp.protocol.noise import StaticIdentity
+from wgmp.protocol.noise import Handshake, StaticIdentity
 
 INNER_A, INNER_B = "10.9.0.1", "10.9.0.2"
 
@@ -97,3 +98,55 @@ def test_a_packet_crosses_two_daemons_after_a_handshake_and_one_comes_back(
     shown = dict(line.split("=", 1) for line in a.uapi("get=1\n\n").splitlines() if "=" in line)
     assert int(shown["last_handshake_time_sec"]) > 0
     assert int(shown["rx_bytes"]) > 0 and int(shown["tx_bytes"]) > 0
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _holds_one(side: Side) -> Callable[[], bool]:
+    return lambda: side.daemon.interface.prepared.held == 1
+
+
+def test_idle_daemons_make_ephemeral_keys_ahead_and_the_handshake_uses_them(
+    sides: tuple[Side, Side],
+) -> None:
+    """control/prepared.py in the daemon's loop: made while idle, one per role used."""
+    a, b = sides
+    _configure(a, b, INNER_B)
+    _configure(b, a, INNER_A)
+    assert _wait_for(
+        lambda: a.daemon.interface.prepared.held == b.daemon.interface.prepared.held == 1
+    )
+
+    request = ipv4_udp(INNER_A, INNER_B, 4000, 5000, b"first packet")
+    a.tun.write(request)
+    assert b.tun.read(timeout=15) == request
+    for side in (a, b):
+        assert side.daemon.interface.counters.prepared_used == 1
+        # ...and the next one is made, once the loop is quiet again
+        assert _wait_for(_holds_one(side))
+
+
+def test_a_failing_preparation_costs_its_key_not_the_daemon(
+    sides: tuple[Side, Side], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = sides
+
+    def broken(self: Handshake, rng: object) -> bool:
+        raise RuntimeError("a bug in preparing")
+
+    monkeypatch.setattr(Handshake, "prepare", broken)
+    _configure(a, b, INNER_B)
+    _configure(b, a, INNER_A)
+    assert _wait_for(lambda: not a.daemon.interface.prepared.pending)
+    request = ipv4_udp(INNER_A, INNER_B, 4000, 5000, b"keys made on the spot")
+    a.tun.write(request)
+    assert b.tun.read(timeout=15) == request
+    assert a.thread.is_alive() and a.daemon.interface.counters.prepared_used == 0
+    assert "internal error handling preparing an ephemeral key" in caplog.text

@@ -295,7 +295,7 @@ class Daemon:
                 if events:
                     quiet = time.monotonic()
                 elif preparing and time.monotonic() >= quiet + PREPARE_AFTER_QUIET:
-                    self.interface.prepared.prepare_next(self.interface.rng)
+                    self._prepare_next()
                 if self._handshakes and self.running:
                     self._handle_handshakes()  # what is left of the queue: another turn
                 now = time.monotonic()
@@ -311,6 +311,14 @@ class Daemon:
                 self._drain_outputs()
         finally:
             self.shutdown()
+
+    def _prepare_next(self) -> None:
+        """One ephemeral key made ahead (control/prepared.py); a bug there costs that key
+        (its peer is no longer waiting), never the daemon."""
+        try:
+            self.interface.prepared.prepare_next(self.interface.rng)
+        except Exception:
+            self.interface.errors.report("preparing an ephemeral key")
 
     def _timeout(self, now: float) -> float:
         """How long the loop may wait for a descriptor: until the next timer, the end of a
