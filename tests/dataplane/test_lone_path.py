@@ -51,6 +51,7 @@ from wgmp.dataplane.worker import (
 )
 from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
+from wgmp.ipc.messages import Confirmed, NeedHandshake
 from wgmp.net.steering import RECEIVE_BLOCK_BITS
 from wgmp.net.tun import VIRTIO_NET_HDR_NONE
 from wgmp.protocol.constants import (
@@ -116,6 +117,8 @@ class Rig:
             slot: (w.keyslots.received(slot, 0), w.keyslots.delivered(slot, 0))
             for slot in w.by_slot
         }
+        if w._later:
+            w._tell_now()  # what the loop writes once it has no lone packet to finish
         return {
             "sent": copy.deepcopy(self.fake.sent),
             "tun": self.tun_written(),
@@ -260,6 +263,31 @@ def _no_keypair(rig: Rig) -> None:
     pass
 
 
+def _no_keypair_no_endpoint(rig: Rig) -> None:
+    rig.worker.peers[1][P_ENDPOINT] = None
+
+
+def _asked_already(rig: Rig) -> None:
+    rig.worker._stage(rig.worker.peers[1], 1, _outbound(0), NOW - 0.01)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [_no_keypair, _no_keypair_no_endpoint, _asked_already],
+    ids=["no-keypair", "no-endpoint", "asked-already"],
+)
+def test_a_lone_packet_without_a_keypair_is_staged_as_the_general_path_stages_it(
+    setup: Callable[[Rig], None],
+) -> None:
+    """A new session's first packet: staged, the handshake asked for (once in 50 ms)."""
+    taken, lone, general = send_both(_outbound(1), setup)
+    assert taken is True
+    assert lone == general
+    assert lone["staged"] == len(lone["peer"][P_STAGED]) and not lone["sent"]
+    asked = [m for m in lone["control"] if isinstance(m, NeedHandshake)]
+    assert asked == ([] if setup is _asked_already else [NeedHandshake(1)])
+
+
 def _looping(rig: Rig) -> None:
     warm(rig)
     rig.worker.peers[1][P_LOOPING] = True
@@ -299,7 +327,6 @@ def _block_stale(rig: Rig) -> None:
 @pytest.mark.parametrize(
     ("packet", "setup"),
     [
-        (_outbound(1), _no_keypair),
         (_outbound(1), _looping),
         (_outbound(1), _no_endpoint),
         (_outbound(1), _expired),
@@ -312,7 +339,7 @@ def _block_stale(rig: Rig) -> None:
         (_udp4(OURS, 51820, THEIRS, 51820, b"q" * 30), _listening),  # to/from our port
     ],
     ids=[
-        "no-keypair", "looping", "no-endpoint", "expired", "rekey", "block-used-up",
+        "looping", "no-endpoint", "expired", "rekey", "block-used-up",
         "block-stale", "no-route", "malformed", "short", "our-port",
     ],
 )  # fmt: skip
@@ -429,6 +456,34 @@ def _next_keypair(rig: Rig) -> None:
     rig.install(role=ROLE_NEXT)
 
 
+def _next_keypair_staged(rig: Rig) -> None:
+    rig.worker._stage(rig.worker.peers[1], 1, _outbound(0), NOW)
+    rig.install(role=ROLE_NEXT)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(
+    ("data", "setup"),
+    [
+        (datagram(0), _next_keypair),
+        (datagram(0, b""), _next_keypair),  # a keepalive confirms too
+        (datagram(3), _next_keypair_staged),  # the staged packets leave under it
+    ],
+    ids=["data", "keepalive", "staged"],
+)
+def test_the_first_datagram_under_a_next_keypair_is_taken_as_the_general_path_takes_it(
+    data: bytes, setup: Callable[[Rig], None], workers: int
+) -> None:
+    """The responder's first data: confirmed, delivered, told to control, with 1 worker and
+    as the worker of the keypair's first counter block of 2 (nothing to hold it for)."""
+    taken, lone, general = receive_both(data, setup, workers=workers)
+    assert taken is True
+    assert lone == general
+    assert lone["control"][-1] == Confirmed(0)
+    assert lone["peer"][P_SEND] is not None
+    assert len(lone["sent"]) == (1 if setup is _next_keypair_staged else 0)
+
+
 def _expired_receive(rig: Rig) -> None:
     rig.install(created=NOW - REJECT_AFTER_TIME)
 
@@ -446,7 +501,7 @@ def _pending_write(rig: Rig) -> None:
     ("data", "setup", "address", "sticky", "workers"),
     [
         (datagram(5, index=0x0799), current, ENDPOINT, None, 1),  # unknown index
-        (datagram(0), _next_keypair, ENDPOINT, None, 1),  # confirms the keypair
+        (datagram(0), _next_keypair, ENDPOINT, PKTINFO, 1),  # confirms it, a new source
         (datagram(0), _expired_receive, ENDPOINT, None, 1),
         (datagram(0), _rekey_on_receive, ENDPOINT, None, 1),
         (datagram(5), current, ("192.0.2.9", 4000), None, 1),  # roamed
@@ -457,10 +512,11 @@ def _pending_write(rig: Rig) -> None:
         (datagram(B), current, ENDPOINT, None, 2),  # another worker's block
         (datagram(2 * B), current, ENDPOINT, None, 2),  # a new block of ours
         (datagram(B - 1), current, ENDPOINT, None, 2),  # a block's last counter
+        (datagram(2 * B), _next_keypair, ENDPOINT, None, 2),  # a first block that is not 0
     ],
     ids=[
-        "unknown-index", "next-keypair", "expired", "rekey", "roamed", "sticky",
-        "pending-write", "short", "handshake", "other-block", "new-block", "block-last",
+        "unknown-index", "next-keypair-roamed", "expired", "rekey", "roamed", "sticky",
+        "pending-write", "short", "handshake", "other-block", "new-block", "block-last", "first-block-not-0",
     ],
 )  # fmt: skip
 def test_every_other_datagram_goes_the_general_way_untouched(

@@ -24,8 +24,10 @@ from ..ipc.keyslots import KeySlots
 from ..ipc.messages import (
     ROLE_CURRENT,
     ROLE_NEXT,
+    ROLE_PREVIOUS,
     Confirmed,
     HandshakePackets,
+    Message,
     RekeyWanted,
     Roamed,
 )
@@ -139,6 +141,7 @@ class Inbound:
     _flush_staged: Callable[[list[Any], int, float], None]
     _looping_datagram: Callable[[bytes, int, bool], bool]
     _internal_error: Callable[[str], None]
+    _tell_later: Callable[[Message, float], None]
 
     def _inbound(self, sock: socket.socket, now: float) -> None:
         """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
@@ -204,15 +207,18 @@ class Inbound:
         if (
             word != MESSAGE_TRANSPORT
             or entry is None
-            or entry[R_ROLE] != ROLE_CURRENT
+            or entry[R_ROLE] == ROLE_PREVIOUS
             or now - entry[R_CREATED] >= REJECT_AFTER_TIME
         ):
             return False
         workers = self.workers
+        block = counter >> RECEIVE_BLOCK_BITS
         if workers > 1 and (
-            (((counter >> RECEIVE_BLOCK_BITS) & 0xFFFF) + (index & 0xFF)) % workers
+            ((block & 0xFFFF) + (index & 0xFF)) % workers
             != self.worker_id  # counter_worker, as in _receive_train
-            or counter >> RECEIVE_BLOCK_BITS != entry[R_BLOCK]
+            # its block entered already, or the first block of a keypair new here, whose
+            # entry holds nothing back (_enter_block)
+            or (block != entry[R_BLOCK] and (block or entry[R_BLOCK] != -1))
             or counter & BLOCK_LAST == BLOCK_LAST
             or self._held
             or self._wake_asks
@@ -245,6 +251,10 @@ class Inbound:
         if not replay.accept(counter):
             drops[DropReason.REPLAY] += 1
             return True
+        confirming = entry[R_ROLE] == ROLE_NEXT
+        if confirming:  # _confirm's first half; the rest once the packet is in the TUN
+            entry[R_ROLE] = ROLE_CURRENT
+            peer[P_SEND] = send
         # Authenticated: _received's bookkeeping (its roaming and rekey cases were ruled out).
         peer[P_RX_BYTES] += nbytes
         peer[P_RX_PACKETS] += 1
@@ -259,6 +269,8 @@ class Inbound:
         packet = self._inner_packet(plaintext, peer_id)
         if packet is not None:
             activity[A_DATA_RECEIVED] = now
+            if workers > 1:
+                entry[R_BLOCK] = block  # _enter_block, for a block it holds nothing of
         # _deliver's order: the replay mark in shared memory before anything reaches the TUN.
         slot, me = entry[R_SLOT], self.worker_id
         self.keyslots.write_received(slot, replay.last, me)
@@ -272,6 +284,12 @@ class Inbound:
                 drops[DropReason.TUN_WRITE_FAILED] += 1
         if workers > 1:
             self.keyslots.write_delivered(slot, replay.last, me)
+        if confirming:
+            # After the TUN write: the responder's first data (and the reply it makes inside
+            # that write) waits for neither the message nor the staged packets
+            # (perf/bench_first_packet.py, "rx next").
+            self._tell_later(Confirmed(slot), now)
+            self._flush_staged(peer, peer_id, now)
         return True
 
     def _inner_packet(self, plaintext: bytes, peer_id: int) -> bytes | None:
@@ -764,8 +782,9 @@ class Inbound:
                 self.channel.send(RekeyWanted(peer_id))
 
     def _confirm(self, entry: list[Any], peer: list[Any], peer_id: int, now: float) -> None:
-        """First packet under a `next` keypair: the initiator has it, so we may send with it."""
+        """First packet under a `next` keypair: the initiator has it, so we may send with it.
+        Control hears of it once the loop has nothing lone to finish (`_tell_later`)."""
         entry[R_ROLE] = ROLE_CURRENT
         peer[P_SEND] = entry[R_SEND]
-        self.channel.send(Confirmed(entry[R_SLOT]))
+        self._tell_later(Confirmed(entry[R_SLOT]), now)
         self._flush_staged(peer, peer_id, now)

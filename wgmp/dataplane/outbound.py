@@ -144,8 +144,10 @@ class Outbound:
         """Seal and send one packet read alone, if it is the common case: an IP packet that
         is not a UDP datagram of our port, to a peer that is not looping, with a current
         keypair that is in time, inside its reserved counter block and needs no rekey, and an
-        endpoint; False, with nothing changed, for anything else (the general path decides it:
-        drops, staging, new blocks, rekeys, hand-offs are its business).
+        endpoint; or, to such a peer without any keypair (a new session's first packet), staged
+        as `_number` stages it, with the handshake asked for. False, with nothing changed, for
+        anything else (the general path decides it: drops, the staging of an expired keypair's
+        packets, new blocks, rekeys, hand-offs are its business).
 
         The same steps as `_read_batch` + `_send_batches` + `_number` + `_encrypt` +
         `_transmit` for that case, without their loops and calls: a ping's hop after a 10 ms
@@ -174,7 +176,15 @@ class Outbound:
             return False
         peer = self.peers[peer_id]
         send = peer[P_SEND]
-        if send is None or peer[P_LOOPING] or peer[P_ENDPOINT] is None:
+        if peer[P_LOOPING]:
+            return False
+        if send is None:
+            # A new session's first packet: staged, and the handshake asked for, here (through
+            # the general path it took ~55 us with cold caches against ~30:
+            # perf/bench_first_packet.py, "ask").
+            self._stage(peer, peer_id, packet[skip:] if skip else packet, now)
+            return True
+        if peer[P_ENDPOINT] is None:
             return False
         counter = send[S_NEXT]
         slot = send[S_SLOT]
@@ -528,6 +538,11 @@ class Outbound:
         self.totals[3] += total
 
     def _stage(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
+        # The handshake is asked for first: it is what the packet waits for.
+        # Control dedups handshakes itself; this only keeps the pipe quiet under a burst.
+        if now - peer[P_HANDSHAKE_ASKED] > 0.05:
+            peer[P_HANDSHAKE_ASKED] = now
+            self.channel.send(NeedHandshake(peer_id))
         staged: deque[bytes] | None = peer[P_STAGED]
         if staged is None:
             # Made on first use: an empty deque is 760 bytes, per peer and worker (10,000
@@ -538,10 +553,6 @@ class Outbound:
             staged.popleft()
             self.drops[DropReason.STAGED_QUEUE_FULL] += 1
         staged.append(packet)
-        # Control dedups handshakes itself; this only keeps the pipe quiet under a burst.
-        if now - peer[P_HANDSHAKE_ASKED] > 0.05:
-            peer[P_HANDSHAKE_ASKED] = now
-            self.channel.send(NeedHandshake(peer_id))
 
     def _flush_staged(self, peer: list[Any], peer_id: int, now: float) -> None:
         staged: deque[bytes] | None = peer[P_STAGED]
