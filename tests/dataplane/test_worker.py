@@ -1069,10 +1069,10 @@ def test_the_worker_that_will_confirm_a_next_keypair_reserves_its_first_block_at
         os.set_blocking(second.tun_fd, False)
         tun_theirs.send(VIRTIO_NET_HDR_NONE + _outbound(0))
         second._tun_sparse = True
-        lone: list[bool] = []
+        lone: list[bool | None] = []
         real = second._send_lone
 
-        def watched(packet: bytes, now: float) -> bool:
+        def watched(packet: bytes, now: float) -> bool | None:
             lone.append(real(packet, now))
             return lone[-1]
 

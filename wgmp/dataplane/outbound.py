@@ -133,21 +133,24 @@ class Outbound:
                 self.running = False  # as in _read_batch
                 return
             raise
-        if self._send_lone(packet, now):
+        sent = self._send_lone(packet, now)
+        if sent:
             # No read that finds the queue empty (and raises): the loop's next poll, made
             # without sleeping, says whether more came (Worker.run).
             self._tun_again = True
-        else:
+        elif sent is not None:
             self._read_batch(now, packet, 0)
+        # else staged for a handshake: the loop goes to sleep at once (control, woken by
+        # the ask on this CPU, waits for that: `_stage`); more packets are read lone again.
 
-    def _send_lone(self, packet: bytes, now: float) -> bool:
+    def _send_lone(self, packet: bytes, now: float) -> bool | None:
         """Seal and send one packet read alone, if it is the common case: an IP packet that
         is not a UDP datagram of our port, to a peer that is not looping, with a current
         keypair that is in time, inside its reserved counter block and needs no rekey, and an
-        endpoint; or, to such a peer without any keypair (a new session's first packet), staged
-        as `_number` stages it, with the handshake asked for. False, with nothing changed, for
-        anything else (the general path decides it: drops, the staging of an expired keypair's
-        packets, new blocks, rekeys, hand-offs are its business).
+        endpoint: True. To such a peer without any keypair (a new session's first packet):
+        staged as `_number` stages it, the handshake asked for, None. False, with nothing
+        changed, for anything else (the general path decides it: drops, the staging of an
+        expired keypair's packets, new blocks, rekeys, hand-offs are its business).
 
         The same steps as `_read_batch` + `_send_batches` + `_number` + `_encrypt` +
         `_transmit` for that case, without their loops and calls: a ping's hop after a 10 ms
@@ -183,7 +186,7 @@ class Outbound:
             # the general path it took ~55 us with cold caches against ~30:
             # perf/bench_first_packet.py, "ask").
             self._stage(peer, peer_id, packet[skip:] if skip else packet, now)
-            return True
+            return None
         if peer[P_ENDPOINT] is None:
             return False
         counter = send[S_NEXT]
@@ -538,11 +541,6 @@ class Outbound:
         self.totals[3] += total
 
     def _stage(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
-        # The handshake is asked for first: it is what the packet waits for.
-        # Control dedups handshakes itself; this only keeps the pipe quiet under a burst.
-        if now - peer[P_HANDSHAKE_ASKED] > 0.05:
-            peer[P_HANDSHAKE_ASKED] = now
-            self.channel.send(NeedHandshake(peer_id))
         staged: deque[bytes] | None = peer[P_STAGED]
         if staged is None:
             # Made on first use: an empty deque is 760 bytes, per peer and worker (10,000
@@ -553,6 +551,13 @@ class Outbound:
             staged.popleft()
             self.drops[DropReason.STAGED_QUEUE_FULL] += 1
         staged.append(packet)
+        # Control dedups handshakes itself; this only keeps the pipe quiet under a burst.
+        # The write is the last thing done here: a write into a unix socket wakes control
+        # "sync", i.e. on this CPU, where it waits until this worker sleeps (ftrace, 30 us:
+        # perf/RESULTS.md, "Where the first ping's time goes").
+        if now - peer[P_HANDSHAKE_ASKED] > 0.05:
+            peer[P_HANDSHAKE_ASKED] = now
+            self.channel.send(NeedHandshake(peer_id))
 
     def _flush_staged(self, peer: list[Any], peer_id: int, now: float) -> None:
         staged: deque[bytes] | None = peer[P_STAGED]
