@@ -485,8 +485,25 @@ class Outbound:
             return
         # Replies leave from the address the peer contacted (wireguard-go's sticky sockets):
         # the IP_PKTINFO / IPV6_PKTINFO of its last packet, sent back as it came.
-        total = sent = 0
         count = len(messages)
+        if count == 1:
+            # One message (a new session's staged packet, a keepalive): no runs to find, as
+            # Outbound._send_lone sends it (the loop below cost a first packet ~5 us with
+            # cold caches: perf/bench_first_packet.py, "install").
+            sticky, error = send_sticky(sock, messages, [], endpoint, sticky)
+            if route is None:
+                peer[P_STICKY] = sticky
+            if error is None:
+                size = len(messages[0])
+                peer[P_TX_BYTES] += size
+                peer[P_TX_PACKETS] += 1
+                self.totals[2] += 1
+                self.totals[3] += size
+            else:
+                self.drops[DropReason.SEND_FAILED] += 1
+            touch(peer, self._touched)
+            return
+        total = sent = 0
         i = 0
         while i < count:
             size = len(messages[i])
