@@ -319,7 +319,9 @@ def _rekey_due(rig: Rig) -> None:
 
 
 def _block_used_up(rig: Rig) -> None:
-    rig.install()  # nothing reserved yet: the first packet takes a block
+    rig.install()  # its first block (claim_first) used to its end: a new one is reserved
+    send = rig.worker.peers[1][P_SEND]
+    send[S_NEXT] = send[S_END]
 
 
 def _listening(rig: Rig) -> None:

@@ -25,7 +25,7 @@ from wgmp.dataplane.worker import (
     tell_should_wait,
 )
 from wgmp.ipc.channel import Channel
-from wgmp.ipc.keyslots import KeySlots
+from wgmp.ipc.keyslots import FIRST_BLOCK, KeySlots
 from wgmp.ipc.messages import (
     ROLE_PREVIOUS,
     Activity,
@@ -1001,8 +1001,14 @@ def test_a_new_sessions_staged_packet_leaves_before_the_keypairs_receive_side_is
         real(*args)
 
     monkeypatch.setattr(rig.worker, "_install_receive", watched)
+
+    def no_lock(slot: int, count: int) -> int:
+        raise AssertionError("the first block is the first sender's (claim_first)")
+
+    monkeypatch.setattr(rig.worker.keyslots, "reserve", no_lock)
     slot = install(rig.worker, ROLE_CURRENT)
     assert sent_when_made == [1]
+    assert open_transport(SEND_KEY, rig.fake.sent[0][0][0])[1] == 0
     entry = rig.worker.by_slot[slot]
     assert rig.worker.by_index[OWNED_INDEX] is entry and entry[7] is rig.worker.peers[1][P_SEND]
     view, nbytes, size = train([0])  # the answer is received under it
@@ -1041,22 +1047,36 @@ def test_a_role_change_keeps_the_keypair_and_reads_nothing_again(
     assert rig.worker.peers[1][P_SEND] is entry[7]
 
 
-def test_the_worker_that_will_confirm_a_next_keypair_reserves_its_first_block_at_install(
-    rig: Any,
+def test_a_keypairs_first_sender_takes_the_first_block_without_the_lock(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The responder's reply needs a counter block: the worker of the keypair's first
-    receive block (which confirms it) reserves it when the keypair arrives, so the reply
-    takes the lone path; the other workers do not (blocks stay dense)."""
+    """One worker per keypair, the worker of its first receive block (which confirms a
+    `next` keypair), takes counters [0, FIRST_BLOCK) at install without the lock; the
+    others reserve after it; a successor of that worker finds the block taken and reserves.
+    So the responder's first reply takes the lone path."""
     first, second, _, sockets = _two_workers(rig)
     try:
         keyslots = first.keyslots
+        locked: list[int] = []
+        real_reserve = keyslots.reserve
+
+        def reserve(slot: int, count: int) -> int:
+            locked.append(count)
+            return real_reserve(slot, count)
+
+        monkeypatch.setattr(keyslots, "reserve", reserve)
         owned_by_1 = OWNED_INDEX + 0x101  # its low byte names worker 1
         slot = install(first, ROLE_NEXT, local_index=owned_by_1)
-        assert keyslots.counter(slot) == 0 and first.by_slot[slot][7][4] == 0  # S_END
+        assert first.by_slot[slot][7][4] == 0  # S_END: worker 0 has no block
         second._install(slot, ROLE_NEXT, time.monotonic())
-        assert keyslots.counter(slot) == 256
         send = second.by_slot[slot][7]
-        assert (send[3], send[4]) == (0, 256)  # S_NEXT, S_END
+        assert (send[3], send[4]) == (0, FIRST_BLOCK)  # S_NEXT, S_END
+        assert keyslots.counter(slot) == FIRST_BLOCK and locked == []
+        # Worker 0 sends under it too (once current): a block after the first, locked.
+        first._change_role(first.by_slot[slot], slot, ROLE_CURRENT, time.monotonic())
+        first._send_keepalive(1, slot, time.monotonic())
+        keepalive = first.sockets[4].sent[-1][0][0]  # type: ignore[attr-defined]
+        assert open_transport(SEND_KEY, keepalive)[1] == FIRST_BLOCK and locked == [256]
         # Confirmed by its first datagram, then the reply read alone goes the lone way.
         data = seal_transport(RECEIVE_KEY, owned_by_1, 0, _inner(0, THEIRS), 1420)
         second._udp_sparse = True
@@ -1080,6 +1100,17 @@ def test_the_worker_that_will_confirm_a_next_keypair_reserves_its_first_block_at
         second._outbound(time.monotonic())
         assert lone == [True] and len(sent) == 1
         assert open_transport(SEND_KEY, sent[0][0][0])[1] == 0  # the block's first counter
+        assert locked == [256]  # worker 0's only
+        # A successor of worker 1 (restarted) finds the first block taken.
+        successor = Worker(
+            1, second.tun_fd, {4: FakeSocket()}, second.channel, keyslots, StatsBlock.create(),  # type: ignore[dict-item]
+            vnet_hdr=True, workers=2,
+        )  # fmt: skip
+        successor._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
+        successor._install(slot, ROLE_CURRENT, time.monotonic())
+        assert successor.by_slot[slot][7][4] == 0  # no block: the first send reserves one
+        successor._send_keepalive(1, slot, time.monotonic())
+        assert locked == [256, 256]
     finally:
         for sock in sockets:
             sock.close()

@@ -29,10 +29,11 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from ..internal_errors import ErrorLog
 from ..ipc.channel import Channel
-from ..ipc.keyslots import KeySlot, KeySlots
+from ..ipc.keyslots import FIRST_BLOCK, KeySlot, KeySlots
 from ..ipc.messages import (
     ROLE_CURRENT,
     ROLE_NEXT,
+    ROLE_PREVIOUS,
     Activity,
     ComputeResponses,
     DropStaged,
@@ -453,16 +454,19 @@ class Worker(Outbound, Inbound, SendSpread):
             ChaCha20Poly1305(info.send_key), info.remote_index, slot, info.created,
             info.is_initiator,
         )  # fmt: skip
+        if (
+            role != ROLE_PREVIOUS
+            and counter_worker(0, self.workers, info.local_index) == self.worker_id
+            and self.keyslots.claim_first(slot)
+        ):
+            # The keypair's first sender (one worker per keypair: the worker of its first
+            # receive block, which confirms a `next` keypair; the only one, with one worker)
+            # takes counters [0, FIRST_BLOCK) without the lock, which cost the initiator's
+            # first packet and the responder's first reply ~15-25 us with cold caches
+            # (perf/bench_first_packet.py, "install" and "reply"). A successor finds the
+            # block taken and reserves.
+            send[S_END] = FIRST_BLOCK
         if role != ROLE_CURRENT:
-            if role == ROLE_NEXT and counter_worker(0, self.workers, info.local_index) == (
-                self.worker_id
-            ):
-                # The responder's first reply leaves from this worker, which will confirm the
-                # keypair: its counter block is reserved now, while the initiator consumes
-                # the response, not between the first datagram and the reply (~25 us with
-                # cold caches: perf/bench_first_packet.py, "reply").
-                first = self.keyslots.reserve(slot, COUNTER_BLOCK)
-                send[S_NEXT], send[S_END] = first, first + COUNTER_BLOCK
             self._install_receive(info, role, send)
             return
         # The staged packets, which wait for this keypair (a new session's first packet),
