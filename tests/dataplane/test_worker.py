@@ -1082,6 +1082,8 @@ def test_a_keypairs_first_sender_takes_the_first_block_without_the_lock(
         second._udp_sparse = True
         second._inbound(OneDatagram(data), time.monotonic())  # type: ignore[arg-type]
         assert second.peers[1][P_SEND] is send
+        # At once with several workers: a sibling may read the reply and needs the keypair.
+        assert control_messages(sockets[4]) == [Confirmed(slot)]
         sent = second.sockets[4].sent  # type: ignore[attr-defined]
         tun_ours, tun_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sockets += [tun_ours, tun_theirs]

@@ -252,9 +252,10 @@ class Inbound:
             drops[DropReason.REPLAY] += 1
             return True
         confirming = entry[R_ROLE] == ROLE_NEXT
-        if confirming:  # _confirm's first half; the rest once the packet is in the TUN
+        if confirming:  # _confirm, but the staged packets once the packet is in the TUN
             entry[R_ROLE] = ROLE_CURRENT
             peer[P_SEND] = send
+            self._tell_confirmed(entry[R_SLOT], now)
         # Authenticated: _received's bookkeeping (its roaming and rekey cases were ruled out).
         peer[P_RX_BYTES] += nbytes
         peer[P_RX_PACKETS] += 1
@@ -285,10 +286,8 @@ class Inbound:
         if workers > 1:
             self.keyslots.write_delivered(slot, replay.last, me)
         if confirming:
-            # After the TUN write: the responder's first data (and the reply it makes inside
-            # that write) waits for neither the message nor the staged packets
-            # (perf/bench_first_packet.py, "rx next").
-            self._tell_later(Confirmed(slot), now)
+            # After the TUN write: the responder's first data (and the reply the kernel makes
+            # inside that write) does not wait for them (perf/bench_first_packet.py, "rx next").
             self._flush_staged(peer, peer_id, now)
         return True
 
@@ -782,9 +781,21 @@ class Inbound:
                 self.channel.send(RekeyWanted(peer_id))
 
     def _confirm(self, entry: list[Any], peer: list[Any], peer_id: int, now: float) -> None:
-        """First packet under a `next` keypair: the initiator has it, so we may send with it.
-        Control hears of it once the loop has nothing lone to finish (`_tell_later`)."""
+        """First packet under a `next` keypair: the initiator has it, so we may send with it."""
         entry[R_ROLE] = ROLE_CURRENT
         peer[P_SEND] = entry[R_SEND]
-        self._tell_later(Confirmed(entry[R_SLOT]), now)
+        self._tell_confirmed(entry[R_SLOT], now)
         self._flush_staged(peer, peer_id, now)
+
+    def _tell_confirmed(self, slot: int, now: float) -> None:
+        """Tell control a `next` keypair was confirmed (it then makes it current on every
+        worker). With one worker, once the loop has no lone packet to finish
+        (`Worker._tell_later`): the reply to the responder's first data is made inside its
+        TUN write, and this write into the pipe, with control's wake-up on this CPU, came
+        before it (perf/bench_first_packet.py, "Confirmed before the reply"). With several,
+        at once, as before the TUN write: the reply may be read by a sibling, which has no
+        current keypair until control announces it (and asks for a handshake meanwhile)."""
+        if self.workers == 1:
+            self._tell_later(Confirmed(slot), now)
+        else:
+            self.channel.send(Confirmed(slot))
