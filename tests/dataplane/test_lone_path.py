@@ -263,6 +263,37 @@ def _no_keypair(rig: Rig) -> None:
     pass
 
 
+def _next_of_a_sibling(rig: Rig, received: bool) -> None:
+    """A `next` keypair whose first receive block is worker 1's; `received`: worker 1 has
+    received under it (its replay mark), i.e. it is confirmed."""
+    slot = rig.worker.keyslots.publish(
+        local_index=INDEX + 1, remote_index=9, peer_id=1, is_initiator=False,
+        created=NOW - 1.0, send_key=SEND_KEY, receive_key=RECEIVE_KEY,
+    )  # fmt: skip
+    rig.worker._install(slot, ROLE_NEXT, NOW)
+    if received:
+        rig.worker.keyslots.write_received(slot, 0, 1)
+
+
+@pytest.mark.parametrize("received", [False, True], ids=["unconfirmed", "confirmed"])
+def test_a_packet_under_a_next_keypair_a_sibling_confirmed_is_sent_as_the_general_path_sends_it(
+    received: bool,
+) -> None:
+    """With several workers the responder's reply may be read by a worker that did not
+    receive the first data: it sends under the `next` keypair once a sibling's replay mark
+    shows it confirmed (else stages it and asks for a handshake, as before)."""
+    taken, lone, general = send_both(
+        _outbound(1), lambda rig: _next_of_a_sibling(rig, received), workers=2
+    )
+    assert lone == general
+    if received:
+        assert taken is False  # the general path reserves its block
+        assert len(lone["sent"]) == 1 and not lone["control"] and lone["staged"] == 0
+        assert lone["peer"][P_SEND] is not None
+    else:
+        assert taken is None and not lone["sent"] and lone["control"] == [NeedHandshake(1)]
+
+
 def _no_keypair_no_endpoint(rig: Rig) -> None:
     rig.worker.peers[1][P_ENDPOINT] = None
 

@@ -1156,3 +1156,46 @@ def test_kept_messages_wait_for_a_poll_without_lone_packets_but_not_for_long() -
     assert tell_should_wait(since + FLUSH_LATE_MAX / 2, since, True)
     assert not tell_should_wait(since + FLUSH_LATE_MAX, since, True)  # late enough
     assert not tell_should_wait(since, since, False)  # nothing lone to finish: now
+
+
+def test_a_sibling_sends_under_a_next_keypair_once_a_worker_received_under_it(
+    rig: Any,
+) -> None:
+    """With several workers the responder's reply may be read by a worker that did not get
+    the first data: once the receiving worker's replay mark shows the `next` keypair
+    confirmed, that worker sends under it, what it staged first, without waiting for
+    control's announcement (and asks for no handshake)."""
+    first, second, current, sockets = _two_workers(rig)
+    try:
+        now = time.monotonic()
+        for worker in (first, second):
+            worker._remove_keypair(current)  # both ends forgot the peer
+        owned_by_1 = OWNED_INDEX + 0x101  # its low byte names worker 1
+        slot = install(first, ROLE_NEXT, local_index=owned_by_1)
+        second._install(slot, ROLE_NEXT, now)
+        control_messages(rig.control)
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
+        first._outbound(now)
+        assert not rig.fake.sent and control_messages(rig.control) == [NeedHandshake(1)]
+        data = seal_transport(RECEIVE_KEY, owned_by_1, 0, _inner(0, THEIRS), 1420)
+        second._udp_sparse = True
+        second._inbound(OneDatagram(data), now)  # type: ignore[arg-type]
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(1))
+        first._outbound(now + 0.1)  # past the 50 ms between asks: it would ask again
+        assert control_messages(rig.control) == []
+        assert first.by_slot[slot][4] == ROLE_CURRENT and first.peers[1][P_SEND] is not None
+        opened = [open_transport(SEND_KEY, m) for buffers, _, _ in rig.fake.sent for m in buffers]
+        assert [counter for _, counter, _ in opened] == [FIRST_BLOCK, FIRST_BLOCK + 1]
+        assert (
+            [payload[:20] for _, _, payload in opened]
+            == [
+                _outbound(0)[:20],  # the staged packet first
+                _outbound(1)[:20],
+            ]
+        )
+        # Control's announcement changes nothing more.
+        first._install(slot, ROLE_CURRENT, now)
+        assert len(rig.fake.sent) == 2 and slot not in [e[3] for e in first.next_of.values()]
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..ipc.channel import Channel
 from ..ipc.keyslots import KeySlots
-from ..ipc.messages import NeedHandshake, RekeyWanted
+from ..ipc.messages import ROLE_CURRENT, ROLE_NEXT, NeedHandshake, RekeyWanted
 from ..net.steering import COUNTER_BLOCK_BITS
 from ..net.tun import VIRTIO_NET_HDR_LEN
 from ..net.udp import SOL_UDP, UDP_SEGMENT, send_sticky
@@ -47,7 +47,9 @@ from .records import (
     P_TX_BYTES,
     P_TX_PACKETS,
     R_PEER,
+    R_ROLE,
     R_SEND,
+    R_SLOT,
     S_CIPHER,
     S_CREATED,
     S_END,
@@ -105,6 +107,8 @@ class Outbound:
     listen_port: int
     local_index: dict[int, int]
     by_slot: dict[int, list[Any]]
+    next_of: dict[int, list[Any]]  # peer id -> its `next` keypair's receive entry
+    workers: int
     _send_batch: Callable[[list[Any], int, list[bytes], float], None]
     _send_in_order: Callable[..., None]
 
@@ -181,12 +185,15 @@ class Outbound:
         send = peer[P_SEND]
         if peer[P_LOOPING]:
             return False
-        if send is None:
+        if send is None and (
+            self.workers == 1 or not self._confirmed_by_sibling(peer, peer_id, now)
+        ):
             # A new session's first packet: staged, and the handshake asked for, here (through
-            # the general path it took ~55 us with cold caches against ~30:
+            # the general path it took ~55 us with cold caches against ~40:
             # perf/bench_first_packet.py, "ask").
             self._stage(peer, peer_id, packet[skip:] if skip else packet, now)
             return None
+        send = peer[P_SEND]  # perhaps a sibling's confirmed keypair: the general path sends
         if peer[P_ENDPOINT] is None:
             return False
         counter = send[S_NEXT]
@@ -400,6 +407,8 @@ class Outbound:
         None, with the packets staged, without a usable keypair. The send path's checks
         (rekey, activity) are done here, by the worker that read the packets."""
         send = peer[P_SEND]
+        if send is None and self.workers > 1 and self._confirmed_by_sibling(peer, peer_id, now):
+            send = peer[P_SEND]
         count = len(packets)
         counter = send[S_NEXT] if send is not None else 0
         if (
@@ -556,6 +565,25 @@ class Outbound:
         touch(peer, self._touched)
         self.totals[2] += sent
         self.totals[3] += total
+
+    def _confirmed_by_sibling(self, peer: list[Any], peer_id: int, now: float) -> bool:
+        """Whether the peer's `next` keypair was confirmed by a sibling: a worker has
+        received under it (its replay mark in the key slot, written before that packet
+        reached the TUN). It is then current here too, and what was staged leaves first
+        (the sibling told control, which announces it to every worker in its time). The
+        responder's reply to its first data, read from this worker's TUN queue, was staged
+        and a handshake asked for instead, until control's announcement came
+        (docs/first-packet.md)."""
+        entry = self.next_of.get(peer_id)
+        if entry is None or entry[R_ROLE] != ROLE_NEXT:
+            return False
+        slot, received = entry[R_SLOT], self.keyslots.received
+        if all(received(slot, worker) is None for worker in range(self.workers)):
+            return False
+        entry[R_ROLE] = ROLE_CURRENT
+        peer[P_SEND] = entry[R_SEND]
+        self._flush_staged(peer, peer_id, now)
+        return True
 
     def _stage(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
         staged: deque[bytes] | None = peer[P_STAGED]

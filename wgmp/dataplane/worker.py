@@ -154,6 +154,7 @@ class Worker(Outbound, Inbound, SendSpread):
         self.peers: dict[int, list[Any]] = {}
         self.by_index: dict[int, list[Any]] = {}
         self.by_slot: dict[int, list[Any]] = {}
+        self.next_of: dict[int, list[Any]] = {}  # peer id -> its `next` keypair's entry
         # A restarted worker goes on from its predecessor's counts (its block outlives it).
         self.totals = list(stats.totals())  # rx_packets, rx_bytes, tx_packets, tx_bytes
         self.gso = True
@@ -436,6 +437,7 @@ class Worker(Outbound, Inbound, SendSpread):
                 insert(address, cidr, peer_id)
 
     def _remove_peer(self, peer_id: int) -> None:
+        self.next_of.pop(peer_id, None)
         if self.peers.pop(peer_id, None) is None:
             return
         self.allowed.remove_by_peer(peer_id)
@@ -493,11 +495,15 @@ class Worker(Outbound, Inbound, SendSpread):
             entry[R_REPLAY].resume(high)
         self.by_index[info.local_index] = entry
         self.local_index[slot] = info.local_index
+        if role == ROLE_NEXT:
+            self.next_of[info.peer_id] = entry  # Outbound._confirmed_by_sibling
 
     def _change_role(self, entry: list[Any], slot: int, role: int, now: float) -> None:
         """A role change of a keypair this worker has (next -> current, current ->
         previous): its window and counters are kept, nothing is read or made again."""
         peer_id = entry[R_PEER]
+        if role != ROLE_NEXT and self.next_of.get(peer_id) is entry:
+            del self.next_of[peer_id]
         peer = self.peers.get(peer_id)
         if peer is None:
             return
@@ -519,6 +525,8 @@ class Worker(Outbound, Inbound, SendSpread):
         index = self.local_index.pop(slot, None)
         if index is not None and self.by_index.get(index) is entry:
             del self.by_index[index]
+        if self.next_of.get(entry[R_PEER]) is entry:
+            del self.next_of[entry[R_PEER]]
         peer = self.peers.get(entry[R_PEER])
         if peer is not None and peer[P_SEND] is entry[R_SEND]:
             peer[P_SEND] = None
