@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from wgmp.ipc.channel import READ_CHUNK, READ_MAX, Channel
+from wgmp.ipc.channel import Channel
 from wgmp.ipc.messages import (
     Activity,
     HandshakePackets,
@@ -199,35 +199,3 @@ def test_send_to_all_writes_every_channel_whole_while_others_are_full() -> None:
         control.close()
     for worker in workers[:2]:
         worker.close()
-
-
-def test_one_receive_reads_what_is_there_up_to_read_max_through_its_kept_buffer() -> None:
-    """`receive` reads into one buffer kept for the channel, READ_CHUNK at a time: a message
-    larger than the buffer arrives whole, and one call reads up to READ_MAX (as the single
-    1 MiB read it replaces did), leaving the rest for the next."""
-    ours, theirs = socket.socketpair()
-    sender, receiver = Channel(ours), Channel(theirs)
-    big = HandshakePackets([[bytes(READ_CHUNK * 3), ["192.0.2.1", 1], None]])
-    small = [Mtu(n) for n in range(3)]
-    try:
-        buffer = receiver._buffer
-        sender.send(small[0])
-        assert receiver.receive() == [small[0]]
-        sender.send_many([big, *small[1:]])
-        assert _drain(receiver, 3) == [big, *small[1:]]
-        filler = [KeypairInstall(n, 0) for n in range(READ_MAX // 4)]  # ~1.5 x READ_MAX
-        writer = threading.Thread(target=sender.send_many, args=(filler,))
-        writer.start()  # it waits for room as the reads below make it
-        got: list[Message] = []
-        while len(got) < len(filler):
-            select.select([receiver], [], [], 5)
-            messages = receiver.receive()
-            assert messages is not None
-            assert len(messages) <= READ_MAX // 4  # a call reads READ_MAX bytes at most
-            got.extend(messages)
-        writer.join(5)
-        assert got == filler
-        assert receiver._buffer is buffer and len(buffer) == READ_CHUNK  # the same buffer
-    finally:
-        ours.close()
-        theirs.close()

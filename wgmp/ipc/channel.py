@@ -19,8 +19,6 @@ __all__ = ["Channel"]
 
 SO_SNDBUFFORCE = 32
 WORKER_SEND_BUFFER = 1 << 20
-READ_CHUNK = 1 << 16  # one read's buffer, kept for the channel's life (64 KiB of memory)
-READ_MAX = 1 << 20  # bytes read in one `receive` at most, in READ_CHUNK reads
 
 
 class Channel:
@@ -47,8 +45,6 @@ class Channel:
         self._outq_mark = 0  # control's end: its pipe's fill (SIOCOUTQ) after the last write
         self._read_seen = False  # ... and it went down since: the other end read
         self._eof = False  # the other end closed
-        self._buffer = bytearray(READ_CHUNK)  # what each read lands in (`_read`)
-        self._view = memoryview(self._buffer)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -159,7 +155,17 @@ class Channel:
         nothing of what it sent is left. A list that is no declared message is logged and
         skipped."""
         if not self._eof:
-            self._read()
+            try:
+                data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = b""
+            if data is not None:
+                if data:
+                    self._unpacker.feed(data)
+                else:
+                    self._eof = True
         raw = list(self._unpacker)
         if self._eof and not raw:
             return None
@@ -175,27 +181,6 @@ class Channel:
 
                 logging.getLogger("wgmp").error("ignored a message on the channel: %s", err)
         return messages
-
-    def _read(self) -> None:
-        """Feed the unpacker what is readable now, up to READ_MAX bytes, through one buffer
-        kept for it: `recv(1 << 20)` allocated (mmap) and freed a 1 MiB bytes object per
-        read, 14 us warm and ~55 us with cold caches against 6 and ~32 for a small message
-        (perf/RESULTS.md, "first packet, the workers' steps"): every NeedHandshake,
-        KeypairInstall and Confirmed of a new session is such a read."""
-        buffer, view = self._buffer, self._view
-        for _ in range(READ_MAX // READ_CHUNK):
-            try:
-                size = self.sock.recv_into(buffer, READ_CHUNK, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError:
-                size = 0
-            if not size:
-                self._eof = True
-                return
-            self._unpacker.feed(view[:size])  # copied into the unpacker's own buffer
-            if size < READ_CHUNK:
-                return  # all there was
 
     def close(self) -> None:
         self.sock.close()
