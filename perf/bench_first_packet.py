@@ -257,6 +257,7 @@ def parts(rounds: int, cold: bool) -> dict[str, list[int]]:
         "ReplayWindow()": ReplayWindow,
         "keyslots.received": lambda: keyslots.received(slot, 0),
         "keyslots.reserve (fcntl x2)": lambda: keyslots.reserve(slot, 256),
+        "keyslots.claim_first (+ its reset)": lambda: claim_again(keyslots, slot),
         "first encrypt of a new cipher": lambda: ChaCha20Poly1305(KEY_B).encrypt(
             bytes(12), bytes(96), None
         ),
@@ -267,6 +268,15 @@ def parts(rounds: int, cold: bool) -> dict[str, list[int]]:
         for name, piece in pieces.items():
             out[name].append(timed(cold, piece)[1])
     return out
+
+
+def claim_again(keyslots: KeySlots, slot: int) -> bool:
+    """claim_first on a slot whose first block is free again (its mark reset)."""
+    claim = getattr(keyslots, "claim_first", None)
+    if claim is None:
+        return False  # the tree before it
+    keyslots.shm.view[slot * 128 + 32] = 0  # the mark (keyslots._FIRST_TAKEN)
+    return bool(claim(slot))
 
 
 def main() -> None:
