@@ -189,8 +189,8 @@ class Outbound:
             self.workers == 1 or not self._confirmed_by_sibling(peer, peer_id, now)
         ):
             # A new session's first packet: staged, and the handshake asked for, here (through
-            # the general path it took ~55 us with cold caches against ~40:
-            # perf/bench_first_packet.py, "ask").
+            # the general path it took ~69 us with cold caches against ~55, read to ask:
+            # perf/RESULTS.md, "first packet, the workers' steps").
             self._stage(peer, peer_id, packet[skip:] if skip else packet, now)
             return None
         send = peer[P_SEND]  # perhaps a sibling's confirmed keypair: the general path sends
@@ -497,8 +497,8 @@ class Outbound:
         count = len(messages)
         if count == 1:
             # One message (a new session's staged packet, a keepalive): no runs to find, as
-            # Outbound._send_lone sends it (the loop below cost a first packet ~5 us with
-            # cold caches: perf/bench_first_packet.py, "install").
+            # Outbound._send_lone sends it (the loop below cost ~5 us more with cold caches,
+            # beside the system call: perf/bench_first_packet.py, "install").
             sticky, error = send_sticky(sock, messages, [], endpoint, sticky)
             if route is None:
                 peer[P_STICKY] = sticky

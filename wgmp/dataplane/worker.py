@@ -463,10 +463,10 @@ class Worker(Outbound, Inbound, SendSpread):
         ):
             # The keypair's first sender (one worker per keypair: the worker of its first
             # receive block, which confirms a `next` keypair; the only one, with one worker)
-            # takes counters [0, FIRST_BLOCK) without the lock, which cost the initiator's
-            # first packet and the responder's first reply ~15-25 us with cold caches
-            # (perf/bench_first_packet.py, "install" and "reply"). A successor finds the
-            # block taken and reserves.
+            # takes counters [0, FIRST_BLOCK) without the lock, whose two system calls cost
+            # the initiator's first packet (and the responder's first reply) 26-32 us with
+            # cold caches against ~14 for the claim (perf/bench_first_packet.py --parts). A
+            # successor finds the block taken and reserves (docs/first-packet.md).
             send[S_END] = FIRST_BLOCK
         if role != ROLE_CURRENT:
             self._install_receive(info, role, send)

@@ -15,8 +15,8 @@ Except the first block: a slot is published with its counter at FIRST_BLOCK, and
 which), which takes them with `claim_first`, without the lock: a one-byte mark in the slot,
 its only writer that worker, set before any of them is used, so that a restarted successor
 reserves instead and never uses a counter twice. The lock's two system calls cost a new
-session's first packet ~15-25 us with cold caches (perf/RESULTS.md, "first packet, the
-workers' steps"). A first block its owner never uses is a gap of FIRST_BLOCK counters at the
+session's first packet 26-32 us with cold caches, the claim ~14 (perf/RESULTS.md, "first
+packet, the workers' steps"). A first block its owner never uses is a gap of FIRST_BLOCK counters at the
 start of the keypair, far from any receive block's last counter (net/steering.py).
 
 After the slots comes a table of marks, two u64 per (slot, worker), each +1 (0 = none): the
