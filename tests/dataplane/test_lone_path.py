@@ -51,6 +51,7 @@ from wgmp.dataplane.worker import (
 )
 from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
+from wgmp.ipc.messages import Confirmed, NeedHandshake
 from wgmp.net.steering import RECEIVE_BLOCK_BITS
 from wgmp.net.tun import VIRTIO_NET_HDR_NONE
 from wgmp.protocol.constants import (
@@ -116,6 +117,8 @@ class Rig:
             slot: (w.keyslots.received(slot, 0), w.keyslots.delivered(slot, 0))
             for slot in w.by_slot
         }
+        if w._later:
+            w._tell_now()  # what the loop writes once it has no lone packet to finish
         return {
             "sent": copy.deepcopy(self.fake.sent),
             "tun": self.tun_written(),
@@ -147,11 +150,11 @@ def pair(workers: int = 1) -> Iterator[tuple[Rig, Rig]]:
         general.close()
 
 
-def spy(worker: Worker, name: str, calls: list[bool]) -> None:
+def spy(worker: Worker, name: str, calls: list[bool | None]) -> None:
     real = getattr(worker, name)
 
-    def watched(*args: Any) -> bool:
-        result: bool = real(*args)
+    def watched(*args: Any) -> bool | None:
+        result: bool | None = real(*args)
         calls.append(result)
         return result
 
@@ -177,7 +180,7 @@ def send_both(
             setup(rig)
             rig.tun_theirs.send(VIRTIO_NET_HDR_NONE + packet)
             control_messages(rig.control)  # what the set-up said
-        calls: list[bool] = []
+        calls: list[bool | None] = []
         spy(lone.worker, "_send_lone", calls)
         lone.worker._tun_sparse = True
         general.worker._tun_sparse = False
@@ -241,7 +244,7 @@ def test_with_several_workers_a_lone_packet_keeps_the_chunk_order() -> None:
         warm(rig)
 
     with pair(2) as (lone, general):
-        calls: list[bool] = []
+        calls: list[bool | None] = []
         spy(lone.worker, "_send_lone", calls)
         for rig in (lone, general):
             setup(rig)
@@ -258,6 +261,71 @@ def test_with_several_workers_a_lone_packet_keeps_the_chunk_order() -> None:
 
 def _no_keypair(rig: Rig) -> None:
     pass
+
+
+def _next_of_a_sibling(rig: Rig, received: bool) -> None:
+    """A `next` keypair whose first receive block is worker 1's; `received`: worker 1 has
+    received under it (its replay mark), i.e. it is confirmed."""
+    slot = rig.worker.keyslots.publish(
+        local_index=INDEX + 1, remote_index=9, peer_id=1, is_initiator=False,
+        created=NOW - 1.0, send_key=SEND_KEY, receive_key=RECEIVE_KEY,
+    )  # fmt: skip
+    rig.worker._install(slot, ROLE_NEXT, NOW)
+    if received:
+        rig.worker.keyslots.write_received(slot, 0, 1)
+
+
+@pytest.mark.parametrize("received", [False, True], ids=["unconfirmed", "confirmed"])
+def test_a_packet_under_a_next_keypair_a_sibling_confirmed_is_sent_as_the_general_path_sends_it(
+    received: bool,
+) -> None:
+    """With several workers the responder's reply may be read by a worker that did not
+    receive the first data: it sends under the `next` keypair once a sibling's replay mark
+    shows it confirmed (else stages it and asks for a handshake, as before)."""
+    taken, lone, general = send_both(
+        _outbound(1), lambda rig: _next_of_a_sibling(rig, received), workers=2
+    )
+    assert lone == general
+    if received:
+        assert taken is False  # the general path reserves its block
+        assert len(lone["sent"]) == 1 and not lone["control"] and lone["staged"] == 0
+        assert lone["peer"][P_SEND] is not None
+    else:
+        assert taken is None and not lone["sent"] and lone["control"] == [NeedHandshake(1)]
+
+
+def _no_keypair_no_endpoint(rig: Rig) -> None:
+    rig.worker.peers[1][P_ENDPOINT] = None
+
+
+def _asked_already(rig: Rig) -> None:
+    rig.worker._stage(rig.worker.peers[1], 1, _outbound(0), NOW - 0.01)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [_no_keypair, _no_keypair_no_endpoint, _asked_already],
+    ids=["no-keypair", "no-endpoint", "asked-already"],
+)
+def test_a_lone_packet_without_a_keypair_is_staged_as_the_general_path_stages_it(
+    setup: Callable[[Rig], None],
+) -> None:
+    """A new session's first packet: staged, the handshake asked for (once in 50 ms)."""
+    taken, lone, general = send_both(_outbound(1), setup)
+    assert lone == general
+    assert lone["staged"] == len(lone["peer"][P_STAGED]) and not lone["sent"]
+    asked = [m for m in lone["control"] if isinstance(m, NeedHandshake)]
+    assert asked == ([] if setup is _asked_already else [NeedHandshake(1)])
+    with pair() as (rig, _):
+        setup(rig)
+        calls: list[bool | None] = []
+        spy(rig.worker, "_send_lone", calls)
+        rig.tun_theirs.send(VIRTIO_NET_HDR_NONE + _outbound(1))
+        rig.worker._tun_sparse = True
+        rig.worker._outbound(NOW)
+        # Taken (None: staged, nothing sent), and the loop sleeps at once: no look for a
+        # burst after it (control, woken by the ask on this CPU, waits for that).
+        assert calls == [None] and not rig.worker._tun_again and rig.worker._tun_sparse
 
 
 def _looping(rig: Rig) -> None:
@@ -282,7 +350,9 @@ def _rekey_due(rig: Rig) -> None:
 
 
 def _block_used_up(rig: Rig) -> None:
-    rig.install()  # nothing reserved yet: the first packet takes a block
+    rig.install()  # its first block (claim_first) used to its end: a new one is reserved
+    send = rig.worker.peers[1][P_SEND]
+    send[S_NEXT] = send[S_END]
 
 
 def _listening(rig: Rig) -> None:
@@ -299,7 +369,6 @@ def _block_stale(rig: Rig) -> None:
 @pytest.mark.parametrize(
     ("packet", "setup"),
     [
-        (_outbound(1), _no_keypair),
         (_outbound(1), _looping),
         (_outbound(1), _no_endpoint),
         (_outbound(1), _expired),
@@ -312,7 +381,7 @@ def _block_stale(rig: Rig) -> None:
         (_udp4(OURS, 51820, THEIRS, 51820, b"q" * 30), _listening),  # to/from our port
     ],
     ids=[
-        "no-keypair", "looping", "no-endpoint", "expired", "rekey", "block-used-up",
+        "looping", "no-endpoint", "expired", "rekey", "block-used-up",
         "block-stale", "no-route", "malformed", "short", "our-port",
     ],
 )  # fmt: skip
@@ -373,7 +442,7 @@ def receive_both(
             setup(rig)
             control_messages(rig.control)
             rig.tun_written()
-        calls: list[bool] = []
+        calls: list[bool | None] = []
         spy(lone.worker, "_receive_lone", calls)
         lone.worker._udp_sparse = True
         general.worker._udp_sparse = False
@@ -429,6 +498,34 @@ def _next_keypair(rig: Rig) -> None:
     rig.install(role=ROLE_NEXT)
 
 
+def _next_keypair_staged(rig: Rig) -> None:
+    rig.worker._stage(rig.worker.peers[1], 1, _outbound(0), NOW)
+    rig.install(role=ROLE_NEXT)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(
+    ("data", "setup"),
+    [
+        (datagram(0), _next_keypair),
+        (datagram(0, b""), _next_keypair),  # a keepalive confirms too
+        (datagram(3), _next_keypair_staged),  # the staged packets leave under it
+    ],
+    ids=["data", "keepalive", "staged"],
+)
+def test_the_first_datagram_under_a_next_keypair_is_taken_as_the_general_path_takes_it(
+    data: bytes, setup: Callable[[Rig], None], workers: int
+) -> None:
+    """The responder's first data: confirmed, delivered, told to control, with 1 worker and
+    as the worker of the keypair's first counter block of 2 (nothing to hold it for)."""
+    taken, lone, general = receive_both(data, setup, workers=workers)
+    assert taken is True
+    assert lone == general
+    assert lone["control"][-1] == Confirmed(0)
+    assert lone["peer"][P_SEND] is not None
+    assert len(lone["sent"]) == (1 if setup is _next_keypair_staged else 0)
+
+
 def _expired_receive(rig: Rig) -> None:
     rig.install(created=NOW - REJECT_AFTER_TIME)
 
@@ -446,7 +543,7 @@ def _pending_write(rig: Rig) -> None:
     ("data", "setup", "address", "sticky", "workers"),
     [
         (datagram(5, index=0x0799), current, ENDPOINT, None, 1),  # unknown index
-        (datagram(0), _next_keypair, ENDPOINT, None, 1),  # confirms the keypair
+        (datagram(0), _next_keypair, ENDPOINT, PKTINFO, 1),  # confirms it, a new source
         (datagram(0), _expired_receive, ENDPOINT, None, 1),
         (datagram(0), _rekey_on_receive, ENDPOINT, None, 1),
         (datagram(5), current, ("192.0.2.9", 4000), None, 1),  # roamed
@@ -457,10 +554,11 @@ def _pending_write(rig: Rig) -> None:
         (datagram(B), current, ENDPOINT, None, 2),  # another worker's block
         (datagram(2 * B), current, ENDPOINT, None, 2),  # a new block of ours
         (datagram(B - 1), current, ENDPOINT, None, 2),  # a block's last counter
+        (datagram(2 * B), _next_keypair, ENDPOINT, None, 2),  # a first block that is not 0
     ],
     ids=[
-        "unknown-index", "next-keypair", "expired", "rekey", "roamed", "sticky",
-        "pending-write", "short", "handshake", "other-block", "new-block", "block-last",
+        "unknown-index", "next-keypair-roamed", "expired", "rekey", "roamed", "sticky",
+        "pending-write", "short", "handshake", "other-block", "new-block", "block-last", "first-block-not-0",
     ],
 )  # fmt: skip
 def test_every_other_datagram_goes_the_general_way_untouched(

@@ -17,10 +17,17 @@ from tests.dataplane.test_coalesce import tcp4
 from wgmp.dataplane import inbound
 from wgmp.dataplane.inbound import HOLD_MAX
 from wgmp.dataplane.records import P_SEND, P_STICKY
-from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker
+from wgmp.dataplane.worker import (
+    FLUSH_LATE_MAX,
+    ROLE_CURRENT,
+    ROLE_NEXT,
+    Worker,
+    tell_should_wait,
+)
 from wgmp.ipc.channel import Channel
-from wgmp.ipc.keyslots import KeySlots
+from wgmp.ipc.keyslots import FIRST_BLOCK, KeySlots
 from wgmp.ipc.messages import (
+    ROLE_PREVIOUS,
     Activity,
     Confirmed,
     HandshakePackets,
@@ -204,6 +211,11 @@ def test_first_packet_under_next_keypair_confirms_it(rig: Any) -> None:
     view, nbytes, size = train([0])
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
     assert rig.worker.peers[1][1] is not None
+    # Told once the packet is in the TUN and the loop has no lone packet to finish.
+    assert control_messages(rig.control) == []
+    rig.worker._deliver(time.monotonic())
+    assert len(rig.tun.recv(70000)) > VIRTIO_NET_HDR_LEN
+    rig.worker._tell_now()
     assert Confirmed(slot) in control_messages(rig.control)
 
 
@@ -968,3 +980,222 @@ def test_the_workers_header_layouts_are_the_protocols() -> None:
 
     assert HEADER.format == TRANSPORT_HEADER.format.replace(" ", "")
     assert NONCE.format == AEAD_NONCE.format
+
+
+# -- a new session's first packet (perf/bench_first_packet.py) -------------------------------
+
+
+def test_a_new_sessions_staged_packet_leaves_before_the_keypairs_receive_side_is_made(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The initiator's first packet waits for the keypair's send side only: it is sent
+    first, and the receive side is made after it (and made even if sending raised)."""
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
+    rig.worker._outbound(time.monotonic())
+    assert control_messages(rig.control) == [NeedHandshake(1)]
+    sent_when_made: list[int] = []
+    real = rig.worker._install_receive
+
+    def watched(*args: Any) -> None:
+        sent_when_made.append(len(rig.fake.sent))
+        real(*args)
+
+    monkeypatch.setattr(rig.worker, "_install_receive", watched)
+
+    def no_lock(slot: int, count: int) -> int:
+        raise AssertionError("the first block is the first sender's (claim_first)")
+
+    monkeypatch.setattr(rig.worker.keyslots, "reserve", no_lock)
+    slot = install(rig.worker, ROLE_CURRENT)
+    assert sent_when_made == [1]
+    assert open_transport(SEND_KEY, rig.fake.sent[0][0][0])[1] == 0
+    entry = rig.worker.by_slot[slot]
+    assert rig.worker.by_index[OWNED_INDEX] is entry and entry[7] is rig.worker.peers[1][P_SEND]
+    view, nbytes, size = train([0])  # the answer is received under it
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
+    rig.worker._deliver(time.monotonic())
+    assert len(rig.tun.recv(70000)) > VIRTIO_NET_HDR_LEN
+
+    def failing(*args: Any) -> None:
+        raise OSError("the send raised")
+
+    rig.worker._remove_keypair(slot)
+    rig.worker._stage(rig.worker.peers[1], 1, _outbound(1), time.monotonic())
+    monkeypatch.setattr(rig.worker, "_flush_staged", failing)
+    with pytest.raises(OSError):
+        install(rig.worker, ROLE_CURRENT, local_index=OWNED_INDEX + 0x100)
+    assert OWNED_INDEX + 0x100 in rig.worker.by_index  # its receive side is there all the same
+
+
+def test_a_role_change_keeps_the_keypair_and_reads_nothing_again(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slot = install(rig.worker, ROLE_NEXT)
+    entry = rig.worker.by_slot[slot]
+    view, nbytes, size = train([0])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
+
+    def no_read(slot: int) -> Any:
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(rig.worker.keyslots, "read", no_read)
+    for role in (ROLE_CURRENT, ROLE_PREVIOUS, ROLE_CURRENT):
+        rig.worker._install(slot, role, time.monotonic())
+        assert rig.worker.by_slot[slot] is entry and entry[4] == role
+        assert rig.worker.by_index[OWNED_INDEX] is entry
+    assert entry[2].last == 0 and not entry[2].accept(0)  # the same window: 0 was seen
+    assert rig.worker.peers[1][P_SEND] is entry[7]
+
+
+def test_a_keypairs_first_sender_takes_the_first_block_without_the_lock(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One worker per keypair, the worker of its first receive block (which confirms a
+    `next` keypair), takes counters [0, FIRST_BLOCK) at install without the lock; the
+    others reserve after it; a successor of that worker finds the block taken and reserves.
+    So the responder's first reply takes the lone path."""
+    first, second, _, sockets = _two_workers(rig)
+    try:
+        keyslots = first.keyslots
+        locked: list[int] = []
+        real_reserve = keyslots.reserve
+
+        def reserve(slot: int, count: int) -> int:
+            locked.append(count)
+            return real_reserve(slot, count)
+
+        monkeypatch.setattr(keyslots, "reserve", reserve)
+        owned_by_1 = OWNED_INDEX + 0x101  # its low byte names worker 1
+        slot = install(first, ROLE_NEXT, local_index=owned_by_1)
+        assert first.by_slot[slot][7][4] == 0  # S_END: worker 0 has no block
+        second._install(slot, ROLE_NEXT, time.monotonic())
+        send = second.by_slot[slot][7]
+        assert (send[3], send[4]) == (0, FIRST_BLOCK)  # S_NEXT, S_END
+        assert keyslots.counter(slot) == FIRST_BLOCK and locked == []
+        # Worker 0 sends under it too (once current): a block after the first, locked.
+        first._change_role(first.by_slot[slot], slot, ROLE_CURRENT, time.monotonic())
+        first._send_keepalive(1, slot, time.monotonic())
+        keepalive = first.sockets[4].sent[-1][0][0]  # type: ignore[attr-defined]
+        assert open_transport(SEND_KEY, keepalive)[1] == FIRST_BLOCK and locked == [256]
+        # Confirmed by its first datagram, then the reply read alone goes the lone way.
+        data = seal_transport(RECEIVE_KEY, owned_by_1, 0, _inner(0, THEIRS), 1420)
+        second._udp_sparse = True
+        second._inbound(OneDatagram(data), time.monotonic())  # type: ignore[arg-type]
+        assert second.peers[1][P_SEND] is send
+        # At once with several workers: a sibling may read the reply and needs the keypair.
+        assert control_messages(sockets[4]) == [Confirmed(slot)]
+        sent = second.sockets[4].sent  # type: ignore[attr-defined]
+        tun_ours, tun_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sockets += [tun_ours, tun_theirs]
+        second.tun_fd = tun_ours.fileno()
+        os.set_blocking(second.tun_fd, False)
+        tun_theirs.send(VIRTIO_NET_HDR_NONE + _outbound(0))
+        second._tun_sparse = True
+        lone: list[bool | None] = []
+        real = second._send_lone
+
+        def watched(packet: bytes, now: float) -> bool | None:
+            lone.append(real(packet, now))
+            return lone[-1]
+
+        second._send_lone = watched  # type: ignore[method-assign]
+        second._outbound(time.monotonic())
+        assert lone == [True] and len(sent) == 1
+        assert open_transport(SEND_KEY, sent[0][0][0])[1] == 0  # the block's first counter
+        assert locked == [256]  # worker 0's only
+        # A successor of worker 1 (restarted) finds the first block taken.
+        successor = Worker(
+            1, second.tun_fd, {4: FakeSocket()}, second.channel, keyslots, StatsBlock.create(),  # type: ignore[dict-item]
+            vnet_hdr=True, workers=2,
+        )  # fmt: skip
+        successor._set_peer(1, list(ENDPOINT), [[THEIRS, 32]])
+        successor._install(slot, ROLE_CURRENT, time.monotonic())
+        assert successor.by_slot[slot][7][4] == 0  # no block: the first send reserves one
+        successor._send_keepalive(1, slot, time.monotonic())
+        assert locked == [256, 256]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class OneDatagram:
+    def __init__(self, data: bytes) -> None:
+        self.data: bytes | None = data
+
+    def recvmsg_into(self, buffers: list[bytearray], ancsize: int) -> tuple[Any, ...]:
+        if self.data is None:
+            raise BlockingIOError
+        data, self.data = self.data, None
+        buffers[0][: len(data)] = data
+        return len(data), [], 0, ENDPOINT
+
+
+def test_the_responders_first_data_reaches_the_tun_before_control_hears_of_it(
+    rig: Any,
+) -> None:
+    """Confirmed waits for the loop's next poll that finds nothing lone to finish (the reply
+    made inside the TUN write goes first), at most FLUSH_LATE_MAX, and comes before the
+    flush's Activity."""
+    slot = install(rig.worker, ROLE_NEXT)
+    rig.worker._udp_sparse = True
+    data = seal_transport(RECEIVE_KEY, OWNED_INDEX, 0, _inner(0, THEIRS), 1420)
+    rig.worker._inbound(OneDatagram(data), time.monotonic())
+    assert len(rig.tun.recv(70000)) > VIRTIO_NET_HDR_LEN
+    assert rig.worker.peers[1][P_SEND] is not None
+    assert control_messages(rig.control) == []  # the lone datagram's answer comes first
+    assert rig.worker._udp_again is not None
+    rig.worker._flush(time.monotonic())  # whatever comes first: the flush, or the loop
+    messages = control_messages(rig.control)
+    assert messages[0] == Confirmed(slot) and isinstance(messages[1], Activity)
+    assert rig.worker._later == []
+
+
+def test_kept_messages_wait_for_a_poll_without_lone_packets_but_not_for_long() -> None:
+    since = time.monotonic()
+    assert tell_should_wait(since, since, True)  # a lone packet was just handled
+    assert tell_should_wait(since + FLUSH_LATE_MAX / 2, since, True)
+    assert not tell_should_wait(since + FLUSH_LATE_MAX, since, True)  # late enough
+    assert not tell_should_wait(since, since, False)  # nothing lone to finish: now
+
+
+def test_a_sibling_sends_under_a_next_keypair_once_a_worker_received_under_it(
+    rig: Any,
+) -> None:
+    """With several workers the responder's reply may be read by a worker that did not get
+    the first data: once the receiving worker's replay mark shows the `next` keypair
+    confirmed, that worker sends under it, what it staged first, without waiting for
+    control's announcement (and asks for no handshake)."""
+    first, second, current, sockets = _two_workers(rig)
+    try:
+        now = time.monotonic()
+        for worker in (first, second):
+            worker._remove_keypair(current)  # both ends forgot the peer
+        owned_by_1 = OWNED_INDEX + 0x101  # its low byte names worker 1
+        slot = install(first, ROLE_NEXT, local_index=owned_by_1)
+        second._install(slot, ROLE_NEXT, now)
+        control_messages(rig.control)
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
+        first._outbound(now)
+        assert not rig.fake.sent and control_messages(rig.control) == [NeedHandshake(1)]
+        data = seal_transport(RECEIVE_KEY, owned_by_1, 0, _inner(0, THEIRS), 1420)
+        second._udp_sparse = True
+        second._inbound(OneDatagram(data), now)  # type: ignore[arg-type]
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(1))
+        first._outbound(now + 0.1)  # past the 50 ms between asks: it would ask again
+        assert control_messages(rig.control) == []
+        assert first.by_slot[slot][4] == ROLE_CURRENT and first.peers[1][P_SEND] is not None
+        opened = [open_transport(SEND_KEY, m) for buffers, _, _ in rig.fake.sent for m in buffers]
+        assert [counter for _, counter, _ in opened] == [FIRST_BLOCK, FIRST_BLOCK + 1]
+        assert (
+            [payload[:20] for _, _, payload in opened]
+            == [
+                _outbound(0)[:20],  # the staged packet first
+                _outbound(1)[:20],
+            ]
+        )
+        # Control's announcement changes nothing more.
+        first._install(slot, ROLE_CURRENT, now)
+        assert len(rig.fake.sent) == 2 and slot not in [e[3] for e in first.next_of.values()]
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -20,6 +20,7 @@ import pytest
 
 from wgmp.ipc import keyslots as keyslots_module
 from wgmp.ipc.keyslots import (
+    FIRST_BLOCK,
     HANDED_MARK_SIZE,
     KEYSLOT_SIZE,
     MARK_SIZE,
@@ -80,7 +81,8 @@ def test_publish_read_round_trip(table: KeySlots) -> None:
     assert table.read(second) == KeySlot(
         second, 0x1234_5602, 0xABCD_0002, 2, False, 1002.25, b"\x02" * 32, bytes([102]) * 32
     )
-    assert table.counter(first) == table.counter(second) == 0
+    # Counters [0, FIRST_BLOCK) are the first sender's (claim_first): reserve starts after.
+    assert table.counter(first) == table.counter(second) == FIRST_BLOCK
     tables = HANDED_MARK_SIZE + READ_FULL_SIZE
     assert table.capacity == 8 and table.shm.size == 8 * (KEYSLOT_SIZE + MARK_SIZE) + tables
 
@@ -101,7 +103,7 @@ def test_a_process_attached_by_descriptor_reads_what_control_published(table: Ke
     finally:
         _stop([process])
     assert read == table.read(slot)
-    assert first == 3 and table.counter(slot) == 8  # the counter lives in shared memory
+    assert first == FIRST_BLOCK + 3 and table.counter(slot) == FIRST_BLOCK + 8  # shared
     assert free == []  # workers never allocate
 
 
@@ -118,7 +120,8 @@ def test_release_zeroes_and_recycles_the_slot(table: KeySlots) -> None:
     assert table.read(slots[4]).peer_id == 4  # the neighbours are untouched
     again = _publish(table, 42)
     assert again == victim  # the only free slot
-    assert table.counter(again) == 0  # a recycled slot starts counting afresh
+    assert table.counter(again) == FIRST_BLOCK  # a recycled slot starts counting afresh
+    assert table.claim_first(again)  # and its first block is free again
     assert table.read(again).local_index == 0x1234_5600 + 42
 
 
@@ -139,8 +142,9 @@ def _storm(fd: int, slot: int, seed: int, start: Any, conn: Connection) -> None:
 
 
 def _check_disjoint(blocks: list[tuple[int, int]]) -> int:
-    """The blocks tile [0, total) exactly: no counter twice, none skipped; returns total."""
-    expected = 0
+    """The blocks tile [FIRST_BLOCK, total) exactly: no counter twice, none skipped (the
+    first block is claim_first's); returns total."""
+    expected = FIRST_BLOCK
     for first, size in sorted(blocks):
         assert first == expected, f"block at {first} overlaps or leaves a gap (expected {expected})"
         expected = first + size
@@ -168,7 +172,7 @@ def test_concurrent_reservations_never_hand_out_a_counter_twice(table: KeySlots)
     for slot in slots:
         blocks = [(first, size) for first, size, _ in results[slot]]
         total = _check_disjoint(blocks)
-        assert total == sum(size for _, size in blocks)
+        assert total == FIRST_BLOCK + sum(size for _, size in blocks)
         assert table.counter(slot) == total  # exactly the sum: no update lost
         # The processes really ran at the same time: in counter order, who reserved changes
         # hands far more often than once per process.
@@ -223,9 +227,9 @@ def test_a_process_killed_while_holding_the_lock_does_not_wedge_the_others(
         assert holder.exitcode == -signal.SIGKILL
         # The kernel dropped the dead process's lock: the waiter goes on at once.
         assert ours.poll(5), "the lock died with its holder but the waiter is still stuck"
-        assert ours.recv() == 100  # the killed process never got its block
-        assert table.reserve(slot, 1) == 110
-        assert table.counter(slot) == 111
+        assert ours.recv() == FIRST_BLOCK + 100  # the killed process never got its block
+        assert table.reserve(slot, 1) == FIRST_BLOCK + 110
+        assert table.counter(slot) == FIRST_BLOCK + 111
     finally:
         _stop([p for p in (holder, waiter) if p is not None])
 
@@ -304,3 +308,28 @@ def test_handed_marks_are_per_sealer_and_reader_and_leave_the_slots_alone() -> N
     assert (table.received(slot, 2), table.delivered(slot, 2)) == (99, 98)
     attached = KeySlots.attach(table.shm.fd, 3)
     assert attached.capacity == 4 and attached.sealed(1, 0) == 7
+
+
+def _claim(fd: int, slot: int, conn: Connection) -> None:
+    conn.send(KeySlots.attach(fd).claim_first(slot))
+
+
+def test_the_first_block_is_claimed_once_without_the_lock_and_never_reserved(
+    table: KeySlots,
+) -> None:
+    """claim_first hands [0, FIRST_BLOCK) to the keypair's first sender once: a successor
+    (another process: a restarted worker) finds it taken and reserves, and no reservation
+    (a worker's block, control's keepalive) ever hands out a counter of it."""
+    slot = _publish(table, 1)
+    assert table.reserve(slot, 1) == FIRST_BLOCK  # control's keepalive, before the claim
+    assert table.claim_first(slot)
+    ours, theirs = CTX.Pipe(duplex=False)
+    process = _run(_claim, table.shm.fd, slot, theirs)
+    try:
+        assert ours.poll(10) and ours.recv() is False  # taken, seen through shared memory
+    finally:
+        _stop([process])
+    assert table.reserve(slot, 256) == FIRST_BLOCK + 1
+    other = _publish(table, 2)
+    assert table.claim_first(other) and not table.claim_first(other)
+    assert table.read(slot).send_key == b"\x01" * 32  # the mark is outside the keys

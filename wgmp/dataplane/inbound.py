@@ -24,8 +24,10 @@ from ..ipc.keyslots import KeySlots
 from ..ipc.messages import (
     ROLE_CURRENT,
     ROLE_NEXT,
+    ROLE_PREVIOUS,
     Confirmed,
     HandshakePackets,
+    Message,
     RekeyWanted,
     Roamed,
 )
@@ -139,6 +141,7 @@ class Inbound:
     _flush_staged: Callable[[list[Any], int, float], None]
     _looping_datagram: Callable[[bytes, int, bool], bool]
     _internal_error: Callable[[str], None]
+    _tell_later: Callable[[Message, float], None]
 
     def _inbound(self, sock: socket.socket, now: float) -> None:
         """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
@@ -204,15 +207,18 @@ class Inbound:
         if (
             word != MESSAGE_TRANSPORT
             or entry is None
-            or entry[R_ROLE] != ROLE_CURRENT
+            or entry[R_ROLE] == ROLE_PREVIOUS
             or now - entry[R_CREATED] >= REJECT_AFTER_TIME
         ):
             return False
         workers = self.workers
+        block = counter >> RECEIVE_BLOCK_BITS
         if workers > 1 and (
-            (((counter >> RECEIVE_BLOCK_BITS) & 0xFFFF) + (index & 0xFF)) % workers
+            ((block & 0xFFFF) + (index & 0xFF)) % workers
             != self.worker_id  # counter_worker, as in _receive_train
-            or counter >> RECEIVE_BLOCK_BITS != entry[R_BLOCK]
+            # its block entered already, or the first block of a keypair new here, whose
+            # entry holds nothing back (_enter_block)
+            or (block != entry[R_BLOCK] and (block or entry[R_BLOCK] != -1))
             or counter & BLOCK_LAST == BLOCK_LAST
             or self._held
             or self._wake_asks
@@ -245,6 +251,11 @@ class Inbound:
         if not replay.accept(counter):
             drops[DropReason.REPLAY] += 1
             return True
+        confirming = entry[R_ROLE] == ROLE_NEXT
+        if confirming:  # _confirm, but the staged packets once the packet is in the TUN
+            entry[R_ROLE] = ROLE_CURRENT
+            peer[P_SEND] = send
+            self._tell_confirmed(entry[R_SLOT], now)
         # Authenticated: _received's bookkeeping (its roaming and rekey cases were ruled out).
         peer[P_RX_BYTES] += nbytes
         peer[P_RX_PACKETS] += 1
@@ -259,6 +270,8 @@ class Inbound:
         packet = self._inner_packet(plaintext, peer_id)
         if packet is not None:
             activity[A_DATA_RECEIVED] = now
+            if workers > 1:
+                entry[R_BLOCK] = block  # _enter_block, for a block it holds nothing of
         # _deliver's order: the replay mark in shared memory before anything reaches the TUN.
         slot, me = entry[R_SLOT], self.worker_id
         self.keyslots.write_received(slot, replay.last, me)
@@ -272,6 +285,10 @@ class Inbound:
                 drops[DropReason.TUN_WRITE_FAILED] += 1
         if workers > 1:
             self.keyslots.write_delivered(slot, replay.last, me)
+        if confirming:
+            # After the TUN write: the responder's first data (and the reply the kernel makes
+            # inside that write) does not wait for them (perf/bench_first_packet.py, "rx next").
+            self._flush_staged(peer, peer_id, now)
         return True
 
     def _inner_packet(self, plaintext: bytes, peer_id: int) -> bytes | None:
@@ -767,5 +784,18 @@ class Inbound:
         """First packet under a `next` keypair: the initiator has it, so we may send with it."""
         entry[R_ROLE] = ROLE_CURRENT
         peer[P_SEND] = entry[R_SEND]
-        self.channel.send(Confirmed(entry[R_SLOT]))
+        self._tell_confirmed(entry[R_SLOT], now)
         self._flush_staged(peer, peer_id, now)
+
+    def _tell_confirmed(self, slot: int, now: float) -> None:
+        """Tell control a `next` keypair was confirmed (it then makes it current on every
+        worker). With one worker, once the loop has no lone packet to finish
+        (`Worker._tell_later`): the reply to the responder's first data is made inside its
+        TUN write, and this write into the pipe, with control's wake-up on this CPU, came
+        before it (perf/bench_first_packet.py, "Confirmed before the reply"). With several,
+        at once, as before the TUN write: the reply may be read by a sibling, which has no
+        current keypair until control announces it (and asks for a handshake meanwhile)."""
+        if self.workers == 1:
+            self._tell_later(Confirmed(slot), now)
+        else:
+            self.channel.send(Confirmed(slot))

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..ipc.channel import Channel
 from ..ipc.keyslots import KeySlots
-from ..ipc.messages import NeedHandshake, RekeyWanted
+from ..ipc.messages import ROLE_CURRENT, ROLE_NEXT, NeedHandshake, RekeyWanted
 from ..net.steering import COUNTER_BLOCK_BITS
 from ..net.tun import VIRTIO_NET_HDR_LEN
 from ..net.udp import SOL_UDP, UDP_SEGMENT, send_sticky
@@ -47,7 +47,9 @@ from .records import (
     P_TX_BYTES,
     P_TX_PACKETS,
     R_PEER,
+    R_ROLE,
     R_SEND,
+    R_SLOT,
     S_CIPHER,
     S_CREATED,
     S_END,
@@ -105,6 +107,8 @@ class Outbound:
     listen_port: int
     local_index: dict[int, int]
     by_slot: dict[int, list[Any]]
+    next_of: dict[int, list[Any]]  # peer id -> its `next` keypair's receive entry
+    workers: int
     _send_batch: Callable[[list[Any], int, list[bytes], float], None]
     _send_in_order: Callable[..., None]
 
@@ -133,19 +137,24 @@ class Outbound:
                 self.running = False  # as in _read_batch
                 return
             raise
-        if self._send_lone(packet, now):
+        sent = self._send_lone(packet, now)
+        if sent:
             # No read that finds the queue empty (and raises): the loop's next poll, made
             # without sleeping, says whether more came (Worker.run).
             self._tun_again = True
-        else:
+        elif sent is not None:
             self._read_batch(now, packet, 0)
+        # else staged for a handshake: the loop goes to sleep at once (control, woken by
+        # the ask on this CPU, waits for that: `_stage`); more packets are read lone again.
 
-    def _send_lone(self, packet: bytes, now: float) -> bool:
+    def _send_lone(self, packet: bytes, now: float) -> bool | None:
         """Seal and send one packet read alone, if it is the common case: an IP packet that
         is not a UDP datagram of our port, to a peer that is not looping, with a current
         keypair that is in time, inside its reserved counter block and needs no rekey, and an
-        endpoint; False, with nothing changed, for anything else (the general path decides it:
-        drops, staging, new blocks, rekeys, hand-offs are its business).
+        endpoint: True. To such a peer without any keypair (a new session's first packet):
+        staged as `_number` stages it, the handshake asked for, None. False, with nothing
+        changed, for anything else (the general path decides it: drops, the staging of an
+        expired keypair's packets, new blocks, rekeys, hand-offs are its business).
 
         The same steps as `_read_batch` + `_send_batches` + `_number` + `_encrypt` +
         `_transmit` for that case, without their loops and calls: a ping's hop after a 10 ms
@@ -174,7 +183,18 @@ class Outbound:
             return False
         peer = self.peers[peer_id]
         send = peer[P_SEND]
-        if send is None or peer[P_LOOPING] or peer[P_ENDPOINT] is None:
+        if peer[P_LOOPING]:
+            return False
+        if send is None and (
+            self.workers == 1 or not self._confirmed_by_sibling(peer, peer_id, now)
+        ):
+            # A new session's first packet: staged, and the handshake asked for, here (through
+            # the general path it took ~69 us with cold caches against ~55, read to ask:
+            # perf/RESULTS.md, "first packet, the workers' steps").
+            self._stage(peer, peer_id, packet[skip:] if skip else packet, now)
+            return None
+        send = peer[P_SEND]  # perhaps a sibling's confirmed keypair: the general path sends
+        if peer[P_ENDPOINT] is None:
             return False
         counter = send[S_NEXT]
         slot = send[S_SLOT]
@@ -387,6 +407,8 @@ class Outbound:
         None, with the packets staged, without a usable keypair. The send path's checks
         (rekey, activity) are done here, by the worker that read the packets."""
         send = peer[P_SEND]
+        if send is None and self.workers > 1 and self._confirmed_by_sibling(peer, peer_id, now):
+            send = peer[P_SEND]
         count = len(packets)
         counter = send[S_NEXT] if send is not None else 0
         if (
@@ -472,8 +494,25 @@ class Outbound:
             return
         # Replies leave from the address the peer contacted (wireguard-go's sticky sockets):
         # the IP_PKTINFO / IPV6_PKTINFO of its last packet, sent back as it came.
-        total = sent = 0
         count = len(messages)
+        if count == 1:
+            # One message (a new session's staged packet, a keepalive): no runs to find, as
+            # Outbound._send_lone sends it (the loop below cost ~5 us more with cold caches,
+            # beside the system call: perf/bench_first_packet.py, "install").
+            sticky, error = send_sticky(sock, messages, [], endpoint, sticky)
+            if route is None:
+                peer[P_STICKY] = sticky
+            if error is None:
+                size = len(messages[0])
+                peer[P_TX_BYTES] += size
+                peer[P_TX_PACKETS] += 1
+                self.totals[2] += 1
+                self.totals[3] += size
+            else:
+                self.drops[DropReason.SEND_FAILED] += 1
+            touch(peer, self._touched)
+            return
+        total = sent = 0
         i = 0
         while i < count:
             size = len(messages[i])
@@ -527,6 +566,25 @@ class Outbound:
         self.totals[2] += sent
         self.totals[3] += total
 
+    def _confirmed_by_sibling(self, peer: list[Any], peer_id: int, now: float) -> bool:
+        """Whether the peer's `next` keypair was confirmed by a sibling: a worker has
+        received under it (its replay mark in the key slot, written before that packet
+        reached the TUN). It is then current here too, and what was staged leaves first
+        (the sibling told control, which announces it to every worker in its time). The
+        responder's reply to its first data, read from this worker's TUN queue, was staged
+        and a handshake asked for instead, until control's announcement came
+        (docs/first-packet.md)."""
+        entry = self.next_of.get(peer_id)
+        if entry is None or entry[R_ROLE] != ROLE_NEXT:
+            return False
+        slot, received = entry[R_SLOT], self.keyslots.received
+        if all(received(slot, worker) is None for worker in range(self.workers)):
+            return False
+        entry[R_ROLE] = ROLE_CURRENT
+        peer[P_SEND] = entry[R_SEND]
+        self._flush_staged(peer, peer_id, now)
+        return True
+
     def _stage(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
         staged: deque[bytes] | None = peer[P_STAGED]
         if staged is None:
@@ -539,6 +597,9 @@ class Outbound:
             self.drops[DropReason.STAGED_QUEUE_FULL] += 1
         staged.append(packet)
         # Control dedups handshakes itself; this only keeps the pipe quiet under a burst.
+        # The write is the last thing done here: a write into a unix socket wakes control
+        # "sync", i.e. on this CPU, where it waits until this worker sleeps (ftrace, 30 us:
+        # perf/RESULTS.md, "Where the first ping's time goes").
         if now - peer[P_HANDSHAKE_ASKED] > 0.05:
             peer[P_HANDSHAKE_ASKED] = now
             self.channel.send(NeedHandshake(peer_id))

@@ -29,10 +29,11 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from ..internal_errors import ErrorLog
 from ..ipc.channel import Channel
-from ..ipc.keyslots import KeySlots
+from ..ipc.keyslots import FIRST_BLOCK, KeySlot, KeySlots
 from ..ipc.messages import (
     ROLE_CURRENT,
     ROLE_NEXT,
+    ROLE_PREVIOUS,
     Activity,
     ComputeResponses,
     DropStaged,
@@ -54,6 +55,7 @@ from ..ipc.messages import (
     StatsFlushed,
 )
 from ..ipc.workerspec import WorkerSpec
+from ..net.steering import counter_worker
 from ..net.udp import SOL_UDP, UDP_GRO
 from ..process import forbid_core_dumps
 from ..protocol.allowedips import AllowedIPs
@@ -83,6 +85,7 @@ from .records import (
     R_REPLAY,
     R_ROLE,
     R_SEND,
+    S_END,
     S_NEXT,
     S_SLOT,
     new_activity,
@@ -102,6 +105,7 @@ __all__ = [
     "Worker",
     "WorkerSpec",
     "flush_should_wait",
+    "tell_should_wait",
     "main",
     "run_forked",
 ]
@@ -150,6 +154,7 @@ class Worker(Outbound, Inbound, SendSpread):
         self.peers: dict[int, list[Any]] = {}
         self.by_index: dict[int, list[Any]] = {}
         self.by_slot: dict[int, list[Any]] = {}
+        self.next_of: dict[int, list[Any]] = {}  # peer id -> its `next` keypair's entry
         # A restarted worker goes on from its predecessor's counts (its block outlives it).
         self.totals = list(stats.totals())  # rx_packets, rx_bytes, tx_packets, tx_bytes
         self.gso = True
@@ -199,6 +204,9 @@ class Worker(Outbound, Inbound, SendSpread):
         self.running = True
         self._errors = ErrorLog()
         self._handshakes: list[list[Any]] = []  # [data, endpoint, sticky|None] for control
+        # Messages for control that no packet waits for (`_tell_later`), and since when.
+        self._later: list[Message] = []
+        self._later_at = 0.0
         self._touched: list[list[Any]] = []  # peers to report at the next flush (P_DIRTY set)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -260,6 +268,10 @@ class Worker(Outbound, Inbound, SendSpread):
                     self._internal_error("a batch")
             flush_waits = False
             try:
+                if self._later and not tell_should_wait(
+                    now, self._later_at, self._tun_again or self._udp_again is not None
+                ):
+                    self._tell_now()
                 if self._held:
                     self._deliver(now)
                 if self._send_held:
@@ -290,6 +302,22 @@ class Worker(Outbound, Inbound, SendSpread):
             self._tun_again = False
         if not udp_ready:
             self._udp_again = None
+
+    def _tell_later(self, message: Message, now: float) -> None:
+        """Write `message` to control once the loop has no lone packet's answer to look for
+        (the poll after a lone packet, made without sleeping, comes first), at most
+        FLUSH_LATE_MAX late, and before the next flush's Activity. A write into the pipe
+        before the responder's first data reached the TUN and its reply left cost that
+        round trip the write and, on a busy machine, control's wake-up on our core
+        (perf/bench_first_packet.py, "rx next")."""
+        if not self._later:
+            self._later_at = now
+        self._later.append(message)
+
+    def _tell_now(self) -> None:
+        """Write what `_tell_later` kept, in order, in one write."""
+        later, self._later = self._later, []
+        self.channel.send_many(later)
 
     def _internal_error(self, what: str) -> None:
         """Count an exception that handling `what` raised (call from an except block)."""
@@ -409,12 +437,17 @@ class Worker(Outbound, Inbound, SendSpread):
                 insert(address, cidr, peer_id)
 
     def _remove_peer(self, peer_id: int) -> None:
+        self.next_of.pop(peer_id, None)
         if self.peers.pop(peer_id, None) is None:
             return
         self.allowed.remove_by_peer(peer_id)
         self.stats.write_peer(peer_id, (0, 0, 0, 0))
 
     def _install(self, slot: int, role: int, now: float) -> None:
+        old = self.by_slot.get(slot)
+        if old is not None:
+            self._change_role(old, slot, role, now)
+            return
         info = self.keyslots.read(slot)
         peer = self.peers.get(info.peer_id)
         if peer is None:
@@ -423,27 +456,61 @@ class Worker(Outbound, Inbound, SendSpread):
             ChaCha20Poly1305(info.send_key), info.remote_index, slot, info.created,
             info.is_initiator,
         )  # fmt: skip
+        if (
+            role != ROLE_PREVIOUS
+            and counter_worker(0, self.workers, info.local_index) == self.worker_id
+            and self.keyslots.claim_first(slot)
+        ):
+            # The keypair's first sender (one worker per keypair: the worker of its first
+            # receive block, which confirms a `next` keypair; the only one, with one worker)
+            # takes counters [0, FIRST_BLOCK) without the lock, whose two system calls cost
+            # the initiator's first packet (and the responder's first reply) 26-32 us with
+            # cold caches against ~14 for the claim (perf/bench_first_packet.py --parts). A
+            # successor finds the block taken and reserves (docs/first-packet.md).
+            send[S_END] = FIRST_BLOCK
+        if role != ROLE_CURRENT:
+            self._install_receive(info, role, send)
+            return
+        # The staged packets, which wait for this keypair (a new session's first packet),
+        # leave before its receive side is made: the peer's answer can only come after them
+        # (perf/bench_first_packet.py, "install").
+        peer[P_SEND] = send
+        try:
+            self._flush_staged(peer, info.peer_id, now)
+        finally:
+            self._install_receive(info, role, send)
+
+    def _install_receive(self, info: KeySlot, role: int, send: list[Any]) -> None:
+        """The receive side of a keypair new to this worker: its entry, by slot and index."""
+        slot = info.slot
         entry = new_receive_entry(
             ChaCha20Poly1305(info.receive_key), info.peer_id, slot, role, info.created,
             info.is_initiator, send,
         )  # fmt: skip
-        old = self.by_slot.get(slot)
-        if old is not None:  # a role change of a keypair we already have: keep its window
-            old[R_ROLE] = role
-            entry = old
-            send = old[R_SEND]
         self.by_slot[slot] = entry
         # Every worker receives its own counter blocks under every keypair, with a window
         # that sees only those counters (net/steering.py): one window per counter.
-        if old is None:
-            high = self.keyslots.received(slot, self.worker_id)
-            if high is not None:  # a predecessor received under it: no replays of that
-                entry[R_REPLAY].resume(high)
+        high = self.keyslots.received(slot, self.worker_id)
+        if high is not None:  # a predecessor received under it: no replays of that
+            entry[R_REPLAY].resume(high)
         self.by_index[info.local_index] = entry
         self.local_index[slot] = info.local_index
+        if role == ROLE_NEXT:
+            self.next_of[info.peer_id] = entry  # Outbound._confirmed_by_sibling
+
+    def _change_role(self, entry: list[Any], slot: int, role: int, now: float) -> None:
+        """A role change of a keypair this worker has (next -> current, current ->
+        previous): its window and counters are kept, nothing is read or made again."""
+        peer_id = entry[R_PEER]
+        if role != ROLE_NEXT and self.next_of.get(peer_id) is entry:
+            del self.next_of[peer_id]
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return
+        entry[R_ROLE] = role
         if role == ROLE_CURRENT:
-            peer[P_SEND] = send
-            self._flush_staged(peer, info.peer_id, now)
+            peer[P_SEND] = entry[R_SEND]
+            self._flush_staged(peer, peer_id, now)
 
     def _remove_keypair(self, slot: int) -> None:
         self._received_under.pop(slot, None)  # the slot may be reused: note nothing more
@@ -458,12 +525,16 @@ class Worker(Outbound, Inbound, SendSpread):
         index = self.local_index.pop(slot, None)
         if index is not None and self.by_index.get(index) is entry:
             del self.by_index[index]
+        if self.next_of.get(entry[R_PEER]) is entry:
+            del self.next_of[entry[R_PEER]]
         peer = self.peers.get(entry[R_PEER])
         if peer is not None and peer[P_SEND] is entry[R_SEND]:
             peer[P_SEND] = None
 
     def _flush(self, now: float) -> None:
         self._deliver(now)
+        if self._later:
+            self._tell_now()  # what the traffic reported below came after
         reports = []
         # Only the peers the paths touched since the last flush: looking at every peer ten
         # times a second cost an idle worker 12-16% of a core with 65,536 peers
@@ -498,6 +569,14 @@ def flush_should_wait(now: float, due: float, lone_io: bool) -> bool:
     request), for at most FLUSH_LATE_MAX; a poll that finds nothing, or traffic in batches,
     lets it run at once."""
     return lone_io and now - due < FLUSH_LATE_MAX
+
+
+def tell_should_wait(now: float, since: float, lone_pending: bool) -> bool:
+    """Whether messages kept for control since `since` (`Worker._tell_later`) should wait
+    for the next poll: yes while a lone packet was just handled (`lone_pending`: its answer,
+    e.g. the reply to a responder's first data, may be queued already), for at most
+    FLUSH_LATE_MAX."""
+    return lone_pending and now - since < FLUSH_LATE_MAX
 
 
 # What the worker does with each message control sends (one entry per Direction.TO_WORKER

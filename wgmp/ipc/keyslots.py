@@ -10,6 +10,15 @@ senders share. It is only ever read-modify-written under an fcntl byte-range loc
 slot's counter, one lock per block of counters (never per packet). The kernel drops such a
 lock when its holder dies, so a worker killed by SIGKILL cannot wedge the others.
 
+Except the first block: a slot is published with its counter at FIRST_BLOCK, and counters
+[0, FIRST_BLOCK) belong to one worker, the keypair's first sender (dataplane/worker.py says
+which), which takes them with `claim_first`, without the lock: a one-byte mark in the slot,
+its only writer that worker, set before any of them is used, so that a restarted successor
+reserves instead and never uses a counter twice. The lock's two system calls cost a new
+session's first packet 26-32 us with cold caches, the claim ~14 (perf/RESULTS.md, "first
+packet, the workers' steps"). A first block its owner never uses is a gap of FIRST_BLOCK counters at the
+start of the keypair, far from any receive block's last counter (net/steering.py).
+
 After the slots comes a table of marks, two u64 per (slot, worker), each +1 (0 = none): the
 largest counter that worker accepted under the slot's keypair (its replay mark, written
 before it writes what it accepted to the TUN), and the largest it delivered (written after).
@@ -35,17 +44,28 @@ import os
 import struct
 from typing import NamedTuple
 
+from ..net.steering import COUNTER_BLOCK_BITS
 from .sharedmem import SharedMemory
 
-__all__ = ["HANDED_MARK_SIZE", "KEYSLOT_SIZE", "MARK_SIZE", "READ_FULL_SIZE", "KeySlot", "KeySlots"]
+__all__ = [
+    "FIRST_BLOCK",
+    "HANDED_MARK_SIZE",
+    "KEYSLOT_SIZE",
+    "MARK_SIZE",
+    "READ_FULL_SIZE",
+    "KeySlot",
+    "KeySlots",
+]
 
 # counter u64 | local_index u32 | remote_index u32 | peer_id u32 | is_initiator u8 | pad 3
-# | created f64 | pad to 64 | send_key 32 | receive_key 32
+# | created f64 | first block taken u8 (claim_first), pad to 64 | send_key 32 | receive_key 32
 _LAYOUT = struct.Struct("<Q I I I B 3x d 32x 32s 32s")
 KEYSLOT_SIZE = 128
 MARK_SIZE = 16  # a replay mark and a delivered mark per slot and worker, after the slots
 HANDED_MARK_SIZE = 8  # per (sealer, reader) pair of workers, after the marks
 READ_FULL_SIZE = 8  # per worker, after the hand-off marks: when its last full TUN read was
+FIRST_BLOCK = 1 << COUNTER_BLOCK_BITS  # counters [0, FIRST_BLOCK): one worker's (claim_first)
+_FIRST_TAKEN = 32  # the first block's mark, a byte of the layout's padding after `created`
 _COUNTER = struct.Struct("<Q")
 _WHEN = struct.Struct("<d")
 assert _LAYOUT.size == KEYSLOT_SIZE
@@ -127,10 +147,10 @@ class KeySlots:
             raise MemoryError("no free key slot")
         slot = self._free.pop()
         self._clear_marks(slot)
-        _LAYOUT.pack_into(
+        _LAYOUT.pack_into(  # the padding, and so the first block's mark, zeroed
             self.shm.view,
             slot * KEYSLOT_SIZE,
-            0,
+            FIRST_BLOCK,  # what `reserve` hands out starts after the first block
             local_index,
             remote_index,
             peer_id,
@@ -157,6 +177,16 @@ class KeySlots:
         return KeySlot(
             slot, local, remote, peer_id, bool(initiator), created, send_key, receive_key
         )
+
+    def claim_first(self, slot: int) -> bool:
+        """Take the slot's first block, counters [0, FIRST_BLOCK), without the lock: for
+        the keypair's first sender only (its one writer); False if a predecessor took it."""
+        offset = slot * KEYSLOT_SIZE + _FIRST_TAKEN
+        view = self.shm.view
+        if view[offset]:
+            return False
+        view[offset] = 1  # before any of its counters is used
+        return True
 
     def reserve(self, slot: int, count: int) -> int:
         """Atomically take `count` consecutive send counters; returns the first."""
