@@ -34,6 +34,7 @@ from ..ipc.messages import (
     RouteLoop,
     SendKeepalive,
 )
+from ..net.steering import COUNTER_BLOCK_BITS
 from ..net.udp import Sticky
 from ..protocol.allowedips import AllowedIPs, Prefix
 from ..protocol.constants import (
@@ -113,6 +114,7 @@ class ToWorker(NamedTuple):
 
 
 UNDER_LOAD_BACKLOG = MAX_QUEUED_INCOMING_HANDSHAKES // UNDER_LOAD_QUEUE_FRACTION
+COUNTER_BLOCK = 1 << COUNTER_BLOCK_BITS  # counters senders reserve at a time, aligned
 DEADLINE_SLACK = 64  # stale timer entries tolerated beyond as many as there are live ones
 
 
@@ -650,7 +652,10 @@ class Interface:
                 self._send_initiation(peer, now, wall_ns)
             return
         log.debug("%s - Sending keepalive packet", peer)
-        counter = self.keyslots.reserve(self.slot_of[keypair], 1)
+        # A whole sender's block, of which the keepalive uses the first counter: one counter
+        # alone left every block the workers reserve after it unaligned, and their GSO trains
+        # then crossed the receiver's blocks (net/steering.py; docs/dataplane.md, outbound).
+        counter = self.keyslots.reserve(self.slot_of[keypair], COUNTER_BLOCK)
         message = seal_transport(keypair.send_key, keypair.remote_index, counter, b"", self.mtu)
         self._send_control(peer, message, now)
 
