@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Control's three handshake steps of a new session, in process, warm and cold, with the
+ephemeral key made on the spot or ahead (control/prepared.py).
+
+    python perf/bench_handshake_steps.py [--rounds 200]
+
+Two control `Interface`s, peers of each other, no I/O: "initiation" is a's
+`need_handshake` (what a worker's NeedHandshake starts) up to the datagram queued,
+"response" is b's `receive_handshake` of it (consume, answer, install), "consume" is a's
+`receive_handshake` of the response (consume, install, announce). "cold": before each step
+48 MiB are written (more than this machine's L2 and L3), as a first packet finds control
+after the rest of the machine ran (perf/bench_lone_packet.py does the same for a worker's
+hop); "not evicted": without that (each round still makes new interfaces, so their data is
+new to the caches, as a new session's is). Microseconds, median (25th
+percentile: the machine is shared). wireguard-go's whole first ping is ~1.0-1.4 ms here
+(perf/bench_latency.py). No root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_lone_packet import evict  # noqa: E402
+
+from wgmp.control.interface import Interface, Rng  # noqa: E402
+from wgmp.ipc.keyslots import KeySlots  # noqa: E402
+from wgmp.protocol.crypto import DH_GENERATE  # noqa: E402
+
+A_ENDPOINT = ("192.0.2.1", 51820)
+B_ENDPOINT = ("192.0.2.2", 51821)
+STEPS = ("initiation", "response", "consume")
+
+
+class _Random(random.Random, Rng):
+    """Seeded randomness with both methods control uses."""
+
+
+def _pair(seed: int) -> tuple[Interface, Interface, int]:
+    """Interfaces a and b, peers of each other; a's peer id for b."""
+    rng = _Random(seed)
+    a = Interface(KeySlots.create(8), rng)
+    b = Interface(KeySlots.create(8), _Random(seed + 1))
+    a.set_private_key(DH_GENERATE(rng), now=0.0)
+    b.set_private_key(DH_GENERATE(rng), now=0.0)
+    assert a.identity is not None and b.identity is not None
+    peer_b = a.peer(b.identity.public_key, now=0.0)
+    b.peer(a.identity.public_key, now=0.0)
+    a.set_endpoint(peer_b, B_ENDPOINT)
+    return a, b, peer_b.peer_id
+
+
+def _timed(cold: bool, step: Callable[[], object]) -> int:
+    if cold:
+        evict()
+    started = time.perf_counter_ns()
+    step()
+    return time.perf_counter_ns() - started
+
+
+def _only_datagram(iface: Interface) -> bytes:
+    (data,) = [d for d, *_ in iface.datagrams if d[0] in (1, 2)]
+    iface.datagrams.clear()
+    iface.commands.clear()
+    return data
+
+
+def one_handshake(seed: int, prepared: bool, cold: bool) -> list[int]:
+    a, b, peer_id = _pair(seed)
+    if prepared:  # what the daemon's idle turns do (Daemon.run)
+        for iface in (a, b):
+            while iface.prepared.pending:
+                iface.prepared.prepare_next(iface.rng)
+    times = [_timed(cold, lambda: a.need_handshake(peer_id, 1.0, 10**18))]
+    initiation = _only_datagram(a)
+    times.append(_timed(cold, lambda: b.receive_handshake(initiation, A_ENDPOINT, 1.0, 0)))
+    response = _only_datagram(b)
+    times.append(_timed(cold, lambda: a.receive_handshake(response, B_ENDPOINT, 1.0, 0)))
+    assert a.counters.completed == 1 and a.counters.prepared_used == int(prepared)
+    for iface in (a, b):
+        iface.keyslots.shm.close()
+    return times
+
+
+def quantiles(times: list[int]) -> str:
+    ordered = sorted(times)
+    return f"{statistics.median(ordered) / 1000:6.1f} ({ordered[len(ordered) // 4] / 1000:5.1f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=200)
+    args = parser.parse_args()
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {platform.processor() or platform.machine()}, "
+        f"load {os.getloadavg()[0]:.2f}, Python {platform.python_version()}"
+    )
+    print("us, median (p25) | " + " | ".join(STEPS) + " | sum of medians |")
+    for cold in (False, True):
+        for prepared in (False, True):
+            rounds = [one_handshake(n, prepared, cold) for n in range(args.rounds)]
+            columns = list(zip(*rounds, strict=True))
+            total = sum(statistics.median(c) for c in columns) / 1000
+            label = f"{'cold' if cold else 'not evicted'}, key {'made ahead' if prepared else 'on the spot'}"
+            print(
+                f"{label:33} | "
+                + " | ".join(quantiles(list(c)) for c in columns)
+                + f" | {total:6.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
