@@ -38,6 +38,7 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..net.routes import (
     NETLINK_ROUTE,
@@ -65,6 +66,16 @@ CHANGES = frozenset(
 )
 
 
+class Question(NamedTuple):
+    """All a route query depends on (the key of the answers kept)."""
+
+    endpoint: Endpoint
+    sticky: Sticky | None
+    fwmark: int
+    port: int
+    own_index: int | None
+
+
 @dataclass(frozen=True)
 class Verdict:
     clear_source: bool  # the sticky source no longer fits the route: let routing choose
@@ -83,7 +94,7 @@ class EndpointRoutes:
         except BaseException:
             self._sock.close()
             raise
-        self._verdicts: dict[tuple[object, ...], Verdict] = {}
+        self._verdicts: dict[Question, Verdict] = {}
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -117,24 +128,17 @@ class EndpointRoutes:
         """The route a datagram from our `port` to `endpoint` from `sticky` (its sticky source) with
         `fwmark` gets now; `own_index` is our interface's index when it is in this
         namespace."""
-        key = (endpoint, sticky, fwmark, port, own_index)
-        verdict = self._verdicts.get(key)
+        question = Question(endpoint, sticky, fwmark, port, own_index)
+        verdict = self._verdicts.get(question)
         if verdict is None:
-            verdict = self._ask(endpoint, sticky, fwmark=fwmark, port=port, own_index=own_index)
+            verdict = self._ask(question)
             if len(self._verdicts) >= VERDICTS_MAX:
                 self._verdicts.clear()
-            self._verdicts[key] = verdict
+            self._verdicts[question] = verdict
         return verdict
 
-    def _ask(
-        self,
-        endpoint: Endpoint,
-        sticky: Sticky | None,
-        *,
-        fwmark: int,
-        port: int,
-        own_index: int | None,
-    ) -> Verdict:
+    def _ask(self, question: Question) -> Verdict:
+        endpoint, sticky, fwmark, port, own_index = question
         ports = (port, endpoint[1]) if 0 < port < 65536 and 0 < endpoint[1] < 65536 else None
         try:
             destination = socket.inet_pton(
