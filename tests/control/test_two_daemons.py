@@ -81,16 +81,25 @@ def _configure(side: Side, peer: Side, allowed: str) -> None:
     assert reply == "errno=0\n\n"
 
 
+def _peers(a: Side, b: Side) -> None:
+    _configure(a, b, INNER_B)
+    _configure(b, a, INNER_A)
+
+
+def _crosses(a: Side, b: Side, payload: bytes) -> None:
+    """A packet written to a's TUN (staged, a handshake, then sealed with the new keypair)
+    comes out of b's."""
+    request = ipv4_udp(INNER_A, INNER_B, 4000, 5000, payload)
+    a.tun.write(request)
+    assert b.tun.read(timeout=15) == request
+
+
 def test_a_packet_crosses_two_daemons_after_a_handshake_and_one_comes_back(
     sides: tuple[Side, Side],
 ) -> None:
     a, b = sides
-    _configure(a, b, INNER_B)
-    _configure(b, a, INNER_A)
-
-    request = ipv4_udp(INNER_A, INNER_B, 4000, 5000, b"through the tunnel")
-    a.tun.write(request)  # staged, a handshake, then sealed with the new keypair
-    assert b.tun.read(timeout=15) == request
+    _peers(a, b)
+    _crosses(a, b, b"through the tunnel")
     reply = ipv4_udp(INNER_B, INNER_A, 5000, 4000, b"and back")
     b.tun.write(reply)
     assert a.tun.read(timeout=15) == reply
@@ -118,15 +127,11 @@ def test_idle_daemons_make_ephemeral_keys_ahead_and_the_handshake_uses_them(
 ) -> None:
     """control/prepared.py in the daemon's loop: made while idle, one per role used."""
     a, b = sides
-    _configure(a, b, INNER_B)
-    _configure(b, a, INNER_A)
+    _peers(a, b)
     assert _wait_for(
         lambda: a.daemon.interface.prepared.held == b.daemon.interface.prepared.held == 1
     )
-
-    request = ipv4_udp(INNER_A, INNER_B, 4000, 5000, b"first packet")
-    a.tun.write(request)
-    assert b.tun.read(timeout=15) == request
+    _crosses(a, b, b"first packet")
     for side in (a, b):
         assert side.daemon.interface.counters.prepared_used == 1
         # ...and the next one is made, once the loop is quiet again
@@ -142,11 +147,8 @@ def test_a_failing_preparation_costs_its_key_not_the_daemon(
         raise RuntimeError("a bug in preparing")
 
     monkeypatch.setattr(Handshake, "prepare", broken)
-    _configure(a, b, INNER_B)
-    _configure(b, a, INNER_A)
+    _peers(a, b)
     assert _wait_for(lambda: not a.daemon.interface.prepared.pending)
-    request = ipv4_udp(INNER_A, INNER_B, 4000, 5000, b"keys made on the spot")
-    a.tun.write(request)
-    assert b.tun.read(timeout=15) == request
+    _crosses(a, b, b"keys made on the spot")
     assert a.thread.is_alive() and a.daemon.interface.counters.prepared_used == 0
     assert "internal error handling preparing an ephemeral key" in caplog.text
