@@ -256,7 +256,8 @@ class Daemon:
     def run(self, ready: Callable[[], None] | None = None, *, signals: bool = True) -> None:
         """The event loop, until told to stop. `signals=False` leaves the process's signal
         handling alone (a daemon run in a thread by a test: only the main thread may set it);
-        a dead worker is then noticed at the next idle turn of the loop, within SUPERVISE_INTERVAL."""
+        a dead worker is then noticed at the next idle turn of the loop, within
+        SUPERVISE_INTERVAL."""
         self.running = True
         if signals:
             self._install_signals()
