@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -46,7 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dataplane import DST, KEY_A, KEY_B, SRC  # noqa: E402
-from bench_lone_packet import SO_TIMESTAMPNS, arrival, echo, evict, quiet  # noqa: E402
+from bench_lone_packet import (  # noqa: E402
+    SO_TIMESTAMPNS,
+    arrival,
+    echo,
+    evict,
+    header,
+    quantiles,
+    quiet,
+)
 
 from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker  # noqa: E402
 from wgmp.ipc.channel import Channel  # noqa: E402
@@ -218,11 +225,6 @@ def first_ping(a: Side, b: Side, n: int, cold: bool, out: dict[str, list[tuple[i
         assert not any(side.worker.drops), side.worker.drops
 
 
-def quantiles(times: list[int]) -> str:
-    ordered = sorted(times)
-    return f"{statistics.median(ordered) / 1000:6.1f} ({ordered[len(ordered) // 4] / 1000:5.1f})"
-
-
 def peer_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
@@ -286,10 +288,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--parts", action="store_true", help="also time the install's pieces")
     args = parser.parse_args()
-    print(
-        f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {platform.processor() or platform.machine()}, "
-        f"load {os.getloadavg()[0]:.2f}, Python {platform.python_version()}"
-    )
+    print(header())
     print("us, median (p25): | to the emit | whole call |")
     for cold in (False, True):
         label = "cold" if cold else "warm"

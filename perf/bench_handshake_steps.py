@@ -19,8 +19,6 @@ percentile: the machine is shared). wireguard-go's whole first ping is ~1.0-1.4 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import statistics
 import sys
@@ -31,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_lone_packet import evict  # noqa: E402
+from bench_lone_packet import evict, header, quantiles  # noqa: E402
 
 from wgmp.control.interface import Interface, Rng  # noqa: E402
 from wgmp.ipc.keyslots import KeySlots  # noqa: E402
@@ -92,21 +90,13 @@ def one_handshake(seed: int, prepared: bool, cold: bool) -> list[int]:
     return times
 
 
-def quantiles(times: list[int]) -> str:
-    ordered = sorted(times)
-    return f"{statistics.median(ordered) / 1000:6.1f} ({ordered[len(ordered) // 4] / 1000:5.1f})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
-    print(
-        f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {platform.processor() or platform.machine()}, "
-        f"load {os.getloadavg()[0]:.2f}, Python {platform.python_version()}"
-    )
+    print(header())
     print("us, median (p25) | " + " | ".join(STEPS) + " | sum of medians |")
     for cold in (False, True):
         for prepared in (False, True):

@@ -73,8 +73,17 @@ def quiet(worker: Any) -> None:
 
 
 def quantiles(times: list[int]) -> str:
+    """Nanoseconds as "median (25th percentile)" in microseconds (the machine is shared)."""
     ordered = sorted(times)
     return f"{statistics.median(ordered) / 1000:6.1f} ({ordered[len(ordered) // 4] / 1000:5.1f})"
+
+
+def header() -> str:
+    """The run's first line: when, on what, at which load."""
+    return (
+        f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {platform.processor() or platform.machine()}, "
+        f"load {os.getloadavg()[0]:.2f}, Python {platform.python_version()}"
+    )
 
 
 def bench_send(rounds: int, cold: bool) -> tuple[str, str]:
@@ -131,10 +140,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=300)
     args = parser.parse_args()
-    print(
-        f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {platform.processor() or platform.machine()}, "
-        f"load {os.getloadavg()[0]:.2f}, Python {platform.python_version()}"
-    )
+    print(header())
     print("us, median (p25): | to the emit | whole call |")
     for cold in (False, True):
         label = "cold" if cold else "warm"
