@@ -591,5 +591,7 @@ def test_a_due_flush_waits_for_a_quiet_poll_after_lone_packets_but_not_for_long(
     due = time.monotonic()
     assert flush_should_wait(due, due, True)  # lone packets handled: look once more first
     assert flush_should_wait(due + FLUSH_LATE_MAX / 2, due, True)
-    assert not flush_should_wait(due + FLUSH_LATE_MAX, due, True)  # late enough: flush now
+    # late enough: flush now (a microsecond beyond: at a monotonic clock's size, due +
+    # FLUSH_LATE_MAX - due may round to just below FLUSH_LATE_MAX)
+    assert not flush_should_wait(due + FLUSH_LATE_MAX + 1e-6, due, True)
     assert not flush_should_wait(due, due, False)  # a quiet poll, or batches: flush now
