@@ -348,28 +348,66 @@ def median(values: list[float], digits: int = 3) -> str:
     return f"{statistics.median(values):.{digits}f}" if values else "-"
 
 
-def table(results: list[Result]) -> str:
-    reference = next((r for r in results if r.path == "go-go" and not r.error), None)
+def _first_ping(result: Result) -> float | None:
+    return statistics.median(result.first_ping_ms) if result.first_ping_ms else None
 
-    def ratio(value: float | None, ref: float | None) -> str:
-        return f"{value / ref:.2f}" if value and ref else "-"
+
+def _against_go(results: list[Result]) -> list[tuple[Result, float | None, float | None]]:
+    """Each result with its RTT and first-ping ratios against the latest wireguard-go run
+    before it: the same round's when go-go comes first in --paths (the machine's speed moves
+    between rounds, so only a round's own reference is a fair one)."""
+    reference: Result | None = None
+    rows = []
+    for r in results:
+        if r.path == "go-go" and not r.error:
+            reference = r
+        rtt = first = None
+        if reference is not None and not r.error:
+            if r.rtt_avg_ms and reference.rtt_avg_ms:
+                rtt = r.rtt_avg_ms / reference.rtt_avg_ms
+            ours, theirs = _first_ping(r), _first_ping(reference)
+            if ours and theirs:
+                first = ours / theirs
+        rows.append((r, rtt, first))
+    return rows
+
+
+def ratio_summary(results: list[Result]) -> str:
+    """Per path and workers, the median over rounds of the ratios against each round's
+    wireguard-go (what the issue's goals are stated in)."""
+    by_case: dict[tuple[str, str], list[tuple[float | None, float | None]]] = {}
+    for r, rtt, first in _against_go(results):
+        if r.path != "go-go" and not r.error:
+            by_case.setdefault((r.path, r.workers), []).append((rtt, first))
+    lines = [
+        "| path | workers | rounds | RTT vs that round's go-go, median (each) "
+        "| first ping vs that round's go-go, median (each) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for (path, workers), ratios in by_case.items():
+        cells = []
+        for values in ([rtt for rtt, _ in ratios], [first for _, first in ratios]):
+            known = [v for v in values if v is not None]
+            each = " / ".join(f"{v:.2f}" for v in known)
+            cells.append(f"{statistics.median(known):.2f} ({each})" if known else "-")
+        lines.append(f"| {PATHS[path][0]} | {workers} | {len(ratios)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def table(results: list[Result]) -> str:
+    def ratio(value: float | None) -> str:
+        return f"{value:.2f}" if value else "-"
 
     lines = [
-        "| path | workers | RTT avg / min ms | RTT vs go-go | first ping median (min – max) ms "
-        "| vs go-go | responder's first data median (max) ms | initiator's first after response "
+        "| path | workers | RTT avg / min ms | RTT vs that round's go-go "
+        "| first ping median (min – max) ms | vs that round's go-go | responder's first data median (max) ms | initiator's first after response "
         "median ms | responder's response after the initiation median ms | keepalive before data |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    ref_first = (
-        statistics.median(reference.first_ping_ms)
-        if reference and reference.first_ping_ms
-        else None
-    )
-    for r in results:
+    for r, rtt_ratio, first_ratio in _against_go(results):
         if r.error:
             lines.append(f"| {PATHS[r.path][0]} | {r.workers} | FAILED: {r.error} ||||||||")
             continue
-        first = statistics.median(r.first_ping_ms) if r.first_ping_ms else None
         span = (
             f"{min(r.first_ping_ms):.3f} – {max(r.first_ping_ms):.3f}" if r.first_ping_ms else "-"
         )
@@ -380,8 +418,8 @@ def table(results: list[Result]) -> str:
         )
         lines.append(
             f"| {PATHS[r.path][0]} | {r.workers} | {r.rtt_avg_ms} / {r.rtt_min_ms} "
-            f"| {ratio(r.rtt_avg_ms, reference.rtt_avg_ms if reference else None)} "
-            f"| {median(r.first_ping_ms)} ({span}) | {ratio(first, ref_first)} | {responder} "
+            f"| {ratio(rtt_ratio)} "
+            f"| {median(r.first_ping_ms)} ({span}) | {ratio(first_ratio)} | {responder} "
             f"| {median(r.initiator_first_after_response_ms)} "
             f"| {median(r.responder_handshake_ms)} "
             f"| {r.keepalive_first}/{r.sessions_seen} |"
@@ -432,6 +470,8 @@ def main() -> int:
     print(f"Load average (1/5/15 min): {before} before, {loadavg()} after.")
     print()
     print(table(results))
+    print()
+    print(ratio_summary(results))
     if args.hops:
         print()
         print(hop_table(results))
