@@ -58,7 +58,6 @@ from .records import (
     P_ENDPOINT,
     P_RX_BYTES,
     P_RX_PACKETS,
-    P_SEND,
     P_STICKY,
     R_BLOCK,
     R_CIPHER,
@@ -72,6 +71,7 @@ from .records import (
     R_SEND,
     R_SLOT,
     S_REKEY_ASKED,
+    make_current,
     touch,
 )
 from .wire import HEADER, NONCE
@@ -253,8 +253,7 @@ class Inbound:
             return True
         confirming = entry[R_ROLE] == ROLE_NEXT
         if confirming:  # _confirm, but the staged packets once the packet is in the TUN
-            entry[R_ROLE] = ROLE_CURRENT
-            peer[P_SEND] = send
+            make_current(entry, peer)
             self._tell_confirmed(entry[R_SLOT], now)
         # Authenticated: _received's bookkeeping (its roaming and rekey cases were ruled out).
         peer[P_RX_BYTES] += nbytes
@@ -782,8 +781,7 @@ class Inbound:
 
     def _confirm(self, entry: list[Any], peer: list[Any], peer_id: int, now: float) -> None:
         """First packet under a `next` keypair: the initiator has it, so we may send with it."""
-        entry[R_ROLE] = ROLE_CURRENT
-        peer[P_SEND] = entry[R_SEND]
+        make_current(entry, peer)
         self._tell_confirmed(entry[R_SLOT], now)
         self._flush_staged(peer, peer_id, now)
 

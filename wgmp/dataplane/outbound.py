@@ -19,7 +19,7 @@ from typing import Any
 
 from ..ipc.channel import Channel
 from ..ipc.keyslots import KeySlots
-from ..ipc.messages import ROLE_CURRENT, ROLE_NEXT, NeedHandshake, RekeyWanted
+from ..ipc.messages import ROLE_NEXT, NeedHandshake, RekeyWanted
 from ..net.steering import COUNTER_BLOCK_BITS
 from ..net.tun import VIRTIO_NET_HDR_LEN
 from ..net.udp import SOL_UDP, UDP_SEGMENT, send_sticky
@@ -58,6 +58,7 @@ from .records import (
     S_REKEY_ASKED,
     S_REMOTE,
     S_SLOT,
+    make_current,
     touch,
 )
 from .wire import HEADER, NONCE
@@ -580,8 +581,7 @@ class Outbound:
         slot, received = entry[R_SLOT], self.keyslots.received
         if all(received(slot, worker) is None for worker in range(self.workers)):
             return False
-        entry[R_ROLE] = ROLE_CURRENT
-        peer[P_SEND] = entry[R_SEND]
+        make_current(entry, peer)
         self._flush_staged(peer, peer_id, now)
         return True
 

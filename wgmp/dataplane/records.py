@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..ipc.messages import ROLE_CURRENT
 from ..protocol.replay import ReplayWindow
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "S_REKEY_ASKED",
     "S_REMOTE",
     "S_SLOT",
+    "make_current",
     "new_activity",
     "new_peer",
     "new_receive_entry",
@@ -85,6 +87,13 @@ R_BLOCK, R_HELD, R_HOLD = 8, 9, 10
 # Activity: monotonic times of the last packet sent, data sent, received, data received
 # (0.0: none since the last report).
 A_SENT, A_DATA_SENT, A_RECEIVED, A_DATA_RECEIVED = range(4)
+
+
+def make_current(entry: list[Any], peer: list[Any]) -> None:
+    """A `next` keypair is confirmed (the initiator sent under it): the peer's packets are
+    sent with it from now on. Control announces the same to every worker in its time."""
+    entry[R_ROLE] = ROLE_CURRENT
+    peer[P_SEND] = entry[R_SEND]
 
 
 def touch(peer: list[Any], touched: list[list[Any]]) -> None:
