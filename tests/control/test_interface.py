@@ -202,7 +202,7 @@ def test_a_keepalive_of_controls_keeps_the_senders_blocks_aligned() -> None:
     """Control takes a whole block of counters for its keepalive: the workers' blocks after it
     stay aligned to 256, so their GSO trains never cross the receiver's steering blocks."""
     from tests.control.test_prepared import _Pair
-    from wgmp.net.steering import COUNTER_BLOCK_BITS
+    from wgmp.net.steering import COUNTER_BLOCK
 
     pair = _Pair()
     pair.handshake(at=1.0)
@@ -211,9 +211,9 @@ def test_a_keepalive_of_controls_keeps_the_senders_blocks_aligned() -> None:
     slot = pair.a.slot_of[keypair]
     pair.a.datagrams.clear()  # the keepalive that confirmed the handshake
     before = pair.a.keyslots.counter(slot)
-    assert before % (1 << COUNTER_BLOCK_BITS) == 0
+    assert before % COUNTER_BLOCK == 0
     pair.a.send_keepalive(pair.peer_b, now=2.0, wall_ns=0)
     (message,) = [data for data, *_ in pair.a.datagrams if len(data) == 32]
     assert int.from_bytes(message[8:16], "little") == before  # the block's first counter
     after = pair.a.keyslots.counter(slot)
-    assert after - before == 1 << COUNTER_BLOCK_BITS and after % (1 << COUNTER_BLOCK_BITS) == 0
+    assert after - before == COUNTER_BLOCK and after % COUNTER_BLOCK == 0

@@ -34,7 +34,7 @@ from ..ipc.messages import (
     RouteLoop,
     SendKeepalive,
 )
-from ..net.steering import COUNTER_BLOCK_BITS
+from ..net.steering import COUNTER_BLOCK
 from ..net.udp import Sticky
 from ..protocol.allowedips import AllowedIPs, Prefix
 from ..protocol.constants import (
@@ -114,7 +114,6 @@ class ToWorker(NamedTuple):
 
 
 UNDER_LOAD_BACKLOG = MAX_QUEUED_INCOMING_HANDSHAKES // UNDER_LOAD_QUEUE_FRACTION
-COUNTER_BLOCK = 1 << COUNTER_BLOCK_BITS  # counters senders reserve at a time, aligned
 DEADLINE_SLACK = 64  # stale timer entries tolerated beyond as many as there are live ones
 
 

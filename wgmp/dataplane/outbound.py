@@ -20,7 +20,7 @@ from typing import Any
 from ..ipc.channel import Channel
 from ..ipc.keyslots import KeySlots
 from ..ipc.messages import ROLE_NEXT, NeedHandshake, RekeyWanted
-from ..net.steering import COUNTER_BLOCK_BITS
+from ..net.steering import COUNTER_BLOCK
 from ..net.tun import VIRTIO_NET_HDR_LEN
 from ..net.udp import SOL_UDP, UDP_SEGMENT, send_sticky
 from ..protocol.allowedips import AllowedIPs
@@ -66,9 +66,8 @@ from .worker_log import log_info
 
 __all__ = ["BATCH", "COUNTER_BLOCK", "COUNTER_BLOCK_STALE", "TUN_GONE_ERRNOS", "Outbound"]
 
-# Counters reserved per lock (one fcntl pair per 256 packets), in the aligned blocks the
-# receiver's steering gives one worker each (net/steering.py).
-COUNTER_BLOCK = 1 << COUNTER_BLOCK_BITS
+# Counters are reserved per lock (one fcntl pair per 256 packets) in COUNTER_BLOCKs, the
+# aligned blocks the receiver's steering gives one worker each (net/steering.py).
 # A block whose start the shared counter has passed by this much is abandoned, so what we
 # send stays far inside the receiver's 8128-counter replay window.
 COUNTER_BLOCK_STALE = 1024

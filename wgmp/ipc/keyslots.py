@@ -44,7 +44,7 @@ import os
 import struct
 from typing import NamedTuple
 
-from ..net.steering import COUNTER_BLOCK_BITS
+from ..net.steering import COUNTER_BLOCK
 from .sharedmem import SharedMemory
 
 __all__ = [
@@ -64,7 +64,7 @@ KEYSLOT_SIZE = 128
 MARK_SIZE = 16  # a replay mark and a delivered mark per slot and worker, after the slots
 HANDED_MARK_SIZE = 8  # per (sealer, reader) pair of workers, after the marks
 READ_FULL_SIZE = 8  # per worker, after the hand-off marks: when its last full TUN read was
-FIRST_BLOCK = 1 << COUNTER_BLOCK_BITS  # counters [0, FIRST_BLOCK): one worker's (claim_first)
+FIRST_BLOCK = COUNTER_BLOCK  # counters [0, FIRST_BLOCK): one worker's (claim_first)
 _FIRST_TAKEN = 32  # the first block's mark, a byte of the layout's padding after `created`
 _COUNTER = struct.Struct("<Q")
 _WHEN = struct.Struct("<d")

@@ -28,6 +28,7 @@ import socket
 import struct
 
 __all__ = [
+    "COUNTER_BLOCK",
     "COUNTER_BLOCK_BITS",
     "RECEIVE_BLOCK_BITS",
     "attach_steering",
@@ -37,6 +38,7 @@ __all__ = [
 
 SO_ATTACH_REUSEPORT_CBPF = 51
 COUNTER_BLOCK_BITS = 8  # senders reserve counters in aligned blocks of 256 (dataplane/outbound)
+COUNTER_BLOCK = 1 << COUNTER_BLOCK_BITS
 # The receiver's own steering block: a whole number of senders' blocks (so a sender's GSO
 # train, which never crosses a block of 256, never crosses one of these either), larger so
 # that the workers' hand-overs, where ordering may wait for the other worker, are rarer.
