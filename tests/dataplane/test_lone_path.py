@@ -47,7 +47,7 @@ from wgmp.dataplane.worker import (
     ROLE_CURRENT,
     ROLE_NEXT,
     Worker,
-    flush_should_wait,
+    waits_for_lone_answer,
 )
 from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
@@ -589,9 +589,9 @@ def test_a_lone_datagram_reaches_the_tun_and_nothing_is_read_after_it() -> None:
 
 def test_a_due_flush_waits_for_a_quiet_poll_after_lone_packets_but_not_for_long() -> None:
     due = time.monotonic()
-    assert flush_should_wait(due, due, True)  # lone packets handled: look once more first
-    assert flush_should_wait(due + FLUSH_LATE_MAX / 2, due, True)
+    assert waits_for_lone_answer(due, due, True)  # lone packets handled: look once more first
+    assert waits_for_lone_answer(due + FLUSH_LATE_MAX / 2, due, True)
     # late enough: flush now (a microsecond beyond: at a monotonic clock's size, due +
     # FLUSH_LATE_MAX - due may round to just below FLUSH_LATE_MAX)
-    assert not flush_should_wait(due + FLUSH_LATE_MAX + 1e-6, due, True)
-    assert not flush_should_wait(due, due, False)  # a quiet poll, or batches: flush now
+    assert not waits_for_lone_answer(due + FLUSH_LATE_MAX + 1e-6, due, True)
+    assert not waits_for_lone_answer(due, due, False)  # a quiet poll, or batches: flush now

@@ -22,7 +22,7 @@ from wgmp.dataplane.worker import (
     ROLE_CURRENT,
     ROLE_NEXT,
     Worker,
-    tell_should_wait,
+    waits_for_lone_answer,
 )
 from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import FIRST_BLOCK, KeySlots
@@ -1152,11 +1152,11 @@ def test_the_responders_first_data_reaches_the_tun_before_control_hears_of_it(
 
 def test_kept_messages_wait_for_a_poll_without_lone_packets_but_not_for_long() -> None:
     since = time.monotonic()
-    assert tell_should_wait(since, since, True)  # a lone packet was just handled
-    assert tell_should_wait(since + FLUSH_LATE_MAX / 2, since, True)
+    assert waits_for_lone_answer(since, since, True)  # a lone packet was just handled
+    assert waits_for_lone_answer(since + FLUSH_LATE_MAX / 2, since, True)
     # late enough (a microsecond beyond: see test_lone_path's flush test for why)
-    assert not tell_should_wait(since + FLUSH_LATE_MAX + 1e-6, since, True)
-    assert not tell_should_wait(since, since, False)  # nothing lone to finish: now
+    assert not waits_for_lone_answer(since + FLUSH_LATE_MAX + 1e-6, since, True)
+    assert not waits_for_lone_answer(since, since, False)  # nothing lone to finish: now
 
 
 def test_a_sibling_sends_under_a_next_keypair_once_a_worker_received_under_it(

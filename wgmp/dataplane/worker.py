@@ -104,8 +104,7 @@ __all__ = [
     "ROLE_NEXT",
     "Worker",
     "WorkerSpec",
-    "flush_should_wait",
-    "tell_should_wait",
+    "waits_for_lone_answer",
     "main",
     "run_forked",
 ]
@@ -268,7 +267,7 @@ class Worker(Outbound, Inbound, SendSpread):
                     self._internal_error("a batch")
             flush_waits = False
             try:
-                if self._later and not tell_should_wait(
+                if self._later and not waits_for_lone_answer(
                     now, self._later_at, self._tun_again or self._udp_again is not None
                 ):
                     self._tell_now()
@@ -277,7 +276,7 @@ class Worker(Outbound, Inbound, SendSpread):
                 if self._send_held:
                     self._release_send_held(now)
                 if now >= next_flush:
-                    flush_waits = flush_should_wait(
+                    flush_waits = waits_for_lone_answer(
                         now, next_flush, bool(events) and (self._tun_sparse or self._udp_sparse)
                     )
                     if not flush_waits:
@@ -562,21 +561,14 @@ class Worker(Outbound, Inbound, SendSpread):
             self.channel.send(Activity(reports))
 
 
-def flush_should_wait(now: float, due: float, lone_io: bool) -> bool:
-    """Whether the periodic flush, due since `due`, should wait for the next poll (made
-    without sleeping): yes after a wake-up that handled lone packets (`lone_io`), whose
-    answer may be queued already (a ping's reply is made inside the TUN write of its
-    request), for at most FLUSH_LATE_MAX; a poll that finds nothing, or traffic in batches,
-    lets it run at once."""
-    return lone_io and now - due < FLUSH_LATE_MAX
-
-
-def tell_should_wait(now: float, since: float, lone_pending: bool) -> bool:
-    """Whether messages kept for control since `since` (`Worker._tell_later`) should wait
-    for the next poll: yes while a lone packet was just handled (`lone_pending`: its answer,
-    e.g. the reply to a responder's first data, may be queued already), for at most
-    FLUSH_LATE_MAX."""
-    return lone_pending and now - since < FLUSH_LATE_MAX
+def waits_for_lone_answer(now: float, since: float, lone: bool) -> bool:
+    """Whether work due since `since` that no packet waits for (the periodic flush, the
+    messages `Worker._tell_later` kept for control) should wait for the next poll (made
+    without sleeping): yes after a wake-up that handled lone packets (`lone`), whose answer
+    may be queued already (a ping's reply, the reply to a responder's first data, is made
+    inside the TUN write of its request), for at most FLUSH_LATE_MAX; a poll that finds
+    nothing, or traffic in batches, lets it run at once."""
+    return lone and now - since < FLUSH_LATE_MAX
 
 
 # What the worker does with each message control sends (one entry per Direction.TO_WORKER
