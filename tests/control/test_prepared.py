@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from wgmp.control.interface import Interface, Rng
 from wgmp.control.prepared import PreparedEphemerals
 from wgmp.ipc.keyslots import KeySlots
 from wgmp.protocol.constants import MESSAGE_INITIATION, MESSAGE_RESPONSE
-from wgmp.protocol.crypto import DH_GENERATE
+from wgmp.protocol.crypto import DH_GENERATE, TAI64N
 from wgmp.protocol.noise import Handshake, StaticIdentity
 
 A_ENDPOINT = ("192.0.2.1", 51820)
 B_ENDPOINT = ("192.0.2.2", 51821)
+
+
+def _wall(at: float) -> int:
+    """The wall clock (Unix ns) at monotonic `at` in these tests."""
+    return int(at * 1e9) + 10**18
 
 
 class _Random(random.Random, Rng):
@@ -87,14 +94,14 @@ class _Pair:
         self.peer_a = self.b.peer(self.a.identity.public_key, now=0.0)
         self.a.set_endpoint(self.peer_b, B_ENDPOINT)
 
-    def idle(self) -> None:
+    def idle(self, wall_ns: int | None = None) -> None:
         for iface in (self.a, self.b):
             while iface.prepared.pending:
-                iface.prepared.prepare_next(iface.rng)
+                iface.prepared.prepare_next(iface.rng, wall_ns)
 
     def handshake(self, at: float) -> None:
         """a initiates, b answers, a takes the answer: both must hold mirrored keys."""
-        self.a.need_handshake(self.peer_b.peer_id, now=at, wall_ns=int(at * 1e9) + 10**18)
+        self.a.need_handshake(self.peer_b.peer_id, now=at, wall_ns=_wall(at))
         (initiation,) = [d for d, *_ in self.a.datagrams if d[0] == MESSAGE_INITIATION]
         self.a.datagrams.clear()
         self.b.receive_handshake(initiation, A_ENDPOINT, at, 0)
@@ -134,3 +141,22 @@ def test_a_new_identity_wants_every_peer_again_and_a_removed_peer_is_forgotten()
     assert pair.peer_b.handshake.prepared
     pair.a.remove_peer(pair.peer_b.public_key)
     assert pair.a.prepared.held == 0 and not pair.a.prepared.pending
+
+
+@pytest.mark.parametrize("stamped_after", [0.002, 50.0])
+def test_initiations_stamped_in_idle_time_are_accepted_one_after_another(
+    stamped_after: float,
+) -> None:
+    """Keys prepared (and message 1 stamped) `stamped_after` seconds after a handshake whose
+    initiation was stamped when sent: 2 ms is within the same whitened TAI64N tick (the stamp
+    is then left for the next handshake to make), 50 s is a stamp 70 s old when sent."""
+    pair = _Pair()
+    pair.handshake(at=120.0)  # no idle time: made and stamped on the spot
+    for at in (240.0, 360.0):
+        made = at - 120.0 + stamped_after
+        pair.idle(_wall(made))
+        pair.handshake(at)  # raises if b refused the initiation
+        expected = TAI64N(_wall(at if stamped_after < 1 else made))
+        assert pair.peer_a.handshake.last_timestamp == expected
+    assert pair.a.counters.prepared_used == pair.b.counters.prepared_used == 2
+    assert pair.a.counters.completed == 3

@@ -7,7 +7,7 @@ import pytest
 from tests.protocol.conftest import make_pair
 from wgmp.protocol.errors import DropReason, ProtocolError
 from wgmp.protocol.messages import parse_initiation, parse_response
-from wgmp.protocol.noise import Handshake, HandshakeState, consume_initiation
+from wgmp.protocol.noise import Handshake, HandshakeState, StaticIdentity, consume_initiation
 
 T0 = 1_700_000_000 * 10**9
 
@@ -255,3 +255,82 @@ def test_nothing_is_prepared_for_an_unusable_peer(rng: random.Random, point: byt
     _, _, ident_i, ident_r = make_pair(rng)
     for handshake_ in (Handshake(ident_i, point), Handshake(None, ident_r.public_key)):
         assert not handshake_.prepare(rng) and not handshake_.prepared
+
+
+# -- message 1 stamped ahead (PreparedEphemeral.timestamp) -----------------------------------
+
+SECOND = 10**9
+
+
+def _accepted_timestamp(hs_r: Handshake, ident_r: StaticIdentity, init: bytes, now: float) -> bytes:
+    """The TAI64N the responder took from message 1 (it raises if it refused it)."""
+    consume_initiation(ident_r, parse_initiation(init), lambda _: hs_r, now=now)
+    return hs_r.last_timestamp
+
+
+def test_a_stamped_prepared_initiation_is_the_one_made_on_the_spot_when_it_was_stamped() -> None:
+    from wgmp.protocol.crypto import TAI64N
+
+    hs_a, _, _, _ = make_pair(random.Random(5), b"\x03" * 32)
+    hs_b, _, _, _ = make_pair(random.Random(5), b"\x03" * 32)
+    assert hs_a.prepare(random.Random(9), T0)
+    ahead = hs_a.create_initiation(
+        sender_index=7, unix_time_ns=T0 + 60 * SECOND, rng=random.Random(1)
+    )
+    on_the_spot = hs_b.create_initiation(sender_index=7, unix_time_ns=T0, rng=random.Random(9))
+    assert ahead.pack() == on_the_spot.pack()
+    assert hs_a.hash == hs_b.hash and hs_a.chaining_key == hs_b.chaining_key
+    assert hs_a.last_sent_timestamp == TAI64N(T0)
+
+
+def test_the_responder_accepts_the_stamped_initiation_and_the_session_works() -> None:
+    from wgmp.protocol.crypto import TAI64N
+
+    hs_i, hs_r, _, ident_r = make_pair(random.Random(5), b"\x03" * 32)
+    rng = random.Random(3)
+    assert hs_i.prepare(rng, T0)
+    init = hs_i.create_initiation(sender_index=1, unix_time_ns=T0 + 5 * SECOND, rng=rng)
+    assert _accepted_timestamp(hs_r, ident_r, init.pack(), 1.0) == TAI64N(T0)
+    resp = hs_r.create_response(sender_index=2, rng=rng)
+    hs_i.consume_response(parse_response(resp.pack()))
+    keys_i, keys_r = hs_i.derive_session(), hs_r.derive_session()
+    assert (keys_i.send_key, keys_i.receive_key) == (keys_r.receive_key, keys_r.send_key)
+
+
+def test_a_key_prepared_in_the_tick_of_the_last_initiation_is_stamped_when_used() -> None:
+    """TAI64N is whitened to ~16.8 ms: a key prepared right after a handshake (the daemon
+    prepares 2 ms after its loop goes quiet) would carry the stamp just sent, and the
+    responder would refuse the next initiation (a retry, a rekey) as a replay."""
+    from wgmp.protocol.crypto import TAI64N
+
+    hs_i, hs_r, _, ident_r = make_pair(random.Random(5), b"\x03" * 32)
+    rng = random.Random(4)
+    first = hs_i.create_initiation(sender_index=1, unix_time_ns=T0, rng=rng)
+    assert _accepted_timestamp(hs_r, ident_r, first.pack(), 1.0) == TAI64N(T0)
+    assert hs_i.prepare(rng, T0 + 2_000_000)  # 2 ms later: the same whitened tick
+    retry = hs_i.create_initiation(sender_index=2, unix_time_ns=T0 + 5 * SECOND, rng=rng)
+    assert _accepted_timestamp(hs_r, ident_r, retry.pack(), 6.0) == TAI64N(T0 + 5 * SECOND)
+
+
+def test_consecutive_stamped_initiations_are_each_accepted() -> None:
+    hs_i, hs_r, _, ident_r = make_pair(random.Random(5), b"\x03" * 32)
+    rng = random.Random(6)
+    seen = []
+    for k in range(4):
+        sent = T0 + k * 120 * SECOND
+        assert hs_i.prepare(rng, sent + 3_000_000)
+        init = hs_i.create_initiation(sender_index=k + 1, unix_time_ns=sent + SECOND, rng=rng)
+        seen.append(_accepted_timestamp(hs_r, ident_r, init.pack(), 1.0 + k * 120))
+    assert seen == sorted(set(seen))
+
+
+def test_a_stamp_older_than_the_last_sent_is_not_used() -> None:
+    """The wall clock stepped back between a handshake and the next preparation."""
+    from wgmp.protocol.crypto import TAI64N
+
+    hs_i, _, _, _ = make_pair(random.Random(5), b"\x03" * 32)
+    rng = random.Random(7)
+    hs_i.create_initiation(sender_index=1, unix_time_ns=T0 + 60 * SECOND, rng=rng)
+    assert hs_i.prepare(rng, T0)  # the key is made, the stamp is not
+    hs_i.create_initiation(sender_index=2, unix_time_ns=T0 + 90 * SECOND, rng=rng)
+    assert hs_i.last_sent_timestamp == TAI64N(T0 + 90 * SECOND)

@@ -1,4 +1,5 @@
-"""Ephemeral keys made ahead of handshakes, in control's idle time (noise.PreparedEphemeral).
+"""Ephemeral keys made ahead of handshakes, in control's idle time (noise.PreparedEphemeral),
+with the initiator's message 1 complete but for its indices and MACs.
 
 A new session's first packet waits for three handshake steps in control processes, and each
 runs its X25519 operations cold (perf/RESULTS.md, "Where the first ping's time goes"). A key
@@ -63,13 +64,14 @@ class PreparedEphemerals:
         self._waiting.pop(peer_id, None)
         self._held.pop(peer_id, None)
 
-    def prepare_next(self, rng: Randomness) -> None:
+    def prepare_next(self, rng: Randomness, unix_time_ns: int | None = None) -> None:
         """Make the key of the peer that has waited longest (none for a peer without usable
-        keys: a low-order public key, no identity of ours)."""
+        keys: a low-order public key, no identity of ours), with message 1 stamped with
+        `unix_time_ns` if given (noise.PreparedEphemeral)."""
         if not self._waiting:
             return
         peer_id, handshake = self._waiting.popitem(last=False)
-        if not handshake.prepare(rng):
+        if not handshake.prepare(rng, unix_time_ns):
             return
         held = self._held
         held[peer_id] = handshake

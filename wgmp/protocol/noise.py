@@ -114,7 +114,9 @@ class PreparedEphemeral(NamedTuple):
     """An ephemeral key made before its handshake, with everything that depends only on it
     and the two static keys. Either role takes it: the initiator's DH(E_i, S_r) and the
     responder's DH(E_r, S_i) are both `static_shared`; the initiator also finds message 1 done
-    up to its timestamp (`hash`, `chaining_key`, `timestamp_key`, `encrypted_static`).
+    up to its timestamp (`hash`, `chaining_key`, `timestamp_key`, `encrypted_static`), and,
+    when it was made with the time, done with it (`timestamp`, `encrypted_timestamp`,
+    `stamped_hash`; empty when not).
 
     Why: a first packet waits for three handshake steps in control, whose X25519 operations
     and Python run cold there (perf/RESULTS.md, "Where the first ping's time goes"); made in
@@ -130,6 +132,15 @@ class PreparedEphemeral(NamedTuple):
     chaining_key: bytes
     timestamp_key: bytes
     encrypted_static: bytes
+    # Message 1 complete but for the indices and MACs, stamped when the key was made. The
+    # responder asks only that an initiation's TAI64N be newer than the last it accepted from
+    # us (wireguard-go's and the kernel's only check), so a stamp from when the message was
+    # made serves as long as no initiation with a later or equal stamp was sent since
+    # (Handshake.last_sent_timestamp). It takes the timestamp's AEAD (~60 us cold, an ftrace
+    # of a first ping: perf/RESULTS.md, "fifth session") off the initiator's path.
+    timestamp: bytes = b""
+    encrypted_timestamp: bytes = b""
+    stamped_hash: bytes = b""
 
 
 def _mix_hash(h: bytes, data: bytes) -> bytes:
@@ -137,9 +148,14 @@ def _mix_hash(h: bytes, data: bytes) -> bytes:
 
 
 def _prepare_ephemeral(
-    local: StaticIdentity, remote_static: bytes, static_static: bytes, private: bytes
+    local: StaticIdentity,
+    remote_static: bytes,
+    static_static: bytes,
+    private: bytes,
+    timestamp: bytes = b"",
 ) -> PreparedEphemeral:
-    """Message 1 as far as it goes before the timestamp (the whitepaper's order, §5.4.2)."""
+    """Message 1 as far as it goes before the timestamp (the whitepaper's order, §5.4.2), and
+    with `timestamp` if one is given."""
     public = DH_PUBLIC(private)
     static_shared = dh_with(private, remote_static)
     h = _mix_hash(_mix_hash(INITIAL_HASH, remote_static), public)
@@ -148,7 +164,16 @@ def _prepare_ephemeral(
     encrypted_static = AEAD_ENCRYPT(key, 0, local.public_key, h)
     h = _mix_hash(h, encrypted_static)
     ck, timestamp_key = KDF2(ck, static_static)
-    return PreparedEphemeral(private, public, static_shared, h, ck, timestamp_key, encrypted_static)
+    prepared = PreparedEphemeral(
+        private, public, static_shared, h, ck, timestamp_key, encrypted_static
+    )
+    if not timestamp:
+        return prepared
+    encrypted_timestamp = AEAD_ENCRYPT(timestamp_key, 0, timestamp, h)
+    stamped_hash = _mix_hash(h, encrypted_timestamp)
+    return prepared._replace(
+        timestamp=timestamp, encrypted_timestamp=encrypted_timestamp, stamped_hash=stamped_hash
+    )
 
 
 class _Pending:
@@ -179,6 +204,9 @@ class Handshake:
         self.local_index = 0
         self.remote_index = 0
         self.last_timestamp = bytes(TIMESTAMP_LEN)
+        # The newest TAI64N we sent in an initiation (kept, like last_timestamp, across
+        # sessions): a prepared stamp not newer than it would be refused as a replay.
+        self.last_sent_timestamp = bytes(TIMESTAMP_LEN)
         self.last_initiation_consumption: float | None = None
         self.local: StaticIdentity | None = None
         self._static_static: bytes | None | _Pending = _PENDING
@@ -197,16 +225,20 @@ class Handshake:
         """Whether an ephemeral key waits for this peer's next handshake."""
         return self._prepared is not None
 
-    def prepare(self, rng: Randomness) -> bool:
-        """Make the next handshake's ephemeral key now (see PreparedEphemeral); False when
-        this peer has no usable keys (no identity, a low-order key), and nothing is kept."""
+    def prepare(self, rng: Randomness, unix_time_ns: int | None = None) -> bool:
+        """Make the next handshake's ephemeral key now (see PreparedEphemeral), and message 1
+        with the timestamp of `unix_time_ns` if given and newer than the last one sent; False
+        when this peer has no usable keys (no identity, a low-order key), and nothing is kept."""
         if self._prepared is None:
             if self.local is None or self.precomputed_static_static is None:
                 return False
+            timestamp = b"" if unix_time_ns is None else TAI64N(unix_time_ns)
+            if timestamp <= self.last_sent_timestamp:
+                timestamp = b""  # within the same whitened tick as the last one sent
             try:
                 self._prepared = _prepare_ephemeral(
                     self.local, self.remote_static, self.precomputed_static_static,
-                    DH_GENERATE(rng),
+                    DH_GENERATE(rng), timestamp,
                 )  # fmt: skip
             except ProtocolError:
                 return False  # unreachable for a key whose static DH worked; never kept
@@ -271,9 +303,14 @@ class Handshake:
         ephemeral = self._take_prepared() or _prepare_ephemeral(
             local, self.remote_static, static_static, DH_GENERATE(rng)
         )
-        h = ephemeral.hash
-        encrypted_timestamp = AEAD_ENCRYPT(ephemeral.timestamp_key, 0, TAI64N(unix_time_ns), h)
-        h = _mix_hash(h, encrypted_timestamp)
+        if ephemeral.timestamp > self.last_sent_timestamp:  # stamped ahead, still fresh
+            timestamp, encrypted_timestamp = ephemeral.timestamp, ephemeral.encrypted_timestamp
+            h = ephemeral.stamped_hash
+        else:
+            h, timestamp = ephemeral.hash, TAI64N(unix_time_ns)
+            encrypted_timestamp = AEAD_ENCRYPT(ephemeral.timestamp_key, 0, timestamp, h)
+            h = _mix_hash(h, encrypted_timestamp)
+        self.last_sent_timestamp = max(self.last_sent_timestamp, timestamp)
 
         self.hash, self.chaining_key = h, ephemeral.chaining_key
         self.local_ephemeral = ephemeral.private
