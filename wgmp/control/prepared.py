@@ -11,7 +11,7 @@ the responder's. Which peers get one, and the limits:
   handshake used its key. The daemon prepares wanted peers one at a time (~70 us each)
   whenever its loop would otherwise sleep, so a handshake that arrives meanwhile waits for one
   preparation at most.
-- At most PREPARED_MAX peers hold a key (~0.6 KB each) and at most as many wait for one: the
+- At most PREPARED_MAX peers hold a key (~0.8 KB each) and at most as many wait for one: the
   most recently wanted, i.e. new peers and those that just handshook (the next handshake of
   an active peer comes with its rekey, two minutes on). Past that, the oldest are forgotten
   and those peers make their key in their handshake, as before. A `wg setconf` of 100,000
