@@ -78,7 +78,7 @@ def one_handshake(seed: int, prepared: bool, cold: bool) -> list[int]:
     if prepared:  # what the daemon's idle turns do (Daemon.run)
         for iface in (a, b):
             while iface.prepared.pending:
-                iface.prepared.prepare_next(iface.rng, 10**18 - 10**9)  # a second before
+                iface.prepare_next(10**18 - 10**9)  # a second before
     times = [_timed(cold, lambda: a.need_handshake(peer_id, 1.0, 10**18))]
     initiation = _only_datagram(a)
     times.append(_timed(cold, lambda: b.receive_handshake(initiation, A_ENDPOINT, 1.0, 0)))

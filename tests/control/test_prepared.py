@@ -94,13 +94,15 @@ class _Pair:
         self.peer_a = self.b.peer(self.a.identity.public_key, now=0.0)
         self.a.set_endpoint(self.peer_b, B_ENDPOINT)
 
-    def idle(self, wall_ns: int | None = None) -> None:
+    def idle(self, wall_ns: int = 10**18) -> None:
+        """What the daemon's idle turns do (Daemon._prepare_next)."""
         for iface in (self.a, self.b):
             while iface.prepared.pending:
-                iface.prepared.prepare_next(iface.rng, wall_ns)
+                iface.prepare_next(wall_ns)
 
-    def handshake(self, at: float) -> None:
-        """a initiates, b answers, a takes the answer: both must hold mirrored keys."""
+    def handshake(self, at: float) -> bytes:
+        """a initiates, b answers, a takes the answer: both must hold mirrored keys. Returns
+        message 1 as sent."""
         self.a.need_handshake(self.peer_b.peer_id, now=at, wall_ns=_wall(at))
         (initiation,) = [d for d, *_ in self.a.datagrams if d[0] == MESSAGE_INITIATION]
         self.a.datagrams.clear()
@@ -111,6 +113,7 @@ class _Pair:
         current, waiting = self.peer_b.keypairs.current, self.peer_a.keypairs.next
         assert current is not None and waiting is not None
         assert (current.send_key, current.receive_key) == (waiting.receive_key, waiting.send_key)
+        return initiation
 
 
 def test_both_roles_use_the_prepared_key_and_want_the_next_one() -> None:
@@ -160,3 +163,29 @@ def test_initiations_stamped_in_idle_time_are_accepted_one_after_another(
         assert pair.peer_a.handshake.last_timestamp == expected
     assert pair.a.counters.prepared_used == pair.b.counters.prepared_used == 2
     assert pair.a.counters.completed == 3
+
+
+def test_message_1_made_in_idle_time_is_sent_as_made() -> None:
+    pair = _Pair()
+    pair.idle(_wall(0.5))
+    ahead = pair.peer_b.initiation_ahead
+    assert ahead is not None and ahead.initiation.sender_index not in pair.a.indices
+    assert pair.handshake(at=1.0) == ahead.packed  # mac1 made ahead, no cookie: no mac2
+    assert pair.peer_b.initiation_ahead is None  # used once
+    assert pair.a.indices.lookup(ahead.initiation.sender_index) is pair.peer_b
+
+
+def test_message_1_is_made_again_when_its_index_is_taken_or_its_worker_down() -> None:
+    for spoil in ("taken", "down"):
+        pair = _Pair()
+        pair.idle(_wall(0.5))
+        ahead = pair.peer_b.initiation_ahead
+        assert ahead is not None
+        index = ahead.initiation.sender_index
+        if spoil == "taken":
+            assert pair.a.indices.claim(index, pair.peer_b)
+        else:
+            pair.a.workers_down.add(0)  # the only worker: any index is its, but drawn anew
+        sent = pair.handshake(at=1.0)  # b accepts it
+        assert sent != ahead.packed and sent[4:8] != ahead.packed[4:8]  # another index
+        assert sent[8:][:-32] == ahead.packed[8:][:-32]  # the same key and stamp

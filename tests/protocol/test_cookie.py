@@ -66,3 +66,22 @@ def test_reply_to_another_message_or_none_is_refused(rng: random.Random) -> None
     generator.consume_reply(good, now=0.0)
     with pytest.raises(ProtocolError):  # a second reply to the same message
         generator.consume_reply(good, now=0.0)
+
+
+def test_macs_made_ahead_are_the_macs_made_when_sending(rng: random.Random) -> None:
+    """mac1 ahead (control makes message 1 in idle time), mac2 when sent: the same bytes as
+    add_macs, with and without a cookie, and a reply to it is taken."""
+    hs_i, _, _, ident_r = make_pair(rng)
+    raw = hs_i.create_initiation(sender_index=5, unix_time_ns=0, rng=rng).pack()
+    checker = CookieChecker(ident_r.public_key)
+    now_gen, ahead_gen = CookieGenerator(ident_r.public_key), CookieGenerator(ident_r.public_key)
+    made = ahead_gen.mac1_ahead(raw)
+    with pytest.raises(ProtocolError):  # made, not sent: no reply to it is expected yet
+        ahead_gen.consume_reply(checker.create_reply(made, 5, SRC, now=0.0, rng=rng), now=0.0)
+    assert ahead_gen.add_macs_ahead(made, now=0.0) == now_gen.add_macs(raw, now=0.0)
+    for generator, sent in ((now_gen, raw), (ahead_gen, made)):
+        reply = checker.create_reply(generator.add_macs(sent, now=1.0), 5, SRC, now=1.0, rng=rng)
+        generator.consume_reply(parse_cookie_reply(reply.pack()), now=1.0)
+    with_cookie = ahead_gen.add_macs_ahead(made, now=2.0)
+    assert with_cookie == now_gen.add_macs(raw, now=2.0)
+    assert checker.check_mac1(with_cookie) and checker.check_mac2(with_cookie, SRC, now=2.0)

@@ -114,3 +114,14 @@ def test_broken_random_source_fails_instead_of_spinning() -> None:
     table.allocate("a")
     with pytest.raises(RuntimeError):
         table.allocate("b")
+
+
+def test_an_index_drawn_ahead_is_taken_only_when_claimed_and_free() -> None:
+    table: IndexTable[str] = IndexTable(random.Random(3))
+    drawn = table.draw(worker=2)
+    assert worker_of(drawn) == 2 and drawn not in table
+    assert table.claim(drawn, "a") and table.lookup(drawn) == "a"
+    assert not table.claim(drawn, "b") and table.lookup(drawn) == "a"  # taken meanwhile
+    assert not table.claim(0, "c")  # never 0
+    with pytest.raises(ConfigError):
+        table.claim(table.draw(), None)  # type: ignore[arg-type]

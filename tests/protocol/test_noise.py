@@ -334,3 +334,15 @@ def test_a_stamp_older_than_the_last_sent_is_not_used() -> None:
     assert hs_i.prepare(rng, T0)  # the key is made, the stamp is not
     hs_i.create_initiation(sender_index=2, unix_time_ns=T0 + 90 * SECOND, rng=rng)
     assert hs_i.last_sent_timestamp == TAI64N(T0 + 90 * SECOND)
+
+
+def test_the_initiation_made_ahead_is_the_one_create_initiation_makes() -> None:
+    hs_i, _, _, _ = make_pair(random.Random(5), b"\x03" * 32)
+    rng = random.Random(8)
+    assert hs_i.initiation_ahead(3) is None  # no key prepared
+    assert hs_i.prepare(rng) and hs_i.initiation_ahead(3) is None  # a key, not stamped
+    hs_i.forget_prepared()
+    assert hs_i.prepare(rng, T0)
+    ahead = hs_i.initiation_ahead(3)
+    assert hs_i.state == HandshakeState.ZEROED and hs_i.prepared  # nothing changed
+    assert ahead == hs_i.create_initiation(sender_index=3, unix_time_ns=T0 + SECOND, rng=rng)

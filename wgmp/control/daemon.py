@@ -328,7 +328,7 @@ class Daemon:
         """One ephemeral key made ahead (control/prepared.py); a bug there costs that key
         (its peer is no longer waiting), never the daemon."""
         try:
-            self.interface.prepared.prepare_next(self.interface.rng, time.time_ns())
+            self.interface.prepare_next(time.time_ns())
         except Exception:
             self.interface.errors.report("preparing an ephemeral key")
 

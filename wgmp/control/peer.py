@@ -5,18 +5,30 @@ from __future__ import annotations
 import base64
 import ipaddress
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..net.udp import Sticky
 from ..protocol.cookie import CookieGenerator
 from ..protocol.crypto import ZERO_KEY
 from ..protocol.keypair import Keypairs
+from ..protocol.messages import Initiation
 from ..protocol.noise import Handshake, StaticIdentity
 from ..protocol.timers import PeerTimers, RandomSource
 
-__all__ = ["Endpoint", "Peer", "Prefix", "short_name"]
+__all__ = ["Endpoint", "InitiationAhead", "Peer", "Prefix", "short_name"]
 
 Endpoint = tuple[str, int]  # (address literal, port)
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class InitiationAhead(NamedTuple):
+    """Message 1 made in idle time with the peer's prepared key (Interface.prepare_next):
+    what `create_initiation` will make under an index drawn for it, and its bytes with mac1
+    (mac2 depends on the cookie held when it is sent). Used only if the message made when
+    sending is this very one."""
+
+    initiation: Initiation
+    packed: bytes
 
 
 @dataclass(eq=False)
@@ -44,6 +56,7 @@ class Peer:
     # replacement counts from zero in the same stats block, and `wg show` must not go back.
     retired_rx_bytes: int = 0
     retired_tx_bytes: int = 0
+    initiation_ahead: InitiationAhead | None = None
 
     @classmethod
     def create(

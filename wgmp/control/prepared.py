@@ -64,17 +64,19 @@ class PreparedEphemerals:
         self._waiting.pop(peer_id, None)
         self._held.pop(peer_id, None)
 
-    def prepare_next(self, rng: Randomness, unix_time_ns: int | None = None) -> None:
+    def prepare_next(self, rng: Randomness, unix_time_ns: int | None = None) -> int | None:
         """Make the key of the peer that has waited longest (none for a peer without usable
         keys: a low-order public key, no identity of ours), with message 1 stamped with
-        `unix_time_ns` if given (noise.PreparedEphemeral)."""
+        `unix_time_ns` if given (noise.PreparedEphemeral). Returns the peer's id if it got
+        one."""
         if not self._waiting:
-            return
+            return None
         peer_id, handshake = self._waiting.popitem(last=False)
         if not handshake.prepare(rng, unix_time_ns):
-            return
+            return None
         held = self._held
         held[peer_id] = handshake
         if len(held) > self.limit:
             _, oldest = held.popitem(last=False)
             oldest.forget_prepared()
+        return peer_id

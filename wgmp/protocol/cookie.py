@@ -106,6 +106,21 @@ class CookieGenerator:
             mac2 = MAC(self._cookie, with_mac1)
         return with_mac1 + mac2
 
+    def mac1_ahead(self, msg: bytes) -> bytes:
+        """The message with its mac1 and a zero mac2, made before it is sent: nothing of this
+        generator changes until `add_macs_ahead` sends it."""
+        body, _, _, _ = _macs_split(msg)
+        return body + MAC(self._mac1_key, body) + _ZERO_MAC
+
+    def add_macs_ahead(self, msg: bytes, *, now: float) -> bytes:
+        """What `add_macs` returns for a message that `mac1_ahead` made (its mac1 depends
+        only on the message and the peer's key): mac2 is added now, if we hold a cookie."""
+        body, mac1, _, _ = _macs_split(msg)
+        self._last_mac1 = mac1
+        if self._cookie_set is not None and now - self._cookie_set <= COOKIE_REFRESH_TIME:
+            return body + mac1 + MAC(self._cookie, body + mac1)
+        return msg
+
     def consume_reply(self, reply: CookieReply, *, now: float) -> None:
         """Take the cookie from a reply to the last message we sent; raises if it is not one."""
         if self._last_mac1 is None:

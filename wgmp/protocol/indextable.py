@@ -44,13 +44,27 @@ class IndexTable(Generic[V]):
         """A fresh nonzero index whose low byte is `worker`, now mapping to `value`."""
         if value is None:
             raise ConfigError("value must not be None")  # None means "unknown" to lookup
+        index = self.draw(worker)
+        self._table[index] = value
+        return index
+
+    def claim(self, index: int, value: V) -> bool:
+        """Take `index` (drawn ahead with `draw`) for `value` if it is still free."""
+        if value is None:
+            raise ConfigError("value must not be None")
+        if not index or index in self._table:
+            return False
+        self._table[index] = value
+        return True
+
+    def draw(self, worker: int = 0) -> int:
+        """An index `allocate` could return now, not taken: for a message made ahead."""
         if not 0 <= worker <= _MAX_WORKER:
             raise ConfigError(f"worker {worker} does not fit in {WORKER_BITS} bits")
         table, getrandbits = self._table, self._rng.getrandbits
         for _ in range(_MAX_DRAWS):
             index = getrandbits(_RANDOM_BITS) << WORKER_BITS | worker
             if index and index not in table:
-                table[index] = value
                 return index
         raise RuntimeError(f"no free receiver index for worker {worker} after {_MAX_DRAWS} draws")
 

@@ -247,6 +247,18 @@ class Handshake:
     def forget_prepared(self) -> None:
         self._prepared = None
 
+    def initiation_ahead(self, sender_index: int) -> Initiation | None:
+        """Message 1 (without MACs) as `create_initiation` will make it with the prepared key
+        and its stamp, if there is a stamped key and its stamp is still fresh; nothing here
+        changes (the responder's role may take the key yet). Control makes the MACs ahead too
+        (control/interface.py, `InitiationAhead`)."""
+        prepared = self._prepared
+        if prepared is None or not prepared.timestamp > self.last_sent_timestamp:
+            return None
+        return Initiation(
+            sender_index, prepared.public, prepared.encrypted_static, prepared.encrypted_timestamp
+        )
+
     def _take_prepared(self) -> PreparedEphemeral | None:
         """The prepared ephemeral if there is one, gone from here once taken (used once)."""
         prepared, self._prepared = self._prepared, None
