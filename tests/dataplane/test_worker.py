@@ -15,7 +15,7 @@ import pytest
 
 from tests.dataplane.test_coalesce import tcp4
 from wgmp.dataplane import inbound
-from wgmp.dataplane.inbound import HOLD_MAX
+from wgmp.dataplane.inbound import HOLD_MAX, UNKNOWN_KEEP, UNKNOWN_KEPT
 from wgmp.dataplane.records import P_SEND, P_STICKY
 from wgmp.dataplane.worker import (
     FLUSH_LATE_MAX,
@@ -195,6 +195,8 @@ def test_unknown_index_and_bad_tag_are_counted(rig: Any) -> None:
     install(rig.worker, ROLE_CURRENT)
     view, nbytes, size = train([0], index=99)
     rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, time.monotonic())
+    assert rig.worker.drops[DropReason.UNKNOWN_RECEIVER_INDEX] == 0  # kept for now
+    rig.worker._retry_unknown(time.monotonic())  # control told nothing of index 99
     assert rig.worker.drops[DropReason.UNKNOWN_RECEIVER_INDEX] == 1
     view, nbytes, size = train([0])
     tampered = bytearray(view)
@@ -1200,3 +1202,42 @@ def test_a_sibling_sends_under_a_next_keypair_once_a_worker_received_under_it(
     finally:
         for sock in sockets:
             sock.close()
+
+
+# -- datagrams under an index announced after them (control sends message 2 first) -----------
+
+
+def test_data_that_came_before_its_keypair_is_received_once_control_is_read(rig: Any) -> None:
+    """Control sends a responder's message 2 before the keypair's announcement is in our pipe:
+    the initiator's first data can come first, and is kept until control's messages are read."""
+    now = time.monotonic()
+    view, nbytes, size = train([0])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    assert rig.worker._unknown and rig.worker._to_tun == []
+    slot = install(rig.worker, ROLE_NEXT)  # what reading the pipe does
+    rig.worker._retry_unknown(now + 0.01)
+    assert len(rig.tun.recv(70000)) > VIRTIO_NET_HDR_LEN  # delivered, and it confirmed
+    assert rig.worker._unknown == [] and sum(rig.worker.drops) == 0
+    rig.worker._tell_now()
+    assert Confirmed(slot) in control_messages(rig.control)
+
+
+def test_at_most_unknown_kept_datagrams_are_kept_and_not_for_long(rig: Any) -> None:
+    now = time.monotonic()
+    view, nbytes, size = train(list(range(UNKNOWN_KEPT + 3)), index=99)
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    assert len(rig.worker._unknown) == UNKNOWN_KEPT
+    assert rig.worker.drops[DropReason.UNKNOWN_RECEIVER_INDEX] == 3
+    install(rig.worker, ROLE_CURRENT, local_index=99)  # their index, but too late
+    rig.worker._retry_unknown(now + UNKNOWN_KEEP + 0.01)
+    assert rig.worker.drops[DropReason.UNKNOWN_RECEIVER_INDEX] == UNKNOWN_KEPT + 3
+    assert rig.worker._unknown == [] and rig.worker._to_tun == []
+
+
+def test_what_is_still_unknown_when_retried_is_dropped_not_kept_again(rig: Any) -> None:
+    now = time.monotonic()
+    view, nbytes, size = train([0], index=99)
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    rig.worker._retry_unknown(now)
+    assert rig.worker._unknown == []
+    assert rig.worker.drops[DropReason.UNKNOWN_RECEIVER_INDEX] == 1

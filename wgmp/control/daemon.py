@@ -485,6 +485,21 @@ class Daemon:
         interface = self.interface
         for worker, jobs in interface.response_jobs.take_outbox():
             interface.commands.append(ToWorker(worker, ComputeResponses(jobs)))
+        if len(interface.datagrams) == 1 and not self._commands_queued():
+            # The datagram first: a responder's message 2 no longer waits for the
+            # announcement of its keypair to the workers (~90 us cold: the commands' Python
+            # and a worker's wake-up, in an ftrace of a first ping; perf/RESULTS.md, "fifth
+            # session"). The peer's answer comes only after it consumed message 2, and if it
+            # comes before the worker read the announcement (control lost its CPU in
+            # between), the worker keeps it until it has (dataplane/inbound.py,
+            # UNKNOWN_KEPT). Only for one: a turn of many (a flood of handshakes) could
+            # outgrow what a worker keeps, and with a pipe backed up the announcement could
+            # take longer than that; then commands first, as below.
+            if interface.routes_to_check:
+                self._check_routes()  # before any datagram: see below
+            self._drain_datagrams()
+            self._drain_commands()
+            return
         # Commands first: a worker must hold a new keypair before the peer can answer the
         # response or keepalive that control is about to send. They go before the route
         # queries too: a new session's first contact always changes the peer's endpoint, and
@@ -506,14 +521,16 @@ class Daemon:
         be in control's queue, and the peer's first data would reach a worker that does not
         know it (dropped; a ping is not sent again). They wait at most DATAGRAM_HOLD, so
         that a hung worker (replaced after LIVENESS_TIMEOUT) does not silence control."""
-        if not self.interface.datagrams or not any(
-            h.channel is not None and h.channel.backlog for h in self.supervisor.workers
-        ):
+        if not self.interface.datagrams or not self._commands_queued():
             self._datagrams_held_since = None
             return False
         if self._datagrams_held_since is None:
             self._datagrams_held_since = now
         return now - self._datagrams_held_since < DATAGRAM_HOLD
+
+    def _commands_queued(self) -> bool:
+        """Whether control holds commands that some worker's pipe had no room for yet."""
+        return any(h.channel is not None and h.channel.backlog for h in self.supervisor.workers)
 
     def _drain_datagrams(self) -> None:
         self._datagrams_held_since = None

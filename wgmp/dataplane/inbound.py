@@ -76,7 +76,7 @@ from .records import (
 )
 from .wire import HEADER, NONCE
 
-__all__ = ["HOLD_MAX", "Inbound"]
+__all__ = ["HOLD_MAX", "UNKNOWN_KEEP", "UNKNOWN_KEPT", "Inbound"]
 
 # How long a worker holds a block's packets back for the previous block's worker (a lost
 # last counter of that block costs this much delay once; docs/dataplane.md: ordering).
@@ -86,6 +86,14 @@ HOLD_MAX = 0.020
 HELD_MAX = 8192
 BLOCK_LAST = (1 << RECEIVE_BLOCK_BITS) - 1  # a counter's offset in its block when it is the last
 HANDSHAKE_BATCH = 64  # handshake messages per pipe message (~11 KB: see Channel.try_send)
+# Datagrams under a receiver index this worker does not know, kept until control's next
+# message is read: control sends a responder's message 2 before it writes the new keypair into
+# our pipe (control/daemon.py, _drain_outputs), so the initiator's first data can come first
+# when control lost its CPU in between. At most UNKNOWN_KEPT of them, for UNKNOWN_KEEP
+# seconds: made-up indices cost a forger 16 copies here, then are dropped as before, counted
+# as unknown_receiver_index when they leave.
+UNKNOWN_KEPT = 16
+UNKNOWN_KEEP = 0.25
 
 _INT = struct.Struct("=i")
 _HANDOFF = msgpack.Packer(use_bin_type=True)  # [address, source|None, segment] + datagrams
@@ -129,6 +137,8 @@ class Inbound:
     _udp_sparse: bool
     _udp_again: socket.socket | None  # a lone datagram came from it: see _tun_again
     _held: dict[int, list[Any]]
+    _unknown: list[tuple[bytes, tuple[Any, ...], tuple[int, int, bytes] | None, float]]
+    _control_read: bool
     _block_done: bool  # a block's last counter was accepted: deliver before reading on
     _wake_asks: dict[int, list[tuple[int, int, float]]]  # slot -> [(waiter, need, deadline)]
     holds: int
@@ -523,10 +533,13 @@ class Inbound:
         now: float,
         *,
         forwarded: bool = False,
+        retried: bool = False,
     ) -> None:
         """Datagrams from one source, nearly always under one keypair: the per-keypair work
         (lookup, expiry, confirmation, roaming, counters, timers) is done once per run of equal
-        receiver indices, and the source check is cached while the inner source repeats."""
+        receiver indices, and the source check is cached while the inner source repeats.
+        `forwarded`: handed on by a sibling (never passed on again); `retried`: kept under an
+        unknown index (`_retry_unknown`), not kept again."""
         unpack, drops, by_index = HEADER.unpack_from, self.drops, self.by_index
         workers, me = self.workers, self.worker_id
         # Datagrams of other workers' blocks, by worker, to pass on (None: never pass on).
@@ -581,7 +594,12 @@ class Inbound:
                         entry[R_PEER],
                     )
             if entry is None:
-                drops[DropReason.KEY_EXPIRED if expired else DropReason.UNKNOWN_RECEIVER_INDEX] += 1
+                if expired:
+                    drops[DropReason.KEY_EXPIRED] += 1
+                elif retried or len(self._unknown) >= UNKNOWN_KEPT:
+                    drops[DropReason.UNKNOWN_RECEIVER_INDEX] += 1
+                else:
+                    self._unknown.append((bytes(view[offset:end]), address, sticky, now))
                 continue
             if workers > 1:
                 # counter_worker, inline: the fast path
@@ -705,6 +723,22 @@ class Inbound:
                 )  # fmt: skip
             except Exception:  # the rest of this train is lost; the next ones are not
                 self._internal_error("a handed-off datagram")
+        self._deliver(now)
+
+    def _retry_unknown(self, now: float) -> None:
+        """After control's messages were read: the datagrams kept under an index unknown then
+        (UNKNOWN_KEPT) are received again, or dropped if still unknown or too old."""
+        kept, self._unknown, self._control_read = self._unknown, [], False
+        for data, address, sticky, since in kept:
+            if now - since > UNKNOWN_KEEP:
+                self.drops[DropReason.UNKNOWN_RECEIVER_INDEX] += 1
+                continue
+            try:
+                self._receive_train(
+                    memoryview(data), len(data), len(data), address, sticky, now, retried=True
+                )
+            except Exception:
+                self._internal_error("a datagram kept under an unknown index")
         self._deliver(now)
 
     def _not_transport(

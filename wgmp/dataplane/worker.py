@@ -62,7 +62,7 @@ from ..protocol.allowedips import AllowedIPs
 from ..protocol.errors import DropReason
 from ..stats.block import DROP_SLOTS, StatsBlock
 from . import worker_log
-from .inbound import Inbound
+from .inbound import UNKNOWN_KEEP, Inbound
 from .outbound import COUNTER_BLOCK, COUNTER_BLOCK_STALE, Outbound
 from .records import (
     A_DATA_SENT,
@@ -177,6 +177,8 @@ class Worker(Outbound, Inbound, SendSpread):
         self._tun_again = False
         self._udp_again: socket.socket | None = None
         self._held: dict[int, list[Any]] = {}  # slot -> entry holding packets for order
+        self._unknown: list[Any] = []  # datagrams under indices not known yet (inbound.py)
+        self._control_read = False  # control's messages were read since they were kept
         self._block_done = False  # a block's last counter came in this train (Inbound)
         # Receive ordering: blocks held back for the previous block's worker, holds ended
         # by HOLD_MAX, time held; a restarted worker goes on from its predecessor's counts.
@@ -267,6 +269,10 @@ class Worker(Outbound, Inbound, SendSpread):
                     self._internal_error("a batch")
             flush_waits = False
             try:
+                if self._unknown and (
+                    self._control_read or now >= self._unknown[0][3] + UNKNOWN_KEEP
+                ):
+                    self._retry_unknown(now)  # here: never inside a train being received
                 if self._later and not waits_for_lone_answer(
                     now, self._later_at, self._tun_again or self._udp_again is not None
                 ):
@@ -342,6 +348,7 @@ class Worker(Outbound, Inbound, SendSpread):
             # (perf/RESULTS.md, "Handshakes").
             self.channel.send(Removed(list(removed)))
             removed.clear()
+        self._control_read = True  # what was kept under an unknown index may be known now
         return True
 
     # -- control messages --------------------------------------------------------------------
