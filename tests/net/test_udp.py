@@ -184,3 +184,23 @@ def test_udp_gso_send_and_gro_receive(netns: Netns) -> None:
         finally:
             for s in (sender, gro, plain):
                 s.close()
+
+
+def test_pending_is_the_next_datagrams_size_and_zero_when_empty() -> None:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.bind(("127.0.0.1", 0))
+        rx.setblocking(False)
+        assert udp.pending(rx) == 0
+        tx.sendto(b"x" * 148, rx.getsockname())
+        tx.sendto(b"y" * 92, rx.getsockname())
+        deadline = time.monotonic() + 2
+        while not udp.pending(rx) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert udp.pending(rx) == 148
+        rx.recv(2048)
+        assert udp.pending(rx) == 92
+        rx.recv(2048)
+        assert udp.pending(rx) == 0
