@@ -1084,7 +1084,10 @@ def test_a_keypairs_first_sender_takes_the_first_block_without_the_lock(
         second._udp_sparse = True
         second._inbound(OneDatagram(data), time.monotonic())  # type: ignore[arg-type]
         assert second.peers[1][P_SEND] is send
-        # At once with several workers: a sibling may read the reply and needs the keypair.
+        # Kept until the next poll, made without sleeping, also with several workers: a
+        # sibling that reads the reply finds the replay mark written (_confirmed_by_sibling).
+        assert control_messages(sockets[4]) == [] and second._answer_poll
+        second._tell_now()
         assert control_messages(sockets[4]) == [Confirmed(slot)]
         sent = second.sockets[4].sent  # type: ignore[attr-defined]
         tun_ours, tun_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

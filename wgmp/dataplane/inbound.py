@@ -152,6 +152,7 @@ class Inbound:
     _looping_datagram: Callable[[bytes, int, bool], bool]
     _internal_error: Callable[[str], None]
     _tell_later: Callable[[Message, float], None]
+    _answer_poll: bool
 
     def _inbound(self, sock: socket.socket, now: float) -> None:
         """Drain the socket; with UDP_GRO one recvmsg returns a train of equal-size datagrams
@@ -821,13 +822,13 @@ class Inbound:
 
     def _tell_confirmed(self, slot: int, now: float) -> None:
         """Tell control a `next` keypair was confirmed (it then makes it current on every
-        worker). With one worker, once the loop has no lone packet to finish
-        (`Worker._tell_later`): the reply to the responder's first data is made inside its
-        TUN write, and this write into the pipe, with control's wake-up on this CPU, came
-        before it (perf/bench_first_packet.py, "Confirmed before the reply"). With several,
-        at once, as before the TUN write: the reply may be read by a sibling, which has no
-        current keypair until control announces it (and asks for a handshake meanwhile)."""
-        if self.workers == 1:
-            self._tell_later(Confirmed(slot), now)
-        else:
-            self.channel.send(Confirmed(slot))
+        worker), once the loop has no packet's answer to finish (`Worker._tell_later`): the
+        reply to the responder's first data is made inside its TUN write, and this write into
+        the pipe, with control's wake-up on this CPU, came before it (perf/bench_first_packet.py,
+        "Confirmed before the reply"; with 2 workers an ftrace showed control running ~185 us
+        between the Confirmed and the TUN write, perf/RESULTS.md "fifth session"). The next
+        poll is made without sleeping (`_answer_poll`), whichever path took the packet. A
+        sibling that reads the reply sends it under the `next` keypair already: it sees the
+        replay marks this worker wrote before the TUN write (Outbound._confirmed_by_sibling)."""
+        self._tell_later(Confirmed(slot), now)
+        self._answer_poll = True

@@ -208,6 +208,9 @@ class Worker(Outbound, Inbound, SendSpread):
         # Messages for control that no packet waits for (`_tell_later`), and since when.
         self._later: list[Message] = []
         self._later_at = 0.0
+        # A confirmation was kept (Inbound._tell_confirmed): the next poll is made without
+        # sleeping, and what is kept waits for it, whichever path received the packet.
+        self._answer_poll = False
         self._touched: list[list[Any]] = []  # peers to report at the next flush (P_DIRTY set)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -234,7 +237,7 @@ class Worker(Outbound, Inbound, SendSpread):
             # delivers); while sent chunks wait for their predecessor, look again every
             # SEND_HOLD_POLL (SEND_HOLD_MAX bounds that wait).
             timeout = FLUSH_INTERVAL
-            if flush_waits or self._tun_again or self._udp_again is not None:
+            if flush_waits or self._tun_again or self._udp_again is not None or self._answer_poll:
                 timeout = 0.0  # only look: the flush is due, or a lone packet was handled
             elif self._held:
                 timeout = self._hold_wait(time.monotonic())
@@ -242,6 +245,7 @@ class Worker(Outbound, Inbound, SendSpread):
                 timeout = SEND_HOLD_POLL
             events = poller.poll(timeout)
             now = time.monotonic()
+            self._answer_poll = False  # the poll it asked for was made
             if timeout == 0.0 and (self._tun_again or self._udp_again is not None):
                 self._forget_lone(events)
             if len(events) > 1:
@@ -273,9 +277,8 @@ class Worker(Outbound, Inbound, SendSpread):
                     self._control_read or now >= self._unknown[0][3] + UNKNOWN_KEEP
                 ):
                     self._retry_unknown(now)  # here: never inside a train being received
-                if self._later and not waits_for_lone_answer(
-                    now, self._later_at, self._tun_again or self._udp_again is not None
-                ):
+                lone = self._tun_again or self._udp_again is not None or self._answer_poll
+                if self._later and not waits_for_lone_answer(now, self._later_at, lone):
                     self._tell_now()
                 if self._held:
                     self._deliver(now)
