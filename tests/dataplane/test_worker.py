@@ -1244,3 +1244,20 @@ def test_what_is_still_unknown_when_retried_is_dropped_not_kept_again(rig: Any) 
     rig.worker._retry_unknown(now)
     assert rig.worker._unknown == []
     assert rig.worker.drops[DropReason.UNKNOWN_RECEIVER_INDEX] == 1
+
+
+def test_kept_data_waits_for_control_messages_read_after_it(rig: Any) -> None:
+    """The pipe is read once when an unknown index comes (before it is kept): that read found
+    nothing, and must not count as the news the kept datagram waits for."""
+    now = time.monotonic()
+    rig.worker._channel_read = False
+    view, nbytes, size = train([0])
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)  # reads the empty pipe
+    assert rig.worker._unknown and not rig.worker._control_read
+    rig.worker._read_channel(now)  # still nothing from control
+    assert not rig.worker._control_read
+    rig.control.sendall(msgpack.packb(encode(Mtu(1420))))
+    deadline = time.monotonic() + 2
+    while not rig.worker._control_read and time.monotonic() < deadline:
+        rig.worker._read_channel(now)
+    assert rig.worker._control_read and rig.worker._unknown  # the loop retries it now

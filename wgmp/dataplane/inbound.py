@@ -601,6 +601,8 @@ class Inbound:
                     drops[DropReason.UNKNOWN_RECEIVER_INDEX] += 1
                 else:
                     self._unknown.append((bytes(view[offset:end]), address, sticky, now))
+                    # Only what control sends from now on can name it (the pipe was just read)
+                    self._control_read = False
                 continue
             if workers > 1:
                 # counter_worker, inline: the fast path

@@ -351,7 +351,8 @@ class Worker(Outbound, Inbound, SendSpread):
             # (perf/RESULTS.md, "Handshakes").
             self.channel.send(Removed(list(removed)))
             removed.clear()
-        self._control_read = True  # what was kept under an unknown index may be known now
+        if messages:
+            self._control_read = True  # what was kept under an unknown index may be known now
         return True
 
     # -- control messages --------------------------------------------------------------------
