@@ -85,6 +85,7 @@ class Result:
     sessions_seen: int = 0
     hops_us: dict[str, list[float]] = field(default_factory=dict)  # hop -> per-ping times
     error: str = ""
+    first_ping_lost: int = 0  # first pings with no reply within 3 s (wireguard-go loses none)
 
 
 def read_ip_packets(path: Path) -> list[tuple[float, bytes]]:
@@ -327,11 +328,14 @@ def measure(args: argparse.Namespace, path: str, workers: str, index: int, workd
             stop_proc(dump)
             if took is not None:
                 result.first_ping_ms.append(took)
+            else:
+                result.first_ping_lost += 1
             analyse_session(read_pcap(capture), result)
         log(
             f"  first ping median {median(result.first_ping_ms)} ms; responder's first data "
             f"median {median(result.responder_first_ms)} ms; keepalive first in "
-            f"{result.keepalive_first}/{result.sessions_seen}"
+            f"{result.keepalive_first}/{result.sessions_seen}; first pings lost "
+            f"{result.first_ping_lost}/{args.sessions}"
         )
     except Exception as err:  # noqa: BLE001 - one failed path must not end the run
         result.error = str(err)
@@ -401,12 +405,13 @@ def table(results: list[Result]) -> str:
     lines = [
         "| path | workers | RTT avg / min ms | RTT vs that round's go-go "
         "| first ping median (min – max) ms | vs that round's go-go | responder's first data median (max) ms | initiator's first after response "
-        "median ms | responder's response after the initiation median ms | keepalive before data |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "median ms | responder's response after the initiation median ms | keepalive before data "
+        "| first pings lost |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r, rtt_ratio, first_ratio in _against_go(results):
         if r.error:
-            lines.append(f"| {PATHS[r.path][0]} | {r.workers} | FAILED: {r.error} ||||||||")
+            lines.append(f"| {PATHS[r.path][0]} | {r.workers} | FAILED: {r.error} |||||||||")
             continue
         span = (
             f"{min(r.first_ping_ms):.3f} – {max(r.first_ping_ms):.3f}" if r.first_ping_ms else "-"
@@ -422,7 +427,8 @@ def table(results: list[Result]) -> str:
             f"| {median(r.first_ping_ms)} ({span}) | {ratio(first_ratio)} | {responder} "
             f"| {median(r.initiator_first_after_response_ms)} "
             f"| {median(r.responder_handshake_ms)} "
-            f"| {r.keepalive_first}/{r.sessions_seen} |"
+            f"| {r.keepalive_first}/{r.sessions_seen} "
+            f"| {r.first_ping_lost}/{r.first_ping_lost + len(r.first_ping_ms)} |"
         )
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ def _rounds() -> list[Result]:
         Result("go-go", "-", 0.5, 0.3, [1.0, 1.2]),
         Result("wgmp-wgmp", "1", 0.55, 0.3, [1.5]),
         Result("go-go", "-", 0.4, 0.3, [2.0]),  # a slower round: its own reference
-        Result("wgmp-wgmp", "1", 0.44, 0.3, [3.0]),
+        Result("wgmp-wgmp", "1", 0.44, 0.3, [3.0], first_ping_lost=1),
         Result("wgmp-wgmp", "2", error="no tunnel"),
     ]
 
@@ -30,6 +30,7 @@ def test_each_row_is_compared_with_its_own_rounds_wireguard_go() -> None:
         ("1.10", "1.50"),  # 3.0 / 2.0, not / 1.1
     ]
     assert "FAILED: no tunnel" in rows[4][3]
+    assert [row[-2].strip() for row in rows[:4]] == ["0/2", "0/1", "0/1", "1/2"]  # lost
 
 
 def test_the_summary_is_the_median_over_rounds() -> None:
