@@ -321,23 +321,33 @@ def test_handshake_ping_and_counters(
     assert int(rows[second.ifname]["tx"]) == responder_tx + since, rows
 
 
-@pytest.mark.parametrize("initiator", ["wgmp", "wireguard-go"], ids=lambda s: f"{s}-first")
+@pytest.mark.parametrize(
+    "initiator", ["wgmp", "wireguard-go", "wgmp-2-workers-both-ends"], ids=lambda s: f"{s}-first"
+)
 def test_first_packet_is_delivered_after_the_handshake_it_starts(
     tunnel: Callable[..., Tunnel], initiator: str
 ) -> None:
     """The packet that finds no session is staged and sent once the handshake completes, over
     and over: each round forgets the session on both sides (the peer is removed and added
     again) and a single echo must be answered. The responder's side is the racy one: the
-    initiator sends its staged packet the moment our response arrives, and the worker must
-    already hold the new keypair by then."""
-    t = tunnel()
-    first = t.a if initiator == "wgmp" else t.b
+    initiator sends its staged packet the moment our response arrives, and the worker may
+    read the new keypair's announcement only after it (control sends message 2 first; the
+    worker keeps the datagram: dataplane/inbound.py, UNKNOWN_KEPT). Two wgmp daemons with 2
+    workers each lost 4 first pings of 60 to a bug there (unknown_receiver_index), hence the
+    third case and its rounds."""
+    rounds = ROUNDS
+    if initiator == "wgmp-2-workers-both-ends":
+        two = (*WGMP[:-1], "2")
+        t, rounds = tunnel(two, two), 3 * ROUNDS
+    else:
+        t = tunnel()
+    first = t.b if initiator == "wireguard-go" else t.a
     second = t.other(first)
-    for attempt in range(1, ROUNDS + 1):
+    for attempt in range(1, rounds + 1):
         try:
             _ping(first.ns, t.address(second, 4), count=1, wait=5)
         except AssertionError as err:
-            raise AssertionError(f"round {attempt} of {ROUNDS}: {err}") from None
+            raise AssertionError(f"round {attempt} of {rounds}: {err}") from None
         for me, other in ((t.a, t.b), (t.b, t.a)):
             me.wg("set", me.ifname, "peer", other.public_key, "remove")
             me.add_peer(
