@@ -189,3 +189,14 @@ def test_message_1_is_made_again_when_its_index_is_taken_or_its_worker_down() ->
         sent = pair.handshake(at=1.0)  # b accepts it
         assert sent != ahead.packed and sent[4:8] != ahead.packed[4:8]  # another index
         assert sent[8:][:-32] == ahead.packed[8:][:-32]  # the same key and stamp
+
+
+def test_the_responder_answers_under_the_index_drawn_with_the_prepared_key() -> None:
+    pair = _Pair()
+    pair.idle(_wall(0.5))
+    ahead = pair.peer_a.initiation_ahead  # b's message 1, made ahead for a
+    assert ahead is not None
+    pair.handshake(at=1.0)  # a initiates: b answers with its prepared key
+    waiting = pair.peer_a.keypairs.next
+    assert waiting is not None and waiting.local_index == ahead.initiation.sender_index
+    assert pair.peer_a.initiation_ahead is None

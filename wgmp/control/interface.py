@@ -493,7 +493,10 @@ class Interface:
         # Our own initiation may have crossed theirs: its index would otherwise stay in the
         # table for good, holding the peer (found by tests/control/test_interface.py).
         self._release_handshake_index(peer)
-        index = self._new_index(peer)
+        # The index drawn with the prepared key serves message 2 as well: the key goes to
+        # this response, and with it the message 1 made ahead (no draw, no getrandom here).
+        ahead, peer.initiation_ahead = peer.initiation_ahead, None
+        index = self._index_for(peer, ahead)
         handshake = peer.handshake
         handshake.local_index = index  # released with the handshake if it goes no further
         worker = self.response_jobs.choose(self.workers_down) if self.offload_responses else None
