@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "perf" / "bench_cold_calls.py"
+from tests.perf.benchrun import run_bench
 
 
 def test_a_short_run_times_each_call_warm_and_cold() -> None:
-    run = subprocess.run(
-        [sys.executable, str(BENCH), "--rounds", "3"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    rows = [line for line in run.stdout.splitlines() if line.startswith(("read", "ask"))]
-    assert len(rows) == 2, run.stdout
+    out = run_bench("bench_cold_calls.py", "--rounds", "3")
+    rows = [line for line in out.splitlines() if line.startswith(("read", "ask"))]
+    assert len(rows) == 2, out

@@ -4,23 +4,13 @@ asserts both), for each of its four rows. No root."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "perf" / "bench_handshake_steps.py"
+from tests.perf.benchrun import run_bench
 
 
 def test_a_short_run_prints_the_three_steps_for_each_case() -> None:
-    run = subprocess.run(
-        [sys.executable, str(BENCH), "--rounds", "3"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    rows = [line for line in run.stdout.splitlines() if line.startswith(("cold", "not evicted"))]
-    assert len(rows) == 4, run.stdout
+    out = run_bench("bench_handshake_steps.py", "--rounds", "3")
+    rows = [line for line in out.splitlines() if line.startswith(("cold", "not evicted"))]
+    assert len(rows) == 4, out
     for row in rows:
         cells = row.split("|")[1:]
         assert len(cells) == 4 and all(float(c.split()[0]) > 0 for c in cells), row
