@@ -59,6 +59,7 @@ from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker  # noqa: E402
 from wgmp.ipc.channel import Channel  # noqa: E402
 from wgmp.ipc.keyslots import KeySlots  # noqa: E402
 from wgmp.ipc.messages import (  # noqa: E402
+    DECLARATIONS,
     KeypairInstall,
     Message,
     PeerEndpoint,
@@ -69,6 +70,7 @@ from wgmp.protocol.transport import seal_transport  # noqa: E402
 from wgmp.stats.block import StatsBlock  # noqa: E402
 
 PEER = 1
+KIND_NAMES = {declaration.kind: declaration.type.__name__ for declaration in DECLARATIONS}
 STEPS = ("ask", "install", "rx next", "confirmed", "reply", "rx reply")
 
 
@@ -88,6 +90,10 @@ class TimedChannel(Channel):
         super().send_many(messages)
         when = time.time_ns()
         self.sent.extend((type(message).__name__, when) for message in messages)
+
+    def send_wire(self, wire: list[Any]) -> None:
+        super().send_wire(wire)  # (the tree before it has none: never called there)
+        self.sent.append((KIND_NAMES[wire[0]], time.time_ns()))
 
     def sent_at(self, kind: str) -> int:
         for name, when in self.sent:
