@@ -120,6 +120,7 @@ FLUSH_LATE_MAX = 0.02
 SEND_HOLD_POLL = 0.001
 # The messages `_read_channel` takes from their wire lists, without decoding them.
 _KEYPAIR_INSTALL, _PEER_ENDPOINT = kind_of(KeypairInstall), kind_of(PeerEndpoint)
+_SEND_KEEPALIVE = kind_of(SendKeepalive)
 
 
 def _sockaddr(endpoint: list[Any] | None) -> tuple[Any, ...] | None:
@@ -329,11 +330,13 @@ class Worker(Outbound, Inbound, SendSpread):
     def _read_channel(self, now: float) -> bool:
         """Handle what control sent; False once control has gone.
 
-        Each message is decoded only when its turn comes, and the two that a new session's
-        staged packet waits for (PeerEndpoint, then KeypairInstall: docs/first-packet.md)
-        are taken straight from their wire lists: the packet leaves before what came after
-        its keypair is even decoded, and decoding and dispatching every message cost it
-        ~X us with cold caches (perf/bench_first_packet.py, "install")."""
+        Each message is decoded only when its turn comes, and the three that control writes
+        for a new session's staged packet (PeerEndpoint, KeypairInstall, SendKeepalive:
+        docs/first-packet.md) are taken straight from their wire lists: decoding and
+        dispatching them cost the packet ~X us with cold caches before it left
+        (perf/bench_first_packet.py, "install"), and SendKeepalive comes after it, while
+        the peer's worker, woken by it on this CPU, may be waiting for this worker to
+        sleep (ftraces: half the time, perf/RESULTS.md)."""
         wire = self.channel.receive_wire()
         if wire is None:
             self.running = False
@@ -342,10 +345,13 @@ class Worker(Outbound, Inbound, SendSpread):
         for item in wire:
             try:
                 size = len(item) if type(item) is list else 0  # decode's arity check
-                if size == 3 and item[0] == _KEYPAIR_INSTALL:
+                kind = item[0] if size else None
+                if size == 3 and kind == _KEYPAIR_INSTALL:
                     self._install(item[1], item[2], now)
-                elif size == 4 and item[0] == _PEER_ENDPOINT:
+                elif size == 4 and kind == _PEER_ENDPOINT:
                     self._peer_endpoint(item[1], item[2], item[3], now)
+                elif size == 3 and kind == _SEND_KEEPALIVE:
+                    self._send_keepalive(item[1], item[2], now)
                 else:
                     message = decode_or_skip(item)
                     if message is not None:
