@@ -610,11 +610,13 @@ class Outbound:
 
         One staged packet (a new session's first: a ping, a request) under a keypair whose
         counter block has room, in time, is sealed and sent in a straight line, and the
-        bookkeeping is done after the send: the steps of `_seal` + `_transmit` for that
-        case, as `_send_lone` takes them for a lone packet, without their calls and loops
-        (perf/bench_first_packet.py, "install"). Anything else (several packets, no room
+        bookkeeping is done after the send: the steps of `_seal` + `_number` + `_encrypt`
+        + `_transmit` for that case, as `_send_lone` takes them for a lone packet, without
+        their calls and loops (with the undecoded messages of `Worker._read_channel`, the
+        keypair's arrival to the packet's send took ~25% less with cold caches:
+        perf/RESULTS.md, "the initiator's worker"). Anything else (several packets, no room
         in the block, a stale block, an expired keypair) goes the general way, which
-        decides it. tests/dataplane/test_worker.py checks that both send the same."""
+        decides it. tests/dataplane/test_lone_path.py checks that both send the same."""
         staged: deque[bytes] | None = peer[P_STAGED]
         if not staged:
             return

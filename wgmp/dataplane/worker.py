@@ -332,11 +332,11 @@ class Worker(Outbound, Inbound, SendSpread):
 
         Each message is decoded only when its turn comes, and the three that control writes
         for a new session's staged packet (PeerEndpoint, KeypairInstall, SendKeepalive:
-        docs/first-packet.md) are taken straight from their wire lists: decoding and
-        dispatching them cost the packet ~X us with cold caches before it left
-        (perf/bench_first_packet.py, "install"), and SendKeepalive comes after it, while
-        the peer's worker, woken by it on this CPU, may be waiting for this worker to
-        sleep (ftraces: half the time, perf/RESULTS.md)."""
+        docs/first-packet.md) are taken straight from their wire lists, undecoded: decoding
+        the three cost ~40 us with cold caches (perf/bench_first_packet.py --parts), two of
+        them before the packet left, and SendKeepalive comes after it, while the peer's
+        worker, woken by it on this CPU, may wait for this one to sleep (perf/RESULTS.md,
+        "the initiator's worker")."""
         wire = self.channel.receive_wire()
         if wire is None:
             self.running = False
