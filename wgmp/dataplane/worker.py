@@ -602,6 +602,8 @@ def waits_for_lone_answer(now: float, since: float, lone: bool) -> bool:
 
 # What the worker does with each message control sends (one entry per Direction.TO_WORKER
 # declaration in ipc/messages.py; tests/ipc/test_messages.py checks that none is missing).
+# PeerEndpoint, KeypairInstall and SendKeepalive come from the pipe undecoded: there
+# `_read_channel` calls what their handlers call, from the wire list.
 HANDLERS: dict[type[Any], Callable[[Worker, Any, float], None]] = {
     PeerSet: Worker._on_peer_set,
     PeerRemove: Worker._on_peer_remove,
