@@ -1078,11 +1078,16 @@ def test_wire_lists_of_the_direct_kinds_that_are_no_such_message_go_the_declared
     is handled."""
     packer = msgpack.Packer(use_bin_type=True)
     install, endpoint = kind_of(KeypairInstall), kind_of(PeerEndpoint)
+    slot = rig.worker.keyslots.publish(
+        local_index=OWNED_INDEX, remote_index=9, peer_id=1, is_initiator=True,
+        created=time.monotonic(), send_key=SEND_KEY, receive_key=RECEIVE_KEY,
+    )  # fmt: skip
     wire = [
-        [install, 0],
-        [install, 0, 0, 0],
+        [install, slot],
+        [install, slot, ROLE_CURRENT, 0],
         [endpoint, 1, ["192.0.2.7", 4000]],
         [kind_of(SendKeepalive), 1],
+        [float(install), slot, ROLE_CURRENT],  # a kind that is no int
         [],
         [install, "no slot", ROLE_CURRENT],  # raises: counted
         encode(Mtu(1280)),

@@ -344,8 +344,9 @@ class Worker(Outbound, Inbound, SendSpread):
         removed = self._removed
         for item in wire:
             try:
-                size = len(item) if type(item) is list else 0  # decode's arity check
-                kind = item[0] if size else None
+                # decode's checks: a list, led by an int, the kind's arity
+                kind = item[0] if type(item) is list and item and type(item[0]) is int else 0
+                size = len(item) if kind else 0
                 if size == 3 and kind == _KEYPAIR_INSTALL:
                     self._install(item[1], item[2], now)
                 elif size == 4 and kind == _PEER_ENDPOINT:
