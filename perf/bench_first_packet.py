@@ -41,6 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -59,16 +61,21 @@ from wgmp.dataplane.worker import ROLE_CURRENT, ROLE_NEXT, Worker  # noqa: E402
 from wgmp.ipc.channel import Channel  # noqa: E402
 from wgmp.ipc.keyslots import KeySlots  # noqa: E402
 from wgmp.ipc.messages import (  # noqa: E402
+    DECLARATIONS,
     KeypairInstall,
     Message,
+    NeedHandshake,
     PeerEndpoint,
     SendKeepalive,
+    decode,
+    encode,
 )
 from wgmp.net.tun import VIRTIO_NET_HDR_NONE  # noqa: E402
 from wgmp.protocol.transport import seal_transport  # noqa: E402
 from wgmp.stats.block import StatsBlock  # noqa: E402
 
 PEER = 1
+KIND_NAMES = {declaration.kind: declaration.type.__name__ for declaration in DECLARATIONS}
 STEPS = ("ask", "install", "rx next", "confirmed", "reply", "rx reply")
 
 
@@ -88,6 +95,10 @@ class TimedChannel(Channel):
         super().send_many(messages)
         when = time.time_ns()
         self.sent.extend((type(message).__name__, when) for message in messages)
+
+    def send_wire(self, wire: list[Any]) -> None:
+        super().send_wire(wire)  # (the tree before it has none: never called there)
+        self.sent.append((KIND_NAMES[wire[0]], time.time_ns()))
 
     def sent_at(self, kind: str) -> int:
         for name, when in self.sent:
@@ -253,6 +264,13 @@ def parts(rounds: int, cold: bool) -> dict[str, list[int]]:
         send_key=KEY_A, receive_key=KEY_B,
     )  # fmt: skip
     cipher = ChaCha20Poly1305(KEY_A)
+    answer = [
+        encode(PeerEndpoint(PEER, ["192.0.2.1", 51820], [0, 8, bytes(12)])),
+        encode(KeypairInstall(slot, ROLE_CURRENT)),
+        encode(SendKeepalive(PEER, slot)),
+    ]
+    packer = msgpack.Packer(use_bin_type=True)
+    asked = encode(NeedHandshake(1))[0]
     pieces: dict[str, Callable[[], Any]] = {
         "keyslots.read": lambda: keyslots.read(slot),
         "ChaCha20Poly1305(key)": lambda: ChaCha20Poly1305(KEY_A),
@@ -264,6 +282,10 @@ def parts(rounds: int, cold: bool) -> dict[str, list[int]]:
             bytes(12), bytes(96), None
         ),
         "encrypt, cipher used before": lambda: cipher.encrypt(bytes(12), bytes(96), None),
+        # control's answer to an ask (Worker._read_channel): each message decoded, or not
+        "decode PeerEndpoint+Install+Keepalive": lambda: [decode(item) for item in answer],
+        "NeedHandshake made and encoded": lambda: packer.pack(encode(NeedHandshake(1))),
+        "NeedHandshake as a wire list": lambda: packer.pack([asked, 1]),
     }
     out: dict[str, list[int]] = {name: [] for name in pieces}
     for _ in range(rounds):

@@ -51,7 +51,7 @@ from wgmp.dataplane.worker import (
 )
 from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
-from wgmp.ipc.messages import Confirmed, NeedHandshake
+from wgmp.ipc.messages import Confirmed, NeedHandshake, RekeyWanted
 from wgmp.net.steering import RECEIVE_BLOCK_BITS
 from wgmp.net.tun import VIRTIO_NET_HDR_NONE
 from wgmp.protocol.constants import (
@@ -407,6 +407,145 @@ def test_a_failed_lone_send_is_counted_as_the_general_path_counts_it() -> None:
         taken, lone, general = send_both(_outbound(1), failing(kind))
         assert taken is True and lone == general
     assert lone["peer"][P_STICKY] is None  # the stale source was forgotten, the packet sent
+
+
+# -- a new session's first packet, staged: the keypair arrives ------------------------------
+
+
+def general_flush(worker: Worker, peer: list[Any], peer_id: int, now: float) -> None:
+    """What `_flush_staged` did before its straight line, for every case: the reference."""
+    staged = peer[P_STAGED]
+    if not staged or peer[P_SEND] is None or peer[P_ENDPOINT] is None:
+        return
+    packets = list(staged)
+    peer[P_STAGED] = None
+    messages = worker._seal(peer, peer_id, packets, now)
+    if messages:
+        worker._transmit(peer, messages)
+
+
+def _fresh(rig: Rig) -> None:
+    """A keypair just installed as current, its first counter block ours (claim_first)."""
+    rig.install()
+
+
+def _fresh_rekey_due(rig: Rig) -> None:
+    rig.install(created=NOW - REKEY_AFTER_TIME - 1)
+
+
+def _fresh_expired(rig: Rig) -> None:
+    rig.install(created=NOW - REJECT_AFTER_TIME)
+
+
+def _fresh_no_first_block(rig: Rig) -> None:
+    """As a successor of the keypair's first sender finds it: the block taken already."""
+    rig.install()
+    rig.worker.peers[1][P_SEND][S_END] = 0
+
+
+def _fresh_stale(rig: Rig) -> None:
+    _fresh(rig)
+    rig.worker.keyslots.reserve(rig.worker.peers[1][P_SEND][2], 4096)  # siblings far ahead
+
+
+def _fresh_block_used_up(rig: Rig) -> None:
+    _fresh(rig)
+    send = rig.worker.peers[1][P_SEND]
+    send[S_NEXT] = send[S_END]
+
+
+def _fresh_no_endpoint(rig: Rig) -> None:
+    _fresh(rig)
+    rig.worker.peers[1][P_ENDPOINT] = None
+
+
+def _fresh_no_socket(rig: Rig) -> None:
+    _fresh(rig)
+    rig.worker.peers[1][P_ENDPOINT] = ("2001:db8::2", 51820, 0, 0)  # only an IPv4 socket
+
+
+def _fresh_failing(kind: dict[str, int]) -> Callable[[Rig], None]:
+    def setup(rig: Rig) -> None:
+        _fresh(rig)
+        rig.fake = FailingSocket(**kind)
+        rig.worker.sockets[4] = rig.fake  # type: ignore[assignment]
+        rig.worker.peers[1][P_STICKY] = PKTINFO
+
+    return setup
+
+
+def flush_both(
+    packets: list[bytes], setup: Callable[[Rig], None]
+) -> tuple[bool, dict[str, Any], dict[str, Any]]:
+    """`packets` staged, then the keypair `setup` makes sends them: through `_flush_staged`
+    in one worker, the reference in the other; whether the first took its straight line
+    (the general path's `_seal` not called), and both workers' state after."""
+    with pair() as (straight, general):
+        for rig in (straight, general):
+            setup(rig)
+            for packet in packets:
+                rig.worker._stage(rig.worker.peers[1], 1, packet, NOW)
+            control_messages(rig.control)  # what the set-up and the staging said
+        sealed: list[bool | None] = []
+        real_seal = straight.worker._seal
+
+        def seal(*args: Any) -> list[bytes]:
+            sealed.append(True)
+            return real_seal(*args)
+
+        straight.worker._seal = seal  # type: ignore[method-assign, assignment]
+        straight.worker._flush_staged(straight.worker.peers[1], 1, NOW)
+        general_flush(general.worker, general.worker.peers[1], 1, NOW)
+        return not sealed, straight.state(), general.state()
+
+
+@pytest.mark.parametrize(
+    ("packet", "setup"),
+    [
+        (_outbound(0), _fresh),
+        (_sized(1419), _fresh),  # padded up to the MTU only
+        (_sized(1420), _fresh),
+        (_sized(1436), _fresh),  # larger than the MTU: padding_length's rule
+        (_outbound(0), _fresh_rekey_due),  # sent, then RekeyWanted
+        (_outbound(0), _fresh_no_socket),
+        (_outbound(0), _fresh_failing({"always": errno.EPERM})),
+        (_outbound(0), _fresh_failing({"stale": errno.ENETUNREACH})),
+    ],
+    ids=["ping", "mtu-1", "mtu", "over-mtu", "rekey", "no-socket", "send-fails", "stale-sticky"],
+)
+def test_a_new_sessions_one_staged_packet_is_sent_as_the_general_path_sends_it(
+    packet: bytes, setup: Callable[[Rig], None]
+) -> None:
+    straight_line, straight, general = flush_both([packet], setup)
+    assert straight_line
+    assert straight == general
+    assert straight["peer"][P_STAGED] is None and straight["touched"] == 1
+    if setup is _fresh:
+        assert len(straight["sent"]) == 1 and straight["totals"][2] == 1
+        assert straight["peer"][P_SEND][S_NEXT - 1] == 1  # counter 0 used (S_CIPHER left out)
+    if setup is _fresh_rekey_due:
+        assert straight["control"] == [RekeyWanted(1)]
+
+
+@pytest.mark.parametrize(
+    ("packets", "setup"),
+    [
+        ([_outbound(0), _outbound(1)], _fresh),
+        ([_outbound(0)], _fresh_expired),  # staged again, a handshake asked for
+        ([_outbound(0)], _fresh_no_first_block),  # a block is reserved
+        ([_outbound(0)], _fresh_stale),
+        ([_outbound(0)], _fresh_block_used_up),
+        ([_outbound(0)], _fresh_no_endpoint),  # nothing leaves
+    ],
+    ids=["two", "expired", "no-first-block", "stale", "block-used-up", "no-endpoint"],
+)
+def test_every_other_flush_of_staged_packets_goes_the_general_way(
+    packets: list[bytes], setup: Callable[[Rig], None]
+) -> None:
+    straight_line, straight, general = flush_both(packets, setup)
+    assert straight == general
+    if setup is not _fresh_no_endpoint:
+        assert not straight_line
 
 
 # -- receiving -------------------------------------------------------------------------------

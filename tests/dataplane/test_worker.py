@@ -15,6 +15,7 @@ import pytest
 
 from tests.dataplane.test_coalesce import tcp4
 from wgmp.dataplane import inbound
+from wgmp.dataplane import worker as worker_module
 from wgmp.dataplane.inbound import HOLD_MAX, UNKNOWN_KEEP, UNKNOWN_KEPT
 from wgmp.dataplane.records import P_SEND, P_STICKY
 from wgmp.dataplane.worker import (
@@ -31,9 +32,11 @@ from wgmp.ipc.messages import (
     Activity,
     Confirmed,
     HandshakePackets,
+    KeypairInstall,
     Message,
     Mtu,
     NeedHandshake,
+    PeerEndpoint,
     PeerSet,
     RekeyWanted,
     Roamed,
@@ -41,6 +44,7 @@ from wgmp.ipc.messages import (
     SendKeepalive,
     decode,
     encode,
+    kind_of,
 )
 from wgmp.net.steering import RECEIVE_BLOCK_BITS
 from wgmp.net.tun import VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_NONE
@@ -1027,6 +1031,74 @@ def test_a_new_sessions_staged_packet_leaves_before_the_keypairs_receive_side_is
     with pytest.raises(OSError):
         install(rig.worker, ROLE_CURRENT, local_index=OWNED_INDEX + 0x100)
     assert OWNED_INDEX + 0x100 in rig.worker.by_index  # its receive side is there all the same
+
+
+def test_the_messages_a_staged_packet_waits_for_are_taken_from_their_wire_lists(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Control's answer to a new session's ask, written as control writes it (PeerEndpoint,
+    KeypairInstall of the current keypair, SendKeepalive): all three are handled straight
+    from their wire lists, nothing is decoded, and the staged packet leaves, to the new
+    endpoint from its sticky source (SendKeepalive then sends nothing)."""
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
+    rig.worker._outbound(time.monotonic())
+    assert control_messages(rig.control) == [NeedHandshake(1)]
+    slot = rig.worker.keyslots.publish(
+        local_index=OWNED_INDEX, remote_index=9, peer_id=1, is_initiator=True,
+        created=time.monotonic(), send_key=SEND_KEY, receive_key=RECEIVE_KEY,
+    )  # fmt: skip
+    decoded: list[Any] = []
+    real_decode = worker_module.decode_or_skip
+
+    def decode_or_skip(item: Any) -> Message | None:
+        decoded.append(item)
+        return real_decode(item)
+
+    monkeypatch.setattr(worker_module, "decode_or_skip", decode_or_skip)
+    Channel(rig.control).send_many(
+        [
+            PeerEndpoint(1, ["192.0.2.7", 4000], list(PKTINFO)),
+            KeypairInstall(slot, ROLE_CURRENT),
+            SendKeepalive(1, slot),
+        ]
+    )
+    assert rig.worker._read_channel(time.monotonic())
+    assert decoded == []
+    [(buffers, ancillary, address)] = rig.fake.sent  # the ping, no keepalive after it
+    assert address == ("192.0.2.7", 4000) and ancillary == [PKTINFO]
+    receiver, counter, plaintext = open_transport(SEND_KEY, buffers[0])
+    assert (receiver, counter) == (9, 0) and plaintext[: len(_outbound(0))] == _outbound(0)
+    assert not any(rig.worker.drops)
+
+
+def test_wire_lists_of_the_direct_kinds_that_are_no_such_message_go_the_declared_way(
+    rig: Any,
+) -> None:
+    """The wire numbers of the kinds taken directly (KeypairInstall, PeerEndpoint,
+    SendKeepalive) with other arities are no declared message: skipped (logged), as
+    `decode` judges them; a well-formed one that raises is counted, and the next message
+    is handled."""
+    packer = msgpack.Packer(use_bin_type=True)
+    install, endpoint = kind_of(KeypairInstall), kind_of(PeerEndpoint)
+    slot = rig.worker.keyslots.publish(
+        local_index=OWNED_INDEX, remote_index=9, peer_id=1, is_initiator=True,
+        created=time.monotonic(), send_key=SEND_KEY, receive_key=RECEIVE_KEY,
+    )  # fmt: skip
+    wire = [
+        [install, slot],
+        [install, slot, ROLE_CURRENT, 0],
+        [endpoint, 1, ["192.0.2.7", 4000]],
+        [kind_of(SendKeepalive), 1],
+        [float(install), slot, ROLE_CURRENT],  # a kind that is no int
+        [],
+        [install, "no slot", ROLE_CURRENT],  # raises: counted
+        encode(Mtu(1280)),
+    ]
+    rig.control.sendall(b"".join(packer.pack(item) for item in wire))
+    assert rig.worker._read_channel(time.monotonic())
+    assert rig.worker.drops[DropReason.INTERNAL_ERROR] == 1
+    assert rig.worker.mtu == 1280
+    assert not rig.worker.by_slot and rig.worker.peers[1][P_SEND] is None
 
 
 def test_a_role_change_keeps_the_keypair_and_reads_nothing_again(

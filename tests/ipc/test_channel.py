@@ -8,16 +8,18 @@ import socket
 import threading
 import time
 
-from wgmp.ipc.channel import Channel
+from wgmp.ipc.channel import Channel, decode_or_skip
 from wgmp.ipc.messages import (
     Activity,
     HandshakePackets,
     KeypairInstall,
     Message,
     Mtu,
+    NeedHandshake,
     PeerSet,
     Ready,
     encode,
+    kind_of,
 )
 
 
@@ -199,3 +201,25 @@ def test_send_to_all_writes_every_channel_whole_while_others_are_full() -> None:
         control.close()
     for worker in workers[:2]:
         worker.close()
+
+
+def test_wire_lists_are_written_and_read_as_the_messages_they_are() -> None:
+    """send_wire writes what send writes; receive_wire gives each message (or anything else
+    the pipe carried) as its wire list, for the reader to decode or skip; None at the end."""
+    ours, theirs = socket.socketpair()
+    sender, receiver = Channel(ours), Channel(theirs)
+    try:
+        sender.send_wire([kind_of(NeedHandshake), 7])
+        sender.send(NeedHandshake(7))
+        ours.sendall(sender._packer.pack("junk"))
+        assert select.select([receiver], [], [], 5)[0]
+        time.sleep(0.05)  # all three in the pipe
+        wire = receiver.receive_wire()
+        assert wire == [encode(NeedHandshake(7)), encode(NeedHandshake(7)), "junk"]
+        assert [decode_or_skip(item) for item in wire] == [NeedHandshake(7)] * 2 + [None]
+        ours.close()
+        assert select.select([receiver], [], [], 5)[0]
+        assert receiver.receive_wire() is None
+    finally:
+        ours.close()
+        receiver.close()

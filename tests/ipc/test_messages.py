@@ -22,6 +22,7 @@ from wgmp.ipc.messages import (
     Roamed,
     decode,
     encode,
+    kind_of,
 )
 
 PACKAGE = pathlib.Path(messages.__file__).resolve().parent.parent
@@ -30,13 +31,18 @@ CONTROL_SOURCES = [PACKAGE / "control"]
 
 
 def _constructed(roots: list[pathlib.Path]) -> set[str]:
-    """Names of the message classes called (built) anywhere under `roots`."""
+    """Names of the message classes called (built) anywhere under `roots`, or whose wire
+    number is taken with `kind_of` (a message written as its wire list: Channel.send_wire)."""
     names: set[str] = set()
     for root in roots:
         for path in root.rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                     names.add(node.func.id)
+                    if node.func.id == "kind_of" and node.args:
+                        argument = node.args[0]
+                        if isinstance(argument, ast.Name):
+                            names.add(argument.id)
     return names
 
 
@@ -74,6 +80,7 @@ def test_wire_form_is_a_compact_list_and_round_trips() -> None:
         wire = msgpack.packb(encode(message), use_bin_type=True)
         assert decode(msgpack.unpackb(wire, raw=False)) == message
     assert encode(KeypairInstall(5, 1)) == [4, 5, 1]
+    assert kind_of(KeypairInstall) == 4  # what a wire list (Channel.send_wire) starts with
 
 
 @pytest.mark.parametrize("raw", [None, [], ["x"], [999], [4, 1], [4, 1, 2, 3], {"kind": 4}])

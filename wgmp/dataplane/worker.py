@@ -28,7 +28,7 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from ..internal_errors import ErrorLog
-from ..ipc.channel import Channel
+from ..ipc.channel import Channel, decode_or_skip
 from ..ipc.keyslots import FIRST_BLOCK, KeySlot, KeySlots
 from ..ipc.messages import (
     ROLE_CURRENT,
@@ -53,6 +53,7 @@ from ..ipc.messages import (
     RouteLoop,
     SendKeepalive,
     StatsFlushed,
+    kind_of,
 )
 from ..ipc.workerspec import WorkerSpec
 from ..net.steering import counter_worker
@@ -117,6 +118,9 @@ FLUSH_INTERVAL = 0.1  # how stale control's view of traffic (timers) and counter
 FLUSH_LATE_MAX = 0.02
 # The loop's wake-up while sent chunks wait for their predecessor (epoll counts in ms).
 SEND_HOLD_POLL = 0.001
+# The messages `_read_channel` takes from their wire lists, without decoding them.
+_KEYPAIR_INSTALL, _PEER_ENDPOINT = kind_of(KeypairInstall), kind_of(PeerEndpoint)
+_SEND_KEEPALIVE = kind_of(SendKeepalive)
 
 
 def _sockaddr(endpoint: list[Any] | None) -> tuple[Any, ...] | None:
@@ -333,15 +337,35 @@ class Worker(Outbound, Inbound, SendSpread):
         self._errors.report(what)
 
     def _read_channel(self, now: float) -> bool:
-        """Handle what control sent; False once control has gone."""
-        messages = self.channel.receive()
-        if messages is None:
+        """Handle what control sent; False once control has gone.
+
+        Each message is decoded only when its turn comes, and the three that control writes
+        for a new session's staged packet (PeerEndpoint, KeypairInstall, SendKeepalive:
+        docs/first-packet.md) are taken straight from their wire lists, undecoded: decoding
+        the three cost ~40 us with cold caches (perf/bench_first_packet.py --parts), two of
+        them before the packet left, and SendKeepalive comes after it, while the peer's
+        worker, woken by it, mostly waits on this CPU for this one to sleep (62 of 99
+        ftraces: perf/RESULTS.md, "the initiator's worker")."""
+        wire = self.channel.receive_wire()
+        if wire is None:
             self.running = False
             return False
         removed = self._removed
-        for message in messages:
+        for item in wire:
             try:
-                self._handle_control(message, now)
+                # decode's checks: a list, led by an int, the kind's arity
+                kind = item[0] if type(item) is list and item and type(item[0]) is int else 0
+                size = len(item) if kind else 0
+                if size == 3 and kind == _KEYPAIR_INSTALL:
+                    self._install(item[1], item[2], now)
+                elif size == 4 and kind == _PEER_ENDPOINT:
+                    self._peer_endpoint(item[1], item[2], item[3], now)
+                elif size == 3 and kind == _SEND_KEEPALIVE:
+                    self._send_keepalive(item[1], item[2], now)
+                else:
+                    message = decode_or_skip(item)
+                    if message is not None:
+                        self._handle_control(message, now)
             except Exception:
                 self._internal_error("a message from control")
         if removed:
@@ -351,7 +375,7 @@ class Worker(Outbound, Inbound, SendSpread):
             # (perf/RESULTS.md, "Handshakes").
             self.channel.send(Removed(list(removed)))
             removed.clear()
-        if messages:
+        if wire:
             self._control_read = True  # what was kept under an unknown index may be known now
         return True
 
@@ -376,11 +400,16 @@ class Worker(Outbound, Inbound, SendSpread):
         self._remove_peer(message.peer_id)
 
     def _on_peer_endpoint(self, message: PeerEndpoint, now: float) -> None:
-        peer = self.peers.get(message.peer_id)
+        self._peer_endpoint(message.peer_id, message.endpoint, message.sticky, now)
+
+    def _peer_endpoint(
+        self, peer_id: int, endpoint: list[Any], sticky: list[Any] | None, now: float
+    ) -> None:
+        peer = self.peers.get(peer_id)
         if peer is not None:
-            peer[P_ENDPOINT] = _sockaddr(message.endpoint)
-            peer[P_STICKY] = tuple(message.sticky) if message.sticky else None
-            self._flush_staged(peer, message.peer_id, now)
+            peer[P_ENDPOINT] = _sockaddr(endpoint)
+            peer[P_STICKY] = tuple(sticky) if sticky else None
+            self._flush_staged(peer, peer_id, now)
 
     def _on_drop_staged(self, message: DropStaged, now: float) -> None:
         peer = self.peers.get(message.peer_id)
@@ -466,9 +495,10 @@ class Worker(Outbound, Inbound, SendSpread):
             ChaCha20Poly1305(info.send_key), info.remote_index, slot, info.created,
             info.is_initiator,
         )  # fmt: skip
+        workers = self.workers
         if (
             role != ROLE_PREVIOUS
-            and counter_worker(0, self.workers, info.local_index) == self.worker_id
+            and (workers == 1 or counter_worker(0, workers, info.local_index) == self.worker_id)
             and self.keyslots.claim_first(slot)
         ):
             # The keypair's first sender (one worker per keypair: the worker of its first
@@ -584,6 +614,8 @@ def waits_for_lone_answer(now: float, since: float, lone: bool) -> bool:
 
 # What the worker does with each message control sends (one entry per Direction.TO_WORKER
 # declaration in ipc/messages.py; tests/ipc/test_messages.py checks that none is missing).
+# PeerEndpoint, KeypairInstall and SendKeepalive come from the pipe undecoded: there
+# `_read_channel` calls what their handlers call, from the wire list.
 HANDLERS: dict[type[Any], Callable[[Worker, Any, float], None]] = {
     PeerSet: Worker._on_peer_set,
     PeerRemove: Worker._on_peer_remove,

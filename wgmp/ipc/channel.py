@@ -10,12 +10,13 @@ import array
 import fcntl
 import socket
 import termios
+from typing import Any
 
 import msgpack
 
 from .messages import Message, MessageError, decode, encode
 
-__all__ = ["Channel"]
+__all__ = ["Channel", "decode_or_skip"]
 
 SO_SNDBUFFORCE = 32
 WORKER_SEND_BUFFER = 1 << 20
@@ -54,6 +55,13 @@ class Channel:
         has gone."""
         data: bytes = self._packer.pack(encode(message))
         self._write(data)
+
+    def send_wire(self, wire: list[Any]) -> None:
+        """Write one message given in its wire form, `[kind, *fields]` (what `encode` makes of
+        it): for the worker's ask for a handshake, the last step before a new session's first
+        packet waits for control (making NeedHandshake and encoding it cost ~27 us with cold
+        caches, the list ~12: perf/bench_first_packet.py --parts)."""
+        self._write(self._packer.pack(wire))
 
     def send_many(self, messages: list[Message]) -> None:
         """Write several messages, in order, with one system call when the pipe has room (or
@@ -154,6 +162,20 @@ class Channel:
         """Every complete message readable now; None when the other end has gone and
         nothing of what it sent is left. A list that is no declared message is logged and
         skipped."""
+        wire = self.receive_wire()
+        if wire is None:
+            return None
+        messages: list[Message] = []
+        for item in wire:
+            message = decode_or_skip(item)
+            if message is not None:
+                messages.append(message)
+        return messages
+
+    def receive_wire(self) -> list[Any] | None:
+        """As `receive`, but each message in its wire form, not decoded: the worker decodes
+        each just before it handles it, and takes the ones a new session's first packet
+        waits for straight from their lists (Worker._read_channel)."""
         if not self._eof:
             try:
                 data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
@@ -166,21 +188,10 @@ class Channel:
                     self._unpacker.feed(data)
                 else:
                     self._eof = True
-        raw = list(self._unpacker)
-        if self._eof and not raw:
+        wire = list(self._unpacker)
+        if self._eof and not wire:
             return None
-        messages: list[Message] = []
-        for item in raw:
-            try:
-                messages.append(decode(item))
-            except MessageError as err:
-                # Imported here, not at the top: workers import this module, and `logging`
-                # stays out of their memory (docs/performance.md); this never happens between
-                # two ends of the same build.
-                import logging
-
-                logging.getLogger("wgmp").error("ignored a message on the channel: %s", err)
-        return messages
+        return wire
 
     def close(self) -> None:
         self.sock.close()
@@ -201,3 +212,17 @@ class Channel:
             except OSError:
                 continue
         return cls(ours), theirs
+
+
+def decode_or_skip(item: Any) -> Message | None:
+    """The declared message a wire list read from the pipe is; None, logged, if it is none."""
+    try:
+        return decode(item)
+    except MessageError as err:
+        # Imported here, not at the top: workers import this module, and `logging` stays
+        # out of their memory (docs/performance.md); this never happens between two ends
+        # of the same build.
+        import logging
+
+        logging.getLogger("wgmp").error("ignored a message on the channel: %s", err)
+        return None

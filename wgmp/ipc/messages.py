@@ -51,6 +51,7 @@ __all__ = [
     "StatsFlushed",
     "decode",
     "encode",
+    "kind_of",
     "sized_bytes",
 ]
 
@@ -313,6 +314,12 @@ def sized_bytes(values: list[Any], lengths: tuple[int, ...]) -> bool:
 def encode(message: Message) -> list[Any]:
     """The wire form: `[kind, *fields]`."""
     return [_KIND_OF[type(message)], *message]
+
+
+def kind_of(message_type: type[Any]) -> int:
+    """The wire number of a declared message class: for the worker's direct paths, which
+    take or write a few messages as wire lists (Channel.receive_wire, Channel.send_wire)."""
+    return _KIND_OF[message_type]
 
 
 def decode(raw: Any) -> Message:
