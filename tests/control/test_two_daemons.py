@@ -4,6 +4,7 @@ no root and no namespaces: the TUN is in memory and the UDP port on loopback
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -143,7 +144,7 @@ def test_a_failing_preparation_costs_its_key_not_the_daemon(
 ) -> None:
     a, b = sides
 
-    def broken(self: Handshake, rng: object) -> bool:
+    def broken(self: Handshake, rng: object, unix_time_ns: int | None = None) -> bool:
         raise RuntimeError("a bug in preparing")
 
     monkeypatch.setattr(Handshake, "prepare", broken)
@@ -152,3 +153,27 @@ def test_a_failing_preparation_costs_its_key_not_the_daemon(
     _crosses(a, b, b"keys made on the spot")
     assert a.thread.is_alive() and a.daemon.interface.counters.prepared_used == 0
     assert "internal error handling preparing an ephemeral key" in caplog.text
+
+
+def test_control_yields_its_cpu_after_a_send_that_wakes_another_process(
+    sides: tuple[Side, Side], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Daemon._drain_outputs: after a datagram or a command left (a peer's control or our
+    worker woken, on this kernel placed on our vCPU), control yields before the rest of its
+    turn; idle turns, which send nothing, do not."""
+    a, b = sides
+    yields: list[str] = []
+    real = os.sched_yield
+
+    def counted() -> None:
+        yields.append(threading.current_thread().name)
+        real()
+
+    monkeypatch.setattr(os, "sched_yield", counted)
+    _peers(a, b)
+    _crosses(a, b, b"a handshake first")
+    assert {a.thread.name, b.thread.name} <= set(yields), yields
+    time.sleep(0.5)  # the session's last messages, then the keys made ahead
+    settled = len(yields)
+    time.sleep(1.0)  # idle: the workers' flushes reach control, nothing leaves
+    assert len(yields) == settled, yields[settled:]

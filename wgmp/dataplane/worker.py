@@ -247,6 +247,11 @@ class Worker(Outbound, Inbound, SendSpread):
                 timeout = self._hold_wait(time.monotonic())
             if self._send_held and timeout > SEND_HOLD_POLL:
                 timeout = SEND_HOLD_POLL
+            if self._tun_again:
+                # A lone packet just left: the peer's worker it woke was most often placed
+                # on this vCPU (this kernel packs wake-ups), where it waited for us to sleep.
+                # Let it run before the look for more and the flush checks.
+                os.sched_yield()
             events = poller.poll(timeout)
             now = time.monotonic()
             self._answer_poll = False  # the poll it asked for was made
