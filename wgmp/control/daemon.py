@@ -453,8 +453,8 @@ class Daemon:
                 queue.append((data, (address[0], address[1]), sticky))
             if not udp.pending(sock):
                 # Asked rather than found by a read that raises: cold, the raise and catch
-                # cost ~25-35 us against ~13-20 for the ioctl (perf/bench_cold_calls.py), and
-                # a new session's messages 1 and 2 each come alone.
+                # cost ~24 us against ~17 for the ioctl (perf/bench_cold_calls.py), and a new
+                # session's messages 1 and 2 each come alone.
                 break
         if dropped:
             self.interface.counters.drops[DropReason.HANDSHAKE_QUEUE_FULL] += dropped

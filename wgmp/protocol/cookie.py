@@ -98,13 +98,7 @@ class CookieGenerator:
     def add_macs(self, msg: bytes, *, now: float) -> bytes:
         """The message with mac1, and mac2 when we hold a cookie younger than 120 s."""
         body, _, _, _ = _macs_split(msg)
-        mac1 = MAC(self._mac1_key, body)
-        self._last_mac1 = mac1
-        with_mac1 = body + mac1
-        mac2 = _ZERO_MAC
-        if self._cookie_set is not None and now - self._cookie_set <= COOKIE_REFRESH_TIME:
-            mac2 = MAC(self._cookie, with_mac1)
-        return with_mac1 + mac2
+        return self._sent(body + MAC(self._mac1_key, body), now)
 
     def mac1_ahead(self, msg: bytes) -> bytes:
         """The message with its mac1 and a zero mac2, made before it is sent: nothing of this
@@ -114,12 +108,18 @@ class CookieGenerator:
 
     def add_macs_ahead(self, msg: bytes, *, now: float) -> bytes:
         """What `add_macs` returns for a message that `mac1_ahead` made (its mac1 depends
-        only on the message and the peer's key): mac2 is added now, if we hold a cookie."""
+        only on the message and the peer's key)."""
         body, mac1, _, _ = _macs_split(msg)
-        self._last_mac1 = mac1
+        return self._sent(body + mac1, now)
+
+    def _sent(self, with_mac1: bytes, now: float) -> bytes:
+        """A message about to leave, with its mac1: that mac1 is what a cookie reply answers,
+        and mac2 is added when we hold a cookie younger than 120 s."""
+        self._last_mac1 = with_mac1[-MAC_LEN:]
+        mac2 = _ZERO_MAC
         if self._cookie_set is not None and now - self._cookie_set <= COOKIE_REFRESH_TIME:
-            return body + mac1 + MAC(self._cookie, body + mac1)
-        return msg
+            mac2 = MAC(self._cookie, with_mac1)
+        return with_mac1 + mac2
 
     def consume_reply(self, reply: CookieReply, *, now: float) -> None:
         """Take the cookie from a reply to the last message we sent; raises if it is not one."""
