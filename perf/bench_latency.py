@@ -264,31 +264,69 @@ def first_ping(ns: Netns) -> float | None:
     return None
 
 
-def measure(args: argparse.Namespace, path: str, workers: str, index: int, workdir: Path) -> Result:
-    _, kind_a, kind_b = PATHS[path]
-    result = Result(path, workers if "wgmp" in path else "-")
+@dataclass
+class Pair:
+    """Two tunnel ends in two namespaces of their own, joined by a veth pair, configured as
+    peers (a: TUN_A behind VETH_A, b: TUN_B behind VETH_B) and a first handshake made."""
+
+    ns_a: Netns
+    ns_b: Netns
+    veth_a: str
+    veth_b: str
+    daemons: list[Daemon] = field(default_factory=list)
+
+    @property
+    def a(self) -> Daemon:
+        return self.daemons[0]
+
+    @property
+    def b(self) -> Daemon:
+        return self.daemons[1]
+
+    def close(self) -> None:
+        for d in self.daemons:
+            d.stop()
+        self.ns_a.close()
+        self.ns_b.close()
+
+
+def start_pair(
+    kind_a: str, kind_b: str, workers: str, index: int, workdir: Path, root: Path = REPO_ROOT
+) -> Pair:
+    """A `Pair` whose wgmp ends run the code under `root`; names unique per `index`."""
     tag = f"{os.getpid()}-{index}"
     short = f"{os.getpid() % 100000}{index}"
-    ns_a = Netns(f"{NS_PREFIX}{tag}a")
-    ns_b = Netns(f"{NS_PREFIX}{tag}b")
-    daemons: list[Daemon] = []
+    veth_a, veth_b = f"vla{short}"[:15], f"vlb{short}"[:15]
+    pair = Pair(Netns(f"{NS_PREFIX}{tag}a"), Netns(f"{NS_PREFIX}{tag}b"), veth_a, veth_b)
     try:
-        veth_a, veth_b = f"vla{short}"[:15], f"vlb{short}"[:15]
+        ns_a, ns_b = pair.ns_a, pair.ns_b
         ns_a.ip("link", "add", veth_a, "type", "veth", "peer", "name", veth_b, "netns", ns_b.name)
         ns_a.ip("addr", "add", f"{VETH_A}/24", "dev", veth_a)
         ns_b.ip("addr", "add", f"{VETH_B}/24", "dev", veth_b)
         ns_a.ip("link", "set", veth_a, "up")
         ns_b.ip("link", "set", veth_b, "up")
-        da, db = (
-            Daemon(kind, ns, name[:15], workdir, workers, "error", REPO_ROOT)  # type: ignore[arg-type]
-            for kind, ns, name in ((kind_a, ns_a, f"wla{short}"), (kind_b, ns_b, f"wlb{short}"))
-        )
-        daemons = [da, db]
-        for d in daemons:
-            d.start()
-        da.configure(PORT_A, db, TUN_B, f"{VETH_B}:{PORT_B}", f"{TUN_A}/24")
-        db.configure(PORT_B, da, TUN_A, f"{VETH_A}:{PORT_A}", f"{TUN_B}/24")
+        for kind, ns, name in ((kind_a, ns_a, f"wla{short}"), (kind_b, ns_b, f"wlb{short}")):
+            pair.daemons.append(Daemon(kind, ns, name[:15], workdir, workers, "error", root))
+            pair.daemons[-1].start()
+        pair.a.configure(PORT_A, pair.b, TUN_B, f"{VETH_B}:{PORT_B}", f"{TUN_A}/24")
+        pair.b.configure(PORT_B, pair.a, TUN_A, f"{VETH_A}:{PORT_A}", f"{TUN_B}/24")
         wait_for_handshake(ns_a, TUN_B)
+    except BaseException:
+        pair.close()
+        raise
+    return pair
+
+
+def measure(args: argparse.Namespace, path: str, workers: str, index: int, workdir: Path) -> Result:
+    _, kind_a, kind_b = PATHS[path]
+    assert kind_a is not None and kind_b is not None  # latency needs a tunnel
+    result = Result(path, workers if "wgmp" in path else "-")
+    pair: Pair | None = None
+    try:
+        pair = start_pair(kind_a, kind_b, workers, index, workdir)
+        ns_a, ns_b, veth_a, veth_b, da, db = (
+            pair.ns_a, pair.ns_b, pair.veth_a, pair.veth_b, pair.a, pair.b
+        )  # fmt: skip
         out = ns_a.run(
             ["ping", "-q", "-c", str(args.pings), "-i", "0.01", "-W", "2", TUN_B],
             check=False,
@@ -341,10 +379,8 @@ def measure(args: argparse.Namespace, path: str, workers: str, index: int, workd
         result.error = str(err)
         log(f"  {path}: FAILED: {err}")
     finally:
-        for d in daemons:
-            d.stop()
-        ns_a.close()
-        ns_b.close()
+        if pair is not None:
+            pair.close()
     return result
 
 
