@@ -233,7 +233,7 @@ class Handshake:
             if self.local is None or self.precomputed_static_static is None:
                 return False
             timestamp = b"" if unix_time_ns is None else TAI64N(unix_time_ns)
-            if timestamp <= self.last_sent_timestamp:
+            if not self._fresh(timestamp):
                 timestamp = b""  # within the same whitened tick as the last one sent
             try:
                 self._prepared = _prepare_ephemeral(
@@ -253,11 +253,16 @@ class Handshake:
         changes (the responder's role may take the key yet). Control makes the MACs ahead too
         (control/interface.py, `InitiationAhead`)."""
         prepared = self._prepared
-        if prepared is None or not prepared.timestamp > self.last_sent_timestamp:
+        if prepared is None or not self._fresh(prepared.timestamp):
             return None
         return Initiation(
             sender_index, prepared.public, prepared.encrypted_static, prepared.encrypted_timestamp
         )
+
+    def _fresh(self, timestamp: bytes) -> bool:
+        """Whether a stamp made ahead may go in message 1: newer than the last one sent (an
+        empty one, never stamped, is not), as the responder only takes newer ones."""
+        return timestamp > self.last_sent_timestamp
 
     def _take_prepared(self) -> PreparedEphemeral | None:
         """The prepared ephemeral if there is one, gone from here once taken (used once)."""
@@ -315,7 +320,7 @@ class Handshake:
         ephemeral = self._take_prepared() or _prepare_ephemeral(
             local, self.remote_static, static_static, DH_GENERATE(rng)
         )
-        if ephemeral.timestamp > self.last_sent_timestamp:  # stamped ahead, still fresh
+        if self._fresh(ephemeral.timestamp):  # stamped ahead
             timestamp, encrypted_timestamp = ephemeral.timestamp, ephemeral.encrypted_timestamp
             h = ephemeral.stamped_hash
         else:
