@@ -495,8 +495,7 @@ class Interface:
         self._release_handshake_index(peer)
         # The index drawn with the prepared key serves message 2 as well: the key goes to
         # this response, and with it the message 1 made ahead (no draw, no getrandom here).
-        ahead, peer.initiation_ahead = peer.initiation_ahead, None
-        index = self._index_for(peer, ahead)
+        index, _ = self._take_index(peer)
         handshake = peer.handshake
         handshake.local_index = index  # released with the handshake if it goes no further
         worker = self.response_jobs.choose(self.workers_down) if self.offload_responses else None
@@ -631,10 +630,10 @@ class Interface:
             return  # nowhere to send, or a key that can never make a session (low order)
         self._release_handshake_index(peer)
         prepared = peer.handshake.prepared
-        ahead, peer.initiation_ahead = peer.initiation_ahead, None
+        index, ahead = self._take_index(peer)
         try:
             initiation = peer.handshake.create_initiation(
-                sender_index=self._index_for(peer, ahead), unix_time_ns=wall_ns, rng=self.rng
+                sender_index=index, unix_time_ns=wall_ns, rng=self.rng
             )
         except ProtocolError as err:
             log.error("%s - Failed to create initiation message: %s", peer, err)
@@ -691,19 +690,17 @@ class Interface:
                 break
         return worker
 
-    def _index_for(self, peer: Peer, ahead: InitiationAhead | None) -> int:
-        """The index message 1 was made ahead with, if still free and its worker up; else a
-        fresh one (and the message is made again)."""
+    def _take_index(self, peer: Peer) -> tuple[int, InitiationAhead | None]:
+        """The peer's message 1 made ahead (taken: used once, by whichever role comes) and
+        the index for this handshake: the one drawn with it, if still free and its worker up
+        (`prepare_next` drew it among the workers), else a fresh one (and message 1, if that
+        is what is sent, is made again)."""
+        ahead, peer.initiation_ahead = peer.initiation_ahead, None
         if ahead is not None:
             index = ahead.initiation.sender_index
-            worker = worker_of(index)
-            if (
-                worker < self.workers
-                and worker not in self.workers_down
-                and self.indices.claim(index, peer)
-            ):
-                return index
-        return self._new_index(peer)
+            if worker_of(index) not in self.workers_down and self.indices.claim(index, peer):
+                return index, ahead
+        return self._new_index(peer), ahead
 
     # -- idle time ---------------------------------------------------------------------------
 
