@@ -492,6 +492,8 @@ class Daemon:
         process on its waker's vCPU, where it waited for the rest of control's turn (timers,
         UAPI, 20-110 us cold in ftraces of a first ping) before running."""
         interface = self.interface
+        for worker, jobs in interface.response_jobs.take_outbox():
+            interface.commands.append(ToWorker(worker, ComputeResponses(jobs)))
         woke = bool(interface.datagrams or interface.commands)
         self._write_outputs()
         if woke and not self._handshakes:
@@ -499,8 +501,6 @@ class Daemon:
 
     def _write_outputs(self) -> None:
         interface = self.interface
-        for worker, jobs in interface.response_jobs.take_outbox():
-            interface.commands.append(ToWorker(worker, ComputeResponses(jobs)))
         if len(interface.datagrams) == 1 and not self._commands_queued():
             # The datagram first: a responder's message 2 no longer waits for the
             # announcement of its keypair to the workers (~90 us cold: the commands' Python
