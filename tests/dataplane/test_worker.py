@@ -1333,3 +1333,20 @@ def test_kept_data_waits_for_control_messages_read_after_it(rig: Any) -> None:
     while not rig.worker._control_read and time.monotonic() < deadline:
         rig.worker._read_channel(now)
     assert rig.worker._control_read and rig.worker._unknown  # the loop retries it now
+
+
+def test_the_loop_retries_kept_data_only_after_control_spoke_or_once_it_is_too_old(
+    rig: Any,
+) -> None:
+    now = time.monotonic()
+    view, nbytes, size = train([0], index=99)
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    rig.worker._retry_unknown_if_due(now + UNKNOWN_KEEP / 2)  # nothing new, still young
+    assert len(rig.worker._unknown) == 1
+    rig.worker._retry_unknown_if_due(now + UNKNOWN_KEEP + 0.01)  # too old: dropped
+    assert rig.worker._unknown == []
+    assert rig.worker.drops[DropReason.UNKNOWN_RECEIVER_INDEX] == 1
+    rig.worker._receive_train(view, nbytes, size, ENDPOINT, None, now)
+    rig.worker._control_read = True  # what _read_channel says after messages came
+    rig.worker._retry_unknown_if_due(now)
+    assert rig.worker._unknown == [] and not rig.worker._control_read

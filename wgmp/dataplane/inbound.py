@@ -728,6 +728,12 @@ class Inbound:
                 self._internal_error("a handed-off datagram")
         self._deliver(now)
 
+    def _retry_unknown_if_due(self, now: float) -> None:
+        """The loop's look while datagrams are kept: received again once control's messages
+        were read since, dropped once the oldest is UNKNOWN_KEEP old."""
+        if self._control_read or now - self._unknown[0][3] > UNKNOWN_KEEP:
+            self._retry_unknown(now)
+
     def _retry_unknown(self, now: float) -> None:
         """After control's messages were read: the datagrams kept under an index unknown then
         (UNKNOWN_KEPT) are received again, or dropped if still unknown or too old."""

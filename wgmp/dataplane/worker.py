@@ -63,7 +63,7 @@ from ..protocol.allowedips import AllowedIPs
 from ..protocol.errors import DropReason
 from ..stats.block import DROP_SLOTS, StatsBlock
 from . import worker_log
-from .inbound import UNKNOWN_KEEP, Inbound
+from .inbound import Inbound
 from .outbound import COUNTER_BLOCK, COUNTER_BLOCK_STALE, Outbound
 from .records import (
     A_DATA_SENT,
@@ -282,10 +282,8 @@ class Worker(Outbound, Inbound, SendSpread):
                     self._internal_error("a batch")
             flush_waits = False
             try:
-                if self._unknown and (
-                    self._control_read or now >= self._unknown[0][3] + UNKNOWN_KEEP
-                ):
-                    self._retry_unknown(now)  # here: never inside a train being received
+                if self._unknown:  # here: never inside a train being received
+                    self._retry_unknown_if_due(now)
                 lone = self._tun_again or self._udp_again is not None or self._answer_poll
                 if self._later and not waits_for_lone_answer(now, self._later_at, lone):
                     self._tell_now()
