@@ -10,8 +10,8 @@ import pytest
 
 from wgmp.control.interface import Interface, Rng
 from wgmp.ipc.keyslots import KeySlots
-from wgmp.ipc.messages import KeypairRemove, Mtu, PeerEndpoint
-from wgmp.protocol.constants import MESSAGE_INITIATION
+from wgmp.ipc.messages import KeypairInstall, KeypairRemove, Mtu, PeerEndpoint
+from wgmp.protocol.constants import MESSAGE_INITIATION, MESSAGE_RESPONSE
 from wgmp.protocol.cookie import CookieChecker, CookieGenerator
 from wgmp.protocol.crypto import DH_GENERATE
 from wgmp.protocol.noise import Handshake, StaticIdentity
@@ -104,6 +104,45 @@ def test_answers_leave_from_the_address_the_peer_contacted(interface: Interface)
     elsewhere = (socket.IPPROTO_IP, 8, bytes(4) + bytes([192, 0, 2, 11]) + bytes(4))
     interface.roamed(peer.peer_id, ENDPOINT, elsewhere)
     assert peer.sticky == elsewhere
+
+
+def _initiation_from(interface: Interface, seed: int) -> tuple[bytes, int]:
+    """Message 1 (with MACs) from a new peer of `interface`, and that peer's id."""
+    rng = _Random(seed)
+    theirs = StaticIdentity.from_private_key(DH_GENERATE(rng))
+    assert interface.identity is not None
+    ours = interface.identity.public_key
+    peer = interface.peer(theirs.public_key, now=0.0)
+    interface.set_endpoint(peer, ENDPOINT)
+    initiation = Handshake(theirs, ours).create_initiation(
+        sender_index=5, unix_time_ns=10**18, rng=rng
+    )
+    return CookieGenerator(ours).add_macs(initiation.pack(), now=0.0), peer.peer_id
+
+
+def test_a_response_sent_at_once_leaves_before_its_keypair_is_installed(
+    interface: Interface,
+) -> None:
+    """`send_at_once` (the daemon's, for a lone handshake message): message 2 goes before
+    the keypair is made and announced, and is not queued again; refused, it is queued."""
+    packed, _ = _initiation_from(interface, 11)
+    seen: list[tuple[int, int, int]] = []
+
+    def at_once(message: bytes, endpoint: object, sticky: object) -> bool:
+        seen.append((message[0], len(interface.keypair_at), len(interface.commands)))
+        return True
+
+    interface.commands.clear()
+    interface.send_at_once = at_once
+    interface.receive_handshake(packed, ENDPOINT, 1.0, 10**18)
+    assert seen == [(MESSAGE_RESPONSE, 0, 0)]
+    assert interface.datagrams == [] and len(interface.keypair_at) == 1
+    assert any(isinstance(c, KeypairInstall) for c in interface.commands)
+
+    refused, _ = _initiation_from(interface, 12)
+    interface.send_at_once = lambda message, endpoint, sticky: False
+    interface.receive_handshake(refused, ENDPOINT, 1.0, 10**18)
+    assert [d[0][0] for d in interface.datagrams] == [MESSAGE_RESPONSE]
 
 
 def test_a_handshake_message_that_raises_is_counted_not_fatal(

@@ -17,6 +17,7 @@ from tests.inmemory import LoopbackPort, MemoryTun
 from tests.integration.netns import uapi_exchange
 from tests.net.helpers import ipv4_udp
 from wgmp.control.daemon import Daemon
+from wgmp.protocol.constants import MESSAGE_RESPONSE
 from wgmp.protocol.crypto import DH_GENERATE
 from wgmp.protocol.noise import Handshake, StaticIdentity
 
@@ -177,3 +178,25 @@ def test_control_yields_its_cpu_after_a_send_that_wakes_another_process(
     settled = len(yields)
     time.sleep(1.0)  # idle: the workers' flushes reach control, nothing leaves
     assert len(yields) == settled, yields[settled:]
+
+
+def test_the_responder_sends_message_2_before_it_installs_the_keypair(
+    sides: tuple[Side, Side], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Daemon._send_at_once: a lone initiation's response leaves from inside the step, before
+    the keypair is made, announced and the rest of the turn done; the session works."""
+    a, b = sides
+    responder = b.daemon
+    seen: list[tuple[int, int, bool]] = []
+    real = responder._send_at_once
+
+    def recorded(message: bytes, endpoint: tuple[str, int], sticky: object) -> bool:
+        keypairs = len(responder.interface.keypair_at)
+        sent = real(message, endpoint, sticky)  # type: ignore[arg-type]
+        seen.append((message[0], keypairs, sent))
+        return sent
+
+    monkeypatch.setattr(responder, "_send_at_once", recorded)
+    _peers(a, b)
+    _crosses(a, b, b"answered at once")
+    assert (MESSAGE_RESPONSE, 0, True) in seen, seen

@@ -65,7 +65,7 @@ from .edges import KernelLink, KernelPort, Link, LinkEvents, Port, RouteEvents
 from .endpoint_routes import EndpointRoutes
 from .get_reply import GetReply, SteadyLines
 from .interface import Interface, ToWorker
-from .peer import Peer
+from .peer import Endpoint, Peer
 from .response_jobs import OFFLOAD_BACKLOG
 from .set_request import SetApplication, apply_request
 from .supervisor import HEARTBEAT_INTERVAL, Supervisor, WorkerHandle
@@ -194,6 +194,7 @@ class Daemon:
         self._steady_lines = SteadyLines()
         self._datagrams_held_since: float | None = None
         self._woken = False  # the wakeup fd fired (a signal): supervise this turn
+        self._sent_at_once = False  # a datagram left during this turn (_send_at_once)
         self.tun_fds: list[int] = []
         self.control_sockets: dict[int, socket.socket] = {}
         self._open_tun(tun_fd)
@@ -475,6 +476,8 @@ class Daemon:
             data, source, sticky = queue.popleft()
             # With more waiting behind it, a worker computes its response (response_jobs.py).
             interface.offload_responses = len(queue) >= OFFLOAD_BACKLOG
+            # A lone message's answer leaves as soon as it is made (_send_at_once).
+            interface.send_at_once = self._send_at_once if not queue else None
             # Each message at the time it is handled, as wireguard-go does: a backlog can take
             # a second to get through, and the 20 ms rule, the rate limiter and the timers are
             # about when a message is handled (with one time for the whole batch, a peer's
@@ -484,7 +487,23 @@ class Daemon:
             if now >= deadline:
                 break
         interface.offload_responses = False
+        interface.send_at_once = None
         self._drain_outputs()
+
+    def _send_at_once(self, message: bytes, endpoint: Endpoint, sticky: udp.Sticky | None) -> bool:
+        """Send a datagram of a lone handshake's step at once, if nothing else of the turn
+        waits to go before it: no other datagram, no command that a worker's pipe had no
+        room for (then a keypair announced there could come after the peer's answer, for
+        longer than a worker keeps such an answer: dataplane/inbound.py, UNKNOWN_KEPT).
+        What `_write_outputs` does for a turn's one datagram, without the rest of the turn
+        before it. Whether it was sent."""
+        if self.interface.datagrams or self._commands_queued():
+            return False
+        if self.interface.routes_to_check:
+            self._check_routes()  # as _write_outputs: before any datagram
+        self._send_datagram(message, endpoint, sticky)
+        self._sent_at_once = True
+        return True
 
     def _drain_outputs(self) -> None:
         """Send what the turn produced (datagrams, commands to workers); then, if that woke
@@ -494,7 +513,8 @@ class Daemon:
         interface = self.interface
         for worker, jobs in interface.response_jobs.take_outbox():
             interface.commands.append(ToWorker(worker, ComputeResponses(jobs)))
-        woke = bool(interface.datagrams or interface.commands)
+        woke = bool(interface.datagrams or interface.commands or self._sent_at_once)
+        self._sent_at_once = False
         self._write_outputs()
         if woke and not self._handshakes:
             os.sched_yield()
@@ -551,17 +571,21 @@ class Daemon:
     def _drain_datagrams(self) -> None:
         self._datagrams_held_since = None
         interface = self.interface
-        for message, (host, port), sticky in interface.datagrams:
-            family = 6 if ":" in host else 4
-            sock = self.control_sockets.get(family)
-            if sock is None:
-                continue
-            address = (host, port, 0, 0) if family == 6 else (host, port)
-            # From the address the peer contacted (wireguard-go's sticky sockets).
-            _, error = udp.send_sticky(sock, [message], [], address, sticky)
-            if error is not None:
-                log.debug("send to %s:%d failed: %s", host, port, error)
+        for message, endpoint, sticky in interface.datagrams:
+            self._send_datagram(message, endpoint, sticky)
         interface.datagrams.clear()
+
+    def _send_datagram(self, message: bytes, endpoint: Endpoint, sticky: udp.Sticky | None) -> None:
+        host, port = endpoint
+        family = 6 if ":" in host else 4
+        sock = self.control_sockets.get(family)
+        if sock is None:
+            return
+        address = (host, port, 0, 0) if family == 6 else (host, port)
+        # From the address the peer contacted (wireguard-go's sticky sockets).
+        _, error = udp.send_sticky(sock, [message], [], address, sticky)
+        if error is not None:
+            log.debug("send to %s:%d failed: %s", host, port, error)
 
     def _drain_commands(self) -> None:
         """Every command of this turn to its workers, in order, in one write per worker.

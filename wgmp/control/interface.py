@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple, Protocol
 
@@ -194,6 +195,10 @@ class Interface:
         # backlog of handshake messages (response_jobs.py).
         self.response_jobs = ResponseJobs(workers)
         self.offload_responses = False
+        # Set by the daemon while it handles a lone handshake message: what control sends
+        # then leaves at once, before the rest of the step (see `_respond`), not at the end
+        # of the daemon's turn. It returns whether it sent.
+        self.send_at_once: Callable[[bytes, Endpoint, Sticky | None], bool] | None = None
         # Ephemeral keys the daemon makes in idle time for the next handshakes (prepared.py).
         self.prepared = PreparedEphemerals()
 
@@ -519,10 +524,14 @@ class Interface:
         """Send our response and install the responder's keypair (`next` until confirmed)."""
         log.debug("%s - Sending handshake response", peer)
         packed = peer.cookie_generator.add_macs(response.pack(), now=now)
+        # Sent before the keypair is installed and announced: those took ~50 us and the end
+        # of the daemon's turn ~40 more (cold, in an ftrace of a first ping: perf/RESULTS.md,
+        # "sixth session"), and the initiator needs ~300 us to answer it; an answer that
+        # reaches a worker before the announcement is kept there (dataplane/inbound.py).
+        self._send_control(peer, packed, now)
         self._install(peer, Keypair.from_session(peer.handshake.derive_session(), now=now))
         peer.timers.handshake_response_sent(now)
         peer.timers.session_derived(now)
-        self._send_control(peer, packed, now)
 
     # -- responses computed by workers (response_jobs.py) ----------------------------------
 
@@ -666,9 +675,10 @@ class Interface:
 
     def _send_control(self, peer: Peer, message: bytes, now: float) -> None:
         assert peer.endpoint is not None
+        send_at_once = self.send_at_once
         if peer.looping:  # it would come back in through our own interface
             self.counters.drops[DropReason.ROUTING_LOOP] += 1
-        else:
+        elif send_at_once is None or not send_at_once(message, peer.endpoint, peer.sticky):
             self.datagrams.append((message, peer.endpoint, peer.sticky))
         peer.control_tx_bytes += len(message)
         peer.timers.any_authenticated_packet_traversal(now)
