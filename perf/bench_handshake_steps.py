@@ -6,7 +6,9 @@ ephemeral key made on the spot or ahead (control/prepared.py).
 
 Two control `Interface`s, peers of each other, no I/O: "initiation" is a's
 `need_handshake` (what a worker's NeedHandshake starts) up to the datagram queued,
-"response" is b's `receive_handshake` of it (consume, answer, install), "consume" is a's
+"response" is b's `receive_handshake` of it (consume, answer, install), of which "message 2
+sent" is the part before the answer leaves (the daemon sends it at once for a lone message,
+Interface.send_at_once, before the install), "consume" is a's
 `receive_handshake` of the response (consume, install, announce). "cold": before each step
 48 MiB are written (more than this machine's L2 and L3), as a first packet finds control
 after the rest of the machine ran (perf/bench_lone_packet.py does the same for a worker's
@@ -37,7 +39,7 @@ from wgmp.protocol.crypto import DH_GENERATE  # noqa: E402
 
 A_ENDPOINT = ("192.0.2.1", 51820)
 B_ENDPOINT = ("192.0.2.2", 51821)
-STEPS = ("initiation", "response", "consume")
+STEPS = ("initiation", "response", "message 2 sent", "consume")
 
 
 class _Random(random.Random, Rng):
@@ -58,10 +60,13 @@ def _pair(seed: int) -> tuple[Interface, Interface, int]:
     return a, b, peer_b.peer_id
 
 
+_started = [0]  # when the last timed step started
+
+
 def _timed(cold: bool, step: Callable[[], object]) -> int:
     if cold:
         evict()
-    started = time.perf_counter_ns()
+    started = _started[0] = time.perf_counter_ns()
     step()
     return time.perf_counter_ns() - started
 
@@ -81,7 +86,15 @@ def one_handshake(seed: int, prepared: bool, cold: bool) -> list[int]:
                 iface.prepare_next(10**18 - 10**9)  # a second before
     times = [_timed(cold, lambda: a.need_handshake(peer_id, 1.0, 10**18))]
     initiation = _only_datagram(a)
+    sent: list[int] = []
+
+    def at_once(message: bytes, endpoint: object, sticky: object) -> bool:
+        sent.append(time.perf_counter_ns())
+        return False  # queued as well, for a to take
+
+    b.send_at_once = at_once  # as the daemon sets it for a lone message
     times.append(_timed(cold, lambda: b.receive_handshake(initiation, A_ENDPOINT, 1.0, 0)))
+    times.append(sent[0] - _started[0])
     response = _only_datagram(b)
     times.append(_timed(cold, lambda: a.receive_handshake(response, B_ENDPOINT, 1.0, 0)))
     assert a.counters.completed == 1 and a.counters.prepared_used == int(prepared)
@@ -102,7 +115,8 @@ def main() -> None:
         for prepared in (False, True):
             rounds = [one_handshake(n, prepared, cold) for n in range(args.rounds)]
             columns = list(zip(*rounds, strict=True))
-            total = sum(statistics.median(c) for c in columns) / 1000
+            # the sum of the three steps ("message 2 sent" is part of "response")
+            total = sum(statistics.median(c) for c in columns[:2] + columns[3:]) / 1000
             label = f"{'cold' if cold else 'not evicted'}, key {'made ahead' if prepared else 'on the spot'}"
             print(
                 f"{label:33} | "
