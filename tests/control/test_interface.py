@@ -8,13 +8,15 @@ import socket
 
 import pytest
 
-from wgmp.control.interface import Interface, Rng
+from wgmp.control.interface import HANDED_MAX, Interface, Rng
 from wgmp.ipc.keyslots import KeySlots
-from wgmp.ipc.messages import KeypairInstall, KeypairRemove, Mtu, PeerEndpoint
+from wgmp.ipc.messages import KeypairInstall, KeypairRemove, Mtu, PeerEndpoint, SendKeepalive
 from wgmp.protocol.constants import MESSAGE_INITIATION, MESSAGE_RESPONSE
 from wgmp.protocol.cookie import CookieChecker, CookieGenerator
 from wgmp.protocol.crypto import DH_GENERATE
+from wgmp.protocol.errors import DropReason
 from wgmp.protocol.noise import Handshake, StaticIdentity
+from wgmp.protocol.transport import open_transport
 
 ENDPOINT = ("192.0.2.2", 51821)
 
@@ -256,3 +258,101 @@ def test_a_keepalive_of_controls_keeps_the_senders_blocks_aligned() -> None:
     assert int.from_bytes(message[8:16], "little") == before  # the block's first counter
     after = pair.a.keyslots.counter(slot)
     assert after - before == COUNTER_BLOCK and after % COUNTER_BLOCK == 0
+
+
+def _pair_of_interfaces() -> tuple[Interface, Interface, int]:
+    """Interfaces a and b, peers of each other with endpoints; a's peer id for b."""
+    rng = _Random(21)
+    a = Interface(KeySlots.create(16), rng)
+    b = Interface(KeySlots.create(16), _Random(22))
+    a.set_private_key(DH_GENERATE(rng), now=0.0)
+    b.set_private_key(DH_GENERATE(rng), now=0.0)
+    assert a.identity is not None and b.identity is not None
+    peer_b = a.peer(b.identity.public_key, now=0.0)
+    peer_a = b.peer(a.identity.public_key, now=0.0)
+    a.set_endpoint(peer_b, ENDPOINT)
+    b.set_endpoint(peer_a, ("192.0.2.1", 51820))
+    return a, b, peer_b.peer_id
+
+
+def _handshake_from(a: Interface, b: Interface) -> bytes:
+    """b answers a's queued initiation; the response."""
+    (initiation,) = [d for d, *_ in a.datagrams if d[0] == MESSAGE_INITIATION]
+    a.datagrams.clear()
+    b.receive_handshake(initiation, ("192.0.2.1", 51820), 1.0, 10**18)
+    (response,) = [d for d, *_ in b.datagrams if d[0] == MESSAGE_RESPONSE]
+    return response
+
+
+def _receive_key(b: Interface) -> bytes:
+    (peer, keypair), *_ = b.keypair_at.values()
+    return keypair.receive_key
+
+
+PACKET = bytes([0x45]) + bytes(83)  # an 84-byte IPv4 packet, as far as sealing goes
+
+
+def test_a_handed_first_packet_leaves_under_the_new_keypair_before_anything_else() -> None:
+    """FirstPacket: control asks for the handshake, and on the response sends the packet
+    itself, at once (send_at_once), with the keypair's first counter, before the rest of the
+    step and instead of the worker's SendKeepalive; the first block is control's then."""
+    a, b, peer_id = _pair_of_interfaces()
+    a.first_packet(peer_id, PACKET, 1.0, 10**18, worker_id=0)
+    response = _handshake_from(a, b)
+    sent: list[tuple[bytes, bool]] = []
+
+    def at_once(message: bytes, endpoint: object, sticky: object) -> bool:
+        sent.append((message, any(isinstance(c, KeypairInstall) for c in a.commands)))
+        return True
+
+    a.commands.clear()
+    a.send_at_once = at_once
+    a.receive_handshake(response, ENDPOINT, 1.0, 10**18)
+    [(message, announced)] = sent
+    receiver, counter, plaintext = open_transport(_receive_key(b), message)
+    assert counter == 0 and plaintext[: len(PACKET)] == PACKET
+    assert not a.early and not a.datagrams
+    assert not any(isinstance(getattr(c, "message", c), SendKeepalive) for c in a.commands)
+    slot = a.slot_of[a.peers[b.identity.public_key].keypairs.current]  # type: ignore[union-attr,index]
+    assert not a.keyslots.claim_first(slot)  # control's block: the first sender reserves
+
+
+def test_handed_packets_not_sent_at_once_go_before_the_turns_commands() -> None:
+    a, b, peer_id = _pair_of_interfaces()
+    for n in range(HANDED_MAX + 1):
+        a.first_packet(peer_id, PACKET + bytes([n]), 1.0, 10**18, worker_id=0)
+    assert a.counters.drops[DropReason.STAGED_QUEUE_FULL] == 1  # the oldest
+    response = _handshake_from(a, b)
+    a.receive_handshake(response, ENDPOINT, 1.0, 10**18)
+    assert not a.datagrams and len(a.early) == HANDED_MAX
+    key = _receive_key(b)
+    opened = [open_transport(key, message) for message, *_ in a.early]
+    assert [counter for _, counter, _ in opened] == list(range(HANDED_MAX))
+    assert [plaintext[len(PACKET)] for *_, plaintext in opened] == list(range(1, HANDED_MAX + 1))
+
+
+def test_with_a_keypair_already_a_handed_packet_is_sent_at_once() -> None:
+    """The worker's view lagged behind control's (its announcement was on the way)."""
+    a, b, peer_id = _pair_of_interfaces()
+    a.need_handshake(peer_id, 1.0, 10**18)
+    a.receive_handshake(_handshake_from(a, b), ENDPOINT, 1.0, 10**18)
+    a.datagrams.clear()
+    a.first_packet(peer_id, PACKET, 1.5, 10**18)
+    [(message, endpoint, _)] = a.early
+    _, counter, plaintext = open_transport(_receive_key(b), message)
+    assert endpoint == ENDPOINT and plaintext[: len(PACKET)] == PACKET and counter >= 256
+
+
+def test_handed_packets_are_dropped_where_staged_ones_are() -> None:
+    """DROP_STAGED (the handshake gave up) drops them, counted; the next response then asks
+    the worker for its keepalive, as without them."""
+    from wgmp.protocol.timers import ActionKind, TimerAction
+
+    a, b, peer_id = _pair_of_interfaces()
+    a.first_packet(peer_id, PACKET, 1.0, 10**18, worker_id=1)
+    peer = a.by_id[peer_id]
+    a._act(peer, [TimerAction(ActionKind.DROP_STAGED)], 2.0, 10**18)
+    assert a.counters.drops[DropReason.STAGED_EXPIRED] == 1
+    a.receive_handshake(_handshake_from(a, b), ENDPOINT, 2.0, 10**18)
+    assert not a.early
+    assert any(getattr(c, "message", None).__class__ is SendKeepalive for c in a.commands)

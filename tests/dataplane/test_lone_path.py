@@ -51,7 +51,7 @@ from wgmp.dataplane.worker import (
 )
 from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
-from wgmp.ipc.messages import Confirmed, NeedHandshake, RekeyWanted
+from wgmp.ipc.messages import Confirmed, FirstPacket, NeedHandshake, RekeyWanted
 from wgmp.net.steering import RECEIVE_BLOCK_BITS
 from wgmp.net.tun import VIRTIO_NET_HDR_NONE
 from wgmp.protocol.constants import (
@@ -310,12 +310,18 @@ def _asked_already(rig: Rig) -> None:
 def test_a_lone_packet_without_a_keypair_is_staged_as_the_general_path_stages_it(
     setup: Callable[[Rig], None],
 ) -> None:
-    """A new session's first packet: staged, the handshake asked for (once in 50 ms)."""
+    """A new session's first packet: handed over to control with the ask (FirstPacket), or,
+    with nowhere to send or something staged already, staged and the handshake asked for
+    (once in 50 ms)."""
     taken, lone, general = send_both(_outbound(1), setup)
     assert lone == general
-    assert lone["staged"] == len(lone["peer"][P_STAGED]) and not lone["sent"]
-    asked = [m for m in lone["control"] if isinstance(m, NeedHandshake)]
-    assert asked == ([] if setup is _asked_already else [NeedHandshake(1)])
+    if setup is _no_keypair:
+        assert lone["control"] == [FirstPacket(1, _outbound(1))]
+        assert lone["staged"] == 1 and not lone["peer"][P_STAGED] and not lone["sent"]
+    else:
+        assert lone["staged"] == len(lone["peer"][P_STAGED]) and not lone["sent"]
+        asked = [m for m in lone["control"] if isinstance(m, NeedHandshake)]
+        assert asked == ([] if setup is _asked_already else [NeedHandshake(1)])
     with pair() as (rig, _):
         setup(rig)
         calls: list[bool | None] = []

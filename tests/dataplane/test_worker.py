@@ -17,7 +17,14 @@ from tests.dataplane.test_coalesce import tcp4
 from wgmp.dataplane import inbound
 from wgmp.dataplane import worker as worker_module
 from wgmp.dataplane.inbound import HOLD_MAX, UNKNOWN_KEEP, UNKNOWN_KEPT
-from wgmp.dataplane.records import P_SEND, P_STICKY
+from wgmp.dataplane.records import (
+    P_ENDPOINT,
+    P_HANDSHAKE_ASKED,
+    P_SEND,
+    P_STAGED,
+    P_STICKY,
+    S_SLOT,
+)
 from wgmp.dataplane.worker import (
     FLUSH_LATE_MAX,
     ROLE_CURRENT,
@@ -31,6 +38,7 @@ from wgmp.ipc.messages import (
     ROLE_PREVIOUS,
     Activity,
     Confirmed,
+    FirstPacket,
     HandshakePackets,
     KeypairInstall,
     Message,
@@ -159,13 +167,31 @@ def _outbound(n: int) -> bytes:
     return bytes(packet)
 
 
-def test_without_a_keypair_packets_are_staged_and_a_handshake_is_asked(rig: Any) -> None:
+def _first_handed_next_staged(rig: Any) -> None:
+    """A new session: its first packet goes to control with the ask for a handshake
+    (FirstPacket: control sends it), the next one, read while that is under way, is staged
+    here."""
     rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
     rig.worker._outbound(time.monotonic())
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(1))
+    rig.worker._outbound(time.monotonic())
+    assert control_messages(rig.control) == [FirstPacket(1, _outbound(0))]
+    assert len(rig.worker.peers[1][P_STAGED]) == 1 and rig.worker.staged == 2
+
+
+def test_without_a_keypair_the_first_packet_goes_to_control_and_the_next_are_staged(
+    rig: Any,
+) -> None:
+    _first_handed_next_staged(rig)
     assert rig.fake.sent == []
-    assert NeedHandshake(1) in control_messages(rig.control)
     install(rig.worker, ROLE_CURRENT)  # the handshake completed: staged packets go out
     assert len(rig.fake.sent) == 1
+    rig.worker._remove_keypair(rig.worker.peers[1][P_SEND][S_SLOT])
+    rig.worker.peers[1][P_HANDSHAKE_ASKED] = 0.0  # long ago
+    rig.worker.peers[1][P_ENDPOINT] = None  # nowhere to send: staged, and asked for
+    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(2))
+    rig.worker._outbound(time.monotonic())
+    assert control_messages(rig.control) == [NeedHandshake(1)]
 
 
 def test_receive_delivers_checks_replay_and_roams_with_the_source_address(rig: Any) -> None:
@@ -959,8 +985,7 @@ def test_send_keepalive_only_when_nothing_was_sent_under_the_keypair(rig: Any) -
     """SEND_KEEPALIVE after our initiation's response: the staged packet already confirmed
     the session (no keepalive); with nothing staged, one 32-byte keepalive goes out, and it
     does not count as data for the timers (wireguard-go's timersDataSent)."""
-    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
-    rig.worker._outbound(time.monotonic())
+    _first_handed_next_staged(rig)
     slot = install(rig.worker, ROLE_CURRENT)  # the staged packet goes out
     assert len(rig.fake.sent) == 1
     rig.worker._handle_control(SendKeepalive(1, slot), time.monotonic())
@@ -996,9 +1021,7 @@ def test_a_new_sessions_staged_packet_leaves_before_the_keypairs_receive_side_is
 ) -> None:
     """The initiator's first packet waits for the keypair's send side only: it is sent
     first, and the receive side is made after it (and made even if sending raised)."""
-    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
-    rig.worker._outbound(time.monotonic())
-    assert control_messages(rig.control) == [NeedHandshake(1)]
+    _first_handed_next_staged(rig)
     sent_when_made: list[int] = []
     real = rig.worker._install_receive
 
@@ -1040,9 +1063,7 @@ def test_the_messages_a_staged_packet_waits_for_are_taken_from_their_wire_lists(
     KeypairInstall of the current keypair, SendKeepalive): all three are handled straight
     from their wire lists, nothing is decoded, and the staged packet leaves, to the new
     endpoint from its sticky source (SendKeepalive then sends nothing)."""
-    rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
-    rig.worker._outbound(time.monotonic())
-    assert control_messages(rig.control) == [NeedHandshake(1)]
+    _first_handed_next_staged(rig)
     slot = rig.worker.keyslots.publish(
         local_index=OWNED_INDEX, remote_index=9, peer_id=1, is_initiator=True,
         created=time.monotonic(), send_key=SEND_KEY, receive_key=RECEIVE_KEY,
@@ -1067,7 +1088,7 @@ def test_the_messages_a_staged_packet_waits_for_are_taken_from_their_wire_lists(
     [(buffers, ancillary, address)] = rig.fake.sent  # the ping, no keepalive after it
     assert address == ("192.0.2.7", 4000) and ancillary == [PKTINFO]
     receiver, counter, plaintext = open_transport(SEND_KEY, buffers[0])
-    assert (receiver, counter) == (9, 0) and plaintext[: len(_outbound(0))] == _outbound(0)
+    assert (receiver, counter) == (9, 0) and plaintext[: len(_outbound(1))] == _outbound(1)
     assert not any(rig.worker.drops)
 
 

@@ -30,6 +30,7 @@ from ..ipc.messages import (
     Activity,
     ComputeResponses,
     Confirmed,
+    FirstPacket,
     FlushStats,
     HandshakePackets,
     KeypairInstall,
@@ -497,9 +498,10 @@ class Daemon:
         longer than a worker keeps such an answer: dataplane/inbound.py, UNKNOWN_KEPT).
         What `_write_outputs` does for a turn's one datagram, without the rest of the turn
         before it. Whether it was sent."""
-        if self.interface.datagrams or self._commands_queued():
+        interface = self.interface
+        if interface.datagrams or interface.early or self._commands_queued():
             return False
-        if self.interface.routes_to_check:
+        if interface.routes_to_check:
             self._check_routes()  # as _write_outputs: before any datagram
         self._send_datagram(message, endpoint, sticky)
         self._sent_at_once = True
@@ -513,7 +515,9 @@ class Daemon:
         interface = self.interface
         for worker, jobs in interface.response_jobs.take_outbox():
             interface.commands.append(ToWorker(worker, ComputeResponses(jobs)))
-        woke = bool(interface.datagrams or interface.commands or self._sent_at_once)
+        woke = bool(
+            interface.datagrams or interface.early or interface.commands or self._sent_at_once
+        )
         self._sent_at_once = False
         self._write_outputs()
         if woke and not self._handshakes:
@@ -521,6 +525,12 @@ class Daemon:
 
     def _write_outputs(self) -> None:
         interface = self.interface
+        if interface.early:  # before the commands, whatever else the turn holds
+            if interface.routes_to_check:
+                self._check_routes()
+            for message, endpoint, sticky in interface.early:
+                self._send_datagram(message, endpoint, sticky)
+            interface.early.clear()
         if len(interface.datagrams) == 1 and not self._commands_queued():
             # The datagram first: a responder's message 2 no longer waits for the
             # announcement of its keypair to the workers (~90 us cold: the commands' Python
@@ -852,6 +862,11 @@ class Daemon:
     def _on_need_handshake(self, handle: WorkerHandle, message: NeedHandshake) -> None:
         self.interface.need_handshake(
             message.peer_id, time.monotonic(), time.time_ns(), handle.worker_id
+        )
+
+    def _on_first_packet(self, handle: WorkerHandle, message: FirstPacket) -> None:
+        self.interface.first_packet(
+            message.peer_id, message.packet, time.monotonic(), time.time_ns(), handle.worker_id
         )
 
     def _on_rekey_wanted(self, handle: WorkerHandle, message: RekeyWanted) -> None:
@@ -1277,6 +1292,7 @@ class Daemon:
 WORKER_HANDLERS: dict[type[Any], Callable[[Daemon, WorkerHandle, Any], None]] = {
     Ready: Daemon._on_ready,
     NeedHandshake: Daemon._on_need_handshake,
+    FirstPacket: Daemon._on_first_packet,
     Activity: Daemon._on_activity,
     Confirmed: Daemon._on_confirmed,
     Roamed: Daemon._on_roamed,

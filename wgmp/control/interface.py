@@ -115,6 +115,10 @@ class ToWorker(NamedTuple):
 
 
 UNDER_LOAD_BACKLOG = MAX_QUEUED_INCOMING_HANDSHAKES // UNDER_LOAD_QUEUE_FRACTION
+# First packets workers handed over (FirstPacket) that control holds per peer until a keypair
+# can carry them: a worker hands one only while it has nothing staged for the peer, so one per
+# worker and handshake; past this many the oldest is dropped (staged_queue_full).
+HANDED_MAX = 16
 DEADLINE_SLACK = 64  # stale timer entries tolerated beyond as many as there are live ones
 
 
@@ -182,6 +186,10 @@ class Interface:
         # Workers that are dead, hung or not yet READY: new keypairs go to the others.
         self.workers_down: set[int] = set()
         self.datagrams: list[tuple[bytes, Endpoint, Sticky | None]] = []
+        # Datagrams that go before the turn's commands (the daemon sends them first): data
+        # handed over by a worker, which must leave before that worker, reading the
+        # keypair's announcement, sends what it staged after it.
+        self.early: list[tuple[bytes, Endpoint, Sticky | None]] = []
         self.commands: list[Message | ToWorker] = []
         # Peers whose endpoint or sticky source changed: the daemon asks the routing table
         # about them (control/endpoint_routes.py) before it sends anything.
@@ -189,6 +197,9 @@ class Interface:
         # The worker whose staged packets made us initiate, by peer_id: it sends them as soon
         # as the response installs the keypair, so control sends no keepalive of its own.
         self._asked_by: dict[int, int] = {}
+        # Packets handed over with the ask (FirstPacket), by peer_id, oldest first: control
+        # sends them itself under the next keypair it may send with (_send_handed).
+        self._handed: dict[int, list[bytes]] = {}
         # Slots published since the daemon last looked (it writes their owner's pipe first).
         self.published: list[int] = []
         # Responses the workers compute; the daemon sets `offload_responses` while it has a
@@ -246,6 +257,7 @@ class Interface:
         log.debug("%s - UAPI: Removing", peer)
         del self.by_id[peer.peer_id]
         self._asked_by.pop(peer.peer_id, None)
+        self._handed.pop(peer.peer_id, None)
         self.prepared.forget(peer.peer_id)
         peer.timers.stop()
         peer.timers.on_arm = None
@@ -348,6 +360,26 @@ class Interface:
         if peer.timers.begin_initiation(now):
             self._send_initiation(peer, now, wall_ns)
 
+    def first_packet(
+        self, peer_id: int, packet: bytes, now: float, wall_ns: int, worker_id: int | None = None
+    ) -> None:
+        """Worker `worker_id` handed over the first packet for a peer it has no keypair for
+        (FirstPacket): held, and sent by control under the keypair the handshake makes, or at
+        once under one control may send with already (the worker's view lagged behind)."""
+        peer = self.by_id.get(peer_id)
+        if peer is None or type(packet) is not bytes or not packet:
+            return
+        handed = self._handed.setdefault(peer_id, [])
+        if len(handed) >= HANDED_MAX:
+            del handed[0]
+            self.counters.drops[DropReason.STAGED_QUEUE_FULL] += 1
+        handed.append(packet)
+        keypair = peer.keypairs.for_sending(now)
+        if keypair is not None:
+            self._send_handed(peer, keypair, now)
+        else:
+            self.need_handshake(peer_id, now, wall_ns, worker_id)
+
     def rekey_wanted(self, peer_id: int, now: float, wall_ns: int) -> None:
         """A worker saw the current key reach its age or message limit (it applies the
         initiator-only rules of keepKeyFreshSending/Receiving and asks once per keypair)."""
@@ -392,6 +424,8 @@ class Interface:
         peer.last_handshake_ns = wall_ns
         self.counters.completed += 1
         self._announce_roles(peer)
+        if peer.peer_id in self._handed:  # handed over while the peer's handshake crossed ours
+            self._send_handed(peer, keypair, now)
 
     def roamed(self, peer_id: int, endpoint: Endpoint, sticky: Sticky | None = None) -> None:
         peer = self.by_id.get(peer_id)
@@ -610,16 +644,23 @@ class Interface:
         self._authenticated_from(peer, source, sticky)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_received(now)
-        self._install(peer, Keypair.from_session(peer.handshake.derive_session(), now=now))
+        keypair = Keypair.from_session(peer.handshake.derive_session(), now=now)
+        handed = peer.peer_id in self._handed
+        self._install(peer, keypair, first_block=handed)
+        if handed:  # first, before the rest of the step (see first_packet)
+            self._send_handed(peer, keypair, now, first_block=True)
         peer.timers.session_derived(now)
         peer.timers.handshake_complete(now)
         peer.last_handshake_ns = wall_ns
         self.counters.completed += 1
         log.debug("%s - Handshake completed", peer)
-        # The first message under the new keypair confirms it to the responder: the packets a
-        # worker staged for this handshake if there are any, else a keepalive (wireguard-go's
-        # SendKeepalive). That worker sends them when it reads the keypair, no later.
+        # The first message under the new keypair confirms it to the responder: the packets
+        # handed over to control (sent above), else those a worker staged for this handshake
+        # if there are any, else a keepalive (wireguard-go's SendKeepalive). That worker sends
+        # what it staged when it reads the keypair, no later.
         worker = self._asked_by.pop(peer.peer_id, None)
+        if handed:
+            return
         if worker is None:
             self.send_keepalive(peer, now, wall_ns)
         else:
@@ -673,16 +714,44 @@ class Interface:
         message = seal_transport(keypair.send_key, keypair.remote_index, counter, b"", self.mtu)
         self._send_control(peer, message, now)
 
-    def _send_control(self, peer: Peer, message: bytes, now: float) -> None:
+    def _send_control(self, peer: Peer, message: bytes, now: float, *, early: bool = False) -> None:
         assert peer.endpoint is not None
         send_at_once = self.send_at_once
         if peer.looping:  # it would come back in through our own interface
             self.counters.drops[DropReason.ROUTING_LOOP] += 1
         elif send_at_once is None or not send_at_once(message, peer.endpoint, peer.sticky):
-            self.datagrams.append((message, peer.endpoint, peer.sticky))
+            (self.early if early else self.datagrams).append((message, peer.endpoint, peer.sticky))
         peer.control_tx_bytes += len(message)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_sent(now)
+
+    def _send_handed(
+        self, peer: Peer, keypair: Keypair, now: float, *, first_block: bool = False
+    ) -> None:
+        """The packets workers handed over for the peer, sealed under `keypair` and sent, in
+        the order they came, before anything else of the turn (`early`). Their counters
+        are the keypair's first block when `_install` took it for control (`first_block`:
+        no lock, nobody else knows the slot yet), else a block of their own, as a
+        keepalive's (send_keepalive)."""
+        packets = self._handed.pop(peer.peer_id, None)
+        if not packets or peer.endpoint is None:
+            if packets:
+                self._handed[peer.peer_id] = packets  # nowhere to send yet: kept
+            return
+        slot = self.slot_of[keypair]
+        counter = 0 if first_block else self.keyslots.reserve(slot, COUNTER_BLOCK)
+        mtu = self.padding_mtu
+        for packet in packets:
+            message = seal_transport(keypair.send_key, keypair.remote_index, counter, packet, mtu)
+            counter += 1
+            self._send_control(peer, message, now, early=True)
+        peer.timers.data_sent(now)
+
+    def _drop_handed(self, peer: Peer) -> None:
+        """What a worker handed over goes where the staged packets go (DropStaged)."""
+        packets = self._handed.pop(peer.peer_id, None)
+        if packets:
+            self.counters.drops[DropReason.STAGED_EXPIRED] += len(packets)
 
     # -- keypairs and indices --------------------------------------------------------------
 
@@ -736,7 +805,9 @@ class Interface:
             if all(k.local_index != hs.local_index for k in peer.keypairs):
                 self.indices.remove(hs.local_index)
 
-    def _install(self, peer: Peer, keypair: Keypair) -> None:
+    def _install(self, peer: Peer, keypair: Keypair, *, first_block: bool = False) -> None:
+        """Publish the keypair and announce it; with `first_block`, its first block of
+        counters is control's (_send_handed), not its first sender's."""
         slot = self.keyslots.publish(
             local_index=keypair.local_index,
             remote_index=keypair.remote_index,
@@ -745,6 +816,7 @@ class Interface:
             created=keypair.created,
             send_key=keypair.send_key,
             receive_key=keypair.receive_key,
+            first_block_taken=first_block,
         )
         self.slot_of[keypair] = slot
         self.keypair_at[slot] = (peer, keypair)
@@ -848,9 +920,11 @@ class Interface:
             elif action.kind == ActionKind.SEND_KEEPALIVE:
                 self.send_keepalive(peer, now, wall_ns)
             elif action.kind == ActionKind.DROP_STAGED:
+                self._drop_handed(peer)
                 self.commands.append(DropStaged(peer.peer_id))
             elif action.kind == ActionKind.ZERO_KEYS:
                 self._drop_sessions(peer)
+                self._drop_handed(peer)
                 self.commands.append(DropStaged(peer.peer_id))
             elif action.kind == ActionKind.CLEAR_SOURCE and peer.endpoint is not None:
                 # No answer for a while: maybe our address changed. Forget the sticky source

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..ipc.channel import Channel
 from ..ipc.keyslots import KeySlots
-from ..ipc.messages import ROLE_NEXT, NeedHandshake, RekeyWanted, kind_of
+from ..ipc.messages import ROLE_NEXT, FirstPacket, NeedHandshake, RekeyWanted, kind_of
 from ..net.steering import COUNTER_BLOCK
 from ..net.tun import VIRTIO_NET_HDR_LEN
 from ..net.udp import SOL_UDP, UDP_SEGMENT, send_sticky
@@ -81,6 +81,7 @@ _COUNTER_AT = struct.Struct("<Q").unpack_from  # a transport message's counter, 
 _ZEROS = bytes(16)
 _PORTS = struct.Struct("!HH")  # a UDP header's source and destination ports
 _NEED_HANDSHAKE = kind_of(NeedHandshake)  # written as a wire list (_stage)
+_FIRST_PACKET = kind_of(FirstPacket)  # likewise
 
 
 class Outbound:
@@ -192,7 +193,7 @@ class Outbound:
             # A new session's first packet: staged, and the handshake asked for, here (through
             # the general path it took ~69 us with cold caches against ~55, read to ask:
             # perf/RESULTS.md, "first packet, the workers' steps").
-            self._stage(peer, peer_id, packet[skip:] if skip else packet, now)
+            self._hand_or_stage(peer, peer_id, packet[skip:] if skip else packet, now)
             return None
         send = peer[P_SEND]  # perhaps a sibling's confirmed keypair: the general path sends
         if peer[P_ENDPOINT] is None:
@@ -419,7 +420,7 @@ class Outbound:
             or peer[P_ENDPOINT] is None
         ):
             for packet in packets:
-                self._stage(peer, peer_id, packet, now)
+                self._hand_or_stage(peer, peer_id, packet, now)
             return None
         slot = send[S_SLOT]
         end = send[S_END]
@@ -584,6 +585,27 @@ class Outbound:
         make_current(entry, peer)
         self._flush_staged(peer, peer_id, now)
         return True
+
+    def _hand_or_stage(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
+        """A packet for a peer without a usable keypair: a new session's first packet goes
+        to control with the ask for a handshake (FirstPacket), which sends it itself under
+        the keypair the response makes, before announcing it: this worker's wake-up and
+        install (~150 us cold) are then no longer on its way (perf/RESULTS.md, "sixth
+        session"). Anything else is staged here (_stage): while something is staged already
+        (it leaves first), with nowhere to send, or with a `next` keypair, whose confirmation
+        this worker may see first."""
+        if (
+            not peer[P_STAGED]
+            and now - peer[P_HANDSHAKE_ASKED] > 0.05
+            and peer[P_ENDPOINT] is not None
+            and peer_id not in self.next_of
+        ):
+            peer[P_HANDSHAKE_ASKED] = now
+            self.staged += 1
+            # FirstPacket(peer_id, packet), written as its wire list (Channel.send_wire).
+            self.channel.send_wire([_FIRST_PACKET, peer_id, bytes(packet)])
+            return
+        self._stage(peer, peer_id, packet, now)
 
     def _stage(self, peer: list[Any], peer_id: int, packet: bytes, now: float) -> None:
         staged: deque[bytes] | None = peer[P_STAGED]

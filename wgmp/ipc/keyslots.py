@@ -141,8 +141,11 @@ class KeySlots:
         created: float,
         send_key: bytes,
         receive_key: bytes,
+        first_block_taken: bool = False,
     ) -> int:
-        """Write a free slot completely; the caller announces it afterwards."""
+        """Write a free slot completely; the caller announces it afterwards. With
+        `first_block_taken` the first block is control's (taken before anyone else knows the
+        slot, so without the lock): the first sender then reserves, as a successor does."""
         if not self._free:
             raise MemoryError("no free key slot")
         slot = self._free.pop()
@@ -159,6 +162,8 @@ class KeySlots:
             send_key,
             receive_key,
         )
+        if first_block_taken:
+            self.shm.view[slot * KEYSLOT_SIZE + _FIRST_TAKEN] = 1
         return slot
 
     def release(self, slot: int) -> None:

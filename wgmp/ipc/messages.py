@@ -28,6 +28,7 @@ __all__ = [
     "Declaration",
     "Direction",
     "DropStaged",
+    "FirstPacket",
     "FlushStats",
     "HandshakePackets",
     "KeypairInstall",
@@ -170,6 +171,18 @@ class NeedHandshake(NamedTuple):
     peer_id: int
 
 
+class FirstPacket(NamedTuple):
+    """The first packet for a peer with no keypair (nothing staged for it yet), handed to
+    control with the ask for a handshake (as NeedHandshake): control sends it itself under
+    the new keypair as soon as the response makes one, before it announces the keypair, so
+    that a new session's first packet does not wait for this worker to wake up and install
+    it (docs/first-packet.md). What the worker reads for the peer after it is staged here
+    and sent when the announcement comes, i.e. after it."""
+
+    peer_id: int
+    packet: bytes
+
+
 class Activity(NamedTuple):
     """Traffic since the last report, which drives control's timers: per peer,
     [peer_id, sent_at, data_sent_at, received_at, data_received_at] (0.0: none)."""
@@ -246,6 +259,7 @@ Message = (
     | ComputeResponses
     | Ready
     | NeedHandshake
+    | FirstPacket
     | Activity
     | Confirmed
     | Roamed
@@ -291,6 +305,7 @@ DECLARATIONS: tuple[Declaration, ...] = (
     Declaration(40, RekeyWanted, _C),
     Declaration(41, Pong, _C),
     Declaration(42, ResponsesComputed, _C),
+    Declaration(43, FirstPacket, _C),
 )
 _BY_KIND: dict[int, Declaration] = {d.kind: d for d in DECLARATIONS}
 _KIND_OF: dict[type[Any], int] = {d.type: d.kind for d in DECLARATIONS}
