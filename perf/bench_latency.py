@@ -21,6 +21,12 @@ then
     python perf/bench_latency.py                      # go-go and wgmp-wgmp, 300 pings, 15 sessions
     python perf/bench_latency.py --paths go-go,wgmp-wgmp,wgmp-go,go-wgmp --workers 1,2
     python perf/bench_latency.py --workers 1,2 --sessions 0 --hops 300   # where the RTT goes
+    python perf/bench_latency.py --workers 1,2 --rounds 3 --pin   # as two hosts
+
+`--pin` puts each end on a CPU of its own (a's daemon and ping on CPU 0, b's on CPU 1), as two
+hosts are: one end's work never waits for the other's. Unpinned, both ends share both vCPUs
+and, on a kernel that places a woken process on its waker's vCPU (this machine's), a first
+ping costs about the sum of every process's work on its way.
 
 Needs root, ip, wg, wireguard-go, ping, tcpdump. Traffic only flows between the namespaces made
 here. Progress goes to stderr, the Markdown table to stdout.
@@ -202,7 +208,7 @@ def measure_hops(
     ]
     try:
         ns_a.run(
-            ["ping", "-q", "-c", str(args.hops), "-i", "0.01", "-W", "2", TUN_B],
+            [*PING, "-q", "-c", str(args.hops), "-i", "0.01", "-W", "2", TUN_B],
             check=False,
             timeout=120,
         )
@@ -256,8 +262,24 @@ def forget_and_relearn(da: Daemon, db: Daemon) -> None:
         )
 
 
+PING = ["ping"]  # with --pin: ["taskset", "-c", "0", "ping"]
+
+
+def pin(pair: Pair) -> None:
+    """Each end's processes, every thread of them (control and its workers; wireguard-go's
+    threads), on a CPU of their own: a on 0, b on 1."""
+    import psutil
+
+    for cpu, daemon in enumerate((pair.a, pair.b)):
+        assert daemon.proc is not None
+        main = psutil.Process(daemon.proc.pid)
+        for process in (main, *main.children(recursive=True)):
+            for thread in process.threads():
+                os.sched_setaffinity(thread.id, {cpu % (os.cpu_count() or 1)})
+
+
 def first_ping(ns: Netns) -> float | None:
-    out = ns.run(["ping", "-c", "1", "-W", "3", TUN_B], check=False, timeout=10).stdout
+    out = ns.run([*PING, "-c", "1", "-W", "3", TUN_B], check=False, timeout=10).stdout
     for word in out.split():
         if word.startswith("time="):
             return float(word[5:])
@@ -324,11 +346,13 @@ def measure(args: argparse.Namespace, path: str, workers: str, index: int, workd
     pair: Pair | None = None
     try:
         pair = start_pair(kind_a, kind_b, workers, index, workdir)
+        if args.pin:
+            pin(pair)
         ns_a, ns_b, veth_a, veth_b, da, db = (
             pair.ns_a, pair.ns_b, pair.veth_a, pair.veth_b, pair.a, pair.b
         )  # fmt: skip
         out = ns_a.run(
-            ["ping", "-q", "-c", str(args.pings), "-i", "0.01", "-W", "2", TUN_B],
+            [*PING, "-q", "-c", str(args.pings), "-i", "0.01", "-W", "2", TUN_B],
             check=False,
             timeout=120,
         ).stdout
@@ -493,7 +517,10 @@ def main() -> int:
     parser.add_argument(
         "--hops", type=int, default=0, help="this many more pings, with per-hop captures"
     )
+    parser.add_argument("--pin", action="store_true", help="each end on a CPU of its own")
     args = parser.parse_args()
+    if args.pin:
+        PING[:0] = ["taskset", "-c", "0"]
     if not begin_namespaces_run(Path(__file__).name):
         return 2
     before = loadavg()

@@ -10,7 +10,13 @@ other (the order swapped each round), then `--sessions` first pings on each, one
 other (both ends forget the peer and learn it again, then one ping). The ref's `wgmp` package
 is exported with `git archive` (bench_tunnel.py's --wgmp-ref).
 
-    python perf/bench_latency_ab.py --ref main --workers 1,2 --rounds 6 --sessions 60
+    python perf/bench_latency_ab.py --ref main --workers 1,2 --rounds 6 --sessions 60 [--pin]
+
+`--pin` puts each end on a CPU of its own (a's control and workers, and ping, on CPU 0; b's
+on CPU 1), as two hosts are: one end's work never waits for the other's. Unpinned, both ends
+share both vCPUs, and this kernel places a woken process on its waker's vCPU, where it waits
+for the waker to sleep, so that a first ping costs about the sum of every process's work:
+moving work off its way (to after a send) shows only pinned.
 
 Prints, per worker count: each round's average RTT for both, their medians and the ratio
 (this / ref), the first pings' median (25th-75th percentile) and lost ones. Needs root, ip, wg,
@@ -28,7 +34,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_latency import Pair, first_ping, forget_and_relearn, start_pair  # noqa: E402
+from bench_latency import (  # noqa: E402
+    PING,
+    Pair,
+    first_ping,
+    forget_and_relearn,
+    pin,
+    start_pair,
+)
 from bench_tunnel import (  # noqa: E402
     TUN_B,
     begin_namespaces_run,
@@ -59,7 +72,7 @@ def ratio(this: list[float], ref: list[float]) -> str:
 
 def rtt_round(pair: Pair, pings: int) -> float | None:
     out = pair.ns_a.run(
-        ["ping", "-q", "-c", str(pings), "-i", "0.01", "-W", "2", TUN_B],
+        [*PING, "-q", "-c", str(pings), "-i", "0.01", "-W", "2", TUN_B],
         check=False,
         timeout=120,
     ).stdout
@@ -72,6 +85,8 @@ def compare(args: argparse.Namespace, workers: str, roots: dict[str, Path], work
     try:
         for index, code in enumerate(CODES):
             pairs[code] = start_pair("wgmp", "wgmp", workers, index, workdir, roots[code])
+            if args.pin:
+                pin(pairs[code])
         rtt: dict[str, list[float]] = {code: [] for code in CODES}
         first: dict[str, list[float]] = {code: [] for code in CODES}
         lost = dict.fromkeys(CODES, 0)
@@ -113,7 +128,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--pings", type=int, default=200)
     parser.add_argument("--sessions", type=int, default=60)
+    parser.add_argument("--pin", action="store_true", help="each end on a CPU of its own")
     args = parser.parse_args()
+    if args.pin:
+        PING[:0] = ["taskset", "-c", "0"]
     if not begin_namespaces_run(Path(__file__).name):
         return 2
     before = loadavg()
