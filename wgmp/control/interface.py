@@ -558,9 +558,9 @@ class Interface:
         """Send our response and install the responder's keypair (`next` until confirmed)."""
         log.debug("%s - Sending handshake response", peer)
         packed = peer.cookie_generator.add_macs(response.pack(), now=now)
-        # Sent before the keypair is installed and announced: those took ~50 us and the end
-        # of the daemon's turn ~40 more (cold, in an ftrace of a first ping: perf/RESULTS.md,
-        # "sixth session"), and the initiator needs ~300 us to answer it; an answer that
+        # Sent before the keypair is installed and announced (at once when the daemon handles
+        # a lone message): ~60 us sooner with cold caches (perf/bench_handshake_steps.py,
+        # "message 2 sent"), and the initiator needs ~300 us to answer it; an answer that
         # reaches a worker before the announcement is kept there (dataplane/inbound.py).
         self._send_control(peer, packed, now)
         self._install(peer, Keypair.from_session(peer.handshake.derive_session(), now=now))
