@@ -95,10 +95,13 @@ class _Pair:
         self.a.set_endpoint(self.peer_b, B_ENDPOINT)
 
     def idle(self, wall_ns: int = 10**18) -> None:
-        """What the daemon's idle turns do (Daemon._prepare_next)."""
+        """What the daemon's idle turns do (Daemon._prepare_next), at one wall time: until
+        nothing waits, or what waits must wait for a later stamp."""
         for iface in (self.a, self.b):
             while iface.prepared.pending:
                 iface.prepare_next(wall_ns)
+                if iface.prepared.deferred:
+                    break
 
     def handshake(self, at: float) -> bytes:
         """a initiates, b answers, a takes the answer: both must hold mirrored keys. Returns
@@ -124,7 +127,7 @@ def test_both_roles_use_the_prepared_key_and_want_the_next_one() -> None:
     pair.handshake(at=1.0)
     assert pair.a.counters.prepared_used == pair.b.counters.prepared_used == 1
     assert pair.a.prepared.pending and pair.b.prepared.pending  # for the next handshake
-    pair.idle()
+    pair.idle(_wall(100.0))  # the wall clock has moved on since the first key's stamp
     pair.handshake(at=200.0)
     assert pair.a.counters.prepared_used == pair.b.counters.prepared_used == 2
 
@@ -151,8 +154,9 @@ def test_initiations_stamped_in_idle_time_are_accepted_one_after_another(
     stamped_after: float,
 ) -> None:
     """Keys prepared (and message 1 stamped) `stamped_after` seconds after a handshake whose
-    initiation was stamped when sent: 2 ms is within the same whitened TAI64N tick (the stamp
-    is then left for the next handshake to make), 50 s is a stamp 70 s old when sent."""
+    initiation was stamped when sent: 2 ms is within the same whitened TAI64N tick (a's key
+    then waits for a later stamp, and the next handshake makes its own), 50 s is a stamp 70 s
+    old when sent."""
     pair = _Pair()
     pair.handshake(at=120.0)  # no idle time: made and stamped on the spot
     for at in (240.0, 360.0):
@@ -161,8 +165,26 @@ def test_initiations_stamped_in_idle_time_are_accepted_one_after_another(
         pair.handshake(at)  # raises if b refused the initiation
         expected = TAI64N(_wall(at if stamped_after < 1 else made))
         assert pair.peer_a.handshake.last_timestamp == expected
-    assert pair.a.counters.prepared_used == pair.b.counters.prepared_used == 2
+    assert pair.a.counters.prepared_used == (0 if stamped_after < 1 else 2)
+    assert pair.b.counters.prepared_used == 2
     assert pair.a.counters.completed == 3
+
+
+def test_a_key_wanted_within_the_tick_of_our_last_stamp_waits_for_the_next() -> None:
+    """A key is wanted right after each handshake; within the whitened tick of our message
+    1's stamp its own stamp would be refused, so it waits (and the daemon sleeps a quiet
+    turn), and is made whole, stamped, past the tick: message 1 is then made ahead whole
+    (docs/handshakes.md). With the wall clock set far back, it is made without waiting."""
+    pair = _Pair()
+    pair.handshake(at=120.0)
+    pair.idle(_wall(120.002))
+    assert pair.a.prepared.deferred and pair.a.prepared.pending
+    assert not pair.peer_b.handshake.prepared
+    pair.idle(_wall(120.050))
+    assert not pair.a.prepared.pending and pair.peer_b.initiation_ahead is not None
+    pair.handshake(at=240.0)
+    pair.idle(_wall(100.0))  # 140 s back: no tick would do
+    assert pair.peer_b.handshake.prepared and pair.peer_b.initiation_ahead is None
 
 
 def test_message_1_made_in_idle_time_is_sent_as_made() -> None:

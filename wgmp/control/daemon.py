@@ -303,6 +303,8 @@ class Daemon:
                     quiet = time.monotonic()
                 elif preparing and time.monotonic() >= quiet + PREPARE_AFTER_QUIET:
                     self._prepare_next()
+                    if self.interface.prepared.deferred:  # past the stamp's tick: not a spin
+                        quiet = time.monotonic()
                 if self._handshakes and self.running:
                     self._handle_handshakes()  # what is left of the queue: another turn
                 now = time.monotonic()

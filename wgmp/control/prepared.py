@@ -38,6 +38,9 @@ class PreparedEphemerals:
         # Both oldest first: the wish to prepare, and the key held.
         self._waiting: OrderedDict[int, Handshake] = OrderedDict()
         self._held: OrderedDict[int, Handshake] = OrderedDict()
+        # The last `prepare_next` put its peer back in line (a stamp must wait for the next
+        # tick): the daemon then waits a quiet turn before it tries again.
+        self.deferred = False
 
     @property
     def pending(self) -> bool:
@@ -69,9 +72,20 @@ class PreparedEphemerals:
         keys: a low-order public key, no identity of ours), with message 1 stamped with
         `unix_time_ns` if given (noise.PreparedEphemeral). Returns the peer's id if it got
         one."""
+        self.deferred = False
         if not self._waiting:
             return None
         peer_id, handshake = self._waiting.popitem(last=False)
+        if unix_time_ns is not None and not handshake.may_stamp(unix_time_ns):
+            # Within the whitened tick (16.8 ms) of our last message 1 (a key is wanted right
+            # after each handshake): stamped now, it would be refused as a replay, and made
+            # without one, message 1 could not be made ahead whole (the stamp's AEAD back on
+            # the initiator's path). Back in line: the loop tries again in its next quiet
+            # turn, past the tick.
+            self._waiting[peer_id] = handshake
+            self.deferred = True
+            return None
+        self.deferred = False
         if not handshake.prepare(rng, unix_time_ns):
             return None
         held = self._held

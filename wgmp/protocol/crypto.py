@@ -38,6 +38,7 @@ __all__ = [
     "KDF3",
     "MAC",
     "TAI64N",
+    "TAI64N_TICK_NS",
     "XAEAD_DECRYPT",
     "XAEAD_ENCRYPT",
     "ZERO_KEY",
@@ -179,7 +180,8 @@ def XAEAD_DECRYPT(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> by
 # label), and whiten the nanoseconds (drop the low 24 bits) so that the timestamp does not
 # leak a precise clock reading.
 _TAI64_BASE = (1 << 62) + 10
-_WHITENER_MASK = 0x1000000 - 1
+TAI64N_TICK_NS = 1 << 24  # the whitened nanoseconds' step: two stamps within it are equal
+_WHITENER_MASK = TAI64N_TICK_NS - 1
 
 
 def TAI64N(unix_time_ns: int) -> bytes:  # noqa: N802

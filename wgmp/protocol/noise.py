@@ -25,6 +25,7 @@ from .crypto import (
     KDF2,
     KDF3,
     TAI64N,
+    TAI64N_TICK_NS,
     ZERO_KEY,
     DHKey,
     Randomness,
@@ -258,6 +259,15 @@ class Handshake:
         return Initiation(
             sender_index, prepared.public, prepared.encrypted_static, prepared.encrypted_timestamp
         )
+
+    def may_stamp(self, unix_time_ns: int) -> bool:
+        """Whether message 1 stamped at `unix_time_ns` could be sent: newer than the last one
+        sent (not within its whitened TAI64N tick, 2^24 ns), or so far behind it (the wall
+        clock was set back) that waiting for the next tick would not help."""
+        timestamp = TAI64N(unix_time_ns)
+        if self._fresh(timestamp):
+            return True
+        return TAI64N(unix_time_ns + 2 * TAI64N_TICK_NS) <= self.last_sent_timestamp
 
     def _fresh(self, timestamp: bytes) -> bool:
         """Whether a stamp made ahead may go in message 1: newer than the last one sent (an
