@@ -85,7 +85,6 @@ class PreparedEphemerals:
             self._waiting[peer_id] = handshake
             self.deferred = True
             return None
-        self.deferred = False
         if not handshake.prepare(rng, unix_time_ns):
             return None
         held = self._held
