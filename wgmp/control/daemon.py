@@ -530,9 +530,7 @@ class Daemon:
         if interface.early:  # before the commands, whatever else the turn holds
             if interface.routes_to_check:
                 self._check_routes()
-            for message, endpoint, sticky in interface.early:
-                self._send_datagram(message, endpoint, sticky)
-            interface.early.clear()
+            self._send_all(interface.early)
         if len(interface.datagrams) == 1 and not self._commands_queued():
             # The datagram first: a responder's message 2 no longer waits for the
             # announcement of its keypair to the workers (~90 us cold: the commands' Python
@@ -582,10 +580,13 @@ class Daemon:
 
     def _drain_datagrams(self) -> None:
         self._datagrams_held_since = None
-        interface = self.interface
-        for message, endpoint, sticky in interface.datagrams:
+        self._send_all(self.interface.datagrams)
+
+    def _send_all(self, datagrams: list[tuple[bytes, Endpoint, udp.Sticky | None]]) -> None:
+        """Send every datagram of `datagrams`, in order, and empty it."""
+        for message, endpoint, sticky in datagrams:
             self._send_datagram(message, endpoint, sticky)
-        interface.datagrams.clear()
+        datagrams.clear()
 
     def _send_datagram(self, message: bytes, endpoint: Endpoint, sticky: udp.Sticky | None) -> None:
         host, port = endpoint

@@ -733,11 +733,10 @@ class Interface:
         are the keypair's first block when `_install` took it for control (`first_block`:
         no lock, nobody else knows the slot yet), else a block of their own, as a
         keepalive's (send_keepalive)."""
-        packets = self._handed.pop(peer.peer_id, None)
+        packets = self._handed.get(peer.peer_id)
         if not packets or peer.endpoint is None:
-            if packets:
-                self._handed[peer.peer_id] = packets  # nowhere to send yet: kept
-            return
+            return  # nothing handed over, or nowhere to send yet: kept
+        del self._handed[peer.peer_id]
         slot = self.slot_of[keypair]
         counter = 0 if first_block else self.keyslots.reserve(slot, COUNTER_BLOCK)
         mtu = self.padding_mtu
