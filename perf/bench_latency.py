@@ -265,6 +265,17 @@ def forget_and_relearn(da: Daemon, db: Daemon) -> None:
 PING = ["ping"]  # with --pin: ["taskset", "-c", "0", "ping"]
 
 
+def parse_pinned(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line, with `--pin` (each end on a CPU of its own, ping with a's): for
+    every script that runs first pings and pings through `start_pair`'s pairs; it calls
+    `pin` on each pair when `args.pin`."""
+    parser.add_argument("--pin", action="store_true", help="each end on a CPU of its own")
+    args = parser.parse_args()
+    if args.pin:
+        PING[:0] = ["taskset", "-c", "0"]
+    return args
+
+
 def pin(pair: Pair) -> None:
     """Each end's processes, every thread of them (control and its workers; wireguard-go's
     threads), on a CPU of their own: a on 0, b on 1."""
@@ -517,10 +528,7 @@ def main() -> int:
     parser.add_argument(
         "--hops", type=int, default=0, help="this many more pings, with per-hop captures"
     )
-    parser.add_argument("--pin", action="store_true", help="each end on a CPU of its own")
-    args = parser.parse_args()
-    if args.pin:
-        PING[:0] = ["taskset", "-c", "0"]
+    args = parse_pinned(parser)
     if not begin_namespaces_run(Path(__file__).name):
         return 2
     before = loadavg()

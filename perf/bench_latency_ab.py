@@ -39,6 +39,7 @@ from bench_latency import (  # noqa: E402
     Pair,
     first_ping,
     forget_and_relearn,
+    parse_pinned,
     pin,
     start_pair,
 )
@@ -128,10 +129,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--pings", type=int, default=200)
     parser.add_argument("--sessions", type=int, default=60)
-    parser.add_argument("--pin", action="store_true", help="each end on a CPU of its own")
-    args = parser.parse_args()
-    if args.pin:
-        PING[:0] = ["taskset", "-c", "0"]
+    args = parse_pinned(parser)
     if not begin_namespaces_run(Path(__file__).name):
         return 2
     before = loadavg()

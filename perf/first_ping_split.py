@@ -12,13 +12,14 @@ a's veth gives, per first ping, the span of each step of its chain:
 - b: data -> reply   the responder's worker: the ping to its TUN, the reply sealed and sent
 - a: reply -> tun    the initiator's worker: the reply to a's TUN
 
-    python perf/first_ping_split.py --ref main --workers 1 --sessions 40
+    python perf/first_ping_split.py --ref main --workers 1 --sessions 40 [--pin]
 
 Prints the medians in us, one line per code. Needs root, ip, wg, ping, tcpdump; traffic only
-flows between the namespaces made here. On this 2-vCPU machine a first ping costs about the
-sum of the processes' work on its chain (docs/handshakes.md), so a step taken off one span
-may reappear in another: this is what showed where control's initiation went when a worker
-began sending message 1 (perf/RESULTS.md, "message 1 sent by the worker").
+flows between the namespaces made here. Unpinned, on this 2-vCPU machine a first ping costs
+about the sum of the processes' work on its chain (a woken process waits on its waker's vCPU),
+so a step taken off one span may reappear in another; `--pin` puts each end on a CPU of its
+own, as two hosts (bench_latency.py). It showed where control's initiation went when a worker
+sent message 1 made ahead (perf/RESULTS.md, "sixth session").
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from bench_latency import (  # noqa: E402
     Message,
     first_ping,
     forget_and_relearn,
+    parse_pinned,
+    pin,
     read_ip_packets,
     read_pcap,
     start_capture,
@@ -113,7 +116,7 @@ def main() -> int:
     parser.add_argument("--ref", required=True, help="the git ref whose wgmp is compared")
     parser.add_argument("--workers", default="1")
     parser.add_argument("--sessions", type=int, default=40)
-    args = parser.parse_args()
+    args = parse_pinned(parser)
     if not begin_namespaces_run(Path(__file__).name):
         return 2
     codes = ("this", "ref")
@@ -128,6 +131,8 @@ def main() -> int:
                 pair = pairs[code] = start_pair(
                     "wgmp", "wgmp", args.workers, index, workdir, roots[code]
                 )
+                if args.pin:
+                    pin(pair)
                 files[code] = (workdir / f"{code}-tun.pcap", workdir / f"{code}-veth.pcap")
                 dumps.append(start_capture(pair.ns_a, pair.a.ifname, files[code][0]))
                 dumps.append(start_capture(pair.ns_a, pair.veth_a, files[code][1]))
