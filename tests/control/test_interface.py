@@ -356,3 +356,14 @@ def test_handed_packets_are_dropped_where_staged_ones_are() -> None:
     a.receive_handshake(_handshake_from(a, b), ENDPOINT, 2.0, 10**18)
     assert not a.early
     assert any(getattr(c, "message", None).__class__ is SendKeepalive for c in a.commands)
+
+
+def test_a_malformed_first_packet_from_a_worker_is_ignored() -> None:
+    """A worker's pipe is not trusted: FirstPacket with no bytes, empty bytes or an unknown
+    peer holds nothing, sends nothing and asks for no handshake."""
+    a, _, peer_id = _pair_of_interfaces()
+    a.commands.clear()
+    for bad_peer, bad_packet in ((peer_id, "text"), (peer_id, b""), (peer_id, None), (999, PACKET)):
+        a.first_packet(bad_peer, bad_packet, 1.0, 10**18, worker_id=0)  # type: ignore[arg-type]
+    assert a._handed == {} and not a.datagrams and not a.early and not a.commands
+    assert a.counters.initiated == 0
