@@ -7,7 +7,9 @@ import errno
 import os
 import select
 import socket
+import threading
 import time
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -26,6 +28,7 @@ from wgmp.dataplane.records import (
     S_SLOT,
 )
 from wgmp.dataplane.worker import (
+    FLUSH_INTERVAL,
     FLUSH_LATE_MAX,
     ROLE_CURRENT,
     ROLE_NEXT,
@@ -46,6 +49,7 @@ from wgmp.ipc.messages import (
     NeedHandshake,
     PeerEndpoint,
     PeerSet,
+    Ping,
     RekeyWanted,
     Roamed,
     RouteLoop,
@@ -558,6 +562,95 @@ def test_the_flush_reports_only_the_peers_the_paths_touched(
     assert written == [1] and rig.worker._touched == []
     activity = [m for m in control_messages(rig.control) if isinstance(m, Activity)]
     assert [report[0] for m in activity for report in m.reports] == [1]
+
+
+def test_an_idle_worker_sleeps_until_a_descriptor_wakes_it(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing held, kept or unflushed, the loop waits without a time-out (a wake-up every
+    FLUSH_INTERVAL cost each idle worker ~1.1 ms of CPU a second); traffic brings the
+    periodic flush back until one flush found nothing new, and that flush comes an interval
+    after the wake-up, not on the first packet's path."""
+    polls: list[tuple[float, float | None]] = []
+    real_epoll = select.epoll
+
+    class RecordingEpoll:
+        def __init__(self) -> None:
+            self._epoll = real_epoll()
+
+        def register(self, fd: int, events: int) -> None:
+            self._epoll.register(fd, events)
+
+        def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+            polls.append((time.monotonic(), timeout))
+            # A test must end: "forever" is looked at again every 20 ms.
+            return self._epoll.poll(0.02 if timeout is None else timeout)
+
+    monkeypatch.setattr(worker_module.select, "epoll", RecordingEpoll)
+    # The loop needs a real socket: the peer is a socket on loopback.
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(2.0)
+    ours = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    ours.bind(("127.0.0.1", 0))
+    rig.worker.sockets = {4: ours}
+    rig.worker._set_peer(1, ["127.0.0.1", peer.getsockname()[1]], [[THEIRS, 32]])
+    flushes: list[float] = []
+    real_flush = rig.worker._flush
+
+    def flush(now: float) -> None:
+        flushes.append(time.monotonic())
+        real_flush(now)
+
+    monkeypatch.setattr(rig.worker, "_flush", flush)
+    install(rig.worker, ROLE_CURRENT)
+    thread = threading.Thread(target=rig.worker.run, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.15)
+        assert polls and all(timeout is None for _, timeout in polls)
+        assert flushes == []
+        polls.clear()
+        sent_at = time.monotonic()
+        rig.tun.send(VIRTIO_NET_HDR_NONE + _outbound(0))
+        deadline = time.monotonic() + 2.0
+        while not (flushes and polls[-1][1] is None) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(peer.recv(2048)) > 0  # the packet left
+        assert flushes and flushes[0] - sent_at >= FLUSH_INTERVAL * 0.9
+        assert any(timeout == FLUSH_INTERVAL for _, timeout in polls)  # the flush's clock ran
+        assert polls[-1][1] is None  # and after it, asleep again without a time-out
+        assert rig.worker.totals[2] == 1  # the flush wrote the count (tx packets)
+    finally:
+        rig.control.close()  # control has gone: so does the worker
+        thread.join(timeout=5)
+        peer.close()
+        ours.close()
+    assert not thread.is_alive()
+
+
+def test_a_worker_is_not_quiet_while_anything_waits_for_a_later_turn(rig: Any) -> None:
+    """Each of these needs a turn that a timer brings (a retry, a hold's end, a report)."""
+    worker = rig.worker
+    assert worker._quiet()
+    for name, value in (
+        ("_active", True),
+        ("_touched", [[1]]),
+        ("_later", [Ping(1)]),
+        ("_held", {1: []}),
+        ("_send_held", {1: deque()}),
+        ("_unknown", [(b"", (), None, 0.0)]),
+        ("_wake_asks", {1: []}),
+        ("_to_tun", [b""]),
+        ("_handshakes", [[b"", ENDPOINT, None]]),
+    ):
+        saved = getattr(worker, name)
+        setattr(worker, name, value)
+        assert not worker._quiet(), name
+        setattr(worker, name, saved)
+    worker._active = True
+    worker._flush(time.monotonic())
+    assert worker._quiet()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,6 +216,7 @@ class Worker(Outbound, Inbound, SendSpread):
         # sleeping, and what is kept waits for it, whichever path received the packet.
         self._answer_poll = False
         self._touched: list[list[Any]] = []  # peers to report at the next flush (P_DIRTY set)
+        self._active = False  # a descriptor was served since the last flush
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -252,8 +253,18 @@ class Worker(Outbound, Inbound, SendSpread):
                 # on this vCPU (this kernel packs wake-ups), where it waited for us to sleep.
                 # Let it run before the look for more and the flush checks.
                 os.sched_yield()
-            events = poller.poll(timeout)
+            # Idle, sleep until a descriptor wakes us (control's liveness PING does, once a
+            # second): a wake-up every FLUSH_INTERVAL cost each idle worker ~1.1 ms of CPU a
+            # second (perf/RESULTS.md, "Idle"), ~7% of a core with 64 workers.
+            sleep = None if timeout == FLUSH_INTERVAL and self._quiet() else timeout
+            events = poller.poll(sleep)
             now = time.monotonic()
+            if sleep is None:
+                # Nothing changed while we slept: the next flush is due one interval after
+                # this wake-up, not at once on the path of the packet that woke us.
+                next_flush = now + FLUSH_INTERVAL
+            if events:
+                self._active = True
             self._answer_poll = False  # the poll it asked for was made
             if timeout == 0.0 and (self._tun_again or self._udp_again is not None):
                 self._forget_lone(events)
@@ -301,6 +312,22 @@ class Worker(Outbound, Inbound, SendSpread):
                 self._internal_error("the periodic flush")
             if now >= next_flush and not flush_waits:
                 next_flush = now + FLUSH_INTERVAL
+
+    def _quiet(self) -> bool:
+        """Whether nothing waits for a timer: nothing happened since the last flush (whose
+        counters and reports would be due at the next one), and nothing is held, kept or
+        queued that a later turn must finish."""
+        return not (
+            self._active
+            or self._touched
+            or self._later
+            or self._held
+            or self._send_held
+            or self._unknown
+            or self._wake_asks
+            or self._to_tun
+            or self._handshakes
+        )
 
     def _forget_lone(self, events: list[tuple[int, int]]) -> None:
         """After the poll that follows a lone packet: what it did not find ready had nothing
@@ -575,6 +602,7 @@ class Worker(Outbound, Inbound, SendSpread):
             peer[P_SEND] = None
 
     def _flush(self, now: float) -> None:
+        self._active = False
         self._deliver(now)
         if self._later:
             self._tell_now()  # what the traffic reported below came after
