@@ -153,3 +153,25 @@ def test_control_never_waits_for_a_worker_that_reads_nothing(
     daemon._send(handle, Mtu(1420))  # past the bound: hung
     assert handle.channel is None
     assert handle.process is not None and handle.process.wait(5) == -9
+
+
+class _QuietUapi:
+    def next_wakeup(self) -> float | None:
+        return None
+
+
+def test_idle_control_sleeps_a_second_at_most_and_wakes_for_a_restart_when_due(
+    rig: Rig,
+) -> None:
+    """An idle turn costs ~190 us cold: with nothing due, control sleeps IDLE_TIMEOUT (it slept
+    0.25 s), and no longer only because a timer of its own is due, a worker's restart
+    backoff among them (a restart once waited for the next idle wake-up)."""
+    daemon = rig.daemon
+    daemon.uapi = _QuietUapi()  # type: ignore[assignment]  # only next_wakeup is used
+    daemon._round = None
+    daemon._datagrams_held_since = None
+    assert daemon._timeout(100.0) == daemon_module.IDLE_TIMEOUT == 1.0
+    rig.handle.restart_at = 100.3
+    assert daemon._timeout(100.0) == pytest.approx(0.3)
+    rig.handle.restart_at = 99.0  # overdue: at once
+    assert daemon._timeout(100.0) == 0.0

@@ -114,6 +114,11 @@ OUTBOUND_LIMIT = 32 << 20
 DATAGRAM_HOLD = 0.5
 # Workers are supervised on idle turns of the loop, after a signal, and at least this often.
 SUPERVISE_INTERVAL = 0.25
+# The longest the loop sleeps with nothing due: an idle turn (supervision, the UAPI socket's
+# check) cost ~190 us of CPU cold, and at 0.25 s control used ~1.1 ms a second doing nothing
+# (perf/RESULTS.md, "Idle"). A worker's restart and every timer wake it when due; a hung
+# worker is found at most this much later than LIVENESS_TIMEOUT.
+IDLE_TIMEOUT = 1.0
 # Ephemeral keys are made ahead (control/prepared.py) once the loop has had nothing to do for
 # this long: right after a handshake, its first data messages (our worker's, the peer's
 # answer) need the CPUs more than the next key does.
@@ -259,7 +264,7 @@ class Daemon:
         """The event loop, until told to stop. `signals=False` leaves the process's signal
         handling alone (a daemon run in a thread by a test: only the main thread may set it);
         a dead worker is then noticed at the next idle turn of the loop, within
-        SUPERVISE_INTERVAL."""
+        IDLE_TIMEOUT."""
         self.running = True
         if signals:
             self._install_signals()
@@ -338,13 +343,15 @@ class Daemon:
 
     def _timeout(self, now: float) -> float:
         """How long the loop may wait for a descriptor: until the next timer, the end of a
-        round of counters or of a pause in accepting UAPI clients; at most 0.25 s."""
+        round of counters, of a pause in accepting UAPI clients or of a worker's restart
+        backoff; at most IDLE_TIMEOUT."""
         wakeups = [self.interface.next_deadline(), self.uapi.next_wakeup()]
         if self._round is not None:
             wakeups.append(self._round.deadline)
         if self._datagrams_held_since is not None:
             wakeups.append(self._datagrams_held_since + DATAGRAM_HOLD)
-        timeout = 0.25
+        wakeups.extend(handle.restart_at for handle in self.supervisor.workers)
+        timeout = IDLE_TIMEOUT
         for at in wakeups:
             if at is not None:
                 timeout = min(timeout, max(at - now, 0.0))
