@@ -17,7 +17,7 @@ from tests.inmemory import LoopbackPort, MemoryTun
 from tests.integration.netns import uapi_exchange
 from tests.net.helpers import ipv4_udp
 from wgmp.control.daemon import Daemon
-from wgmp.protocol.constants import MESSAGE_RESPONSE
+from wgmp.protocol.constants import MESSAGE_INITIATION, MESSAGE_RESPONSE
 from wgmp.protocol.crypto import DH_GENERATE
 from wgmp.protocol.noise import Handshake, StaticIdentity
 
@@ -200,3 +200,25 @@ def test_the_responder_sends_message_2_before_it_installs_the_keypair(
     _peers(a, b)
     _crosses(a, b, b"answered at once")
     assert (MESSAGE_RESPONSE, 0, True) in seen, seen
+
+
+def test_the_initiator_sends_message_1_from_inside_the_workers_ask(
+    sides: tuple[Side, Side], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Daemon._on_first_packet: message 1 leaves at once (Daemon._send_at_once), before the
+    initiation's bookkeeping and the turn's output path; the session works."""
+    a, b = sides
+    initiator = a.daemon
+    seen: list[tuple[int, bool]] = []
+    real = initiator._send_at_once
+
+    def recorded(message: bytes, endpoint: tuple[str, int], sticky: object) -> bool:
+        sent = real(message, endpoint, sticky)  # type: ignore[arg-type]
+        seen.append((message[0], sent))
+        return sent
+
+    monkeypatch.setattr(initiator, "_send_at_once", recorded)
+    _peers(a, b)
+    _crosses(a, b, b"asked at once")
+    assert (MESSAGE_INITIATION, True) in seen, seen
+    assert initiator.interface.send_at_once is None  # only for the ask's own step

@@ -501,7 +501,8 @@ class Daemon:
         self._drain_outputs()
 
     def _send_at_once(self, message: bytes, endpoint: Endpoint, sticky: udp.Sticky | None) -> bool:
-        """Send a datagram of a lone handshake's step at once, if nothing else of the turn
+        """Send a datagram of a lone handshake's step (or of a worker's lone ask for one: its
+        message 1) at once, if nothing else of the turn
         waits to go before it: no other datagram, no command that a worker's pipe had no
         room for (then a keypair announced there could come after the peer's answer, for
         longer than a worker keeps such an answer: dataplane/inbound.py, UNKNOWN_KEPT).
@@ -870,14 +871,28 @@ class Daemon:
         self.interface.activity(message.reports, time.monotonic(), time.time_ns())
 
     def _on_need_handshake(self, handle: WorkerHandle, message: NeedHandshake) -> None:
-        self.interface.need_handshake(
-            message.peer_id, time.monotonic(), time.time_ns(), handle.worker_id
-        )
+        interface = self.interface
+        interface.send_at_once = self._send_at_once  # message 1: see _on_first_packet
+        try:
+            interface.need_handshake(
+                message.peer_id, time.monotonic(), time.time_ns(), handle.worker_id
+            )
+        finally:
+            interface.send_at_once = None
 
     def _on_first_packet(self, handle: WorkerHandle, message: FirstPacket) -> None:
-        self.interface.first_packet(
-            message.peer_id, message.packet, time.monotonic(), time.time_ns(), handle.worker_id
-        )
+        interface = self.interface
+        # Message 1 leaves from inside the step, as a lone handshake message's answer does,
+        # before the initiation's bookkeeping and the turn's output path: those were ~60 of
+        # the ~310 us from the worker's message to message 1's send (ftrace with markers of a
+        # first ping, each end on a CPU of its own: perf/RESULTS.md, "Seventh session").
+        interface.send_at_once = self._send_at_once
+        try:
+            interface.first_packet(
+                message.peer_id, message.packet, time.monotonic(), time.time_ns(), handle.worker_id
+            )
+        finally:
+            interface.send_at_once = None
 
     def _on_rekey_wanted(self, handle: WorkerHandle, message: RekeyWanted) -> None:
         self.interface.rekey_wanted(message.peer_id, time.monotonic(), time.time_ns())
