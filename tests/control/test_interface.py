@@ -299,21 +299,25 @@ def test_a_handed_first_packet_leaves_under_the_new_keypair_before_anything_else
     a, b, peer_id = _pair_of_interfaces()
     a.first_packet(peer_id, PACKET, 1.0, 10**18, worker_id=0)
     response = _handshake_from(a, b)
-    sent: list[tuple[bytes, bool]] = []
+    sent: list[tuple[bytes, bool, bool]] = []
+    peer = a.peers[b.identity.public_key]  # type: ignore[union-attr]
 
     def at_once(message: bytes, endpoint: object, sticky: object) -> bool:
-        sent.append((message, any(isinstance(c, KeypairInstall) for c in a.commands)))
+        announced = any(isinstance(c, KeypairInstall) for c in a.commands)
+        sent.append((message, announced, peer.keypairs.current is not None))
         return True
 
     a.commands.clear()
     a.send_at_once = at_once
     a.receive_handshake(response, ENDPOINT, 1.0, 10**18)
-    [(message, announced)] = sent
+    [(message, announced, adopted)] = sent
+    assert not announced and not adopted  # published only: adopted and announced after it
+    assert any(isinstance(c, KeypairInstall) for c in a.commands)
     receiver, counter, plaintext = open_transport(_receive_key(b), message)
     assert counter == 0 and plaintext[: len(PACKET)] == PACKET
     assert not a.early and not a.datagrams
     assert not any(isinstance(getattr(c, "message", c), SendKeepalive) for c in a.commands)
-    slot = a.slot_of[a.peers[b.identity.public_key].keypairs.current]  # type: ignore[union-attr,index]
+    slot = a.slot_of[peer.keypairs.current]  # type: ignore[index]
     assert not a.keyslots.claim_first(slot)  # control's block: the first sender reserves
 
 

@@ -646,9 +646,13 @@ class Interface:
         peer.timers.any_authenticated_packet_received(now)
         keypair = Keypair.from_session(peer.handshake.derive_session(), now=now)
         handed = peer.peer_id in self._handed
-        self._install(peer, keypair, first_block=handed)
-        if handed:  # first, before the rest of the step (see first_packet)
+        self._publish(peer, keypair, first_block=handed)
+        if handed:
+            # First, before the rest of the step (see first_packet), the keypair's adoption
+            # and announcement among it: ~30 us cold (ftrace markers of a first ping,
+            # perf/RESULTS.md, "Seventh session").
             self._send_handed(peer, keypair, now, first_block=True)
+        self._adopt(peer, keypair)
         peer.timers.session_derived(now)
         peer.timers.handshake_complete(now)
         peer.last_handshake_ns = wall_ns
@@ -804,9 +808,15 @@ class Interface:
             if all(k.local_index != hs.local_index for k in peer.keypairs):
                 self.indices.remove(hs.local_index)
 
-    def _install(self, peer: Peer, keypair: Keypair, *, first_block: bool = False) -> None:
-        """Publish the keypair and announce it; with `first_block`, its first block of
-        counters is control's (_send_handed), not its first sender's."""
+    def _install(self, peer: Peer, keypair: Keypair) -> None:
+        """Publish the keypair and announce it."""
+        self._publish(peer, keypair)
+        self._adopt(peer, keypair)
+
+    def _publish(self, peer: Peer, keypair: Keypair, *, first_block: bool = False) -> None:
+        """Put the keypair in shared memory (no worker knows of it until `_adopt` announces
+        it); with `first_block`, its first block of counters is control's (_send_handed),
+        not its first sender's."""
         slot = self.keyslots.publish(
             local_index=keypair.local_index,
             remote_index=keypair.remote_index,
@@ -827,6 +837,10 @@ class Interface:
             worker_of(keypair.local_index),
         )
         self.published.append(slot)
+
+    def _adopt(self, peer: Peer, keypair: Keypair) -> None:
+        """The published keypair becomes the peer's (the keypair it replaces is forgotten),
+        and the workers are told."""
         self._forget(peer.keypairs.install(keypair))
         self._announce_roles(peer)
 
