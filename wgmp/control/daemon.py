@@ -871,26 +871,34 @@ class Daemon:
         self.interface.activity(message.reports, time.monotonic(), time.time_ns())
 
     def _on_need_handshake(self, handle: WorkerHandle, message: NeedHandshake) -> None:
-        interface = self.interface
-        interface.send_at_once = self._send_at_once  # message 1: see _on_first_packet
-        try:
-            interface.need_handshake(
-                message.peer_id, time.monotonic(), time.time_ns(), handle.worker_id
-            )
-        finally:
-            interface.send_at_once = None
+        self._asked_at_once(
+            self.interface.need_handshake,
+            message.peer_id,
+            time.monotonic(),
+            time.time_ns(),
+            handle.worker_id,
+        )
 
     def _on_first_packet(self, handle: WorkerHandle, message: FirstPacket) -> None:
+        self._asked_at_once(
+            self.interface.first_packet,
+            message.peer_id,
+            message.packet,
+            time.monotonic(),
+            time.time_ns(),
+            handle.worker_id,
+        )
+
+    def _asked_at_once(self, ask: Callable[..., None], *args: Any) -> None:
+        """A worker's ask for a handshake, whose message 1 leaves from inside the step, as a
+        lone handshake message's answer does: before the initiation's bookkeeping and the
+        turn's output path, ~110 us of the ~310 from the worker's message to message 1's send
+        before (ftrace with markers of a first ping, each end on a CPU of its own:
+        perf/RESULTS.md, "Seventh session")."""
         interface = self.interface
-        # Message 1 leaves from inside the step, as a lone handshake message's answer does,
-        # before the initiation's bookkeeping and the turn's output path: those were ~60 of
-        # the ~310 us from the worker's message to message 1's send (ftrace with markers of a
-        # first ping, each end on a CPU of its own: perf/RESULTS.md, "Seventh session").
         interface.send_at_once = self._send_at_once
         try:
-            interface.first_packet(
-                message.peer_id, message.packet, time.monotonic(), time.time_ns(), handle.worker_id
-            )
+            ask(*args)
         finally:
             interface.send_at_once = None
 
