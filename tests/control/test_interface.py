@@ -315,6 +315,8 @@ def test_a_handed_first_packet_leaves_under_the_new_keypair_before_anything_else
     assert any(isinstance(c, KeypairInstall) for c in a.commands)
     receiver, counter, plaintext = open_transport(_receive_key(b), message)
     assert counter == 0 and plaintext[: len(PACKET)] == PACKET
+    # Counted as control's own transport packets (wgmp_control_transport_packets_total).
+    assert (a.counters.tx_packets, a.counters.tx_bytes) == (1, len(message))
     assert not a.early and not a.datagrams
     assert not any(isinstance(getattr(c, "message", c), SendKeepalive) for c in a.commands)
     slot = a.slot_of[peer.keypairs.current]  # type: ignore[index]
@@ -371,3 +373,17 @@ def test_a_malformed_first_packet_from_a_worker_is_ignored() -> None:
         a.first_packet(bad_peer, bad_packet, 1.0, 10**18, worker_id=0)  # type: ignore[arg-type]
     assert a._handed == {} and not a.datagrams and not a.early and not a.commands
     assert a.counters.initiated == 0
+
+
+def test_control_counts_the_keepalives_it_sends_but_not_those_a_routing_loop_drops() -> None:
+    """`wgmp_control_transport_packets_total`: control's own transport messages."""
+    a, b, peer_id = _pair_of_interfaces()
+    a.need_handshake(peer_id, 1.0, 10**18)
+    response = _handshake_from(a, b)
+    a.receive_handshake(response, ENDPOINT, 1.0, 10**18)  # nobody asked: a keepalive
+    (keepalive,) = [d for d, *_ in a.datagrams if d[0] == 4]
+    assert (a.counters.tx_packets, a.counters.tx_bytes) == (1, len(keepalive))
+    peer = a.by_id[peer_id]
+    a.set_looping(peer, True)  # it would come back in through our own interface
+    a.send_keepalive(peer, 2.0, 10**18)
+    assert (a.counters.tx_packets, a.counters.tx_bytes) == (1, len(keepalive))

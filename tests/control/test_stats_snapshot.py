@@ -32,7 +32,7 @@ def test_snapshot_from_daemon():
     ]
     counters = SimpleNamespace(
         initiated=1, received=2, completed=3, failed=4, cookie_replies_sent=5, responses_by_workers=6,
-        prepared_used=7, drops=drops(stale_timestamp=6),
+        prepared_used=7, drops=drops(stale_timestamp=6), tx_packets=1, tx_bytes=96,
     )  # fmt: skip
     peer = uapi.PeerSnapshot(
         public_key=KEY_A, endpoint=("192.0.2.9", 9), last_handshake_time_sec=42,
@@ -64,3 +64,5 @@ def test_snapshot_from_daemon():
     s = parse(render(stats))
     assert value(s, "wgmp_worker_bytes_total", device="wgx", worker="0", direction="tx") == 600
     assert value(s, "wgmp_handshake_prepared_ephemerals_used_total", device="wgx") == 7
+    assert value(s, "wgmp_control_transport_packets_total", device="wgx") == 1
+    assert value(s, "wgmp_control_transport_bytes_total", device="wgx") == 96

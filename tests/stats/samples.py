@@ -70,6 +70,8 @@ def sample_device(name: str = "wg0") -> DeviceStats:
             failed=4,
             cookie_replies_sent=3,
             drops=drops(mac_invalid=9),
+            tx_packets=2,
+            tx_bytes=180,
         ),  # fmt: skip
     )
 

@@ -82,7 +82,10 @@ def test_worker_counters():
     assert value(s, "wgmp_worker_packets_total", **w1, direction="rx") == 1
     assert value(s, "wgmp_worker_packets_total", **w1, direction="tx") == 0
     assert value(s, "wgmp_worker_up", **w1) == 0
-    assert len(s["wgmp_worker_packets_total"]) == 4
+    assert len(s["wgmp_worker_packets_total"]) == 4  # workers only: control's are apart
+    # What control sent itself (a new session's first packets, keepalives).
+    assert value(s, "wgmp_control_transport_packets_total", device="wg0") == 2
+    assert value(s, "wgmp_control_transport_bytes_total", device="wg0") == 180
 
 
 def test_drops_by_reason_and_by_worker_or_control():

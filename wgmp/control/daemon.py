@@ -1253,6 +1253,8 @@ class Daemon:
                 drops=tuple(counters.drops),
                 responses_by_workers=counters.responses_by_workers,
                 prepared_used=counters.prepared_used,
+                tx_packets=counters.tx_packets,
+                tx_bytes=counters.tx_bytes,
             ),
         )
 

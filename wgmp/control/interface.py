@@ -137,6 +137,11 @@ class HandshakeCounters:
         self.cookie_replies_sent = 0
         self.responses_by_workers = 0  # responses a worker computed (response_jobs.py)
         self.prepared_used = 0  # messages made with an ephemeral key made ahead (prepared.py)
+        # Transport data messages control sealed and sent itself: a new session's first
+        # packets (handed over by a worker) and keepalives after a response
+        # (wgmp_control_transport_packets_total / _bytes_total).
+        self.tx_packets = 0
+        self.tx_bytes = 0
         self.drops = [0] * 32
 
 
@@ -716,15 +721,30 @@ class Interface:
         # then crossed the receiver's blocks (net/steering.py; docs/dataplane.md, outbound).
         counter = self.keyslots.reserve(self.slot_of[keypair], COUNTER_BLOCK)
         message = seal_transport(keypair.send_key, keypair.remote_index, counter, b"", self.mtu)
-        self._send_control(peer, message, now)
+        self._send_control(peer, message, now, transport=True)
 
-    def _send_control(self, peer: Peer, message: bytes, now: float, *, early: bool = False) -> None:
+    def _send_control(
+        self,
+        peer: Peer,
+        message: bytes,
+        now: float,
+        *,
+        early: bool = False,
+        transport: bool = False,
+    ) -> None:
+        """Send (or queue) a datagram of control's; `transport`: a transport data message, counted
+        in `wgmp_control_transport_packets_total` (stats/collector.py)."""
         assert peer.endpoint is not None
         send_at_once = self.send_at_once
         if peer.looping:  # it would come back in through our own interface
             self.counters.drops[DropReason.ROUTING_LOOP] += 1
-        elif send_at_once is None or not send_at_once(message, peer.endpoint, peer.sticky):
-            (self.early if early else self.datagrams).append((message, peer.endpoint, peer.sticky))
+        else:
+            if send_at_once is None or not send_at_once(message, peer.endpoint, peer.sticky):
+                datagrams = self.early if early else self.datagrams
+                datagrams.append((message, peer.endpoint, peer.sticky))
+            if transport:
+                self.counters.tx_packets += 1
+                self.counters.tx_bytes += len(message)
         peer.control_tx_bytes += len(message)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_sent(now)
@@ -747,7 +767,7 @@ class Interface:
         for packet in packets:
             message = seal_transport(keypair.send_key, keypair.remote_index, counter, packet, mtu)
             counter += 1
-            self._send_control(peer, message, now, early=True)
+            self._send_control(peer, message, now, early=True, transport=True)
         peer.timers.data_sent(now)
 
     def _drop_handed(self, peer: Peer) -> None:

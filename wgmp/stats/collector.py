@@ -29,7 +29,13 @@ wgmp's own:
     wgmp_worker_packets_total{device,worker,direction="rx"|"tx"}   counter
     wgmp_worker_bytes_total{device,worker,direction="rx"|"tx"}     counter
         transport data (keepalives included) that the worker received from / sent on UDP;
-        bytes are UDP payload bytes, as in wg show.
+        bytes are UDP payload bytes, as in wg show. What the control process sent itself is
+        counted apart (next): with it, every transport packet sent.
+    wgmp_control_transport_packets_total{device}                 counter
+    wgmp_control_transport_bytes_total{device}                   counter
+        transport data control sealed and sent itself: a new session's first packets, which a
+        worker hands over with its ask for the handshake (docs/first-packet.md), and the
+        keepalive after a response when no packet waited.
     wgmp_worker_restarts_total{device,worker}                      counter
     wgmp_worker_up{device,worker}                                  gauge, 1 while running
     wgmp_dropped_packets_total{device,worker,reason}               counter
@@ -136,6 +142,8 @@ class HandshakeStats:
     drops: Sequence[int] = ()  # indexed by DropReason: what control dropped
     responses_by_workers: int = 0  # computed by a worker under a backlog (response_jobs.py)
     prepared_used: int = 0  # made with an ephemeral key made ahead (control/prepared.py)
+    tx_packets: int = 0  # transport data control sent itself (first packets, keepalives)
+    tx_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +413,20 @@ FAMILIES: tuple[_Family, ...] = (
         "Handshake messages made with an ephemeral key that control made ahead, in idle time.",
         ("device",),
         _per_device(lambda h: h.prepared_used),
+    ),
+    _Family(
+        "wgmp_control_transport_packets",
+        _C,
+        "Transport packets control sent itself: a new session's first, keepalives.",
+        ("device",),
+        _per_device(lambda h: h.tx_packets),
+    ),
+    _Family(
+        "wgmp_control_transport_bytes",
+        _C,
+        "UDP payload bytes of the transport packets control sent itself.",
+        ("device",),
+        _per_device(lambda h: h.tx_bytes),
     ),
 )
 
