@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import resource
 from typing import Final
@@ -23,7 +22,10 @@ PR_SET_DUMPABLE: Final = 4
 
 
 def _prctl(option: int, argument: int = 0) -> int:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The interpreter's own symbols, libc's among them: `ctypes.util.find_library("c")` ran
+    # `ldconfig -p` in a child process, in control and in every worker at its start (a
+    # test that killed "the only child" of a starting daemon sometimes killed ldconfig).
+    libc = ctypes.CDLL(None, use_errno=True)
     result = libc.prctl(option, ctypes.c_ulong(argument), 0, 0, 0)
     if result < 0:
         error = ctypes.get_errno()
