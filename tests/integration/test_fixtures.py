@@ -12,14 +12,15 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.integration.netns import NS_PREFIX, Netns, VethLink, connect_peers
+from tests.integration.netns import NS_PREFIX, Netns, VethLink, connect_peers, wait_for
 
 
 def test_netns_cleanup_stops_processes_and_removes_namespace() -> None:
     with Netns("fx") as ns:
         proc = ns.popen(["sleep", "60"])
         assert ns.name.startswith(NS_PREFIX) and ns.path.exists()
-        assert proc.pid in ns.pids()
+        # `ip netns exec` enters the namespace after it starts: on a busy machine, not at once.
+        wait_for("the process in the namespace", lambda: proc.pid in ns.pids())
     assert proc.poll() is not None
     assert not ns.path.exists()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
