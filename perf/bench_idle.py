@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_latency import Pair, start_pair  # noqa: E402
+from bench_latency import Pair, daemon_processes, start_pair  # noqa: E402
 from bench_tunnel import (  # noqa: E402
     TUN_B,
     begin_namespaces_run,
@@ -64,19 +64,10 @@ def task_counts(pid: int) -> tuple[int, int]:
     return cpu, switches
 
 
-def end_pids(pair: Pair) -> list[int]:
-    """End a's daemon and every process under it (wgmp's workers)."""
-    import psutil
-
-    assert pair.a.proc is not None
-    main = psutil.Process(pair.a.proc.pid)
-    return [main.pid, *(child.pid for child in main.children(recursive=True))]
-
-
 def measure(pair: Pair, code: str, workers: str, settle: float, seconds: float) -> Usage:
     pair.ns_a.run(["ping", "-c", "1", "-W", "3", TUN_B], check=False, timeout=10)
     time.sleep(settle)
-    pids = end_pids(pair)
+    pids = [process.pid for process in daemon_processes(pair.a)]
     before = [task_counts(pid) for pid in pids]
     time.sleep(seconds)
     after = [task_counts(pid) for pid in pids]

@@ -44,6 +44,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -276,15 +277,21 @@ def parse_pinned(parser: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
+def daemon_processes(daemon: Daemon) -> list[Any]:
+    """A tunnel end's processes (psutil): the daemon and every process under it (wgmp's
+    workers)."""
+    import psutil
+
+    assert daemon.proc is not None
+    main = psutil.Process(daemon.proc.pid)
+    return [main, *main.children(recursive=True)]
+
+
 def pin(pair: Pair) -> None:
     """Each end's processes, every thread of them (control and its workers; wireguard-go's
     threads), on a CPU of their own: a on 0, b on 1."""
-    import psutil
-
     for cpu, daemon in enumerate((pair.a, pair.b)):
-        assert daemon.proc is not None
-        main = psutil.Process(daemon.proc.pid)
-        for process in (main, *main.children(recursive=True)):
+        for process in daemon_processes(daemon):
             for thread in process.threads():
                 os.sched_setaffinity(thread.id, {cpu % (os.cpu_count() or 1)})
 

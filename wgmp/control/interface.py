@@ -754,7 +754,7 @@ class Interface:
     ) -> None:
         """The packets workers handed over for the peer, sealed under `keypair` and sent, in
         the order they came, before anything else of the turn (`early`). Their counters
-        are the keypair's first block when `_install` took it for control (`first_block`:
+        are the keypair's first block when `_publish` took it for control (`first_block`:
         no lock, nobody else knows the slot yet), else a block of their own, as a
         keepalive's (send_keepalive)."""
         packets = self._handed.get(peer.peer_id)
