@@ -13,6 +13,11 @@ a's veth gives, per first ping, the span of each step of its chain:
 - a: reply -> tun    the initiator's worker: the reply to a's TUN
 
     python perf/first_ping_split.py --ref main --workers 1 --sessions 40 [--pin]
+    python perf/first_ping_split.py --ref go --sessions 40 [--pin]   # against wireguard-go
+
+`--ref go` puts Debian's wireguard-go at both ends of the second pair instead of a ref's wgmp:
+the same spans, step by step, of the reference (its steps happen in goroutines, the spans are
+measured on the wire and a's TUN all the same).
 
 Prints the medians in us, one line per code. Needs root, ip, wg, ping, tcpdump; traffic only
 flows between the namespaces made here. Unpinned, on this 2-vCPU machine a first ping costs
@@ -113,23 +118,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--ref", required=True, help="the git ref whose wgmp is compared")
+    parser.add_argument(
+        "--ref", required=True, help="the git ref whose wgmp is compared, or go (wireguard-go)"
+    )
     parser.add_argument("--workers", default="1")
     parser.add_argument("--sessions", type=int, default=40)
     args = parse_pinned(parser)
     if not begin_namespaces_run(Path(__file__).name):
         return 2
-    codes = ("this", "ref")
+    against_go = args.ref == "go"
+    codes = ("this", "go" if against_go else "ref")
+    kinds = {"this": "wgmp", "ref": "wgmp", "go": "go"}
     with tempfile.TemporaryDirectory(prefix="wgmp-split-") as tmp:
         workdir = Path(tmp)
-        (workdir / "ref").mkdir()
-        export_ref(args.ref, workdir / "ref")
         roots = {"this": Path(__file__).resolve().parents[1], "ref": workdir / "ref"}
+        roots["go"] = roots["this"]  # unused: wireguard-go is Debian's
+        if not against_go:
+            (workdir / "ref").mkdir()
+            export_ref(args.ref, workdir / "ref")
         pairs, dumps, files = {}, [], {}
         try:
             for index, code in enumerate(codes):
+                kind = kinds[code]
                 pair = pairs[code] = start_pair(
-                    "wgmp", "wgmp", args.workers, index, workdir, roots[code]
+                    kind, kind, args.workers, index, workdir, roots[code]
                 )
                 if args.pin:
                     pin(pair)
