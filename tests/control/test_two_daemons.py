@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,8 @@ from tests.inmemory import LoopbackPort, MemoryTun
 from tests.integration.netns import uapi_exchange
 from tests.net.helpers import ipv4_udp
 from wgmp.control.daemon import Daemon
-from wgmp.protocol.constants import MESSAGE_INITIATION, MESSAGE_RESPONSE
+from wgmp.net import udp
+from wgmp.protocol.constants import MESSAGE_INITIATION, MESSAGE_RESPONSE, MESSAGE_TRANSPORT
 from wgmp.protocol.crypto import DH_GENERATE
 from wgmp.protocol.noise import Handshake, StaticIdentity
 
@@ -222,3 +224,38 @@ def test_the_initiator_sends_message_1_from_inside_the_workers_ask(
     _crosses(a, b, b"asked at once")
     assert (MESSAGE_INITIATION, True) in seen, seen
     assert initiator.interface.send_at_once is None  # only for the ask's own step
+
+
+def test_a_lone_handshake_message_is_answered_before_the_socket_is_asked_for_more(
+    sides: tuple[Side, Side], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Daemon._on_handshake_socket: with nothing queued, the datagram read is handled and its
+    answer sent (message 2 by the responder, the handed first packet by the initiator) before
+    the socket is asked whether more wait; the session works."""
+    a, b = sides
+    events: list[tuple[str, str]] = []
+    real_pending = udp.pending
+
+    def pending(sock: socket.socket) -> int:
+        events.append((threading.current_thread().name, "asked"))
+        return real_pending(sock)
+
+    monkeypatch.setattr(udp, "pending", pending)
+    for side in (a, b):
+
+        def recorded(
+            message: bytes,
+            endpoint: tuple[str, int],
+            sticky: object,
+            real: Callable[..., bool] = side.daemon._send_at_once,
+        ) -> bool:
+            sent = real(message, endpoint, sticky)
+            events.append((threading.current_thread().name, f"sent {message[0]}"))
+            return sent
+
+        monkeypatch.setattr(side.daemon, "_send_at_once", recorded)
+    _peers(a, b)
+    _crosses(a, b, b"answered before asking")
+    of = {side: [what for thread, what in events if thread == side.thread.name] for side in (a, b)}
+    assert of[b][:2] == [f"sent {MESSAGE_RESPONSE}", "asked"], of[b]
+    assert of[a][:3] == [f"sent {MESSAGE_INITIATION}", f"sent {MESSAGE_TRANSPORT}", "asked"], of[a]

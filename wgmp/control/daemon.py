@@ -125,6 +125,18 @@ IDLE_TIMEOUT = 1.0
 PREPARE_AFTER_QUIET = 0.002
 
 
+def _read_handshake(sock: socket.socket) -> tuple[bytes, Endpoint, udp.Sticky | None] | None:
+    """One datagram from the handshake socket (its data, source and our address it was sent
+    to), None if none is queued; other errors raise OSError (an ICMP error reported on the
+    socket: the next read goes on)."""
+    try:
+        data, ancillary, _, address = sock.recvmsg(2048, udp.PKTINFO_SPACE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    sticky = next((c for c in ancillary if (c[0], c[1]) in udp.PKTINFO_KINDS), None)
+    return data, (address[0], address[1]), sticky
+
+
 def _forwarded_handshakes(messages: list[Message]) -> int:
     """How many handshake messages a worker's messages carry (0 for any malformed one:
     handling it counts it as an internal error)."""
@@ -447,21 +459,42 @@ class Daemon:
         kernel's buffer (7 MiB, thousands of datagrams) never holds a backlog of seconds.
         Before, control read 1024 at a time and answered each, with a DH: under a flood the
         buffered initiations were seconds old when answered, their senders had moved on, and
-        the answered rate fell from its peak to nothing (perf/RESULTS.md, "Handshakes")."""
+        the answered rate fell from its peak to nothing (perf/RESULTS.md, "Handshakes").
+
+        With nothing queued, the first datagram is handled as soon as it is read, its answer
+        sent from inside the step (`_at_once`), before the socket is asked for more: a new
+        session's messages 1 and 2 each come alone, and the ioctl, the queue and the turn's
+        set-up were ~40-60 us before each of their answers (ftrace with markers, each end on
+        a CPU of its own: perf/RESULTS.md, "Seventh session"). Under a flood the queue is
+        rarely empty, and one message handled ahead of the backlog's count is what
+        wireguard-go does with a message that finds its queue empty."""
         queue = self._handshakes
+        handled = 0
+        if not queue:
+            try:
+                first = _read_handshake(sock)
+            except OSError:
+                first = None  # the loop below reads on
+            if first is not None:
+                handled = 1
+                data, source, sticky = first
+                receive = self.interface.receive_handshake
+                self._at_once(receive, data, source, time.monotonic(), time.time_ns(), sticky)
+                if not udp.pending(sock):  # alone, as usual: a backlog of one is not a load
+                    self._drain_outputs()
+                    return
         dropped = 0
         for _ in range(HANDSHAKE_READS_PER_TURN):
             try:
-                data, ancillary, _, address = sock.recvmsg(2048, udp.PKTINFO_SPACE)
-            except (BlockingIOError, InterruptedError):
-                break
+                item = _read_handshake(sock)
             except OSError:
                 continue
+            if item is None:
+                break
             if len(queue) >= MAX_QUEUED_INCOMING_HANDSHAKES:
                 dropped += 1
             else:
-                sticky = next((c for c in ancillary if (c[0], c[1]) in udp.PKTINFO_KINDS), None)
-                queue.append((data, (address[0], address[1]), sticky))
+                queue.append(item)
             if not udp.pending(sock):
                 # Asked rather than found by a read that raises: cold, the raise and catch
                 # cost ~24 us against ~17 for the ioctl (perf/bench_cold_calls.py), and a new
@@ -469,7 +502,7 @@ class Daemon:
                 break
         if dropped:
             self.interface.counters.drops[DropReason.HANDSHAKE_QUEUE_FULL] += dropped
-        self.interface.note_backlog(len(queue), time.monotonic())
+        self.interface.note_backlog(len(queue) + handled, time.monotonic())
         self._handle_handshakes()
 
     def _handle_handshakes(self) -> None:
@@ -871,7 +904,7 @@ class Daemon:
         self.interface.activity(message.reports, time.monotonic(), time.time_ns())
 
     def _on_need_handshake(self, handle: WorkerHandle, message: NeedHandshake) -> None:
-        self._asked_at_once(
+        self._at_once(
             self.interface.need_handshake,
             message.peer_id,
             time.monotonic(),
@@ -880,7 +913,7 @@ class Daemon:
         )
 
     def _on_first_packet(self, handle: WorkerHandle, message: FirstPacket) -> None:
-        self._asked_at_once(
+        self._at_once(
             self.interface.first_packet,
             message.peer_id,
             message.packet,
@@ -889,16 +922,17 @@ class Daemon:
             handle.worker_id,
         )
 
-    def _asked_at_once(self, ask: Callable[..., None], *args: Any) -> None:
-        """A worker's ask for a handshake, whose message 1 leaves from inside the step, as a
-        lone handshake message's answer does: before the initiation's bookkeeping and the
-        turn's output path, ~110 us of the ~310 from the worker's message to message 1's send
-        before (ftrace with markers of a first ping, each end on a CPU of its own:
-        perf/RESULTS.md, "Seventh session")."""
+    def _at_once(self, step: Callable[..., None], *args: Any) -> None:
+        """A handshake step whose datagram leaves from inside it (`_send_at_once`): a
+        worker's ask for a handshake (its message 1) or a lone handshake message (its
+        answer). For the ask, before the initiation's bookkeeping and the turn's output path,
+        ~110 us of the ~310 from the worker's message to message 1's send before (ftrace with
+        markers of a first ping, each end on a CPU of its own: perf/RESULTS.md, "Seventh
+        session")."""
         interface = self.interface
         interface.send_at_once = self._send_at_once
         try:
-            ask(*args)
+            step(*args)
         finally:
             interface.send_at_once = None
 
