@@ -13,7 +13,6 @@ initiation costs what a restart's thousandth peer costs: four X25519 operations.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wgmp.control.interface import Interface, Rng  # noqa: E402
+from tests.control.interface_pair import SeededRng  # noqa: E402
+from wgmp.control.interface import Interface  # noqa: E402
 from wgmp.dataplane.handshake_work import compute_responses  # noqa: E402
 from wgmp.ipc.keyslots import KeySlots  # noqa: E402
 from wgmp.protocol.cookie import CookieGenerator  # noqa: E402
@@ -31,12 +31,8 @@ from wgmp.protocol.noise import Handshake, StaticIdentity  # noqa: E402
 SOURCE = ("192.0.2.2", 1000)
 
 
-class _Random(random.Random, Rng):
-    """Seeded randomness with both methods control uses."""
-
-
 def _responder(count: int) -> tuple[Interface, list[bytes]]:
-    rng = _Random(1)
+    rng = SeededRng(1)
     iface = Interface(KeySlots.create(2 * count + 16), rng, workers=2)
     iface.set_private_key(DH_GENERATE(rng), now=0.0)
     assert iface.identity is not None

@@ -21,7 +21,6 @@ percentile: the machine is shared). wireguard-go's whole first ping is ~1.0-1.4 
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -33,31 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_lone_packet import evict, header, quantiles  # noqa: E402
 
-from wgmp.control.interface import Interface, Rng  # noqa: E402
-from wgmp.ipc.keyslots import KeySlots  # noqa: E402
-from wgmp.protocol.crypto import DH_GENERATE  # noqa: E402
+from tests.control.interface_pair import A_ENDPOINT, B_ENDPOINT, InterfacePair  # noqa: E402
+from wgmp.control.interface import Interface  # noqa: E402
 
-A_ENDPOINT = ("192.0.2.1", 51820)
-B_ENDPOINT = ("192.0.2.2", 51821)
 STEPS = ("initiation", "response", "message 2 sent", "consume")
-
-
-class _Random(random.Random, Rng):
-    """Seeded randomness with both methods control uses."""
 
 
 def _pair(seed: int) -> tuple[Interface, Interface, int]:
     """Interfaces a and b, peers of each other; a's peer id for b."""
-    rng = _Random(seed)
-    a = Interface(KeySlots.create(8), rng)
-    b = Interface(KeySlots.create(8), _Random(seed + 1))
-    a.set_private_key(DH_GENERATE(rng), now=0.0)
-    b.set_private_key(DH_GENERATE(rng), now=0.0)
-    assert a.identity is not None and b.identity is not None
-    peer_b = a.peer(b.identity.public_key, now=0.0)
-    b.peer(a.identity.public_key, now=0.0)
-    a.set_endpoint(peer_b, B_ENDPOINT)
-    return a, b, peer_b.peer_id
+    pair = InterfacePair(seed, slots=8)
+    return pair.a, pair.b, pair.peer_b.peer_id
 
 
 _started = [0]  # when the last timed step started

@@ -11,17 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wgmp.control.interface import Interface, Rng
+from tests.control.interface_pair import SeededRng
+from wgmp.control.interface import Interface
 from wgmp.control.set_request import apply_request
 from wgmp.ipc.keyslots import KeySlots
 from wgmp.ipc.messages import PeerEndpoint, PeerRemove, PeerSet
 from wgmp.protocol.crypto import DH_GENERATE
 from wgmp.protocol.noise import StaticIdentity
 from wgmp.uapi import protocol as uapi
-
-
-class _Random(random.Random, Rng):
-    """Seeded randomness with both methods control uses (`random`, `getrandbits`)."""
 
 
 class Sockets:
@@ -49,7 +46,7 @@ PEER_B = StaticIdentity.from_private_key(DH_GENERATE(random.Random(3))).public_k
 
 @pytest.fixture
 def interface() -> Interface:
-    return Interface(KeySlots.create(64), _Random(7))
+    return Interface(KeySlots.create(64), SeededRng(7))
 
 
 def apply(interface: Interface, sockets: Sockets, *lines: str) -> None:
@@ -192,7 +189,7 @@ def test_the_bulk_path_for_allowed_ips_is_the_general_one(sections: list[Any]) -
         old = logger.level
         logger.setLevel(level)
         try:
-            interface = Interface(KeySlots.create(64), _Random(7))
+            interface = Interface(KeySlots.create(64), SeededRng(7))
             apply(interface, Sockets(), *lines)
         finally:
             logger.setLevel(old)
@@ -216,7 +213,7 @@ def test_beyond_the_peer_limit_the_peers_before_stay_with_their_allowed_ips(
     import wgmp.control.interface as interface_module
 
     monkeypatch.setattr(interface_module, "MAX_PEERS", 3)
-    interface = Interface(KeySlots.create(64), _Random(7))
+    interface = Interface(KeySlots.create(64), SeededRng(7))
     keys = [StaticIdentity.from_private_key(DH_GENERATE(random.Random(10 + n))).public_key
             for n in range(5)]  # fmt: skip
     lines = []

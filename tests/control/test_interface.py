@@ -8,7 +8,8 @@ import socket
 
 import pytest
 
-from wgmp.control.interface import HANDED_MAX, Interface, Rng
+from tests.control.interface_pair import A_ENDPOINT, InterfacePair, SeededRng
+from wgmp.control.interface import HANDED_MAX, Interface
 from wgmp.ipc.keyslots import KeySlots
 from wgmp.ipc.messages import KeypairInstall, KeypairRemove, Mtu, PeerEndpoint, SendKeepalive
 from wgmp.protocol.constants import MESSAGE_INITIATION, MESSAGE_RESPONSE
@@ -21,13 +22,9 @@ from wgmp.protocol.transport import open_transport
 ENDPOINT = ("192.0.2.2", 51821)
 
 
-class _Random(random.Random, Rng):
-    """Seeded randomness with both methods control uses (`random`, `getrandbits`)."""
-
-
 @pytest.fixture
 def interface() -> Interface:
-    rng = _Random(7)
+    rng = SeededRng(7)
     iface = Interface(KeySlots.create(64), rng)
     iface.set_private_key(DH_GENERATE(rng), now=0.0)
     return iface
@@ -90,7 +87,7 @@ def test_cookie_reply_neither_moves_the_endpoint_nor_counts_as_received(
 def test_answers_leave_from_the_address_the_peer_contacted(interface: Interface) -> None:
     """The response goes out with the pktinfo the initiation came with (sticky source), and
     the workers are told to use it too; a new local address after roaming replaces it."""
-    rng = _Random(11)
+    rng = SeededRng(11)
     theirs = StaticIdentity.from_private_key(DH_GENERATE(rng))
     assert interface.identity is not None
     ours = interface.identity.public_key
@@ -110,7 +107,7 @@ def test_answers_leave_from_the_address_the_peer_contacted(interface: Interface)
 
 def _initiation_from(interface: Interface, seed: int) -> tuple[bytes, int]:
     """Message 1 (with MACs) from a new peer of `interface`, and that peer's id."""
-    rng = _Random(seed)
+    rng = SeededRng(seed)
     theirs = StaticIdentity.from_private_key(DH_GENERATE(rng))
     assert interface.identity is not None
     ours = interface.identity.public_key
@@ -167,7 +164,7 @@ def test_removed_peers_hold_no_reference_cycles(interface: Interface) -> None:
     import gc
     import weakref
 
-    rng = _Random(13)
+    rng = SeededRng(13)
     assert interface.identity is not None
     ours = interface.identity.public_key
     gc.collect()
@@ -208,7 +205,7 @@ def test_handshakes_beyond_the_key_slots_are_dropped_and_counted() -> None:
     once a slot is free again the same peer's next initiation succeeds."""
     from wgmp.protocol.errors import DropReason
 
-    rng = _Random(17)
+    rng = SeededRng(17)
     iface = Interface(KeySlots.create(4), rng)
     iface.set_private_key(DH_GENERATE(rng), now=0.0)
     assert iface.identity is not None
@@ -242,10 +239,9 @@ def test_handshakes_beyond_the_key_slots_are_dropped_and_counted() -> None:
 def test_a_keepalive_of_controls_keeps_the_senders_blocks_aligned() -> None:
     """Control takes a whole block of counters for its keepalive: the workers' blocks after it
     stay aligned to 256, so their GSO trains never cross the receiver's steering blocks."""
-    from tests.control.test_prepared import _Pair
     from wgmp.net.steering import COUNTER_BLOCK
 
-    pair = _Pair()
+    pair = InterfacePair()
     pair.handshake(at=1.0)
     keypair = pair.peer_b.keypairs.current
     assert keypair is not None
@@ -262,24 +258,15 @@ def test_a_keepalive_of_controls_keeps_the_senders_blocks_aligned() -> None:
 
 def _pair_of_interfaces() -> tuple[Interface, Interface, int]:
     """Interfaces a and b, peers of each other with endpoints; a's peer id for b."""
-    rng = _Random(21)
-    a = Interface(KeySlots.create(16), rng)
-    b = Interface(KeySlots.create(16), _Random(22))
-    a.set_private_key(DH_GENERATE(rng), now=0.0)
-    b.set_private_key(DH_GENERATE(rng), now=0.0)
-    assert a.identity is not None and b.identity is not None
-    peer_b = a.peer(b.identity.public_key, now=0.0)
-    peer_a = b.peer(a.identity.public_key, now=0.0)
-    a.set_endpoint(peer_b, ENDPOINT)
-    b.set_endpoint(peer_a, ("192.0.2.1", 51820))
-    return a, b, peer_b.peer_id
+    pair = InterfacePair(seed=21)
+    return pair.a, pair.b, pair.peer_b.peer_id
 
 
 def _handshake_from(a: Interface, b: Interface) -> bytes:
     """b answers a's queued initiation; the response."""
     (initiation,) = [d for d, *_ in a.datagrams if d[0] == MESSAGE_INITIATION]
     a.datagrams.clear()
-    b.receive_handshake(initiation, ("192.0.2.1", 51820), 1.0, 10**18)
+    b.receive_handshake(initiation, A_ENDPOINT, 1.0, 10**18)
     (response,) = [d for d, *_ in b.datagrams if d[0] == MESSAGE_RESPONSE]
     return response
 

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from wgmp.control.interface import Interface, Rng
+from tests.control.interface_pair import SeededRng
+from wgmp.control.interface import Interface
 from wgmp.ipc.keyslots import KeySlots
 from wgmp.protocol.crypto import DH_GENERATE
 from wgmp.protocol.noise import StaticIdentity
@@ -17,12 +18,8 @@ from wgmp.protocol.timers import PeerTimers
 ENDPOINT = ("192.0.2.2", 51821)
 
 
-class _Random(random.Random, Rng):
-    """Seeded randomness with both methods control uses (`random`, `getrandbits`)."""
-
-
 def _interface(seed: int) -> Interface:
-    rng = _Random(seed)
+    rng = SeededRng(seed)
     iface = Interface(KeySlots.create(256), rng)
     iface.set_private_key(DH_GENERATE(rng), now=0.0)
     return iface

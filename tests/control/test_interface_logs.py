@@ -4,10 +4,10 @@ peer names (the live test in tests/integration/test_operations.py covers the res
 from __future__ import annotations
 
 import logging
-import random
 
 import pytest
 
+from tests.control.interface_pair import SeededRng
 from wgmp.control.interface import Interface
 from wgmp.control.peer import short_name
 from wgmp.ipc.keyslots import KeySlots
@@ -15,15 +15,11 @@ from wgmp.protocol.crypto import DH_GENERATE
 from wgmp.protocol.noise import StaticIdentity
 
 
-class _Random(random.Random):
-    pass
-
-
 def test_retries_and_give_up_are_logged(caplog: pytest.LogCaptureFixture) -> None:
-    rng = _Random(7)
+    rng = SeededRng(7)
     iface = Interface(KeySlots.create(64), rng)
     iface.set_private_key(DH_GENERATE(rng), now=0.0)
-    key = StaticIdentity.from_private_key(DH_GENERATE(random.Random(1))).public_key
+    key = StaticIdentity.from_private_key(DH_GENERATE(SeededRng(1))).public_key
     caplog.set_level(logging.DEBUG, logger="wgmp")
     peer = iface.peer(key, now=0.0)
     iface.set_endpoint(peer, ("192.0.2.9", 51820))

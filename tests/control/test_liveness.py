@@ -9,7 +9,6 @@ pipe the test reads and answers for it, or leaves unread (hung).
 
 from __future__ import annotations
 
-import random
 import selectors
 import subprocess
 import time
@@ -18,18 +17,15 @@ from collections.abc import Iterator
 import msgpack
 import pytest
 
+from tests.control.interface_pair import SeededRng
 from wgmp.control import daemon as daemon_module
 from wgmp.control.daemon import Daemon
-from wgmp.control.interface import Interface, Rng
+from wgmp.control.interface import Interface
 from wgmp.control.supervisor import HEARTBEAT_INTERVAL, PING_TIMEOUT, Supervisor, WorkerHandle
 from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
 from wgmp.ipc.messages import KeypairInstall, Message, Mtu, Ping, Pong, decode, encode
 from wgmp.stats.block import StatsBlock
-
-
-class _Random(random.Random, Rng):
-    pass
 
 
 class _AliveLink:
@@ -47,7 +43,7 @@ class Rig:
         d.running = True
         d.selector = selectors.DefaultSelector()
         d.keyslots = KeySlots.create(8)
-        d.interface = Interface(d.keyslots, _Random(1), workers=1)
+        d.interface = Interface(d.keyslots, SeededRng(1), workers=1)
         d.supervisor = Supervisor(-1, "error", vnet_hdr=True)
         d.pending_release = {}
         d.control_sockets = {}

@@ -7,24 +7,10 @@ import random
 
 import pytest
 
-from wgmp.control.interface import Interface, Rng
+from tests.control.interface_pair import InterfacePair, wall_ns
 from wgmp.control.prepared import PreparedEphemerals
-from wgmp.ipc.keyslots import KeySlots
-from wgmp.protocol.constants import MESSAGE_INITIATION, MESSAGE_RESPONSE
 from wgmp.protocol.crypto import DH_GENERATE, TAI64N
 from wgmp.protocol.noise import Handshake, StaticIdentity
-
-A_ENDPOINT = ("192.0.2.1", 51820)
-B_ENDPOINT = ("192.0.2.2", 51821)
-
-
-def _wall(at: float) -> int:
-    """The wall clock (Unix ns) at monotonic `at` in these tests."""
-    return int(at * 1e9) + 10**18
-
-
-class _Random(random.Random, Rng):
-    """Seeded randomness with both methods control uses."""
 
 
 def _handshakes(n: int) -> list[Handshake]:
@@ -80,66 +66,27 @@ def test_a_gone_peer_is_forgotten_and_an_unusable_one_never_held() -> None:
     assert prepared.held == 0 and not second.prepared
 
 
-class _Pair:
-    """Two control interfaces, peers of each other (a initiates, b responds)."""
-
-    def __init__(self) -> None:
-        rng = _Random(9)
-        self.a = Interface(KeySlots.create(16), rng)
-        self.b = Interface(KeySlots.create(16), _Random(10))
-        self.a.set_private_key(DH_GENERATE(rng), now=0.0)
-        self.b.set_private_key(DH_GENERATE(rng), now=0.0)
-        assert self.a.identity is not None and self.b.identity is not None
-        self.peer_b = self.a.peer(self.b.identity.public_key, now=0.0)
-        self.peer_a = self.b.peer(self.a.identity.public_key, now=0.0)
-        self.a.set_endpoint(self.peer_b, B_ENDPOINT)
-
-    def idle(self, wall_ns: int = 10**18) -> None:
-        """What the daemon's idle turns do (Daemon._prepare_next), at one wall time: until
-        nothing waits, or what waits must wait for a later stamp."""
-        for iface in (self.a, self.b):
-            while iface.prepared.pending:
-                iface.prepare_next(wall_ns)
-                if iface.prepared.deferred:
-                    break
-
-    def handshake(self, at: float) -> bytes:
-        """a initiates, b answers, a takes the answer: both must hold mirrored keys. Returns
-        message 1 as sent."""
-        self.a.need_handshake(self.peer_b.peer_id, now=at, wall_ns=_wall(at))
-        (initiation,) = [d for d, *_ in self.a.datagrams if d[0] == MESSAGE_INITIATION]
-        self.a.datagrams.clear()
-        self.b.receive_handshake(initiation, A_ENDPOINT, at, 0)
-        (response,) = [d for d, *_ in self.b.datagrams if d[0] == MESSAGE_RESPONSE]
-        self.b.datagrams.clear()
-        self.a.receive_handshake(response, B_ENDPOINT, at, 0)
-        current, waiting = self.peer_b.keypairs.current, self.peer_a.keypairs.next
-        assert current is not None and waiting is not None
-        assert (current.send_key, current.receive_key) == (waiting.receive_key, waiting.send_key)
-        return initiation
-
-
 def test_both_roles_use_the_prepared_key_and_want_the_next_one() -> None:
-    pair = _Pair()
+    pair = InterfacePair()
     assert pair.a.prepared.pending and pair.b.prepared.pending  # a new peer is wanted
     pair.idle()
     assert pair.peer_b.handshake.prepared and pair.peer_a.handshake.prepared
     pair.handshake(at=1.0)
     assert pair.a.counters.prepared_used == pair.b.counters.prepared_used == 1
     assert pair.a.prepared.pending and pair.b.prepared.pending  # for the next handshake
-    pair.idle(_wall(100.0))  # the wall clock has moved on since the first key's stamp
+    pair.idle(wall_ns(100.0))  # the wall clock has moved on since the first key's stamp
     pair.handshake(at=200.0)
     assert pair.a.counters.prepared_used == pair.b.counters.prepared_used == 2
 
 
 def test_without_idle_time_handshakes_make_their_keys_as_before() -> None:
-    pair = _Pair()
+    pair = InterfacePair()
     pair.handshake(at=1.0)
     assert pair.a.counters.prepared_used == pair.b.counters.prepared_used == 0
 
 
 def test_a_new_identity_wants_every_peer_again_and_a_removed_peer_is_forgotten() -> None:
-    pair = _Pair()
+    pair = InterfacePair()
     pair.idle()
     pair.a.set_private_key(DH_GENERATE(random.Random(4)), now=1.0)
     assert not pair.peer_b.handshake.prepared and pair.a.prepared.pending
@@ -157,13 +104,13 @@ def test_initiations_stamped_in_idle_time_are_accepted_one_after_another(
     initiation was stamped when sent: 2 ms is within the same whitened TAI64N tick (a's key
     then waits for a later stamp, and the next handshake makes its own), 50 s is a stamp 70 s
     old when sent."""
-    pair = _Pair()
+    pair = InterfacePair()
     pair.handshake(at=120.0)  # no idle time: made and stamped on the spot
     for at in (240.0, 360.0):
         made = at - 120.0 + stamped_after
-        pair.idle(_wall(made))
+        pair.idle(wall_ns(made))
         pair.handshake(at)  # raises if b refused the initiation
-        expected = TAI64N(_wall(at if stamped_after < 1 else made))
+        expected = TAI64N(wall_ns(at if stamped_after < 1 else made))
         assert pair.peer_a.handshake.last_timestamp == expected
     assert pair.a.counters.prepared_used == (0 if stamped_after < 1 else 2)
     assert pair.b.counters.prepared_used == 2
@@ -175,21 +122,21 @@ def test_a_key_wanted_within_the_tick_of_our_last_stamp_waits_for_the_next() -> 
     1's stamp its own stamp would be refused, so it waits (and the daemon sleeps a quiet
     turn), and is made whole, stamped, past the tick: message 1 is then made ahead whole
     (docs/handshakes.md). With the wall clock set far back, it is made without waiting."""
-    pair = _Pair()
+    pair = InterfacePair()
     pair.handshake(at=120.0)
-    pair.idle(_wall(120.002))
+    pair.idle(wall_ns(120.002))
     assert pair.a.prepared.deferred and pair.a.prepared.pending
     assert not pair.peer_b.handshake.prepared
-    pair.idle(_wall(120.050))
+    pair.idle(wall_ns(120.050))
     assert not pair.a.prepared.pending and pair.peer_b.initiation_ahead is not None
     pair.handshake(at=240.0)
-    pair.idle(_wall(100.0))  # 140 s back: no tick would do
+    pair.idle(wall_ns(100.0))  # 140 s back: no tick would do
     assert pair.peer_b.handshake.prepared and pair.peer_b.initiation_ahead is None
 
 
 def test_message_1_made_in_idle_time_is_sent_as_made() -> None:
-    pair = _Pair()
-    pair.idle(_wall(0.5))
+    pair = InterfacePair()
+    pair.idle(wall_ns(0.5))
     ahead = pair.peer_b.initiation_ahead
     assert ahead is not None and ahead.initiation.sender_index not in pair.a.indices
     assert pair.handshake(at=1.0) == ahead.packed  # mac1 made ahead, no cookie: no mac2
@@ -199,8 +146,8 @@ def test_message_1_made_in_idle_time_is_sent_as_made() -> None:
 
 def test_message_1_is_made_again_when_its_index_is_taken_or_its_worker_down() -> None:
     for spoil in ("taken", "down"):
-        pair = _Pair()
-        pair.idle(_wall(0.5))
+        pair = InterfacePair()
+        pair.idle(wall_ns(0.5))
         ahead = pair.peer_b.initiation_ahead
         assert ahead is not None
         index = ahead.initiation.sender_index
@@ -214,8 +161,8 @@ def test_message_1_is_made_again_when_its_index_is_taken_or_its_worker_down() ->
 
 
 def test_the_responder_answers_under_the_index_drawn_with_the_prepared_key() -> None:
-    pair = _Pair()
-    pair.idle(_wall(0.5))
+    pair = InterfacePair()
+    pair.idle(wall_ns(0.5))
     ahead = pair.peer_a.initiation_ahead  # b's message 1, made ahead for a
     assert ahead is not None
     pair.handshake(at=1.0)  # a initiates: b answers with its prepared key

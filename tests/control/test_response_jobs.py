@@ -3,12 +3,12 @@ split gives what the inline path gives, and no worker can lose or stall control'
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import pytest
 
-from wgmp.control.interface import Interface, Rng, ToWorker
+from tests.control.interface_pair import SeededRng
+from wgmp.control.interface import Interface, ToWorker
 from wgmp.control.response_jobs import JOB_TIMEOUT, MAX_JOBS_PER_WORKER, ResponseJobs
 from wgmp.dataplane.handshake_work import compute_responses
 from wgmp.ipc.keyslots import KeySlots
@@ -24,15 +24,11 @@ ENDPOINT = ("192.0.2.2", 51821)
 T0 = 10**18
 
 
-class _Random(random.Random, Rng):
-    """Seeded randomness with both methods control uses."""
-
-
 class _Pair:
     """A responder `Interface` with 2 workers, and initiators (the protocol core) for it."""
 
     def __init__(self, peers: int = 1) -> None:
-        rng = _Random(5)
+        rng = SeededRng(5)
         self.iface = Interface(KeySlots.create(64), rng, workers=2)
         self.iface.set_private_key(DH_GENERATE(rng), now=0.0)
         assert self.iface.identity is not None
