@@ -258,6 +258,11 @@ def test_a_lone_handshake_message_is_answered_before_the_socket_is_asked_for_mor
         monkeypatch.setattr(side.daemon, "_send_at_once", recorded)
     _peers(a, b)
     _crosses(a, b, b"answered before asking")
-    of = {side: [what for thread, what in events if thread == side.thread.name] for side in (a, b)}
-    assert of[b][:2] == [f"sent {MESSAGE_RESPONSE}", "asked"], of[b]
-    assert of[a][:3] == [f"sent {MESSAGE_INITIATION}", f"sent {MESSAGE_TRANSPORT}", "asked"], of[a]
+
+    def of(side: Side) -> list[str]:
+        return [what for thread, what in list(events) if thread == side.thread.name]
+
+    # Recorded by control's threads after each send: b may have the packet a moment before.
+    wait_for("both controls' steps", lambda: len(of(b)) >= 2 and len(of(a)) >= 3)
+    assert of(b)[:2] == [f"sent {MESSAGE_RESPONSE}", "asked"], of(b)
+    assert of(a)[:3] == [f"sent {MESSAGE_INITIATION}", f"sent {MESSAGE_TRANSPORT}", "asked"], of(a)
