@@ -474,15 +474,21 @@ class Daemon:
             try:
                 first = _read_handshake(sock)
             except OSError:
-                first = None  # the loop below reads on
+                first = None  # _queue_handshakes reads on
             if first is not None:
                 handled = 1
                 data, source, sticky = first
                 receive = self.interface.receive_handshake
                 self._at_once(receive, data, source, time.monotonic(), time.time_ns(), sticky)
-                if not udp.pending(sock):  # alone, as usual: a backlog of one is not a load
-                    self._drain_outputs()
-                    return
+        if not handled or udp.pending(sock):  # a lone message, as usual: nothing more to read
+            self._queue_handshakes(sock)
+        self.interface.note_backlog(len(queue) + handled, time.monotonic())
+        self._handle_handshakes()
+
+    def _queue_handshakes(self, sock: socket.socket) -> None:
+        """Read the socket into the handshake queue until it is empty (or a turn's worth was
+        read); what does not fit is dropped and counted."""
+        queue = self._handshakes
         dropped = 0
         for _ in range(HANDSHAKE_READS_PER_TURN):
             try:
@@ -502,8 +508,6 @@ class Daemon:
                 break
         if dropped:
             self.interface.counters.drops[DropReason.HANDSHAKE_QUEUE_FULL] += dropped
-        self.interface.note_backlog(len(queue) + handled, time.monotonic())
-        self._handle_handshakes()
 
     def _handle_handshakes(self) -> None:
         """Handle queued handshake messages for at most HANDSHAKE_TURN seconds, so that the
