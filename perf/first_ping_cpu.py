@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""The CPU a new session's first ping costs, this checkout's wgmp against wireguard-go (or a git
+ref's wgmp): what each process of each end ran while the ping waited for its reply.
+
+Both codes run at once, each at both ends of its own pair of namespaces (bench_latency.py's
+`start_pair`), and take turns as in first_ping_split.py: both ends forget the peer and learn
+it again, 0.2 s for the keys made ahead, one ping. Around each ping the scheduler's
+sched_switch and sched_wakeup events are traced (a tracing instance of our own under
+/sys/kernel/tracing, removed at the end); the window is from the ping's sleep after sending
+its request to its wake-up by the reply, and each process's running time inside it is summed:
+wgmp's control apart from its workers, wireguard-go's threads all counted as its control.
+
+    python perf/first_ping_cpu.py --ref go --workers 1 --sessions 20 [--pin]
+    python perf/first_ping_cpu.py --ref main --workers 2 --sessions 20
+
+Prints, per code, the medians in us of the window and of each end's CPU in it, how many
+times each process was switched in (its wake-ups and preemptions), and the ratios of this
+code's window and CPU to the other's. Unpinned on this 2-vCPU machine a woken process waits
+on its waker's vCPU while the other idles, so a first ping costs about the sum of the work
+on its chain: this CPU total, more than the step spans of first_ping_split.py, is what a
+change must lower to lower the unpinned first ping (perf/RESULTS.md, "Eighth session").
+No captures run beside the daemons (tcpdump's wake-ups would share the CPUs measured). Needs
+root, ip, wg, ping and tracefs; traffic only flows between the namespaces made here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_latency import (  # noqa: E402
+    Pair,
+    daemon_processes,
+    first_ping,
+    forget_and_relearn,
+    parse_pinned,
+    pin,
+    start_pair,
+)
+from bench_tunnel import begin_namespaces_run, export_ref  # noqa: E402
+
+TRACING = Path("/sys/kernel/tracing")
+PARTS = ("a control", "a workers", "b control", "b workers")
+SWITCH = re.compile(
+    r"\[(\d+)\]\s+\S+\s+([\d.]+): sched_switch: prev_comm=.*? prev_pid=(\d+) "
+    r"prev_prio=\d+ prev_state=(\S+) ==> next_comm=.*? next_pid=(\d+)"
+)
+WAKEUP = re.compile(r"\s([\d.]+): sched_wakeup: comm=.*? pid=(\d+) ")
+
+
+class SchedTrace:
+    """A tracing instance of our own recording sched_switch and sched_wakeup, on the
+    monotonic clock (comparable across CPUs); removed on exit, whatever happened."""
+
+    def __init__(self) -> None:
+        self.dir = TRACING / "instances" / f"wgmp-first-ping-{os.getpid()}"
+
+    def _write(self, name: str, value: str) -> None:
+        (self.dir / name).write_text(value)
+
+    def __enter__(self) -> SchedTrace:
+        self.dir.mkdir()
+        self._write("buffer_size_kb", "4096")
+        self._write("trace_clock", "mono")
+        for event in ("sched_switch", "sched_wakeup"):
+            self._write(f"events/sched/{event}/enable", "1")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._write("tracing_on", "0")
+        for event in ("sched_switch", "sched_wakeup"):
+            self._write(f"events/sched/{event}/enable", "0")
+        self.dir.rmdir()
+
+    def around(self, pair: Pair) -> str | None:
+        """The trace text of one first ping through `pair`; None when the ping was lost."""
+        self._write("trace", "")
+        self._write("tracing_on", "1")
+        answered = first_ping(pair.ns_a)
+        self._write("tracing_on", "0")
+        return (self.dir / "trace").read_text() if answered is not None else None
+
+
+@dataclass
+class Window:
+    """One first ping's window and what each part ran inside it."""
+
+    span_us: float
+    cpu_us: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
+    switch_ins: Counter[str] = field(default_factory=Counter)
+
+
+def thread_parts(pair: Pair) -> dict[int, str]:
+    """Each thread id of the pair's processes -> its part (PARTS)."""
+    parts = {}
+    for end, daemon in (("a", pair.a), ("b", pair.b)):
+        control, *workers = daemon_processes(daemon)
+        for process, role in ((control, "control"), *((w, "workers") for w in workers)):
+            for thread in process.threads():
+                parts[thread.id] = f"{end} {role}"
+    return parts
+
+
+def window(trace: str, parts: dict[int, str]) -> Window | None:
+    """The window of the ping in `trace` (from its first sleep to its wake-up) and the running
+    time of each part inside it; None when the trace holds no whole window."""
+    switches, wakeups = [], []
+    for line in trace.splitlines():
+        if m := SWITCH.search(line):
+            switches.append((float(m[2]), int(m[1]), int(m[3]), m[4], int(m[5]), line))
+        elif m := WAKEUP.search(line):
+            wakeups.append((float(m[1]), int(m[2])))
+    start = ping = None
+    for at, _cpu, prev, state, _next, line in switches:
+        if "prev_comm=ping " in line and state.startswith("S"):
+            start, ping = at, prev
+            break
+    if start is None:
+        return None
+    end = next((at for at, pid in wakeups if pid == ping and at > start), None)
+    if end is None:
+        return None
+    found = Window((end - start) * 1e6)
+    running: dict[int, tuple[int, float]] = {}  # cpu -> (thread, since)
+    for at, cpu, _prev, _state, nxt, _line in switches:
+        if cpu in running:
+            thread, since = running[cpu]
+            overlap = min(at, end) - max(since, start)
+            if thread in parts and overlap > 0:
+                found.cpu_us[parts[thread]] += overlap * 1e6
+        running[cpu] = (nxt, at)
+        if nxt in parts and start <= at < end:
+            found.switch_ins[parts[nxt]] += 1
+    for thread, since in running.values():  # still running when the trace stopped
+        overlap = end - max(since, start)
+        if thread in parts and overlap > 0:
+            found.cpu_us[parts[thread]] += overlap * 1e6
+    return found
+
+
+def summary(code: str, windows: list[Window]) -> str:
+    def med(values: list[float]) -> str:
+        return f"{statistics.median(values):.0f}"
+
+    totals = [sum(w.cpu_us.values()) for w in windows]
+    parts = "  ".join(
+        f"{part} {med([w.cpu_us[part] for w in windows])}"
+        f" ({sum(w.switch_ins[part] for w in windows) / len(windows):.1f}x in)"
+        for part in PARTS
+    )
+    return (
+        f"{code} ({len(windows)} first pings): window {med([w.span_us for w in windows])}"
+        f"  CPU {med(totals)}  = {parts}"
+    )
+
+
+def ratios(codes: tuple[str, str], runs: dict[str, list[Window]]) -> str:
+    this, other = (runs[code] for code in codes)
+    window_ratio = statistics.median(w.span_us for w in this) / statistics.median(
+        w.span_us for w in other
+    )
+    cpu_ratio = statistics.median(sum(w.cpu_us.values()) for w in this) / statistics.median(
+        sum(w.cpu_us.values()) for w in other
+    )
+    return f"{codes[0]} / {codes[1]}: window {window_ratio:.2f}x, CPU {cpu_ratio:.2f}x"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--ref", required=True, help="the git ref whose wgmp is compared, or go (wireguard-go)"
+    )
+    parser.add_argument("--workers", default="1")
+    parser.add_argument("--sessions", type=int, default=20)
+    args = parse_pinned(parser)
+    if not begin_namespaces_run(Path(__file__).name):
+        return 2
+    if not TRACING.joinpath("instances").is_dir():
+        print(f"{Path(__file__).name} needs tracefs at {TRACING}", file=sys.stderr)
+        return 2
+    against_go = args.ref == "go"
+    codes = ("this", "go" if against_go else "ref")
+    with tempfile.TemporaryDirectory(prefix="wgmp-fp-cpu-") as tmp:
+        workdir = Path(tmp)
+        roots = {"this": Path(__file__).resolve().parents[1], "ref": workdir / "ref"}
+        if not against_go:
+            (workdir / "ref").mkdir()
+            export_ref(args.ref, workdir / "ref")
+        pairs: dict[str, Pair] = {}
+        runs: dict[str, list[Window]] = {code: [] for code in codes}
+        try:
+            for index, code in enumerate(codes):
+                kind = "go" if code == "go" else "wgmp"
+                root = roots.get(code, roots["this"])  # wireguard-go is Debian's: unused
+                pairs[code] = start_pair(kind, kind, args.workers, index, workdir, root)
+                if args.pin:
+                    pin(pairs[code])
+            with SchedTrace() as tracing:
+                for turn in range(args.sessions):
+                    for code in codes if turn % 2 == 0 else codes[::-1]:
+                        pair = pairs[code]
+                        forget_and_relearn(pair.a, pair.b)
+                        time.sleep(0.2)  # as first_ping_split.py: the keys made ahead
+                        trace = tracing.around(pair)
+                        found = window(trace, thread_parts(pair)) if trace else None
+                        if found is not None:
+                            runs[code].append(found)
+        finally:
+            for pair in pairs.values():
+                pair.close()
+    for code in codes:
+        if runs[code]:
+            print(summary(code, runs[code]))
+    if all(runs[code] for code in codes):
+        print(ratios(codes, runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
