@@ -10,9 +10,11 @@ workers' five steps in the order a first ping takes them, as their processes wou
 (`Worker._outbound`, `Worker._read_channel`, `Worker._inbound`, with control's messages
 written into the worker's pipe as control writes them):
 
-- ask      (initiator): the ping read from the TUN, no keypair -> NeedHandshake to control.
-- install  (initiator): control's PeerEndpoint, KeypairInstall(current) and SendKeepalive read
-                        -> the staged ping sealed and sent.
+- ask      (initiator): the ping read from the TUN, no keypair -> FirstPacket to control (the
+                        ping handed over: control seals and sends it under the keypair the
+                        response makes, Outbound._hand_or_stage).
+- install  (initiator): control's PeerEndpoint and KeypairInstall(current) read, nothing staged
+                        (whole call only: nothing leaves; the ping left from control).
 - rx next  (responder): the ping, first datagram under its `next` keypair -> TUN write.
 - confirmed (responder): how many rounds wrote Confirmed into the pipe before the reply
                         left (the write, and control's wake-up, delay the reply).
@@ -77,6 +79,7 @@ from wgmp.stats.block import StatsBlock  # noqa: E402
 PEER = 1
 KIND_NAMES = {declaration.kind: declaration.type.__name__ for declaration in DECLARATIONS}
 STEPS = ("ask", "install", "rx next", "confirmed", "reply", "rx reply")
+NO_EMIT = -1  # a step from which nothing leaves
 
 
 class TimedChannel(Channel):
@@ -191,26 +194,21 @@ def first_ping(a: Side, b: Side, n: int, cold: bool, out: dict[str, list[tuple[i
     # a: the ping, no keypair.
     a.tun.send(VIRTIO_NET_HDR_NONE + echo(n))
     clock, whole = timed(cold, lambda: a.worker._outbound(time.monotonic()))
-    out["ask"].append((a.channel.sent_at("NeedHandshake") - clock, whole))
+    out["ask"].append((a.channel.sent_at("FirstPacket") - clock, whole))
     settle(a.worker)
     # b's control consumed the initiation: b's worker learns the endpoint and the keypair,
     # as `next` (off the critical path: a's control has the response to consume first).
     b_slot = b.publish(index + 2)
     b.tell([PeerEndpoint(PEER, b.endpoint, None), KeypairInstall(b_slot, ROLE_NEXT)])
     b.worker._read_channel(time.monotonic())
-    # a's control consumed the response.
+    # a's control consumed the response and sent the handed ping itself, then announced the
+    # keypair: nothing is staged, nothing leaves from the worker (no time to the emit).
     a_slot = a.publish(index)
-    a.tell(
-        [
-            PeerEndpoint(PEER, a.endpoint, None),
-            KeypairInstall(a_slot, ROLE_CURRENT),
-            SendKeepalive(PEER, a_slot),
-        ]
-    )
+    a.tell([PeerEndpoint(PEER, a.endpoint, None), KeypairInstall(a_slot, ROLE_CURRENT)])
     clock, whole = timed(cold, lambda: a.worker._read_channel(time.monotonic()))
-    out["install"].append((arrival(a.peer) - clock, whole))
-    # The staged ping, as b receives it (the peer socket of a is b's receive socket's
-    # stand-in: forward what a sent to b, sealed under b's receive key, which is a's send key).
+    out["install"].append((NO_EMIT, whole))
+    # The handed ping, as b receives it: sealed under b's receive key, which is a's send key,
+    # with the keypair's first counter.
     datagram = seal_transport(KEY_A, index + 2, 0, echo(n), 1420)
     b.peer.sendto(datagram, b.rx.getsockname())
     time.sleep(0.0002)
@@ -323,6 +321,9 @@ def main() -> None:
                 print(
                     f"{label} Confirmed written before the reply left: {sum(emitted)}/{len(emitted)}"
                 )
+                continue
+            if emitted[0] == NO_EMIT:
+                print(f"{label} {step:10}: {'-':>14} | {quantiles(whole)}")
                 continue
             total += statistics.median(emitted)
             print(f"{label} {step:10}: {quantiles(emitted)} | {quantiles(whole)}")
