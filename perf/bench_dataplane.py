@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wgmp.dataplane.worker import ROLE_CURRENT, Worker  # noqa: E402
 from wgmp.ipc.channel import Channel  # noqa: E402
 from wgmp.ipc.keyslots import KeySlots  # noqa: E402
+from wgmp.net.steering import RECEIVE_BLOCK_BITS, counter_worker  # noqa: E402
 from wgmp.net.tun import VIRTIO_NET_HDR_NONE  # noqa: E402
 from wgmp.protocol.transport import seal_transport  # noqa: E402
 from wgmp.stats.block import StatsBlock  # noqa: E402
@@ -34,6 +35,7 @@ from wgmp.stats.block import StatsBlock  # noqa: E402
 SRC, DST = bytes([198, 51, 100, 1]), bytes([198, 51, 100, 2])
 KEY_A, KEY_B = bytes(range(32)), bytes(range(32, 64))
 OWNED_INDEX = 0x0700  # its low byte names worker 0, the owner (indextable.py)
+RECEIVE_BLOCK = 1 << RECEIVE_BLOCK_BITS
 BATCH = 42  # what one GRO read / one TUN batch carried in the profiles here
 
 
@@ -114,9 +116,8 @@ def bench_receive(rounds: int, workers: int = 1) -> float:
         for _ in range(rounds):
             buffer.clear()
             for _i in range(BATCH):
-                if (counter >> 8) % workers:
-                    counter += (workers - (counter >> 8) % workers) * 256  # our next block
-                    counter &= ~255
+                while counter_worker(counter, workers, OWNED_INDEX) != 0:
+                    counter = (counter | (RECEIVE_BLOCK - 1)) + 1  # the next block: ours?
                 buffer += seal_transport(
                     KEY_B,
                     OWNED_INDEX,

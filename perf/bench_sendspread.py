@@ -134,6 +134,7 @@ def main() -> None:
         plan.outstanding = lambda sealer: 0  # type: ignore[method-assign]  # always keeps up
         r.plan = plan
         first = plan.next
+        handed_at = time.monotonic()
         results["reader"].append(
             _time(
                 lambda: r._outbound(time.monotonic()),
@@ -142,8 +143,10 @@ def main() -> None:
             )
         )
         goal = w.totals[2] + count
+        # Every chunk was handed before the sibling seals one: sealed at the time they were
+        # handed, not CHUNK_MAX_AGE later, when a sibling drops them as stale.
         results["sealer"].append(
-            _time(lambda: w._seal_handed(time.monotonic()), lambda g=goal: w.totals[2] >= g, count)
+            _time(lambda t=handed_at: w._seal_handed(t), lambda g=goal: w.totals[2] >= g, count)
         )
         _fill(tun_theirs, count)
         read_count[0] = 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -94,6 +95,16 @@ def main() -> int:
     for extra in args.also:
         label, _, command = extra.partition("=")
         commands[label] = command
+    # wg-quick runs the implementation by name; one it cannot find ends in "Unable to access
+    # interface: Protocol not supported" (it falls back to the kernel's, absent here).
+    missing = [command for command in commands.values() if shutil.which(command) is None]
+    if missing:
+        print(
+            f"bench_startup: not on PATH: {', '.join(missing)} (for wgmp: .venv/bin first in"
+            " PATH, or tools/install.sh)",
+            file=sys.stderr,
+        )
+        return 1
     times: dict[str, list[float]] = {label: [] for label in commands}
     memory: dict[str, list] = {}
     for _ in range(args.rounds):
