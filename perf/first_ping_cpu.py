@@ -25,13 +25,10 @@ root, ip, wg, ping and tracefs; traffic only flows between the namespaces made h
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import statistics
 import sys
-import tempfile
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +39,9 @@ from bench_latency import (  # noqa: E402
     Pair,
     daemon_processes,
     first_ping,
-    forget_and_relearn,
-    parse_pinned,
-    pin,
-    start_pair,
 )
-from bench_tunnel import begin_namespaces_run, export_ref  # noqa: E402
+from bench_tunnel import begin_namespaces_run  # noqa: E402
+from first_ping_split import parse_against, taking_turns, two_pairs  # noqa: E402
 
 TRACING = Path("/sys/kernel/tracing")
 PARTS = ("a control", "a workers", "b control", "b workers")
@@ -176,55 +170,25 @@ def ratios(codes: tuple[str, str], runs: dict[str, list[Window]]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--ref", required=True, help="the git ref whose wgmp is compared, or go (wireguard-go)"
-    )
-    parser.add_argument("--workers", default="1")
-    parser.add_argument("--sessions", type=int, default=20)
-    args = parse_pinned(parser)
+    args = parse_against(__doc__ or "", sessions=20)
     if not begin_namespaces_run(Path(__file__).name):
         return 2
     if not TRACING.joinpath("instances").is_dir():
         print(f"{Path(__file__).name} needs tracefs at {TRACING}", file=sys.stderr)
         return 2
-    against_go = args.ref == "go"
-    codes = ("this", "go" if against_go else "ref")
-    with tempfile.TemporaryDirectory(prefix="wgmp-fp-cpu-") as tmp:
-        workdir = Path(tmp)
-        roots = {"this": Path(__file__).resolve().parents[1], "ref": workdir / "ref"}
-        if not against_go:
-            (workdir / "ref").mkdir()
-            export_ref(args.ref, workdir / "ref")
-        pairs: dict[str, Pair] = {}
-        runs: dict[str, list[Window]] = {code: [] for code in codes}
-        try:
-            for index, code in enumerate(codes):
-                kind = "go" if code == "go" else "wgmp"
-                root = roots.get(code, roots["this"])  # wireguard-go is Debian's: unused
-                pairs[code] = start_pair(kind, kind, args.workers, index, workdir, root)
-                if args.pin:
-                    pin(pairs[code])
-            with SchedTrace() as tracing:
-                for turn in range(args.sessions):
-                    for code in codes if turn % 2 == 0 else codes[::-1]:
-                        pair = pairs[code]
-                        forget_and_relearn(pair.a, pair.b)
-                        time.sleep(0.2)  # as first_ping_split.py: the keys made ahead
-                        trace = tracing.around(pair)
-                        found = window(trace, thread_parts(pair)) if trace else None
-                        if found is not None:
-                            runs[code].append(found)
-        finally:
-            for pair in pairs.values():
-                pair.close()
-    for code in codes:
-        if runs[code]:
-            print(summary(code, runs[code]))
-    if all(runs[code] for code in codes):
-        print(ratios(codes, runs))
+    with two_pairs(args.ref, args.workers, args.pin) as (pairs, _), SchedTrace() as tracing:
+        runs: dict[str, list[Window]] = {code: [] for code in pairs}
+        for code, pair in taking_turns(pairs, args.sessions):
+            trace = tracing.around(pair)
+            found = window(trace, thread_parts(pair)) if trace else None
+            if found is not None:
+                runs[code].append(found)
+    for code, found_runs in runs.items():
+        if found_runs:
+            print(summary(code, found_runs))
+    this, other = runs
+    if runs[this] and runs[other]:
+        print(ratios((this, other), runs))
     return 0
 
 

@@ -34,12 +34,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_latency import (  # noqa: E402
     Message,
+    Pair,
     first_ping,
     forget_and_relearn,
     parse_pinned,
@@ -114,55 +117,78 @@ def summary(code: str, spans: dict[str, list[float]]) -> str:
     return f"{code} ({len(spans['total'])} first pings): {medians}"
 
 
-def main() -> int:
+def parse_against(doc: str, sessions: int) -> argparse.Namespace:
+    """The command line of a script that compares this checkout's first pings with another
+    code's: `--ref` (a git ref, or go), `--workers`, `--sessions`, `--pin`."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--ref", required=True, help="the git ref whose wgmp is compared, or go (wireguard-go)"
     )
     parser.add_argument("--workers", default="1")
-    parser.add_argument("--sessions", type=int, default=40)
-    args = parse_pinned(parser)
-    if not begin_namespaces_run(Path(__file__).name):
-        return 2
-    against_go = args.ref == "go"
-    codes = ("this", "go" if against_go else "ref")
-    kinds = {"this": "wgmp", "ref": "wgmp", "go": "go"}
-    with tempfile.TemporaryDirectory(prefix="wgmp-split-") as tmp:
+    parser.add_argument("--sessions", type=int, default=sessions)
+    return parse_pinned(parser)
+
+
+@contextmanager
+def two_pairs(ref: str, workers: str, pinned: bool) -> Iterator[tuple[dict[str, Pair], Path]]:
+    """This checkout's pair ("this") and the other code's ("ref": `ref`'s wgmp, exported from
+    git; "go": Debian's wireguard-go at both ends), each end on a CPU of its own if `pinned`,
+    and a working folder; both pairs are closed on exit, whatever happened."""
+    codes = ("this", "go" if ref == "go" else "ref")
+    with tempfile.TemporaryDirectory(prefix="wgmp-first-ping-") as tmp:
         workdir = Path(tmp)
         roots = {"this": Path(__file__).resolve().parents[1], "ref": workdir / "ref"}
-        roots["go"] = roots["this"]  # unused: wireguard-go is Debian's
-        if not against_go:
-            (workdir / "ref").mkdir()
-            export_ref(args.ref, workdir / "ref")
-        pairs, dumps, files = {}, [], {}
+        if ref != "go":
+            roots["ref"].mkdir()
+            export_ref(ref, roots["ref"])
+        pairs: dict[str, Pair] = {}
         try:
             for index, code in enumerate(codes):
-                kind = kinds[code]
-                pair = pairs[code] = start_pair(
-                    kind, kind, args.workers, index, workdir, roots[code]
-                )
-                if args.pin:
-                    pin(pair)
+                kind = "go" if code == "go" else "wgmp"
+                root = roots.get(code, roots["this"])  # wireguard-go is Debian's: unused
+                pairs[code] = start_pair(kind, kind, workers, index, workdir, root)
+                if pinned:
+                    pin(pairs[code])
+            yield pairs, workdir
+        finally:
+            for pair in pairs.values():
+                pair.close()
+
+
+def taking_turns(pairs: dict[str, Pair], sessions: int) -> Iterator[tuple[str, Pair]]:
+    """Per session, each code's pair in turn (the first of each turn alternating), both ends
+    having just forgotten the peer and learnt it again, 0.2 s before: for the keys made
+    ahead (as bench_latency_ab.py)."""
+    codes = list(pairs)
+    for turn in range(sessions):
+        for code in codes if turn % 2 == 0 else codes[::-1]:
+            pair = pairs[code]
+            forget_and_relearn(pair.a, pair.b)
+            time.sleep(0.2)
+            yield code, pair
+
+
+def main() -> int:
+    args = parse_against(__doc__ or "", sessions=40)
+    if not begin_namespaces_run(Path(__file__).name):
+        return 2
+    with two_pairs(args.ref, args.workers, args.pin) as (pairs, workdir):
+        dumps, files = [], {}
+        try:
+            for code, pair in pairs.items():
                 files[code] = (workdir / f"{code}-tun.pcap", workdir / f"{code}-veth.pcap")
                 dumps.append(start_capture(pair.ns_a, pair.a.ifname, files[code][0]))
                 dumps.append(start_capture(pair.ns_a, pair.veth_a, files[code][1]))
-            for turn in range(args.sessions):
-                for code in codes if turn % 2 == 0 else codes[::-1]:
-                    pair = pairs[code]
-                    forget_and_relearn(pair.a, pair.b)
-                    time.sleep(0.2)  # as bench_latency_ab.py: the keys made ahead
-                    first_ping(pair.ns_a)
+            for _code, pair in taking_turns(pairs, args.sessions):
+                first_ping(pair.ns_a)
             time.sleep(0.5)  # the last packets into the captures
         finally:
             for dump in dumps:
                 dump.terminate()
                 dump.wait()
-            for pair in pairs.values():
-                pair.close()
-        for code in codes:
-            tun, veth = files[code]
+        for code, (tun, veth) in files.items():
             print(summary(code, split(echoes(read_ip_packets(tun)), read_pcap(veth))))
     return 0
 
