@@ -6,7 +6,11 @@ bench_lone_packet.py does): what a new session's first packet meets in control a
 
 - "read until it raises": a non-blocking recvmsg on an empty UDP socket, BlockingIOError
   raised and caught (how a loop that empties a socket used to learn it was empty);
-- "ask FIONREAD": net/udp.py's `pending`, the ioctl that says the same without a raise.
+- "ask FIONREAD": net/udp.py's `pending`, the ioctl that says the same without a raise;
+- "recv 64 KiB", "recv 1 MiB": a unix stream socket's recv of one 89-byte message (a worker's
+  ask). recv allocates its size before the read: in this fresh process glibc maps and unmaps
+  the megabyte each time; the daemon's processes serve it from the heap (docs/measurements.md,
+  "Cold costs"), so this row shows what ipc/channel.py's 1 MiB reads would cost without that.
 
 Microseconds, median (25th percentile: the machine is shared). No root.
 """
@@ -38,7 +42,23 @@ def _read_until_it_raises(sock: socket.socket) -> Callable[[], object]:
     return step
 
 
-def _timed(step: Callable[[], object], cold: bool) -> int:
+MESSAGE = bytes(89)
+_PAIRS: list[tuple[socket.socket, socket.socket]] = []  # open as long as the process
+
+
+def _recv(size: int) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(put one message in, read it with recv(size)) on a unix stream socketpair."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    _PAIRS.append((ours, theirs))
+    return (lambda: theirs.send(MESSAGE)), (lambda: ours.recv(size, socket.MSG_DONTWAIT))
+
+
+def _nothing() -> None:
+    return None
+
+
+def _timed(step: Callable[[], object], cold: bool, before: Callable[[], object] = _nothing) -> int:
+    before()
     if cold:
         evict()
     started = time.perf_counter_ns()
@@ -56,14 +76,18 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         sock.setblocking(False)
         steps = {
-            "read until it raises": _read_until_it_raises(sock),
-            "ask FIONREAD": lambda: udp.pending(sock),
+            "read until it raises": (_nothing, _read_until_it_raises(sock)),
+            "ask FIONREAD": (_nothing, lambda: udp.pending(sock)),
+            # The small one first: once glibc has freed a large mapped block it raises its
+            # threshold, and what comes after in this process no longer maps anything.
+            "recv 64 KiB": _recv(1 << 16),
+            "recv 1 MiB": _recv(1 << 20),
         }
         print(header())
         print("us, median (p25) | warm | cold |")
-        for name, step in steps.items():
+        for name, (before, step) in steps.items():
             cells = [
-                quantiles([_timed(step, cold) for _ in range(args.rounds)])
+                quantiles([_timed(step, cold, before) for _ in range(args.rounds)])
                 for cold in (False, True)
             ]
             print(f"{name:22s} | " + " | ".join(cells) + " |")
