@@ -10,8 +10,12 @@ sched_switch and sched_wakeup events are traced (a tracing instance of our own u
 its request to its wake-up by the reply, and each process's running time inside it is summed:
 wgmp's control apart from its workers, wireguard-go's threads all counted as its control.
 
-    python perf/first_ping_cpu.py --ref go --workers 1 --sessions 20 [--pin]
+    python perf/first_ping_cpu.py --ref go --workers 1 --sessions 20 [--pin] [--steady 3]
     python perf/first_ping_cpu.py --ref main --workers 2 --sessions 20
+
+`--steady N` also traces N pings 10 ms apart after each first ping, through the session it
+made, and reports them apart: what an established session's ping costs, warm but for the
+10 ms.
 
 Prints, per code, the medians in us of the window and of each end's CPU in it, how many
 times each process was switched in (its wake-ups and preemptions), and the ratios of this
@@ -29,6 +33,7 @@ import os
 import re
 import statistics
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +44,14 @@ from bench_latency import (  # noqa: E402
     Pair,
     daemon_processes,
     first_ping,
+    parse_pinned,
 )
 from bench_tunnel import begin_namespaces_run  # noqa: E402
-from first_ping_split import parse_against, taking_turns, two_pairs  # noqa: E402
+from first_ping_split import against_parser, taking_turns, two_pairs  # noqa: E402
 
 TRACING = Path("/sys/kernel/tracing")
 PARTS = ("a control", "a workers", "b control", "b workers")
+STEADY_INTERVAL = 0.01  # between the pings of an established session (--steady), as ping -i
 SWITCH = re.compile(
     r"\[(\d+)\]\s+\S+\s+([\d.]+): sched_switch: prev_comm=.*? prev_pid=(\d+) "
     r"prev_prio=\d+ prev_state=(\S+) ==> next_comm=.*? next_pid=(\d+)"
@@ -77,7 +84,7 @@ class SchedTrace:
         self.dir.rmdir()
 
     def around(self, pair: Pair) -> str | None:
-        """The trace text of one first ping through `pair`; None when the ping was lost."""
+        """The trace text of one ping through `pair`; None when it was lost."""
         self._write("trace", "")
         self._write("tracing_on", "1")
         answered = first_ping(pair.ns_a)
@@ -153,7 +160,7 @@ def summary(code: str, windows: list[Window]) -> str:
         for part in PARTS
     )
     return (
-        f"{code} ({len(windows)} first pings): window {med([w.span_us for w in windows])}"
+        f"{code} ({len(windows)} pings): window {med([w.span_us for w in windows])}"
         f"  CPU {med(totals)}  = {parts}"
     )
 
@@ -170,26 +177,40 @@ def ratios(codes: tuple[str, str], runs: dict[str, list[Window]]) -> str:
 
 
 def main() -> int:
-    args = parse_against(__doc__ or "", sessions=20)
+    parser = against_parser(__doc__ or "", sessions=20)
+    parser.add_argument(
+        "--steady", type=int, default=0, help="also this many pings 10 ms apart after each first"
+    )
+    args = parse_pinned(parser)
     if not begin_namespaces_run(Path(__file__).name):
         return 2
     if not TRACING.joinpath("instances").is_dir():
         print(f"{Path(__file__).name} needs tracefs at {TRACING}", file=sys.stderr)
         return 2
     with two_pairs(args.ref, args.workers, args.pin) as (pairs, _), SchedTrace() as tracing:
-        runs: dict[str, list[Window]] = {code: [] for code in pairs}
+        first: dict[str, list[Window]] = {code: [] for code in pairs}
+        steady: dict[str, list[Window]] = {code: [] for code in pairs}
         for code, pair in taking_turns(pairs, args.sessions):
-            trace = tracing.around(pair)
-            found = window(trace, thread_parts(pair)) if trace else None
-            if found is not None:
-                runs[code].append(found)
-    for code, found_runs in runs.items():
-        if found_runs:
-            print(summary(code, found_runs))
+            parts = thread_parts(pair)
+            for runs in [first[code]] + [steady[code]] * args.steady:
+                found = window(trace, parts) if (trace := tracing.around(pair)) else None
+                if found is not None:
+                    runs.append(found)
+                time.sleep(STEADY_INTERVAL)
+    report("first pings", first)
+    if args.steady:
+        report(f"pings {STEADY_INTERVAL * 1000:.0f} ms apart after them", steady)
+    return 0
+
+
+def report(what: str, runs: dict[str, list[Window]]) -> None:
+    print(f"{what}:")
+    for code, found in runs.items():
+        if found:
+            print(summary(code, found))
     this, other = runs
     if runs[this] and runs[other]:
         print(ratios((this, other), runs))
-    return 0
 
 
 if __name__ == "__main__":

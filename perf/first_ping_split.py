@@ -117,9 +117,10 @@ def summary(code: str, spans: dict[str, list[float]]) -> str:
     return f"{code} ({len(spans['total'])} first pings): {medians}"
 
 
-def parse_against(doc: str, sessions: int) -> argparse.Namespace:
+def against_parser(doc: str, sessions: int) -> argparse.ArgumentParser:
     """The command line of a script that compares this checkout's first pings with another
-    code's: `--ref` (a git ref, or go), `--workers`, `--sessions`, `--pin`."""
+    code's: `--ref` (a git ref, or go), `--workers`, `--sessions` (and, from
+    `parse_pinned`, `--pin`)."""
     parser = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -128,7 +129,7 @@ def parse_against(doc: str, sessions: int) -> argparse.Namespace:
     )
     parser.add_argument("--workers", default="1")
     parser.add_argument("--sessions", type=int, default=sessions)
-    return parse_pinned(parser)
+    return parser
 
 
 @contextmanager
@@ -171,7 +172,7 @@ def taking_turns(pairs: dict[str, Pair], sessions: int) -> Iterator[tuple[str, P
 
 
 def main() -> int:
-    args = parse_against(__doc__ or "", sessions=40)
+    args = parse_pinned(against_parser(__doc__ or "", sessions=40))
     if not begin_namespaces_run(Path(__file__).name):
         return 2
     with two_pairs(args.ref, args.workers, args.pin) as (pairs, workdir):
