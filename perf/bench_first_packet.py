@@ -28,7 +28,11 @@ the pipe; "whole call": the whole call. "cold": 48 MiB are written before each s
 perf/bench_lone_packet.py does: between the steps of a first ping the handshake runs in the
 control processes and evicts the worker's code and data); "warm": the steps back to back (the
 keypair is still new in each round). Microseconds, median (and 25th percentile: the machine is
-shared). `--parts` also times the pieces of a keypair's install and first send apart. No root.
+shared). The sum of the medians to the emit covers the steps that emit: since the initiator's
+worker hands the first packet to control (the seventh session), its install emits nothing, so
+the sum no longer has the install and first send that rows of perf/RESULTS.md before the
+ninth session include. `--parts` also times the pieces of a keypair's install and first send
+apart. No root.
 """
 
 from __future__ import annotations
