@@ -53,7 +53,7 @@ TRACING = Path("/sys/kernel/tracing")
 PARTS = ("a control", "a workers", "b control", "b workers")
 STEADY_INTERVAL = 0.01  # between the pings of an established session (--steady), as ping -i
 SWITCH = re.compile(
-    r"\[(\d+)\]\s+\S+\s+([\d.]+): sched_switch: prev_comm=.*? prev_pid=(\d+) "
+    r"\[(\d+)\]\s+\S+\s+([\d.]+): sched_switch: prev_comm=(.*?) prev_pid=(\d+) "
     r"prev_prio=\d+ prev_state=(\S+) ==> next_comm=.*? next_pid=(\d+)"
 )
 WAKEUP = re.compile(r"\s([\d.]+): sched_wakeup: comm=.*? pid=(\d+) ")
@@ -94,11 +94,15 @@ class SchedTrace:
 
 @dataclass
 class Window:
-    """One first ping's window and what each part ran inside it."""
+    """One ping's window and what each part ran inside it."""
 
     span_us: float
     cpu_us: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
     switch_ins: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def cpu_total(self) -> float:
+        return sum(self.cpu_us.values())
 
 
 def thread_parts(pair: Pair) -> dict[int, str]:
@@ -118,12 +122,12 @@ def window(trace: str, parts: dict[int, str]) -> Window | None:
     switches, wakeups = [], []
     for line in trace.splitlines():
         if m := SWITCH.search(line):
-            switches.append((float(m[2]), int(m[1]), int(m[3]), m[4], int(m[5]), line))
+            switches.append((float(m[2]), int(m[1]), m[3], int(m[4]), m[5], int(m[6])))
         elif m := WAKEUP.search(line):
             wakeups.append((float(m[1]), int(m[2])))
     start = ping = None
-    for at, _cpu, prev, state, _next, line in switches:
-        if "prev_comm=ping " in line and state.startswith("S"):
+    for at, _cpu, comm, prev, state, _next in switches:
+        if comm == "ping" and state.startswith("S"):
             start, ping = at, prev
             break
     if start is None:
@@ -133,7 +137,7 @@ def window(trace: str, parts: dict[int, str]) -> Window | None:
         return None
     found = Window((end - start) * 1e6)
     running: dict[int, tuple[int, float]] = {}  # cpu -> (thread, since)
-    for at, cpu, _prev, _state, nxt, _line in switches:
+    for at, cpu, _comm, _prev, _state, nxt in switches:
         if cpu in running:
             thread, since = running[cpu]
             overlap = min(at, end) - max(since, start)
@@ -149,31 +153,32 @@ def window(trace: str, parts: dict[int, str]) -> Window | None:
     return found
 
 
-def summary(code: str, windows: list[Window]) -> str:
-    def med(values: list[float]) -> str:
-        return f"{statistics.median(values):.0f}"
+def medians(windows: list[Window]) -> tuple[float, float]:
+    """The median window and the median CPU total, in us."""
+    return (
+        statistics.median(w.span_us for w in windows),
+        statistics.median(w.cpu_total for w in windows),
+    )
 
-    totals = [sum(w.cpu_us.values()) for w in windows]
+
+def summary(code: str, windows: list[Window]) -> str:
+    span, cpu = medians(windows)
     parts = "  ".join(
-        f"{part} {med([w.cpu_us[part] for w in windows])}"
+        f"{part} {statistics.median(w.cpu_us[part] for w in windows):.0f}"
         f" ({sum(w.switch_ins[part] for w in windows) / len(windows):.1f}x in)"
         for part in PARTS
     )
+    return f"{code} ({len(windows)} pings): window {span:.0f}  CPU {cpu:.0f}  = {parts}"
+
+
+def ratios(runs: dict[str, list[Window]]) -> str:
+    """This code's median window and CPU against the other's (the first code's against the
+    second's)."""
+    (this, this_runs), (other, other_runs) = runs.items()
+    (this_span, this_cpu), (other_span, other_cpu) = medians(this_runs), medians(other_runs)
     return (
-        f"{code} ({len(windows)} pings): window {med([w.span_us for w in windows])}"
-        f"  CPU {med(totals)}  = {parts}"
+        f"{this} / {other}: window {this_span / other_span:.2f}x, CPU {this_cpu / other_cpu:.2f}x"
     )
-
-
-def ratios(codes: tuple[str, str], runs: dict[str, list[Window]]) -> str:
-    this, other = (runs[code] for code in codes)
-    window_ratio = statistics.median(w.span_us for w in this) / statistics.median(
-        w.span_us for w in other
-    )
-    cpu_ratio = statistics.median(sum(w.cpu_us.values()) for w in this) / statistics.median(
-        sum(w.cpu_us.values()) for w in other
-    )
-    return f"{codes[0]} / {codes[1]}: window {window_ratio:.2f}x, CPU {cpu_ratio:.2f}x"
 
 
 def main() -> int:
@@ -192,11 +197,12 @@ def main() -> int:
         steady: dict[str, list[Window]] = {code: [] for code in pairs}
         for code, pair in taking_turns(pairs, args.sessions):
             parts = thread_parts(pair)
-            for runs in [first[code]] + [steady[code]] * args.steady:
+            for ping in range(1 + args.steady):
+                if ping:  # an established session's: STEADY_INTERVAL after the last
+                    time.sleep(STEADY_INTERVAL)
                 found = window(trace, parts) if (trace := tracing.around(pair)) else None
                 if found is not None:
-                    runs.append(found)
-                time.sleep(STEADY_INTERVAL)
+                    (steady if ping else first)[code].append(found)
     report("first pings", first)
     if args.steady:
         report(f"pings {STEADY_INTERVAL * 1000:.0f} ms apart after them", steady)
@@ -208,9 +214,8 @@ def report(what: str, runs: dict[str, list[Window]]) -> None:
     for code, found in runs.items():
         if found:
             print(summary(code, found))
-    this, other = runs
-    if runs[this] and runs[other]:
-        print(ratios((this, other), runs))
+    if all(runs.values()):
+        print(ratios(runs))
 
 
 if __name__ == "__main__":
