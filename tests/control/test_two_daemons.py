@@ -18,7 +18,9 @@ from tests.inmemory import LoopbackPort, MemoryTun
 from tests.integration.netns import uapi_exchange, wait_for
 from tests.net.helpers import ipv4_udp
 from wgmp.control.daemon import Daemon
+from wgmp.dataplane.worker import FLUSH_INTERVAL
 from wgmp.net import udp
+from wgmp.net.steering import counter_worker
 from wgmp.protocol.constants import MESSAGE_INITIATION, MESSAGE_RESPONSE, MESSAGE_TRANSPORT
 from wgmp.protocol.crypto import DH_GENERATE
 from wgmp.protocol.noise import Handshake, StaticIdentity
@@ -27,10 +29,14 @@ INNER_A, INNER_B = "10.9.0.1", "10.9.0.2"
 
 
 class Side:
-    def __init__(self, name: str, directory: Path, seed: int) -> None:
+    def __init__(self, name: str, directory: Path, seed: int, workers: int = 1) -> None:
         self.tun = MemoryTun()
         self.daemon = Daemon(
-            name, workers=1, link=self.tun, port=LoopbackPort(), uapi_directory=str(directory)
+            name,
+            workers=workers,
+            link=self.tun,
+            port=LoopbackPort(),
+            uapi_directory=str(directory),
         )
         self.socket_path = directory / f"{name}.sock"
         self.private_key = DH_GENERATE(random.Random(seed))
@@ -53,9 +59,19 @@ class Side:
 
 @pytest.fixture
 def sides(tmp_path: Path) -> Iterator[tuple[Side, Side]]:
-    a = Side("wgmpmema", tmp_path, 1)
+    yield from _started(tmp_path, workers=1)
+
+
+@pytest.fixture
+def sides_of_two(tmp_path: Path) -> Iterator[tuple[Side, Side]]:
+    """Two daemons of two workers each."""
+    yield from _started(tmp_path, workers=2)
+
+
+def _started(directory: Path, workers: int) -> Iterator[tuple[Side, Side]]:
+    a = Side("wgmpmema", directory, 1, workers)
     try:
-        b = Side("wgmpmemb", tmp_path, 2)
+        b = Side("wgmpmemb", directory, 2, workers)
     except BaseException:
         a.daemon.shutdown()
         raise
@@ -266,3 +282,33 @@ def test_a_lone_handshake_message_is_answered_before_the_socket_is_asked_for_mor
     wait_for("both controls' steps", lambda: len(of(b)) >= 2 and len(of(a)) >= 3)
     assert of(b)[:2] == [f"sent {MESSAGE_RESPONSE}", "asked"], of(b)
     assert of(a)[:3] == [f"sent {MESSAGE_INITIATION}", f"sent {MESSAGE_TRANSPORT}", "asked"], of(a)
+
+
+def test_with_two_workers_the_other_worker_learns_the_keypair_lazily_and_sends_with_it(
+    sides_of_two: tuple[Side, Side],
+) -> None:
+    """ipc/lazy.py: the responder's worker that does not receive the new keypair's first
+    packets is told of it through its lazy pipe, without a wake-up; when it next reads a
+    packet from its TUN queue, it reads that pipe first and seals the packet under the
+    session, staging nothing and asking for no handshake."""
+    a, b = sides_of_two
+    _peers(a, b)
+    workers = b.daemon.supervisor.workers
+    # The configuration read: control writes lazily only behind what a worker has read.
+    assert _wait_for(lambda: all(h.channel is not None and h.channel.all_read() for h in workers))
+    _crosses(a, b, b"a handshake first")
+    reply = ipv4_udp(INNER_B, INNER_A, 5000, 4000, b"and back")
+    b.tun.write(reply)
+    assert a.tun.read(timeout=15) == reply
+    ((_, keypair),) = b.daemon.interface.keypair_at.values()
+    other = 1 - counter_worker(0, 2, keypair.local_index)
+    # Its two announcements: the keypair as `next` with the peer's endpoint, then as
+    # `current` once the owner received under it.
+    assert b.daemon.keyslots.lazy_writes(other) == 2
+    for queue in (0, 1):  # whichever worker is not the keypair's owner reads one of them
+        packet = ipv4_udp(INNER_B, INNER_A, 5000, 4000 + queue, b"from queue %d" % queue)
+        b.tun.write(packet, queue)
+        assert a.tun.read(timeout=15) == packet
+    time.sleep(3 * FLUSH_INTERVAL)  # the workers' counts reach their stats blocks
+    assert [handle.stats.staged() for handle in b.daemon.supervisor.workers] == [0, 0]
+    assert b.daemon.interface.counters.completed == a.daemon.interface.counters.completed == 1

@@ -44,6 +44,7 @@ from wgmp.ipc.messages import (
     FirstPacket,
     HandshakePackets,
     KeypairInstall,
+    KeypairRemove,
     Message,
     Mtu,
     NeedHandshake,
@@ -51,6 +52,7 @@ from wgmp.ipc.messages import (
     PeerSet,
     Ping,
     RekeyWanted,
+    Removed,
     Roamed,
     RouteLoop,
     SendKeepalive,
@@ -1046,7 +1048,7 @@ def test_worker_arguments_as_the_supervisor_writes_them() -> None:
     assert _parse_args(argv) == {
         "id": 1, "tun": 5, "udp4": 6, "udp6": -1, "channel": 7, "keyslots": 8, "stats": 9,
         "vnet_hdr": 1, "workers": 1, "handoff_in": -1, "handoff_out": "", "seal_in": -1,
-        "seal_out": "",
+        "seal_out": "", "lazy": -1,
     }  # fmt: skip
     # With hand-off sockets (several workers): the outboxes list this worker's as -1.
     more = [*argv, "--workers", "2", "--handoff-in", "10", "--handoff-out=-1,11"]
@@ -1054,6 +1056,7 @@ def test_worker_arguments_as_the_supervisor_writes_them() -> None:
     assert (parsed["workers"], parsed["handoff_in"], parsed["handoff_out"]) == (2, 10, "-1,11")
     parsed = _parse_args([*more, "--seal-in", "12", "--seal-out=-1,13"])
     assert (parsed["seal_in"], parsed["seal_out"]) == (12, "-1,13")
+    assert _parse_args([*more, "--lazy", "14"])["lazy"] == 14
     for bad in (argv[:-2], [*argv, "--udp6"], [*argv, "--udp6", "x"], [*argv, "--what"]):
         with pytest.raises(SystemExit):
             _parse_args(bad)
@@ -1464,3 +1467,48 @@ def test_the_loop_retries_kept_data_only_after_control_spoke_or_once_it_is_too_o
     rig.worker._control_read = True  # what _read_channel says after messages came
     rig.worker._retry_unknown_if_due(now)
     assert rig.worker._unknown == [] and not rig.worker._control_read
+
+
+def test_the_lazy_pipe_is_read_once_controls_count_moved_and_before_the_pipe(rig: Any) -> None:
+    """ipc/lazy.py: a keypair written into the lazy pipe is installed only when control's
+    count of lazy writes says so (no system call otherwise), and before what the ordinary
+    pipe holds, which control wrote after it (here its removal)."""
+    worker: Worker = rig.worker
+    lazy_control, lazy_worker = socket.socketpair()
+    worker.lazy = Channel(lazy_worker)
+    packer = msgpack.Packer(use_bin_type=True)
+    slot = worker.keyslots.publish(
+        local_index=OWNED_INDEX,
+        remote_index=9,
+        peer_id=1,
+        is_initiator=True,
+        created=time.monotonic(),
+        send_key=SEND_KEY,
+        receive_key=RECEIVE_KEY,
+    )
+    try:
+        lazy_control.sendall(packer.pack(encode(KeypairInstall(slot, ROLE_CURRENT))))
+        worker._read_lazy(time.monotonic())
+        assert slot not in worker.by_slot  # not counted yet: not looked at
+        worker.keyslots.count_lazy_write(0)
+        worker._read_lazy(time.monotonic())
+        assert slot in worker.by_slot and OWNED_INDEX in worker.by_index
+        # Control's removal, in the ordinary pipe, after a second lazy install it counted.
+        second = worker.keyslots.publish(
+            local_index=OWNED_INDEX + 1,
+            remote_index=10,
+            peer_id=1,
+            is_initiator=True,
+            created=time.monotonic(),
+            send_key=SEND_KEY,
+            receive_key=RECEIVE_KEY,
+        )
+        lazy_control.sendall(packer.pack(encode(KeypairInstall(second, ROLE_CURRENT))))
+        worker.keyslots.count_lazy_write(0)
+        rig.control.sendall(packer.pack(encode(KeypairRemove(second))))
+        worker._read_channel(time.monotonic())
+        assert second not in worker.by_slot  # installed, then removed: in control's order
+        assert Removed([second]) in control_messages(rig.control)
+    finally:
+        lazy_control.close()
+        lazy_worker.close()

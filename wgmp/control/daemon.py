@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import process
-from ..ipc.channel import Channel
 from ..ipc.keyslots import KeySlots
 from ..ipc.messages import (
     Activity,
@@ -38,6 +37,7 @@ from ..ipc.messages import (
     Message,
     Mtu,
     NeedHandshake,
+    PeerEndpoint,
     PeerSet,
     Ping,
     Pong,
@@ -57,6 +57,7 @@ from ..protocol.constants import (
     MAX_QUEUED_INCOMING_HANDSHAKES,
 )
 from ..protocol.errors import DropReason
+from ..protocol.keypair import Keypair
 from ..stats.block import StatsBlock
 from ..stats.collector import DeviceStats, HandshakeStats, PeerStats, WorkerStats, render
 from ..uapi import protocol as uapi
@@ -69,7 +70,7 @@ from .interface import Interface, ToWorker
 from .peer import Endpoint, Peer
 from .response_jobs import OFFLOAD_BACKLOG
 from .set_request import SetApplication, apply_request
-from .supervisor import HEARTBEAT_INTERVAL, Supervisor, WorkerHandle
+from .supervisor import HEARTBEAT_INTERVAL, Supervisor, WorkerHandle, close_pipes
 from .tun_setup import TUN_VNET_HDR
 
 __all__ = ["Daemon", "SetupError"]
@@ -147,6 +148,23 @@ def _forwarded_handshakes(messages: list[Message]) -> int:
     return count
 
 
+# What a worker needs only when it next sends or receives (ipc/lazy.py).
+_LAZY_COMMANDS = (KeypairInstall, KeypairRemove, PeerEndpoint)
+
+
+def _peers_of(batch: list[Message], keypair_at: dict[int, tuple[Peer, Keypair]]) -> set[int]:
+    """The peers whose keypairs or endpoints `batch` announces."""
+    peers = set()
+    for command in batch:
+        if isinstance(command, PeerEndpoint):
+            peers.add(command.peer_id)
+        elif isinstance(command, KeypairInstall):
+            found = keypair_at.get(command.slot)
+            if found is not None:
+                peers.add(found[0].peer_id)
+    return peers
+
+
 class SetupError(Exception):
     """Why the daemon could not start, in one line for the command line."""
 
@@ -200,6 +218,10 @@ class Daemon:
             worker_count=workers,
         )
         self.pending_release: dict[int, set[int]] = {}
+        # By worker: the peers it asked a handshake for since control last wrote their
+        # keypairs into its pipe (`_may_go_lazily`).
+        self._asked: dict[int, set[int]] = {}
+        self.lazy_writes = 0  # batches written into a lazy pipe (ipc/lazy.py)
         self.flush_token = 0
         self._set_queue: deque[tuple[SetApplication, Respond]] = deque()
         self._round: _FlushRound | None = None
@@ -676,19 +698,76 @@ class Daemon:
                 batch.append(command)
         interface.commands.clear()
         # The new keypair's owner is written first (see _owner_first). Every write goes in
-        # whole or is queued (Channel.send_to_all): control waits for no worker, and a worker
+        # whole or is queued (Channel.send_packed): control waits for no worker, and a worker
         # slow to read delays none of the others.
-        writes = [
-            (handle, batches[handle.worker_id])
-            for handle in self._owner_first(live, published)
-            if batches[handle.worker_id]
-        ]
-        Channel.send_to_all([(h.channel, batch) for h, batch in writes if h.channel is not None])
-        for handle, _ in writes:
-            self._after_write(handle)  # a dead worker: supervision restarts it
+        owners = self._owners(live, published)
+        for handle in self._owner_first(live, owners):
+            batch = batches[handle.worker_id]
+            if batch:
+                self._write_batch(handle, batch, handle.worker_id not in owners)
 
-    def _owner_first(self, live: list[WorkerHandle], published: list[int]) -> list[WorkerHandle]:
-        """`live` with the worker that receives first on a keypair published this turn first.
+    def _write_batch(self, handle: WorkerHandle, batch: list[Message], may_wait: bool) -> None:
+        """Write a turn's commands to a worker: into its lazy pipe if they may wait for its
+        next wake-up (`may_wait`: it is no owner of a keypair published this turn, and
+        `_may_go_lazily`), else into its pipe, which wakes it."""
+        channel = handle.channel
+        if channel is None:
+            return
+        data = channel.pack_many(batch)
+        lazy = handle.lazy
+        if (
+            may_wait
+            and lazy is not None
+            and self._may_go_lazily(handle.worker_id, batch)
+            and channel.all_read()
+            and lazy.try_write(data)
+        ):
+            self.keyslots.count_lazy_write(handle.worker_id)
+            self.lazy_writes += 1
+            return
+        try:
+            channel.send_packed(data)
+        except OSError:
+            return  # a dead worker: supervision restarts it with the full state
+        asked = self._asked.get(handle.worker_id)
+        if asked:
+            # Read now: what it staged for these peers leaves when it reads their keypair.
+            asked.difference_update(_peers_of(batch, self.interface.keypair_at))
+        self._after_write(handle)
+
+    def _may_go_lazily(self, worker_id: int, batch: list[Message]) -> bool:
+        """Whether every command of `batch` is one `worker_id` needs only when it next sends
+        or receives (ipc/lazy.py): keypairs and endpoints, of no peer it asked a handshake
+        for since its last wake-up by control (it may hold packets staged for that
+        handshake, which only a wake-up sends)."""
+        if not all(type(command) in _LAZY_COMMANDS for command in batch):
+            return False
+        asked = self._asked.get(worker_id)
+        return not asked or asked.isdisjoint(_peers_of(batch, self.interface.keypair_at))
+
+    def _asked_for(self, handle: WorkerHandle, peer_id: int) -> None:
+        """Worker `handle` asked for `peer_id`'s handshake: it may stage the peer's packets
+        until it reads the keypair, so that keypair is written into its pipe, not lazily.
+        If its lazy pipe holds something unread, that may be the keypair already (written
+        after the worker's last look): a Ping wakes it, and it reads the lazy pipe first."""
+        self._asked.setdefault(handle.worker_id, set()).add(peer_id)
+        if handle.lazy is not None and handle.lazy.unread():
+            self._send(handle, Ping(handle.ping_token))
+
+    def _owners(self, live: list[WorkerHandle], published: list[int]) -> set[int]:
+        """The workers that receive first on a keypair published this turn (its counter
+        block 0, net/steering.py)."""
+        if len(live) < 2:
+            return set()  # nothing to order or to write lazily (the cold set costs ~10 us)
+        return {
+            counter_worker(0, self.worker_count, found[1].local_index)
+            for found in map(self.interface.keypair_at.get, published)
+            if found is not None
+        }
+
+    def _owner_first(self, live: list[WorkerHandle], owners: set[int]) -> list[WorkerHandle]:
+        """`live` with the workers that receive first on a keypair published this turn
+        (`owners`) first.
 
         Every worker sends with a new keypair as soon as it reads the announcement (a packet
         staged for the handshake goes out at once), and the peer's answer is steered by its
@@ -697,13 +776,6 @@ class Daemon:
         even written (it would then read its pipe once more, inbound.py, but that costs a
         batch's time). Written first, the announcement is in the owner's pipe before anything
         can be sent with the keypair, and the worker reads its pipe before its sockets."""
-        if len(live) < 2:
-            return live  # nothing to order (the cold set and sort cost ~10 us of a first ping)
-        owners = {
-            counter_worker(0, self.worker_count, found[1].local_index)
-            for found in map(self.interface.keypair_at.get, published)
-            if found is not None
-        }
         if not owners:
             return live
         return sorted(live, key=lambda handle: handle.worker_id not in owners)
@@ -745,6 +817,8 @@ class Daemon:
     # -- workers -----------------------------------------------------------------------------
 
     def _start_worker(self, handle: WorkerHandle) -> None:
+        self._asked.pop(handle.worker_id, None)  # a new process stages nothing yet
+        self.keyslots.reset_lazy_writes(handle.worker_id)  # its lazy pipe is new too
         self.supervisor.start(handle)
         assert handle.channel is not None
         self.selector.register(
@@ -851,8 +925,7 @@ class Daemon:
     def _close_channel(self, handle: WorkerHandle) -> None:
         if handle.channel is not None:
             self.selector.unregister(handle.channel.sock)
-            handle.channel.close()
-            handle.channel = None
+            close_pipes(handle)
             # What it was computing for control is computed here (response_jobs.py).
             self.interface.jobs_lost(handle.worker_id, time.monotonic())
         handle.writing = False
@@ -908,6 +981,7 @@ class Daemon:
         self.interface.activity(message.reports, time.monotonic(), time.time_ns())
 
     def _on_need_handshake(self, handle: WorkerHandle, message: NeedHandshake) -> None:
+        self._asked_for(handle, message.peer_id)
         self._at_once(
             self.interface.need_handshake,
             message.peer_id,
@@ -917,6 +991,7 @@ class Daemon:
         )
 
     def _on_first_packet(self, handle: WorkerHandle, message: FirstPacket) -> None:
+        self._asked_for(handle, message.peer_id)
         self._at_once(
             self.interface.first_packet,
             message.peer_id,

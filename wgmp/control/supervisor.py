@@ -29,11 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..ipc.channel import Channel
+from ..ipc.lazy import LazyPipe
 from ..ipc.workerspec import WORKER_MODULE, WorkerSpec
 from ..stats.block import StatsBlock
 from .forked import ForkedProcess
 
-__all__ = ["WorkerHandle", "Supervisor"]
+__all__ = ["Supervisor", "WorkerHandle", "close_pipes"]
 
 log = logging.getLogger("wgmp")
 RESTART_BACKOFF = 0.2  # the delay before the second restart in a row, doubled each time after
@@ -57,6 +58,7 @@ class WorkerHandle:
     stats: StatsBlock
     process: ForkedProcess | None = None
     channel: Channel | None = None
+    lazy: LazyPipe | None = None  # with several workers (ipc/lazy.py)
     ready: bool = False
     restarts: int = 0
     started_at: float = 0.0
@@ -127,6 +129,8 @@ class Supervisor:
     def start(self, handle: WorkerHandle) -> None:
         """Fork the worker from this (already imported) process: see control/forked.py."""
         channel, theirs = Channel.pair()
+        # One worker owns every keypair: nothing would ever go lazily (ipc/lazy.py).
+        lazy, lazy_theirs = LazyPipe.pair() if self.worker_count > 1 else (None, None)
         sock4 = handle.sockets.get(4)
         sock6 = handle.sockets.get(6)
         inbox, outboxes = _ends(self.handoff, handle.worker_id)
@@ -145,13 +149,17 @@ class Supervisor:
             handoff_out=outboxes,
             seal_in=seal_in,
             seal_out=seal_out,
+            lazy=lazy_theirs.fileno() if lazy_theirs is not None else -1,
         )
         count = max(len(self.workers), handle.worker_id + 1)
         handle.process = ForkedProcess.start(
             lambda: self._run_forked(spec, self.interface, count), spec.fds()
         )
         theirs.close()
+        if lazy_theirs is not None:
+            lazy_theirs.close()
         handle.channel = channel
+        handle.lazy = lazy
         handle.ready = False
         handle.started_at = time.monotonic()
         handle.heard(handle.started_at)
@@ -200,6 +208,14 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 handle.process.kill()
                 handle.process.wait()
-            if handle.channel is not None:
-                handle.channel.close()
-                handle.channel = None
+            close_pipes(handle)
+
+
+def close_pipes(handle: WorkerHandle) -> None:
+    """Close control's ends of the worker's pipes (it has gone or is going)."""
+    if handle.channel is not None:
+        handle.channel.close()
+        handle.channel = None
+    if handle.lazy is not None:
+        handle.lazy.close()
+        handle.lazy = None

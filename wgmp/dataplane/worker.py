@@ -215,6 +215,9 @@ class Worker(Outbound, Inbound, SendSpread):
         # A confirmation was kept (Inbound._tell_confirmed): the next poll is made without
         # sleeping, and what is kept waits for it, whichever path received the packet.
         self._answer_poll = False
+        # Control's lazy pipe (ipc/lazy.py), and its count of writes into it last seen here.
+        self.lazy: Channel | None = None
+        self._lazy_seen = 0
         self._touched: list[list[Any]] = []  # peers to report at the next flush (P_DIRTY set)
         self._active = False  # a descriptor was served since the last flush
 
@@ -259,6 +262,12 @@ class Worker(Outbound, Inbound, SendSpread):
             sleep = None if timeout == FLUSH_INTERVAL and self._quiet() else timeout
             events = poller.poll(sleep)
             now = time.monotonic()
+            if self.lazy is not None:
+                # Before anything that sends or receives: what control announced lazily.
+                try:
+                    self._read_lazy(now)
+                except Exception:
+                    self._internal_error("control's lazy pipe")
             if sleep is None:
                 # Nothing changed while we slept: the next flush is due one interval after
                 # this wake-up, not at once on the path of the packet that woke us.
@@ -376,10 +385,28 @@ class Worker(Outbound, Inbound, SendSpread):
         them before the packet left, and SendKeepalive comes after it, while the peer's
         worker, woken by it, mostly waits on this CPU for this one to sleep (62 of 99
         ftraces: perf/RESULTS.md, "the initiator's worker")."""
+        if self.lazy is not None:
+            self._read_lazy(now)  # first: older than anything unread in this pipe (lazy.py)
         wire = self.channel.receive_wire()
         if wire is None:
             self.running = False
             return False
+        self._handle_wire(wire, now)
+        return True
+
+    def _read_lazy(self, now: float) -> None:
+        """Handle what control wrote into the lazy pipe since the last look, if anything
+        (the count in shared memory says: no system call when nothing came)."""
+        count = self.keyslots.lazy_writes(self.worker_id)
+        if count == self._lazy_seen:
+            return
+        self._lazy_seen = count  # before the read: a later write is then seen next time
+        wire = self.lazy.receive_wire()  # type: ignore[union-attr]  # the caller checked
+        if wire:  # None (control has gone) is the ordinary pipe's to tell
+            self._handle_wire(wire, now)
+
+    def _handle_wire(self, wire: list[Any], now: float) -> None:
+        """Handle control's messages in their wire form, in order."""
         removed = self._removed
         for item in wire:
             try:
@@ -407,7 +434,6 @@ class Worker(Outbound, Inbound, SendSpread):
             removed.clear()
         if wire:
             self._control_read = True  # what was kept under an unknown index may be known now
-        return True
 
     # -- control messages --------------------------------------------------------------------
 
@@ -702,7 +728,7 @@ def _listen_port(sockets: dict[int, socket.socket]) -> int:
 
 _OPTIONS = ("id", "tun", "udp4", "udp6", "channel", "keyslots", "stats")
 # integer options with a default
-_OPTIONAL = {"udp6": -1, "workers": 1, "handoff_in": -1, "seal_in": -1}
+_OPTIONAL = {"udp6": -1, "workers": 1, "handoff_in": -1, "seal_in": -1, "lazy": -1}
 
 
 def _descriptors(args: dict[str, Any], name: str) -> tuple[int, ...]:
@@ -767,6 +793,7 @@ def main(argv: list[str] | None = None) -> None:
             handoff_out=outboxes,
             seal_in=args["seal_in"],
             seal_out=seal_out,
+            lazy=args["lazy"],
         )
     )
 
@@ -798,6 +825,8 @@ def _serve(spec: WorkerSpec) -> None:
         worker.handoff_out = [
             socket.socket(fileno=fd) if fd >= 0 else None for fd in spec.handoff_out
         ]
+    if spec.lazy >= 0:
+        worker.lazy = Channel(socket.socket(fileno=spec.lazy))
     if spec.seal_in >= 0 and spec.workers > 1:
         worker.seal_in = socket.socket(fileno=spec.seal_in)
         worker.seal_out = [socket.socket(fileno=fd) if fd >= 0 else None for fd in spec.seal_out]

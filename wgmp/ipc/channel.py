@@ -66,23 +66,16 @@ class Channel:
     def send_many(self, messages: list[Message]) -> None:
         """Write several messages, in order, with one system call when the pipe has room (or
         queue what it has no room for, on control's end)."""
-        pack = self._packer.pack
-        self._write(b"".join(pack(encode(message)) for message in messages))
+        self._write(self.pack_many(messages))
 
-    @staticmethod
-    def send_to_all(batches: list[tuple[Channel, list[Message]]]) -> list[Channel]:
-        """Write each channel's messages: every worker applies a large configuration in
-        parallel (one after the other, control waited for each: perf/RESULTS.md, "Control
-        plane"). On control's ends nothing waits: what a pipe cannot take now stays in its
-        `backlog` for control's loop to `flush` while the worker reads, so one slow worker
-        delays no other. Returns the channels whose other end has gone (OSError)."""
-        failed: list[Channel] = []
-        for channel, messages in batches:
-            try:
-                channel.send_many(messages)
-            except OSError:
-                failed.append(channel)
-        return failed
+    def pack_many(self, messages: list[Message]) -> bytes:
+        """Several messages as `send_many` writes them (for control's choice of pipe)."""
+        pack = self._packer.pack
+        return b"".join(pack(encode(message)) for message in messages)
+
+    def send_packed(self, data: bytes) -> None:
+        """Write (or queue) what `pack_many` made."""
+        self._write(data)
 
     def _write(self, data: bytes) -> None:
         if self.sock.getblocking():
@@ -115,6 +108,11 @@ class Channel:
         if sent < len(data):
             self.sock.sendall(memoryview(data)[sent:])
         return True
+
+    def all_read(self) -> bool:
+        """Control's end: whether the other end has read everything written so far (nothing
+        queued here, nothing unread in the pipe: SIOCOUTQ falls to 0 once it read all)."""
+        return not self._out and self._outq() == 0
 
     @property
     def backlog(self) -> int:

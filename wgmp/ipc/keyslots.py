@@ -35,6 +35,10 @@ one before it has, wherever that was sealed (dataplane/sendspread.py).
 
 Then one f64 per worker: when (monotonic) its last TUN read found a full batch, i.e. it is
 busy reading flows of its own; a reader hands no chunks to such a sibling.
+
+Last, one u64 per worker: how many writes control made into that worker's lazy pipe (its one
+writer is control, after each write; ipc/lazy.py). A worker compares it with the count it
+last saw at each wake-up, instead of a system call.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ __all__ = [
     "HANDED_MARK_SIZE",
     "KEYSLOT_SIZE",
     "MARK_SIZE",
+    "LAZY_COUNT_SIZE",
     "READ_FULL_SIZE",
     "KeySlot",
     "KeySlots",
@@ -64,6 +69,7 @@ KEYSLOT_SIZE = 128
 MARK_SIZE = 16  # a replay mark and a delivered mark per slot and worker, after the slots
 HANDED_MARK_SIZE = 8  # per (sealer, reader) pair of workers, after the marks
 READ_FULL_SIZE = 8  # per worker, after the hand-off marks: when its last full TUN read was
+LAZY_COUNT_SIZE = 8  # per worker, last: control's writes into its lazy pipe
 FIRST_BLOCK = COUNTER_BLOCK  # counters [0, FIRST_BLOCK): one worker's (claim_first)
 _FIRST_TAKEN = 32  # the first block's mark, a byte of the layout's padding after `created`
 _COUNTER = struct.Struct("<Q")
@@ -101,17 +107,17 @@ class KeySlots:
     def __init__(self, shm: SharedMemory, workers: int = 1) -> None:
         self.shm = shm
         self.workers = workers
-        tables = workers * workers * HANDED_MARK_SIZE + workers * READ_FULL_SIZE
+        tables = _tables_size(workers)
         self.capacity = (shm.size - tables) // (KEYSLOT_SIZE + workers * MARK_SIZE)
         self._marks = self.capacity * KEYSLOT_SIZE  # where the marks table starts
         self._handed = self._marks + self.capacity * workers * MARK_SIZE  # the hand-off marks
         self._read_full = self._handed + workers * workers * HANDED_MARK_SIZE
+        self._lazy = self._read_full + workers * READ_FULL_SIZE
         self._free = list(range(self.capacity - 1, -1, -1))  # used by control only
 
     @classmethod
     def create(cls, capacity: int, workers: int = 1) -> KeySlots:
-        size = capacity * (KEYSLOT_SIZE + workers * MARK_SIZE)
-        size += workers * workers * HANDED_MARK_SIZE + workers * READ_FULL_SIZE
+        size = capacity * (KEYSLOT_SIZE + workers * MARK_SIZE) + _tables_size(workers)
         return cls(SharedMemory.create("wgmp-keyslots", size), workers)
 
     @classmethod
@@ -247,7 +253,27 @@ class KeySlots:
         """When `worker`'s last full TUN read was (0.0: never)."""
         return float(_WHEN.unpack_from(self.shm.view, self._read_full + worker * READ_FULL_SIZE)[0])
 
+    def count_lazy_write(self, worker: int) -> None:
+        """Control's note that it wrote once more into `worker`'s lazy pipe (its one writer)."""
+        offset = self._lazy + worker * LAZY_COUNT_SIZE
+        _COUNTER.pack_into(
+            self.shm.view, offset, _COUNTER.unpack_from(self.shm.view, offset)[0] + 1
+        )
+
+    def reset_lazy_writes(self, worker: int) -> None:
+        """For a worker started afresh, with a new lazy pipe (control only)."""
+        _COUNTER.pack_into(self.shm.view, self._lazy + worker * LAZY_COUNT_SIZE, 0)
+
+    def lazy_writes(self, worker: int) -> int:
+        """How many writes control made into `worker`'s lazy pipe."""
+        return int(_COUNTER.unpack_from(self.shm.view, self._lazy + worker * LAZY_COUNT_SIZE)[0])
+
     def counter(self, slot: int) -> int:
         """The next unreserved counter (a hint without the lock: for rekey checks and for
         giving up a block the others have left far behind)."""
         return _COUNTER.unpack_from(self.shm.view, slot * KEYSLOT_SIZE)[0]
+
+
+def _tables_size(workers: int) -> int:
+    """The bytes after the slots and their marks: hand-off marks, full reads, lazy counts."""
+    return workers * workers * HANDED_MARK_SIZE + workers * (READ_FULL_SIZE + LAZY_COUNT_SIZE)

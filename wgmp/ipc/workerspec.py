@@ -37,8 +37,10 @@ class WorkerSpec(NamedTuple):
     # (dataplane/sendspread.py): this worker's seal inbox and the siblings'.
     seal_in: int = -1
     seal_out: tuple[int, ...] = ()
+    # With several workers: the read end of control's lazy pipe (ipc/lazy.py).
+    lazy: int = -1
 
     def fds(self) -> list[int]:
         fds = [self.tun, self.udp4, self.channel, self.keyslots, self.stats]
         fds += [fd for fd in (*self.handoff_out, *self.seal_out) if fd >= 0]
-        return fds + [fd for fd in (self.udp6, self.handoff_in, self.seal_in) if fd >= 0]
+        return fds + [fd for fd in (self.udp6, self.handoff_in, self.seal_in, self.lazy) if fd >= 0]
