@@ -724,11 +724,13 @@ class Daemon:
         ):
             self.keyslots.count_lazy_write(handle.worker_id)
             self.lazy_writes += 1
+            handle.lazy_last = True
             return
         try:
             channel.send_packed(data)
         except OSError:
             return  # a dead worker: supervision restarts it with the full state
+        handle.lazy_last = False
         asked = self._asked.get(handle.worker_id)
         if asked:
             # Read now: what it staged for these peers leaves when it reads their keypair.
@@ -748,10 +750,11 @@ class Daemon:
     def _asked_for(self, handle: WorkerHandle, peer_id: int) -> None:
         """Worker `handle` asked for `peer_id`'s handshake: it may stage the peer's packets
         until it reads the keypair, so that keypair is written into its pipe, not lazily.
-        If its lazy pipe holds something unread, that may be the keypair already (written
-        after the worker's last look): a Ping wakes it, and it reads the lazy pipe first."""
+        If control's last write to it was lazy and is unread, that may be the keypair
+        already (written after the worker's last look): a Ping wakes it, and it reads the
+        lazy pipe first. (After a later ordinary write, that write wakes it.)"""
         self._asked.setdefault(handle.worker_id, set()).add(peer_id)
-        if handle.lazy is not None and handle.lazy.unread():
+        if handle.lazy_last and handle.lazy is not None and handle.lazy.unread():
             self._send(handle, Ping(handle.ping_token))
 
     def _owners(self, live: list[WorkerHandle], published: list[int]) -> set[int]:
@@ -981,7 +984,6 @@ class Daemon:
         self.interface.activity(message.reports, time.monotonic(), time.time_ns())
 
     def _on_need_handshake(self, handle: WorkerHandle, message: NeedHandshake) -> None:
-        self._asked_for(handle, message.peer_id)
         self._at_once(
             self.interface.need_handshake,
             message.peer_id,
@@ -989,9 +991,9 @@ class Daemon:
             time.time_ns(),
             handle.worker_id,
         )
+        self._asked_for(handle, message.peer_id)  # after message 1 has left
 
     def _on_first_packet(self, handle: WorkerHandle, message: FirstPacket) -> None:
-        self._asked_for(handle, message.peer_id)
         self._at_once(
             self.interface.first_packet,
             message.peer_id,
@@ -1000,6 +1002,7 @@ class Daemon:
             time.time_ns(),
             handle.worker_id,
         )
+        self._asked_for(handle, message.peer_id)  # after message 1 has left
 
     def _at_once(self, step: Callable[..., None], *args: Any) -> None:
         """A handshake step whose datagram leaves from inside it (`_send_at_once`): a

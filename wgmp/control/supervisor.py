@@ -59,6 +59,7 @@ class WorkerHandle:
     process: ForkedProcess | None = None
     channel: Channel | None = None
     lazy: LazyPipe | None = None  # with several workers (ipc/lazy.py)
+    lazy_last: bool = False  # control's last write to it went into the lazy pipe
     ready: bool = False
     restarts: int = 0
     started_at: float = 0.0
@@ -160,6 +161,7 @@ class Supervisor:
             lazy_theirs.close()
         handle.channel = channel
         handle.lazy = lazy
+        handle.lazy_last = False
         handle.ready = False
         handle.started_at = time.monotonic()
         handle.heard(handle.started_at)

@@ -741,7 +741,7 @@ def _descriptors(args: dict[str, Any], name: str) -> tuple[int, ...]:
 
 def _parse_args(argv: list[str]) -> dict[str, Any]:
     """`--id N [--workers N] --tun FD --udp4 FD [--udp6 FD] --channel FD --keyslots FD
-    --stats FD [--vnet-hdr] [--handoff-in FD --handoff-out=FD,FD,...]`, as control's
+    --stats FD [--vnet-hdr] [--handoff-in FD --handoff-out=FD,FD,...] [--lazy FD]`, as control's
     supervisor writes them (`--name=value` too); SystemExit on anything else.
 
     `handoff_out` stays text (the other workers' inboxes by worker id, -1 for this one's):
