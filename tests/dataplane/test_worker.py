@@ -115,7 +115,14 @@ def rig() -> Any:
 def install(
     worker: Worker, role: int, *, local_index: int = OWNED_INDEX, created: float | None = None
 ) -> int:
-    slot = worker.keyslots.publish(
+    slot = publish(worker, local_index, created)
+    worker._install(slot, role, time.monotonic())
+    return slot
+
+
+def publish(worker: Worker, local_index: int = OWNED_INDEX, created: float | None = None) -> int:
+    """A keypair of peer 1 in a slot, as control writes it before it announces it."""
+    return worker.keyslots.publish(
         local_index=local_index,
         remote_index=9,
         peer_id=1,
@@ -124,8 +131,6 @@ def install(
         send_key=SEND_KEY,
         receive_key=RECEIVE_KEY,
     )
-    worker._install(slot, role, time.monotonic())
-    return slot
 
 
 def control_messages(control: socket.socket) -> list[Message]:
@@ -1477,15 +1482,7 @@ def test_the_lazy_pipe_is_read_once_controls_count_moved_and_before_the_pipe(rig
     lazy_control, lazy_worker = socket.socketpair()
     worker.lazy = Channel(lazy_worker)
     packer = msgpack.Packer(use_bin_type=True)
-    slot = worker.keyslots.publish(
-        local_index=OWNED_INDEX,
-        remote_index=9,
-        peer_id=1,
-        is_initiator=True,
-        created=time.monotonic(),
-        send_key=SEND_KEY,
-        receive_key=RECEIVE_KEY,
-    )
+    slot = publish(worker)
     try:
         lazy_control.sendall(packer.pack(encode(KeypairInstall(slot, ROLE_CURRENT))))
         worker._read_lazy(time.monotonic())
@@ -1494,15 +1491,7 @@ def test_the_lazy_pipe_is_read_once_controls_count_moved_and_before_the_pipe(rig
         worker._read_lazy(time.monotonic())
         assert slot in worker.by_slot and OWNED_INDEX in worker.by_index
         # Control's removal, in the ordinary pipe, after a second lazy install it counted.
-        second = worker.keyslots.publish(
-            local_index=OWNED_INDEX + 1,
-            remote_index=10,
-            peer_id=1,
-            is_initiator=True,
-            created=time.monotonic(),
-            send_key=SEND_KEY,
-            receive_key=RECEIVE_KEY,
-        )
+        second = publish(worker, OWNED_INDEX + 1)
         lazy_control.sendall(packer.pack(encode(KeypairInstall(second, ROLE_CURRENT))))
         worker.keyslots.count_lazy_write(0)
         rig.control.sendall(packer.pack(encode(KeypairRemove(second))))

@@ -16,7 +16,7 @@ import msgpack
 
 from .messages import Message, MessageError, decode, encode
 
-__all__ = ["Channel", "decode_or_skip"]
+__all__ = ["Channel", "decode_or_skip", "force_send_buffer"]
 
 SO_SNDBUFFORCE = 32
 WORKER_SEND_BUFFER = 1 << 20
@@ -203,13 +203,18 @@ class Channel:
         # (Worker._forward_handshakes): room for about MAX_QUEUED_INCOMING_HANDSHAKES of
         # them, as wireguard-go's handshake queue holds. The default (wmem_default, ~208 KiB)
         # held ~1,100, and a burst of GSO trains lost more than half (perf/RESULTS.md).
-        for option in (SO_SNDBUFFORCE, socket.SO_SNDBUF):  # FORCE: past wmem_max, as root
-            try:
-                theirs.setsockopt(socket.SOL_SOCKET, option, WORKER_SEND_BUFFER)
-                break
-            except OSError:
-                continue
+        force_send_buffer(theirs, WORKER_SEND_BUFFER)
         return cls(ours), theirs
+
+
+def force_send_buffer(sock: socket.socket, size: int) -> None:
+    """Set the socket's send buffer, past wmem_max if we may (SO_SNDBUFFORCE: as root)."""
+    for option in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+            return
+        except OSError:
+            continue
 
 
 def decode_or_skip(item: Any) -> Message | None:

@@ -35,6 +35,8 @@ import fcntl
 import socket
 import termios
 
+from .channel import force_send_buffer
+
 __all__ = ["LAZY_MAX", "LazyPipe"]
 
 # Unread bytes past which control writes into the ordinary pipe instead. Far below the
@@ -42,7 +44,6 @@ __all__ = ["LAZY_MAX", "LazyPipe"]
 # message cut short would wait in the worker's reader for its end, blocking what follows).
 LAZY_MAX = 64 << 10
 LAZY_BUFFER = 1 << 20
-SO_SNDBUFFORCE = 32
 
 
 class LazyPipe:
@@ -56,12 +57,7 @@ class LazyPipe:
         """Control's end and the raw socket to hand to a worker process."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
-        for option in (SO_SNDBUFFORCE, socket.SO_SNDBUF):  # FORCE: past wmem_max, as root
-            try:
-                ours.setsockopt(socket.SOL_SOCKET, option, LAZY_BUFFER)
-                break
-            except OSError:
-                continue
+        force_send_buffer(ours, LAZY_BUFFER)
         return cls(ours), theirs
 
     def unread(self) -> int:
