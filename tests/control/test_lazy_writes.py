@@ -3,8 +3,9 @@ Daemon._write_batch), without root: a Daemon without its TUN and sockets, and tw
 ends of both pipes read by the test.
 
 - a keypair published this turn goes into its owner's pipe, lazily to the other worker;
-- never lazily to a worker that asked for the peer's handshake (it may hold staged packets),
-  nor anything but keypairs and endpoints, nor behind what a worker has not read yet;
+- never lazily to a worker that asked for the peer's handshake (it may hold staged packets)
+  until the peer's `current` keypair was written into its pipe, nor anything but keypairs
+  and endpoints, nor behind what a worker has not read yet;
 - a worker that asks while its lazy pipe holds something unread is woken (a Ping).
 """
 
@@ -125,6 +126,17 @@ def test_a_worker_that_asked_for_the_handshake_reads_the_keypair_in_its_pipe(rig
     # Told once; what it staged left when it read that: the next announcement may wait.
     rig.turn(install)
     assert rig.read(1) == ([], [install])
+
+
+def test_what_settles_an_ask_is_the_peers_current_keypair_not_its_endpoint(rig: Rig) -> None:
+    daemon = rig.daemon
+    worker = daemon.supervisor.workers[1]
+    daemon._asked_for(worker, PEER)
+    endpoint = PeerEndpoint(PEER, ["192.0.2.1", 51820], None)
+    rig.turn(endpoint)  # a roam while the handshake is on: nothing staged has left
+    assert rig.read(1) == ([endpoint], [])
+    rig.turn(KeypairInstall(0, ROLE_CURRENT))
+    assert rig.read(1) == ([KeypairInstall(0, ROLE_CURRENT)], [])
 
 
 def test_only_keypairs_and_endpoints_and_only_behind_what_was_read(rig: Rig) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from .. import process
 from ..ipc.keyslots import KeySlots
 from ..ipc.messages import (
+    ROLE_CURRENT,
     Activity,
     ComputeResponses,
     Confirmed,
@@ -38,6 +39,7 @@ from ..ipc.messages import (
     Mtu,
     NeedHandshake,
     PeerEndpoint,
+    PeerRemove,
     PeerSet,
     Ping,
     Pong,
@@ -159,6 +161,21 @@ def _peers_of(batch: list[Message], keypair_at: dict[int, tuple[Peer, Keypair]])
         if isinstance(command, PeerEndpoint):
             peers.add(command.peer_id)
         elif isinstance(command, KeypairInstall):
+            found = keypair_at.get(command.slot)
+            if found is not None:
+                peers.add(found[0].peer_id)
+    return peers
+
+
+def _settled_peers(batch: list[Message], keypair_at: dict[int, tuple[Peer, Keypair]]) -> set[int]:
+    """The peers for which a worker that reads `batch` holds nothing staged any more: it
+    sends what it staged when it reads the peer's `current` keypair, and a removed peer's
+    packets go with it."""
+    peers = set()
+    for command in batch:
+        if isinstance(command, PeerRemove):
+            peers.add(command.peer_id)
+        elif isinstance(command, KeypairInstall) and command.role == ROLE_CURRENT:
             found = keypair_at.get(command.slot)
             if found is not None:
                 peers.add(found[0].peer_id)
@@ -733,8 +750,7 @@ class Daemon:
         handle.lazy_last = False
         asked = self._asked.get(handle.worker_id)
         if asked:
-            # Read now: what it staged for these peers leaves when it reads their keypair.
-            asked.difference_update(_peers_of(batch, self.interface.keypair_at))
+            asked.difference_update(_settled_peers(batch, self.interface.keypair_at))
         self._after_write(handle)
 
     def _may_go_lazily(self, worker_id: int, batch: list[Message]) -> bool:
@@ -792,6 +808,7 @@ class Daemon:
             channel.send_many(commands)
         except OSError:
             return  # a dead worker: supervision restarts it with the full state
+        handle.lazy_last = False
         self._after_write(handle)
 
     def _after_write(self, handle: WorkerHandle) -> None:
