@@ -27,7 +27,7 @@ has a single writer. A restarted worker resumes its replay window from its repla
 worker holding the first packets of a block waits for the delivered mark of the previous
 block's worker (docs/dataplane.md: ordering).
 
-Last comes a table of hand-off marks, one u64 per (sealer, reader) pair of workers, +1 (0 =
+Then comes a table of hand-off marks, one u64 per (sealer, reader) pair of workers, +1 (0 =
 none): the number of the last chunk of packets that `reader` read and numbered (its batches,
 in read order) that `sealer` has finished with (sent or dropped); sealer == reader for the
 chunks a reader seals itself. Its single writer is the sealer. A chunk leaves only after the

@@ -18,14 +18,16 @@ The order of control's messages is kept by two rules:
 - The worker reads its lazy pipe before every read of the ordinary one: a lazy message is
   handled before every ordinary one written after it.
 
-What goes lazily, and to whom, is control's decision (control/daemon.py, `_lazy_batch`): only
-keypair installs and removals and endpoints, never to the worker that receives a new keypair's
-first packets, nor to one that asked for the peer's handshake (it may hold packets staged for
-the keypair, which only its wake-up sends). At most LAZY_MAX bytes may wait unread; past that
-control writes into the ordinary pipe, which wakes the worker, and the worker reads the lazy
-pipe first. An idle worker reads it at the latest when control's liveness PING wakes it (once
-a second, control/supervisor.py), so a keypair removal is acknowledged within about a second
-and the pipe never holds more than a second's announcements.
+What goes lazily, and to whom, is control's decision (control/daemon.py,
+`Daemon._write_batch`): only keypair installs and removals and endpoints, never to the worker
+that receives a new keypair's first packets, nor to one that asked for the peer's handshake
+(it may hold packets staged for the keypair, which only its wake-up sends), until that peer's
+`current` keypair was written into its ordinary pipe. At most LAZY_MAX bytes may wait
+unread; past that control writes into the ordinary pipe, which wakes the worker, and the
+worker reads the lazy pipe first. An idle worker reads it at the latest when control's
+liveness PING wakes it (once a second, control/supervisor.py), so a keypair removal is
+acknowledged within about a second and the pipe never holds more than a second's
+announcements.
 """
 
 from __future__ import annotations
