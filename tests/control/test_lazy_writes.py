@@ -53,7 +53,6 @@ class Rig:
         d.worker_count = 2
         d.pending_release = {}
         d._asked = {}
-        d.lazy_writes = 0
         self.ends: list[tuple[socket.socket, socket.socket]] = []  # (pipe, lazy pipe)
         for worker_id in range(2):
             handle = WorkerHandle(worker_id, -1, {}, StatsBlock.create())
@@ -112,6 +111,7 @@ def test_a_new_keypair_goes_to_its_owner_loudly_and_lazily_to_the_other(rig: Rig
     assert rig.read(0) == ([endpoint, install], [])
     assert rig.read(1) == ([], [endpoint, install])
     assert rig.daemon.keyslots.lazy_writes(1) == 1 and rig.daemon.keyslots.lazy_writes(0) == 0
+    assert [h.lazy_writes for h in rig.daemon.supervisor.workers] == [0, 1]  # for the stats
     # Not published this turn (a role's change): lazily to both.
     rig.turn(install)
     assert rig.read(0) == ([], [install]) and rig.read(1) == ([], [install])

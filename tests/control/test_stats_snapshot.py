@@ -27,8 +27,8 @@ def test_snapshot_from_daemon():
     blocks[1].write_order(40, 3, 250_000, 7)
     alive = SimpleNamespace(poll=lambda: None)
     handles = [
-        SimpleNamespace(worker_id=0, stats=blocks[0], restarts=1, process=alive),
-        SimpleNamespace(worker_id=1, stats=blocks[1], restarts=0, process=None),
+        SimpleNamespace(worker_id=0, stats=blocks[0], restarts=1, process=alive, lazy_writes=0),
+        SimpleNamespace(worker_id=1, stats=blocks[1], restarts=0, process=None, lazy_writes=9),
     ]
     counters = SimpleNamespace(
         initiated=1, received=2, completed=3, failed=4, cookie_replies_sent=5, responses_by_workers=6,
@@ -58,6 +58,7 @@ def test_snapshot_from_daemon():
     assert (w0.order_holds, w1.order_holds, w1.order_hold_timeouts) == (0, 40, 3)
     assert w1.order_held_seconds == 0.25
     assert w1.send_order_hold_timeouts == 7
+    assert (w0.lazy_announcements, w1.lazy_announcements) == (0, 9)
     assert stats.handshakes.completed == 3
     assert stats.handshakes.prepared_used == 7
     assert stats.handshakes.drops[DropReason.STALE_TIMESTAMP] == 6

@@ -60,6 +60,7 @@ def sample_device(name: str = "wg0") -> DeviceStats:
                 order_hold_timeouts=2,
                 order_held_seconds=0.125,
                 send_order_hold_timeouts=4,
+                lazy_announcements=6,
             ),
             WorkerStats(1, rx_packets=1, rx_bytes=32, up=False),
         ],  # fmt: skip

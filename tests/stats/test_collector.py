@@ -115,6 +115,12 @@ def test_receive_ordering_holds_per_worker():
     assert value(s, "wgmp_send_order_hold_timeouts_total", device="wg0", worker="1") == 0
 
 
+def test_lazy_announcements_per_worker():
+    s = parse(render(sample_device()))
+    assert value(s, "wgmp_lazy_announcements_total", device="wg0", worker="0") == 6
+    assert value(s, "wgmp_lazy_announcements_total", device="wg0", worker="1") == 0
+
+
 def test_short_drop_lists_count_as_zero():
     device = DeviceStats("wg0", workers=[WorkerStats(0, drops=[1])])
     s = parse(render(device))

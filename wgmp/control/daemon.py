@@ -238,7 +238,6 @@ class Daemon:
         # By worker: the peers it asked a handshake for since control last wrote their
         # keypairs into its pipe (`_may_go_lazily`).
         self._asked: dict[int, set[int]] = {}
-        self.lazy_writes = 0  # batches written into a lazy pipe (ipc/lazy.py)
         self.flush_token = 0
         self._set_queue: deque[tuple[SetApplication, Respond]] = deque()
         self._round: _FlushRound | None = None
@@ -740,7 +739,7 @@ class Daemon:
             and lazy.try_write(data)
         ):
             self.keyslots.count_lazy_write(handle.worker_id)
-            self.lazy_writes += 1
+            handle.lazy_writes += 1
             handle.lazy_last = True
             return
         try:
@@ -1367,6 +1366,7 @@ class Daemon:
                     order_hold_timeouts=hold_timeouts,
                     order_held_seconds=held_us / 1e6,
                     send_order_hold_timeouts=send_timeouts,
+                    lazy_announcements=handle.lazy_writes,
                     restarts=handle.restarts,
                     up=running,
                 )

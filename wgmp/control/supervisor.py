@@ -60,6 +60,7 @@ class WorkerHandle:
     channel: Channel | None = None
     lazy: LazyPipe | None = None  # with several workers (ipc/lazy.py)
     lazy_last: bool = False  # control's last write to it went into the lazy pipe
+    lazy_writes: int = 0  # batches control wrote into its lazy pipes, over its restarts
     ready: bool = False
     restarts: int = 0
     started_at: float = 0.0

@@ -61,6 +61,10 @@ wgmp's own:
         chunks of one flow this worker sealed or read that left after SEND_HOLD_MAX (20 ms)
         instead of after the chunk before them (sending one flow on several workers,
         docs/dataplane.md): a sibling that did not get the CPU; order may suffer.
+    wgmp_lazy_announcements_total{device,worker}                   counter
+        batches of keypairs and endpoints control wrote into the worker's lazy pipe, for it
+        to read at its next wake-up, instead of waking it (ipc/lazy.py): with several workers,
+        a new session's keypair for every worker but its owner.
     wgmp_handshakes_initiated_total{device}       initiation messages sent
     wgmp_handshakes_received_total{device}        initiations received past the MAC/cookie checks
     wgmp_handshakes_completed_total{device}       sessions established (either role)
@@ -130,6 +134,7 @@ class WorkerStats:
     order_hold_timeouts: int = 0  # holds ended by HOLD_MAX
     order_held_seconds: float = 0.0  # time held, summed
     send_order_hold_timeouts: int = 0  # chunks sent after SEND_HOLD_MAX, not in turn
+    lazy_announcements: int = 0  # batches control wrote into its lazy pipe (ipc/lazy.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +369,13 @@ FAMILIES: tuple[_Family, ...] = (
         "Chunks of one flow sent after SEND_HOLD_MAX instead of after the chunk before them.",
         _WORKER,
         _per_worker(lambda w: w.send_order_hold_timeouts),
+    ),
+    _Family(
+        "wgmp_lazy_announcements",
+        _C,
+        "Batches of keypairs and endpoints written into a worker's lazy pipe, not waking it.",
+        _WORKER,
+        _per_worker(lambda w: w.lazy_announcements),
     ),
     _Family(
         "wgmp_handshakes_initiated",
