@@ -717,19 +717,26 @@ class Daemon:
         # whole or is queued (Channel.send_packed): control waits for no worker, and a worker
         # slow to read delays none of the others.
         owners = self._owners(live, published)
+        # Packed once for all the workers whose batch is the same (all but a ToWorker's):
+        # with `--workers auto` on many cores, msgpack per worker was most of the writes.
+        packed: tuple[list[Message], bytes] | None = None
         for handle in self._owner_first(live, owners):
             batch = batches[handle.worker_id]
-            if batch:
-                self._write_batch(handle, batch, handle.worker_id not in owners)
+            if not batch or handle.channel is None:
+                continue
+            if packed is None or packed[0] != batch:
+                packed = (batch, handle.channel.pack_many(batch))
+            self._write_batch(handle, batch, packed[1], handle.worker_id not in owners)
 
-    def _write_batch(self, handle: WorkerHandle, batch: list[Message], may_wait: bool) -> None:
-        """Write a turn's commands to a worker: into its lazy pipe if they may wait for its
-        next wake-up (`may_wait`: it is no owner of a keypair published this turn, and
-        `_may_go_lazily`), else into its pipe, which wakes it."""
+    def _write_batch(
+        self, handle: WorkerHandle, batch: list[Message], data: bytes, may_wait: bool
+    ) -> None:
+        """Write a turn's commands to a worker (`batch`, packed as `data`): into its lazy
+        pipe if they may wait for its next wake-up (`may_wait`: it is no owner of a keypair
+        published this turn, and `_may_go_lazily`), else into its pipe, which wakes it."""
         channel = handle.channel
         if channel is None:
             return
-        data = channel.pack_many(batch)
         lazy = handle.lazy
         if (
             may_wait
