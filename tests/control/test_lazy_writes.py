@@ -14,6 +14,7 @@ from __future__ import annotations
 import selectors
 import socket
 from collections.abc import Iterator
+from functools import partial
 from types import SimpleNamespace
 
 import msgpack
@@ -54,10 +55,11 @@ class Rig:
         d.pending_release = {}
         d._asked = {}
         self.ends: list[tuple[socket.socket, socket.socket]] = []  # (pipe, lazy pipe)
+        self.pipe_read = [0, 0]  # bytes each worker read of its pipe
         for worker_id in range(2):
             handle = WorkerHandle(worker_id, -1, {}, StatsBlock.create())
-            handle.channel, theirs = Channel.pair()
-            handle.lazy, lazy_theirs = LazyPipe.pair()
+            handle.channel, theirs = Channel.pair(partial(d.keyslots.pipe_read, worker_id))
+            handle.lazy, lazy_theirs = LazyPipe.pair(d.keyslots, worker_id)
             d.supervisor.workers.append(handle)
             d.selector.register(handle.channel.sock, selectors.EVENT_READ, None)
             self.ends.append((theirs, lazy_theirs))
@@ -73,8 +75,15 @@ class Rig:
         self.daemon._drain_commands()
 
     def read(self, worker_id: int) -> tuple[list[Message], list[Message]]:
-        """What worker `worker_id` finds in its pipe, and in its lazy pipe."""
-        return _read(self.ends[worker_id][0]), _read(self.ends[worker_id][1])
+        """What worker `worker_id` finds in its pipe, and in its lazy pipe, noting in the
+        marks what it saw and read, as a worker does."""
+        marks = self.daemon.keyslots
+        marks.note_lazy_seen(worker_id, marks.lazy_writes(worker_id))
+        lazy, size = _read(self.ends[worker_id][1])
+        pipe, size = _read(self.ends[worker_id][0])
+        self.pipe_read[worker_id] += size
+        marks.note_pipe_read(worker_id, self.pipe_read[worker_id])
+        return pipe, lazy
 
     def close(self) -> None:
         for handle in self.daemon.supervisor.workers:
@@ -86,13 +95,15 @@ class Rig:
                 sock.close()
 
 
-def _read(sock: socket.socket) -> list[Message]:
+def _read(sock: socket.socket) -> tuple[list[Message], int]:
+    """The messages waiting in `sock`, and their size in bytes."""
     unpacker = msgpack.Unpacker(raw=False)
     try:
-        unpacker.feed(sock.recv(1 << 16, socket.MSG_DONTWAIT))
+        data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
     except BlockingIOError:
-        return []
-    return [decode(raw) for raw in unpacker]
+        return [], 0
+    unpacker.feed(data)
+    return [decode(raw) for raw in unpacker], len(data)
 
 
 @pytest.fixture

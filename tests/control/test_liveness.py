@@ -50,7 +50,9 @@ class Rig:
         d.link = _AliveLink()  # type: ignore[assignment]  # only queue_alive is used
         self.handle = WorkerHandle(0, -1, {}, StatsBlock.create())
         self.handle.process = subprocess.Popen(["sleep", "60"])  # type: ignore[assignment]  # a stand-in: only poll, kill and wait are used
-        ours, self.theirs = Channel.pair()
+        # What the stand-in reads of its pipe, as a worker reports it (ipc/channel.py).
+        self.read = 0
+        ours, self.theirs = Channel.pair(lambda: self.read)
         self.handle.channel = ours
         self.handle.ready = True
         self.handle.started_at = 0.0
@@ -62,9 +64,11 @@ class Rig:
         self.theirs.setblocking(False)
         unpacker = msgpack.Unpacker(raw=False)
         try:
-            unpacker.feed(self.theirs.recv(1 << 16))
+            data = self.theirs.recv(1 << 16)
         except BlockingIOError:
             return []
+        self.read += len(data)
+        unpacker.feed(data)
         return [decode(raw) for raw in unpacker]
 
     def answer(self, message: Message) -> None:

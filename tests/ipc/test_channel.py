@@ -74,11 +74,35 @@ def test_a_message_split_anywhere_arrives_once_whole() -> None:
         receiver.close()
 
 
+def _reporting_pair() -> tuple[Channel, Channel]:
+    """Control's end and a worker's, the worker reporting its reads to control, as the
+    pipe marks carry them between processes (ipc/keyslots.py)."""
+    read = [0]
+    control, theirs = Channel.pair(lambda: read[0])
+    return control, Channel(theirs, on_read=lambda total: read.__setitem__(0, total))
+
+
+def test_what_the_pipe_took_and_what_the_worker_read_tell_whether_all_was_read() -> None:
+    control, worker = _reporting_pair()
+    try:
+        assert control.all_read()  # nothing written
+        control.send(Mtu(1280))
+        assert not control.all_read()
+        assert _drain(worker, 1) == [Mtu(1280)]
+        assert control.all_read() and control.bytes_sent == worker.bytes_read
+        unreported, theirs = Channel.pair()  # no reports: never all read, no reads seen
+        assert not unreported.all_read() and not unreported.read_since_last_look()
+        unreported.close()
+        theirs.close()
+    finally:
+        control.close()
+        worker.close()
+
+
 def test_a_burst_larger_than_the_socket_buffer_is_queued_not_lost() -> None:
     """Control's writes never wait (a hung worker must not stop control): what the pipe
     cannot take is queued in order and written by flush() as the worker reads."""
-    control, theirs = Channel.pair()
-    worker = Channel(theirs)
+    control, worker = _reporting_pair()
     count = 20000  # ~ 1 MB of keypair installs, far past a socketpair's buffer
     started = time.monotonic()
     for n in range(count):
@@ -143,8 +167,7 @@ def test_the_other_end_closing_is_none_after_what_it_sent() -> None:
 def test_reading_is_seen_even_when_control_writes_more_in_between() -> None:
     """A worker busy reading a long backlog is not hung: its reads are noticed although
     control keeps refilling the pipe (flush) before it looks."""
-    control, theirs = Channel.pair()
-    worker = Channel(theirs)
+    control, worker = _reporting_pair()
     try:
         for n in range(20000):
             control.send(KeypairInstall(n, 1))

@@ -23,8 +23,8 @@ from wgmp.ipc.keyslots import (
     FIRST_BLOCK,
     HANDED_MARK_SIZE,
     KEYSLOT_SIZE,
-    LAZY_COUNT_SIZE,
     MARK_SIZE,
+    PIPE_MARKS_SIZE,
     READ_FULL_SIZE,
     KeySlot,
     KeySlots,
@@ -84,7 +84,7 @@ def test_publish_read_round_trip(table: KeySlots) -> None:
     )
     # Counters [0, FIRST_BLOCK) are the first sender's (claim_first): reserve starts after.
     assert table.counter(first) == table.counter(second) == FIRST_BLOCK
-    tables = HANDED_MARK_SIZE + READ_FULL_SIZE + LAZY_COUNT_SIZE
+    tables = HANDED_MARK_SIZE + READ_FULL_SIZE + PIPE_MARKS_SIZE
     assert table.capacity == 8 and table.shm.size == 8 * (KEYSLOT_SIZE + MARK_SIZE) + tables
 
 

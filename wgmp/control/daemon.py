@@ -233,6 +233,7 @@ class Daemon:
             vnet_hdr=TUN_VNET_HDR,
             interface=name,
             worker_count=workers,
+            marks=self.keyslots,
         )
         self.pending_release: dict[int, set[int]] = {}
         # By worker: the peers it asked a handshake for since control last wrote their
@@ -745,7 +746,6 @@ class Daemon:
             and channel.all_read()
             and lazy.try_write(data)
         ):
-            self.keyslots.count_lazy_write(handle.worker_id)
             handle.lazy_writes += 1
             handle.lazy_last = True
             return
@@ -844,7 +844,6 @@ class Daemon:
 
     def _start_worker(self, handle: WorkerHandle) -> None:
         self._asked.pop(handle.worker_id, None)  # a new process stages nothing yet
-        self.keyslots.reset_lazy_writes(handle.worker_id)  # its lazy pipe is new too
         self.supervisor.start(handle)
         assert handle.channel is not None
         self.selector.register(

@@ -27,8 +27,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..ipc.channel import Channel
+from ..ipc.keyslots import KeySlots
 from ..ipc.lazy import LazyPipe
 from ..ipc.workerspec import WORKER_MODULE, WorkerSpec
 from ..stats.block import StatsBlock
@@ -104,9 +106,14 @@ class Supervisor:
         vnet_hdr: bool,
         interface: str = "",
         worker_count: int = 1,
+        marks: KeySlots | None = None,
     ) -> None:
         self.interface = interface  # for the workers' names and log lines
         self.keyslots_fd = keyslots_fd
+        # The key slots' pipe marks, where each worker reports what it read of control's
+        # pipes (ipc/channel.py, ipc/lazy.py); without them control knows of no reads (no
+        # lazy pipes, liveness by answers alone): for tests that build a supervisor alone.
+        self.marks = marks
         self.worker_count = worker_count
         # handoff[w] = (worker w's read end, everyone else's write end); kept open for life.
         self.handoff: list[tuple[socket.socket, socket.socket]] = []
@@ -130,9 +137,15 @@ class Supervisor:
 
     def start(self, handle: WorkerHandle) -> None:
         """Fork the worker from this (already imported) process: see control/forked.py."""
-        channel, theirs = Channel.pair()
-        # One worker owns every keypair: nothing would ever go lazily (ipc/lazy.py).
-        lazy, lazy_theirs = LazyPipe.pair() if self.worker_count > 1 else (None, None)
+        marks, worker_id = self.marks, handle.worker_id
+        if marks is not None:
+            marks.reset_pipe_marks(worker_id)  # new pipes: nothing written, nothing read
+        channel, theirs = Channel.pair(partial(marks.pipe_read, worker_id) if marks else None)
+        lazy: LazyPipe | None = None
+        lazy_theirs: socket.socket | None = None
+        if marks is not None and self.worker_count > 1:
+            # (One worker owns every keypair: nothing would ever go lazily.)
+            lazy, lazy_theirs = LazyPipe.pair(marks, worker_id)
         sock4 = handle.sockets.get(4)
         sock6 = handle.sockets.get(6)
         inbox, outboxes = _ends(self.handoff, handle.worker_id)

@@ -15,6 +15,7 @@ goes through `_handle_control`, one handler per declared message (`HANDLERS`, at
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import signal
@@ -401,6 +402,7 @@ class Worker(Outbound, Inbound, SendSpread):
         if count == self._lazy_seen:
             return
         self._lazy_seen = count  # before the read: a later write is then seen next time
+        self.keyslots.note_lazy_seen(self.worker_id, count)
         wire = self.lazy.receive_wire()  # type: ignore[union-attr]  # the caller checked
         if wire:  # None (control has gone) is the ordinary pipe's to tell
             self._handle_wire(wire, now)
@@ -810,12 +812,19 @@ def _serve(spec: WorkerSpec) -> None:
             sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         except OSError:
             pass  # no UDP GRO in this kernel: one datagram per recvmsg
+    keyslots = KeySlots.attach(spec.keyslots, spec.workers)
+    # What it read of control's pipe goes into the pipe marks (ipc/channel.py): control's
+    # liveness check and its lazy writes read them back.
+    channel = Channel(
+        socket.socket(fileno=spec.channel),
+        on_read=functools.partial(keyslots.note_pipe_read, spec.worker_id),
+    )
     worker = Worker(
         spec.worker_id,
         spec.tun,
         sockets,
-        Channel(socket.socket(fileno=spec.channel)),
-        KeySlots.attach(spec.keyslots, spec.workers),
+        channel,
+        keyslots,
         StatsBlock.attach(spec.stats),
         vnet_hdr=spec.vnet_hdr,
         workers=spec.workers,

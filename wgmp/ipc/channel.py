@@ -6,10 +6,8 @@ compact wire list and reads wire lists back into declared messages.
 
 from __future__ import annotations
 
-import array
-import fcntl
 import socket
-import termios
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -36,16 +34,35 @@ class Channel:
     of handshakes from 1000 configured peers once did that: perf/bench_handshake_flood.py).
     How much may wait is control's decision (daemon.py: a worker whose backlog passes its
     bound is treated as hung and replaced).
+
+    What the other end has read, control learns from the worker itself: the worker's end
+    reports the bytes it has read (`on_read`, into shared memory: ipc/keyslots.py's pipe
+    marks) and control's end reads that back (`read_total`) and compares it with the bytes
+    its pipe took (`bytes_sent`). Asking the kernel (SIOCOUTQ) instead cost two system calls
+    around every write, ~10-20 us of a new session's announcement with cold caches
+    (perf/RESULTS.md, "Tenth session"), and a write could mask a read that came before it.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        read_total: Callable[[], int] | None = None,
+        on_read: Callable[[int], None] | None = None,
+    ) -> None:
         self.sock = sock
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20)
         self._packer = msgpack.Packer(use_bin_type=True)
         self._out = bytearray()  # control's end: bytes the pipe had no room for yet
-        self._outq_mark = 0  # control's end: its pipe's fill (SIOCOUTQ) after the last write
-        self._read_seen = False  # ... and it went down since: the other end read
         self._eof = False  # the other end closed
+        # Control's end: the bytes its pipe took, and the other end's report of what it read
+        # (none: nothing is known to be read), as it was at the last look.
+        self.bytes_sent = 0
+        self.read_total = read_total
+        self._read_looked = 0
+        # The reading end: the bytes read so far, and whom to tell after each read.
+        self.bytes_read = 0
+        self.on_read = on_read
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -84,13 +101,11 @@ class Channel:
         if self._out:  # keep the order: behind what waits already
             self._out += data
             return
-        self._note_reads()
         try:
             sent = self.sock.send(data)
         except BlockingIOError:
             sent = 0
-        if sent:
-            self._outq_mark = self._outq()
+        self.bytes_sent += sent
         if sent < len(data):
             self._out += memoryview(data)[sent:]
 
@@ -111,8 +126,10 @@ class Channel:
 
     def all_read(self) -> bool:
         """Control's end: whether the other end has read everything written so far (nothing
-        queued here, nothing unread in the pipe: SIOCOUTQ falls to 0 once it read all)."""
-        return not self._out and self._outq() == 0
+        queued here, and it reported reading all the pipe took; False when it reports
+        nothing)."""
+        read_total = self.read_total
+        return not self._out and read_total is not None and read_total() == self.bytes_sent
 
     @property
     def backlog(self) -> int:
@@ -120,41 +137,25 @@ class Channel:
         return len(self._out)
 
     def read_since_last_look(self) -> bool:
-        """Whether the other end read from the pipe since control last wrote to it or last
-        asked. The pipe's fill (SIOCOUTQ: for a unix socket, the memory of the unread
-        buffers, not a byte count) only goes down when the other end reads."""
-        self._note_reads()
-        read, self._read_seen = self._read_seen, False
-        self._outq_mark = self._outq()
+        """Control's end: whether the other end reported reading from the pipe since
+        control last asked (False when it reports nothing)."""
+        if self.read_total is None:
+            return False
+        total = self.read_total()
+        read, self._read_looked = total != self._read_looked, total
         return read
-
-    def _note_reads(self) -> None:
-        """Remember a fall of the pipe's fill before a write raises it again."""
-        if self._outq() < self._outq_mark:
-            self._read_seen = True
-
-    def _outq(self) -> int:
-        buffer = array.array("i", [0])
-        try:
-            fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, buffer, True)
-        except OSError:
-            return 0
-        return buffer[0]
 
     def flush(self) -> bool:
         """Write what waits in `backlog` as far as the pipe takes it; True once empty.
         OSError when the other end has gone."""
-        self._note_reads()
-        try:
-            while self._out:
-                try:
-                    sent = self.sock.send(self._out)
-                except BlockingIOError:
-                    return False
-                del self._out[:sent]
-            return True
-        finally:
-            self._outq_mark = self._outq()
+        while self._out:
+            try:
+                sent = self.sock.send(self._out)
+            except BlockingIOError:
+                return False
+            del self._out[:sent]
+            self.bytes_sent += sent
+        return True
 
     def receive(self) -> list[Message] | None:
         """Every complete message readable now; None when the other end has gone and
@@ -184,6 +185,9 @@ class Channel:
             if data is not None:
                 if data:
                     self._unpacker.feed(data)
+                    self.bytes_read += len(data)
+                    if self.on_read is not None:
+                        self.on_read(self.bytes_read)
                 else:
                     self._eof = True
         wire = list(self._unpacker)
@@ -195,8 +199,9 @@ class Channel:
         self.sock.close()
 
     @classmethod
-    def pair(cls) -> tuple[Channel, socket.socket]:
-        """Control's end and the raw socket to hand to a worker process."""
+    def pair(cls, read_total: Callable[[], int] | None = None) -> tuple[Channel, socket.socket]:
+        """Control's end and the raw socket to hand to a worker process; `read_total`: the
+        worker's report of the bytes it has read (see the class)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)  # see the class: control never waits for a worker
         # What a worker may have in flight to control before it must drop handshake messages
@@ -204,7 +209,7 @@ class Channel:
         # them, as wireguard-go's handshake queue holds. The default (wmem_default, ~208 KiB)
         # held ~1,100, and a burst of GSO trains lost more than half (perf/RESULTS.md).
         force_send_buffer(theirs, WORKER_SEND_BUFFER)
-        return cls(ours), theirs
+        return cls(ours, read_total=read_total), theirs
 
 
 def force_send_buffer(sock: socket.socket, size: int) -> None:

@@ -36,9 +36,13 @@ one before it has, wherever that was sealed (dataplane/sendspread.py).
 Then one f64 per worker: when (monotonic) its last TUN read found a full batch, i.e. it is
 busy reading flows of its own; a reader hands no chunks to such a sibling.
 
-Last, one u64 per worker: how many writes control made into that worker's lazy pipe (its one
-writer is control, after each write; ipc/lazy.py). A worker compares it with the count it
-last saw at each wake-up, instead of a system call.
+Last, three u64 per worker, the marks of control's pipes to it: how many writes control made
+into its lazy pipe (ipc/lazy.py; written by control, after each write), how many of those
+the worker has seen (written by the worker, as it looks), and how many bytes it has read
+from its ordinary pipe (written by the worker, after each read). The worker compares the
+first with the last it saw at each wake-up, instead of a system call; control learns from
+the other two what the worker has read, instead of asking the kernel (SIOCOUTQ) around each
+write: for the order of lazy writes and for the worker's liveness (ipc/channel.py).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ __all__ = [
     "HANDED_MARK_SIZE",
     "KEYSLOT_SIZE",
     "MARK_SIZE",
-    "LAZY_COUNT_SIZE",
+    "PIPE_MARKS_SIZE",
     "READ_FULL_SIZE",
     "KeySlot",
     "KeySlots",
@@ -69,7 +73,7 @@ KEYSLOT_SIZE = 128
 MARK_SIZE = 16  # a replay mark and a delivered mark per slot and worker, after the slots
 HANDED_MARK_SIZE = 8  # per (sealer, reader) pair of workers, after the marks
 READ_FULL_SIZE = 8  # per worker, after the hand-off marks: when its last full TUN read was
-LAZY_COUNT_SIZE = 8  # per worker, last: control's writes into its lazy pipe
+PIPE_MARKS_SIZE = 24  # per worker, last: lazy writes, lazy writes seen, pipe bytes read
 FIRST_BLOCK = COUNTER_BLOCK  # counters [0, FIRST_BLOCK): one worker's (claim_first)
 _FIRST_TAKEN = 32  # the first block's mark, a byte of the layout's padding after `created`
 _COUNTER = struct.Struct("<Q")
@@ -112,7 +116,7 @@ class KeySlots:
         self._marks = self.capacity * KEYSLOT_SIZE  # where the marks table starts
         self._handed = self._marks + self.capacity * workers * MARK_SIZE  # the hand-off marks
         self._read_full = self._handed + workers * workers * HANDED_MARK_SIZE
-        self._lazy = self._read_full + workers * READ_FULL_SIZE
+        self._pipes = self._read_full + workers * READ_FULL_SIZE
         self._free = list(range(self.capacity - 1, -1, -1))  # used by control only
 
     @classmethod
@@ -255,18 +259,40 @@ class KeySlots:
 
     def count_lazy_write(self, worker: int) -> None:
         """Control's note that it wrote once more into `worker`'s lazy pipe (its one writer)."""
-        offset = self._lazy + worker * LAZY_COUNT_SIZE
-        _COUNTER.pack_into(
-            self.shm.view, offset, _COUNTER.unpack_from(self.shm.view, offset)[0] + 1
-        )
-
-    def reset_lazy_writes(self, worker: int) -> None:
-        """For a worker started afresh, with a new lazy pipe (control only)."""
-        _COUNTER.pack_into(self.shm.view, self._lazy + worker * LAZY_COUNT_SIZE, 0)
+        self._write_mark(worker, 0, self.lazy_writes(worker) + 1)
 
     def lazy_writes(self, worker: int) -> int:
         """How many writes control made into `worker`'s lazy pipe."""
-        return int(_COUNTER.unpack_from(self.shm.view, self._lazy + worker * LAZY_COUNT_SIZE)[0])
+        return self._mark(worker, 0)
+
+    def note_lazy_seen(self, worker: int, count: int) -> None:
+        """`worker`'s note that it has looked at `count` lazy writes (its one writer)."""
+        self._write_mark(worker, 1, count)
+
+    def lazy_seen(self, worker: int) -> int:
+        """How many of control's lazy writes `worker` has looked at."""
+        return self._mark(worker, 1)
+
+    def note_pipe_read(self, worker: int, total: int) -> None:
+        """`worker`'s note that it has read `total` bytes of its ordinary pipe (one writer)."""
+        self._write_mark(worker, 2, total)
+
+    def pipe_read(self, worker: int) -> int:
+        """How many bytes of its ordinary pipe `worker` has read."""
+        return self._mark(worker, 2)
+
+    def reset_pipe_marks(self, worker: int) -> None:
+        """For a worker started afresh, with new pipes (control only, before it starts)."""
+        offset = self._pipes + worker * PIPE_MARKS_SIZE
+        self.shm.view[offset : offset + PIPE_MARKS_SIZE] = bytes(PIPE_MARKS_SIZE)
+
+    def _mark(self, worker: int, which: int) -> int:
+        offset = self._pipes + worker * PIPE_MARKS_SIZE + 8 * which
+        return int(_COUNTER.unpack_from(self.shm.view, offset)[0])
+
+    def _write_mark(self, worker: int, which: int, value: int) -> None:
+        offset = self._pipes + worker * PIPE_MARKS_SIZE + 8 * which
+        _COUNTER.pack_into(self.shm.view, offset, value)
 
     def counter(self, slot: int) -> int:
         """The next unreserved counter (a hint without the lock: for rekey checks and for
@@ -275,5 +301,5 @@ class KeySlots:
 
 
 def _tables_size(workers: int) -> int:
-    """The bytes after the slots and their marks: hand-off marks, full reads, lazy counts."""
-    return workers * workers * HANDED_MARK_SIZE + workers * (READ_FULL_SIZE + LAZY_COUNT_SIZE)
+    """The bytes after the slots and their marks: hand-off marks, full reads, pipe marks."""
+    return workers * workers * HANDED_MARK_SIZE + workers * (READ_FULL_SIZE + PIPE_MARKS_SIZE)

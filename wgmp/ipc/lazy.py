@@ -12,9 +12,9 @@ last saw at every wake-up, before it handles anything, and reads the lazy pipe w
 
 The order of control's messages is kept by two rules:
 
-- Control writes lazily only while the worker has read everything of its ordinary pipe (its
-  SIOCOUTQ is 0 and nothing waits in control's backlog): no ordinary message older than the
-  lazy one is left unread.
+- Control writes lazily only while the worker has read everything of its ordinary pipe (it
+  reported reading every byte the pipe took, and nothing waits in control's backlog:
+  ipc/channel.py): no ordinary message older than the lazy one is left unread.
 - The worker reads its lazy pipe before every read of the ordinary one: a lazy message is
   handled before every ordinary one written after it.
 
@@ -32,12 +32,11 @@ announcements.
 
 from __future__ import annotations
 
-import array
-import fcntl
 import socket
-import termios
+from collections import deque
 
 from .channel import force_send_buffer
+from .keyslots import KeySlots
 
 __all__ = ["LAZY_MAX", "LazyPipe"]
 
@@ -51,28 +50,35 @@ LAZY_BUFFER = 1 << 20
 class LazyPipe:
     """Control's end: writes that go in whole or not at all, and never wait."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, marks: KeySlots, worker_id: int) -> None:
         self.sock = sock
+        self._marks = marks  # where control counts its writes and the worker what it saw
+        self._worker = worker_id
+        self._writes = 0
+        # Writes the worker may not have read yet: (their number, their size), oldest first.
+        self._unseen: deque[tuple[int, int]] = deque()
+        self._unseen_bytes = 0
 
     @classmethod
-    def pair(cls) -> tuple[LazyPipe, socket.socket]:
-        """Control's end and the raw socket to hand to a worker process."""
+    def pair(cls, marks: KeySlots, worker_id: int) -> tuple[LazyPipe, socket.socket]:
+        """Control's end and the raw socket to hand to worker `worker_id`."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
         force_send_buffer(ours, LAZY_BUFFER)
-        return cls(ours), theirs
+        return cls(ours, marks, worker_id), theirs
 
     def unread(self) -> int:
-        """The memory of what the worker has not read yet (SIOCOUTQ: 0 once it read all)."""
-        buffer = array.array("i", [0])
-        try:
-            fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, buffer, True)
-        except OSError:
-            return LAZY_MAX  # as if full: the ordinary pipe takes it
-        return buffer[0]
+        """Bytes of the writes the worker has not looked at yet (it notes how many it saw
+        in the marks as it looks, just before it reads them)."""
+        seen = self._marks.lazy_seen(self._worker)
+        unseen = self._unseen
+        while unseen and unseen[0][0] <= seen:
+            self._unseen_bytes -= unseen.popleft()[1]
+        return self._unseen_bytes
 
     def try_write(self, data: bytes) -> bool:
-        """Write `data` whole, now, if LAZY_MAX allows: False (nothing written) otherwise."""
+        """Write `data` whole, now, if LAZY_MAX allows, and count it where the worker looks:
+        False (nothing written) otherwise."""
         if len(data) > LAZY_MAX or self.unread() + len(data) > LAZY_MAX:
             return False
         try:
@@ -83,6 +89,10 @@ class LazyPipe:
             # Cannot happen below LAZY_MAX (see there); if it did, the rest must follow at
             # once, and with the buffer that much larger than LAZY_MAX it has room.
             self.sock.sendall(memoryview(data)[sent:])
+        self._writes += 1
+        self._unseen.append((self._writes, len(data)))
+        self._unseen_bytes += len(data)
+        self._marks.count_lazy_write(self._worker)  # after the bytes: the worker's cue
         return True
 
     def close(self) -> None:
