@@ -237,7 +237,7 @@ class Daemon:
         )
         self.pending_release: dict[int, set[int]] = {}
         # By worker: the peers it asked a handshake for since control last wrote their
-        # keypairs into its pipe (`_may_go_lazily`).
+        # `current` keypair (or their removal) into its ordinary pipe (`_may_go_lazily`).
         self._asked: dict[int, set[int]] = {}
         self.flush_token = 0
         self._set_queue: deque[tuple[SetApplication, Respond]] = deque()
@@ -761,9 +761,9 @@ class Daemon:
 
     def _may_go_lazily(self, worker_id: int, batch: list[Message]) -> bool:
         """Whether every command of `batch` is one `worker_id` needs only when it next sends
-        or receives (ipc/lazy.py): keypairs and endpoints, of no peer it asked a handshake
-        for since its last wake-up by control (it may hold packets staged for that
-        handshake, which only a wake-up sends)."""
+        or receives (ipc/lazy.py): keypairs and endpoints, of no peer with an open ask of
+        that worker (`_asked`: it may hold packets staged for that handshake, which only a
+        wake-up sends)."""
         if not all(type(command) in _LAZY_COMMANDS for command in batch):
             return False
         asked = self._asked.get(worker_id)

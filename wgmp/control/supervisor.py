@@ -140,7 +140,8 @@ class Supervisor:
         marks, worker_id = self.marks, handle.worker_id
         if marks is not None:
             marks.reset_pipe_marks(worker_id)  # new pipes: nothing written, nothing read
-        channel, theirs = Channel.pair(partial(marks.pipe_read, worker_id) if marks else None)
+        reads = partial(marks.pipe_read, worker_id) if marks is not None else None
+        channel, theirs = Channel.pair(reads)
         lazy: LazyPipe | None = None
         lazy_theirs: socket.socket | None = None
         if marks is not None and self.worker_count > 1:

@@ -257,9 +257,12 @@ class KeySlots:
         """When `worker`'s last full TUN read was (0.0: never)."""
         return float(_WHEN.unpack_from(self.shm.view, self._read_full + worker * READ_FULL_SIZE)[0])
 
-    def count_lazy_write(self, worker: int) -> None:
-        """Control's note that it wrote once more into `worker`'s lazy pipe (its one writer)."""
-        self._write_mark(worker, 0, self.lazy_writes(worker) + 1)
+    def count_lazy_write(self, worker: int) -> int:
+        """Control's note that it wrote once more into `worker`'s lazy pipe (its one writer);
+        returns the new count."""
+        count = self.lazy_writes(worker) + 1
+        self._write_mark(worker, 0, count)
+        return count
 
     def lazy_writes(self, worker: int) -> int:
         """How many writes control made into `worker`'s lazy pipe."""

@@ -2,8 +2,8 @@
 
 A new session's keypair is announced to every worker, and each write into a worker's pipe
 wakes it: with N workers, N-1 of them woke for a keypair whose first packets go to another
-(its owner, net/steering.py), each paying a cold wake-up and install (~100-150 us of CPU:
-perf/RESULTS.md, "Tenth session"). A worker cannot send or receive anything without waking
+(its owner, net/steering.py), each paying a cold wake-up and install (with 2 workers, ~70-100
+us of the workers' CPU per end and new session: perf/RESULTS.md, "Tenth session"). A worker cannot send or receive anything without waking
 up, so what it only needs for sending or receiving may wait for that wake-up: control writes
 such a batch into a second pipe, which the worker does not poll, and counts the write in
 shared memory (KeySlots.count_lazy_write); the worker compares that count with the one it
@@ -54,7 +54,6 @@ class LazyPipe:
         self.sock = sock
         self._marks = marks  # where control counts its writes and the worker what it saw
         self._worker = worker_id
-        self._writes = 0
         # Writes the worker may not have read yet: (their number, their size), oldest first.
         self._unseen: deque[tuple[int, int]] = deque()
         self._unseen_bytes = 0
@@ -89,10 +88,9 @@ class LazyPipe:
             # Cannot happen below LAZY_MAX (see there); if it did, the rest must follow at
             # once, and with the buffer that much larger than LAZY_MAX it has room.
             self.sock.sendall(memoryview(data)[sent:])
-        self._writes += 1
-        self._unseen.append((self._writes, len(data)))
+        count = self._marks.count_lazy_write(self._worker)  # after the bytes: the worker's cue
+        self._unseen.append((count, len(data)))
         self._unseen_bytes += len(data)
-        self._marks.count_lazy_write(self._worker)  # after the bytes: the worker's cue
         return True
 
     def close(self) -> None:
