@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from functools import partial
 from types import SimpleNamespace
 
-import msgpack
 import pytest
 
 from tests.control.interface_pair import SeededRng
+from tests.ipc.helpers import read_messages
 from wgmp.control.daemon import WORKER_HANDLERS, Daemon
 from wgmp.control.interface import Interface
 from wgmp.control.supervisor import Supervisor, WorkerHandle
@@ -36,7 +36,6 @@ from wgmp.ipc.messages import (
     PeerEndpoint,
     PeerSet,
     Ping,
-    decode,
 )
 from wgmp.net.steering import counter_worker
 from wgmp.stats.block import StatsBlock
@@ -79,8 +78,8 @@ class Rig:
         marks what it saw and read, as a worker does."""
         marks = self.daemon.keyslots
         marks.note_lazy_seen(worker_id, marks.lazy_writes(worker_id))
-        lazy, size = _read(self.ends[worker_id][1])
-        pipe, size = _read(self.ends[worker_id][0])
+        lazy, size = read_messages(self.ends[worker_id][1])
+        pipe, size = read_messages(self.ends[worker_id][0])
         self.pipe_read[worker_id] += size
         marks.note_pipe_read(worker_id, self.pipe_read[worker_id])
         return pipe, lazy
@@ -93,17 +92,6 @@ class Rig:
         for pair in self.ends:
             for sock in pair:
                 sock.close()
-
-
-def _read(sock: socket.socket) -> tuple[list[Message], int]:
-    """The messages waiting in `sock`, and their size in bytes."""
-    unpacker = msgpack.Unpacker(raw=False)
-    try:
-        data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return [], 0
-    unpacker.feed(data)
-    return [decode(raw) for raw in unpacker], len(data)
 
 
 @pytest.fixture

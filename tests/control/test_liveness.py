@@ -18,13 +18,14 @@ import msgpack
 import pytest
 
 from tests.control.interface_pair import SeededRng
+from tests.ipc.helpers import read_messages
 from wgmp.control import daemon as daemon_module
 from wgmp.control.daemon import Daemon
 from wgmp.control.interface import Interface
 from wgmp.control.supervisor import HEARTBEAT_INTERVAL, PING_TIMEOUT, Supervisor, WorkerHandle
 from wgmp.ipc.channel import Channel
 from wgmp.ipc.keyslots import KeySlots
-from wgmp.ipc.messages import KeypairInstall, Message, Mtu, Ping, Pong, decode, encode
+from wgmp.ipc.messages import KeypairInstall, Message, Mtu, Ping, Pong, encode
 from wgmp.stats.block import StatsBlock
 
 
@@ -61,15 +62,9 @@ class Rig:
         d.selector.register(ours.sock, selectors.EVENT_READ, lambda _s: d._on_worker(self.handle))
 
     def received_by_worker(self) -> list[Message]:
-        self.theirs.setblocking(False)
-        unpacker = msgpack.Unpacker(raw=False)
-        try:
-            data = self.theirs.recv(1 << 16)
-        except BlockingIOError:
-            return []
-        self.read += len(data)
-        unpacker.feed(data)
-        return [decode(raw) for raw in unpacker]
+        messages, size = read_messages(self.theirs)
+        self.read += size
+        return messages
 
     def answer(self, message: Message) -> None:
         self.theirs.sendall(msgpack.packb(encode(message), use_bin_type=True))

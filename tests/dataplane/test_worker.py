@@ -16,6 +16,7 @@ import msgpack
 import pytest
 
 from tests.dataplane.test_coalesce import tcp4
+from tests.ipc.helpers import read_messages
 from wgmp.dataplane import inbound
 from wgmp.dataplane import worker as worker_module
 from wgmp.dataplane.inbound import HOLD_MAX, UNKNOWN_KEEP, UNKNOWN_KEPT
@@ -56,7 +57,6 @@ from wgmp.ipc.messages import (
     Roamed,
     RouteLoop,
     SendKeepalive,
-    decode,
     encode,
     kind_of,
 )
@@ -134,13 +134,7 @@ def publish(worker: Worker, local_index: int = OWNED_INDEX, created: float | Non
 
 
 def control_messages(control: socket.socket) -> list[Message]:
-    control.setblocking(False)
-    unpacker = msgpack.Unpacker(raw=False)
-    try:
-        unpacker.feed(control.recv(1 << 16))
-    except BlockingIOError:
-        return []
-    return [decode(raw) for raw in unpacker]
+    return read_messages(control)[0]
 
 
 def train(
