@@ -1495,3 +1495,29 @@ def test_the_lazy_pipe_is_read_once_controls_count_moved_and_before_the_pipe(rig
     finally:
         lazy_control.close()
         lazy_worker.close()
+
+
+def test_what_the_lazy_pipe_holds_that_is_no_message_or_raises_is_skipped(rig: Any) -> None:
+    """The lazy pipe's items go the ordinary pipe's way (`_handle_wire`): a list that is no
+    declared message is skipped, one whose handling raises is counted as internal_error,
+    and what follows them is applied."""
+    worker: Worker = rig.worker
+    lazy_control, lazy_worker = socket.socketpair()
+    worker.lazy = Channel(lazy_worker)
+    packer = msgpack.Packer(use_bin_type=True)
+    slot = publish(worker)
+    try:
+        lazy_control.sendall(
+            packer.pack([999, 1])  # no such kind
+            + packer.pack("not a list")
+            + packer.pack(encode(PeerSet(7, ["192.0.2.1"], None)))  # handling raises
+            + packer.pack(encode(KeypairInstall(slot, ROLE_CURRENT)))
+        )
+        worker.keyslots.count_lazy_write(0)
+        worker._read_lazy(time.monotonic())
+        assert worker.drops[DropReason.INTERNAL_ERROR] == 1
+        assert slot in worker.by_slot
+        assert worker.keyslots.lazy_seen(0) == 1  # what control reads back (ipc/lazy.py)
+    finally:
+        lazy_control.close()
+        lazy_worker.close()

@@ -334,3 +334,19 @@ def test_the_first_block_is_claimed_once_without_the_lock_and_never_reserved(
     other = _publish(table, 2)
     assert table.claim_first(other) and not table.claim_first(other)
     assert table.read(slot).send_key == b"\x01" * 32  # the mark is outside the keys
+
+
+def test_pipe_marks_are_each_workers_own_and_a_restart_clears_them() -> None:
+    """Control's lazy writes, and each worker's looks and reads (ipc/channel.py, lazy.py)."""
+    table = KeySlots.create(8, workers=3)
+    worker = KeySlots.attach(table.shm.fd, workers=3)  # the worker's view of the same memory
+    assert table.count_lazy_write(1) == 1 and table.count_lazy_write(1) == 2
+    worker.note_lazy_seen(1, 2)
+    worker.note_pipe_read(1, 4096)
+    worker.note_pipe_read(2, 10)
+    assert (worker.lazy_writes(1), table.lazy_seen(1), table.pipe_read(1)) == (2, 2, 4096)
+    assert (table.lazy_writes(0), table.lazy_seen(0), table.pipe_read(0)) == (0, 0, 0)
+    assert table.pipe_read(2) == 10 and table.read_full(2) == 0.0  # no table overlaps another
+    table.reset_pipe_marks(1)
+    assert (worker.lazy_writes(1), worker.lazy_seen(1), worker.pipe_read(1)) == (0, 0, 0)
+    assert table.pipe_read(2) == 10
