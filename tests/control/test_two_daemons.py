@@ -306,8 +306,9 @@ def test_with_two_workers_the_other_worker_learns_the_keypair_lazily_and_sends_w
     ((_, keypair),) = b.daemon.interface.keypair_at.values()
     other = 1 - counter_worker(0, 2, keypair.local_index)
     # Its two announcements: the keypair as `next` with the peer's endpoint, then as
-    # `current` once the owner received under it.
-    assert b.daemon.keyslots.lazy_writes(other) == 2
+    # `current` once the owner received under it (control learns that from the owner's
+    # report, which may come after the reply reached a).
+    assert _wait_for(lambda: b.daemon.keyslots.lazy_writes(other) == 2)
     for queue in (0, 1):  # whichever worker is not the keypair's owner reads one of them
         packet = ipv4_udp(INNER_B, INNER_A, 5000, 4000 + queue, b"from queue %d" % queue)
         b.tun.write(packet, queue)
