@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Wall time of one lone packet through a worker's send and receive paths, warm and cold.
 
-    python perf/bench_lone_packet.py [--rounds 300]
+    python perf/bench_lone_packet.py [--rounds 300] [--workers 1,2]
 
 What a ping's round trip costs a worker per hop (docs/performance.md, "Round-trip time"):
 `Worker._outbound` reading one packet from a SOCK_SEQPACKET pair standing in for the TUN queue
@@ -13,7 +13,8 @@ the other processes of the machine evict the worker's code and data; "warm": bac
 Two times per call, microseconds, median (and 25th percentile: the machine is shared): from the
 call to the packet's arrival (the kernel's receive timestamp, SO_TIMESTAMPNS, of the UDP sink
 or of the socket standing in for the TUN: the hop's critical path), and the whole call (which
-goes on to the read that finds nothing). No root.
+goes on to the read that finds nothing). With `--workers 2` the worker is one of two: its lone
+send is ordered with the chunks its sibling may seal (dataplane/sendspread.py). No root.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dataplane import DST, KEY_B, OWNED_INDEX, SRC, make_worker  # noqa: E402
 
+from wgmp.dataplane.sendspread import HandOffPlan  # noqa: E402
 from wgmp.net.tun import VIRTIO_NET_HDR_NONE  # noqa: E402
 from wgmp.protocol.transport import seal_transport  # noqa: E402
 
@@ -86,9 +88,18 @@ def header() -> str:
     )
 
 
-def bench_send(rounds: int, cold: bool) -> tuple[str, str]:
+def worker_of(tun_fd: int, workers: int) -> tuple[Any, socket.socket]:
+    """bench_dataplane's worker, as worker 0 of `workers` (with its send order's plan, as
+    the worker's start-up gives it when it has siblings)."""
+    worker, sink = make_worker(tun_fd, workers)
+    if workers > 1:
+        worker.plan = HandOffPlan(0, workers, worker.keyslots.sealed, worker.keyslots.read_full)
+    return worker, sink
+
+
+def bench_send(rounds: int, cold: bool, workers: int) -> tuple[str, str]:
     tun_ours, tun_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    worker, sink = make_worker(tun_theirs.fileno())
+    worker, sink = worker_of(tun_theirs.fileno(), workers)
     sink.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     os.set_blocking(tun_theirs.fileno(), False)
     worker._tun_sparse = True
@@ -107,10 +118,10 @@ def bench_send(rounds: int, cold: bool) -> tuple[str, str]:
     return quantiles(emitted), quantiles(whole)
 
 
-def bench_receive(rounds: int, cold: bool) -> tuple[str, str]:
+def bench_receive(rounds: int, cold: bool, workers: int) -> tuple[str, str]:
     tun_ours, tun_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     tun_ours.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-    worker, sink = make_worker(tun_theirs.fileno())
+    worker, sink = worker_of(tun_theirs.fileno(), workers)
     sink.setblocking(False)
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
@@ -139,17 +150,19 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--workers", default="1", help="comma-separated: 1, 2 (one of two)")
     args = parser.parse_args()
     print(header())
     print("us, median (p25): | to the emit | whole call |")
-    for cold in (False, True):
-        label = "cold" if cold else "warm"
-        for name, bench in (
-            ("send one packet", bench_send),
-            ("receive one datagram", bench_receive),
-        ):
-            emitted, whole = bench(args.rounds, cold)
-            print(f"{label} {name:20}: {emitted} | {whole}")
+    for workers in (int(w) for w in args.workers.split(",")):
+        for cold in (False, True):
+            label = f"{'cold' if cold else 'warm'}, {workers} worker{'s' if workers > 1 else ''}"
+            for name, bench in (
+                ("send one packet", bench_send),
+                ("receive one datagram", bench_receive),
+            ):
+                emitted, whole = bench(args.rounds, cold, workers)
+                print(f"{label} {name:20}: {emitted} | {whole}")
 
 
 if __name__ == "__main__":
