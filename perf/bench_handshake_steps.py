@@ -83,7 +83,7 @@ def one_handshake(seed: int, prepared: bool, cold: bool) -> list[int]:
     times.append(_timed(cold, lambda: a.receive_handshake(response, B_ENDPOINT, 1.0, 0)))
     assert a.counters.completed == 1 and a.counters.prepared_used == int(prepared)
     for iface in (a, b):
-        iface.keyslots.shm.close()
+        iface.keyslots.close()
     return times
 
 

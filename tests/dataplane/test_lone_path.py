@@ -259,6 +259,42 @@ def test_with_several_workers_a_lone_packet_keeps_the_chunk_order() -> None:
         assert lone.worker.keyslots.sealed(0, 0) == 2
 
 
+def test_with_several_workers_a_lone_packet_waits_for_a_siblings_chunk_before_it() -> None:
+    """The lone path sends at once only behind a chunk of its own that has left: behind a
+    sibling's unfinished chunk it is held as the general path holds it, and so is the next
+    one behind it; both leave, in order, once the sibling marks its chunk finished."""
+    from wgmp.dataplane.sendspread import HandOffPlan
+
+    def setup(rig: Rig) -> None:
+        w = rig.worker
+        w.plan = HandOffPlan(0, 2, w.keyslots.sealed, w.keyslots.read_full)
+        w.seal_out = [None, None]
+        warm(rig)
+        w.plan.next, w.plan.last_owner = 5, 1  # chunk 4 went to worker 1, not finished yet
+        w.plan._handed[1].append(4)
+
+    with pair(2) as (lone, general):
+        calls: list[bool | None] = []
+        spy(lone.worker, "_send_lone", calls)
+        for rig in (lone, general):
+            setup(rig)
+            for n in range(2):
+                rig.tun_theirs.send(VIRTIO_NET_HDR_NONE + _outbound(n))
+                rig.worker._tun_sparse = rig is lone
+                rig.worker._outbound(NOW)
+                rig.worker._forget_lone([])
+        assert calls == [True, True]
+        assert [held[0] for held in lone.worker._send_held[0]] == [5, 6]
+        assert lone.state() == general.state() and not lone.fake.sent
+        for rig in (lone, general):
+            rig.worker.keyslots.write_sealed(1, 0, 4)  # worker 1 sent chunk 4
+            rig.worker._release_send_held(NOW)
+        assert lone.state() == general.state()
+        counters = [int.from_bytes(b"".join(buffers)[8:16], "little") for buffers, *_ in lone.fake.sent]
+        assert counters == [1, 2]
+        assert lone.worker.keyslots.sealed(0, 0) == 6 and not lone.worker._send_held
+
+
 def _no_keypair(rig: Rig) -> None:
     pass
 

@@ -224,7 +224,8 @@ def _pair(rig: Any) -> tuple[Worker, Worker, FakeSocket, int, list[socket.socket
     for s in (in0, in1, out0, out1):
         s.setblocking(False)
     first: Worker = rig.worker
-    first.workers, first.keyslots = 2, keyslots
+    first.workers = 2
+    first.use_keyslots(keyslots)
     first.seal_in, first.seal_out = in0, [None, out1]
     first.plan = HandOffPlan(0, 2, keyslots.sealed)
     other_control, other_end = socket.socketpair()

@@ -284,7 +284,7 @@ def test_with_two_workers_each_judges_only_its_own_counter_blocks(rig: Any) -> N
     of the receiver index is w mod 2; a
     counter of another block (a crafted or coalesced train) is dropped, never judged twice."""
     rig.worker.workers = 2
-    rig.worker.keyslots = KeySlots.create(8, workers=2)
+    rig.worker.use_keyslots(KeySlots.create(8, workers=2))
     # An even low byte: the turn starts at worker 0 (an odd one would start at worker 1).
     slot = install(rig.worker, ROLE_CURRENT, local_index=0x0702)
     view, nbytes, size = train([0, B - 1, B, 2 * B - 1], index=0x0702)
@@ -307,7 +307,8 @@ def test_a_block_waits_for_the_previous_blocks_worker_to_deliver(rig: Any) -> No
     block 1 up to its last counter 2B-1, so the TUN sees the peer's packets in order; and
     gives up waiting after HOLD_MAX (a lost counter). Holds are counted for wgmp stats."""
     rig.worker.workers = 2
-    keyslots = rig.worker.keyslots = KeySlots.create(8, workers=2)
+    keyslots = KeySlots.create(8, workers=2)
+    rig.worker.use_keyslots(keyslots)
     slot = install(rig.worker, ROLE_CURRENT)
     now = time.monotonic()
     view, nbytes, size = train([2 * B, 2 * B + 1])
@@ -343,7 +344,8 @@ def _two_workers(rig: Any) -> tuple[Worker, Worker, int, list[socket.socket]]:
     inbox0, outbox0 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     inbox1, outbox1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     first = rig.worker
-    first.workers, first.keyslots = 2, keyslots
+    first.workers = 2
+    first.use_keyslots(keyslots)
     first.handoff_in, first.handoff_out = inbox0, [None, outbox1]
     other_control, other_end = socket.socketpair()
     second = Worker(
@@ -403,7 +405,7 @@ def test_the_previous_blocks_worker_wakes_the_held_worker_when_it_delivers(rig: 
 def test_a_hold_ends_when_it_holds_held_max_packets(rig: Any, monkeypatch: Any) -> None:
     monkeypatch.setattr(inbound, "HELD_MAX", 3)
     rig.worker.workers = 2
-    rig.worker.keyslots = KeySlots.create(8, workers=2)
+    rig.worker.use_keyslots(KeySlots.create(8, workers=2))
     slot = install(rig.worker, ROLE_CURRENT)
     now = time.monotonic()
     view, nbytes, size = train([2 * B, 2 * B + 1])

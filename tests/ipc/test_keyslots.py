@@ -20,12 +20,16 @@ import pytest
 
 from wgmp.ipc import keyslots as keyslots_module
 from wgmp.ipc.keyslots import (
+    DELIVERED,
     FIRST_BLOCK,
     HANDED_MARK_SIZE,
     KEYSLOT_SIZE,
+    LAZY_SEEN,
+    LAZY_WRITES,
     MARK_SIZE,
     PIPE_MARKS_SIZE,
     READ_FULL_SIZE,
+    RECEIVED,
     KeySlot,
     KeySlots,
 )
@@ -40,7 +44,7 @@ MAX_BLOCK = 300  # random block sizes 1..MAX_BLOCK (workers take 256, keepalives
 def table() -> Any:
     slots = KeySlots.create(8)
     yield slots
-    slots.shm.close()
+    slots.close()
 
 
 def _publish(table: KeySlots, n: int = 1) -> int:
@@ -350,3 +354,26 @@ def test_pipe_marks_are_each_workers_own_and_a_restart_clears_them() -> None:
     table.reset_pipe_marks(1)
     assert (worker.lazy_writes(1), worker.lazy_seen(1), worker.pipe_read(1)) == (0, 0, 0)
     assert table.pipe_read(2) == 10
+
+
+def test_the_views_of_the_marks_are_the_marks_each_method_reads_and_writes() -> None:
+    """The lone paths and the worker's loop use the marks through views, without a call
+    (KeySlots.slot_marks, sealed_marks, pipe_marks): the same words the methods use, and none
+    of another table or another worker's."""
+    table = KeySlots.create(8, workers=2)
+    worker = KeySlots.attach(table.shm.fd, workers=2)
+    slots, sealed, pipes = worker.slot_marks(), worker.sealed_marks(1), worker.pipe_marks(1)
+    slots[(3 * 2 + 1) * 2 + RECEIVED] = 41  # slot 3, worker 1: counter 40 accepted
+    slots[(3 * 2 + 1) * 2 + DELIVERED] = 31
+    sealed[0] = 8  # worker 1 finished worker 0's chunk 7
+    pipes[LAZY_SEEN] = 5
+    assert table.received(3, 1) == 40 and table.delivered(3, 1) == 30
+    assert table.received(3, 0) is None and table.delivered(2, 1) == -1
+    assert table.sealed(1, 0) == 7 and table.sealed(1, 1) == -1 and table.sealed(0, 0) == -1
+    assert table.lazy_seen(1) == 5 and table.lazy_writes(1) == 0 and table.lazy_seen(0) == 0
+    table.count_lazy_write(1)
+    table.write_sealed(1, 1, 2)
+    assert pipes[LAZY_WRITES] == 1 and sealed[1] == 3
+    for view in (slots, sealed, pipes):
+        view.release()
+    table.close()  # the descriptor both share

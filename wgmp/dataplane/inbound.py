@@ -20,7 +20,7 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 
 from ..ipc.channel import Channel
-from ..ipc.keyslots import KeySlots
+from ..ipc.keyslots import DELIVERED, RECEIVED, KeySlots
 from ..ipc.messages import (
     ROLE_CURRENT,
     ROLE_NEXT,
@@ -122,6 +122,7 @@ class Inbound:
     vnet_hdr: bool
     channel: Channel
     keyslots: KeySlots
+    _slot_marks: memoryview  # KeySlots.slot_marks: what the lone path writes without a call
     allowed: AllowedIPs[int]
     peers: dict[int, list[Any]]
     _touched: list[list[Any]]  # peers whose counters or activity changed (Worker._flush)
@@ -282,9 +283,12 @@ class Inbound:
             activity[A_DATA_RECEIVED] = now
             if workers > 1:
                 entry[R_BLOCK] = block  # _enter_block, for a block it holds nothing of
-        # _deliver's order: the replay mark in shared memory before anything reaches the TUN.
-        slot, me = entry[R_SLOT], self.worker_id
-        self.keyslots.write_received(slot, replay.last, me)
+        # _deliver's order: the replay mark in shared memory before anything reaches the TUN
+        # (KeySlots.write_received and write_delivered without their calls: ~4 us each with
+        # cold caches, perf/RESULTS.md, "Eleventh session").
+        marks, at = self._slot_marks, (entry[R_SLOT] * workers + self.worker_id) * 2
+        high = replay.last + 1
+        marks[at + RECEIVED] = high
         if packet is not None:
             try:
                 os.write(self.tun_fd, VIRTIO_NET_HDR_NONE + packet if self.vnet_hdr else packet)
@@ -294,7 +298,7 @@ class Inbound:
                     return True
                 drops[DropReason.TUN_WRITE_FAILED] += 1
         if workers > 1:
-            self.keyslots.write_delivered(slot, replay.last, me)
+            marks[at + DELIVERED] = high
         if confirming:
             # After the TUN write: the responder's first data (and the reply the kernel makes
             # inside that write) does not wait for them (perf/bench_first_packet.py, "rx next").

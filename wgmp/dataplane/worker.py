@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from ..internal_errors import ErrorLog
 from ..ipc.channel import Channel, decode_or_skip
-from ..ipc.keyslots import FIRST_BLOCK, KeySlot, KeySlots
+from ..ipc.keyslots import FIRST_BLOCK, LAZY_SEEN, LAZY_WRITES, KeySlot, KeySlots
 from ..ipc.messages import (
     ROLE_CURRENT,
     ROLE_NEXT,
@@ -151,7 +151,7 @@ class Worker(Outbound, Inbound, SendSpread):
         self.tun_fd = tun_fd
         self.sockets = sockets
         self.channel = channel
-        self.keyslots = keyslots
+        self.use_keyslots(keyslots)
         self.stats = stats
         self.mtu = 1420
         self.allowed: AllowedIPs[int] = AllowedIPs()
@@ -222,6 +222,14 @@ class Worker(Outbound, Inbound, SendSpread):
         self._touched: list[list[Any]] = []  # peers to report at the next flush (P_DIRTY set)
         self._active = False  # a descriptor was served since the last flush
 
+    def use_keyslots(self, keyslots: KeySlots) -> None:
+        """The table of keypair slots, and the views of its marks that the lone paths and the
+        loop read and write without a call (KeySlots: why)."""
+        self.keyslots = keyslots
+        self._slot_marks = keyslots.slot_marks()
+        self._sealed_marks = keyslots.sealed_marks(self.worker_id)
+        self._pipe_marks = keyslots.pipe_marks(self.worker_id)  # the count: LAZY_WRITES
+
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -240,6 +248,9 @@ class Worker(Outbound, Inbound, SendSpread):
         self.channel.send(Ready(self.worker_id, os.getpid()))
         next_flush = time.monotonic() + FLUSH_INTERVAL
         flush_waits = False  # a due flush waits for a poll that finds nothing
+        # Looked at inline after every wake-up, not through `_read_lazy`: the call cost a lone
+        # packet's hop ~10 us with cold caches (perf/RESULTS.md, "Eleventh session").
+        lazy_marks = self._pipe_marks if self.lazy is not None else None
         while self.running:
             # While received packets are held for order, sleep at most until the first hold's
             # deadline (the previous block's worker wakes us through the inbox when it
@@ -263,7 +274,7 @@ class Worker(Outbound, Inbound, SendSpread):
             sleep = None if timeout == FLUSH_INTERVAL and self._quiet() else timeout
             events = poller.poll(sleep)
             now = time.monotonic()
-            if self.lazy is not None:
+            if lazy_marks is not None and lazy_marks[LAZY_WRITES] != self._lazy_seen:
                 # Before anything that sends or receives: what control announced lazily.
                 try:
                     self._read_lazy(now)
@@ -398,11 +409,12 @@ class Worker(Outbound, Inbound, SendSpread):
     def _read_lazy(self, now: float) -> None:
         """Handle what control wrote into the lazy pipe since the last look, if anything
         (the count in shared memory says: no system call when nothing came)."""
-        count = self.keyslots.lazy_writes(self.worker_id)
+        marks = self._pipe_marks
+        count = marks[LAZY_WRITES]
         if count == self._lazy_seen:
             return
         self._lazy_seen = count  # before the read: a later write is then seen next time
-        self.keyslots.note_lazy_seen(self.worker_id, count)
+        marks[LAZY_SEEN] = count
         wire = self.lazy.receive_wire()  # type: ignore[union-attr]  # the caller checked
         if wire:  # None (control has gone) is the ordinary pipe's to tell
             self._handle_wire(wire, now)

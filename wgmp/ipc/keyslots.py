@@ -43,6 +43,10 @@ from its ordinary pipe (written by the worker, after each read). The worker comp
 first with the last it saw at each wake-up, instead of a system call; control learns from
 the other two what the worker has read, instead of asking the kernel (SIOCOUTQ) around each
 write: for the order of lazy writes and for the worker's liveness (ipc/channel.py).
+
+The three tables of marks are words in the machine's own byte order (read and
+written as items of a memoryview: every process that maps the table runs on this machine);
+everything else is little-endian.
 """
 
 from __future__ import annotations
@@ -56,12 +60,18 @@ from ..net.steering import COUNTER_BLOCK
 from .sharedmem import SharedMemory
 
 __all__ = [
+    "DELIVERED",
     "FIRST_BLOCK",
     "HANDED_MARK_SIZE",
     "KEYSLOT_SIZE",
+    "LAZY_SEEN",
+    "LAZY_WRITES",
     "MARK_SIZE",
+    "PIPE_MARKS",
     "PIPE_MARKS_SIZE",
+    "PIPE_READ",
     "READ_FULL_SIZE",
+    "RECEIVED",
     "KeySlot",
     "KeySlots",
 ]
@@ -71,13 +81,17 @@ __all__ = [
 _LAYOUT = struct.Struct("<Q I I I B 3x d 32x 32s 32s")
 KEYSLOT_SIZE = 128
 MARK_SIZE = 16  # a replay mark and a delivered mark per slot and worker, after the slots
+RECEIVED, DELIVERED = 0, 1  # their words in a (slot, worker)'s marks
 HANDED_MARK_SIZE = 8  # per (sealer, reader) pair of workers, after the marks
 READ_FULL_SIZE = 8  # per worker, after the hand-off marks: when its last full TUN read was
-PIPE_MARKS_SIZE = 24  # per worker, last: lazy writes, lazy writes seen, pipe bytes read
+PIPE_MARKS = 3  # words per worker, last: lazy writes, lazy writes seen, pipe bytes read
+LAZY_WRITES, LAZY_SEEN, PIPE_READ = range(PIPE_MARKS)  # their places
+PIPE_MARKS_SIZE = 8 * PIPE_MARKS
 FIRST_BLOCK = COUNTER_BLOCK  # counters [0, FIRST_BLOCK): one worker's (claim_first)
 _FIRST_TAKEN = 32  # the first block's mark, a byte of the layout's padding after `created`
 _COUNTER = struct.Struct("<Q")
 _WHEN = struct.Struct("<d")
+_ZERO_MARKS = memoryview(bytes(8 * PIPE_MARKS)).cast("Q")
 assert _LAYOUT.size == KEYSLOT_SIZE
 
 
@@ -117,6 +131,14 @@ class KeySlots:
         self._handed = self._marks + self.capacity * workers * MARK_SIZE  # the hand-off marks
         self._read_full = self._handed + workers * workers * HANDED_MARK_SIZE
         self._pipes = self._read_full + workers * READ_FULL_SIZE
+        # The three tables of marks as arrays of machine words: an item of a memoryview is
+        # read in one subscript, where a method that unpacks one cost ~9 us with cold caches
+        # against ~4 (perf/RESULTS.md, "Eleventh session"), and a worker looks at them on
+        # every wake-up and every lone packet.
+        view = shm.view
+        self._slot_words = view[self._marks : self._handed].cast("Q")
+        self._handed_words = view[self._handed : self._read_full].cast("Q")
+        self._pipe_words = view[self._pipes : self._pipes + workers * PIPE_MARKS_SIZE].cast("Q")
         self._free = list(range(self.capacity - 1, -1, -1))  # used by control only
 
     @classmethod
@@ -129,6 +151,13 @@ class KeySlots:
         table = cls(SharedMemory.attach(fd), workers)
         table._free = []  # workers never allocate
         return table
+
+    def close(self) -> None:
+        """Unmap the table (tests and benchmarks; the daemon's processes keep it for life).
+        Views handed out by `sealed_marks` and `pipe_marks` must have been released."""
+        for words in (self._slot_words, self._handed_words, self._pipe_words):
+            words.release()
+        self.shm.close()
 
     def _clear_marks(self, slot: int) -> None:
         start = self._marks + slot * self.workers * MARK_SIZE
@@ -219,35 +248,41 @@ class KeySlots:
         """`worker`'s note of the largest counter it accepted under the slot's keypair (it is
         the mark's only writer), so that it refuses, restarted, what came before
         (ReplayWindow.resume)."""
-        offset = self._marks + (slot * self.workers + worker) * MARK_SIZE
-        _COUNTER.pack_into(self.shm.view, offset, high + 1)
+        self._slot_words[(slot * self.workers + worker) * 2 + RECEIVED] = high + 1
 
     def write_delivered(self, slot: int, high: int, worker: int = 0) -> None:
         """`worker`'s note that everything it accepted up to `high` is in the TUN."""
-        offset = self._marks + (slot * self.workers + worker) * MARK_SIZE + 8
-        _COUNTER.pack_into(self.shm.view, offset, high + 1)
+        self._slot_words[(slot * self.workers + worker) * 2 + DELIVERED] = high + 1
 
     def delivered(self, slot: int, worker: int) -> int:
         """The largest counter `worker` delivered under the slot's keypair, -1 if none."""
-        offset = self._marks + (slot * self.workers + worker) * MARK_SIZE + 8
-        return _COUNTER.unpack_from(self.shm.view, offset)[0] - 1
+        return int(self._slot_words[(slot * self.workers + worker) * 2 + DELIVERED]) - 1
 
     def received(self, slot: int, worker: int = 0) -> int | None:
         """The largest counter `worker` noted, or None if it noted nothing yet."""
-        offset = self._marks + (slot * self.workers + worker) * MARK_SIZE
-        value = _COUNTER.unpack_from(self.shm.view, offset)[0]
+        value = int(self._slot_words[(slot * self.workers + worker) * 2 + RECEIVED])
         return value - 1 if value else None
+
+    def slot_marks(self) -> memoryview:
+        """The whole table of slots' marks as words: (slot * workers + worker) * 2 + RECEIVED
+        or DELIVERED holds the counter + 1 (for the lone receive path, which writes its own
+        without a call)."""
+        return self._slot_words
 
     def write_sealed(self, sealer: int, reader: int, chunk: int) -> None:
         """`sealer`'s note that it is done with `reader`'s chunk number `chunk` (and every
         earlier one it had): sent, or dropped (its only writer is the sealer)."""
-        offset = self._handed + (sealer * self.workers + reader) * HANDED_MARK_SIZE
-        _COUNTER.pack_into(self.shm.view, offset, chunk + 1)
+        self._handed_words[sealer * self.workers + reader] = chunk + 1
 
     def sealed(self, sealer: int, reader: int) -> int:
         """The last of `reader`'s chunks that `sealer` is done with, -1 if none."""
-        offset = self._handed + (sealer * self.workers + reader) * HANDED_MARK_SIZE
-        return _COUNTER.unpack_from(self.shm.view, offset)[0] - 1
+        return self._handed_words[sealer * self.workers + reader] - 1
+
+    def sealed_marks(self, sealer: int) -> memoryview:
+        """`sealer`'s hand-off marks, one word per reader: chunk + 1 as `write_sealed` writes
+        it (for the lone send path, which reads and writes its own without a call)."""
+        start = sealer * self.workers
+        return self._handed_words[start : start + self.workers]
 
     def write_read_full(self, worker: int, when: float) -> None:
         """`worker`'s note that its TUN read at `when` found a full batch (single writer)."""
@@ -261,41 +296,45 @@ class KeySlots:
         """Control's note that it wrote once more into `worker`'s lazy pipe (its one writer);
         returns the new count."""
         count = self.lazy_writes(worker) + 1
-        self._write_mark(worker, 0, count)
+        self._write_mark(worker, LAZY_WRITES, count)
         return count
 
     def lazy_writes(self, worker: int) -> int:
         """How many writes control made into `worker`'s lazy pipe."""
-        return self._mark(worker, 0)
+        return self._mark(worker, LAZY_WRITES)
 
     def note_lazy_seen(self, worker: int, count: int) -> None:
         """`worker`'s note that it has looked at `count` lazy writes (its one writer)."""
-        self._write_mark(worker, 1, count)
+        self._write_mark(worker, LAZY_SEEN, count)
 
     def lazy_seen(self, worker: int) -> int:
         """How many of control's lazy writes `worker` has looked at."""
-        return self._mark(worker, 1)
+        return self._mark(worker, LAZY_SEEN)
 
     def note_pipe_read(self, worker: int, total: int) -> None:
         """`worker`'s note that it has read `total` bytes of its ordinary pipe (one writer)."""
-        self._write_mark(worker, 2, total)
+        self._write_mark(worker, PIPE_READ, total)
 
     def pipe_read(self, worker: int) -> int:
         """How many bytes of its ordinary pipe `worker` has read."""
-        return self._mark(worker, 2)
+        return self._mark(worker, PIPE_READ)
 
     def reset_pipe_marks(self, worker: int) -> None:
         """For a worker started afresh, with new pipes (control only, before it starts)."""
-        offset = self._pipes + worker * PIPE_MARKS_SIZE
-        self.shm.view[offset : offset + PIPE_MARKS_SIZE] = bytes(PIPE_MARKS_SIZE)
+        start = worker * PIPE_MARKS
+        self._pipe_words[start : start + PIPE_MARKS] = _ZERO_MARKS
+
+    def pipe_marks(self, worker: int) -> memoryview:
+        """`worker`'s pipe marks as words, indexed by LAZY_WRITES, LAZY_SEEN, PIPE_READ (for the
+        worker's look at every wake-up, which a method call would make dearer)."""
+        start = worker * PIPE_MARKS
+        return self._pipe_words[start : start + PIPE_MARKS]
 
     def _mark(self, worker: int, which: int) -> int:
-        offset = self._pipes + worker * PIPE_MARKS_SIZE + 8 * which
-        return int(_COUNTER.unpack_from(self.shm.view, offset)[0])
+        return int(self._pipe_words[worker * PIPE_MARKS + which])
 
     def _write_mark(self, worker: int, which: int, value: int) -> None:
-        offset = self._pipes + worker * PIPE_MARKS_SIZE + 8 * which
-        _COUNTER.pack_into(self.shm.view, offset, value)
+        self._pipe_words[worker * PIPE_MARKS + which] = value
 
     def counter(self, slot: int) -> int:
         """The next unreserved counter (a hint without the lock: for rekey checks and for
