@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Wall time of one lone packet through a worker's send and receive paths, warm and cold.
 
-    python perf/bench_lone_packet.py [--rounds 300] [--workers 1,2]
+    python perf/bench_lone_packet.py [--rounds 300] [--workers 1,2] [--bytecodes]
 
 What a ping's round trip costs a worker per hop (docs/performance.md, "Round-trip time"):
 `Worker._outbound` reading one packet from a SOCK_SEQPACKET pair standing in for the TUN queue
@@ -14,7 +14,10 @@ Two times per call, microseconds, median (and 25th percentile: the machine is sh
 call to the packet's arrival (the kernel's receive timestamp, SO_TIMESTAMPNS, of the UDP sink
 or of the socket standing in for the TUN: the hop's critical path), and the whole call (which
 goes on to the read that finds nothing). With `--workers 2` the worker is one of two: its lone
-send is ordered with the chunks its sibling may seal (dataplane/sendspread.py). No root.
+send is ordered with the chunks its sibling may seal (dataplane/sendspread.py). `--bytecodes`
+counts instead the bytecodes each call executes and the Python calls it makes (sys.settrace):
+exact and the same on every run, a proxy for the cold cost where the times' noise hides a
+change of 5-10 us (each cold bytecode costs ~0.1 us here, a cold call a few). No root.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import statistics
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -88,6 +93,26 @@ def header() -> str:
     )
 
 
+def bytecodes(call: Callable[[], object]) -> tuple[int, int]:
+    """(bytecodes executed, Python frames entered) by `call`, its own frame left out."""
+    counts = [0, -1]
+
+    def tracer(frame: FrameType, event: str, _arg: object) -> Any:
+        if event == "call":
+            counts[1] += 1
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            counts[0] += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return counts[0], counts[1]
+
+
 def worker_of(tun_fd: int, workers: int) -> tuple[Any, socket.socket]:
     """bench_dataplane's worker, as worker 0 of `workers` (with its send order's plan, as
     the worker's start-up gives it when it has siblings)."""
@@ -97,7 +122,7 @@ def worker_of(tun_fd: int, workers: int) -> tuple[Any, socket.socket]:
     return worker, sink
 
 
-def bench_send(rounds: int, cold: bool, workers: int) -> tuple[str, str]:
+def bench_send(rounds: int, cold: bool, workers: int, count: bool = False) -> tuple[str, str]:
     tun_ours, tun_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     worker, sink = worker_of(tun_theirs.fileno(), workers)
     sink.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -108,6 +133,13 @@ def bench_send(rounds: int, cold: bool, workers: int) -> tuple[str, str]:
         tun_ours.send(VIRTIO_NET_HDR_NONE + echo(n))
         if cold:
             evict()
+        if count:
+            executed = bytecodes(lambda: worker._outbound(time.monotonic()))
+            sink.recv(4096)
+            quiet(worker)
+            if n == rounds - 1:
+                return str(executed[0]), str(executed[1])
+            continue
         start, clock = time.perf_counter_ns(), time.time_ns()
         worker._outbound(time.monotonic())
         whole.append(time.perf_counter_ns() - start)
@@ -118,7 +150,7 @@ def bench_send(rounds: int, cold: bool, workers: int) -> tuple[str, str]:
     return quantiles(emitted), quantiles(whole)
 
 
-def bench_receive(rounds: int, cold: bool, workers: int) -> tuple[str, str]:
+def bench_receive(rounds: int, cold: bool, workers: int, count: bool = False) -> tuple[str, str]:
     tun_ours, tun_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     tun_ours.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     worker, sink = worker_of(tun_theirs.fileno(), workers)
@@ -134,6 +166,13 @@ def bench_receive(rounds: int, cold: bool, workers: int) -> tuple[str, str]:
         time.sleep(0.0002)
         if cold:
             evict()
+        if count:
+            executed = bytecodes(lambda: worker._inbound(sink, time.monotonic()))
+            tun_ours.recv(70000)
+            quiet(worker)
+            if n == rounds - 1:
+                return str(executed[0]), str(executed[1])
+            continue
         start, clock = time.perf_counter_ns(), time.time_ns()
         worker._inbound(sink, time.monotonic())
         whole.append(time.perf_counter_ns() - start)
@@ -151,8 +190,20 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--workers", default="1", help="comma-separated: 1, 2 (one of two)")
+    parser.add_argument("--bytecodes", action="store_true", help="count, do not time")
     args = parser.parse_args()
     print(header())
+    if args.bytecodes:
+        print("per call, after 2 warm-up calls: | bytecodes | Python calls |")
+        for workers in (int(w) for w in args.workers.split(",")):
+            label = f"{workers} worker{'s' if workers > 1 else ''}"
+            for name, bench in (
+                ("send one packet", bench_send),
+                ("receive one datagram", bench_receive),
+            ):
+                ops, calls = bench(3, False, workers, True)
+                print(f"{label} {name:20}: {ops} | {calls}")
+        return
     print("us, median (p25): | to the emit | whole call |")
     for workers in (int(w) for w in args.workers.split(",")):
         for cold in (False, True):
