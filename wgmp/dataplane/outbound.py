@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..ipc.channel import Channel
-from ..ipc.keyslots import KeySlots
+from ..ipc.keyslots import KEYSLOT_WORDS, KeySlots
 from ..ipc.messages import ROLE_NEXT, FirstPacket, NeedHandshake, RekeyWanted, kind_of
 from ..net.steering import COUNTER_BLOCK
 from ..net.tun import VIRTIO_NET_HDR_LEN
@@ -115,6 +115,7 @@ class Outbound:
     _send_in_order: Callable[..., None]
     _send_held: dict[int, deque[list[Any]]]  # sendspread's chunks held for order, by reader
     _sealed_marks: memoryview  # this worker's hand-off marks, by reader (KeySlots.sealed_marks)
+    _counters: memoryview  # KeySlots.counters: the slots' send counters, read without a call
 
     def _outbound(self, now: float) -> None:
         """Drain the TUN queue into per-peer lists, seal each list, then send each peer's
@@ -206,7 +207,7 @@ class Outbound:
             counter >= send[S_END]  # the block is used up: the general path reserves one
             or counter + 1 >= REJECT_AFTER_MESSAGES
             or now - send[S_CREATED] >= REJECT_AFTER_TIME
-            or self.keyslots.counter(slot) - counter > COUNTER_BLOCK_STALE
+            or self._counters[slot * KEYSLOT_WORDS] - counter > COUNTER_BLOCK_STALE  # .counter()
             or (
                 not send[S_REKEY_ASKED]
                 and should_rekey_on_send(send[S_CREATED], counter + 1, send[S_INITIATOR], now)

@@ -226,6 +226,7 @@ class Worker(Outbound, Inbound, SendSpread):
         """The table of keypair slots, and the views of its marks that the lone paths and the
         loop read and write without a call (KeySlots: why)."""
         self.keyslots = keyslots
+        self._counters = keyslots.counters()
         self._slot_marks = keyslots.slot_marks()
         self._sealed_marks = keyslots.sealed_marks(self.worker_id)
         self._pipe_marks = keyslots.pipe_marks(self.worker_id)  # the count: LAZY_WRITES

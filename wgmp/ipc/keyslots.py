@@ -44,9 +44,9 @@ first with the last it saw at each wake-up, instead of a system call; control le
 the other two what the worker has read, instead of asking the kernel (SIOCOUTQ) around each
 write: for the order of lazy writes and for the worker's liveness (ipc/channel.py).
 
-The three tables of marks are words in the machine's own byte order (read and
-written as items of a memoryview: every process that maps the table runs on this machine);
-everything else is little-endian.
+Everything is in the machine's own byte order (every process that maps the table runs on this
+machine): the send counters and the three tables of marks are also read and written as
+items of memoryviews.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ __all__ = [
     "FIRST_BLOCK",
     "HANDED_MARK_SIZE",
     "KEYSLOT_SIZE",
+    "KEYSLOT_WORDS",
     "LAZY_SEEN",
     "LAZY_WRITES",
     "MARK_SIZE",
@@ -78,8 +79,9 @@ __all__ = [
 
 # counter u64 | local_index u32 | remote_index u32 | peer_id u32 | is_initiator u8 | pad 3
 # | created f64 | first block taken u8 (claim_first), pad to 64 | send_key 32 | receive_key 32
-_LAYOUT = struct.Struct("<Q I I I B 3x d 32x 32s 32s")
+_LAYOUT = struct.Struct("=Q I I I B 3x d 32x 32s 32s")
 KEYSLOT_SIZE = 128
+KEYSLOT_WORDS = KEYSLOT_SIZE // 8  # a slot's send counter is word slot * KEYSLOT_WORDS
 MARK_SIZE = 16  # a replay mark and a delivered mark per slot and worker, after the slots
 RECEIVED, DELIVERED = 0, 1  # their words in a (slot, worker)'s marks
 HANDED_MARK_SIZE = 8  # per (sealer, reader) pair of workers, after the marks
@@ -89,8 +91,8 @@ LAZY_WRITES, LAZY_SEEN, PIPE_READ = range(PIPE_MARKS)  # their places
 PIPE_MARKS_SIZE = 8 * PIPE_MARKS
 FIRST_BLOCK = COUNTER_BLOCK  # counters [0, FIRST_BLOCK): one worker's (claim_first)
 _FIRST_TAKEN = 32  # the first block's mark, a byte of the layout's padding after `created`
-_COUNTER = struct.Struct("<Q")
-_WHEN = struct.Struct("<d")
+_COUNTER = struct.Struct("=Q")
+_WHEN = struct.Struct("=d")
 _ZERO_MARKS = memoryview(bytes(8 * PIPE_MARKS)).cast("Q")
 assert _LAYOUT.size == KEYSLOT_SIZE
 
@@ -131,11 +133,12 @@ class KeySlots:
         self._handed = self._marks + self.capacity * workers * MARK_SIZE  # the hand-off marks
         self._read_full = self._handed + workers * workers * HANDED_MARK_SIZE
         self._pipes = self._read_full + workers * READ_FULL_SIZE
-        # The three tables of marks as arrays of machine words: an item of a memoryview is
-        # read in one subscript, where a method that unpacks one cost ~9 us with cold caches
-        # against ~4 (perf/RESULTS.md, "Eleventh session"), and a worker looks at them on
-        # every wake-up and every lone packet.
+        # The slots and the three tables of marks as arrays of machine words: an item of a
+        # memoryview is read in one subscript, where a method that unpacks one cost ~9 us
+        # with cold caches against ~4 (perf/RESULTS.md, "Eleventh session"), and a worker
+        # looks at them on every wake-up and every lone packet.
         view = shm.view
+        self._counters = view[: self._marks].cast("Q")
         self._slot_words = view[self._marks : self._handed].cast("Q")
         self._handed_words = view[self._handed : self._read_full].cast("Q")
         self._pipe_words = view[self._pipes : self._pipes + workers * PIPE_MARKS_SIZE].cast("Q")
@@ -155,7 +158,7 @@ class KeySlots:
     def close(self) -> None:
         """Unmap the table (tests and benchmarks; the daemon's processes keep it for life).
         Views handed out by `sealed_marks` and `pipe_marks` must have been released."""
-        for words in (self._slot_words, self._handed_words, self._pipe_words):
+        for words in (self._counters, self._slot_words, self._handed_words, self._pipe_words):
             words.release()
         self.shm.close()
 
@@ -339,7 +342,12 @@ class KeySlots:
     def counter(self, slot: int) -> int:
         """The next unreserved counter (a hint without the lock: for rekey checks and for
         giving up a block the others have left far behind)."""
-        return _COUNTER.unpack_from(self.shm.view, slot * KEYSLOT_SIZE)[0]
+        return int(self._counters[slot * KEYSLOT_WORDS])
+
+    def counters(self) -> memoryview:
+        """The slots as words: `counter(slot)` is word slot * KEYSLOT_WORDS (for the lone send
+        path, which reads it without a call; only `reserve` writes it)."""
+        return self._counters
 
 
 def _tables_size(workers: int) -> int:
