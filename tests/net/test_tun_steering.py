@@ -10,7 +10,15 @@ import struct
 
 import pytest
 
-from wgmp.net.tun_steering import _SYS_BPF, _load, flow_hash, flow_steering_program
+from wgmp.net.tun_steering import (
+    _SYS_BPF,
+    FlowMap,
+    _load,
+    create_flow_map,
+    flow_hash,
+    flow_steering_program,
+    reply_flow_hash,
+)
 
 _BPF_PROG_TEST_RUN = 10
 
@@ -83,3 +91,62 @@ def test_the_loaded_program_returns_what_flow_hash_computes() -> None:
             assert _run(fd, ethernet + icmp) == flow_hash(_words(icmp)[:2]), checksum
     finally:
         os.close(fd)
+
+
+def _reply(packet: bytes) -> bytes:
+    """`packet`'s reply as the kernel would send it: addresses and ports swapped."""
+    swapped = packet[:12] + packet[16:20] + packet[12:16]
+    if packet[9] in (6, 17):
+        return swapped + packet[22:24] + packet[20:22] + packet[24:]
+    return swapped + packet[20:]
+
+
+def _ipv6(source: bytes, destination: bytes) -> bytes:
+    return bytes([0x60, 0, 0, 0, 0, 8, 58, 64]) + source + destination + bytes(8)
+
+
+@pytest.mark.parametrize("protocol", [6, 17, 1], ids=["tcp", "udp", "icmp"])
+def test_a_received_packet_names_the_hash_its_reply_will_have(protocol: int) -> None:
+    """reply_flow_hash: what the program computes for the reply the kernel will send."""
+    for sport in EVEN_PORTS:
+        packet = _ipv4_tcp("10.0.0.1", "10.0.0.2", sport, 5201)
+        packet = packet[:9] + bytes([protocol]) + packet[10:]
+        reply = _reply(packet)
+        words = _words(reply) if protocol != 1 else _words(reply)[:2]
+        assert reply_flow_hash(packet) == flow_hash(words), sport
+    v6 = _ipv6(bytes(15) + b"\x01", bytes(15) + b"\x02")
+    last_words = [int.from_bytes(v6[20:24], "big"), int.from_bytes(v6[36:40], "big")]
+    assert reply_flow_hash(v6) == flow_hash(last_words)
+
+
+def test_what_the_program_would_not_read_alike_names_no_hash() -> None:
+    packet = _ipv4_tcp("10.0.0.1", "10.0.0.2", 40000, 5201)
+    with_options = bytes([0x46]) + packet[1:]  # IHL 6: the ports are elsewhere
+    assert reply_flow_hash(with_options) is None
+    assert reply_flow_hash(packet[:22]) is None  # TCP without its ports
+    assert reply_flow_hash(packet[:19]) is None
+    assert reply_flow_hash(bytes([0x50]) + packet[1:]) is None  # not IP
+
+
+@pytest.mark.root
+def test_with_a_flow_map_the_program_returns_the_queue_a_worker_put_there() -> None:
+    """A flow's hash until a worker points it at its queue (FlowMap.steer); other flows
+    keep their hash."""
+    flow_map = create_flow_map(64)
+    fd = _load(flow_steering_program(flow_map))
+    try:
+        ethernet = bytes(12) + b"\x08\x00"
+        ping = _ipv4_tcp("10.0.0.1", "10.0.0.2", 0x0800, 1234)
+        ping = ping[:9] + bytes([1]) + ping[10:]
+        other = _ipv4_tcp("10.0.0.1", "10.0.0.2", 40000, 5201)
+        hashed = flow_hash(_words(ping)[:2])
+        assert _run(fd, ethernet + ping) == hashed
+        worker = FlowMap(flow_map, 3)
+        worker.steer(reply_flow_hash(_reply(ping)) or 0)  # the worker received the reply
+        assert _run(fd, ethernet + ping) == 3 and worker.failures == 0
+        assert _run(fd, ethernet + other) == flow_hash(_words(other))
+        FlowMap(flow_map, 1).steer(hashed)  # a sibling takes it
+        assert _run(fd, ethernet + ping) == 1
+    finally:
+        os.close(fd)
+        os.close(flow_map)

@@ -21,6 +21,20 @@ queue. `flow_hash` is the same arithmetic in Python; tests/net/test_tun_steering
 the spread.) The bytecode is
 written here by hand and loaded with the bpf() system call (no compiler, no library); the
 kernel verifies it. The kernel also stops updating automq's table once a program is attached.
+
+A sparse flow follows the worker that receives it. The receive side steers a keypair's
+datagrams by counter block (net/steering.py), not by flow, so with the hash alone a ping's
+request and its reply met two different workers on each side in most sessions (with W
+workers, W-1 in W): the responder's worker wrote the request into the TUN, and the reply the
+kernel made during that write woke the worker of the flow's queue; 695-720 us a round trip
+instead of 553 on this machine (perf/RESULTS.md, "Eleventh session"). So the program first
+looks the flow's hash up in a BPF map (LRU hash, FLOW_MAP_ENTRIES entries, hash -> queue),
+and uses the queue found there; a worker that receives a lone datagram (a wake-up that found
+one: a ping, a request, an ACK at a lull) puts the reply direction's hash there, pointing to
+itself, before it writes the packet into the TUN (`reply_flow_hash`, `FlowMap`). Bulk
+traffic is received in trains and never moves a flow, so a flow read by one worker stays on
+one queue, in order; a sparse flow, which has nothing queued when it moves, follows its
+receiver.
 """
 
 from __future__ import annotations
@@ -32,16 +46,26 @@ import struct
 
 __all__ = [
     "FLOW_HASH_MULTIPLIER",
+    "FLOW_MAP_ENTRIES",
     "TUNSETSTEERINGEBPF",
+    "FlowMap",
     "attach_flow_steering",
+    "create_flow_map",
     "flow_hash",
     "flow_steering_program",
+    "reply_flow_hash",
 ]
 
 TUNSETSTEERINGEBPF = 0x800454E0  # _IOR('T', 224, int)
 _SYS_BPF = 321  # x86_64
+_BPF_MAP_CREATE = 0
+_BPF_MAP_UPDATE_ELEM = 2
 _BPF_PROG_LOAD = 5
 _BPF_PROG_TYPE_SOCKET_FILTER = 1
+_BPF_MAP_TYPE_LRU_HASH = 9
+_BPF_PSEUDO_MAP_FD = 1
+_BPF_FUNC_MAP_LOOKUP_ELEM = 1
+FLOW_MAP_ENTRIES = 8192  # sparse flows remembered per interface (~0.5 MiB of kernel memory)
 
 # eBPF opcodes (linux/bpf.h, bpf_common.h)
 _MOV64_X = 0xBF  # BPF_ALU64 | BPF_MOV | BPF_X
@@ -53,10 +77,18 @@ _LD_ABS_W = 0x20  # BPF_LD | BPF_ABS | BPF_W: r0 = packet word, big-endian
 _JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
 _JA = 0x05  # BPF_JMP | BPF_JA
 _EXIT = 0x95  # BPF_JMP | BPF_EXIT
+_LD_IMM64 = 0x18  # BPF_LD | BPF_DW | BPF_IMM: two instructions, a 64-bit immediate (a map)
+_STX_MEM_W = 0x63  # BPF_STX | BPF_MEM | BPF_W: *(u32 *)(dst + off) = src
+_LDX_MEM_W = 0x61  # BPF_LDX | BPF_MEM | BPF_W: dst = *(u32 *)(src + off)
+_ADD64_K = 0x07  # BPF_ALU64 | BPF_ADD | BPF_K
+_CALL = 0x85  # BPF_JMP | BPF_CALL
 
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 _INSN = struct.Struct("<BBhi")  # code, dst_reg | src_reg << 4, off, imm
 FLOW_HASH_MULTIPLIER = 0x9E3779B1  # 2^32 / the golden ratio, odd
+_WORD = struct.Struct("!I")  # as LD_ABS_W loads it
+_TWO_WORDS = struct.Struct("!II")
+_PORTS = struct.Struct("!HH")
 
 
 def flow_hash(words: list[int]) -> int:
@@ -76,9 +108,10 @@ def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> 
     return _INSN.pack(code, dst | src << 4, off, imm)
 
 
-def flow_steering_program() -> bytes:
+def flow_steering_program(flow_map: int | None = None) -> bytes:
     """The program's bytecode: `flow_hash`, a 16-bit hash of the packet's flow (a packet
-    too short for a load ends the program with 0: queue 0)."""
+    too short for a load ends the program with 0: queue 0); with `flow_map` (a map's
+    descriptor), the queue that map holds for that hash, if it holds one."""
     # The imm field is a signed 32-bit int: the multiplier's bits, as the kernel reads them.
     multiplier = FLOW_HASH_MULTIPLIER - (1 << 32)
     fold = [
@@ -87,6 +120,7 @@ def flow_steering_program() -> bytes:
         _insn(_XOR64_X, 0, 7),  # r0 ^= r0 >> 16: the ports' high half reaches the low half
         _insn(_MUL32_K, 0, imm=multiplier),  # w0 *= 2^32/phi: low bits spread upwards
         _insn(_RSH64_K, 0, imm=16),  # the high half, where every input bit has mixed
+        *_looked_up(flow_map),
         _insn(_EXIT),
     ]
     v6 = [
@@ -118,6 +152,92 @@ def flow_steering_program() -> bytes:
     return b"".join(head + v4 + v6 + fold)
 
 
+def _looked_up(flow_map: int | None) -> list[bytes]:
+    """After the hash (r0): the queue `flow_map` holds for it instead, if any."""
+    if flow_map is None:
+        return []
+    return [
+        _insn(_MOV64_X, 9, 0),  # r9 = the hash (r1-r5 do not survive the call)
+        _insn(_STX_MEM_W, 10, 0, off=-4),  # the key, on the stack
+        _insn(_MOV64_X, 2, 10),
+        _insn(_ADD64_K, 2, imm=-4),  # r2 = &key
+        _insn(_LD_IMM64, 1, _BPF_PSEUDO_MAP_FD, imm=flow_map),  # r1 = the map
+        _insn(0),  # the immediate's upper half
+        _insn(_CALL, imm=_BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &queue, or NULL
+        _insn(_JEQ_K, 0, off=2, imm=0),
+        _insn(_LDX_MEM_W, 0, 0),  # r0 = the queue found
+        _insn(_EXIT),
+        _insn(_MOV64_X, 0, 9),  # none: the hash
+    ]
+
+
+def _bpf(command: int, attr: bytes) -> int:
+    """The bpf() system call with `attr` (union bpf_attr's fields for `command`)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(attr.ljust(128, b"\0"), 128)
+    result = libc.syscall(_SYS_BPF, command, buffer, 128)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bpf({command}): {os.strerror(err)}")
+    return int(result)
+
+
+def create_flow_map(entries: int = FLOW_MAP_ENTRIES) -> int:
+    """A BPF LRU hash map, u32 flow hash -> u32 queue: its descriptor (close-on-exec)."""
+    # union bpf_attr, BPF_MAP_CREATE: map_type, key_size, value_size, max_entries (rest 0)
+    return _bpf(_BPF_MAP_CREATE, struct.pack("<IIII", _BPF_MAP_TYPE_LRU_HASH, 4, 4, entries))
+
+
+def reply_flow_hash(packet: bytes) -> int | None:
+    """The hash the program computes for the reply to `packet` (an IP packet received from
+    the tunnel, about to be written to the TUN): its addresses and ports swapped. None for
+    what the program would not read the same way (IPv4 options, too short, not IP).
+
+    `flow_hash`'s arithmetic written out (it runs on a lone datagram's way to the TUN:
+    tests/net/test_tun_steering.py holds the two to the same numbers)."""
+    length = len(packet)
+    if length < 20:
+        return None
+    first = packet[0]
+    if first == 0x45:  # IPv4 without options (with them the program reads the ports elsewhere)
+        source, destination = _TWO_WORDS.unpack_from(packet, 12)
+        x = source ^ destination  # the same both ways
+        if packet[9] in (IPPROTO_TCP, IPPROTO_UDP):
+            if length < 24:
+                return None
+            sport, dport = _PORTS.unpack_from(packet, 20)
+            x ^= dport << 16 | sport  # the reply's ports word
+    elif first >> 4 == 6 and length >= 40:
+        x = _WORD.unpack_from(packet, 20)[0] ^ _WORD.unpack_from(packet, 36)[0]
+    else:
+        return None
+    x ^= x >> 16
+    return ((x * FLOW_HASH_MULTIPLIER) & 0xFFFFFFFF) >> 16
+
+
+class FlowMap:
+    """A worker's side of the flow map: point a flow's hash at its own queue."""
+
+    def __init__(self, fd: int, queue: int) -> None:
+        self.fd = fd
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._key = ctypes.c_uint32(0)
+        self._value = ctypes.c_uint32(queue)
+        # union bpf_attr, BPF_MAP_UPDATE_ELEM: map_fd, pad, key, value, flags (BPF_ANY)
+        attr = struct.pack(
+            "<IIQQQ", fd, 0, ctypes.addressof(self._key), ctypes.addressof(self._value), 0
+        )
+        self._attr = ctypes.create_string_buffer(attr.ljust(128, b"\0"), 128)
+        self.failures = 0
+
+    def steer(self, flow: int) -> None:
+        """The flow with hash `flow` goes to our queue from now on (best effort: a failure
+        is counted, the flow stays where it was)."""
+        self._key.value = flow
+        if self._libc.syscall(_SYS_BPF, _BPF_MAP_UPDATE_ELEM, self._attr, 128) < 0:
+            self.failures += 1
+
+
 def _load(code: bytes) -> int:
     """bpf(BPF_PROG_LOAD) of a socket filter program; its file descriptor."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -145,11 +265,23 @@ def _load(code: bytes) -> int:
     return int(fd)
 
 
-def attach_flow_steering(tun_fd: int) -> None:
+def attach_flow_steering(tun_fd: int) -> int:
     """Attach the flow-hash program to the TUN interface `tun_fd` is a queue of (the program
-    belongs to the interface: once is enough). OSError where the kernel refuses."""
-    prog = _load(flow_steering_program())
+    belongs to the interface: once is enough), with a flow map: the map's descriptor for the
+    workers, or -1 if the kernel refused one (the program then hashes only). OSError where
+    the kernel refuses the program."""
     try:
-        fcntl.ioctl(tun_fd, TUNSETSTEERINGEBPF, struct.pack("i", prog))
-    finally:
-        os.close(prog)  # the interface holds its own reference
+        flow_map = create_flow_map()
+    except OSError:
+        flow_map = -1
+    try:
+        prog = _load(flow_steering_program(flow_map if flow_map >= 0 else None))
+        try:
+            fcntl.ioctl(tun_fd, TUNSETSTEERINGEBPF, struct.pack("i", prog))
+        finally:
+            os.close(prog)  # the interface holds its own reference
+    except BaseException:
+        if flow_map >= 0:
+            os.close(flow_map)
+        raise
+    return flow_map
