@@ -113,12 +113,22 @@ def bytecodes(call: Callable[[], object]) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
+class FlowMapStandIn:
+    """A worker's flow map without the kernel's (net/tun_steering.py needs root for one): the
+    Python of pointing a flow at the worker's queue, not the bpf() call it makes at most
+    once a second per flow."""
+
+    def steer(self, flow: int) -> None:
+        pass
+
+
 def worker_of(tun_fd: int, workers: int) -> tuple[Any, socket.socket]:
-    """bench_dataplane's worker, as worker 0 of `workers` (with its send order's plan, as
-    the worker's start-up gives it when it has siblings)."""
+    """bench_dataplane's worker, as worker 0 of `workers` (with its send order's plan and a
+    flow map, as the worker's start-up gives them when it has siblings)."""
     worker, sink = make_worker(tun_fd, workers)
     if workers > 1:
         worker.plan = HandOffPlan(0, workers, worker.keyslots.sealed, worker.keyslots.read_full)
+        worker.flow_map = FlowMapStandIn()
     return worker, sink
 
 

@@ -60,6 +60,7 @@ class MemoryTun:
     def __init__(self, mtu: int = 1420) -> None:
         self._mtu = mtu
         self.ours: list[socket.socket] = []  # the test's end of each queue
+        self.flow_map = -1  # no kernel to steer: a packet goes to the queue it is written to
 
     def open_queues(self, count: int, inherited: int | None) -> list[int]:
         assert inherited is None, "an in-memory TUN has no descriptor to inherit"

@@ -42,6 +42,7 @@ from wgmp.dataplane.records import (
     S_END,
     S_NEXT,
 )
+from wgmp.dataplane.inbound import FOLLOW_AGAIN
 from wgmp.dataplane.worker import (
     FLUSH_LATE_MAX,
     ROLE_CURRENT,
@@ -54,6 +55,7 @@ from wgmp.ipc.keyslots import KeySlots
 from wgmp.ipc.messages import Confirmed, FirstPacket, NeedHandshake, RekeyWanted
 from wgmp.net.steering import RECEIVE_BLOCK_BITS
 from wgmp.net.tun import VIRTIO_NET_HDR_NONE
+from wgmp.net.tun_steering import reply_flow_hash
 from wgmp.protocol.constants import (
     REJECT_AFTER_TIME,
     REKEY_AFTER_TIME,
@@ -776,3 +778,40 @@ def test_a_due_flush_waits_for_a_quiet_poll_after_lone_packets_but_not_for_long(
     # FLUSH_LATE_MAX - due may round to just below FLUSH_LATE_MAX)
     assert not waits_for_lone_answer(due + FLUSH_LATE_MAX + 1e-6, due, True)
     assert not waits_for_lone_answer(due, due, False)  # a quiet poll, or batches: flush now
+
+
+class _FlowMap:
+    """Stands in for net/tun_steering.FlowMap: what the worker points at its queue, and what
+    the TUN had received by then."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        self.steered: list[tuple[int, list[bytes]]] = []
+
+    def steer(self, flow: int) -> None:
+        self.steered.append((flow, self.rig.tun_written()))
+
+
+def test_a_lone_datagram_points_its_flows_reply_at_this_worker_before_the_tun_write() -> None:
+    """With siblings, the reply the kernel makes to a lone datagram's packet must be read by
+    this worker: its flow is pointed here before the packet reaches the TUN (the kernel may
+    answer inside the write), once per FOLLOW_AGAIN; packets received in trains never move
+    a flow."""
+    with pair(2) as (lone, general):
+        for rig in (lone, general):
+            current(rig)
+            rig.tun_written()
+            rig.worker.flow_map = _FlowMap(rig)  # type: ignore[assignment]
+        for rig in (lone, general):
+            for counter, when in ((5, NOW), (6, NOW + 0.5), (7, NOW + FOLLOW_AGAIN)):
+                rig.worker._udp_sparse = rig is lone  # the general path: as in a burst
+                rig.worker._inbound(OneDatagram(datagram(counter), ENDPOINT, []), when)  # type: ignore[arg-type]
+                rig.worker._udp_again = None  # the loop's next poll found nothing more
+        reply = reply_flow_hash(_inner(5, THEIRS))
+        assert reply is not None
+        steered = lone.worker.flow_map.steered  # type: ignore[union-attr]
+        # At each steer the TUN had what came before, not the packet being received.
+        assert [(flow, len(before)) for flow, before in steered] == [(reply, 0), (reply, 2)]
+        assert len(lone.tun_written()) == 1  # 7, written after the second steer
+        assert general.worker.flow_map.steered == []  # type: ignore[union-attr]
+        assert len(general.tun_written()) == 3

@@ -1049,7 +1049,7 @@ def test_worker_arguments_as_the_supervisor_writes_them() -> None:
     assert _parse_args(argv) == {
         "id": 1, "tun": 5, "udp4": 6, "udp6": -1, "channel": 7, "keyslots": 8, "stats": 9,
         "vnet_hdr": 1, "workers": 1, "handoff_in": -1, "handoff_out": "", "seal_in": -1,
-        "seal_out": "", "lazy": -1,
+        "seal_out": "", "lazy": -1, "flow_map": -1,
     }  # fmt: skip
     # With hand-off sockets (several workers): the outboxes list this worker's as -1.
     more = [*argv, "--workers", "2", "--handoff-in", "10", "--handoff-out=-1,11"]
@@ -1058,6 +1058,7 @@ def test_worker_arguments_as_the_supervisor_writes_them() -> None:
     parsed = _parse_args([*more, "--seal-in", "12", "--seal-out=-1,13"])
     assert (parsed["seal_in"], parsed["seal_out"]) == (12, "-1,13")
     assert _parse_args([*more, "--lazy", "14"])["lazy"] == 14
+    assert _parse_args([*more, "--flow-map", "15"])["flow_map"] == 15
     for bad in (argv[:-2], [*argv, "--udp6"], [*argv, "--udp6", "x"], [*argv, "--what"]):
         with pytest.raises(SystemExit):
             _parse_args(bad)

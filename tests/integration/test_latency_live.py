@@ -17,6 +17,7 @@ Times come from tcpdump captures on the veth link.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,10 @@ from tests.integration.livepair import (
     Pair,
     answered,
     ping,
+    total,
 )
+from wgmp.dataplane.worker import FLUSH_INTERVAL
+from wgmp.net.tun_steering import flow_hash
 
 PairFactory = Callable[..., Pair]
 RESPONDER_BOUND = 0.25  # seconds: generous for a loaded machine (measured 0.2-0.6 ms)
@@ -115,3 +119,52 @@ def test_an_idle_daemon_uses_next_to_no_cpu(pair: PairFactory, workers: int) -> 
     time.sleep(IDLE_SECONDS)
     used = (_cpu_seconds(processes) - before) / (time.monotonic() - started)
     assert used < IDLE_CPU_BOUND, f"{used:.1%} of a CPU while idle"
+
+
+def _worker_packets(p: Pair) -> dict[str, tuple[int, int]]:
+    """Per worker: (packets received from the tunnel, packets sent into it)."""
+    samples = p.stats()
+    workers = {dict(k)["worker"] for k in samples.get("wgmp_worker_packets_total", {})}
+    return {
+        w: (
+            total(samples, "wgmp_worker_packets_total", worker=w, direction="rx"),
+            total(samples, "wgmp_worker_packets_total", worker=w, direction="tx"),
+        )
+        for w in workers
+    }
+
+
+def test_with_two_workers_a_ping_is_answered_by_the_worker_that_received_it(
+    pair: PairFactory,
+) -> None:
+    """wireguard-go pings two of wgmp's tunnel addresses whose ping flows the TUN's flow hash
+    puts on different queues, so one of them lands on the queue of the worker that does not
+    receive the requests (datagrams go to workers by counter block, not by flow). From the
+    second ping of a flow on, its replies leave from the worker that received its requests:
+    the flow map points the flow at that worker (net/tun_steering.py), so no second worker is
+    woken per round trip. Each worker sends as many packets as it receives."""
+    p = pair(workers=2)
+    source = TUNNEL_PEER[4]
+    queue = flow_hash([_word(source) ^ _word(TUNNEL_WGMP[4])]) % 2
+    other = next(
+        f"198.51.100.{n}"
+        for n in range(3, 250)
+        if flow_hash([_word(source) ^ _word(f"198.51.100.{n}")]) % 2 != queue
+    )
+    p.wgmp.add_address(f"{other}/32")
+    p.peer.add_peer(p.wgmp.public_key, allowed_ips=[f"{TUNNEL_WGMP[4]}/32", f"{other}/32"])
+    for address in (TUNNEL_WGMP[4], other):  # the session, and each flow's first ping
+        assert answered(ping(p.link.ns_b, address, 1), 1)
+    time.sleep(3 * FLUSH_INTERVAL)
+    before = _worker_packets(p)
+    for address in (TUNNEL_WGMP[4], other):
+        assert answered(ping(p.link.ns_b, address, 10, interval=0.05), 10)
+    time.sleep(3 * FLUSH_INTERVAL)
+    after = _worker_packets(p)
+    moved = {w: (after[w][0] - before[w][0], after[w][1] - before[w][1]) for w in after}
+    assert sum(rx for rx, _ in moved.values()) == 20, moved
+    assert all(rx == tx for rx, tx in moved.values()), moved
+
+
+def _word(address: str) -> int:
+    return int.from_bytes(ipaddress.ip_address(address).packed, "big")

@@ -273,6 +273,7 @@ class Daemon:
     def _open_tun(self, inherited: int | None) -> None:
         try:
             self.tun_fds = self.link.open_queues(self.worker_count, inherited)
+            self.supervisor.flow_map = self.link.flow_map
             self.interface.mtu = self.link.mtu()
         except OSError as err:
             raise SetupError(str(err)) from err
@@ -1452,12 +1453,14 @@ class Daemon:
         self.endpoint_routes.close()
         for sock in self._all_sockets():
             sock.close()
-        for fd in self.tun_fds:
+        for fd in (*self.tun_fds, self.supervisor.flow_map):
             try:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             except OSError:
                 pass
         self.tun_fds = []
+        self.supervisor.flow_map = -1
         log.info("interface %s closed", self.name)
 
 

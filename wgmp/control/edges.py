@@ -64,6 +64,10 @@ class RouteEvents(Protocol):
 class Link(Protocol):
     """The interface: its TUN queues (one per worker, virtio headers on), its MTU, its events."""
 
+    # The TUN's flow map (net/tun_steering.py) once the queues are open, for the workers; -1
+    # if there is none (one queue, or a kernel that refused it).
+    flow_map: int
+
     def open_queues(self, count: int, inherited: int | None) -> list[int]:
         """`count` queue descriptors, the first one `inherited` (WG_TUN_FD) if given; OSError
         says why not."""
@@ -92,6 +96,7 @@ class KernelLink:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.flow_map = -1
 
     def open_queues(self, count: int, inherited: int | None) -> list[int]:
         fds = [first_queue(self.name, inherited)]
@@ -99,10 +104,13 @@ class KernelLink:
             fds.append(tun.open_queue(self.name, TUN_VNET_HDR))
         if count > 1:
             try:
-                # One flow, one queue, one worker: in order (net/tun_steering.py).
-                attach_flow_steering(fds[0])
+                # One flow, one queue, one worker: in order; a sparse flow on the queue of
+                # the worker that receives it (net/tun_steering.py).
+                self.flow_map = attach_flow_steering(fds[0])
             except OSError as err:
                 log.warning("TUN flow steering not attached (%s): the kernel's automq", err)
+            if self.flow_map < 0:
+                log.info("no TUN flow map: sparse flows are steered by their hash alone")
         return fds
 
     def mtu(self) -> int:

@@ -129,6 +129,7 @@ class Supervisor:
                     pairs.append((ours, theirs))
         self.vnet_hdr = vnet_hdr
         self.log_level = log_level
+        self.flow_map = -1  # the TUN's flow map, once the daemon opened the queues
         self.workers: list[WorkerHandle] = []
         # Loaded here, in control, so that each forked child finds it already imported.
         self._run_forked: Callable[[WorkerSpec, str, int], None] = importlib.import_module(
@@ -166,6 +167,7 @@ class Supervisor:
             seal_in=seal_in,
             seal_out=seal_out,
             lazy=lazy_theirs.fileno() if lazy_theirs is not None else -1,
+            flow_map=self.flow_map if self.worker_count > 1 else -1,
         )
         count = max(len(self.workers), handle.worker_id + 1)
         handle.process = ForkedProcess.start(

@@ -33,6 +33,7 @@ from ..ipc.messages import (
 )
 from ..net.steering import RECEIVE_BLOCK_BITS, counter_worker
 from ..net.tun import VIRTIO_NET_HDR_NONE
+from ..net.tun_steering import FlowMap, reply_flow_hash
 from ..net.udp import BATCH_SPACE, PKTINFO_KINDS, SOL_UDP, UDP_GRO
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
@@ -94,6 +95,13 @@ HANDSHAKE_BATCH = 64  # handshake messages per pipe message (~11 KB: see Channel
 # as unknown_receiver_index when they leave.
 UNKNOWN_KEPT = 16
 UNKNOWN_KEEP = 0.25
+# A lone datagram's flow is pointed at this worker's TUN queue (net/tun_steering.py) at most
+# once per FOLLOW_AGAIN seconds (a sibling may have taken it since, or the map forgot it),
+# remembered for at most FOLLOWED_MAX flows (then forgotten all at once: one more system
+# call per flow, no more).
+FOLLOW_AGAIN = 1.0
+FOLLOWED_MAX = 4096
+_PORTED = (6, 17)  # TCP, UDP: the protocols whose ports the steering program hashes
 
 _INT = struct.Struct("=i")
 _HANDOFF = msgpack.Packer(use_bin_type=True)  # [address, source|None, segment] + datagrams
@@ -123,6 +131,8 @@ class Inbound:
     channel: Channel
     keyslots: KeySlots
     _slot_marks: memoryview  # KeySlots.slot_marks: what the lone path writes without a call
+    flow_map: FlowMap | None  # the TUN's flow map (several workers), see `_follow`
+    _followed: dict[bytes, float]  # a flow's words -> when this worker last pointed it here
     allowed: AllowedIPs[int]
     peers: dict[int, list[Any]]
     _touched: list[list[Any]]  # peers whose counters or activity changed (Worker._flush)
@@ -290,6 +300,8 @@ class Inbound:
         high = replay.last + 1
         marks[at + RECEIVED] = high
         if packet is not None:
+            if self.flow_map is not None:
+                self._follow(packet, now)  # before the write: the kernel may answer inside it
             try:
                 os.write(self.tun_fd, VIRTIO_NET_HDR_NONE + packet if self.vnet_hdr else packet)
             except OSError as err:  # as _write_tun
@@ -304,6 +316,31 @@ class Inbound:
             # inside that write) does not wait for them (perf/bench_first_packet.py, "rx next").
             self._flush_staged(peer, peer_id, now)
         return True
+
+    def _follow(self, packet: bytes, now: float) -> None:
+        """Point the reply direction of a lone datagram's flow at this worker's TUN queue, so
+        that the reply the kernel makes (a ping's, a request's) is read here, in this wake-up,
+        not by a sibling woken for it (net/tun_steering.py: why only lone datagrams)."""
+        # The flow by its bytes (addresses, and ports where the program reads them): the
+        # hash is computed only when the flow is steered (~50 bytecodes less per datagram:
+        # perf/bench_lone_packet.py --bytecodes).
+        first = packet[0]
+        if first == 0x45:
+            flow = packet[12:24] if packet[9] in _PORTED else packet[12:20]
+        elif first >> 4 == 6:
+            flow = packet[8:40]
+        else:
+            return
+        followed = self._followed
+        if now - followed.get(flow, -FOLLOW_AGAIN) < FOLLOW_AGAIN:
+            return
+        reply = reply_flow_hash(packet)
+        if reply is None:
+            return
+        if len(followed) >= FOLLOWED_MAX:
+            followed.clear()
+        followed[flow] = now
+        self.flow_map.steer(reply)  # type: ignore[union-attr]  # the caller checked
 
     def _inner_packet(self, plaintext: bytes, peer_id: int) -> bytes | None:
         """A lone datagram's plaintext checked as _receive_train checks each (wireguard-go's

@@ -58,6 +58,7 @@ from ..ipc.messages import (
 )
 from ..ipc.workerspec import WorkerSpec
 from ..net.steering import counter_worker
+from ..net.tun_steering import FlowMap
 from ..net.udp import SOL_UDP, UDP_GRO
 from ..process import forbid_core_dumps
 from ..protocol.allowedips import AllowedIPs
@@ -216,6 +217,8 @@ class Worker(Outbound, Inbound, SendSpread):
         # A confirmation was kept (Inbound._tell_confirmed): the next poll is made without
         # sleeping, and what is kept waits for it, whichever path received the packet.
         self._answer_poll = False
+        self.flow_map: FlowMap | None = None  # the TUN's flow map, with siblings (_serve)
+        self._followed: dict[bytes, float] = {}
         # Control's lazy pipe (ipc/lazy.py), and its count of writes into it last seen here.
         self.lazy: Channel | None = None
         self._lazy_seen = 0
@@ -743,7 +746,7 @@ def _listen_port(sockets: dict[int, socket.socket]) -> int:
 
 _OPTIONS = ("id", "tun", "udp4", "udp6", "channel", "keyslots", "stats")
 # integer options with a default
-_OPTIONAL = {"udp6": -1, "workers": 1, "handoff_in": -1, "seal_in": -1, "lazy": -1}
+_OPTIONAL = {"udp6": -1, "workers": 1, "handoff_in": -1, "seal_in": -1, "lazy": -1, "flow_map": -1}
 
 
 def _descriptors(args: dict[str, Any], name: str) -> tuple[int, ...]:
@@ -756,8 +759,8 @@ def _descriptors(args: dict[str, Any], name: str) -> tuple[int, ...]:
 
 def _parse_args(argv: list[str]) -> dict[str, Any]:
     """`--id N [--workers N] --tun FD --udp4 FD [--udp6 FD] --channel FD --keyslots FD
-    --stats FD [--vnet-hdr] [--handoff-in FD --handoff-out=FD,FD,...] [--lazy FD]`, as control's
-    supervisor writes them (`--name=value` too); SystemExit on anything else.
+    --stats FD [--vnet-hdr] [--handoff-in FD --handoff-out=FD,FD,...] [--lazy FD]
+    [--flow-map FD]`, as control's supervisor writes them (`--name=value` too); SystemExit on anything else.
 
     `handoff_out` stays text (the other workers' inboxes by worker id, -1 for this one's):
     without `=` a list starting with -1 would read as an option."""
@@ -809,6 +812,7 @@ def main(argv: list[str] | None = None) -> None:
             seal_in=args["seal_in"],
             seal_out=seal_out,
             lazy=args["lazy"],
+            flow_map=args["flow_map"],
         )
     )
 
@@ -849,6 +853,8 @@ def _serve(spec: WorkerSpec) -> None:
         ]
     if spec.lazy >= 0:
         worker.lazy = Channel(socket.socket(fileno=spec.lazy))
+    if spec.flow_map >= 0 and spec.workers > 1:
+        worker.flow_map = FlowMap(spec.flow_map, spec.worker_id)  # our queue's number
     if spec.seal_in >= 0 and spec.workers > 1:
         worker.seal_in = socket.socket(fileno=spec.seal_in)
         worker.seal_out = [socket.socket(fileno=fd) if fd >= 0 else None for fd in spec.seal_out]

@@ -39,8 +39,12 @@ class WorkerSpec(NamedTuple):
     seal_out: tuple[int, ...] = ()
     # With several workers: the read end of control's lazy pipe (ipc/lazy.py).
     lazy: int = -1
+    # With several workers: the TUN's flow map, where a worker points the sparse flows it
+    # receives at its own queue (net/tun_steering.py).
+    flow_map: int = -1
 
     def fds(self) -> list[int]:
         fds = [self.tun, self.udp4, self.channel, self.keyslots, self.stats]
         fds += [fd for fd in (*self.handoff_out, *self.seal_out) if fd >= 0]
-        return fds + [fd for fd in (self.udp6, self.handoff_in, self.seal_in, self.lazy) if fd >= 0]
+        optional = (self.udp6, self.handoff_in, self.seal_in, self.lazy, self.flow_map)
+        return fds + [fd for fd in optional if fd >= 0]
