@@ -6,7 +6,12 @@ For each path (go-go, wgmp-wgmp, and the mixed ones on request), in one run: two
 joined by a veth pair (bench_tunnel.py's machinery), the two tunnel ends configured with `wg`;
 then
 
-- RTT: `ping -c N -i 0.01` through the established tunnel (avg and min);
+- RTT: `ping -c N -i 0.01` through the established tunnel (avg and min), to b's tunnel address
+  and then to a second address of b's (TUN_B_OTHER) whose ping flow wgmp's TUN steering hashes
+  to another queue (1 of 2 and of 4, where TUN_B's is 0 of 2 and 2 of 4): in these fresh
+  pairs the first session's datagrams go to worker 0 at both ends, so TUN_B's flow meets one
+  worker per end with 2 workers, and the other flow met two before the flow map
+  (net/tun_steering.py) made it follow its receiver; a real host's flows are of both kinds;
 - first ping: both ends forget the peer (`wg set ... peer X remove`) and learn it again, then
   one ping measures handshake + first round trip, `--sessions` times (median, min, max);
 - while those first pings run, tcpdump on b's veth records every WireGuard message, from which:
@@ -78,12 +83,18 @@ class Message:
     length: int  # UDP payload bytes
 
 
+# A second address of b's, whose ping flow from TUN_A hashes to another TUN queue than
+# TUN_B's (wgmp/net/tun_steering.py's flow_hash: 1 of 2 and 1 of 4 against 0 and 2).
+TUN_B_OTHER = "198.51.100.4"
+
+
 @dataclass
 class Result:
     path: str
     workers: str
     rtt_avg_ms: float | None = None
     rtt_min_ms: float | None = None
+    rtt_other_avg_ms: float | None = None  # to TUN_B_OTHER: a flow on another queue
     first_ping_ms: list[float] = field(default_factory=list)
     responder_first_ms: list[float] = field(default_factory=list)
     initiator_first_after_response_ms: list[float] = field(default_factory=list)
@@ -350,6 +361,10 @@ def start_pair(
             pair.daemons[-1].start()
         pair.a.configure(PORT_A, pair.b, TUN_B, f"{VETH_B}:{PORT_B}", f"{TUN_A}/24")
         pair.b.configure(PORT_B, pair.a, TUN_A, f"{VETH_A}:{PORT_A}", f"{TUN_B}/24")
+        # b's second address, reached through the same peer (TUN_B_OTHER).
+        pair.a.wg("set", pair.a.ifname, "peer", pair.b.public_key, "allowed-ips",
+                  f"{TUN_B}/32,{TUN_B_OTHER}/32")  # fmt: skip
+        ns_b.ip("addr", "add", f"{TUN_B_OTHER}/32", "dev", pair.b.ifname)
         wait_for_handshake(ns_a, TUN_B)
     except BaseException:
         pair.close()
@@ -375,7 +390,16 @@ def measure(args: argparse.Namespace, path: str, workers: str, index: int, workd
             timeout=120,
         ).stdout
         result.rtt_avg_ms, result.rtt_min_ms, _ = parse_ping(out)
-        log(f"  {path} workers {workers}: RTT avg {result.rtt_avg_ms} min {result.rtt_min_ms} ms")
+        out = ns_a.run(
+            [*PING, "-q", "-c", str(args.pings), "-i", "0.01", "-W", "2", TUN_B_OTHER],
+            check=False,
+            timeout=120,
+        ).stdout
+        result.rtt_other_avg_ms = parse_ping(out)[0]
+        log(
+            f"  {path} workers {workers}: RTT avg {result.rtt_avg_ms} min {result.rtt_min_ms} ms"
+            f", to the other address {result.rtt_other_avg_ms} ms"
+        )
         if args.hops:
             names = (da.ifname, veth_a, db.ifname)
             measure_hops(args, ns_a, ns_b, names, workdir / f"{path}-{workers}-{index}", result)
@@ -434,45 +458,51 @@ def _first_ping(result: Result) -> float | None:
     return statistics.median(result.first_ping_ms) if result.first_ping_ms else None
 
 
-def _against_go(results: list[Result]) -> list[tuple[Result, float | None, float | None]]:
-    """Each result with its RTT and first-ping ratios against the latest wireguard-go run
-    before it: the same round's when go-go comes first in --paths (the machine's speed moves
-    between rounds, so only a round's own reference is a fair one)."""
+Ratios = tuple[float | None, float | None, float | None]  # RTT, first ping, other flow's RTT
+
+
+def _against_go(results: list[Result]) -> list[tuple[Result, Ratios]]:
+    """Each result with its RTT, first-ping and other flow's RTT ratios against the latest
+    wireguard-go run before it: the same round's when go-go comes first in --paths (the
+    machine's speed moves between rounds, so only a round's own reference is a fair one)."""
     reference: Result | None = None
     rows = []
     for r in results:
         if r.path == "go-go" and not r.error:
             reference = r
-        rtt = first = None
+        rtt = first = other = None
         if reference is not None and not r.error:
             if r.rtt_avg_ms and reference.rtt_avg_ms:
                 rtt = r.rtt_avg_ms / reference.rtt_avg_ms
+            if r.rtt_other_avg_ms and reference.rtt_other_avg_ms:
+                other = r.rtt_other_avg_ms / reference.rtt_other_avg_ms
             ours, theirs = _first_ping(r), _first_ping(reference)
             if ours and theirs:
                 first = ours / theirs
-        rows.append((r, rtt, first))
+        rows.append((r, (rtt, first, other)))
     return rows
 
 
 def ratio_summary(results: list[Result]) -> str:
     """Per path and workers, the median over rounds of the ratios against each round's
     wireguard-go (what the issue's goals are stated in)."""
-    by_case: dict[tuple[str, str], list[tuple[float | None, float | None]]] = {}
-    for r, rtt, first in _against_go(results):
+    by_case: dict[tuple[str, str], list[Ratios]] = {}
+    for r, ratios in _against_go(results):
         if r.path != "go-go" and not r.error:
-            by_case.setdefault((r.path, r.workers), []).append((rtt, first))
+            by_case.setdefault((r.path, r.workers), []).append(ratios)
     lines = [
         "| path | workers | rounds | RTT vs that round's go-go, median (each) "
-        "| first ping vs that round's go-go, median (each) |",
-        "|---|---|---:|---:|---:|",
+        "| first ping vs that round's go-go, median (each) "
+        "| RTT to the other address vs go-go's, median (each) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for (path, workers), ratios in by_case.items():
+    for (path, workers), rounds in by_case.items():
         cells = []
-        for values in ([rtt for rtt, _ in ratios], [first for _, first in ratios]):
-            known = [v for v in values if v is not None]
+        for which in range(3):
+            known = [v for v in (ratios[which] for ratios in rounds) if v is not None]
             each = " / ".join(f"{v:.2f}" for v in known)
             cells.append(f"{statistics.median(known):.2f} ({each})" if known else "-")
-        lines.append(f"| {PATHS[path][0]} | {workers} | {len(ratios)} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {PATHS[path][0]} | {workers} | {len(rounds)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -482,14 +512,15 @@ def table(results: list[Result]) -> str:
 
     lines = [
         "| path | workers | RTT avg / min ms | RTT vs that round's go-go "
+        "| RTT avg to the other address ms | vs that round's go-go "
         "| first ping median (min – max) ms | vs that round's go-go | responder's first data median (max) ms | initiator's first after response "
         "median ms | responder's response after the initiation median ms | keepalive before data "
         "| first pings lost |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r, rtt_ratio, first_ratio in _against_go(results):
+    for r, (rtt_ratio, first_ratio, other_ratio) in _against_go(results):
         if r.error:
-            lines.append(f"| {PATHS[r.path][0]} | {r.workers} | FAILED: {r.error} |||||||||")
+            lines.append(f"| {PATHS[r.path][0]} | {r.workers} | FAILED: {r.error} |||||||||||")
             continue
         span = (
             f"{min(r.first_ping_ms):.3f} – {max(r.first_ping_ms):.3f}" if r.first_ping_ms else "-"
@@ -501,7 +532,7 @@ def table(results: list[Result]) -> str:
         )
         lines.append(
             f"| {PATHS[r.path][0]} | {r.workers} | {r.rtt_avg_ms} / {r.rtt_min_ms} "
-            f"| {ratio(rtt_ratio)} "
+            f"| {ratio(rtt_ratio)} | {r.rtt_other_avg_ms} | {ratio(other_ratio)} "
             f"| {median(r.first_ping_ms)} ({span}) | {ratio(first_ratio)} | {responder} "
             f"| {median(r.initiator_first_after_response_ms)} "
             f"| {median(r.responder_handshake_ms)} "

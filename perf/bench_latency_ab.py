@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_latency import (  # noqa: E402
     PING,
+    TUN_B_OTHER,
     Pair,
     first_ping,
     forget_and_relearn,
@@ -71,9 +72,9 @@ def ratio(this: list[float], ref: list[float]) -> str:
     return f"{statistics.median(this) / statistics.median(ref):.2f}"
 
 
-def rtt_round(pair: Pair, pings: int) -> float | None:
+def rtt_round(pair: Pair, pings: int, target: str = TUN_B) -> float | None:
     out = pair.ns_a.run(
-        [*PING, "-q", "-c", str(pings), "-i", "0.01", "-W", "2", TUN_B],
+        [*PING, "-q", "-c", str(pings), "-i", "0.01", "-W", "2", target],
         check=False,
         timeout=120,
     ).stdout
@@ -93,7 +94,7 @@ def compare(args: argparse.Namespace, workers: str, roots: dict[str, Path], work
         lost = dict.fromkeys(CODES, 0)
         for turn in range(args.rounds):
             for code in CODES if turn % 2 == 0 else CODES[::-1]:
-                avg = rtt_round(pairs[code], args.pings)
+                avg = rtt_round(pairs[code], args.pings, TUN_B_OTHER if args.other else TUN_B)
                 if avg is not None:
                     rtt[code].append(avg)
         for turn in range(args.sessions):
@@ -129,6 +130,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--pings", type=int, default=200)
     parser.add_argument("--sessions", type=int, default=60)
+    parser.add_argument(
+        "--other",
+        action="store_true",
+        help="RTT to b's other address (bench_latency.py's TUN_B_OTHER: a flow on another queue)",
+    )
     args = parse_pinned(parser)
     if not begin_namespaces_run(Path(__file__).name):
         return 2
