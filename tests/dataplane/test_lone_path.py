@@ -815,3 +815,20 @@ def test_a_lone_datagram_points_its_flows_reply_at_this_worker_before_the_tun_wr
         assert len(lone.tun_written()) == 1  # 7, written after the second steer
         assert general.worker.flow_map.steered == []  # type: ignore[union-attr]
         assert len(general.tun_written()) == 3
+
+
+def test_a_lone_datagram_left_to_the_general_path_moves_its_flow_too() -> None:
+    """A datagram from a new endpoint (a roam; or a session's first data, which confirms it)
+    goes the general way; read alone, its flow follows this worker all the same."""
+    with pair(2) as (lone, _):
+        current(lone)
+        lone.tun_written()
+        lone.worker.flow_map = _FlowMap(lone)  # type: ignore[assignment]
+        calls: list[bool | None] = []
+        spy(lone.worker, "_receive_lone", calls)
+        lone.worker._udp_sparse = True
+        roamed = ("192.0.2.99", 40000)
+        lone.worker._inbound(OneDatagram(datagram(2), roamed, []), NOW)  # type: ignore[arg-type]
+        assert calls == [False] and tuple(lone.worker.peers[1][P_ENDPOINT][:2]) == roamed
+        assert lone.worker.flow_map.steered == [(reply_flow_hash(_inner(2, THEIRS)), [])]  # type: ignore[union-attr]
+        assert len(lone.tun_written()) == 1

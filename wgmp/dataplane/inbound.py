@@ -413,6 +413,10 @@ class Inbound:
                 # The next block's worker waits for this block's end (perf/RESULTS.md,
                 # "receive ordering"), or a lone train's wake-up should reach the TUN before
                 # the read that finds the socket empty (docs/performance.md, round-trip time).
+                if deliver_first and self.flow_map is not None and len(self._to_tun) == 1:
+                    # A lone datagram the lone path left to us (a session's first data, the
+                    # first of a block, a roam): its flow follows this worker all the same.
+                    self._follow(self._to_tun[0], now)
                 self._block_done = deliver_first = False
                 self._deliver(now)
         self._udp_sparse = reads <= 1
