@@ -30,6 +30,7 @@ from tests.dataplane.test_worker import (
     _udp4,
     control_messages,
 )
+from wgmp.dataplane.inbound import FOLLOW_AGAIN
 from wgmp.dataplane.records import (
     P_ACTIVITY,
     P_ENDPOINT,
@@ -42,7 +43,6 @@ from wgmp.dataplane.records import (
     S_END,
     S_NEXT,
 )
-from wgmp.dataplane.inbound import FOLLOW_AGAIN
 from wgmp.dataplane.worker import (
     FLUSH_LATE_MAX,
     ROLE_CURRENT,
@@ -292,7 +292,9 @@ def test_with_several_workers_a_lone_packet_waits_for_a_siblings_chunk_before_it
             rig.worker.keyslots.write_sealed(1, 0, 4)  # worker 1 sent chunk 4
             rig.worker._release_send_held(NOW)
         assert lone.state() == general.state()
-        counters = [int.from_bytes(b"".join(buffers)[8:16], "little") for buffers, *_ in lone.fake.sent]
+        counters = [
+            int.from_bytes(b"".join(buffers)[8:16], "little") for buffers, *_ in lone.fake.sent
+        ]
         assert counters == [1, 2]
         assert lone.worker.keyslots.sealed(0, 0) == 6 and not lone.worker._send_held
 
@@ -832,3 +834,15 @@ def test_a_lone_datagram_left_to_the_general_path_moves_its_flow_too() -> None:
         assert calls == [False] and tuple(lone.worker.peers[1][P_ENDPOINT][:2]) == roamed
         assert lone.worker.flow_map.steered == [(reply_flow_hash(_inner(2, THEIRS)), [])]  # type: ignore[union-attr]
         assert len(lone.tun_written()) == 1
+
+
+def test_a_flow_is_pointed_again_under_another_keypair_or_block() -> None:
+    """A sibling can receive the flow (and take it) only under another keypair or counter
+    block: once per such epoch the worker points it back, never twice in one."""
+    with pair(2) as (lone, _):
+        flow_map = _FlowMap(lone)
+        lone.worker.flow_map = flow_map  # type: ignore[assignment]
+        packet = _inner(1, THEIRS)
+        for index, block in ((7, 0), (7, 0), (7, 1), (8, 1), (7, 1), (7, 1)):
+            lone.worker._follow(packet, index << 32 | block, NOW)
+        assert len(flow_map.steered) == 4

@@ -95,11 +95,14 @@ HANDSHAKE_BATCH = 64  # handshake messages per pipe message (~11 KB: see Channel
 # as unknown_receiver_index when they leave.
 UNKNOWN_KEPT = 16
 UNKNOWN_KEEP = 0.25
-# A lone datagram's flow is pointed at this worker's TUN queue (net/tun_steering.py) at most
-# once per FOLLOW_AGAIN seconds (a sibling may have taken it since, or the map forgot it),
-# remembered for at most FOLLOWED_MAX flows (then forgotten all at once: one more system
-# call per flow, no more).
-FOLLOW_AGAIN = 1.0
+# A lone datagram's flow is pointed at this worker's TUN queue (net/tun_steering.py) once per
+# receive epoch: the keypair and counter block it came under (only when one of them changes
+# can another worker receive the flow, and take it). The update costs ~25-30 us with cold
+# caches (the bpf() call through ctypes), the look at what was pointed ~5-7 (perf/RESULTS.md,
+# "Eleventh session"). What was pointed is forgotten every FOLLOW_AGAIN seconds (the map may
+# have dropped an entry: it keeps the FLOW_MAP_ENTRIES most recent) and past FOLLOWED_MAX
+# flows.
+FOLLOW_AGAIN = 10.0
 FOLLOWED_MAX = 4096
 _PORTED = (6, 17)  # TCP, UDP: the protocols whose ports the steering program hashes
 
@@ -132,7 +135,8 @@ class Inbound:
     keyslots: KeySlots
     _slot_marks: memoryview  # KeySlots.slot_marks: what the lone path writes without a call
     flow_map: FlowMap | None  # the TUN's flow map (several workers), see `_follow`
-    _followed: dict[bytes, float]  # a flow's words -> when this worker last pointed it here
+    _followed: dict[bytes, int]  # a flow's words -> the receive epoch it was pointed here in
+    _followed_until: float  # when `_followed` is forgotten
     allowed: AllowedIPs[int]
     peers: dict[int, list[Any]]
     _touched: list[list[Any]]  # peers whose counters or activity changed (Worker._flush)
@@ -301,7 +305,8 @@ class Inbound:
         marks[at + RECEIVED] = high
         if packet is not None:
             if self.flow_map is not None:
-                self._follow(packet, now)  # before the write: the kernel may answer inside it
+                # Before the write: the kernel may answer inside it.
+                self._follow(packet, index << 32 | block, now)
             try:
                 os.write(self.tun_fd, VIRTIO_NET_HDR_NONE + packet if self.vnet_hdr else packet)
             except OSError as err:  # as _write_tun
@@ -317,10 +322,15 @@ class Inbound:
             self._flush_staged(peer, peer_id, now)
         return True
 
-    def _follow(self, packet: bytes, now: float) -> None:
+    def _follow(self, packet: bytes, epoch: int, now: float) -> None:
         """Point the reply direction of a lone datagram's flow at this worker's TUN queue, so
         that the reply the kernel makes (a ping's, a request's) is read here, in this wake-up,
-        not by a sibling woken for it (net/tun_steering.py: why only lone datagrams)."""
+        not by a sibling woken for it (net/tun_steering.py: why only lone datagrams).
+        `epoch`: the receiver index and counter block the datagram came under."""
+        followed = self._followed
+        if now >= self._followed_until:
+            followed.clear()
+            self._followed_until = now + FOLLOW_AGAIN
         # The flow by its bytes (addresses, and ports where the program reads them): the
         # hash is computed only when the flow is steered (~50 bytecodes less per datagram:
         # perf/bench_lone_packet.py --bytecodes).
@@ -331,15 +341,14 @@ class Inbound:
             flow = packet[8:40]
         else:
             return
-        followed = self._followed
-        if now - followed.get(flow, -FOLLOW_AGAIN) < FOLLOW_AGAIN:
+        if followed.get(flow) == epoch:
             return
         reply = reply_flow_hash(packet)
         if reply is None:
             return
         if len(followed) >= FOLLOWED_MAX:
             followed.clear()
-        followed[flow] = now
+        followed[flow] = epoch
         self.flow_map.steer(reply)  # type: ignore[union-attr]  # the caller checked
 
     def _inner_packet(self, plaintext: bytes, peer_id: int) -> bytes | None:
@@ -416,7 +425,9 @@ class Inbound:
                 if deliver_first and self.flow_map is not None and len(self._to_tun) == 1:
                     # A lone datagram the lone path left to us (a session's first data, the
                     # first of a block, a roam): its flow follows this worker all the same.
-                    self._follow(self._to_tun[0], now)
+                    _, index, counter = HEADER.unpack_from(view)  # still in the buffer
+                    epoch = index << 32 | counter >> RECEIVE_BLOCK_BITS
+                    self._follow(self._to_tun[0], epoch, now)
                 self._block_done = deliver_first = False
                 self._deliver(now)
         self._udp_sparse = reads <= 1

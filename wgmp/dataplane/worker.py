@@ -218,7 +218,8 @@ class Worker(Outbound, Inbound, SendSpread):
         # sleeping, and what is kept waits for it, whichever path received the packet.
         self._answer_poll = False
         self.flow_map: FlowMap | None = None  # the TUN's flow map, with siblings (_serve)
-        self._followed: dict[bytes, float] = {}
+        self._followed: dict[bytes, int] = {}
+        self._followed_until = 0.0
         # Control's lazy pipe (ipc/lazy.py), and its count of writes into it last seen here.
         self.lazy: Channel | None = None
         self._lazy_seen = 0
