@@ -790,8 +790,9 @@ class _FlowMap:
         self.rig = rig
         self.steered: list[tuple[int, list[bytes]]] = []
 
-    def steer(self, flow: int) -> None:
+    def steer(self, flow: int) -> int:
         self.steered.append((flow, self.rig.tun_written()))
+        return 0
 
 
 def test_a_lone_datagram_points_its_flows_reply_at_this_worker_before_the_tun_write() -> None:
@@ -846,3 +847,24 @@ def test_a_flow_is_pointed_again_under_another_keypair_or_block() -> None:
         for index, block in ((7, 0), (7, 0), (7, 1), (8, 1), (7, 1), (7, 1)):
             lone.worker._follow(packet, index << 32 | block, NOW)
         assert len(flow_map.steered) == 4
+
+
+def test_a_failed_map_update_is_said_once_and_the_packet_still_goes() -> None:
+    class Refusing(_FlowMap):
+        def steer(self, flow: int) -> int:
+            super().steer(flow)
+            return 28  # ENOSPC
+
+    with pair(2) as (lone, _):
+        current(lone)
+        lone.tun_written()
+        lone.worker.flow_map = Refusing(lone)  # type: ignore[assignment]
+        for counter, index in ((5, INDEX), (6, INDEX)):
+            lone.worker._udp_sparse = True
+            lone.worker._inbound(OneDatagram(datagram(counter, index=index), ENDPOINT, []), NOW)  # type: ignore[arg-type]
+            lone.worker._udp_again = None
+            lone.worker._followed.clear()  # as if under another epoch: tried again
+        steered = lone.worker.flow_map.steered  # type: ignore[union-attr]
+        assert len(steered) == 2 and lone.worker._follow_failed
+        # Both packets reached the TUN (the first one seen by the second steer).
+        assert sum(len(before) for _, before in steered) + len(lone.tun_written()) == 2

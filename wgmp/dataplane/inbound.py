@@ -76,6 +76,7 @@ from .records import (
     touch,
 )
 from .wire import HEADER, NONCE
+from .worker_log import log_info
 
 __all__ = ["HOLD_MAX", "UNKNOWN_KEEP", "UNKNOWN_KEPT", "Inbound"]
 
@@ -137,6 +138,7 @@ class Inbound:
     flow_map: FlowMap | None  # the TUN's flow map (several workers), see `_follow`
     _followed: dict[bytes, int]  # a flow's words -> the receive epoch it was pointed here in
     _followed_until: float  # when `_followed` is forgotten
+    _follow_failed: bool  # a map update failed (logged once)
     allowed: AllowedIPs[int]
     peers: dict[int, list[Any]]
     _touched: list[list[Any]]  # peers whose counters or activity changed (Worker._flush)
@@ -349,7 +351,10 @@ class Inbound:
         if len(followed) >= FOLLOWED_MAX:
             followed.clear()
         followed[flow] = epoch
-        self.flow_map.steer(reply)  # type: ignore[union-attr]  # the caller checked
+        error = self.flow_map.steer(reply)  # type: ignore[union-attr]  # the caller checked
+        if error and not self._follow_failed:
+            self._follow_failed = True  # said once: the flows stay on their hash's queues
+            log_info("TUN flow map update failed (errno %d): flows keep their queue", error)
 
     def _inner_packet(self, plaintext: bytes, peer_id: int) -> bytes | None:
         """A lone datagram's plaintext checked as _receive_train checks each (wireguard-go's

@@ -220,6 +220,7 @@ class Worker(Outbound, Inbound, SendSpread):
         self.flow_map: FlowMap | None = None  # the TUN's flow map, with siblings (_serve)
         self._followed: dict[bytes, int] = {}
         self._followed_until = 0.0
+        self._follow_failed = False
         # Control's lazy pipe (ipc/lazy.py), and its count of writes into it last seen here.
         self.lazy: Channel | None = None
         self._lazy_seen = 0

@@ -228,14 +228,14 @@ class FlowMap:
             "<IIQQQ", fd, 0, ctypes.addressof(self._key), ctypes.addressof(self._value), 0
         )
         self._attr = ctypes.create_string_buffer(attr.ljust(128, b"\0"), 128)
-        self.failures = 0
 
-    def steer(self, flow: int) -> None:
-        """The flow with hash `flow` goes to our queue from now on (best effort: a failure
-        is counted, the flow stays where it was)."""
+    def steer(self, flow: int) -> int:
+        """The flow with hash `flow` goes to our queue from now on: 0, or the errno of a
+        failure (the flow then stays where it was)."""
         self._key.value = flow
         if self._libc.syscall(_SYS_BPF, _BPF_MAP_UPDATE_ELEM, self._attr, 128) < 0:
-            self.failures += 1
+            return ctypes.get_errno() or -1
+        return 0
 
 
 def _load(code: bytes) -> int:
