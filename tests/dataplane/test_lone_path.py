@@ -43,6 +43,7 @@ from wgmp.dataplane.records import (
     S_END,
     S_NEXT,
 )
+from wgmp.dataplane.sendspread import HandOffPlan
 from wgmp.dataplane.worker import (
     FLUSH_LATE_MAX,
     ROLE_CURRENT,
@@ -235,26 +236,36 @@ def test_a_lone_ipv6_packet_is_sent_as_the_general_path_sends_it() -> None:
     assert taken is True and lone == general and len(lone["sent"]) == 1
 
 
+def _with_a_plan(rig: Rig) -> HandOffPlan:
+    """The rig's worker as worker 0 of 2, with its send order's plan; a warm keypair."""
+    w = rig.worker
+    plan = w.plan = HandOffPlan(0, 2, w.keyslots.sealed, w.keyslots.read_full)
+    w.seal_out = [None, None]
+    warm(rig)
+    return plan
+
+
+def _send_in_chunks(
+    lone: Rig, general: Rig, count: int, setup: Callable[[Rig], object]
+) -> list[bool | None]:
+    """`count` packets read one at a time, by the lone path on `lone` and the general path
+    on `general`, each after `setup`; what the lone path answered."""
+    calls: list[bool | None] = []
+    spy(lone.worker, "_send_lone", calls)
+    for rig in (lone, general):
+        setup(rig)
+        for n in range(count):
+            rig.tun_theirs.send(VIRTIO_NET_HDR_NONE + _outbound(n))
+            rig.worker._tun_sparse = rig is lone
+            rig.worker._outbound(NOW)
+            rig.worker._forget_lone([])  # the loop's next poll found nothing
+    return calls
+
+
 def test_with_several_workers_a_lone_packet_keeps_the_chunk_order() -> None:
     """With a hand-off plan (2 workers) the lone packet is a chunk like any read batch."""
-    from wgmp.dataplane.sendspread import HandOffPlan
-
-    def setup(rig: Rig) -> None:
-        w = rig.worker
-        w.plan = HandOffPlan(0, 2, w.keyslots.sealed, w.keyslots.read_full)
-        w.seal_out = [None, None]
-        warm(rig)
-
     with pair(2) as (lone, general):
-        calls: list[bool | None] = []
-        spy(lone.worker, "_send_lone", calls)
-        for rig in (lone, general):
-            setup(rig)
-            for n in range(3):
-                rig.tun_theirs.send(VIRTIO_NET_HDR_NONE + _outbound(n))
-                rig.worker._tun_sparse = rig is lone
-                rig.worker._outbound(NOW)
-                rig.worker._forget_lone([])  # the loop's next poll found nothing
+        calls = _send_in_chunks(lone, general, 3, _with_a_plan)
         assert calls == [True, True, True]
         assert lone.state() == general.state()
         assert lone.worker.plan.next == general.worker.plan.next == 3  # type: ignore[union-attr]
@@ -265,26 +276,14 @@ def test_with_several_workers_a_lone_packet_waits_for_a_siblings_chunk_before_it
     """The lone path sends at once only behind a chunk of its own that has left: behind a
     sibling's unfinished chunk it is held as the general path holds it, and so is the next
     one behind it; both leave, in order, once the sibling marks its chunk finished."""
-    from wgmp.dataplane.sendspread import HandOffPlan
 
     def setup(rig: Rig) -> None:
-        w = rig.worker
-        w.plan = HandOffPlan(0, 2, w.keyslots.sealed, w.keyslots.read_full)
-        w.seal_out = [None, None]
-        warm(rig)
-        w.plan.next, w.plan.last_owner = 5, 1  # chunk 4 went to worker 1, not finished yet
-        w.plan._handed[1].append(4)
+        plan = _with_a_plan(rig)
+        plan.next, plan.last_owner = 5, 1  # chunk 4 went to worker 1, not finished yet
+        plan._handed[1].append(4)
 
     with pair(2) as (lone, general):
-        calls: list[bool | None] = []
-        spy(lone.worker, "_send_lone", calls)
-        for rig in (lone, general):
-            setup(rig)
-            for n in range(2):
-                rig.tun_theirs.send(VIRTIO_NET_HDR_NONE + _outbound(n))
-                rig.worker._tun_sparse = rig is lone
-                rig.worker._outbound(NOW)
-                rig.worker._forget_lone([])
+        calls = _send_in_chunks(lone, general, 2, setup)
         assert calls == [True, True]
         assert [held[0] for held in lone.worker._send_held[0]] == [5, 6]
         assert lone.state() == general.state() and not lone.fake.sent

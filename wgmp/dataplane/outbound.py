@@ -246,23 +246,7 @@ class Outbound:
             # The chunk before is this worker's own and has left (or there is none): this one
             # leaves now, as `_send_in_order` would decide, without its calls (~12 us with
             # cold caches: perf/RESULTS.md, "Eleventh session"), and is marked below.
-        # ... and _transmit's, for one message.
-        endpoint = peer[P_ENDPOINT]
-        sock = self.sockets.get(6 if len(endpoint) == 4 else 4)
-        if sock is None:
-            self.drops[DropReason.SEND_FAILED] += 1
-        else:
-            sticky, error = send_sticky(sock, [message], [], endpoint, peer[P_STICKY])
-            peer[P_STICKY] = sticky
-            if error is None:
-                size = len(message)
-                peer[P_TX_BYTES] += size
-                peer[P_TX_PACKETS] += 1
-                totals = self.totals
-                totals[2] += 1
-                totals[3] += size
-            else:
-                self.drops[DropReason.SEND_FAILED] += 1
+        self._send_one(peer, message)  # ... and _transmit's, for one message
         if chunk >= 0:  # _finish_chunk's mark: our next chunk, wherever sealed, may leave
             self._sealed_marks[me] = chunk + 1
         return True
@@ -486,6 +470,30 @@ class Outbound:
             counter += 1
         return messages
 
+    def _send_one(
+        self, peer: list[Any], message: bytes, route: tuple[Any, Any] | None = None
+    ) -> None:
+        """Send one message to the peer (or along `route`, as `_transmit` says) from its
+        sticky source, and count it (or its failure). One call on a lone packet's way, where
+        the general `_transmit` is two and a loop."""
+        endpoint, sticky = (peer[P_ENDPOINT], peer[P_STICKY]) if route is None else route
+        sock = self.sockets.get(6 if len(endpoint) == 4 else 4)
+        if sock is None:  # an IPv6 endpoint on a host without IPv6 (or the reverse)
+            self.drops[DropReason.SEND_FAILED] += 1
+            return
+        sticky, error = send_sticky(sock, [message], [], endpoint, sticky)
+        if route is None:
+            peer[P_STICKY] = sticky
+        if error is None:
+            size = len(message)
+            peer[P_TX_BYTES] += size
+            peer[P_TX_PACKETS] += 1
+            totals = self.totals
+            totals[2] += 1
+            totals[3] += size
+        else:
+            self.drops[DropReason.SEND_FAILED] += 1
+
     def _transmit(
         self,
         peer: list[Any],
@@ -500,31 +508,21 @@ class Outbound:
         Measured: ~0.13 us per datagram this way against 1.7 us per sendto
         (docs/measurements.md).
         """
-        endpoint, sticky = (peer[P_ENDPOINT], peer[P_STICKY]) if route is None else route
-        sock = self.sockets.get(6 if len(endpoint) == 4 else 4)
-        if sock is None:  # an IPv6 endpoint on a host without IPv6 (or the reverse)
-            self.drops[DropReason.SEND_FAILED] += len(messages)
-            return
-        # Replies leave from the address the peer contacted (wireguard-go's sticky sockets):
-        # the IP_PKTINFO / IPV6_PKTINFO of its last packet, sent back as it came.
         count = len(messages)
         if count == 1:
             # One message (a new session's staged packet, a keepalive): no runs to find, as
             # Outbound._send_lone sends it (the loop below cost ~5 us more with cold caches,
             # beside the system call: perf/bench_first_packet.py, "install").
-            sticky, error = send_sticky(sock, messages, [], endpoint, sticky)
-            if route is None:
-                peer[P_STICKY] = sticky
-            if error is None:
-                size = len(messages[0])
-                peer[P_TX_BYTES] += size
-                peer[P_TX_PACKETS] += 1
-                self.totals[2] += 1
-                self.totals[3] += size
-            else:
-                self.drops[DropReason.SEND_FAILED] += 1
+            self._send_one(peer, messages[0], route)
             touch(peer, self._touched)
             return
+        endpoint, sticky = (peer[P_ENDPOINT], peer[P_STICKY]) if route is None else route
+        sock = self.sockets.get(6 if len(endpoint) == 4 else 4)
+        if sock is None:  # an IPv6 endpoint on a host without IPv6 (or the reverse)
+            self.drops[DropReason.SEND_FAILED] += count
+            return
+        # Replies leave from the address the peer contacted (wireguard-go's sticky sockets):
+        # the IP_PKTINFO / IPV6_PKTINFO of its last packet, sent back as it came.
         total = sent = 0
         i = 0
         while i < count:
@@ -662,7 +660,7 @@ class Outbound:
             or counter >= send[S_END]
             or counter + 1 >= REJECT_AFTER_MESSAGES
             or now - send[S_CREATED] >= REJECT_AFTER_TIME
-            or self.keyslots.counter(send[S_SLOT]) - counter > COUNTER_BLOCK_STALE
+            or self._counters[send[S_SLOT] * KEYSLOT_WORDS] - counter > COUNTER_BLOCK_STALE
         ):
             packets = list(staged)
             peer[P_STAGED] = None
@@ -683,23 +681,7 @@ class Outbound:
             packet += _ZEROS[:pad]
         sealed = send[S_CIPHER].encrypt(NONCE.pack(counter), packet, None)
         message = HEADER.pack(MESSAGE_TRANSPORT, send[S_REMOTE], counter) + sealed
-        # ... _transmit's one-message branch ...
-        endpoint = peer[P_ENDPOINT]
-        sock = self.sockets.get(6 if len(endpoint) == 4 else 4)
-        if sock is None:
-            self.drops[DropReason.SEND_FAILED] += 1
-        else:
-            sticky, error = send_sticky(sock, [message], [], endpoint, peer[P_STICKY])
-            peer[P_STICKY] = sticky
-            if error is None:
-                size = len(message)
-                peer[P_TX_BYTES] += size
-                peer[P_TX_PACKETS] += 1
-                totals = self.totals
-                totals[2] += 1
-                totals[3] += size
-            else:
-                self.drops[DropReason.SEND_FAILED] += 1
+        self._send_one(peer, message)  # ... _transmit's one-message branch ...
         # ... and _number's bookkeeping, after the send: none of it changes what was sent.
         if not peer[P_DIRTY]:  # records.touch, inline
             peer[P_DIRTY] = True
