@@ -98,7 +98,7 @@ UNKNOWN_KEPT = 16
 UNKNOWN_KEEP = 0.25
 # A lone datagram's flow is pointed at this worker's TUN queue (net/tun_steering.py) once per
 # receive epoch: the keypair and counter block it came under (only when one of them changes
-# can another worker receive the flow, and take it). The update costs ~25-30 us with cold
+# can another worker receive the flow, and take it). The update costs ~15-30 us with cold
 # caches (the bpf() call through ctypes), the look at what was pointed ~5-7 (perf/RESULTS.md,
 # "Eleventh session"). What was pointed is forgotten every FOLLOW_AGAIN seconds (the map may
 # have dropped an entry: it keeps the FLOW_MAP_ENTRIES most recent) and past FOLLOWED_MAX
