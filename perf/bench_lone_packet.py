@@ -42,6 +42,7 @@ from bench_dataplane import DST, KEY_B, OWNED_INDEX, SRC, make_worker  # noqa: E
 
 from wgmp.dataplane.sendspread import HandOffPlan  # noqa: E402
 from wgmp.net.tun import VIRTIO_NET_HDR_NONE  # noqa: E402
+from wgmp.net.tun_steering import FLOW_HASHES  # noqa: E402
 from wgmp.protocol.transport import seal_transport  # noqa: E402
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
@@ -113,22 +114,14 @@ def bytecodes(call: Callable[[], object]) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-class FlowMapStandIn:
-    """A worker's flow map without the kernel's (net/tun_steering.py needs root for one): the
-    Python of pointing a flow at the worker's queue, not the bpf() call it makes at most
-    once a second per flow."""
-
-    def steer(self, flow: int) -> int:
-        return 0
-
-
 def worker_of(tun_fd: int, workers: int) -> tuple[Any, socket.socket]:
     """bench_dataplane's worker, as worker 0 of `workers` (with its send order's plan and a
     flow map, as the worker's start-up gives them when it has siblings)."""
     worker, sink = make_worker(tun_fd, workers)
     if workers > 1:
         worker.plan = HandOffPlan(0, workers, worker.keyslots.sealed, worker.keyslots.read_full)
-        worker.flow_map = FlowMapStandIn()
+        # The flow map, as a worker maps it (net/tun_steering.py), in ordinary memory.
+        worker.flow_queues = memoryview(bytearray(8 * FLOW_HASHES)).cast("Q")
     return worker, sink
 
 

@@ -30,7 +30,6 @@ from tests.dataplane.test_worker import (
     _udp4,
     control_messages,
 )
-from wgmp.dataplane.inbound import FOLLOW_AGAIN
 from wgmp.dataplane.records import (
     P_ACTIVITY,
     P_ENDPOINT,
@@ -781,42 +780,53 @@ def test_a_due_flush_waits_for_a_quiet_poll_after_lone_packets_but_not_for_long(
     assert not waits_for_lone_answer(due, due, False)  # a quiet poll, or batches: flush now
 
 
-class _FlowMap:
-    """Stands in for net/tun_steering.FlowMap: what the worker points at its queue, and what
-    the TUN had received by then."""
+class _FlowQueues:
+    """Stands in for the mapped flow map (net/tun_steering.FlowMap.queues): its entries, and
+    each store with what the TUN had received by then."""
 
     def __init__(self, rig: Rig) -> None:
         self.rig = rig
-        self.steered: list[tuple[int, list[bytes]]] = []
+        self.entries: dict[int, int] = {}
+        self.stores: list[tuple[int, int, list[bytes]]] = []
 
-    def steer(self, flow: int) -> int:
-        self.steered.append((flow, self.rig.tun_written()))
-        return 0
+    def __getitem__(self, flow: int) -> int:
+        return self.entries.get(flow, 0)
+
+    def __setitem__(self, flow: int, mark: int) -> None:
+        self.entries[flow] = mark
+        self.stores.append((flow, mark, self.rig.tun_written()))
 
 
 def test_a_lone_datagram_points_its_flows_reply_at_this_worker_before_the_tun_write() -> None:
     """With siblings, the reply the kernel makes to a lone datagram's packet must be read by
-    this worker: its flow is pointed here before the packet reaches the TUN (the kernel may
-    answer inside the write), once per FOLLOW_AGAIN; packets received in trains never move
-    a flow."""
+    this worker: its flow is pointed here (queue + 1) before the packet reaches the TUN (the
+    kernel may answer inside the write), stored only when the entry is not ours, and again
+    once a sibling took it; packets received in trains never move a flow."""
     with pair(2) as (lone, general):
         for rig in (lone, general):
             current(rig)
             rig.tun_written()
-            rig.worker.flow_map = _FlowMap(rig)  # type: ignore[assignment]
-        for rig in (lone, general):
-            for counter, when in ((5, NOW), (6, NOW + 0.5), (7, NOW + FOLLOW_AGAIN)):
-                rig.worker._udp_sparse = rig is lone  # the general path: as in a burst
-                rig.worker._inbound(OneDatagram(datagram(counter), ENDPOINT, []), when)  # type: ignore[arg-type]
-                rig.worker._udp_again = None  # the loop's next poll found nothing more
+            rig.worker.flow_queues = _FlowQueues(rig)  # type: ignore[assignment]
         reply = reply_flow_hash(_inner(5, THEIRS))
         assert reply is not None
-        steered = lone.worker.flow_map.steered  # type: ignore[union-attr]
-        # At each steer the TUN had what came before, not the packet being received.
-        assert [(flow, len(before)) for flow, before in steered] == [(reply, 0), (reply, 2)]
-        assert len(lone.tun_written()) == 1  # 7, written after the second steer
-        assert general.worker.flow_map.steered == []  # type: ignore[union-attr]
-        assert len(general.tun_written()) == 3
+        for rig in (lone, general):
+            for counter in (5, 6, 7):
+                if counter == 7:
+                    rig.worker.flow_queues[reply] = 2  # type: ignore[index]  # worker 1 took it
+                rig.worker._udp_sparse = rig is lone  # the general path: as in a burst
+                rig.worker._inbound(OneDatagram(datagram(counter), ENDPOINT, []), NOW)  # type: ignore[arg-type]
+                rig.worker._udp_again = None  # the loop's next poll found nothing more
+        stores = lone.worker.flow_queues.stores  # type: ignore[union-attr]
+        # At each store the TUN had what came before, not the packet being received: 5 was
+        # pointed here, 6 found it ours, 7 found it taken and pointed it back.
+        assert [(flow, mark, len(before)) for flow, mark, before in stores] == [
+            (reply, 1, 0),
+            (reply, 2, 2),  # the sibling's store, made by the test (5 and 6 written by then)
+            (reply, 1, 0),
+        ]
+        assert len(lone.tun_written()) == 1
+        general_stores = general.worker.flow_queues.stores  # type: ignore[union-attr]
+        assert [mark for _, mark, _ in general_stores] == [2]  # the test's only
 
 
 def test_a_lone_datagram_left_to_the_general_path_moves_its_flow_too() -> None:
@@ -825,45 +835,13 @@ def test_a_lone_datagram_left_to_the_general_path_moves_its_flow_too() -> None:
     with pair(2) as (lone, _):
         current(lone)
         lone.tun_written()
-        lone.worker.flow_map = _FlowMap(lone)  # type: ignore[assignment]
+        queues = _FlowQueues(lone)
+        lone.worker.flow_queues = queues  # type: ignore[assignment]
         calls: list[bool | None] = []
         spy(lone.worker, "_receive_lone", calls)
         lone.worker._udp_sparse = True
         roamed = ("192.0.2.99", 40000)
         lone.worker._inbound(OneDatagram(datagram(2), roamed, []), NOW)  # type: ignore[arg-type]
         assert calls == [False] and tuple(lone.worker.peers[1][P_ENDPOINT][:2]) == roamed
-        assert lone.worker.flow_map.steered == [(reply_flow_hash(_inner(2, THEIRS)), [])]  # type: ignore[union-attr]
+        assert queues.stores == [(reply_flow_hash(_inner(2, THEIRS)), 1, [])]
         assert len(lone.tun_written()) == 1
-
-
-def test_a_flow_is_pointed_again_under_another_keypair_or_block() -> None:
-    """A sibling can receive the flow (and take it) only under another keypair or counter
-    block: once per such epoch the worker points it back, never twice in one."""
-    with pair(2) as (lone, _):
-        flow_map = _FlowMap(lone)
-        lone.worker.flow_map = flow_map  # type: ignore[assignment]
-        packet = _inner(1, THEIRS)
-        for index, block in ((7, 0), (7, 0), (7, 1), (8, 1), (7, 1), (7, 1)):
-            lone.worker._follow(packet, index << 32 | block, NOW)
-        assert len(flow_map.steered) == 4
-
-
-def test_a_failed_map_update_is_said_once_and_the_packet_still_goes() -> None:
-    class Refusing(_FlowMap):
-        def steer(self, flow: int) -> int:
-            super().steer(flow)
-            return 28  # ENOSPC
-
-    with pair(2) as (lone, _):
-        current(lone)
-        lone.tun_written()
-        lone.worker.flow_map = Refusing(lone)  # type: ignore[assignment]
-        for counter, index in ((5, INDEX), (6, INDEX)):
-            lone.worker._udp_sparse = True
-            lone.worker._inbound(OneDatagram(datagram(counter, index=index), ENDPOINT, []), NOW)  # type: ignore[arg-type]
-            lone.worker._udp_again = None
-            lone.worker._followed.clear()  # as if under another epoch: tried again
-        steered = lone.worker.flow_map.steered  # type: ignore[union-attr]
-        assert len(steered) == 2 and lone.worker._follow_failed
-        # Both packets reached the TUN (the first one seen by the second steer).
-        assert sum(len(before) for _, before in steered) + len(lone.tun_written()) == 2

@@ -130,10 +130,11 @@ def test_what_the_program_would_not_read_alike_names_no_hash() -> None:
 
 @pytest.mark.root
 def test_with_a_flow_map_the_program_returns_the_queue_a_worker_put_there() -> None:
-    """A flow's hash until a worker points it at its queue (FlowMap.steer); other flows
-    keep their hash."""
-    flow_map = create_flow_map(64)
+    """A flow's hash until a worker writes its queue (+ 1) into the mapped flow map; other
+    flows keep their hash; a sibling's later write wins."""
+    flow_map = create_flow_map()
     fd = _load(flow_steering_program(flow_map))
+    worker = FlowMap(flow_map)  # as a worker maps it
     try:
         ethernet = bytes(12) + b"\x08\x00"
         ping = _ipv4_tcp("10.0.0.1", "10.0.0.2", 0x0800, 1234)
@@ -141,12 +142,12 @@ def test_with_a_flow_map_the_program_returns_the_queue_a_worker_put_there() -> N
         other = _ipv4_tcp("10.0.0.1", "10.0.0.2", 40000, 5201)
         hashed = flow_hash(_words(ping)[:2])
         assert _run(fd, ethernet + ping) == hashed
-        worker = FlowMap(flow_map, 3)
-        assert worker.steer(reply_flow_hash(_reply(ping)) or 0) == 0  # it received the reply
+        worker.queues[reply_flow_hash(_reply(ping)) or 0] = 3 + 1  # it received the reply
         assert _run(fd, ethernet + ping) == 3
         assert _run(fd, ethernet + other) == flow_hash(_words(other))
-        FlowMap(flow_map, 1).steer(hashed)  # a sibling takes it
-        assert _run(fd, ethernet + ping) == 1
+        FlowMap(flow_map).queues[hashed] = 0 + 1  # a sibling (queue 0) takes it
+        assert _run(fd, ethernet + ping) == 0
     finally:
+        worker.close()
         os.close(fd)
         os.close(flow_map)

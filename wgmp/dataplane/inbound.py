@@ -33,7 +33,7 @@ from ..ipc.messages import (
 )
 from ..net.steering import RECEIVE_BLOCK_BITS, counter_worker
 from ..net.tun import VIRTIO_NET_HDR_NONE
-from ..net.tun_steering import FlowMap, reply_flow_hash
+from ..net.tun_steering import reply_flow_hash
 from ..net.udp import BATCH_SPACE, PKTINFO_KINDS, SOL_UDP, UDP_GRO
 from ..protocol.allowedips import AllowedIPs
 from ..protocol.constants import (
@@ -76,7 +76,6 @@ from .records import (
     touch,
 )
 from .wire import HEADER, NONCE
-from .worker_log import log_info
 
 __all__ = ["HOLD_MAX", "UNKNOWN_KEEP", "UNKNOWN_KEPT", "Inbound"]
 
@@ -96,17 +95,6 @@ HANDSHAKE_BATCH = 64  # handshake messages per pipe message (~11 KB: see Channel
 # as unknown_receiver_index when they leave.
 UNKNOWN_KEPT = 16
 UNKNOWN_KEEP = 0.25
-# A lone datagram's flow is pointed at this worker's TUN queue (net/tun_steering.py) once per
-# receive epoch: the keypair and counter block it came under (only when one of them changes
-# can another worker receive the flow, and take it). The update costs ~15-30 us with cold
-# caches (the bpf() call through ctypes), the look at what was pointed ~5-7 (perf/RESULTS.md,
-# "Eleventh session"). What was pointed is forgotten every FOLLOW_AGAIN seconds (the map may
-# have dropped an entry: it keeps the FLOW_MAP_ENTRIES most recent) and past FOLLOWED_MAX
-# flows.
-FOLLOW_AGAIN = 10.0
-FOLLOWED_MAX = 4096
-_PORTED = (6, 17)  # TCP, UDP: the protocols whose ports the steering program hashes
-
 _INT = struct.Struct("=i")
 _HANDOFF = msgpack.Packer(use_bin_type=True)  # [address, source|None, segment] + datagrams
 _HANDOFF_LEN = struct.Struct("<I")
@@ -135,10 +123,10 @@ class Inbound:
     channel: Channel
     keyslots: KeySlots
     _slot_marks: memoryview  # KeySlots.slot_marks: what the lone path writes without a call
-    flow_map: FlowMap | None  # the TUN's flow map (several workers), see `_follow`
-    _followed: dict[bytes, int]  # a flow's words -> the receive epoch it was pointed here in
-    _followed_until: float  # when `_followed` is forgotten
-    _follow_failed: bool  # a map update failed (logged once)
+    # The TUN's flow map (several workers: net/tun_steering.py), by flow hash: queue + 1, or
+    # 0; and what this worker writes there for a flow it receives (its queue + 1).
+    flow_queues: memoryview | None
+    _flow_mark: int
     allowed: AllowedIPs[int]
     peers: dict[int, list[Any]]
     _touched: list[list[Any]]  # peers whose counters or activity changed (Worker._flush)
@@ -306,9 +294,8 @@ class Inbound:
         high = replay.last + 1
         marks[at + RECEIVED] = high
         if packet is not None:
-            if self.flow_map is not None:
-                # Before the write: the kernel may answer inside it.
-                self._follow(packet, index << 32 | block, now)
+            if self.flow_queues is not None:
+                self._follow(packet)  # before the write: the kernel may answer inside it
             try:
                 os.write(self.tun_fd, VIRTIO_NET_HDR_NONE + packet if self.vnet_hdr else packet)
             except OSError as err:  # as _write_tun
@@ -324,37 +311,16 @@ class Inbound:
             self._flush_staged(peer, peer_id, now)
         return True
 
-    def _follow(self, packet: bytes, epoch: int, now: float) -> None:
+    def _follow(self, packet: bytes) -> None:
         """Point the reply direction of a lone datagram's flow at this worker's TUN queue, so
         that the reply the kernel makes (a ping's, a request's) is read here, in this wake-up,
-        not by a sibling woken for it (net/tun_steering.py: why only lone datagrams).
-        `epoch`: the receiver index and counter block the datagram came under."""
-        followed = self._followed
-        if now >= self._followed_until:
-            followed.clear()
-            self._followed_until = now + FOLLOW_AGAIN
-        # The flow by its bytes (addresses, and ports where the program reads them): the
-        # hash is computed only when the flow is steered (~50 bytecodes less per datagram:
-        # perf/bench_lone_packet.py --bytecodes).
-        first = packet[0]
-        if first == 0x45:
-            flow = packet[12:24] if packet[9] in _PORTED else packet[12:20]
-        elif first >> 4 == 6:
-            flow = packet[8:40]
-        else:
-            return
-        if followed.get(flow) == epoch:
-            return
+        not by a sibling woken for it (net/tun_steering.py: why only lone datagrams). A store
+        into the mapped flow map, made only when the entry is not ours already."""
         reply = reply_flow_hash(packet)
-        if reply is None:
-            return
-        if len(followed) >= FOLLOWED_MAX:
-            followed.clear()
-        followed[flow] = epoch
-        error = self.flow_map.steer(reply)  # type: ignore[union-attr]  # the caller checked
-        if error and not self._follow_failed:
-            self._follow_failed = True  # said once: the flows stay on their hash's queues
-            log_info("TUN flow map update failed (errno %d): flows keep their queue", error)
+        if reply is not None:
+            queues, mark = self.flow_queues, self._flow_mark
+            if queues[reply] != mark:  # type: ignore[index]  # the caller checked
+                queues[reply] = mark  # type: ignore[index]
 
     def _inner_packet(self, plaintext: bytes, peer_id: int) -> bytes | None:
         """A lone datagram's plaintext checked as _receive_train checks each (wireguard-go's
@@ -427,12 +393,10 @@ class Inbound:
                 # The next block's worker waits for this block's end (perf/RESULTS.md,
                 # "receive ordering"), or a lone train's wake-up should reach the TUN before
                 # the read that finds the socket empty (docs/performance.md, round-trip time).
-                if deliver_first and self.flow_map is not None and len(self._to_tun) == 1:
+                if deliver_first and self.flow_queues is not None and len(self._to_tun) == 1:
                     # A lone datagram the lone path left to us (a session's first data, the
                     # first of a block, a roam): its flow follows this worker all the same.
-                    _, index, counter = HEADER.unpack_from(view)  # still in the buffer
-                    epoch = index << 32 | counter >> RECEIVE_BLOCK_BITS
-                    self._follow(self._to_tun[0], epoch, now)
+                    self._follow(self._to_tun[0])
                 self._block_done = deliver_first = False
                 self._deliver(now)
         self._udp_sparse = reads <= 1

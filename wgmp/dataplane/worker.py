@@ -217,10 +217,8 @@ class Worker(Outbound, Inbound, SendSpread):
         # A confirmation was kept (Inbound._tell_confirmed): the next poll is made without
         # sleeping, and what is kept waits for it, whichever path received the packet.
         self._answer_poll = False
-        self.flow_map: FlowMap | None = None  # the TUN's flow map, with siblings (_serve)
-        self._followed: dict[bytes, int] = {}
-        self._followed_until = 0.0
-        self._follow_failed = False
+        self.flow_queues: memoryview | None = None  # the TUN's flow map, with siblings (_serve)
+        self._flow_mark = worker_id + 1  # our queue, as the map holds it
         # Control's lazy pipe (ipc/lazy.py), and its count of writes into it last seen here.
         self.lazy: Channel | None = None
         self._lazy_seen = 0
@@ -856,7 +854,10 @@ def _serve(spec: WorkerSpec) -> None:
     if spec.lazy >= 0:
         worker.lazy = Channel(socket.socket(fileno=spec.lazy))
     if spec.flow_map >= 0 and spec.workers > 1:
-        worker.flow_map = FlowMap(spec.flow_map, spec.worker_id)  # our queue's number
+        try:
+            worker.flow_queues = FlowMap(spec.flow_map).queues  # our queue is our number
+        except OSError as err:  # control mapped it once already: not expected
+            worker_log.log_info("no TUN flow map (%s): flows keep their hash's queue", err)
     if spec.seal_in >= 0 and spec.workers > 1:
         worker.seal_in = socket.socket(fileno=spec.seal_in)
         worker.seal_out = [socket.socket(fileno=fd) if fd >= 0 else None for fd in spec.seal_out]

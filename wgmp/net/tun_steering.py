@@ -28,25 +28,29 @@ request and its reply met two different workers on each side in most sessions (w
 workers, W-1 in W): the responder's worker wrote the request into the TUN, and the reply the
 kernel made during that write woke the worker of the flow's queue; 695-720 us a round trip
 instead of 553 on this machine (perf/RESULTS.md, "Eleventh session"). So the program first
-looks the flow's hash up in a BPF map (LRU hash, FLOW_MAP_ENTRIES entries, hash -> queue),
-and uses the queue found there; a worker that receives a lone datagram (a wake-up that found
-one: a ping, a request, an ACK at a lull) puts the reply direction's hash there, pointing to
-itself, before it writes the packet into the TUN (`reply_flow_hash`, `FlowMap`). Bulk
-traffic is received in trains and never moves a flow, so a flow read by one worker stays on
-one queue, in order; a sparse flow, which has nothing queued when it moves, follows its
-receiver.
+looks the flow's hash up in a BPF array map, a word per possible hash (FLOW_HASHES: 512 KiB):
+queue + 1 there, or 0 for "by the hash". A worker that receives a lone datagram (a wake-up
+that found one: a ping, a request, an ACK at a lull) writes its queue there for the reply
+direction's hash before it writes the packet into the TUN (`reply_flow_hash`, `FlowMap`).
+The map is made with BPF_F_MMAPABLE and every worker maps it, so pointing a flow is a store
+into shared memory: no system call, nothing to fail (a bpf() update through ctypes cost
+15-30 us with cold caches). Bulk traffic is received in trains and never moves a flow, so a
+flow read by one worker stays on one queue, in order; a sparse flow, which has nothing
+queued when it moves, follows its receiver. Flows whose hashes collide share an entry: the
+last to be received alone decides for both.
 """
 
 from __future__ import annotations
 
 import ctypes
 import fcntl
+import mmap
 import os
 import struct
 
 __all__ = [
+    "FLOW_HASHES",
     "FLOW_HASH_MULTIPLIER",
-    "FLOW_MAP_ENTRIES",
     "TUNSETSTEERINGEBPF",
     "FlowMap",
     "attach_flow_steering",
@@ -59,13 +63,13 @@ __all__ = [
 TUNSETSTEERINGEBPF = 0x800454E0  # _IOR('T', 224, int)
 _SYS_BPF = 321  # x86_64
 _BPF_MAP_CREATE = 0
-_BPF_MAP_UPDATE_ELEM = 2
 _BPF_PROG_LOAD = 5
 _BPF_PROG_TYPE_SOCKET_FILTER = 1
-_BPF_MAP_TYPE_LRU_HASH = 9
+_BPF_MAP_TYPE_ARRAY = 2
+_BPF_F_MMAPABLE = 1 << 10
 _BPF_PSEUDO_MAP_FD = 1
 _BPF_FUNC_MAP_LOOKUP_ELEM = 1
-FLOW_MAP_ENTRIES = 8192  # sparse flows remembered per interface (~0.5 MiB of kernel memory)
+FLOW_HASHES = 1 << 16  # the hash is 16 bits: the map has an entry for each
 
 # eBPF opcodes (linux/bpf.h, bpf_common.h)
 _MOV64_X = 0xBF  # BPF_ALU64 | BPF_MOV | BPF_X
@@ -79,7 +83,7 @@ _JA = 0x05  # BPF_JMP | BPF_JA
 _EXIT = 0x95  # BPF_JMP | BPF_EXIT
 _LD_IMM64 = 0x18  # BPF_LD | BPF_DW | BPF_IMM: two instructions, a 64-bit immediate (a map)
 _STX_MEM_W = 0x63  # BPF_STX | BPF_MEM | BPF_W: *(u32 *)(dst + off) = src
-_LDX_MEM_W = 0x61  # BPF_LDX | BPF_MEM | BPF_W: dst = *(u32 *)(src + off)
+_LDX_MEM_DW = 0x79  # BPF_LDX | BPF_MEM | BPF_DW: dst = *(u64 *)(src + off)
 _ADD64_K = 0x07  # BPF_ALU64 | BPF_ADD | BPF_K
 _CALL = 0x85  # BPF_JMP | BPF_CALL
 
@@ -163,9 +167,11 @@ def _looked_up(flow_map: int | None) -> list[bytes]:
         _insn(_ADD64_K, 2, imm=-4),  # r2 = &key
         _insn(_LD_IMM64, 1, _BPF_PSEUDO_MAP_FD, imm=flow_map),  # r1 = the map
         _insn(0),  # the immediate's upper half
-        _insn(_CALL, imm=_BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &queue, or NULL
+        _insn(_CALL, imm=_BPF_FUNC_MAP_LOOKUP_ELEM),  # r0 = &entry (NULL only out of range)
+        _insn(_JEQ_K, 0, off=4, imm=0),
+        _insn(_LDX_MEM_DW, 0, 0),  # r0 = queue + 1, or 0
         _insn(_JEQ_K, 0, off=2, imm=0),
-        _insn(_LDX_MEM_W, 0, 0),  # r0 = the queue found
+        _insn(_ADD64_K, 0, imm=-1),  # the queue a worker wrote
         _insn(_EXIT),
         _insn(_MOV64_X, 0, 9),  # none: the hash
     ]
@@ -182,10 +188,13 @@ def _bpf(command: int, attr: bytes) -> int:
     return int(result)
 
 
-def create_flow_map(entries: int = FLOW_MAP_ENTRIES) -> int:
-    """A BPF LRU hash map, u32 flow hash -> u32 queue: its descriptor (close-on-exec)."""
-    # union bpf_attr, BPF_MAP_CREATE: map_type, key_size, value_size, max_entries (rest 0)
-    return _bpf(_BPF_MAP_CREATE, struct.pack("<IIII", _BPF_MAP_TYPE_LRU_HASH, 4, 4, entries))
+def create_flow_map() -> int:
+    """A BPF array, one u64 per flow hash (queue + 1, or 0), that processes can mmap: its
+    descriptor (close-on-exec)."""
+    # union bpf_attr, BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, map_flags
+    # Values of 8 bytes: an array lays its values out 8 bytes apart, mapped too.
+    attr = struct.pack("<IIIII", _BPF_MAP_TYPE_ARRAY, 4, 8, FLOW_HASHES, _BPF_F_MMAPABLE)
+    return _bpf(_BPF_MAP_CREATE, attr)
 
 
 def reply_flow_hash(packet: bytes) -> int | None:
@@ -216,26 +225,16 @@ def reply_flow_hash(packet: bytes) -> int | None:
 
 
 class FlowMap:
-    """A worker's side of the flow map: point a flow's hash at its own queue."""
+    """The flow map mapped into this process: `queues[hash]` is queue + 1 (0: by the hash),
+    read by the program, written by the workers."""
 
-    def __init__(self, fd: int, queue: int) -> None:
-        self.fd = fd
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._key = ctypes.c_uint32(0)
-        self._value = ctypes.c_uint32(queue)
-        # union bpf_attr, BPF_MAP_UPDATE_ELEM: map_fd, pad, key, value, flags (BPF_ANY)
-        attr = struct.pack(
-            "<IIQQQ", fd, 0, ctypes.addressof(self._key), ctypes.addressof(self._value), 0
-        )
-        self._attr = ctypes.create_string_buffer(attr.ljust(128, b"\0"), 128)
+    def __init__(self, fd: int) -> None:
+        self._mapping = mmap.mmap(fd, 8 * FLOW_HASHES, mmap.MAP_SHARED)
+        self.queues = memoryview(self._mapping).cast("Q")
 
-    def steer(self, flow: int) -> int:
-        """The flow with hash `flow` goes to our queue from now on: 0, or the errno of a
-        failure (the flow then stays where it was)."""
-        self._key.value = flow
-        if self._libc.syscall(_SYS_BPF, _BPF_MAP_UPDATE_ELEM, self._attr, 128) < 0:
-            return ctypes.get_errno() or -1
-        return 0
+    def close(self) -> None:
+        self.queues.release()
+        self._mapping.close()
 
 
 def _load(code: bytes) -> int:
@@ -274,6 +273,12 @@ def attach_flow_steering(tun_fd: int) -> int:
         flow_map = create_flow_map()
     except OSError:
         flow_map = -1
+    else:
+        try:
+            FlowMap(flow_map).close()  # the workers map it: this kernel lets them
+        except OSError:
+            os.close(flow_map)
+            flow_map = -1
     try:
         prog = _load(flow_steering_program(flow_map if flow_map >= 0 else None))
         try:
