@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -1471,56 +1472,61 @@ def test_the_loop_retries_kept_data_only_after_control_spoke_or_once_it_is_too_o
     assert rig.worker._unknown == [] and not rig.worker._control_read
 
 
-def test_the_lazy_pipe_is_read_once_controls_count_moved_and_before_the_pipe(rig: Any) -> None:
+@pytest.fixture
+def lazy_control(rig: Any) -> Iterator[socket.socket]:
+    """The rig's worker with a lazy pipe (ipc/lazy.py): control's end of it."""
+    ours, worker_end = socket.socketpair()
+    rig.worker.lazy = Channel(worker_end)
+    try:
+        yield ours
+    finally:
+        ours.close()
+        worker_end.close()
+
+
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
+def test_the_lazy_pipe_is_read_once_controls_count_moved_and_before_the_pipe(
+    rig: Any, lazy_control: socket.socket
+) -> None:
     """ipc/lazy.py: a keypair written into the lazy pipe is installed only when control's
     count of lazy writes says so (no system call otherwise), and before what the ordinary
     pipe holds, which control wrote after it (here its removal)."""
     worker: Worker = rig.worker
-    lazy_control, lazy_worker = socket.socketpair()
-    worker.lazy = Channel(lazy_worker)
-    packer = msgpack.Packer(use_bin_type=True)
     slot = publish(worker)
-    try:
-        lazy_control.sendall(packer.pack(encode(KeypairInstall(slot, ROLE_CURRENT))))
-        worker._read_lazy(time.monotonic())
-        assert slot not in worker.by_slot  # not counted yet: not looked at
-        worker.keyslots.count_lazy_write(0)
-        worker._read_lazy(time.monotonic())
-        assert slot in worker.by_slot and OWNED_INDEX in worker.by_index
-        # Control's removal, in the ordinary pipe, after a second lazy install it counted.
-        second = publish(worker, OWNED_INDEX + 1)
-        lazy_control.sendall(packer.pack(encode(KeypairInstall(second, ROLE_CURRENT))))
-        worker.keyslots.count_lazy_write(0)
-        rig.control.sendall(packer.pack(encode(KeypairRemove(second))))
-        worker._read_channel(time.monotonic())
-        assert second not in worker.by_slot  # installed, then removed: in control's order
-        assert Removed([second]) in control_messages(rig.control)
-    finally:
-        lazy_control.close()
-        lazy_worker.close()
+    lazy_control.sendall(_PACKER.pack(encode(KeypairInstall(slot, ROLE_CURRENT))))
+    worker._read_lazy(time.monotonic())
+    assert slot not in worker.by_slot  # not counted yet: not looked at
+    worker.keyslots.count_lazy_write(0)
+    worker._read_lazy(time.monotonic())
+    assert slot in worker.by_slot and OWNED_INDEX in worker.by_index
+    # Control's removal, in the ordinary pipe, after a second lazy install it counted.
+    second = publish(worker, OWNED_INDEX + 1)
+    lazy_control.sendall(_PACKER.pack(encode(KeypairInstall(second, ROLE_CURRENT))))
+    worker.keyslots.count_lazy_write(0)
+    rig.control.sendall(_PACKER.pack(encode(KeypairRemove(second))))
+    worker._read_channel(time.monotonic())
+    assert second not in worker.by_slot  # installed, then removed: in control's order
+    assert Removed([second]) in control_messages(rig.control)
 
 
-def test_what_the_lazy_pipe_holds_that_is_no_message_or_raises_is_skipped(rig: Any) -> None:
+def test_what_the_lazy_pipe_holds_that_is_no_message_or_raises_is_skipped(
+    rig: Any, lazy_control: socket.socket
+) -> None:
     """The lazy pipe's items go the ordinary pipe's way (`_handle_wire`): a list that is no
     declared message is skipped, one whose handling raises is counted as internal_error,
     and what follows them is applied."""
     worker: Worker = rig.worker
-    lazy_control, lazy_worker = socket.socketpair()
-    worker.lazy = Channel(lazy_worker)
-    packer = msgpack.Packer(use_bin_type=True)
     slot = publish(worker)
-    try:
-        lazy_control.sendall(
-            packer.pack([999, 1])  # no such kind
-            + packer.pack("not a list")
-            + packer.pack(encode(PeerSet(7, ["192.0.2.1"], None)))  # handling raises
-            + packer.pack(encode(KeypairInstall(slot, ROLE_CURRENT)))
-        )
-        worker.keyslots.count_lazy_write(0)
-        worker._read_lazy(time.monotonic())
-        assert worker.drops[DropReason.INTERNAL_ERROR] == 1
-        assert slot in worker.by_slot
-        assert worker.keyslots.lazy_seen(0) == 1  # what control reads back (ipc/lazy.py)
-    finally:
-        lazy_control.close()
-        lazy_worker.close()
+    lazy_control.sendall(
+        _PACKER.pack([999, 1])  # no such kind
+        + _PACKER.pack("not a list")
+        + _PACKER.pack(encode(PeerSet(7, ["192.0.2.1"], None)))  # handling raises
+        + _PACKER.pack(encode(KeypairInstall(slot, ROLE_CURRENT)))
+    )
+    worker.keyslots.count_lazy_write(0)
+    worker._read_lazy(time.monotonic())
+    assert worker.drops[DropReason.INTERNAL_ERROR] == 1
+    assert slot in worker.by_slot
+    assert worker.keyslots.lazy_seen(0) == 1  # what control reads back (ipc/lazy.py)
