@@ -109,8 +109,9 @@ class KernelLink:
                 self.flow_map = attach_flow_steering(fds[0])
             except OSError as err:
                 log.warning("TUN flow steering not attached (%s): the kernel's automq", err)
-            if self.flow_map < 0:
-                log.info("no TUN flow map: sparse flows are steered by their hash alone")
+            else:
+                if self.flow_map < 0:
+                    log.info("no TUN flow map: sparse flows are steered by their hash alone")
         return fds
 
     def mtu(self) -> int:

@@ -184,7 +184,7 @@ def _bpf(command: int, attr: bytes) -> int:
     result = libc.syscall(_SYS_BPF, command, buffer, 128)
     if result < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"bpf({command}): {os.strerror(err)}")
+        raise OSError(err, os.strerror(err))
     return int(result)
 
 
@@ -239,7 +239,6 @@ class FlowMap:
 
 def _load(code: bytes) -> int:
     """bpf(BPF_PROG_LOAD) of a socket filter program; its file descriptor."""
-    libc = ctypes.CDLL(None, use_errno=True)
     insns = ctypes.create_string_buffer(code, len(code))
     license_ = ctypes.create_string_buffer(b"GPL")
     log = ctypes.create_string_buffer(4096)
@@ -254,14 +253,12 @@ def _load(code: bytes) -> int:
         1,
         len(log),
         ctypes.addressof(log),
-    ).ljust(128, b"\0")
-    buffer = ctypes.create_string_buffer(attr, len(attr))
-    fd = libc.syscall(_SYS_BPF, _BPF_PROG_LOAD, buffer, len(attr))
-    if fd < 0:
-        err = ctypes.get_errno()
+    )
+    try:
+        return _bpf(_BPF_PROG_LOAD, attr)
+    except OSError as err:  # with the verifier's reasons
         detail = log.value.decode(errors="replace").strip()
-        raise OSError(err, f"bpf(BPF_PROG_LOAD): {os.strerror(err)} {detail}".strip())
-    return int(fd)
+        raise OSError(err.errno, f"bpf(BPF_PROG_LOAD): {err.strerror} {detail}".strip()) from None
 
 
 def attach_flow_steering(tun_fd: int) -> int:
