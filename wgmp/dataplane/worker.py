@@ -760,7 +760,8 @@ def _descriptors(args: dict[str, Any], name: str) -> tuple[int, ...]:
 def _parse_args(argv: list[str]) -> dict[str, Any]:
     """`--id N [--workers N] --tun FD --udp4 FD [--udp6 FD] --channel FD --keyslots FD
     --stats FD [--vnet-hdr] [--handoff-in FD --handoff-out=FD,FD,...] [--lazy FD]
-    [--flow-map FD]`, as control's supervisor writes them (`--name=value` too); SystemExit on anything else.
+    [--flow-map FD]`, as control's supervisor writes them (`--name=value` too); SystemExit
+    on anything else.
 
     `handoff_out` stays text (the other workers' inboxes by worker id, -1 for this one's):
     without `=` a list starting with -1 would read as an option."""
