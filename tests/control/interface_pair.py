@@ -27,9 +27,9 @@ class InterfacePair:
     """Interfaces a and b, peers of each other with each other's endpoint (a initiates, b
     responds); `peer_b` is a's peer for b, `peer_a` b's for a."""
 
-    def __init__(self, seed: int = 9, slots: int = 16) -> None:
+    def __init__(self, seed: int = 9, slots: int = 16, workers: int = 1) -> None:
         rng = SeededRng(seed)
-        self.a = Interface(KeySlots.create(slots), rng)
+        self.a = Interface(KeySlots.create(slots), rng, workers=workers)
         self.b = Interface(KeySlots.create(slots), SeededRng(seed + 1))
         self.a.set_private_key(DH_GENERATE(rng), now=0.0)
         self.b.set_private_key(DH_GENERATE(rng), now=0.0)

@@ -9,7 +9,9 @@ import pytest
 
 from tests.control.interface_pair import InterfacePair, wall_ns
 from wgmp.control.prepared import PreparedEphemerals
+from wgmp.protocol.constants import MESSAGE_INITIATION
 from wgmp.protocol.crypto import DH_GENERATE, TAI64N
+from wgmp.protocol.indextable import worker_of
 from wgmp.protocol.noise import Handshake, StaticIdentity
 
 
@@ -158,6 +160,36 @@ def test_message_1_is_made_again_when_its_index_is_taken_or_its_worker_down() ->
         sent = pair.handshake(at=1.0)  # b accepts it
         assert sent != ahead.packed and sent[4:8] != ahead.packed[4:8]  # another index
         assert sent[8:][:-32] == ahead.packed[8:][:-32]  # the same key and stamp
+
+
+def test_the_worker_that_asked_owns_the_session_and_the_key_made_ahead_is_kept() -> None:
+    for asker in (0, 1):
+        pair = InterfacePair(workers=2)
+        pair.idle(wall_ns(0.5))
+        ahead = pair.peer_b.initiation_ahead
+        assert ahead is not None and worker_of(ahead.initiation.sender_index) == 0
+        pair.a.first_packet(pair.peer_b.peer_id, b"\x45" + bytes(27), 1.0, wall_ns(1.0), asker)
+        (sent,) = [d for d, *_ in pair.a.datagrams if d[0] == MESSAGE_INITIATION]
+        index = int.from_bytes(sent[4:8], "little")
+        assert worker_of(index) == asker
+        assert pair.a.indices.lookup(index) is pair.peer_b
+        assert pair.a.counters.prepared_used == 1  # the key made ahead, either way
+        if asker == 0:
+            assert sent == ahead.packed  # message 1 as made ahead
+        else:  # the same key and stamp under the asker's index (mac1 made again)
+            assert sent[8:][:-32] == ahead.packed[8:][:-32]
+            assert ahead.initiation.sender_index not in pair.a.indices
+
+
+def test_an_asker_that_is_down_does_not_own_the_session() -> None:
+    pair = InterfacePair(workers=2)
+    pair.idle(wall_ns(0.5))
+    ahead = pair.peer_b.initiation_ahead
+    assert ahead is not None and worker_of(ahead.initiation.sender_index) == 0
+    pair.a.workers_down.add(1)
+    pair.a.first_packet(pair.peer_b.peer_id, b"\x45" + bytes(27), 1.0, wall_ns(1.0), 1)
+    (sent,) = [d for d, *_ in pair.a.datagrams if d[0] == MESSAGE_INITIATION]
+    assert sent == ahead.packed  # the index drawn ahead, worker 0's
 
 
 def test_the_responder_answers_under_the_index_drawn_with_the_prepared_key() -> None:

@@ -689,7 +689,11 @@ class Interface:
             return  # nowhere to send, or a key that can never make a session (low order)
         self._release_handshake_index(peer)
         prepared = peer.handshake.prepared
-        index, ahead = self._take_index(peer)
+        # The keypair belongs to the worker whose packets asked for it: the peer's answer to
+        # them comes to the keypair's worker (its first counter block), so with another
+        # owner two workers woke for the new session, both installing it, where one does
+        # (perf/RESULTS.md, "Twelfth session").
+        index, ahead = self._take_index(peer, self._asked_by.get(peer.peer_id))
         try:
             initiation = peer.handshake.create_initiation(
                 sender_index=index, unix_time_ns=wall_ns, rng=self.rng
@@ -792,16 +796,28 @@ class Interface:
                 break
         return worker
 
-    def _take_index(self, peer: Peer) -> tuple[int, InitiationAhead | None]:
+    def _take_index(
+        self, peer: Peer, owner: int | None = None
+    ) -> tuple[int, InitiationAhead | None]:
         """The peer's message 1 made ahead (taken: used once, by whichever role comes) and
         the index for this handshake: the one drawn with it, if still free and its worker up
-        (`prepare_next` drew it among the workers), else a fresh one (and message 1, if that
-        is what is sent, is made again)."""
+        (`prepare_next` drew it among the workers) and, with an `owner` that is up, that
+        worker's; else a fresh one (and message 1, if that is what is sent, is made again:
+        its mac1, ~10-20 us cold, as the key and stamp stay)."""
         ahead, peer.initiation_ahead = peer.initiation_ahead, None
+        down = self.workers_down
+        if owner is not None and (owner in down or owner >= self.workers):
+            owner = None
         if ahead is not None:
             index = ahead.initiation.sender_index
-            if worker_of(index) not in self.workers_down and self.indices.claim(index, peer):
+            if (
+                worker_of(index) not in down
+                and (owner is None or worker_of(index) == owner)
+                and self.indices.claim(index, peer)
+            ):
                 return index, ahead
+        if owner is not None:
+            return self.indices.allocate(peer, owner), ahead
         return self._new_index(peer), ahead
 
     # -- idle time ---------------------------------------------------------------------------
