@@ -9,6 +9,7 @@ at the end of the session for anything left behind.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,18 @@ def _namespace_safety_net() -> Iterator[None]:
         yield  # root_required fails each test with the reason
         return
     remove_stale()
+    # Ended by SIGTERM (tools/test.sh ending its background run, a time limit), pytest stops as
+    # on Ctrl-C: every fixture's teardown and the cleanup below still run.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
     finally:
+        signal.signal(signal.SIGTERM, previous)
         cleanup_all()
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @pytest.fixture(autouse=True)
