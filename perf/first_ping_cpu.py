@@ -19,7 +19,12 @@ made, and reports them apart: what an established session's ping costs, warm but
 
 Prints, per code, the medians in us of the window and of each end's CPU in it, how many
 times each process was switched in (its wake-ups and preemptions), and the ratios of this
-code's window and CPU to the other's. Unpinned on this 2-vCPU machine a woken process waits
+code's window and CPU to the other's. Then the window's steps, from the kernel's own events
+on the devices (net_dev_xmit, netif_rx: no capture process shares the CPUs), as
+first_ping_split.py takes them from captures: the request into a's TUN -> message 1 leaves
+a's veth -> message 2 leaves b's -> a's first data leaves a's -> b's reply leaves b's -> the
+reply is written into a's TUN (outer IPv4: message 1 is 190 bytes on the veth, message 2 134,
+a data message more than a keepalive's 74). Unpinned on this 2-vCPU machine a woken process waits
 on its waker's vCPU while the other idles, so a first ping costs about the sum of the work
 on its chain: this CPU total, more than the step spans of first_ping_split.py, is what a
 change must lower to lower the unpinned first ping (perf/RESULTS.md, "Eighth session").
@@ -35,8 +40,10 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -50,6 +57,13 @@ from bench_tunnel import begin_namespaces_run  # noqa: E402
 from first_ping_split import against_parser, taking_turns, two_pairs  # noqa: E402
 
 TRACING = Path("/sys/kernel/tracing")
+EVENTS = (
+    "sched/sched_switch",
+    "sched/sched_wakeup",
+    "net/net_dev_xmit",
+    "net/netif_rx",
+    "net/netif_receive_skb",
+)
 PARTS = ("a control", "a workers", "b control", "b workers")
 STEADY_INTERVAL = 0.01  # between the pings of an established session (--steady), as ping -i
 SWITCH = re.compile(
@@ -57,6 +71,12 @@ SWITCH = re.compile(
     r"prev_prio=\d+ prev_state=(\S+) ==> next_comm=.*? next_pid=(\d+)"
 )
 WAKEUP = re.compile(r"\s([\d.]+): sched_wakeup: comm=.*? pid=(\d+) ")
+DEVICE_EVENT = re.compile(
+    r"\s([\d.]+): (net_dev_xmit|netif_rx|netif_receive_skb): dev=(\S+) .*?len=(\d+)"
+)
+STEPS = ("ping -> msg1", "msg1 -> msg2", "msg2 -> data", "data -> reply", "reply -> tun")
+ETHERNET_IPV4_UDP = 14 + 20 + 8  # what a datagram carries more on the veth
+MESSAGE_1, MESSAGE_2, KEEPALIVE = 148, 92, 32  # WireGuard message sizes
 
 
 class SchedTrace:
@@ -73,14 +93,14 @@ class SchedTrace:
         self.dir.mkdir()
         self._write("buffer_size_kb", "4096")
         self._write("trace_clock", "mono")
-        for event in ("sched_switch", "sched_wakeup"):
-            self._write(f"events/sched/{event}/enable", "1")
+        for event in EVENTS:
+            self._write(f"events/{event}/enable", "1")
         return self
 
     def __exit__(self, *_: object) -> None:
         self._write("tracing_on", "0")
-        for event in ("sched_switch", "sched_wakeup"):
-            self._write(f"events/sched/{event}/enable", "0")
+        for event in EVENTS:
+            self._write(f"events/{event}/enable", "0")
         self.dir.rmdir()
 
     def around(self, pair: Pair) -> str | None:
@@ -99,6 +119,7 @@ class Window:
     span_us: float
     cpu_us: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
     switch_ins: Counter[str] = field(default_factory=Counter)
+    steps_us: dict[str, float] | None = None  # STEPS, when the trace held them all
 
     @property
     def cpu_total(self) -> float:
@@ -116,9 +137,52 @@ def thread_parts(pair: Pair) -> dict[int, str]:
     return parts
 
 
-def window(trace: str, parts: dict[int, str]) -> Window | None:
+class Devices(NamedTuple):
+    """The interfaces a pair's first ping crosses: a's TUN, a's and b's veth."""
+
+    tun_a: str
+    veth_a: str
+    veth_b: str
+
+
+def steps(trace: str, devices: Devices) -> dict[str, float] | None:
+    """The first ping's STEPS in us, from the device events in `trace`; None when one is
+    missing (a lost message, a retransmission's timing)."""
+    events = [
+        (float(m[1]), m[2] == "net_dev_xmit", m[3], int(m[4]))
+        for m in map(DEVICE_EVENT.search, trace.splitlines())
+        if m
+    ]
+    datagram = ETHERNET_IPV4_UDP
+    wanted: list[Callable[[bool, str, int], bool]] = [
+        lambda sent, dev, _: sent and dev == devices.tun_a,  # the request
+        lambda sent, dev, size: sent and dev == devices.veth_a and size == datagram + MESSAGE_1,
+        lambda sent, dev, size: sent and dev == devices.veth_b and size == datagram + MESSAGE_2,
+        lambda sent, dev, size: (
+            sent
+            and dev == devices.veth_a
+            and size not in (datagram + MESSAGE_1, datagram + KEEPALIVE)
+        ),
+        lambda sent, dev, size: (
+            sent
+            and dev == devices.veth_b
+            and size not in (datagram + MESSAGE_2, datagram + KEEPALIVE)
+        ),
+        lambda sent, dev, _: not sent and dev == devices.tun_a,  # the reply into a's TUN
+    ]
+    times: list[float] = []
+    for at, sent, dev, size in events:
+        if len(times) < len(wanted) and wanted[len(times)](sent, dev, size):
+            times.append(at)
+    if len(times) < len(wanted):
+        return None
+    return {step: (b - a) * 1e6 for step, a, b in zip(STEPS, times[:-1], times[1:], strict=True)}
+
+
+def window(trace: str, parts: dict[int, str], devices: Devices | None = None) -> Window | None:
     """The window of the ping in `trace` (from its first sleep to its wake-up) and the running
-    time of each part inside it; None when the trace holds no whole window."""
+    time of each part inside it, and with `devices` its STEPS; None when the trace holds no
+    whole window."""
     switches, wakeups = [], []
     for line in trace.splitlines():
         if m := SWITCH.search(line):
@@ -150,6 +214,8 @@ def window(trace: str, parts: dict[int, str]) -> Window | None:
         overlap = end - max(since, start)
         if thread in parts and overlap > 0:
             found.cpu_us[parts[thread]] += overlap * 1e6
+    if devices is not None:
+        found.steps_us = steps(trace, devices)
     return found
 
 
@@ -197,10 +263,11 @@ def main() -> int:
         steady: dict[str, list[Window]] = {code: [] for code in pairs}
         for code, pair in taking_turns(pairs, args.sessions):
             parts = thread_parts(pair)
+            devices = Devices(pair.a.ifname, pair.veth_a, pair.veth_b)
             for ping in range(1 + args.steady):
                 if ping:  # an established session's: STEADY_INTERVAL after the last
                     time.sleep(STEADY_INTERVAL)
-                found = window(trace, parts) if (trace := tracing.around(pair)) else None
+                found = window(trace, parts, devices) if (trace := tracing.around(pair)) else None
                 if found is not None:
                     (steady if ping else first)[code].append(found)
     report("first pings", first)
@@ -216,6 +283,19 @@ def report(what: str, runs: dict[str, list[Window]]) -> None:
             print(summary(code, found))
     if all(runs.values()):
         print(ratios(runs))
+    for code, found in runs.items():
+        print(step_summary(code, found))
+
+
+def step_summary(code: str, windows: list[Window]) -> str:
+    """The median of each of STEPS over the windows that hold them all."""
+    stepped = [w.steps_us for w in windows if w.steps_us is not None]
+    if not stepped:
+        return f"{code}: no window held every step"
+    medians = "  ".join(
+        f"{step} {statistics.median(s[step] for s in stepped):.0f}" for step in STEPS
+    )
+    return f"{code} steps (median us of {len(stepped)}): {medians}"
 
 
 if __name__ == "__main__":

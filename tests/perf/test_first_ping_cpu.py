@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "perf"))
 
-from first_ping_cpu import window  # noqa: E402
+from first_ping_cpu import Devices, steps, window  # noqa: E402
 
 CONTROL, WORKER, PING = 101, 102, 300
 
@@ -51,3 +51,35 @@ def test_what_each_part_ran_between_the_pings_sleep_and_its_wake_up() -> None:
 def test_no_window_without_the_pings_wake_up() -> None:
     trace = _switch(0, 10.0, ("ping", PING, "S"), ("swapper/0", 0))
     assert window(trace, {}) is None
+
+
+def _device(at: float, event: str, dev: str, size: int) -> str:
+    end = " rc=0" if event == "net_dev_xmit" else ""
+    return f"  wgmp-1 [000] b..1. {at:.6f}: {event}: dev={dev} skbaddr=0000 len={size}{end}"
+
+
+def test_the_steps_from_the_devices_events() -> None:
+    devices = Devices("wla", "vla", "vlb")
+    trace = "\n".join(
+        [
+            _device(20.000000, "net_dev_xmit", "vla", 190),  # before the request: not ours
+            _device(20.000100, "net_dev_xmit", "wla", 84),  # the request into a's TUN
+            _device(20.000400, "net_dev_xmit", "vla", 190),  # message 1
+            _device(20.000410, "netif_rx", "vlb", 190),  # its arrival: not a step
+            _device(20.001000, "net_dev_xmit", "vlb", 134),  # message 2
+            _device(20.001200, "net_dev_xmit", "vla", 74),  # a keepalive: not the data
+            _device(20.001500, "net_dev_xmit", "vla", 170),  # the data
+            _device(20.001800, "net_dev_xmit", "vlb", 170),  # the reply
+            _device(20.001950, "netif_rx", "wla", 84),  # the reply into a's TUN
+        ]
+    )
+    found = steps(trace, devices)
+    assert found is not None
+    assert {step: round(us) for step, us in found.items()} == {
+        "ping -> msg1": 300,
+        "msg1 -> msg2": 600,
+        "msg2 -> data": 500,
+        "data -> reply": 300,
+        "reply -> tun": 150,
+    }
+    assert steps("\n".join(trace.splitlines()[:-1]), devices) is None  # no reply in the TUN
