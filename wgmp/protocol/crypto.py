@@ -85,17 +85,16 @@ def HMAC(key: bytes, data: bytes) -> bytes:  # noqa: N802
 
 
 # The KDFs' outputs are all HMACs under one key, t0 = HMAC(key, data): its pads are made once
-# and those HMACs written out, not called. Their keys are chaining keys (32 bytes, never longer
-# than a block). Control's handshake steps run them cold: a responder's step until message 2
-# leaves went from 2430 to 2190 bytecodes (18 HMAC calls to 7 of _t0_pads), an initiator's
-# from message 2 to its first data from 1973 to 1793 (perf/RESULTS.md, "Twelfth session").
+# and those HMACs written out, not called. Control's handshake steps run them cold: a
+# responder's step until message 2 leaves went from 2430 to 2281 bytecodes (18 HMAC calls
+# to 7), an initiator's from message 2 to its first data from 1973 to 1858
+# (perf/RESULTS.md, "Twelfth session").
 
 
 def _t0_pads(key: bytes, data: bytes) -> tuple[bytes, bytes]:
-    """The inner and outer pads of t0 = HMAC(key, data), for a key of at most a block."""
-    key = key.ljust(_BLOCK, b"\0")
-    t0 = _blake2s(key.translate(_OPAD) + _blake2s(key.translate(_IPAD) + data).digest()).digest()
-    t0 = t0.ljust(_BLOCK, b"\0")
+    """The inner and outer pads of t0 = HMAC(key, data) (t0 is a hash: never longer than a
+    block)."""
+    t0 = HMAC(key, data).ljust(_BLOCK, b"\0")
     return t0.translate(_IPAD), t0.translate(_OPAD)
 
 
