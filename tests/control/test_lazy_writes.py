@@ -25,7 +25,7 @@ from wgmp.control.daemon import WORKER_HANDLERS, Daemon
 from wgmp.control.interface import Interface
 from wgmp.control.supervisor import Supervisor, WorkerHandle
 from wgmp.ipc.channel import Channel
-from wgmp.ipc.keyslots import KeySlots
+from wgmp.ipc.keyslots import LAZY_SEEN, KeySlots
 from wgmp.ipc.lazy import LazyPipe
 from wgmp.ipc.messages import (
     ROLE_CURRENT,
@@ -77,7 +77,7 @@ class Rig:
         """What worker `worker_id` finds in its pipe, and in its lazy pipe, noting in the
         marks what it saw and read, as a worker does."""
         marks = self.daemon.keyslots
-        marks.note_lazy_seen(worker_id, marks.lazy_writes(worker_id))
+        marks.pipe_marks(worker_id)[LAZY_SEEN] = marks.lazy_writes(worker_id)
         lazy, size = read_messages(self.ends[worker_id][1])
         pipe, size = read_messages(self.ends[worker_id][0])
         self.pipe_read[worker_id] += size

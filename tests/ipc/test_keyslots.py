@@ -345,7 +345,7 @@ def test_pipe_marks_are_each_workers_own_and_a_restart_clears_them() -> None:
     table = KeySlots.create(8, workers=3)
     worker = KeySlots.attach(table.shm.fd, workers=3)  # the worker's view of the same memory
     assert table.count_lazy_write(1) == 1 and table.count_lazy_write(1) == 2
-    worker.note_lazy_seen(1, 2)
+    worker.pipe_marks(1)[LAZY_SEEN] = 2  # as the worker looks (Worker._read_lazy)
     worker.note_pipe_read(1, 4096)
     worker.note_pipe_read(2, 10)
     assert (worker.lazy_writes(1), table.lazy_seen(1), table.pipe_read(1)) == (2, 2, 4096)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from wgmp.ipc.keyslots import KeySlots
+from wgmp.ipc.keyslots import LAZY_SEEN, KeySlots
 from wgmp.ipc.lazy import LAZY_MAX, LazyPipe
 
 
@@ -30,9 +30,9 @@ def test_writes_go_whole_until_lazy_max_waits_unseen_then_none_until_looked_at()
         assert written and written * len(chunk) <= LAZY_MAX
         assert marks.lazy_writes(1) == written and marks.lazy_writes(0) == 0  # the cue
         assert pipe.unread() == written * len(chunk)
-        marks.note_lazy_seen(1, written - 1)  # the worker, as it looks: all but the last
+        marks.pipe_marks(1)[LAZY_SEEN] = written - 1  # the worker, as it looks: all but the last
         assert pipe.unread() == len(chunk)
-        marks.note_lazy_seen(1, written)
+        marks.pipe_marks(1)[LAZY_SEEN] = written
         assert _read_all(theirs) == chunk * written  # whole, in order
         assert pipe.unread() == 0  # control may write again
         assert pipe.try_write(chunk)

@@ -306,10 +306,6 @@ class KeySlots:
         """How many writes control made into `worker`'s lazy pipe."""
         return self._mark(worker, LAZY_WRITES)
 
-    def note_lazy_seen(self, worker: int, count: int) -> None:
-        """`worker`'s note that it has looked at `count` lazy writes (its one writer)."""
-        self._write_mark(worker, LAZY_SEEN, count)
-
     def lazy_seen(self, worker: int) -> int:
         """How many of control's lazy writes `worker` has looked at."""
         return self._mark(worker, LAZY_SEEN)
