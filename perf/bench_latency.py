@@ -277,6 +277,17 @@ def forget_and_relearn(da: Daemon, db: Daemon) -> None:
 PING = ["ping"]  # with --pin: ["taskset", "-c", "0", "ping"]
 
 
+def rtt(ns: Netns, pings: int, target: str) -> tuple[float | None, float | None, str]:
+    """`pings` pings 10 ms apart from `ns` to `target`: parse_ping's average and minimum (ms)
+    and loss."""
+    out = ns.run(
+        [*PING, "-q", "-c", str(pings), "-i", "0.01", "-W", "2", target],
+        check=False,
+        timeout=120,
+    ).stdout
+    return parse_ping(out)
+
+
 def parse_pinned(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The command line, with `--pin` (each end on a CPU of its own, ping with a's): for
     every script that runs first pings and pings through `start_pair`'s pairs; it calls
@@ -384,18 +395,8 @@ def measure(args: argparse.Namespace, path: str, workers: str, index: int, workd
         ns_a, ns_b, veth_a, veth_b, da, db = (
             pair.ns_a, pair.ns_b, pair.veth_a, pair.veth_b, pair.a, pair.b
         )  # fmt: skip
-        out = ns_a.run(
-            [*PING, "-q", "-c", str(args.pings), "-i", "0.01", "-W", "2", TUN_B],
-            check=False,
-            timeout=120,
-        ).stdout
-        result.rtt_avg_ms, result.rtt_min_ms, _ = parse_ping(out)
-        out = ns_a.run(
-            [*PING, "-q", "-c", str(args.pings), "-i", "0.01", "-W", "2", TUN_B_OTHER],
-            check=False,
-            timeout=120,
-        ).stdout
-        result.rtt_other_avg_ms = parse_ping(out)[0]
+        result.rtt_avg_ms, result.rtt_min_ms, _ = rtt(ns_a, args.pings, TUN_B)
+        result.rtt_other_avg_ms = rtt(ns_a, args.pings, TUN_B_OTHER)[0]
         log(
             f"  {path} workers {workers}: RTT avg {result.rtt_avg_ms} min {result.rtt_min_ms} ms"
             f", to the other address {result.rtt_other_avg_ms} ms"

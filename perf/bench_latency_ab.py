@@ -35,13 +35,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_latency import (  # noqa: E402
-    PING,
     TUN_B_OTHER,
     Pair,
     first_ping,
     forget_and_relearn,
     parse_pinned,
     pin,
+    rtt,
     start_pair,
 )
 from bench_tunnel import (  # noqa: E402
@@ -51,7 +51,6 @@ from bench_tunnel import (  # noqa: E402
     loadavg,
     log,
     machine,
-    parse_ping,
 )
 
 CODES = ("this", "ref")
@@ -73,12 +72,7 @@ def ratio(this: list[float], ref: list[float]) -> str:
 
 
 def rtt_round(pair: Pair, pings: int, target: str = TUN_B) -> float | None:
-    out = pair.ns_a.run(
-        [*PING, "-q", "-c", str(pings), "-i", "0.01", "-W", "2", target],
-        check=False,
-        timeout=120,
-    ).stdout
-    return parse_ping(out)[0]
+    return rtt(pair.ns_a, pings, target)[0]
 
 
 def compare(args: argparse.Namespace, workers: str, roots: dict[str, Path], workdir: Path) -> str:
