@@ -25,7 +25,9 @@ import argparse
 import ctypes
 import os
 import select
+import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +42,8 @@ KINDS = ("socketpair", "pipe", "eventfd")
 SETTLE = 0.005  # s: the child is asleep in epoll before each write
 SPIN_BEFORE = 0.0005  # s on a CPU before the write
 SPIN_AFTER = 0.002  # s on that CPU after it: the waker's CPU is busy while the child wakes
+
+REPORT = struct.Struct("=I")  # the CPU the child woke on (more than 255 on large servers)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -85,7 +89,7 @@ def child(ends: WakeEnds, report: int, trials: int) -> None:
         poller.poll()
         woke_on = current_cpu()
         ends.read_once()
-        os.write(report, bytes([woke_on]))
+        os.write(report, REPORT.pack(woke_on))
 
 
 def on_wakers_cpu(kind: str, trials: int) -> int:
@@ -98,6 +102,7 @@ def on_wakers_cpu(kind: str, trials: int) -> int:
             child(ends, report_write, trials)
         finally:
             os._exit(0)
+    os.close(report_write)  # the child's alone: if it dies, the read below ends, not waits
     same = 0
     try:
         for _ in range(trials):
@@ -106,10 +111,14 @@ def on_wakers_cpu(kind: str, trials: int) -> int:
             waker = current_cpu()
             ends.write_once()
             spin(SPIN_AFTER)
-            same += os.read(report_read, 1)[0] == waker
+            report = os.read(report_read, REPORT.size)
+            if len(report) != REPORT.size:
+                raise RuntimeError(f"the woken process ended ({kind})")
+            same += REPORT.unpack(report)[0] == waker
     finally:
+        os.kill(pid, signal.SIGKILL)  # gone already after its last trial, unless one failed
         os.waitpid(pid, 0)
-        for fd in (*ends.fds, report_read, report_write):
+        for fd in (*ends.fds, report_read):
             os.close(fd)
     return same
 
